@@ -1,0 +1,186 @@
+//! `IPIdentityPair` at `cilium/state/ip/v1/default/<ip>`.
+
+use std::net::IpAddr;
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::de::{ip_or_empty, null_default};
+use super::{json_value, Cidr};
+use crate::{Error, Result};
+
+/// Maps an IP (or prefix) to its security identity and the node hosting it.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq, Hash, Debug, Default)]
+pub struct IpIdentityPair {
+    /// The address.
+    #[serde(rename = "IP", deserialize_with = "ip_required")]
+    pub ip: String,
+    /// Mask bytes for a prefix entry; `None` for a host entry (omitted on
+    /// write, as newest Cilium does; `null` and absent both decode to `None`).
+    #[serde(
+        rename = "Mask",
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "mask_ser",
+        deserialize_with = "mask_de"
+    )]
+    pub mask: Option<Vec<u8>>,
+    /// IP of the node hosting the address (tunnel endpoint), `""` if none.
+    #[serde(rename = "HostIP", default, deserialize_with = "ip_or_empty")]
+    pub host_ip: String,
+    /// Numeric security identity.
+    #[serde(rename = "ID", default, deserialize_with = "null_default")]
+    pub id: u32,
+    /// Encryption key index.
+    #[serde(rename = "Key", default, deserialize_with = "null_default")]
+    pub key: u8,
+    /// `""` from the clustermesh-apiserver; always written.
+    #[serde(rename = "Metadata", default, deserialize_with = "null_default")]
+    pub metadata: String,
+    /// Namespace of the pod.
+    #[serde(
+        rename = "K8sNamespace",
+        default,
+        deserialize_with = "null_default",
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub k8s_namespace: String,
+    /// Name of the pod.
+    #[serde(
+        rename = "K8sPodName",
+        default,
+        deserialize_with = "null_default",
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub k8s_pod_name: String,
+    /// UID of the pod (newer Cilium).
+    #[serde(
+        rename = "K8sPodUID",
+        default,
+        deserialize_with = "null_default",
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub k8s_pod_uid: String,
+    /// Service account of the pod.
+    #[serde(
+        rename = "K8sServiceAccount",
+        default,
+        deserialize_with = "null_default",
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub k8s_service_account: String,
+    /// Named container ports of the pod.
+    #[serde(
+        rename = "NamedPorts",
+        default,
+        deserialize_with = "null_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub named_ports: Vec<NamedPort>,
+}
+
+/// A named container port.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq, Hash, Debug, Default)]
+pub struct NamedPort {
+    /// Port name.
+    #[serde(rename = "Name", default, deserialize_with = "null_default")]
+    pub name: String,
+    /// Port number.
+    #[serde(rename = "Port", default, deserialize_with = "null_default")]
+    pub port: u16,
+    /// `TCP`, `UDP`, `SCTP`.
+    #[serde(rename = "Protocol", default, deserialize_with = "null_default")]
+    pub protocol: String,
+}
+
+fn ip_required<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.parse::<IpAddr>().is_err() {
+        return Err(serde::de::Error::custom(format_args!(
+            "invalid ip address {s:?}"
+        )));
+    }
+    Ok(s)
+}
+
+fn mask_ser<S: Serializer>(mask: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+    match mask {
+        Some(m) => s.serialize_str(&BASE64.encode(m)),
+        None => s.serialize_none(),
+    }
+}
+
+fn mask_de<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(|m| {
+            BASE64
+                .decode(m.as_bytes())
+                .map_err(|e| serde::de::Error::custom(format_args!("invalid base64 Mask: {e}")))
+        })
+        .transpose()
+}
+
+json_value!(IpIdentityPair, |v: IpIdentityPair,
+                             _: &[u8]|
+ -> Result<IpIdentityPair> {
+    v.check_mask()?;
+    Ok(v)
+});
+
+impl IpIdentityPair {
+    /// The kvstore key suffix: the IP for a host entry, `ip/len` for a prefix
+    /// (Go `PrefixString`).
+    pub fn prefix_string(&self) -> String {
+        match self.prefix_len() {
+            Some(len) => format!("{}/{len}", self.ip),
+            None => self.ip.clone(),
+        }
+    }
+
+    /// Prefix length of a prefix entry (ones in the mask, like Go's
+    /// `IPMask.Size`), `None` for a host entry.
+    pub fn prefix_len(&self) -> Option<u8> {
+        let mask = self.mask.as_deref()?;
+        let ones: u32 = mask
+            .iter()
+            .map_while(|b| (*b != 0).then(|| b.leading_ones()))
+            .sum();
+        Some(u8::try_from(ones).unwrap_or(u8::MAX))
+    }
+
+    /// Sets the entry to the prefix `cidr` (IP and mask).
+    pub fn set_prefix(&mut self, cidr: &Cidr) {
+        self.ip = cidr.addr.to_string();
+        self.mask = Some(cidr.mask_bytes());
+    }
+
+    /// Decodes a value and checks it belongs under `key_suffix`, the part of
+    /// the key after `cilium/state/ip/v1/default/` (Cilium checks the same).
+    pub fn decode_with_key(key_suffix: &str, bytes: &[u8]) -> Result<Self> {
+        let v = Self::decode(bytes)?;
+        let expected = v.prefix_string();
+        if expected != key_suffix {
+            return Err(Error::InvalidValue {
+                kind: "IpIdentityPair",
+                reason: format!("key {key_suffix:?} does not match value prefix {expected:?}"),
+            });
+        }
+        Ok(v)
+    }
+
+    fn check_mask(&self) -> Result<()> {
+        let Some(mask) = &self.mask else {
+            return Ok(());
+        };
+        let addr: IpAddr = self.ip.parse().map_err(|_| Error::InvalidValue {
+            kind: "IpIdentityPair",
+            reason: format!("invalid ip {:?}", self.ip),
+        })?;
+        Cidr::from_ip_mask(addr, mask).map_err(|e| Error::InvalidValue {
+            kind: "IpIdentityPair",
+            reason: e.to_string(),
+        })?;
+        Ok(())
+    }
+}
