@@ -1,0 +1,292 @@
+//! The apiserver's configuration: command-line flags (Cilium's names where they exist) over
+//! an optional YAML file written by `clustermesh enable`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser};
+use clustermesh_types::cluster::{ClusterInfo, ClusterName, MaxConnectedClusters};
+use serde::{Deserialize, Serialize};
+
+/// Command-line flags. Every flag may also come from `--config FILE` (same names, YAML,
+/// kebab-case); flags win.
+#[derive(Debug, Parser, Default)]
+#[command(
+    name = "clustermesh-apiserver",
+    version,
+    about = "Publishes one cluster's state into its etcd, Cilium-compatible"
+)]
+pub struct Args {
+    /// YAML file with any of the settings below.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Name of the local cluster.
+    #[arg(long)]
+    pub cluster_name: Option<String>,
+    /// Numeric ID of the local cluster (1..=max-connected-clusters).
+    #[arg(long)]
+    pub cluster_id: Option<u32>,
+    /// 255 or 511.
+    #[arg(long)]
+    pub max_connected_clusters: Option<u32>,
+    /// Directory of Kubernetes manifests to export (the cluster's source).
+    #[arg(long)]
+    pub manifests: Option<PathBuf>,
+    /// Use an existing etcd described by this client config file (admin certificate).
+    #[arg(long)]
+    pub etcd_config: Option<PathBuf>,
+    /// State directory (certificates, embedded etcd data, identity allocations).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Run an embedded etcd from the state dir (default when no --etcd-config is given).
+    #[arg(long)]
+    pub embedded_etcd_listen: Option<String>,
+    /// Peer port of the embedded etcd (127.0.0.1 only).
+    #[arg(long)]
+    pub embedded_etcd_peer_port: Option<u16>,
+    /// Export MCS-API ServiceExports.
+    #[arg(long, action = ArgAction::SetTrue)]
+    pub clustermesh_enable_mcs_api: bool,
+    /// Whether namespaces without the `clustermesh.cilium.io/global` annotation are global.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
+    pub clustermesh_default_global_namespace: Option<bool>,
+    /// TTL of the etcd leases carrying every key (e.g. `15m`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub kvstore_lease_ttl: Option<Duration>,
+    /// Address for /readyz and /healthz.
+    #[arg(long)]
+    pub health_addr: Option<SocketAddr>,
+    /// Address for Prometheus /metrics.
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Log filter (e.g. `info`, `clustermesh_apiserver=debug`).
+    #[arg(long)]
+    pub log_level: Option<String>,
+}
+
+/// The same settings as a file.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct File {
+    /// See [`Args`].
+    pub cluster_name: Option<String>,
+    /// See [`Args`].
+    pub cluster_id: Option<u32>,
+    /// See [`Args`].
+    pub max_connected_clusters: Option<u32>,
+    /// See [`Args`].
+    pub manifests: Option<PathBuf>,
+    /// See [`Args`].
+    pub etcd_config: Option<PathBuf>,
+    /// See [`Args`].
+    pub state_dir: Option<PathBuf>,
+    /// See [`Args`].
+    pub embedded_etcd_listen: Option<String>,
+    /// See [`Args`].
+    pub embedded_etcd_peer_port: Option<u16>,
+    /// See [`Args`].
+    pub clustermesh_enable_mcs_api: Option<bool>,
+    /// See [`Args`].
+    pub clustermesh_default_global_namespace: Option<bool>,
+    /// See [`Args`] (humantime, e.g. `15m`).
+    pub kvstore_lease_ttl: Option<String>,
+    /// See [`Args`].
+    pub health_addr: Option<SocketAddr>,
+    /// See [`Args`].
+    pub metrics_addr: Option<SocketAddr>,
+    /// See [`Args`].
+    pub log_level: Option<String>,
+}
+
+/// Where etcd comes from.
+#[derive(Debug, Clone)]
+pub enum EtcdMode {
+    /// An existing etcd.
+    External(PathBuf),
+    /// Our own child etcd.
+    Embedded {
+        /// Client listen address.
+        listen: String,
+        /// Peer port.
+        peer_port: u16,
+    },
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The local cluster.
+    pub cluster: ClusterInfo,
+    /// Manifest directory.
+    pub manifests: PathBuf,
+    /// etcd.
+    pub etcd: EtcdMode,
+    /// State dir.
+    pub state_dir: Option<PathBuf>,
+    /// MCS-API.
+    pub enable_mcs_api: bool,
+    /// Default for unannotated namespaces.
+    pub default_global_namespace: bool,
+    /// Lease TTL.
+    pub lease_ttl: Duration,
+    /// Health listener.
+    pub health_addr: SocketAddr,
+    /// Metrics listener (may equal the health listener).
+    pub metrics_addr: Option<SocketAddr>,
+    /// Log filter.
+    pub log_level: String,
+}
+
+impl Config {
+    /// Merges flags over the config file and validates the result.
+    pub fn from_args(args: Args) -> anyhow::Result<Self> {
+        let file: File = match &args.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", p.display()))?;
+                serde_yaml::from_str(&text).map_err(|e| {
+                    let line = e
+                        .location()
+                        .map(|l| format!(":{}", l.line()))
+                        .unwrap_or_default();
+                    anyhow::anyhow!("config {}{line}: {e}", p.display())
+                })?
+            }
+            None => File::default(),
+        };
+        let name = args
+            .cluster_name
+            .or(file.cluster_name)
+            .ok_or_else(|| anyhow::anyhow!("--cluster-name is required"))?;
+        let name = ClusterName::new(name).map_err(|e| anyhow::anyhow!("--cluster-name: {e}"))?;
+        let max = MaxConnectedClusters::from_u32(
+            args.max_connected_clusters
+                .or(file.max_connected_clusters)
+                .unwrap_or(255),
+        )
+        .map_err(|e| anyhow::anyhow!("--max-connected-clusters: {e}"))?;
+        let id = args
+            .cluster_id
+            .or(file.cluster_id)
+            .ok_or_else(|| anyhow::anyhow!("--cluster-id is required"))?;
+        let cluster = ClusterInfo {
+            name,
+            id,
+            max_connected_clusters: max,
+        };
+        cluster
+            .validate()
+            .map_err(|e| anyhow::anyhow!("--cluster-id: {e}"))?;
+        let state_dir = args.state_dir.or(file.state_dir);
+        let manifests = args
+            .manifests
+            .or(file.manifests)
+            .or_else(|| state_dir.as_ref().map(|s| s.join("manifests")))
+            .ok_or_else(|| anyhow::anyhow!("--manifests (or --state-dir) is required"))?;
+        if !manifests.is_dir() {
+            anyhow::bail!(
+                "manifest directory {} does not exist: create it (mkdir -p) or point --manifests elsewhere",
+                manifests.display()
+            );
+        }
+        let etcd = match args.etcd_config.or(file.etcd_config) {
+            Some(p) => EtcdMode::External(p),
+            None => {
+                if state_dir.is_none() {
+                    anyhow::bail!("either --etcd-config (existing etcd) or --state-dir (embedded etcd) is required");
+                }
+                EtcdMode::Embedded {
+                    listen: args
+                        .embedded_etcd_listen
+                        .or(file.embedded_etcd_listen)
+                        .unwrap_or_else(|| "127.0.0.1:2379".into()),
+                    peer_port: args
+                        .embedded_etcd_peer_port
+                        .or(file.embedded_etcd_peer_port)
+                        .unwrap_or(2380),
+                }
+            }
+        };
+        let lease_ttl = match args.kvstore_lease_ttl {
+            Some(d) => d,
+            None => match file.kvstore_lease_ttl {
+                Some(s) => humantime::parse_duration(&s)
+                    .map_err(|e| anyhow::anyhow!("kvstore-lease-ttl {s:?}: {e}"))?,
+                None => Duration::from_secs(15 * 60),
+            },
+        };
+        if !(25..=86400).contains(&lease_ttl.as_secs()) {
+            anyhow::bail!("--kvstore-lease-ttl must be between 25s and 24h");
+        }
+        Ok(Config {
+            cluster,
+            manifests,
+            etcd,
+            state_dir,
+            enable_mcs_api: args.clustermesh_enable_mcs_api
+                || file.clustermesh_enable_mcs_api.unwrap_or(false),
+            default_global_namespace: args
+                .clustermesh_default_global_namespace
+                .or(file.clustermesh_default_global_namespace)
+                .unwrap_or(true),
+            lease_ttl,
+            health_addr: args
+                .health_addr
+                .or(file.health_addr)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9880))),
+            metrics_addr: args.metrics_addr.or(file.metrics_addr),
+            log_level: args
+                .log_level
+                .or(file.log_level)
+                .unwrap_or_else(|| "info".into()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(flags: &[&str]) -> anyhow::Result<Config> {
+        let dir = tempfile::tempdir().unwrap();
+        let mut v = vec!["clustermesh-apiserver".to_string()];
+        v.extend(flags.iter().map(|s| s.to_string()));
+        v.push("--manifests".into());
+        v.push(dir.path().display().to_string());
+        v.push("--etcd-config".into());
+        v.push("/nonexistent".into());
+        Config::from_args(Args::try_parse_from(v)?)
+    }
+
+    #[test]
+    fn cilium_flags() {
+        let c = parse(&[
+            "--cluster-id=3",
+            "--cluster-name=cluster3",
+            "--clustermesh-default-global-namespace=false",
+            "--clustermesh-enable-mcs-api",
+        ])
+        .unwrap();
+        assert!(!c.default_global_namespace);
+        assert!(c.enable_mcs_api);
+        assert_eq!(c.cluster.id, 3);
+        let c = parse(&["--cluster-id=3", "--cluster-name=cluster3"]).unwrap();
+        assert!(c.default_global_namespace);
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = parse(&["--cluster-id=0", "--cluster-name=c"]).unwrap_err();
+        assert!(e.to_string().contains("--cluster-id"), "{e}");
+        let e = parse(&["--cluster-id=1", "--cluster-name=Bad_Name"]).unwrap_err();
+        assert!(e.to_string().contains("--cluster-name"), "{e}");
+        let e = parse(&[
+            "--cluster-id=1",
+            "--cluster-name=c",
+            "--max-connected-clusters=300",
+        ])
+        .unwrap_err();
+        assert!(e.to_string().contains("max-connected-clusters"), "{e}");
+    }
+}

@@ -1,0 +1,478 @@
+//! clustermesh-apiserver: reads one cluster's source (a manifest directory), allocates
+//! security identities, and publishes nodes, identities, ipcache entries, global services and
+//! MCS-API exports into the cluster's etcd in Cilium's kvstore v1 format, plus every service
+//! and policy under `clustermesh/local/v1/` for the cluster's own agents. It can run that etcd
+//! itself (embedded, supervised) or use an existing one.
+//!
+//! It must not talk to other clusters (that is the syncer's remote manager / kvstoremesh) and
+//! never programs a datapath.
+
+pub mod config;
+pub mod etcd;
+pub mod export;
+pub mod health;
+pub mod identity;
+pub mod source;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clustermesh_syncer::{writer, EtcdConfig, Metrics as KvMetrics, Writer};
+use clustermesh_types::{kvstore, model::format_rfc3339};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use rand::Rng;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, info_span, warn, Instrument};
+
+use config::{Config, EtcdMode};
+use export::{Exporter, Store};
+use health::Status;
+use source::manifests::{self, Published};
+
+/// How often the heartbeat is written (Cilium: 1 min).
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(60);
+/// How often the cluster config is re-enforced (Cilium: 5 min).
+pub const CLUSTER_CONFIG_INTERVAL: Duration = Duration::from_secs(5 * 60);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClusterLabel {
+    source_cluster: String,
+}
+
+/// The apiserver's own metrics.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    /// kvstore metrics.
+    pub kv: Arc<KvMetrics>,
+    bootstrap_seconds: Family<ClusterLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    export_problems: Counter,
+    manifest_errors: Gauge,
+    exported_keys: Family<StoreLabel, Gauge>,
+    syncs: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StoreLabel {
+    scope: String,
+}
+
+impl Metrics {
+    /// Registers everything under `cilium_clustermesh_apiserver_`.
+    pub fn registry(&self) -> Registry {
+        let mut root = Registry::with_prefix("cilium_clustermesh_apiserver");
+        self.kv.register(&mut root);
+        root.register(
+            "bootstrap_seconds",
+            "Seconds from start until every store's initial sync completed",
+            self.bootstrap_seconds.clone(),
+        );
+        root.register(
+            "export_problems",
+            "Objects that could not be exported",
+            self.export_problems.clone(),
+        );
+        root.register(
+            "manifest_errors",
+            "Manifest files that currently do not parse",
+            self.manifest_errors.clone(),
+        );
+        root.register(
+            "exported_keys",
+            "Keys currently published, per store",
+            self.exported_keys.clone(),
+        );
+        root.register(
+            "syncs",
+            "Completed synchronisations of the source to etcd",
+            self.syncs.clone(),
+        );
+        root
+    }
+}
+
+/// Runs the apiserver until `cancel`.
+pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let metrics = Metrics::default();
+    let registry = Arc::new(metrics.registry());
+    let status = Arc::new(Status::default());
+    status.update(|r| r.cluster = cfg.cluster.name.to_string());
+    let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
+
+    let server = health::serve(
+        cfg.health_addr,
+        status.clone(),
+        registry.clone(),
+        cancel.child_token(),
+    )
+    .await?;
+    tasks.spawn(server.instrument(info_span!("health")));
+    if let Some(addr) = cfg.metrics_addr.filter(|a| *a != cfg.health_addr) {
+        let server =
+            health::serve(addr, status.clone(), registry.clone(), cancel.child_token()).await?;
+        tasks.spawn(server.instrument(info_span!("metrics")));
+    }
+
+    // etcd.
+    let etcd_cfg = match &cfg.etcd {
+        EtcdMode::External(path) => EtcdConfig::load(path)?,
+        EtcdMode::Embedded { listen, peer_port } => {
+            let state = cfg
+                .state_dir
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("embedded etcd needs --state-dir"))?;
+            let certs = state.join("certs");
+            if !certs.join("server.crt").exists() {
+                anyhow::bail!(
+                    "no certificates in {}: run `clustermesh enable --cluster-name {} --cluster-id {} --state-dir {}` first",
+                    certs.display(),
+                    cfg.cluster.name,
+                    cfg.cluster.id,
+                    state.display()
+                );
+            }
+            let e = etcd::Embedded {
+                binary: std::env::var_os("CLUSTERMESH_ETCD_BIN")
+                    .map(Into::into)
+                    .unwrap_or_else(|| "/usr/bin/etcd".into()),
+                data_dir: state.join("etcd"),
+                listen: listen.clone(),
+                peer_port: *peer_port,
+                certs_dir: certs.clone(),
+                cluster: cfg.cluster.name.to_string(),
+                log_file: state.join("etcd.log"),
+            };
+            let client_cfg = e.client_config(&format!("admin-{}", cfg.cluster.name));
+            let (up_tx, _up_rx) = watch::channel(false);
+            let token = cancel.child_token();
+            tasks.spawn(etcd::supervise(e, up_tx, token).instrument(info_span!("etcd")));
+            client_cfg
+        }
+    };
+
+    // Source.
+    let (src_tx, src_rx) = watch::channel(Published::default());
+    tasks.spawn(
+        manifests::run(
+            cfg.manifests.clone(),
+            Duration::from_millis(20),
+            src_tx,
+            cancel.child_token(),
+        )
+        .instrument(info_span!("source", dir = %cfg.manifests.display())),
+    );
+
+    // Export.
+    let allocator = identity::Allocator::new(
+        cfg.cluster.identity_range(),
+        cfg.state_dir.as_ref().map(|d| d.join("identities.json")),
+    )?;
+    let exporter = Exporter::new(
+        export::Options {
+            cluster: cfg.cluster.clone(),
+            enable_mcs_api: cfg.enable_mcs_api,
+            default_global_namespace: cfg.default_global_namespace,
+        },
+        allocator,
+    );
+    let ctx = ExportCtx {
+        cfg: cfg.clone(),
+        etcd: etcd_cfg,
+        status: status.clone(),
+        metrics: metrics.clone(),
+        started,
+    };
+    tasks.spawn(
+        export_loop(ctx, exporter, src_rx, cancel.child_token())
+            .instrument(info_span!("export", cluster = %cfg.cluster.name)),
+    );
+
+    info!(cluster = %cfg.cluster.name, id = cfg.cluster.id, health = %cfg.health_addr, "clustermesh-apiserver started");
+    let mut result = Ok(());
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                if !cancel.is_cancelled() {
+                    warn!(error = %e, "task failed; shutting down");
+                    result = Err(e);
+                }
+                cancel.cancel();
+            }
+            Err(e) => {
+                cancel.cancel();
+                result = Err(anyhow::anyhow!("task panicked: {e}"));
+            }
+        }
+    }
+    result
+}
+
+struct ExportCtx {
+    cfg: Config,
+    etcd: EtcdConfig,
+    status: Arc<Status>,
+    metrics: Metrics,
+    started: Instant,
+}
+
+/// Jittered exponential backoff.
+struct Backoff {
+    next: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            next: min,
+            min,
+            max,
+        }
+    }
+    fn reset(&mut self) {
+        self.next = self.min;
+    }
+    fn step(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let jitter = rand::rng().random_range(0.5..1.0);
+        base.mul_f64(jitter)
+    }
+}
+
+async fn export_loop(
+    ctx: ExportCtx,
+    mut exporter: Exporter,
+    mut src: watch::Receiver<Published>,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+    let mut seeded = false;
+    let mut bootstrapped = false;
+    // Wait for the first scan of the source.
+    while src.borrow().generation == 0 {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            r = src.changed() => if r.is_err() { return Ok(()) },
+        }
+    }
+    loop {
+        if cancel.is_cancelled() {
+            return Ok(());
+        }
+        let connected = clustermesh_syncer::connect(&ctx.etcd, &Default::default()).await;
+        let client = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                ctx.status.set_ready(false);
+                ctx.status.update(|r| {
+                    r.etcd_connected = false;
+                    r.last_etcd_error = Some(e.to_string());
+                });
+                let wait = backoff.step();
+                warn!(error = %e, retry_in = ?wait, "etcd unreachable");
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(wait) => continue,
+                }
+            }
+        };
+        let session = cancel.child_token();
+        let res = session_loop(
+            &ctx,
+            &mut exporter,
+            &mut src,
+            client,
+            &session,
+            &mut seeded,
+            &mut bootstrapped,
+            &mut backoff,
+        )
+        .await;
+        session.cancel();
+        if let Err(e) = res {
+            ctx.status.set_ready(false);
+            ctx.status.update(|r| {
+                r.etcd_connected = false;
+                r.last_etcd_error = Some(e.to_string());
+            });
+            let wait = backoff.step();
+            warn!(error = %e, retry_in = ?wait, "etcd session ended; reconnecting");
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn session_loop(
+    ctx: &ExportCtx,
+    exporter: &mut Exporter,
+    src: &mut watch::Receiver<Published>,
+    client: clustermesh_syncer::etcd_client::Client,
+    session: &CancellationToken,
+    seeded: &mut bool,
+    bootstrapped: &mut bool,
+    backoff: &mut Backoff,
+) -> anyhow::Result<()> {
+    let cluster = ctx.cfg.cluster.name.to_string();
+    let wcfg = writer::Config {
+        lease_ttl: ctx.cfg.lease_ttl,
+        ..Default::default()
+    };
+    let (mut w, keepalive) = Writer::new(client, wcfg, ctx.metrics.kv.clone(), session.clone())?;
+    let mut tasks = JoinSet::new();
+    tasks.spawn(keepalive.instrument(info_span!("leases")));
+
+    // Reconcile with what is already there instead of rewriting it.
+    for store in Store::ALL {
+        w.adopt(&store.prefix(&cluster)).await?;
+        w.adopt_key(&store.synced_key(&cluster)).await?;
+    }
+    w.adopt_key(&kvstore::cluster_config_key(&cluster)).await?;
+    w.adopt_key(kvstore::HEARTBEAT_KEY).await?;
+    if !*seeded {
+        // Identities already in etcd keep their numbers.
+        let (kvs, _) =
+            clustermesh_syncer::list::list_prefix(w.client(), &Store::Identities.prefix(&cluster))
+                .await?;
+        for kv in kvs {
+            if let Ok(id) = kvstore::parse_identity_key(&kv.key) {
+                if let Ok(labels) = String::from_utf8(kv.value) {
+                    exporter.allocator_mut().seed(&labels, id);
+                }
+            }
+        }
+        *seeded = true;
+    }
+    ctx.status.update(|r| {
+        r.etcd_connected = true;
+        r.last_etcd_error = None;
+    });
+    w.enforce_key(
+        &kvstore::cluster_config_key(&cluster),
+        exporter.cluster_config(),
+    )
+    .await?;
+    w.force_put_key(
+        kvstore::HEARTBEAT_KEY,
+        format_rfc3339(std::time::SystemTime::now()).into_bytes(),
+    )
+    .await?;
+    let lease_lost = w.lease_lost();
+    let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
+    heartbeat.tick().await;
+    let mut enforce = tokio::time::interval(CLUSTER_CONFIG_INTERVAL);
+    enforce.tick().await;
+    let mut synced: BTreeMap<Store, bool> = BTreeMap::new();
+    for store in Store::ALL {
+        synced.insert(store, w.knows(&store.synced_key(&cluster)));
+    }
+
+    loop {
+        let published = src.borrow_and_update().clone();
+        let t = Instant::now();
+        let (desired, problems) = exporter.compute(&published.snapshot);
+        let mut counts = BTreeMap::new();
+        for store in Store::ALL {
+            let empty = BTreeMap::new();
+            let want = desired.get(&store).unwrap_or(&empty);
+            let stats = w.sync_prefix(&store.prefix(&cluster), want).await?;
+            counts.insert(store.name().to_string(), want.len());
+            ctx.metrics
+                .exported_keys
+                .get_or_create(&StoreLabel {
+                    scope: store.name().into(),
+                })
+                .set(want.len() as i64);
+            if stats.put + stats.deleted > 0 {
+                tracing::debug!(
+                    store = store.name(),
+                    put = stats.put,
+                    deleted = stats.deleted,
+                    "synced"
+                );
+            }
+            if !synced.get(&store).copied().unwrap_or(false) {
+                w.put_key(
+                    &store.synced_key(&cluster),
+                    format_rfc3339(std::time::SystemTime::now()).into_bytes(),
+                )
+                .await?;
+                synced.insert(store, true);
+            }
+        }
+        if let Err(e) = exporter.allocator_mut().save() {
+            warn!(error = %e, "cannot save identity allocations");
+        }
+        backoff.reset();
+        ctx.metrics.syncs.inc();
+        ctx.metrics.export_problems.inc_by(problems.len() as u64);
+        ctx.metrics
+            .manifest_errors
+            .set(published.errors.len() as i64);
+        ctx.status.update(|r| {
+            r.stores = counts;
+            r.manifest_errors = published.errors.iter().map(|e| e.to_string()).collect();
+            r.export_problems = problems
+                .iter()
+                .map(|p| format!("{}: {}", p.object, p.message))
+                .collect();
+            r.source_objects = published.snapshot.len();
+        });
+        if !*bootstrapped {
+            let secs = ctx.started.elapsed().as_secs_f64();
+            ctx.metrics
+                .bootstrap_seconds
+                .get_or_create(&ClusterLabel {
+                    source_cluster: cluster.clone(),
+                })
+                .set(secs);
+            info!(
+                seconds = secs,
+                keys = w.known_keys(),
+                leases = w.lease_count(),
+                "initial sync complete"
+            );
+            *bootstrapped = true;
+        }
+        ctx.status.set_ready(true);
+        tracing::debug!(took = ?t.elapsed(), generation = published.generation, "export pass");
+
+        tokio::select! {
+            _ = session.cancelled() => return Ok(()),
+            r = src.changed() => if r.is_err() { return Ok(()) },
+            _ = lease_lost.notified() => info!("re-writing keys of lost leases"),
+            _ = heartbeat.tick() => {
+                w.force_put_key(kvstore::HEARTBEAT_KEY, format_rfc3339(std::time::SystemTime::now()).into_bytes()).await?;
+                continue_without_sync(src);
+            }
+            _ = enforce.tick() => {
+                if w.enforce_key(&kvstore::cluster_config_key(&cluster), exporter.cluster_config()).await? {
+                    warn!("cluster config was missing or changed in etcd; re-written");
+                }
+                continue_without_sync(src);
+            }
+            Some(j) = tasks.join_next() => {
+                if let Ok(Err(e)) | Err(e) = j.map(|_| Ok::<(), anyhow::Error>(())).map_err(anyhow::Error::from) {
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+/// Periodic work does not need a full export pass; the loop recomputes anyway, which is
+/// cheap and produces no etcd writes when nothing changed.
+fn continue_without_sync(_src: &watch::Receiver<Published>) {}

@@ -1,0 +1,97 @@
+//! Where a cluster's state comes from. Today: a directory of Kubernetes-shaped manifests
+//! (the lab and tests use it; a kube-apiserver source plugs in behind the same [`Snapshot`]).
+
+pub mod manifests;
+pub mod objects;
+
+use std::collections::BTreeMap;
+
+pub use objects::{Object, ObjectKey};
+
+/// Every object the source currently holds, by kind, keyed by (namespace, name).
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Namespaces by name.
+    pub namespaces: BTreeMap<String, objects::Namespace>,
+    /// Nodes by name.
+    pub nodes: BTreeMap<String, objects::Node>,
+    /// CiliumNodes by name.
+    pub cilium_nodes: BTreeMap<String, objects::CiliumNode>,
+    /// CiliumIdentities by name.
+    pub cilium_identities: BTreeMap<String, objects::CiliumIdentity>,
+    /// Pods.
+    pub pods: BTreeMap<(String, String), objects::Pod>,
+    /// Services.
+    pub services: BTreeMap<(String, String), objects::Service>,
+    /// EndpointSlices.
+    pub endpoint_slices: BTreeMap<(String, String), objects::EndpointSlice>,
+    /// ServiceExports.
+    pub service_exports: BTreeMap<(String, String), objects::ServiceExport>,
+    /// CiliumEndpoints.
+    pub cilium_endpoints: BTreeMap<(String, String), objects::CiliumEndpoint>,
+    /// Policies: (kind, namespace, name).
+    pub policies: BTreeMap<(String, String, String), objects::Policy>,
+    /// Objects of kinds we do not export.
+    pub others: usize,
+}
+
+impl Snapshot {
+    /// Adds (or replaces) an object.
+    pub fn insert(&mut self, obj: Object) {
+        let k = obj.key();
+        let nn = (k.namespace.clone(), k.name.clone());
+        match obj {
+            Object::Namespace(o) => {
+                self.namespaces.insert(k.name, o);
+            }
+            Object::Node(o) => {
+                self.nodes.insert(k.name, o);
+            }
+            Object::CiliumNode(o) => {
+                self.cilium_nodes.insert(k.name, o);
+            }
+            Object::CiliumIdentity(o) => {
+                self.cilium_identities.insert(k.name, o);
+            }
+            Object::Pod(o) => {
+                self.pods.insert(nn, o);
+            }
+            Object::Service(o) => {
+                self.services.insert(nn, o);
+            }
+            Object::EndpointSlice(o) => {
+                self.endpoint_slices.insert(nn, o);
+            }
+            Object::ServiceExport(o) => {
+                self.service_exports.insert(nn, o);
+            }
+            Object::CiliumEndpoint(o) => {
+                self.cilium_endpoints.insert(nn, o);
+            }
+            Object::CiliumNetworkPolicy(o) | Object::NetworkPolicy(o) => {
+                self.policies.insert((k.kind, k.namespace, k.name), o);
+            }
+            Object::Other { .. } => self.others += 1,
+        }
+    }
+
+    /// Total number of objects.
+    pub fn len(&self) -> usize {
+        self.namespaces.len()
+            + self.nodes.len()
+            + self.cilium_nodes.len()
+            + self.cilium_identities.len()
+            + self.pods.len()
+            + self.services.len()
+            + self.endpoint_slices.len()
+            + self.service_exports.len()
+            + self.cilium_endpoints.len()
+            + self.policies.len()
+            + self.others
+    }
+
+    /// Whether the snapshot holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

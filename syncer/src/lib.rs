@@ -1,0 +1,107 @@
+//! etcd over mTLS for clustermesh: client configuration files, connecting, consistent
+//! listing, the leased batched writer with synced canaries, and etcd user/role set-up.
+//!
+//! This crate is the only home of `etcd-client`. It knows key prefixes only as strings; the
+//! meaning of keys and values lives in `clustermesh-types`. It never reads a cluster's
+//! source (that is the apiserver's job) and never programs a datapath.
+
+pub mod auth;
+pub mod client;
+pub mod config;
+pub mod list;
+pub mod metrics;
+pub mod writer;
+
+pub use client::{connect, ConnectConfig};
+pub use config::EtcdConfig;
+pub use etcd_client;
+pub use metrics::Metrics;
+pub use writer::Writer;
+
+use std::path::PathBuf;
+
+/// Errors of the syncer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read or written.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An etcd client config file is not valid YAML of the expected shape.
+    #[error("etcd config {path} does not parse: {source}")]
+    ConfigParse {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: serde_yaml::Error,
+    },
+    /// An etcd client config file parses but is unusable.
+    #[error("etcd config {path}: {reason}")]
+    ConfigInvalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
+    /// An endpoint URL is malformed.
+    #[error("etcd endpoint {endpoint:?}: {reason}")]
+    Endpoint {
+        /// The endpoint.
+        endpoint: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// mTLS needs a file the config does not name.
+    #[error("etcd config does not name a file to {what}")]
+    MissingTlsFile {
+        /// Which file.
+        what: &'static str,
+    },
+    /// Connecting failed.
+    #[error("cannot connect to etcd at {endpoints}: {hint}")]
+    Connect {
+        /// The endpoints dialled.
+        endpoints: String,
+        /// What to do about it.
+        hint: String,
+        /// Cause.
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// An operation timed out.
+    #[error("{what} timed out talking to etcd at {endpoints}")]
+    Timeout {
+        /// The operation.
+        what: &'static str,
+        /// The endpoints.
+        endpoints: String,
+    },
+    /// An etcd request failed.
+    #[error("etcd {op} {key:?} failed: {source}")]
+    Etcd {
+        /// The operation.
+        op: &'static str,
+        /// The key or prefix involved.
+        key: String,
+        /// Cause.
+        #[source]
+        source: etcd_client::Error,
+    },
+    /// A setting is out of range.
+    #[error("invalid syncer configuration: {0}")]
+    InvalidConfig(String),
+    /// A task failed unexpectedly.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Result with the syncer's error.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

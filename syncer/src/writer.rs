@@ -1,0 +1,648 @@
+//! A leased, batched, reconciling key-value writer: the apiserver's only path into etcd.
+//!
+//! The caller hands it the complete desired contents of a prefix; the writer diffs that
+//! against what it knows is in etcd and sends only the difference, in transactions of at most
+//! [`Config::txn_ops`] operations with [`Config::in_flight`] transactions in flight (etcd 3.4
+//! caps a transaction at 128 operations; single puts are ~30x slower, see TOOLCHAIN.md).
+//!
+//! Every key carries a lease of [`Config::lease_ttl`]; a lease holds at most
+//! [`Config::max_keys_per_lease`] keys (etcd issue 15993: put latency grows with the keys
+//! attached to a lease). The keep-alive task reports leases that expired (etcd was away for
+//! longer than the TTL, or someone revoked them); their keys are forgotten, so the next sync
+//! writes them again.
+//!
+//! Restarts reconcile instead of rewriting: [`Writer::adopt`] reads what an earlier writer
+//! left under a prefix, keeps its still-alive leases alive, and the first sync then only
+//! touches keys whose value differs. Unchanged keys produce no watch events.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, PutOptions, Txn, TxnOp};
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::metrics::{scope_of, Metrics, ScopeLabels};
+use crate::{Error, Result};
+
+/// Writer settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// TTL of every lease (Cilium default 15 min; valid 25 s – 24 h).
+    pub lease_ttl: Duration,
+    /// Keys per lease before a new one is granted (Cilium: 1000).
+    pub max_keys_per_lease: usize,
+    /// Operations per transaction (etcd 3.4 default `--max-txn-ops` is 128).
+    pub txn_ops: usize,
+    /// Bytes of values per transaction (etcd's default request limit is 1.5 MiB).
+    pub txn_bytes: usize,
+    /// Transactions in flight at once.
+    pub in_flight: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            lease_ttl: Duration::from_secs(15 * 60),
+            max_keys_per_lease: 1000,
+            txn_ops: 128,
+            txn_bytes: 1024 * 1024,
+            in_flight: 8,
+        }
+    }
+}
+
+impl Config {
+    /// Checks the ranges Cilium accepts.
+    pub fn validate(&self) -> Result<()> {
+        let ttl = self.lease_ttl.as_secs();
+        if !(25..=86400).contains(&ttl) {
+            return Err(Error::InvalidConfig(format!(
+                "lease TTL {ttl}s is outside 25s..=86400s"
+            )));
+        }
+        if self.max_keys_per_lease == 0 || self.txn_ops == 0 || self.in_flight == 0 {
+            return Err(Error::InvalidConfig(
+                "max keys per lease, txn ops and in-flight must be positive".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What one sync changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Keys written (new or changed, or re-leased).
+    pub put: usize,
+    /// Stale keys deleted.
+    pub deleted: usize,
+    /// Keys already correct.
+    pub unchanged: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Known {
+    value: Vec<u8>,
+    /// 0 = no usable lease (must be re-written with one).
+    lease: i64,
+}
+
+#[derive(Debug, Default)]
+struct Leases {
+    counts: HashMap<i64, usize>,
+    current: Option<i64>,
+}
+
+/// The writer. Not `Clone`: one writer owns a set of prefixes.
+pub struct Writer {
+    client: Client,
+    cfg: Config,
+    known: BTreeMap<String, Known>,
+    leases: Leases,
+    register: mpsc::UnboundedSender<i64>,
+    lost: mpsc::UnboundedReceiver<i64>,
+    lease_lost: Arc<Notify>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer")
+            .field("known", &self.known.len())
+            .field("leases", &self.leases.counts.len())
+            .finish()
+    }
+}
+
+impl Writer {
+    /// Creates a writer and its lease keep-alive task; the caller runs the task (in its
+    /// `JoinSet`) until `cancel` fires.
+    pub fn new(
+        client: Client,
+        cfg: Config,
+        metrics: Arc<Metrics>,
+        cancel: CancellationToken,
+    ) -> Result<(Self, impl std::future::Future<Output = ()> + Send + 'static)> {
+        cfg.validate()?;
+        let (register, register_rx) = mpsc::unbounded_channel();
+        let (lost_tx, lost) = mpsc::unbounded_channel();
+        let lease_lost = Arc::new(Notify::new());
+        let task = keep_alive_loop(
+            client.clone(),
+            cfg.lease_ttl,
+            register_rx,
+            lost_tx,
+            lease_lost.clone(),
+            metrics.clone(),
+            cancel,
+        );
+        Ok((
+            Self {
+                client,
+                cfg,
+                known: BTreeMap::new(),
+                leases: Leases::default(),
+                register,
+                lost,
+                lease_lost,
+                metrics,
+            },
+            task,
+        ))
+    }
+
+    /// Notified whenever a lease was lost; the owner should sync every prefix again.
+    pub fn lease_lost(&self) -> Arc<Notify> {
+        self.lease_lost.clone()
+    }
+
+    /// The etcd client this writer uses.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Number of keys the writer believes it owns.
+    pub fn known_keys(&self) -> usize {
+        self.known.len()
+    }
+
+    /// Whether the writer holds `key` with a live lease.
+    pub fn knows(&self, key: &str) -> bool {
+        self.known.get(key).map(|k| k.lease != 0).unwrap_or(false)
+    }
+
+    /// Like [`Writer::adopt`] for one exact key.
+    pub async fn adopt_key(&mut self, key: &str) -> Result<bool> {
+        let (kvs, _) = crate::list::list_prefix(&self.client, key).await?;
+        let Some(kv) = kvs.into_iter().find(|kv| kv.key == key) else {
+            return Ok(false);
+        };
+        let alive = kv.lease != 0
+            && self
+                .client
+                .lease_client()
+                .time_to_live(kv.lease, None)
+                .await
+                .map(|r| r.ttl() > 0)
+                .unwrap_or(false);
+        if alive {
+            if !self.leases.counts.contains_key(&kv.lease) {
+                let _ = self.register.send(kv.lease);
+            }
+            *self.leases.counts.entry(kv.lease).or_insert(0) += 1;
+        }
+        self.known.insert(
+            kv.key,
+            Known {
+                value: kv.value,
+                lease: if alive { kv.lease } else { 0 },
+            },
+        );
+        Ok(true)
+    }
+
+    /// Number of leases in use.
+    pub fn lease_count(&self) -> usize {
+        self.leases.counts.len()
+    }
+
+    /// Reads what is already stored under `prefix` so that the next sync only writes the
+    /// difference. Keys whose lease is still alive keep it (and it is kept alive from now on).
+    pub async fn adopt(&mut self, prefix: &str) -> Result<usize> {
+        let (kvs, _rev) = crate::list::list_prefix(&self.client, prefix).await?;
+        let mut alive: HashMap<i64, bool> = HashMap::new();
+        let mut adopted = 0;
+        for kv in kvs {
+            let lease = kv.lease;
+            let ok = if lease == 0 {
+                false
+            } else if let Some(ok) = alive.get(&lease) {
+                *ok
+            } else {
+                let ttl = self
+                    .client
+                    .lease_client()
+                    .time_to_live(lease, None)
+                    .await
+                    .map(|r| r.ttl())
+                    .unwrap_or(-1);
+                let ok = ttl > 0;
+                alive.insert(lease, ok);
+                if ok && !self.leases.counts.contains_key(&lease) {
+                    self.leases.counts.insert(lease, 0);
+                    let _ = self.register.send(lease);
+                }
+                ok
+            };
+            if ok {
+                *self.leases.counts.entry(lease).or_insert(0) += 1;
+            }
+            self.known.insert(
+                kv.key,
+                Known {
+                    value: kv.value,
+                    lease: if ok { lease } else { 0 },
+                },
+            );
+            adopted += 1;
+        }
+        debug!(
+            prefix,
+            adopted,
+            leases = alive.len(),
+            "adopted existing keys"
+        );
+        Ok(adopted)
+    }
+
+    fn drain_lost(&mut self) {
+        let mut lost = HashSet::new();
+        while let Ok(id) = self.lost.try_recv() {
+            lost.insert(id);
+        }
+        if lost.is_empty() {
+            return;
+        }
+        for id in &lost {
+            self.leases.counts.remove(id);
+            if self.leases.current == Some(*id) {
+                self.leases.current = None;
+            }
+        }
+        let mut forgotten = 0;
+        for k in self.known.values_mut() {
+            if lost.contains(&k.lease) {
+                k.lease = 0;
+                forgotten += 1;
+            }
+        }
+        warn!(
+            leases = lost.len(),
+            keys = forgotten,
+            "etcd leases lost; their keys will be re-written"
+        );
+    }
+
+    async fn lease_for_new_key(&mut self) -> Result<i64> {
+        if let Some(cur) = self.leases.current {
+            if self.leases.counts.get(&cur).copied().unwrap_or(0) < self.cfg.max_keys_per_lease {
+                *self.leases.counts.entry(cur).or_insert(0) += 1;
+                return Ok(cur);
+            }
+        }
+        let started = Instant::now();
+        let res = self
+            .client
+            .lease_grant(self.cfg.lease_ttl.as_secs() as i64, None)
+            .await;
+        self.metrics
+            .observe("lease_grant", "lease", res.is_ok(), started.elapsed());
+        let id = res
+            .map_err(|source| Error::Etcd {
+                op: "grant lease",
+                key: String::new(),
+                source,
+            })?
+            .id();
+        self.leases.counts.insert(id, 1);
+        self.leases.current = Some(id);
+        let _ = self.register.send(id);
+        Ok(id)
+    }
+
+    fn release(&mut self, lease: i64) {
+        if lease == 0 {
+            return;
+        }
+        if let Some(c) = self.leases.counts.get_mut(&lease) {
+            *c = c.saturating_sub(1);
+        }
+    }
+
+    /// Makes the keys under `prefix` exactly `desired` (every desired key must start with
+    /// `prefix`). Sends only changed keys and deletes stale ones.
+    pub async fn sync_prefix(
+        &mut self,
+        prefix: &str,
+        desired: &BTreeMap<String, Vec<u8>>,
+    ) -> Result<Stats> {
+        self.drain_lost();
+        let mut stats = Stats::default();
+        let mut puts: Vec<(String, Vec<u8>)> = Vec::new();
+        for (k, v) in desired {
+            debug_assert!(k.starts_with(prefix), "{k} outside {prefix}");
+            match self.known.get(k) {
+                Some(known) if known.value == *v && known.lease != 0 => stats.unchanged += 1,
+                _ => puts.push((k.clone(), v.clone())),
+            }
+        }
+        let deletes: Vec<String> = self
+            .known
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .filter(|(k, _)| !desired.contains_key(*k))
+            .map(|(k, _)| k.clone())
+            .collect();
+        self.apply(prefix, puts, deletes, &mut stats).await?;
+        Ok(stats)
+    }
+
+    /// Writes one key (leased) unless the writer knows it already holds `value`.
+    /// Returns whether it wrote.
+    pub async fn put_key(&mut self, key: &str, value: Vec<u8>) -> Result<bool> {
+        self.drain_lost();
+        if let Some(k) = self.known.get(key) {
+            if k.value == value && k.lease != 0 {
+                return Ok(false);
+            }
+        }
+        let mut stats = Stats::default();
+        self.apply(key, vec![(key.to_string(), value)], Vec::new(), &mut stats)
+            .await?;
+        Ok(true)
+    }
+
+    /// Writes one key even if the writer believes it is current (heartbeat), or when the
+    /// stored value may have been changed behind its back (periodic enforcement).
+    pub async fn force_put_key(&mut self, key: &str, value: Vec<u8>) -> Result<()> {
+        if let Some(k) = self.known.get_mut(key) {
+            k.value.clear();
+            k.value.push(0xff); // never equal to a real value
+        }
+        self.put_key(key, value).await.map(|_| ())
+    }
+
+    /// Checks etcd for `key` and re-writes it if it is missing or differs (Cilium's
+    /// `UpdateIfDifferent`, used to re-enforce the cluster config).
+    pub async fn enforce_key(&mut self, key: &str, value: Vec<u8>) -> Result<bool> {
+        let started = Instant::now();
+        let res = self.client.get(key, None).await;
+        self.metrics
+            .observe("get", &scope_of(key), res.is_ok(), started.elapsed());
+        let res = res.map_err(|source| Error::Etcd {
+            op: "get",
+            key: key.into(),
+            source,
+        })?;
+        let current = res
+            .kvs()
+            .first()
+            .map(|kv| (kv.value().to_vec(), kv.lease()));
+        let lease_ok = match &current {
+            Some((_, lease)) => self.leases.counts.contains_key(lease),
+            None => false,
+        };
+        if current.as_ref().map(|(v, _)| v == &value).unwrap_or(false) && lease_ok {
+            return Ok(false);
+        }
+        self.force_put_key(key, value).await?;
+        Ok(true)
+    }
+
+    /// Deletes one key if the writer owns it.
+    pub async fn delete_key(&mut self, key: &str) -> Result<bool> {
+        if !self.known.contains_key(key) {
+            return Ok(false);
+        }
+        let mut stats = Stats::default();
+        self.apply(key, Vec::new(), vec![key.to_string()], &mut stats)
+            .await?;
+        Ok(true)
+    }
+
+    async fn apply(
+        &mut self,
+        scope_key: &str,
+        puts: Vec<(String, Vec<u8>)>,
+        deletes: Vec<String>,
+        stats: &mut Stats,
+    ) -> Result<()> {
+        if puts.is_empty() && deletes.is_empty() {
+            return Ok(());
+        }
+        let scope = scope_of(scope_key);
+        let metrics = self.metrics.clone();
+        let queue_labels = ScopeLabels {
+            scope: scope.clone(),
+        };
+        let set_queue = |n: i64| metrics.sync_queue_size.get_or_create(&queue_labels).set(n);
+        let mut remaining = (puts.len() + deletes.len()) as i64;
+        set_queue(remaining);
+
+        // Assign leases first (grants are serial and rare), then batch.
+        let mut ops: Vec<Op> = Vec::with_capacity(puts.len() + deletes.len());
+        for (key, value) in puts {
+            let reuse = self
+                .known
+                .get(&key)
+                .map(|k| k.lease)
+                .filter(|l| *l != 0 && self.leases.counts.contains_key(l));
+            let lease = match reuse {
+                Some(l) => l,
+                None => self.lease_for_new_key().await?,
+            };
+            ops.push(Op::Put { key, value, lease });
+        }
+        for key in deletes {
+            ops.push(Op::Delete { key });
+        }
+
+        let mut batches: Vec<Vec<Op>> = Vec::new();
+        let mut cur: Vec<Op> = Vec::new();
+        let mut cur_bytes = 0;
+        for op in ops {
+            let size = op.size();
+            if !cur.is_empty()
+                && (cur.len() >= self.cfg.txn_ops || cur_bytes + size > self.cfg.txn_bytes)
+            {
+                batches.push(std::mem::take(&mut cur));
+                cur_bytes = 0;
+            }
+            cur_bytes += size;
+            cur.push(op);
+        }
+        if !cur.is_empty() {
+            batches.push(cur);
+        }
+
+        let mut pending = batches.into_iter();
+        let mut set: JoinSet<(
+            Vec<Op>,
+            std::result::Result<(), etcd_client::Error>,
+            Duration,
+        )> = JoinSet::new();
+        let mut first_err: Option<Error> = None;
+        loop {
+            while set.len() < self.cfg.in_flight {
+                let Some(batch) = pending.next() else { break };
+                let mut kv = self.client.kv_client();
+                set.spawn(async move {
+                    let started = Instant::now();
+                    let txn_ops: Vec<TxnOp> = batch.iter().map(Op::to_txn_op).collect();
+                    let res = kv.txn(Txn::new().and_then(txn_ops)).await.map(|_| ());
+                    (batch, res, started.elapsed())
+                });
+            }
+            let Some(joined) = set.join_next().await else {
+                break;
+            };
+            let (batch, res, took) = joined.map_err(|e| Error::Internal(e.to_string()))?;
+            self.metrics.observe("txn", &scope, res.is_ok(), took);
+            match res {
+                Ok(()) => {
+                    let done = batch.len();
+                    for op in batch {
+                        match op {
+                            Op::Put { key, value, lease } => {
+                                if let Some(old) = self.known.insert(key, Known { value, lease }) {
+                                    if old.lease != lease {
+                                        self.release(old.lease);
+                                    }
+                                }
+                                stats.put += 1;
+                            }
+                            Op::Delete { key } => {
+                                if let Some(old) = self.known.remove(&key) {
+                                    self.release(old.lease);
+                                }
+                                stats.deleted += 1;
+                            }
+                        }
+                    }
+                    remaining -= done as i64;
+                    set_queue(remaining);
+                }
+                Err(source) => {
+                    self.metrics
+                        .sync_errors
+                        .get_or_create(&ScopeLabels {
+                            scope: scope.clone(),
+                        })
+                        .inc();
+                    // New keys that failed still count against their lease: undo that.
+                    for op in &batch {
+                        if let Op::Put { key, lease, .. } = op {
+                            if self.known.get(key).map(|k| k.lease) != Some(*lease) {
+                                self.release(*lease);
+                            }
+                        }
+                    }
+                    if first_err.is_none() {
+                        first_err = Some(Error::Etcd {
+                            op: "txn",
+                            key: batch
+                                .first()
+                                .map(|o| o.key().to_string())
+                                .unwrap_or_default(),
+                            source,
+                        });
+                    }
+                }
+            }
+        }
+        set_queue(0);
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+enum Op {
+    Put {
+        key: String,
+        value: Vec<u8>,
+        lease: i64,
+    },
+    Delete {
+        key: String,
+    },
+}
+
+impl Op {
+    fn size(&self) -> usize {
+        match self {
+            Op::Put { key, value, .. } => key.len() + value.len() + 16,
+            Op::Delete { key } => key.len() + 16,
+        }
+    }
+    fn key(&self) -> &str {
+        match self {
+            Op::Put { key, .. } | Op::Delete { key } => key,
+        }
+    }
+    fn to_txn_op(&self) -> TxnOp {
+        match self {
+            Op::Put { key, value, lease } => TxnOp::put(
+                key.as_bytes(),
+                value.clone(),
+                Some(PutOptions::new().with_lease(*lease)),
+            ),
+            Op::Delete { key } => TxnOp::delete(key.as_bytes(), None),
+        }
+    }
+}
+
+/// Keeps every registered lease alive; reports leases etcd no longer knows.
+async fn keep_alive_loop(
+    client: Client,
+    ttl: Duration,
+    mut register: mpsc::UnboundedReceiver<i64>,
+    lost: mpsc::UnboundedSender<i64>,
+    notify: Arc<Notify>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
+    let period = (ttl / 3).max(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // lease → time of the last successful refresh
+    let mut leases: HashMap<i64, Instant> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            Some(id) = register.recv() => { leases.insert(id, Instant::now()); }
+            _ = tick.tick() => {
+                let mut gone = Vec::new();
+                for (id, last_ok) in leases.iter_mut() {
+                    match refresh(&client, *id).await {
+                        Ok(ttl_left) if ttl_left > 0 => *last_ok = Instant::now(),
+                        Ok(_) => gone.push(*id),
+                        Err(e) => {
+                            if last_ok.elapsed() > ttl {
+                                gone.push(*id);
+                            } else {
+                                debug!(lease = id, error = %e, "lease keep-alive failed; will retry");
+                            }
+                        }
+                    }
+                }
+                if !gone.is_empty() {
+                    for id in &gone {
+                        leases.remove(id);
+                        metrics.leases_lost.inc();
+                        let _ = lost.send(*id);
+                    }
+                    info!(count = gone.len(), "leases expired");
+                    notify.notify_one();
+                }
+            }
+        }
+    }
+}
+
+async fn refresh(client: &Client, id: i64) -> std::result::Result<i64, etcd_client::Error> {
+    let mut lc = client.lease_client();
+    let (mut keeper, mut stream) = lc.keep_alive(id).await?;
+    keeper.keep_alive().await?;
+    let ttl = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .map_err(|_| etcd_client::Error::InvalidArgs("keep-alive timed out".into()))??
+        .map(|r| r.ttl())
+        .unwrap_or(0);
+    Ok(ttl)
+}
