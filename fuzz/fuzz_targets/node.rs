@@ -1,0 +1,13 @@
+#![no_main]
+
+use clustermesh_types::model::Node;
+use libfuzzer_sys::fuzz_target;
+
+#[path = "common.rs"]
+mod common;
+
+fuzz_target!(|data: &[u8]| {
+    if let Some(value) = common::round_trip::<Node>(data) {
+        let _ = value.validate();
+    }
+});
