@@ -1,2 +1,3 @@
 //! placeholder
 pub mod etcd;
+pub mod scenario;

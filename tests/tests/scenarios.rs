@@ -1,0 +1,119 @@
+//! Conformance: every `*.txtar` scenario (Cilium's, in `../shared/reference/cilium-testdata`
+//! or `$CILIUM_TESTDATA`, and ours in `tests/scenarios/`) against the real
+//! `clustermesh-apiserver` binary and a fresh etcd over mTLS per scenario.
+//!
+//! Needs the binary: `cargo build -p clustermesh-apiserver` (or `CLUSTERMESH_APISERVER_BIN`).
+//! `SCENARIO=<substring>` runs only matching scenarios; `SCENARIO_TIMEOUT=30s` changes how
+//! long `*` commands retry.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clustermesh_tests::etcd::TestEtcd;
+use clustermesh_tests::scenario::{self, apiserver, Options, Scenario};
+
+/// Runs one scenario against a fresh etcd and a fresh apiserver. On failure the scratch
+/// directory (files, manifests, apiserver log) is kept, if `keep`, and named in the error.
+async fn run_one(scenario: &Scenario, options: &Options, keep: bool) -> anyhow::Result<()> {
+    let bin = apiserver::find_binary()?;
+    let etcd = TestEtcd::start().context("starting etcd")?;
+    let root = tempfile::Builder::new()
+        .prefix(&format!("scenario-{}-", scenario.name))
+        .tempdir()?;
+    let config = root.path().join("etcd-config.yaml");
+    etcd.write_client_config(&format!("admin-{}", scenario.cluster_name()), &config)?;
+    let mut backend =
+        apiserver::Apiserver::new(bin, config, root.path().join("apiserver.log")).await?;
+    let result = scenario::run(scenario, &mut backend, root.path(), options).await;
+    match result {
+        Err(error) if keep => {
+            let kept = root.keep();
+            Err(error.context(format!("scratch directory kept at {}", kept.display())))
+        }
+        other => other,
+    }
+}
+
+fn all_scenarios() -> anyhow::Result<Vec<PathBuf>> {
+    let reference = scenario::reference_dir();
+    let mut files = scenario::discover(&reference)?;
+    anyhow::ensure!(
+        !files.is_empty(),
+        "no Cilium scenarios found in {} (set CILIUM_TESTDATA)",
+        reference.display()
+    );
+    files.extend(scenario::discover(&scenario::own_dir())?);
+    if let Ok(filter) = std::env::var("SCENARIO") {
+        files.retain(|p| p.to_string_lossy().contains(&filter));
+    }
+    Ok(files)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenarios() -> anyhow::Result<()> {
+    let options = Options::from_env()?;
+    let files = all_scenarios()?;
+    let mut failed = Vec::new();
+    for path in &files {
+        let started = Instant::now();
+        let result = match Scenario::load(path) {
+            Ok(s) => {
+                println!("=== {} ({})", s.name, path.display());
+                run_one(&s, &options, true).await
+            }
+            Err(e) => Err(e),
+        };
+        let name = path.file_stem().unwrap_or_default().to_string_lossy();
+        match result {
+            Ok(()) => println!("--- PASS {name} ({:.1}s)", started.elapsed().as_secs_f64()),
+            Err(error) => {
+                println!(
+                    "--- FAIL {name} ({:.1}s)\n{error:#}",
+                    started.elapsed().as_secs_f64()
+                );
+                failed.push(name.into_owned());
+            }
+        }
+    }
+    println!(
+        "{} passed, {} failed",
+        files.len() - failed.len(),
+        failed.len()
+    );
+    anyhow::ensure!(failed.is_empty(), "failed scenarios: {}", failed.join(", "));
+    Ok(())
+}
+
+/// A wrong expectation must fail (not hang, not pass) and name the differing key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_expectation_fails_with_key_diff() -> anyhow::Result<()> {
+    let path = scenario::reference_dir().join("clusterconfig.txtar");
+    let mut s = Scenario::load(&path)?;
+    let expected = s
+        .file_mut("config.expected")
+        .context("clusterconfig.txtar has config.expected")?;
+    anyhow::ensure!(expected.contains("\"id\": 3"), "unexpected fixture");
+    *expected = expected.replace("\"id\": 3", "\"id\": 4");
+    let options = Options {
+        retry_timeout: Duration::from_secs(3),
+        verbose: true,
+    };
+    let started = Instant::now();
+    let error = run_one(&s, &options, false)
+        .await
+        .expect_err("a broken expectation must fail");
+    let message = format!("{error:#}");
+    println!("{message}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+    // `<key>: expected .. got ..` (or `<key>: missing ..` if nothing was written).
+    assert!(
+        message.contains("cilium/cluster-config/cluster3: "),
+        "error does not name the key: {message}"
+    );
+    Ok(())
+}
