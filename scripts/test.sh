@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs every test of the project: formatting, lints, unit tests, and the integration suites
+# against a real etcd over mTLS (and Cilium's own scenario files). Installs what it needs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/install-deps.sh
+export CARGO_TERM_COLOR=never
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo build (binaries used by the integration tests)"
+cargo build --workspace --bins
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "==> cargo test"
+cargo test --workspace --no-fail-fast -- --test-threads=2
