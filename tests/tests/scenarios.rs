@@ -6,8 +6,8 @@
 //! `SCENARIO=<substring>` runs only matching scenarios; `SCENARIO_TIMEOUT=30s` changes how
 //! long `*` commands retry.
 
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use clustermesh_tests::etcd::TestEtcd;
@@ -35,6 +35,40 @@ async fn run_one(scenario: &Scenario, options: &Options, keep: bool) -> anyhow::
     }
 }
 
+/// Newest modification time of any file below `dir`.
+fn newest_mtime(dir: &Path) -> Option<SystemTime> {
+    let mut newest = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let time = if path.is_dir() {
+            newest_mtime(&path)
+        } else {
+            entry.metadata().and_then(|m| m.modified()).ok()
+        };
+        newest = newest.max(time);
+    }
+    newest
+}
+
+/// `cargo test -p clustermesh-tests` does not rebuild the apiserver binary: say so when it
+/// is older than the sources it is built from.
+fn warn_if_stale(bin: &Path) {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let Ok(built) = bin.metadata().and_then(|m| m.modified()) else {
+        return;
+    };
+    let sources = ["apiserver", "syncer", "types", "certs"]
+        .iter()
+        .filter_map(|krate| newest_mtime(&repo.join(krate).join("src")))
+        .max();
+    if sources.is_some_and(|newest| newest > built) {
+        println!(
+            "WARNING: {} is older than its sources; run `cargo build -p clustermesh-apiserver`",
+            bin.display()
+        );
+    }
+}
+
 fn all_scenarios() -> anyhow::Result<Vec<PathBuf>> {
     let reference = scenario::reference_dir();
     let mut files = scenario::discover(&reference)?;
@@ -54,6 +88,7 @@ fn all_scenarios() -> anyhow::Result<Vec<PathBuf>> {
 async fn scenarios() -> anyhow::Result<()> {
     let options = Options::from_env()?;
     let files = all_scenarios()?;
+    warn_if_stale(&apiserver::find_binary()?);
     let mut failed = Vec::new();
     for path in &files {
         let started = Instant::now();
@@ -90,6 +125,7 @@ async fn scenarios() -> anyhow::Result<()> {
 async fn broken_expectation_fails_with_key_diff() -> anyhow::Result<()> {
     let path = scenario::reference_dir().join("clusterconfig.txtar");
     let mut s = Scenario::load(&path)?;
+    s.name = "clusterconfig-broken".to_owned();
     let expected = s
         .file_mut("config.expected")
         .context("clusterconfig.txtar has config.expected")?;

@@ -46,11 +46,14 @@ pub struct Options {
 }
 
 impl Options {
-    /// Defaults: 20 s retry timeout (env `SCENARIO_TIMEOUT`, a Go-style duration such as
-    /// `30s`), verbose.
+    /// Defaults: 20 s retry timeout (env `SCENARIO_TIMEOUT`: seconds, or a Go-style
+    /// duration such as `1m`), verbose.
     pub fn from_env() -> anyhow::Result<Self> {
         let retry_timeout = match std::env::var("SCENARIO_TIMEOUT") {
-            Ok(v) => script::parse_duration(&v).context("SCENARIO_TIMEOUT")?,
+            Ok(v) => match v.trim().parse::<u64>() {
+                Ok(secs) => Duration::from_secs(secs),
+                Err(_) => script::parse_duration(&v).context("SCENARIO_TIMEOUT")?,
+            },
             Err(_) => Duration::from_secs(20),
         };
         Ok(Self {
