@@ -38,6 +38,8 @@ use source::manifests::{self, Published};
 
 /// How often the heartbeat is written (Cilium: 1 min).
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(60);
+/// How often etcd is probed while idle.
+pub const ETCD_PROBE_INTERVAL: Duration = Duration::from_secs(2);
 /// How often the cluster config is re-enforced (Cilium: 5 min).
 pub const CLUSTER_CONFIG_INTERVAL: Duration = Duration::from_secs(5 * 60);
 
@@ -375,6 +377,10 @@ async fn session_loop(
     heartbeat.tick().await;
     let mut enforce = tokio::time::interval(CLUSTER_CONFIG_INTERVAL);
     enforce.tick().await;
+    // etcd may vanish while we have nothing to write: probe it so /readyz tells the truth.
+    let mut probe = tokio::time::interval(ETCD_PROBE_INTERVAL);
+    probe.tick().await;
+    let mut probe_client = w.client().clone();
     let mut synced: BTreeMap<Store, bool> = BTreeMap::new();
     for store in Store::ALL {
         synced.insert(store, w.knows(&store.synced_key(&cluster)));
@@ -450,29 +456,39 @@ async fn session_loop(
         ctx.status.set_ready(true);
         tracing::debug!(took = ?t.elapsed(), generation = published.generation, "export pass");
 
-        tokio::select! {
-            _ = session.cancelled() => return Ok(()),
-            r = src.changed() => if r.is_err() { return Ok(()) },
-            _ = lease_lost.notified() => info!("re-writing keys of lost leases"),
-            _ = heartbeat.tick() => {
-                w.force_put_key(kvstore::HEARTBEAT_KEY, format_rfc3339(std::time::SystemTime::now()).into_bytes()).await?;
-                continue_without_sync(src);
-            }
-            _ = enforce.tick() => {
-                if w.enforce_key(&kvstore::cluster_config_key(&cluster), exporter.cluster_config()).await? {
-                    warn!("cluster config was missing or changed in etcd; re-written");
+        // Wait for something that needs a new export pass; periodic work happens in place.
+        loop {
+            tokio::select! {
+                _ = session.cancelled() => return Ok(()),
+                r = src.changed() => {
+                    if r.is_err() { return Ok(()); }
+                    break;
                 }
-                continue_without_sync(src);
-            }
-            Some(j) = tasks.join_next() => {
-                if let Ok(Err(e)) | Err(e) = j.map(|_| Ok::<(), anyhow::Error>(())).map_err(anyhow::Error::from) {
-                    return Err(e);
+                _ = lease_lost.notified() => {
+                    info!("re-writing keys of lost leases");
+                    break;
+                }
+                _ = heartbeat.tick() => {
+                    w.force_put_key(kvstore::HEARTBEAT_KEY, format_rfc3339(std::time::SystemTime::now()).into_bytes()).await?;
+                }
+                _ = enforce.tick() => {
+                    if w.enforce_key(&kvstore::cluster_config_key(&cluster), exporter.cluster_config()).await? {
+                        warn!("cluster config was missing or changed in etcd; re-written");
+                    }
+                }
+                _ = probe.tick() => {
+                    match tokio::time::timeout(ETCD_PROBE_INTERVAL, probe_client.status()).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => anyhow::bail!("etcd health probe failed: {e}"),
+                        Err(_) => anyhow::bail!("etcd health probe timed out after {ETCD_PROBE_INTERVAL:?}"),
+                    }
+                }
+                Some(j) = tasks.join_next() => {
+                    if let Err(e) = j {
+                        anyhow::bail!("lease keep-alive task failed: {e}");
+                    }
                 }
             }
         }
     }
 }
-
-/// Periodic work does not need a full export pass; the loop recomputes anyway, which is
-/// cheap and produces no etcd writes when nothing changed.
-fn continue_without_sync(_src: &watch::Receiver<Published>) {}

@@ -1,0 +1,473 @@
+//! End-to-end checks of clustermesh-apiserver against a real etcd over mTLS (issue 2's
+//! acceptance list): Cilium's layout as read by Debian's etcdctl with the remote
+//! certificate, RBAC, propagation of manifest edits, restarts without rewrites, etcd outages,
+//! and broken manifests.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use clustermesh_tests::etcd::TestEtcd;
+use clustermesh_tests::fixtures::{self, Shape};
+use clustermesh_tests::process::{find_binary, free_port, TestApiserver};
+use etcd_client::{EventType, GetOptions, WatchOptions};
+
+fn small_cluster() -> String {
+    fixtures::cluster(Shape {
+        cluster_id: 1,
+        nodes: 2,
+        pods: 4,
+        services: 2,
+    })
+}
+
+/// Runs Debian's etcdctl with the given certificate stem from `certs`.
+fn etcdctl(endpoint: &str, certs: &Path, stem: Option<&str>, args: &[&str]) -> (bool, String) {
+    let mut cmd = Command::new("etcdctl");
+    cmd.env("ETCDCTL_API", "3")
+        .arg("--endpoints")
+        .arg(endpoint)
+        .arg("--dial-timeout=2s")
+        .arg("--command-timeout=3s")
+        .arg("--cacert")
+        .arg(certs.join("ca.crt"));
+    if let Some(stem) = stem {
+        cmd.arg("--cert").arg(certs.join(format!("{stem}.crt")));
+        cmd.arg("--key").arg(certs.join(format!("{stem}.key")));
+    }
+    let out = cmd
+        .args(args)
+        .output()
+        .expect("etcdctl is installed (scripts/install-deps.sh)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Parses `etcdctl get` output (key line, value line) into pairs.
+fn pairs(text: &str) -> Vec<(String, String)> {
+    let lines: Vec<&str> = text.lines().collect();
+    lines
+        .chunks(2)
+        .filter(|c| c.len() == 2)
+        .map(|c| (c[0].to_string(), c[1].to_string()))
+        .collect()
+}
+
+#[test]
+fn embedded_etcd_serves_cilium_layout_with_rbac() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("c1");
+    let port = free_port();
+    let peer = free_port();
+    let health = free_port();
+    let cli = find_binary("clustermesh").unwrap();
+    let out = Command::new(cli)
+        .args(["enable", "--cluster-name", "c1", "--cluster-id", "1"])
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--ca-dir")
+        .arg(dir.path().join("ca"))
+        .arg("--etcd-listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--etcd-peer-port")
+        .arg(peer.to_string())
+        .arg("--health-addr")
+        .arg(format!("127.0.0.1:{health}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(state.join("manifests/c1.yaml"), small_cluster()).unwrap();
+    let config = state.join("apiserver.yaml");
+    let mut api = TestApiserver::start(
+        &["--config", config.to_str().unwrap()],
+        &dir.path().join("api.log"),
+    )
+    .unwrap();
+    api.wait_ready(Duration::from_secs(30)).unwrap();
+
+    let certs = state.join("certs");
+    let ep = format!("https://127.0.0.1:{port}");
+    // Key files are private.
+    use std::os::unix::fs::PermissionsExt;
+    for k in [
+        "remote.key",
+        "admin-c1.key",
+        "local-c1.key",
+        "server.key",
+        "root.key",
+    ] {
+        let mode = std::fs::metadata(certs.join(k))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{k} has mode {mode:o}");
+    }
+
+    // The remote certificate reads cilium/state/ in Cilium's layout.
+    let (ok, text) = etcdctl(
+        &ep,
+        &certs,
+        Some("remote"),
+        &["get", "--prefix", "cilium/state/"],
+    );
+    assert!(ok, "{text}");
+    let kv = pairs(&text);
+    let keys: Vec<&str> = kv.iter().map(|(k, _)| k.as_str()).collect();
+    assert!(keys.contains(&"cilium/state/nodes/v1/c1/node0"), "{keys:?}");
+    assert!(
+        keys.contains(&"cilium/state/ip/v1/default/10.1.0.1"),
+        "{keys:?}"
+    );
+    assert!(
+        keys.contains(&"cilium/state/services/v1/c1/default/svc0"),
+        "{keys:?}"
+    );
+    assert!(
+        !keys.contains(&"cilium/state/services/v1/c1/default/svc1"),
+        "svc1 is not global: {keys:?}"
+    );
+    let ident: Vec<&(String, String)> = kv
+        .iter()
+        .filter(|(k, _)| k.starts_with("cilium/state/identities/v1/id/"))
+        .collect();
+    assert_eq!(ident.len(), 2, "two label sets → two identities: {ident:?}");
+    for (k, v) in &ident {
+        let id: u32 = k.rsplit('/').next().unwrap().parse().unwrap();
+        assert!(
+            (65536..=131071).contains(&id),
+            "identity {id} outside cluster 1's range"
+        );
+        assert!(v.contains("k8s:io.cilium.k8s.policy.cluster=c1;"), "{v}");
+        assert!(v.ends_with(';'), "{v}");
+    }
+    let node = &kv
+        .iter()
+        .find(|(k, _)| k == "cilium/state/nodes/v1/c1/node0")
+        .unwrap()
+        .1;
+    assert!(node.starts_with(r#"{"Name":"node0","Cluster":"c1","IPAddresses":[{"Type":"InternalIP","IP":"198.18.1.0"}],"IPv4AllocCIDR":{"IP":"10.1.0.0","Mask":"////8A=="}"#), "{node}");
+    let ip = &kv
+        .iter()
+        .find(|(k, _)| k == "cilium/state/ip/v1/default/10.1.0.1")
+        .unwrap()
+        .1;
+    assert!(
+        ip.starts_with(r#"{"IP":"10.1.0.1","HostIP":"198.18.1.0","ID":"#),
+        "{ip}"
+    );
+    let (ok, text) = etcdctl(
+        &ep,
+        &certs,
+        Some("remote"),
+        &["get", "cilium/cluster-config/c1"],
+    );
+    assert!(ok, "{text}");
+    assert!(text.contains(r#"{"id":1,"capabilities":{"syncedCanaries":true,"maxConnectedClusters":255,"serviceExportsEnabled":false}}"#), "{text}");
+    let (ok, text) = etcdctl(
+        &ep,
+        &certs,
+        Some("remote"),
+        &["get", "--prefix", "cilium/synced/c1/", "--keys-only"],
+    );
+    assert!(
+        ok && text.contains("cilium/synced/c1/cilium/state/ip/v1"),
+        "{text}"
+    );
+    let (ok, text) = etcdctl(&ep, &certs, Some("remote"), &["get", "cilium/.heartbeat"]);
+    assert!(ok && text.contains("cilium/.heartbeat"), "{text}");
+
+    // The remote certificate can write nothing and cannot read clustermesh/local/.
+    for args in [
+        vec!["put", "cilium/state/nodes/v1/c1/evil", "x"],
+        vec!["put", "cilium/.heartbeat", "x"],
+        vec!["del", "cilium/state/ip/v1/default/10.1.0.1"],
+        vec!["get", "--prefix", "clustermesh/local/"],
+        vec!["get", "--prefix", "cilium/cache/"],
+    ] {
+        let (ok, text) = etcdctl(&ep, &certs, Some("remote"), &args);
+        assert!(
+            !ok && text.contains("permission denied"),
+            "{args:?} must be denied: {text}"
+        );
+    }
+    // The local agents' certificate reads clustermesh/local/ but cannot write.
+    let (ok, text) = etcdctl(
+        &ep,
+        &certs,
+        Some("local-c1"),
+        &[
+            "get",
+            "--prefix",
+            "clustermesh/local/v1/services/",
+            "--keys-only",
+        ],
+    );
+    assert!(
+        ok && text.contains("clustermesh/local/v1/services/default/svc1"),
+        "{text}"
+    );
+    let (ok, text) = etcdctl(
+        &ep,
+        &certs,
+        Some("local-c1"),
+        &["put", "clustermesh/local/v1/x", "y"],
+    );
+    assert!(!ok && text.contains("permission denied"), "{text}");
+
+    // No certificate: refused.
+    let (ok, text) = etcdctl(&ep, &certs, None, &["get", "cilium/.heartbeat"]);
+    assert!(
+        !ok,
+        "a client without a certificate must be refused: {text}"
+    );
+    // A certificate from another CA: refused.
+    let other = dir.path().join("other");
+    let other_ca = clustermesh_certs::Ca::generate("Other CA").unwrap();
+    other_ca
+        .issue_client("remote", 30)
+        .unwrap()
+        .write(&other, "remote")
+        .unwrap();
+    std::fs::copy(certs.join("ca.crt"), other.join("ca.crt")).unwrap();
+    let (ok, text) = etcdctl(&ep, &other, Some("remote"), &["get", "cilium/.heartbeat"]);
+    assert!(!ok, "a certificate from another CA must be refused: {text}");
+
+    api.stop().unwrap();
+}
+
+/// A TestEtcd plus an apiserver on it with the small cluster.
+fn apiserver_on(etcd: &TestEtcd, dir: &Path, manifests: &str) -> TestApiserver {
+    let cfg = dir.join("etcd.yaml");
+    etcd.write_client_config("admin-c1", &cfg).unwrap();
+    let m = dir.join("manifests");
+    std::fs::create_dir_all(&m).unwrap();
+    std::fs::write(m.join("cluster.yaml"), manifests).unwrap();
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let mut api = TestApiserver::start(
+        &[
+            "--cluster-name",
+            "c1",
+            "--cluster-id",
+            "1",
+            "--etcd-config",
+            cfg.to_str().unwrap(),
+            "--manifests",
+            m.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--kvstore-lease-ttl",
+            "60s",
+        ],
+        &dir.join("api.log"),
+    )
+    .unwrap();
+    api.wait_ready(Duration::from_secs(30)).unwrap();
+    api
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifest_edit_reaches_etcd_within_a_second() {
+    let etcd = TestEtcd::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let _api = apiserver_on(&etcd, dir.path(), &small_cluster());
+    let mut client = etcd.client("root").await.unwrap();
+    let key = "cilium/state/ip/v1/default/10.1.0.200";
+    let mut samples = Vec::new();
+    for round in 0..5 {
+        // Move pod0 to a new IP and back; measure each edit → key change.
+        let ip = if round % 2 == 0 {
+            "10.1.0.200"
+        } else {
+            "10.1.0.1"
+        };
+        let text = small_cluster().replace("podIP: 10.1.0.1\n", &format!("podIP: {ip}\n"));
+        let tmp = dir.path().join("manifests/.cluster.yaml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        let t = Instant::now();
+        std::fs::rename(&tmp, dir.path().join("manifests/cluster.yaml")).unwrap();
+        loop {
+            let present = !client.get(key, None).await.unwrap().kvs().is_empty();
+            if present == (round % 2 == 0) {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "edit not applied after 5 s"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        samples.push(t.elapsed());
+    }
+    samples.sort();
+    let worst = *samples.last().unwrap();
+    println!(
+        "manifest edit → etcd key: median {:?}, worst {:?} (5 edits)",
+        samples[2], worst
+    );
+    assert!(worst < Duration::from_secs(1), "edit took {worst:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_with_unchanged_manifests_writes_nothing() {
+    let etcd = TestEtcd::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut api = apiserver_on(&etcd, dir.path(), &small_cluster());
+    let mut client = etcd.client("root").await.unwrap();
+    let before = client
+        .get("cilium/state/", Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    let rev = before.header().unwrap().revision();
+    let n_before = before.kvs().len();
+    assert!(n_before > 8, "expected the cluster's keys, got {n_before}");
+    let mut stream = client
+        .watch(
+            "cilium/",
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(rev + 1),
+            ),
+        )
+        .await
+        .unwrap();
+
+    api.restart().unwrap();
+    api.wait_ready(Duration::from_secs(30)).unwrap();
+    // Give a slow rewrite time to show up.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let mut state_events = Vec::new();
+    let mut other = 0;
+    while let Ok(Ok(Some(resp))) =
+        tokio::time::timeout(Duration::from_millis(300), stream.message()).await
+    {
+        for ev in resp.events() {
+            let key = ev
+                .kv()
+                .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+                .unwrap_or_default();
+            if key.starts_with("cilium/state/") {
+                state_events.push(format!("{:?} {key}", ev.event_type()));
+            } else {
+                other += 1;
+            }
+        }
+    }
+    println!("events after restart: {} under cilium/state/, {other} elsewhere (heartbeat, cluster config)", state_events.len());
+    assert!(
+        state_events.is_empty(),
+        "restart rewrote keys: {state_events:?}"
+    );
+    let after = client
+        .get("cilium/state/", Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    assert_eq!(after.kvs().len(), n_before);
+    let _ = EventType::Put;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_outage_turns_readyz_false_and_loses_nothing() {
+    let mut etcd = TestEtcd::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut api = apiserver_on(&etcd, dir.path(), &small_cluster());
+    assert!(api.ready());
+
+    etcd.kill();
+    let t = Instant::now();
+    while api.ready() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "readyz still true 10 s after etcd died"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("readyz false {:?} after etcd died", t.elapsed());
+    // Change the source while etcd is down.
+    let more = small_cluster().replace("podIP: 10.1.0.1\n", "podIP: 10.1.0.99\n");
+    std::fs::write(dir.path().join("manifests/cluster.yaml"), more).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let status = api.status().unwrap();
+    assert_eq!(status["etcd-connected"], false, "{status}");
+    assert!(status["last-etcd-error"].as_str().is_some(), "{status}");
+
+    etcd.restart().unwrap();
+    let waited = api.wait_ready(Duration::from_secs(30)).unwrap();
+    println!("ready again {waited:?} after etcd came back");
+    let mut client = etcd.client("root").await.unwrap();
+    let got = client
+        .get("cilium/state/ip/v1/default/10.1.0.99", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        got.kvs().len(),
+        1,
+        "the edit made during the outage was lost"
+    );
+    let gone = client
+        .get("cilium/state/ip/v1/default/10.1.0.1", None)
+        .await
+        .unwrap();
+    assert!(gone.kvs().is_empty(), "the stale IP survived");
+    api.stop().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_manifest_is_reported_and_the_rest_served() {
+    let etcd = TestEtcd::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let api = apiserver_on(&etcd, dir.path(), &small_cluster());
+    let bad = dir.path().join("manifests/broken.yaml");
+    std::fs::write(&bad, "kind: Pod\nmetadata:\n  name: p\n  labels: [oops\n").unwrap();
+    // The good manifest also changes: that change must still land.
+    std::fs::write(
+        dir.path().join("manifests/cluster.yaml"),
+        small_cluster().replace("podIP: 10.1.0.2\n", "podIP: 10.1.0.77\n"),
+    )
+    .unwrap();
+    let mut client = etcd.client("root").await.unwrap();
+    let t = Instant::now();
+    loop {
+        let st = api.status().unwrap();
+        let errs = st["manifest-errors"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let has_new = !client
+            .get("cilium/state/ip/v1/default/10.1.0.77", None)
+            .await
+            .unwrap()
+            .kvs()
+            .is_empty();
+        if !errs.is_empty() && has_new {
+            let e = errs[0].as_str().unwrap();
+            assert!(
+                e.contains("broken.yaml:"),
+                "error must name the file and line: {e}"
+            );
+            println!("reported: {e}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "status: {st}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(api
+        .metrics()
+        .unwrap()
+        .contains("cilium_clustermesh_apiserver_manifest_errors 1"));
+    assert!(
+        api.ready(),
+        "a broken manifest must not make the apiserver unready"
+    );
+}
