@@ -10,6 +10,7 @@ pub mod client;
 pub mod config;
 pub mod list;
 pub mod metrics;
+pub mod remote;
 pub mod writer;
 
 pub use client::{connect, ConnectConfig};

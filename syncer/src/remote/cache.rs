@@ -1,0 +1,240 @@
+//! Typed per-remote caches.
+//!
+//! Each resource is one map from the key relative to its watched prefix (`<node>`, `<ip>`,
+//! `<id>`, `<ns>/<name>`) to the raw bytes and the decoded value. Raw bytes are kept to tell
+//! a real change from a rewrite of the same value (a relist after a reconnect must not
+//! produce events for unchanged keys); they are a refcounted [`Bytes`] shared with the
+//! emitted [`Change::Upsert`], and decoded values are `Arc`s shared the same way, so an
+//! entry costs one copy of the value in each form.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
+
+use bytes::Bytes;
+use clustermesh_types::identity::LabelArray;
+use clustermesh_types::model::{ClusterService, IpIdentityPair, Node, ServiceExport};
+
+use super::{Change, Resource, Value};
+
+/// One cached entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    /// The remote's bytes.
+    pub raw: Bytes,
+    /// The validated value.
+    pub value: Value,
+}
+
+/// Everything currently known about one remote cluster.
+#[derive(Debug, Default)]
+pub struct RemoteCache {
+    stores: [HashMap<Box<str>, Stored>; 5],
+}
+
+impl RemoteCache {
+    /// Entries of `resource`.
+    pub fn len(&self, resource: Resource) -> usize {
+        self.stores[resource.index()].len()
+    }
+
+    /// Whether no resource holds an entry.
+    pub fn is_empty(&self) -> bool {
+        self.stores.iter().all(HashMap::is_empty)
+    }
+
+    /// The entry of `resource` under relative key `rel`.
+    pub fn get(&self, resource: Resource, rel: &str) -> Option<&Stored> {
+        self.stores[resource.index()].get(rel)
+    }
+
+    /// All entries of `resource` (relative key, entry), in no particular order.
+    pub fn iter(&self, resource: Resource) -> impl Iterator<Item = (&str, &Stored)> {
+        self.stores[resource.index()]
+            .iter()
+            .map(|(k, v)| (k.as_ref(), v))
+    }
+
+    /// A node by name.
+    pub fn node(&self, name: &str) -> Option<&Arc<Node>> {
+        match self.get(Resource::Nodes, name).map(|s| &s.value) {
+            Some(Value::Node(n)) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// An ipcache entry by key suffix (`10.0.0.1`, `10.0.0.0/8`).
+    pub fn endpoint(&self, ip: &str) -> Option<&Arc<IpIdentityPair>> {
+        match self.get(Resource::Endpoints, ip).map(|s| &s.value) {
+            Some(Value::Endpoint(e)) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// An identity's labels.
+    pub fn identity(&self, id: u32) -> Option<&Arc<LabelArray>> {
+        match self
+            .get(Resource::Identities, &id.to_string())
+            .map(|s| &s.value)
+        {
+            Some(Value::Identity(l)) => Some(l),
+            _ => None,
+        }
+    }
+
+    /// A service by namespace and name.
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&Arc<ClusterService>> {
+        match self
+            .get(Resource::Services, &format!("{namespace}/{name}"))
+            .map(|s| &s.value)
+        {
+            Some(Value::Service(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// A service export by namespace and name.
+    pub fn service_export(&self, namespace: &str, name: &str) -> Option<&Arc<ServiceExport>> {
+        match self
+            .get(Resource::ServiceExports, &format!("{namespace}/{name}"))
+            .map(|s| &s.value)
+        {
+            Some(Value::ServiceExport(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Stores a validated value; `None` if the bytes are unchanged (no event needed).
+    pub(crate) fn upsert(
+        &mut self,
+        resource: Resource,
+        rel: &str,
+        raw: Bytes,
+        value: Value,
+    ) -> Option<Change> {
+        let store = &mut self.stores[resource.index()];
+        if let Some(old) = store.get_mut(rel) {
+            if old.raw == raw {
+                return None;
+            }
+            old.raw = raw.clone();
+            old.value = value.clone();
+        } else {
+            store.insert(
+                rel.into(),
+                Stored {
+                    raw: raw.clone(),
+                    value: value.clone(),
+                },
+            );
+        }
+        Some(Change::Upsert { raw, value })
+    }
+
+    /// Whether `rel` is cached with exactly these bytes.
+    pub(crate) fn unchanged(&self, resource: Resource, rel: &str, raw: &[u8]) -> bool {
+        self.get(resource, rel).is_some_and(|s| s.raw == raw)
+    }
+
+    /// Removes an entry; the delete change if it existed.
+    pub(crate) fn delete(&mut self, resource: Resource, rel: &str) -> Option<Change> {
+        self.stores[resource.index()]
+            .remove(rel)
+            .map(|s| Change::Delete { last: s.value })
+    }
+
+    /// Relative keys of `resource` not in `seen` (the stale ones after a relist).
+    pub(crate) fn keys_not_in(
+        &self,
+        resource: Resource,
+        seen: &std::collections::HashSet<Box<str>>,
+    ) -> Vec<Box<str>> {
+        self.stores[resource.index()]
+            .keys()
+            .filter(|k| !seen.contains(*k))
+            .cloned()
+            .collect()
+    }
+
+    /// Removes everything of `resource`, returning (relative key, delete change).
+    pub(crate) fn take_all(&mut self, resource: Resource) -> Vec<(Box<str>, Change)> {
+        std::mem::take(&mut self.stores[resource.index()])
+            .into_iter()
+            .map(|(k, s)| (k, Change::Delete { last: s.value }))
+            .collect()
+    }
+}
+
+/// Shared handle to every remote's cache (cheap to clone).
+#[derive(Debug, Clone, Default)]
+pub struct Caches(Arc<RwLock<BTreeMap<Arc<str>, Arc<RwLock<RemoteCache>>>>>);
+
+impl Caches {
+    /// The cache of `cluster`, if it is configured (or still draining).
+    pub fn get(&self, cluster: &str) -> Option<Arc<RwLock<RemoteCache>>> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(cluster)
+            .cloned()
+    }
+
+    /// Runs `f` on a read lock of `cluster`'s cache.
+    pub fn with<R>(&self, cluster: &str, f: impl FnOnce(&RemoteCache) -> R) -> Option<R> {
+        let cache = self.get(cluster)?;
+        let guard: RwLockReadGuard<'_, RemoteCache> =
+            cache.read().unwrap_or_else(PoisonError::into_inner);
+        Some(f(&guard))
+    }
+
+    /// Names of the clusters with a cache.
+    pub fn names(&self) -> Vec<Arc<str>> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    pub(crate) fn get_or_create(&self, cluster: &Arc<str>) -> Arc<RwLock<RemoteCache>> {
+        self.0
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(cluster.clone())
+            .or_default()
+            .clone()
+    }
+
+    pub(crate) fn remove(&self, cluster: &str) {
+        self.0
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(cluster);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unchanged_bytes_produce_no_change() {
+        let mut c = RemoteCache::default();
+        let v = Value::Identity(Arc::new(LabelArray::default()));
+        let raw = Bytes::from_static(b"k8s:a=b;");
+        assert!(c
+            .upsert(Resource::Identities, "1", raw.clone(), v.clone())
+            .is_some());
+        assert!(c
+            .upsert(Resource::Identities, "1", raw, v.clone())
+            .is_none());
+        assert!(c
+            .upsert(Resource::Identities, "1", Bytes::from_static(b"x"), v)
+            .is_some());
+        let seen = std::collections::HashSet::new();
+        assert_eq!(c.keys_not_in(Resource::Identities, &seen).len(), 1);
+        assert!(c.delete(Resource::Identities, "1").is_some());
+        assert!(c.delete(Resource::Identities, "1").is_none());
+        assert!(c.is_empty());
+    }
+}

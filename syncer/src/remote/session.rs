@@ -1,0 +1,842 @@
+//! One remote cluster: the reconnect loop and, inside it, one session per connection
+//! (heartbeat, cluster config, then a list-watch task per resource).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use clustermesh_types::kvstore::{cluster_config_key, HEARTBEAT_KEY};
+use clustermesh_types::model::ClusterConfig;
+use etcd_client::{Client, EventType, GetOptions, ResponseHeader, WatchOptions};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument as _};
+
+use super::cache::RemoteCache;
+use super::status::Shared;
+use super::validate::{validate, Context, Reason, Rejection};
+use super::{Backoff, Config, Error, Event, Metrics, Mode, Resource, Result, Value};
+use crate::client::MAX_MESSAGE_BYTES;
+use crate::list::{prefix_range_end, PAGE};
+use crate::EtcdConfig;
+
+/// Timeout of a single get / list page.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// State shared by the manager and every remote.
+pub(crate) struct Env {
+    pub(crate) config: Config,
+    pub(crate) metrics: Metrics,
+    pub(crate) events: mpsc::Sender<Event>,
+    /// Cluster ID → the remote holding it.
+    pub(crate) ids: Mutex<HashMap<u32, Arc<str>>>,
+    /// KVStoreMesh mode: one connection to the local etcd shared by every remote, with a
+    /// generation so that only the first failing session replaces it.
+    local: tokio::sync::Mutex<Option<(u64, Client)>>,
+    local_generation: AtomicU64,
+}
+
+impl Env {
+    pub(crate) fn new(config: Config, metrics: Metrics, events: mpsc::Sender<Event>) -> Self {
+        Self {
+            config,
+            metrics,
+            events,
+            ids: Mutex::new(HashMap::new()),
+            local: tokio::sync::Mutex::new(None),
+            local_generation: AtomicU64::new(0),
+        }
+    }
+
+    fn release_id(&self, id: u32, name: &str) {
+        let mut ids = self.ids.lock().unwrap_or_else(PoisonError::into_inner);
+        if ids.get(&id).is_some_and(|n| &**n == name) {
+            ids.remove(&id);
+        }
+    }
+
+    fn reserve_id(&self, id: u32, name: &Arc<str>) -> Result<()> {
+        let mut ids = self.ids.lock().unwrap_or_else(PoisonError::into_inner);
+        match ids.get(&id) {
+            Some(other) if other != name => Err(Error::ConfigRefused(format!(
+                "cluster ID {id} is already used by remote cluster {other:?}: every cluster of a mesh needs a unique ID"
+            ))),
+            _ => {
+                ids.insert(id, name.clone());
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Locks the etcd cluster ID of a session's first response and checks every later one.
+#[derive(Debug, Default)]
+struct Guard(AtomicU64);
+
+impl Guard {
+    fn check(&self, header: Option<&ResponseHeader>, what: &str) -> Result<()> {
+        let id = header
+            .map(ResponseHeader::cluster_id)
+            .filter(|id| *id != 0)
+            .ok_or_else(|| Error::InvalidResponse {
+                what: what.to_owned(),
+            })?;
+        match self
+            .0
+            .compare_exchange(0, id, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) => Ok(()),
+            Err(locked) if locked == id => Ok(()),
+            Err(locked) => Err(Error::ClusterIdChanged { locked, seen: id }),
+        }
+    }
+
+    fn id(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// One configured remote cluster.
+pub(crate) struct Remote {
+    pub(crate) name: Arc<str>,
+    pub(crate) file: std::path::PathBuf,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) cache: Arc<RwLock<RemoteCache>>,
+    pub(crate) env: Arc<Env>,
+    pub(crate) ever_connected: AtomicBool,
+    /// Rejection kinds already logged at warn level.
+    logged: Mutex<HashSet<Reason>>,
+    /// The cluster ID reserved for this remote.
+    reserved: Mutex<Option<u32>>,
+    /// The last etcd cluster ID seen, to log a change across sessions.
+    last_etcd_id: AtomicU64,
+    /// The current session reached ready (resets the backoff).
+    healthy: AtomicBool,
+}
+
+impl Remote {
+    pub(crate) fn new(
+        name: Arc<str>,
+        file: std::path::PathBuf,
+        shared: Arc<Shared>,
+        cache: Arc<RwLock<RemoteCache>>,
+        env: Arc<Env>,
+    ) -> Self {
+        Self {
+            name,
+            file,
+            shared,
+            cache,
+            env,
+            ever_connected: AtomicBool::new(false),
+            logged: Mutex::new(HashSet::new()),
+            reserved: Mutex::new(None),
+            last_etcd_id: AtomicU64::new(0),
+            healthy: AtomicBool::new(false),
+        }
+    }
+
+    /// Takes over what a previous task for the same remote (before a config change) knew.
+    pub(crate) fn inherit(&self, old: &Remote) {
+        let id = *old.reserved.lock().unwrap_or_else(PoisonError::into_inner);
+        *self.reserved.lock().unwrap_or_else(PoisonError::into_inner) = id;
+        self.ever_connected
+            .store(old.ever_connected.load(Ordering::SeqCst), Ordering::SeqCst);
+        self.last_etcd_id
+            .store(old.last_etcd_id.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+
+    /// Reconnects with backoff until cancelled; never drains (only [`Self::drain`] does).
+    pub(crate) async fn run(self: Arc<Self>, token: CancellationToken) {
+        let cfg = &self.env.config;
+        let mut backoff = Backoff::new(cfg.backoff_min, cfg.backoff_max);
+        let mut disconnected_since: Option<Instant> = Some(Instant::now());
+        let mut revoked = false;
+        loop {
+            let connected = AtomicBool::new(false);
+            let result = tokio::select! {
+                _ = token.cancelled() => return,
+                r = self.session(&token, &connected) => r,
+            };
+            if connected.load(Ordering::SeqCst) {
+                disconnected_since = Some(Instant::now());
+                revoked = false;
+            }
+            if self.healthy.swap(false, Ordering::SeqCst) {
+                backoff.reset();
+            }
+            let error = match result {
+                Ok(()) => return,
+                Err(e) => e,
+            };
+            warn!(cluster = %self.name, %error, "remote cluster session failed");
+            self.shared.update(|s| {
+                s.connected = false;
+                s.ready = false;
+                s.status = error.to_string();
+                s.num_failures += 1;
+                s.last_failure = Some(SystemTime::now());
+                s.synced = Default::default();
+            });
+            if is_transport(&error) {
+                self.env.invalidate_local().await;
+            }
+            let mut delay = backoff.next_delay();
+            if let (Some(ttl), Some(since), false) = (cfg.cache_ttl, disconnected_since, revoked) {
+                let left = (since + ttl).saturating_duration_since(Instant::now());
+                if left <= delay {
+                    tokio::select! {
+                        _ = token.cancelled() => return,
+                        _ = tokio::time::sleep(left) => {}
+                    }
+                    info!(cluster = %self.name, ttl = ?ttl, "remote disconnected longer than the cache TTL: revoking its state");
+                    self.clear_cache(&token).await;
+                    revoked = true;
+                    delay -= left;
+                }
+            }
+            debug!(cluster = %self.name, ?delay, "reconnecting after backoff");
+            tokio::select! {
+                _ = token.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Deletes everything cached (emitting deletes) and releases the cluster ID. Called by
+    /// the manager after the task ended, when the config file was removed.
+    pub(crate) async fn drain(&self, token: &CancellationToken) {
+        self.clear_cache(token).await;
+        if let Some(id) = self
+            .reserved
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            self.env.release_id(id, &self.name);
+        }
+    }
+
+    async fn clear_cache(&self, token: &CancellationToken) {
+        let events: Vec<Event> = {
+            let mut cache = self.cache.write().unwrap_or_else(PoisonError::into_inner);
+            let mut out = Vec::new();
+            for r in Resource::ALL {
+                let cached = self.shared.get().config.kvstoremesh;
+                let prefix = r.watch_prefix(&self.name, cached);
+                for (rel, change) in cache.take_all(r) {
+                    out.push(Event::Change {
+                        cluster: self.name.clone(),
+                        resource: r,
+                        key: format!("{prefix}{rel}"),
+                        change,
+                    });
+                }
+            }
+            out
+        };
+        self.shared.update(|s| s.synced = Default::default());
+        self.emit(events, token).await;
+    }
+
+    async fn emit(&self, events: Vec<Event>, token: &CancellationToken) {
+        if events.is_empty() {
+            return;
+        }
+        self.shared.touch();
+        for ev in events {
+            tokio::select! {
+                // Shutdown: the consumer is going away too.
+                _ = token.cancelled() => return,
+                r = self.env.events.send(ev) => if r.is_err() { return },
+            }
+        }
+    }
+
+    async fn client(&self) -> Result<(Client, String)> {
+        let cfg = &self.env.config;
+        match &cfg.mode {
+            Mode::Direct => {
+                let file = EtcdConfig::load(&self.file)?;
+                check_resolvable(&file).await?;
+                let client = crate::connect(&file, &cfg.connect).await?;
+                Ok((client, file.endpoints.join(",")))
+            }
+            Mode::KvstoreMesh { local_etcd } => {
+                let mut local = self.env.local.lock().await;
+                if let Some((_, c)) = local.as_ref() {
+                    return Ok((c.clone(), local_etcd.endpoints.join(",")));
+                }
+                check_resolvable(local_etcd).await?;
+                let client = crate::connect(local_etcd, &cfg.connect).await?;
+                let generation = self.env.local_generation.fetch_add(1, Ordering::SeqCst) + 1;
+                *local = Some((generation, client.clone()));
+                Ok((client, local_etcd.endpoints.join(",")))
+            }
+        }
+    }
+
+    async fn session(
+        self: &Arc<Self>,
+        token: &CancellationToken,
+        connected: &AtomicBool,
+    ) -> Result<()> {
+        let (client, endpoints) = self.client().await?;
+        let guard = Arc::new(Guard::default());
+
+        // "Connected" = a read of the heartbeat key succeeded (Cilium).
+        let hb = get(&client, &guard, HEARTBEAT_KEY).await?;
+        let hb_rev = hb.1;
+        let etcd_id = guard.id();
+        let previous = self.last_etcd_id.swap(etcd_id, Ordering::SeqCst);
+        if previous != 0 && previous != etcd_id {
+            warn!(cluster = %self.name, old = %format!("{previous:x}"), new = %format!("{etcd_id:x}"),
+                "remote etcd cluster ID changed: full resync");
+        }
+        connected.store(true, Ordering::SeqCst);
+        self.ever_connected.store(true, Ordering::SeqCst);
+        self.shared.update(|s| {
+            s.connected = true;
+            s.status = format!("connected to {endpoints}, ID: {etcd_id:x}");
+        });
+
+        // The cluster config is mandatory.
+        let key = cluster_config_key(&self.name);
+        let (value, _) = get(&client, &guard, &key).await?;
+        let raw = value.ok_or(Error::ConfigNotFound { key: key.clone() })?;
+        let remote =
+            ClusterConfig::decode(&raw).map_err(|e| Error::ConfigRefused(format!("{key}: {e}")))?;
+        self.accept_config(&remote, token).await?;
+        let cached = remote.capabilities.cached;
+        let canaries = remote.capabilities.synced_canaries;
+        let ctx = Arc::new(Context {
+            cluster: self.name.to_string(),
+            cluster_id: remote.id,
+            range: clustermesh_types::cluster::IdentityRange::for_cluster(
+                remote.id,
+                self.env.config.local.max_connected_clusters,
+            ),
+        });
+        self.shared.update(|s| {
+            s.config.cluster_id = remote.id;
+            s.config.kvstoremesh = cached;
+            s.config.retrieved = true;
+            s.config.service_exports_enabled = remote.capabilities.service_exports_enabled;
+            s.config.sync_canaries = canaries;
+            s.synced = Default::default();
+        });
+
+        let mut tasks = JoinSet::new();
+        for r in Resource::ALL {
+            // MCS-API exports are read only from remotes that export them (Cilium reads the
+            // prefix when the capability is present at all; a remote announcing `false` has
+            // nothing there, and may never write its canary).
+            if r == Resource::ServiceExports
+                && remote.capabilities.service_exports_enabled != Some(true)
+            {
+                self.mark_synced(r, token).await;
+                continue;
+            }
+            let me = self.clone();
+            let (client, guard, ctx, token) =
+                (client.clone(), guard.clone(), ctx.clone(), token.clone());
+            let span =
+                tracing::info_span!("remote_resource", cluster = %self.name, resource = r.as_str());
+            tasks.spawn(
+                async move {
+                    me.resource(client, guard, ctx, r, cached, canaries, token)
+                        .await
+                }
+                .instrument(span),
+            );
+        }
+        let me = self.clone();
+        let (client2, guard2) = (client.clone(), guard.clone());
+        tasks.spawn(async move { me.heartbeat(client2, guard2, hb_rev).await });
+
+        while let Some(done) = tasks.join_next().await {
+            match done {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(e) => {
+                    return Err(Error::Syncer(crate::Error::Internal(format!(
+                        "remote task failed: {e}"
+                    ))))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Validates the remote's cluster config against the local cluster and the other remotes.
+    async fn accept_config(&self, remote: &ClusterConfig, token: &CancellationToken) -> Result<()> {
+        let local = &self.env.config.local;
+        let id = remote.id;
+        let max = local.max_connected_clusters.as_u32();
+        if id == 0 {
+            return Err(Error::ConfigRefused("cluster ID 0 is reserved: set a cluster ID between 1 and max-connected-clusters on the remote".into()));
+        }
+        if id > max {
+            return Err(Error::ConfigRefused(format!(
+                "cluster ID {id} is larger than the local max-connected-clusters {max}"
+            )));
+        }
+        if id == local.id {
+            return Err(Error::ConfigRefused(format!(
+                "cluster ID {id} is assigned to the local cluster {:?}: every cluster of a mesh needs a unique ID",
+                local.name.as_str()
+            )));
+        }
+        let theirs = remote.capabilities.max_connected_clusters;
+        if (max != 255 && theirs != max) || (theirs != 0 && theirs != max) {
+            return Err(Error::ConfigRefused(format!(
+                "remote max-connected-clusters is {theirs}, local is {max}: every cluster of a mesh must use the same value"
+            )));
+        }
+        let mode = remote.capabilities.endpoint_slices_export_mode.as_str();
+        if !matches!(
+            mode,
+            "" | "services-and-endpointslices" | "endpointslices-only"
+        ) {
+            return Err(Error::ConfigRefused(format!(
+                "unknown endpointSlicesExportMode {mode:?}"
+            )));
+        }
+        let previous = *self.reserved.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(old) = previous.filter(|old| *old != id) {
+            warn!(cluster = %self.name, old, new = id,
+                "remote cluster ID changed: draining its state first, expect connectivity disruption");
+            self.clear_cache(token).await;
+            self.env.release_id(old, &self.name);
+            *self.reserved.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        }
+        self.env.reserve_id(id, &self.name)?;
+        *self.reserved.lock().unwrap_or_else(PoisonError::into_inner) = Some(id);
+        Ok(())
+    }
+
+    async fn mark_synced(&self, r: Resource, token: &CancellationToken) {
+        let mut all = false;
+        self.shared.update(|s| {
+            s.synced.set(r, true);
+            all = s.synced.all();
+        });
+        if all {
+            self.healthy.store(true, Ordering::SeqCst);
+            info!(cluster = %self.name, "remote cluster synced");
+        }
+        self.emit(
+            vec![Event::Synced {
+                cluster: self.name.clone(),
+                resource: r,
+            }],
+            token,
+        )
+        .await;
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn resource(
+        self: Arc<Self>,
+        client: Client,
+        guard: Arc<Guard>,
+        ctx: Arc<Context>,
+        r: Resource,
+        cached: bool,
+        canaries: bool,
+        token: CancellationToken,
+    ) -> Result<()> {
+        if canaries {
+            let key = r.synced_key(&self.name, cached);
+            wait_for_key(&client, &guard, &key).await?;
+            debug!(%key, "synced canary present");
+        }
+        let prefix = r.watch_prefix(&self.name, cached);
+        let mut first = true;
+        loop {
+            let (kvs, revision) = list(&client, &guard, &prefix).await?;
+            self.apply_list(&ctx, r, &prefix, kvs, &token).await;
+            if first {
+                first = false;
+                self.mark_synced(r, &token).await;
+            }
+            match self
+                .watch(&client, &guard, &ctx, r, &prefix, revision + 1, &token)
+                .await
+            {
+                Err(Error::WatchCompacted { revision }) => {
+                    info!(%prefix, revision, "watch start revision compacted: relisting");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn rejected(&self, r: Resource, key: &str, rej: &Rejection) {
+        self.env.metrics.reject(&self.name, rej.reason.as_str());
+        let first = self
+            .logged
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(rej.reason);
+        if first {
+            warn!(cluster = %self.name, resource = r.as_str(), %key, reason = rej.reason.as_str(),
+                detail = %rej.detail, "rejected entry from remote cluster (further ones of this kind logged at debug)");
+        } else {
+            debug!(cluster = %self.name, resource = r.as_str(), %key, reason = rej.reason.as_str(),
+                detail = %rej.detail, "rejected entry from remote cluster");
+        }
+    }
+
+    /// Validates entries whose bytes changed (outside the cache lock) and returns them.
+    fn validated(
+        &self,
+        ctx: &Context,
+        r: Resource,
+        prefix: &str,
+        kvs: Vec<(String, Bytes)>,
+    ) -> Vec<(String, Bytes, Value)> {
+        let mut out = Vec::with_capacity(kvs.len());
+        for (key, raw) in kvs {
+            let rel = &key[prefix.len()..];
+            match validate(ctx, r, rel, &raw) {
+                Ok(v) => out.push((key, raw, v)),
+                Err(rej) => self.rejected(r, &key, &rej),
+            }
+        }
+        out
+    }
+
+    /// Applies a full list: upserts what changed, deletes what is gone (stale sweep). A key
+    /// whose new value is rejected keeps its last good value.
+    async fn apply_list(
+        &self,
+        ctx: &Context,
+        r: Resource,
+        prefix: &str,
+        kvs: Vec<(String, Bytes)>,
+        token: &CancellationToken,
+    ) {
+        let mut seen: HashSet<Box<str>> = HashSet::with_capacity(kvs.len());
+        let changed: Vec<(String, Bytes)> = {
+            let cache = self.cache.read().unwrap_or_else(PoisonError::into_inner);
+            kvs.into_iter()
+                .filter(|(key, raw)| {
+                    let rel = &key[prefix.len()..];
+                    seen.insert(rel.into());
+                    !cache.unchanged(r, rel, raw)
+                })
+                .collect()
+        };
+        let valid = self.validated(ctx, r, prefix, changed);
+        let events = {
+            let mut cache = self.cache.write().unwrap_or_else(PoisonError::into_inner);
+            let mut events = Vec::with_capacity(valid.len());
+            for (key, raw, value) in valid {
+                if let Some(change) = cache.upsert(r, &key[prefix.len()..], raw, value) {
+                    events.push(self.event(r, key, change));
+                }
+            }
+            for rel in cache.keys_not_in(r, &seen) {
+                if let Some(change) = cache.delete(r, &rel) {
+                    events.push(self.event(r, format!("{prefix}{rel}"), change));
+                }
+            }
+            events
+        };
+        self.emit(events, token).await;
+    }
+
+    fn event(&self, resource: Resource, key: String, change: super::Change) -> Event {
+        Event::Change {
+            cluster: self.name.clone(),
+            resource,
+            key,
+            change,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn watch(
+        &self,
+        client: &Client,
+        guard: &Guard,
+        ctx: &Context,
+        r: Resource,
+        prefix: &str,
+        start: i64,
+        token: &CancellationToken,
+    ) -> Result<()> {
+        let mut wc = client
+            .watch_client()
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let opts = WatchOptions::new().with_prefix().with_start_revision(start);
+        let mut stream = wc
+            .watch(prefix, Some(opts))
+            .await
+            .map_err(|source| etcd_err("watch", prefix, source))?;
+        loop {
+            let resp = stream
+                .message()
+                .await
+                .map_err(|source| etcd_err("watch", prefix, source))?
+                .ok_or_else(|| Error::WatchEnded {
+                    prefix: prefix.to_owned(),
+                    reason: "stream closed by the server".into(),
+                })?;
+            guard.check(resp.header(), prefix)?;
+            if resp.canceled() {
+                if resp.compact_revision() > 0 {
+                    return Err(Error::WatchCompacted {
+                        revision: resp.compact_revision(),
+                    });
+                }
+                return Err(Error::WatchEnded {
+                    prefix: prefix.to_owned(),
+                    reason: format!("canceled: {}", resp.cancel_reason()),
+                });
+            }
+            // Validate outside the cache lock, then apply in etcd's order.
+            let mut ops: Vec<(String, Option<(Bytes, Value)>)> = Vec::new();
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                let Ok(key) = std::str::from_utf8(kv.key()) else {
+                    continue;
+                };
+                if key.len() <= prefix.len() || !key.starts_with(prefix) {
+                    continue;
+                }
+                match ev.event_type() {
+                    EventType::Put => {
+                        let raw = Bytes::copy_from_slice(kv.value());
+                        match validate(ctx, r, &key[prefix.len()..], &raw) {
+                            Ok(v) => ops.push((key.to_owned(), Some((raw, v)))),
+                            Err(rej) => self.rejected(r, key, &rej),
+                        }
+                    }
+                    EventType::Delete => ops.push((key.to_owned(), None)),
+                }
+            }
+            let events = {
+                let mut cache = self.cache.write().unwrap_or_else(PoisonError::into_inner);
+                let mut events = Vec::with_capacity(ops.len());
+                for (key, op) in ops {
+                    let rel = &key[prefix.len()..];
+                    let change = match op {
+                        Some((raw, value)) => cache.upsert(r, rel, raw, value),
+                        None => cache.delete(r, rel),
+                    };
+                    if let Some(change) = change {
+                        events.push(self.event(r, key, change));
+                    }
+                }
+                events
+            };
+            self.emit(events, token).await;
+        }
+    }
+
+    async fn heartbeat(&self, client: Client, guard: Arc<Guard>, revision: i64) -> Result<()> {
+        let timeout = self.env.config.heartbeat_timeout;
+        let mut wc = client.watch_client();
+        let mut stream = wc
+            .watch(
+                HEARTBEAT_KEY,
+                Some(WatchOptions::new().with_start_revision(revision + 1)),
+            )
+            .await
+            .map_err(|source| etcd_err("watch", HEARTBEAT_KEY, source))?;
+        let mut last = Instant::now();
+        let mut tick = tokio::time::interval((timeout / 4).max(Duration::from_millis(50)));
+        loop {
+            tokio::select! {
+                msg = stream.message() => {
+                    let resp = msg
+                        .map_err(|source| etcd_err("watch", HEARTBEAT_KEY, source))?
+                        .ok_or_else(|| Error::WatchEnded { prefix: HEARTBEAT_KEY.into(), reason: "stream closed by the server".into() })?;
+                    guard.check(resp.header(), HEARTBEAT_KEY)?;
+                    if resp.canceled() {
+                        return Err(Error::WatchEnded { prefix: HEARTBEAT_KEY.into(), reason: format!("canceled: {}", resp.cancel_reason()) });
+                    }
+                    if resp.events().iter().any(|e| e.event_type() == EventType::Put) {
+                        last = Instant::now();
+                    }
+                }
+                _ = tick.tick() => {
+                    if last.elapsed() > timeout {
+                        return Err(Error::HeartbeatStale(last.elapsed()));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn is_transport(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Syncer(_)
+            | Error::ClusterIdChanged { .. }
+            | Error::InvalidResponse { .. }
+            | Error::WatchEnded { .. }
+            | Error::Timeout { .. }
+            | Error::HeartbeatStale(_)
+    )
+}
+
+impl Env {
+    async fn invalidate_local(&self) {
+        // Every session of a KVStoreMesh reader fails together when the local etcd goes;
+        // the first one drops the connection, the others find a fresh one (or none yet).
+        let mut local = self.local.lock().await;
+        *local = None;
+    }
+}
+
+fn etcd_err(op: &'static str, key: &str, source: etcd_client::Error) -> Error {
+    Error::Syncer(crate::Error::Etcd {
+        op,
+        key: key.to_owned(),
+        source,
+    })
+}
+
+async fn timed<T>(
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    key: &str,
+) -> Result<T> {
+    tokio::time::timeout(REQUEST_TIMEOUT, fut)
+        .await
+        .map_err(|_| Error::Timeout {
+            what: format!("{what} {key}"),
+        })?
+        .map_err(|source| etcd_err("get", key, source))
+}
+
+/// Reads one key: (value, response revision).
+async fn get(client: &Client, guard: &Guard, key: &str) -> Result<(Option<Bytes>, i64)> {
+    let mut kv = client.kv_client();
+    let mut resp = timed("get", kv.get(key, None), key).await?;
+    guard.check(resp.header(), key)?;
+    let rev = resp.header().map(ResponseHeader::revision).unwrap_or(0);
+    let value = resp
+        .take_kvs()
+        .into_iter()
+        .next()
+        .map(|kv| Bytes::from(kv.into_key_value().1));
+    Ok((value, rev))
+}
+
+/// Waits until `key` exists (a synced canary).
+async fn wait_for_key(client: &Client, guard: &Guard, key: &str) -> Result<()> {
+    let (value, rev) = get(client, guard, key).await?;
+    if value.is_some() {
+        return Ok(());
+    }
+    let mut wc = client.watch_client();
+    let mut stream = wc
+        .watch(key, Some(WatchOptions::new().with_start_revision(rev + 1)))
+        .await
+        .map_err(|source| etcd_err("watch", key, source))?;
+    loop {
+        let resp = stream
+            .message()
+            .await
+            .map_err(|source| etcd_err("watch", key, source))?
+            .ok_or_else(|| Error::WatchEnded {
+                prefix: key.to_owned(),
+                reason: "stream closed by the server".into(),
+            })?;
+        guard.check(resp.header(), key)?;
+        if resp.canceled() {
+            return Err(Error::WatchEnded {
+                prefix: key.to_owned(),
+                reason: format!("canceled: {}", resp.cancel_reason()),
+            });
+        }
+        if resp
+            .events()
+            .iter()
+            .any(|e| e.event_type() == EventType::Put)
+        {
+            return Ok(());
+        }
+    }
+}
+
+/// Consistent paged list (pages pinned to the first page's revision, see [`crate::list`]),
+/// checking the cluster ID of every page. Keys that are not UTF-8 are skipped.
+async fn list(client: &Client, guard: &Guard, prefix: &str) -> Result<(Vec<(String, Bytes)>, i64)> {
+    let mut kv = client
+        .kv_client()
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let end = prefix_range_end(prefix);
+    let mut start = prefix.as_bytes().to_vec();
+    let mut revision = 0;
+    let mut out = Vec::new();
+    loop {
+        let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+        if revision != 0 {
+            opts = opts.with_revision(revision);
+        }
+        let mut resp = timed("list", kv.get(start.clone(), Some(opts)), prefix).await?;
+        guard.check(resp.header(), prefix)?;
+        if revision == 0 {
+            revision = resp.header().map(ResponseHeader::revision).unwrap_or(0);
+        }
+        let more = resp.more();
+        let kvs = resp.take_kvs();
+        let last = kvs.last().map(|kv| kv.key().to_vec());
+        for item in kvs {
+            let (key, value) = item.into_key_value();
+            if let Ok(key) = String::from_utf8(key) {
+                if key.len() > prefix.len() {
+                    out.push((key, Bytes::from(value)));
+                }
+            }
+        }
+        match (more, last) {
+            (true, Some(mut last)) => {
+                last.push(0);
+                start = last;
+            }
+            _ => break,
+        }
+    }
+    Ok((out, revision))
+}
+
+/// Resolves endpoint host names that `cilium-host-aliases` does not cover, so a typo shows
+/// up as "cannot resolve" in status instead of a generic transport error.
+async fn check_resolvable(cfg: &EtcdConfig) -> Result<()> {
+    for e in &cfg.endpoints {
+        let Ok((_, hp)) = crate::config::split_endpoint(e) else {
+            continue;
+        };
+        let Some((host, port)) = crate::config::split_host_port(hp) else {
+            continue;
+        };
+        if host.parse::<std::net::IpAddr>().is_ok()
+            || cfg.host_aliases.iter().any(|a| a.hostname == host)
+        {
+            continue;
+        }
+        let mut addrs = tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|source| Error::Resolve {
+                host: host.to_owned(),
+                source,
+            })?;
+        if addrs.next().is_none() {
+            return Err(Error::Resolve {
+                host: host.to_owned(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no addresses"),
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,406 @@
+//! Validation of every entry read from a remote (Cilium `pkg/clustermesh` validators plus the
+//! checks its unmarshal functions make). A remote is untrusted input: an entry is applied
+//! only if it decodes, passes its type's `validate()`, and belongs to the remote that
+//! served it (name, cluster ID, identity range, cluster label, key matching the value).
+
+use std::sync::Arc;
+
+use clustermesh_types::cluster::IdentityRange;
+use clustermesh_types::identity::{
+    reserved, LabelArray, CLUSTER_LABEL, MIN_USER_IDENTITY, SOURCE_K8S,
+};
+use clustermesh_types::model::{ClusterService, IpIdentityPair, Node, ServiceExport};
+
+use super::{Resource, Value, MAX_VALUE_BYTES};
+
+/// What an entry is checked against: the remote that served it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Context {
+    /// The remote's cluster name (= its config file name).
+    pub cluster: String,
+    /// The remote's cluster ID from its validated cluster config.
+    pub cluster_id: u32,
+    /// The identities the remote may allocate.
+    pub range: IdentityRange,
+}
+
+/// Why an entry was rejected; the label value of `kvstore_remote_rejected_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    /// Value above [`MAX_VALUE_BYTES`].
+    TooLarge,
+    /// Not valid JSON / label string of the expected shape.
+    Malformed,
+    /// Decodes but breaks the type's own rules.
+    Invalid,
+    /// The key does not match the value (name, namespace, IP prefix) or does not parse.
+    KeyMismatch,
+    /// The value claims another cluster's name.
+    ClusterMismatch,
+    /// The value claims another cluster's ID.
+    ClusterIdMismatch,
+    /// An identity outside the remote's range.
+    IdentityOutOfRange,
+    /// Identity labels without `k8s:io.cilium.k8s.policy.cluster=<remote>`.
+    MissingClusterLabel,
+}
+
+impl Reason {
+    /// Metric label and log field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::TooLarge => "too-large",
+            Reason::Malformed => "malformed",
+            Reason::Invalid => "invalid",
+            Reason::KeyMismatch => "key-mismatch",
+            Reason::ClusterMismatch => "cluster-mismatch",
+            Reason::ClusterIdMismatch => "cluster-id-mismatch",
+            Reason::IdentityOutOfRange => "identity-out-of-range",
+            Reason::MissingClusterLabel => "missing-cluster-label",
+        }
+    }
+}
+
+/// A rejected entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// The kind of problem.
+    pub reason: Reason,
+    /// What exactly was wrong.
+    pub detail: String,
+}
+
+fn reject<T>(reason: Reason, detail: impl Into<String>) -> Result<T, Rejection> {
+    Err(Rejection {
+        reason,
+        detail: detail.into(),
+    })
+}
+
+fn decoded<T>(r: clustermesh_types::Result<T>) -> Result<T, Rejection> {
+    r.map_err(|e| Rejection {
+        reason: Reason::Malformed,
+        detail: e.to_string(),
+    })
+}
+
+fn valid(r: clustermesh_types::Result<()>) -> Result<(), Rejection> {
+    r.map_err(|e| Rejection {
+        reason: Reason::Invalid,
+        detail: e.to_string(),
+    })
+}
+
+/// Validates the value `raw` stored under `rel`, the key relative to the watched prefix
+/// (`<node>`, `<ip>`, `<id>`, `<ns>/<name>`).
+pub fn validate(
+    ctx: &Context,
+    resource: Resource,
+    rel: &str,
+    raw: &[u8],
+) -> Result<Value, Rejection> {
+    if raw.len() > MAX_VALUE_BYTES {
+        return reject(
+            Reason::TooLarge,
+            format!("value of {} bytes exceeds {MAX_VALUE_BYTES}", raw.len()),
+        );
+    }
+    match resource {
+        Resource::Nodes => node(ctx, rel, raw).map(|v| Value::Node(Arc::new(v))),
+        Resource::Endpoints => endpoint(ctx, rel, raw).map(|v| Value::Endpoint(Arc::new(v))),
+        Resource::Identities => identity(ctx, rel, raw).map(|v| Value::Identity(Arc::new(v))),
+        Resource::Services => service(ctx, rel, raw).map(|v| Value::Service(Arc::new(v))),
+        Resource::ServiceExports => {
+            service_export(ctx, rel, raw).map(|v| Value::ServiceExport(Arc::new(v)))
+        }
+    }
+}
+
+fn check_cluster(ctx: &Context, cluster: &str, cluster_id: Option<u32>) -> Result<(), Rejection> {
+    if cluster != ctx.cluster {
+        return reject(
+            Reason::ClusterMismatch,
+            format!("claims cluster {cluster:?}, served by {:?}", ctx.cluster),
+        );
+    }
+    if let Some(id) = cluster_id {
+        if id != ctx.cluster_id {
+            return reject(
+                Reason::ClusterIdMismatch,
+                format!(
+                    "claims cluster ID {id}, {} has ID {}",
+                    ctx.cluster, ctx.cluster_id
+                ),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn node(ctx: &Context, rel: &str, raw: &[u8]) -> Result<Node, Rejection> {
+    let n = decoded(Node::decode(raw))?;
+    valid(n.validate())?;
+    check_cluster(ctx, &n.cluster, Some(n.cluster_id))?;
+    if n.name != rel {
+        return reject(
+            Reason::KeyMismatch,
+            format!("key {rel:?} holds node {:?}", n.name),
+        );
+    }
+    Ok(n)
+}
+
+fn service(ctx: &Context, rel: &str, raw: &[u8]) -> Result<ClusterService, Rejection> {
+    let s = decoded(ClusterService::decode(raw))?;
+    valid(s.validate())?;
+    check_cluster(ctx, &s.cluster, Some(s.cluster_id))?;
+    let want = format!("{}/{}", s.namespace, s.name);
+    if want != rel {
+        return reject(
+            Reason::KeyMismatch,
+            format!("key {rel:?} holds service {want:?}"),
+        );
+    }
+    Ok(s)
+}
+
+fn service_export(ctx: &Context, rel: &str, raw: &[u8]) -> Result<ServiceExport, Rejection> {
+    let s = decoded(ServiceExport::decode(raw))?;
+    valid(s.validate())?;
+    check_cluster(ctx, &s.cluster, None)?;
+    let want = format!("{}/{}", s.namespace, s.name);
+    if want != rel {
+        return reject(
+            Reason::KeyMismatch,
+            format!("key {rel:?} holds export {want:?}"),
+        );
+    }
+    Ok(s)
+}
+
+fn endpoint(ctx: &Context, rel: &str, raw: &[u8]) -> Result<IpIdentityPair, Rejection> {
+    // Decode first so malformed JSON is counted as such, then match the key (Cilium checks
+    // the key against `PrefixString()` in its unmarshal).
+    let mut p = decoded(IpIdentityPair::decode(raw))?;
+    let want = p.prefix_string();
+    if want != rel {
+        return reject(
+            Reason::KeyMismatch,
+            format!("key {rel:?} holds entry for {want:?}"),
+        );
+    }
+    if p.id >= MIN_USER_IDENTITY && !ctx.range.contains(p.id) {
+        return reject(
+            Reason::IdentityOutOfRange,
+            format!(
+                "identity {} outside {}'s range {}",
+                p.id, ctx.cluster, ctx.range
+            ),
+        );
+    }
+    if p.id == reserved::HOST {
+        // The remote's host is a remote node here (Cilium `pkg/ipcache/kvstore.go`).
+        p.id = reserved::REMOTE_NODE;
+    }
+    Ok(p)
+}
+
+fn identity(ctx: &Context, rel: &str, raw: &[u8]) -> Result<LabelArray, Rejection> {
+    let id = match rel.parse::<u32>() {
+        Ok(id) if rel.bytes().all(|b| b.is_ascii_digit()) && id.to_string() == rel => id,
+        _ => {
+            return reject(
+                Reason::KeyMismatch,
+                format!("identity key {rel:?} is not a canonical decimal"),
+            )
+        }
+    };
+    if !ctx.range.contains(id) {
+        return reject(
+            Reason::IdentityOutOfRange,
+            format!(
+                "identity {id} outside {}'s range {}",
+                ctx.cluster, ctx.range
+            ),
+        );
+    }
+    let text = std::str::from_utf8(raw).map_err(|_| Rejection {
+        reason: Reason::Malformed,
+        detail: "label string is not UTF-8".into(),
+    })?;
+    let labels = decoded(LabelArray::parse_kvstore(text))?;
+    let mut found = false;
+    for l in labels.iter().filter(|l| l.key == CLUSTER_LABEL) {
+        if l.value != ctx.cluster {
+            return reject(
+                Reason::ClusterMismatch,
+                format!("identity {id} labelled with cluster {:?}", l.value),
+            );
+        }
+        found |= l.source == SOURCE_K8S;
+    }
+    if !found {
+        return reject(
+            Reason::MissingClusterLabel,
+            format!("identity {id} lacks k8s:{CLUSTER_LABEL}={}", ctx.cluster),
+        );
+    }
+    Ok(labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clustermesh_types::cluster::MaxConnectedClusters;
+
+    fn ctx() -> Context {
+        Context {
+            cluster: "cluster3".into(),
+            cluster_id: 3,
+            range: IdentityRange::for_cluster(3, MaxConnectedClusters::Max255),
+        }
+    }
+
+    const NODE: &str = r#"{"Name":"test-node-1","Cluster":"cluster3","IPAddresses":[{"Type":"InternalIP","IP":"172.18.0.2"}],"IPv4AllocCIDR":{"IP":"10.244.0.0","Mask":"////AA=="},"IPv4SecondaryAllocCIDRs":null,"IPv6AllocCIDR":null,"IPv6SecondaryAllocCIDRs":null,"IPv4HealthIP":"","IPv6HealthIP":"","IPv4IngressIP":"","IPv6IngressIP":"","ClusterID":3,"Source":"custom-resource","EncryptionKey":0,"Labels":null,"Annotations":null,"WireguardPubKey":"","BootID":""}"#;
+
+    fn reason(r: Result<Value, Rejection>) -> Reason {
+        match r {
+            Ok(v) => panic!("accepted {v:?}"),
+            Err(e) => e.reason,
+        }
+    }
+
+    #[test]
+    fn nodes() {
+        assert!(validate(&ctx(), Resource::Nodes, "test-node-1", NODE.as_bytes()).is_ok());
+        assert_eq!(
+            reason(validate(&ctx(), Resource::Nodes, "other", NODE.as_bytes())),
+            Reason::KeyMismatch
+        );
+        let c = Context {
+            cluster: "cluster4".into(),
+            ..ctx()
+        };
+        assert_eq!(
+            reason(validate(
+                &c,
+                Resource::Nodes,
+                "test-node-1",
+                NODE.as_bytes()
+            )),
+            Reason::ClusterMismatch
+        );
+        let c = Context {
+            cluster_id: 4,
+            ..ctx()
+        };
+        assert_eq!(
+            reason(validate(
+                &c,
+                Resource::Nodes,
+                "test-node-1",
+                NODE.as_bytes()
+            )),
+            Reason::ClusterIdMismatch
+        );
+        assert_eq!(
+            reason(validate(&ctx(), Resource::Nodes, "n", b"{")),
+            Reason::Malformed
+        );
+        assert_eq!(
+            reason(validate(
+                &ctx(),
+                Resource::Nodes,
+                "n",
+                br#"{"Cluster":"cluster3"}"#
+            )),
+            Reason::Invalid
+        );
+    }
+
+    #[test]
+    fn too_large_is_rejected_before_decoding() {
+        let big = vec![b' '; 10 * 1024 * 1024];
+        assert_eq!(
+            reason(validate(&ctx(), Resource::Nodes, "n", &big)),
+            Reason::TooLarge
+        );
+    }
+
+    #[test]
+    fn endpoints() {
+        let v = br#"{"IP":"10.244.2.74","Mask":null,"HostIP":"172.18.0.2","ID":199475,"Key":5,"Metadata":"","K8sNamespace":"quixote","K8sPodName":"cep-002","K8sServiceAccount":"default"}"#;
+        assert!(validate(&ctx(), Resource::Endpoints, "10.244.2.74", v).is_ok());
+        assert_eq!(
+            reason(validate(&ctx(), Resource::Endpoints, "10.244.2.75", v)),
+            Reason::KeyMismatch
+        );
+        let other = br#"{"IP":"10.0.0.1","HostIP":"","ID":70000,"Key":0,"Metadata":""}"#;
+        assert_eq!(
+            reason(validate(&ctx(), Resource::Endpoints, "10.0.0.1", other)),
+            Reason::IdentityOutOfRange
+        );
+        let host = br#"{"IP":"172.18.0.2","HostIP":"","ID":1,"Key":0,"Metadata":""}"#;
+        match validate(&ctx(), Resource::Endpoints, "172.18.0.2", host) {
+            Ok(Value::Endpoint(p)) => assert_eq!(p.id, 6),
+            other => panic!("{other:?}"),
+        }
+        let world =
+            br#"{"IP":"10.0.0.0","Mask":"/wAAAA==","HostIP":"","ID":2,"Key":0,"Metadata":""}"#;
+        assert!(validate(&ctx(), Resource::Endpoints, "10.0.0.0/8", world).is_ok());
+    }
+
+    #[test]
+    fn identities() {
+        let l = b"k8s:app=baz;k8s:io.cilium.k8s.policy.cluster=cluster3;k8s:io.kubernetes.pod.namespace=bar;";
+        assert!(validate(&ctx(), Resource::Identities, "196915", l).is_ok());
+        assert_eq!(
+            reason(validate(&ctx(), Resource::Identities, "65536", l)),
+            Reason::IdentityOutOfRange
+        );
+        assert_eq!(
+            reason(validate(&ctx(), Resource::Identities, "0196915", l)),
+            Reason::KeyMismatch
+        );
+        assert_eq!(
+            reason(validate(&ctx(), Resource::Identities, "x", l)),
+            Reason::KeyMismatch
+        );
+        assert_eq!(
+            reason(validate(
+                &ctx(),
+                Resource::Identities,
+                "196915",
+                b"k8s:app=baz;"
+            )),
+            Reason::MissingClusterLabel
+        );
+        assert_eq!(
+            reason(validate(
+                &ctx(),
+                Resource::Identities,
+                "196915",
+                b"k8s:io.cilium.k8s.policy.cluster=cluster1;"
+            )),
+            Reason::ClusterMismatch
+        );
+    }
+
+    #[test]
+    fn services() {
+        let s = br#"{"cluster":"cluster3","namespace":"ns-alpha","name":"echo-service","frontends":{"10.96.0.10":{"http":{"Protocol":"TCP","Port":80}}},"backends":{"10.244.1.10":{"http":{"Protocol":"TCP","Port":8080}}},"labels":{},"selector":{"app":"echo"},"includeExternal":true,"shared":true,"clusterID":3}"#;
+        assert!(validate(&ctx(), Resource::Services, "ns-alpha/echo-service", s).is_ok());
+        assert_eq!(
+            reason(validate(&ctx(), Resource::Services, "ns-alpha/other", s)),
+            Reason::KeyMismatch
+        );
+        let c = Context {
+            cluster_id: 9,
+            ..ctx()
+        };
+        assert_eq!(
+            reason(validate(&c, Resource::Services, "ns-alpha/echo-service", s)),
+            Reason::ClusterIdMismatch
+        );
+    }
+}
