@@ -84,6 +84,17 @@ impl Metrics {
         );
     }
 
+    /// The metrics in Prometheus text format, registered under `prefix` (for debug tools and
+    /// tests; servers register them in their own registry with [`Self::register`]).
+    pub fn render(&self, prefix: &str) -> String {
+        let mut registry = Registry::with_prefix(prefix);
+        self.register(&mut registry);
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+
     pub(crate) fn reject(&self, cluster: &str, reason: &str) {
         self.rejected
             .get_or_create(&RejectLabels {

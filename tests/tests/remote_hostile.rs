@@ -1,0 +1,177 @@
+//! Hostile and broken entries from a remote are rejected one by one, counted per reason, and
+//! never applied; valid entries around them are served and the reader keeps following.
+//!
+//! Own test binary: it raises etcd's request limit (via `ETCD_MAX_REQUEST_BYTES`, read by the
+//! etcd the harness starts) so that a real 10 MB value can be stored.
+
+mod remote_common;
+
+use std::time::Duration;
+
+use clustermesh_syncer::remote::{Change, Event};
+use clustermesh_tests::etcd::TestEtcd;
+use remote_common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_entries_are_rejected_and_counted() -> anyhow::Result<()> {
+    std::env::set_var("ETCD_MAX_REQUEST_BYTES", (32 * 1024 * 1024).to_string());
+    let etcd = TestEtcd::start()?;
+    let mut c = etcd.client("root").await?;
+    seed_cluster3(&mut c).await?;
+    let nodes = "cilium/state/nodes/v1/cluster3";
+    c.put(
+        format!("{nodes}/evil-name"),
+        node("cluster4", 3, "evil-name"),
+        None,
+    )
+    .await?;
+    c.put(
+        format!("{nodes}/evil-id"),
+        node("cluster3", 4, "evil-id"),
+        None,
+    )
+    .await?;
+    c.put(
+        format!("{nodes}/wrong-key"),
+        node("cluster3", 3, "test-node-9"),
+        None,
+    )
+    .await?;
+    c.put("cilium/state/identities/v1/id/70000", IDENTITY, None)
+        .await?;
+    c.put(
+        "cilium/state/identities/v1/id/196916",
+        "k8s:app=evil;",
+        None,
+    )
+    .await?;
+    c.put(
+        "cilium/state/services/v1/cluster3/ns-alpha/broken",
+        "{\"cluster\":",
+        None,
+    )
+    .await?;
+    c.put("cilium/state/ip/v1/default/10.244.2.99", IP_POD, None)
+        .await?;
+    c.put(
+        "cilium/state/ip/v1/default/10.0.0.1",
+        ip_entry("10.0.0.1", 65600),
+        None,
+    )
+    .await?;
+    let huge = format!("{}{}", IP_POD, " ".repeat(10 * 1024 * 1024));
+    c.put("cilium/state/ip/v1/default/10.244.2.74", huge.clone(), None)
+        .await?;
+    c.put(
+        "cilium/state/ip/v1/default/10.244.2.75",
+        ip_entry("10.244.2.75", 199476),
+        None,
+    )
+    .await?;
+
+    let mut fx = Fixture::start(|_| {})?;
+    fx.connect("cluster3", &etcd)?;
+    let s = fx.wait_ready("cluster3").await?;
+    assert_eq!(
+        (
+            s.num_nodes,
+            s.num_identities,
+            s.num_endpoints,
+            s.num_shared_services
+        ),
+        (1, 1, 2, 1),
+        "only the valid entries are served: {s:?}"
+    );
+    fx.caches
+        .with("cluster3", |cache| {
+            assert!(cache.node("test-node-1").is_some());
+            assert!(cache.identity(196915).is_some());
+            assert!(cache.endpoint("172.18.0.2").is_some());
+            assert!(cache.endpoint("10.244.2.75").is_some());
+            assert!(
+                cache.endpoint("10.244.2.74").is_none(),
+                "10 MB value applied"
+            );
+        })
+        .unwrap();
+    let m = &fx.metrics;
+    for (reason, n) in [
+        ("cluster-mismatch", 1),
+        ("cluster-id-mismatch", 1),
+        ("key-mismatch", 2),
+        ("identity-out-of-range", 2),
+        ("missing-cluster-label", 1),
+        ("malformed", 1),
+        ("too-large", 1),
+    ] {
+        assert_eq!(m.rejected_count("cluster3", reason), n, "{reason}");
+    }
+    let text = m.render("cilium");
+    assert!(
+        text.contains(
+            r#"cilium_kvstore_remote_rejected_total{cluster="cluster3",reason="too-large"} 1"#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("cilium_clustermesh_remote_cluster_readiness_status"),
+        "{text}"
+    );
+
+    // While watching: a hostile overwrite of a good key is not applied (the last good value
+    // stays), a 10 MB value does not break the watch, and later valid changes still arrive.
+    fx.clear_events();
+    c.put(
+        format!("{nodes}/test-node-1"),
+        node("cluster4", 3, "test-node-1"),
+        None,
+    )
+    .await?;
+    c.put("cilium/state/ip/v1/default/172.18.0.2", huge, None)
+        .await?;
+    c.put(
+        format!("{nodes}/test-node-2"),
+        node("cluster3", 3, "test-node-2"),
+        None,
+    )
+    .await?;
+    eventually(Duration::from_secs(5), "node 2", || {
+        fx.caches
+            .with("cluster3", |c| c.node("test-node-2").is_some())
+            .unwrap_or(false)
+    })
+    .await?;
+    fx.caches
+        .with("cluster3", |cache| {
+            assert_eq!(cache.node("test-node-1").unwrap().cluster, "cluster3");
+            assert_eq!(cache.endpoint("172.18.0.2").unwrap().id, 6);
+        })
+        .unwrap();
+    let st = fx.status.borrow().get("cluster3").cloned();
+    assert_eq!(
+        m.rejected_count("cluster3", "cluster-mismatch"),
+        2,
+        "{}\n{st:?}",
+        m.render("x")
+    );
+    // Another resource's watch: no ordering with the nodes watch.
+    eventually(
+        Duration::from_secs(5),
+        "10 MB ipcache value rejected",
+        || m.rejected_count("cluster3", "too-large") == 2,
+    )
+    .await?;
+    let changes: Vec<_> = fx
+        .events()
+        .into_iter()
+        .filter(|e| matches!(e, Event::Change { .. }))
+        .collect();
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert!(
+        matches!(&changes[0], Event::Change { change: Change::Upsert { .. }, key, .. } if key.ends_with("test-node-2"))
+    );
+    let s = fx.status.borrow().get("cluster3").cloned().unwrap();
+    assert!(s.ready && s.num_failures == 0, "{s:?}");
+    fx.stop().await;
+    Ok(())
+}
