@@ -166,7 +166,10 @@ impl RemoteCache {
 
 /// Shared handle to every remote's cache (cheap to clone).
 #[derive(Debug, Clone, Default)]
-pub struct Caches(Arc<RwLock<BTreeMap<Arc<str>, Arc<RwLock<RemoteCache>>>>>);
+pub struct Caches(Arc<RwLock<CacheMap>>);
+
+/// Cluster name → that remote's cache.
+type CacheMap = BTreeMap<Arc<str>, Arc<RwLock<RemoteCache>>>;
 
 impl Caches {
     /// The cache of `cluster`, if it is configured (or still draining).

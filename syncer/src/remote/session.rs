@@ -391,7 +391,8 @@ impl Remote {
             )));
         }
         let theirs = remote.capabilities.max_connected_clusters;
-        if (max != 255 && theirs != max) || (theirs != 0 && theirs != max) {
+        // An old remote omits the field (0 = 255); a 511 mesh needs it stated.
+        if theirs != max && (max != 255 || theirs != 0) {
             return Err(Error::ConfigRefused(format!(
                 "remote max-connected-clusters is {theirs}, local is {max}: every cluster of a mesh must use the same value"
             )));
