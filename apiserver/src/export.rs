@@ -293,11 +293,27 @@ impl Exporter {
             namespace: String,
         }
         let mut endpoints: Vec<Ep> = Vec::new();
+        // Pods of one workload share a label set: build each label string once.
+        let mut label_cache: HashMap<
+            (&str, Option<&BTreeMap<String, String>>, Option<&str>),
+            String,
+        > = HashMap::new();
         let pod_labels: Vec<((String, String), String)> = snap
             .pods
             .iter()
             .filter(|(_, p)| pod_is_endpoint(p))
-            .map(|(k, p)| (k.clone(), self.pod_identity_labels(snap, p)))
+            .map(|(k, p)| {
+                let ck = (
+                    p.metadata.ns(),
+                    p.metadata.labels.as_ref(),
+                    p.spec.service_account_name.as_deref(),
+                );
+                let labels = label_cache
+                    .entry(ck)
+                    .or_insert_with(|| self.pod_identity_labels(snap, p))
+                    .clone();
+                (k.clone(), labels)
+            })
             .collect();
         let in_use: HashSet<String> = pod_labels.iter().map(|(_, l)| l.clone()).collect();
         let mut pod_identity: HashMap<(String, String), u32> = HashMap::new();
@@ -467,8 +483,9 @@ impl Exporter {
         }
 
         // Services.
+        let index = label_index(snap);
         for ((ns, name), svc) in &snap.services {
-            let Some(cs) = self.cluster_service(snap, ns, name, svc) else {
+            let Some(cs) = self.cluster_service(snap, &index, ns, name, svc) else {
                 continue;
             };
             let ann = |a: &str, b: &str| {
@@ -727,6 +744,7 @@ impl Exporter {
     fn cluster_service(
         &self,
         snap: &Snapshot,
+        index: &LabelIndex,
         ns: &str,
         name: &str,
         svc: &objects::Service,
@@ -830,18 +848,27 @@ impl Exporter {
                 }
             }
         } else if let Some(sel) = svc.spec.selector.as_ref().filter(|s| !s.is_empty()) {
-            // No EndpointSlice controller in a manifest directory: select pods ourselves.
-            for ((pns, _), pod) in snap
-                .pods
-                .range((ns.to_string(), String::new())..)
-                .take_while(|((pns, _), _)| pns == ns)
-            {
-                let _ = pns;
+            // No EndpointSlice controller in a manifest directory: select pods ourselves,
+            // starting from the pods that carry the selector's first label (index).
+            let Some((k0, v0)) = sel.iter().next() else {
+                return None;
+            };
+            let candidates = index
+                .get(&(ns.to_string(), k0.clone(), v0.clone()))
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            for pod_key in candidates {
+                let Some(pod) = snap.pods.get(pod_key) else {
+                    continue;
+                };
                 if !pod_is_endpoint(pod) || !pod_ready(pod) {
                     continue;
                 }
-                let labels = pod.metadata.labels();
-                if !sel.iter().all(|(k, v)| labels.get(k) == Some(v)) {
+                let labels = pod.metadata.labels.as_ref();
+                if !sel
+                    .iter()
+                    .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+                {
                     continue;
                 }
                 let mut ports = PortConfiguration::new();
@@ -888,6 +915,22 @@ impl Exporter {
             cluster_id: self.opts.cluster.id,
         })
     }
+}
+
+/// (namespace, label key, label value) → pods carrying it.
+type LabelIndex = HashMap<(String, String, String), Vec<(String, String)>>;
+
+fn label_index(snap: &Snapshot) -> LabelIndex {
+    let mut index: LabelIndex = HashMap::new();
+    for (key, pod) in &snap.pods {
+        for (k, v) in pod.metadata.labels.iter().flatten() {
+            index
+                .entry((key.0.clone(), k.clone(), v.clone()))
+                .or_default()
+                .push(key.clone());
+        }
+    }
+    index
 }
 
 fn is_headless(svc: &objects::Service) -> bool {

@@ -390,11 +390,17 @@ async fn session_loop(
         let published = src.borrow_and_update().clone();
         let t = Instant::now();
         let (desired, problems) = exporter.compute(&published.snapshot);
+        let computed = t.elapsed();
+        let empty = BTreeMap::new();
+        let prefixes: Vec<String> = Store::ALL.iter().map(|s| s.prefix(&cluster)).collect();
+        let batch: Vec<(&str, &BTreeMap<String, Vec<u8>>)> = Store::ALL
+            .iter()
+            .zip(&prefixes)
+            .map(|(store, prefix)| (prefix.as_str(), desired.get(store).unwrap_or(&empty)))
+            .collect();
+        let stats = w.sync_prefixes(&batch).await?;
         let mut counts = BTreeMap::new();
-        for store in Store::ALL {
-            let empty = BTreeMap::new();
-            let want = desired.get(&store).unwrap_or(&empty);
-            let stats = w.sync_prefix(&store.prefix(&cluster), want).await?;
+        for ((store, (_, want)), st) in Store::ALL.iter().zip(&batch).zip(&stats) {
             counts.insert(store.name().to_string(), want.len());
             ctx.metrics
                 .exported_keys
@@ -402,14 +408,17 @@ async fn session_loop(
                     scope: store.name().into(),
                 })
                 .set(want.len() as i64);
-            if stats.put + stats.deleted > 0 {
+            if st.put + st.deleted > 0 {
                 tracing::debug!(
                     store = store.name(),
-                    put = stats.put,
-                    deleted = stats.deleted,
+                    put = st.put,
+                    deleted = st.deleted,
                     "synced"
                 );
             }
+        }
+        // Every store's initial write is complete: publish the canaries still missing.
+        for store in Store::ALL {
             if !synced.get(&store).copied().unwrap_or(false) {
                 w.put_key(
                     &store.synced_key(&cluster),
@@ -454,7 +463,7 @@ async fn session_loop(
             *bootstrapped = true;
         }
         ctx.status.set_ready(true);
-        tracing::debug!(took = ?t.elapsed(), generation = published.generation, "export pass");
+        info!(took = ?t.elapsed(), compute = ?computed, generation = published.generation, objects = published.snapshot.len(), "export pass");
 
         // Wait for something that needs a new export pass; periodic work happens in place.
         loop {

@@ -351,6 +351,44 @@ impl Writer {
         Ok(stats)
     }
 
+    /// Like [`Writer::sync_prefix`] for several prefixes at once, in one pipeline of
+    /// transactions (the tail of one prefix overlaps the head of the next). Returns the
+    /// stats per prefix, in order.
+    pub async fn sync_prefixes(
+        &mut self,
+        stores: &[(&str, &BTreeMap<String, Vec<u8>>)],
+    ) -> Result<Vec<Stats>> {
+        self.drain_lost();
+        let mut all_stats = vec![Stats::default(); stores.len()];
+        let mut puts: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut deletes: Vec<String> = Vec::new();
+        for ((prefix, desired), stats) in stores.iter().zip(all_stats.iter_mut()) {
+            for (k, v) in desired.iter() {
+                debug_assert!(k.starts_with(prefix), "{k} outside {prefix}");
+                match self.known.get(k) {
+                    Some(known) if known.value == *v && known.lease != 0 => stats.unchanged += 1,
+                    _ => {
+                        stats.put += 1;
+                        puts.push((k.clone(), v.clone()));
+                    }
+                }
+            }
+            for (k, _) in self
+                .known
+                .range(prefix.to_string()..)
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .filter(|(k, _)| !desired.contains_key(*k))
+            {
+                stats.deleted += 1;
+                deletes.push(k.clone());
+            }
+        }
+        let scope = stores.first().map(|(p, _)| *p).unwrap_or("");
+        let mut total = Stats::default();
+        self.apply(scope, puts, deletes, &mut total).await?;
+        Ok(all_stats)
+    }
+
     /// Writes one key (leased) unless the writer knows it already holds `value`.
     /// Returns whether it wrote.
     pub async fn put_key(&mut self, key: &str, value: Vec<u8>) -> Result<bool> {

@@ -83,17 +83,18 @@ impl ManifestDir {
         &self.dir
     }
 
-    /// Re-reads files that changed since the last scan.
+    /// Re-reads files that changed since the last scan (in parallel, one thread per core).
     pub fn scan(&mut self) -> std::io::Result<Scan> {
+        use std::os::unix::fs::MetadataExt;
         let mut seen = Vec::new();
         collect_files(&self.dir, &mut seen)?;
         let mut scan = Scan::default();
         let mut present = std::collections::BTreeSet::new();
+        let mut todo: Vec<(PathBuf, Signature)> = Vec::new();
         for path in seen {
             let Ok(md) = std::fs::metadata(&path) else {
                 continue;
             };
-            use std::os::unix::fs::MetadataExt;
             let sig = Signature {
                 len: md.len(),
                 modified: md.modified().ok(),
@@ -103,27 +104,40 @@ impl ManifestDir {
             if self.files.get(&path).map(|f| f.sig == sig).unwrap_or(false) {
                 continue;
             }
-            let text = match std::fs::read_to_string(&path) {
-                Ok(t) => t,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            todo.push((path, sig));
+        }
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(todo.len().max(1));
+        let chunk = todo.len().div_ceil(threads).max(1);
+        let results: Vec<(PathBuf, Signature, Result<Option<Vec<Object>>, FileError>)> =
+            std::thread::scope(|s| {
+                let handles: Vec<_> = todo
+                    .chunks(chunk)
+                    .map(|part| {
+                        s.spawn(move || {
+                            part.iter()
+                                .map(|(path, sig)| {
+                                    (path.clone(), sig.clone(), read_and_parse(path))
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .flat_map(|h| h.join().unwrap_or_default())
+                    .collect()
+            });
+        for (path, sig, result) in results {
+            match result {
+                Ok(None) => {
                     present.remove(&path);
-                    continue;
                 }
-                Err(e) => {
-                    let err = FileError {
-                        path: path.clone(),
-                        line: None,
-                        message: format!("cannot read: {e}"),
-                    };
-                    self.set_error(path, sig, err);
-                    continue;
-                }
-            };
-            match parse_file(&path, &text) {
-                Ok(objects) => {
+                Ok(Some(objects)) => {
                     let entry = self.files.get(&path);
-                    let same = entry.map(|f| f.objects == objects).unwrap_or(false);
-                    if !same {
+                    if !entry.map(|f| f.objects == objects).unwrap_or(false) {
                         scan.changed = true;
                     }
                     if entry.and_then(|f| f.error.as_ref()).is_some() {
@@ -207,8 +221,57 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Parses one file's text into objects, or the first error with its line.
+/// Reads and parses one file; `Ok(None)` if it vanished meanwhile.
+fn read_and_parse(path: &Path) -> Result<Option<Vec<Object>>, FileError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse_file(path, &text).map(Some),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(FileError {
+            path: path.to_path_buf(),
+            line: None,
+            message: format!("cannot read: {e}"),
+        }),
+    }
+}
+
+/// Parses one file's text into objects, or the first error with its line. `.json` files
+/// (one object, a `List`, or several objects one after another, as `kubectl get -o json`
+/// writes them) take serde_json's fast path; everything else is YAML.
 pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, FileError> {
+    if path.extension().and_then(|e| e.to_str()) == Some("json") {
+        return parse_json(path, text);
+    }
+    parse_yaml(path, text)
+}
+
+fn parse_json(path: &Path, text: &str) -> Result<Vec<Object>, FileError> {
+    let mut out = Vec::new();
+    let stream = serde_json::Deserializer::from_str(text).into_iter::<serde_json::Value>();
+    for value in stream {
+        let value = value.map_err(|e| FileError {
+            path: path.to_path_buf(),
+            line: Some(e.line()),
+            message: e.to_string(),
+        })?;
+        let items = match value.get("kind").and_then(|k| k.as_str()) {
+            Some("List") => match value.get("items") {
+                Some(serde_json::Value::Array(items)) => items.clone(),
+                _ => Vec::new(),
+            },
+            _ => vec![value],
+        };
+        for item in items {
+            out.push(Object::from_value(item).map_err(|message| FileError {
+                path: path.to_path_buf(),
+                line: None,
+                message,
+            })?);
+        }
+    }
+    Ok(out)
+}
+
+fn parse_yaml(path: &Path, text: &str) -> Result<Vec<Object>, FileError> {
     use serde::Deserialize;
     let mut out = Vec::new();
     for doc in serde_yaml::Deserializer::from_str(text) {
@@ -225,21 +288,17 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, FileError> {
         if value.is_null() {
             continue;
         }
-        let json = serde_json::to_value(&value).map_err(|e| FileError {
-            path: path.to_path_buf(),
-            line: None,
-            message: format!("not representable as JSON: {e}"),
-        })?;
-        let items = match json.get("kind").and_then(|k| k.as_str()) {
-            Some("List") => json
-                .get("items")
-                .and_then(|i| i.as_array())
-                .cloned()
-                .unwrap_or_default(),
-            _ => vec![json],
+        let is_list = value.get("kind").and_then(|k| k.as_str()) == Some("List");
+        let items = if is_list {
+            match value.get("items") {
+                Some(serde_yaml::Value::Sequence(items)) => items.clone(),
+                _ => Vec::new(),
+            }
+        } else {
+            vec![value]
         };
         for item in items {
-            let obj = Object::from_value(item).map_err(|message| FileError {
+            let obj = Object::from_yaml(item).map_err(|message| FileError {
                 path: path.to_path_buf(),
                 line: None,
                 message,

@@ -544,21 +544,59 @@ impl std::fmt::Display for ObjectKey {
     }
 }
 
-#[derive(Deserialize)]
-struct Head {
-    kind: Option<String>,
-    #[serde(default)]
-    metadata: Meta,
-}
-
 impl Object {
+    /// Decodes one YAML document straight into the typed object (no JSON detour, except for
+    /// policies, which are kept whole as JSON).
+    pub fn from_yaml(v: serde_yaml::Value) -> Result<Object, String> {
+        fn de<T: serde::de::DeserializeOwned>(v: serde_yaml::Value) -> Result<T, String> {
+            serde_yaml::from_value(v).map_err(|e| e.to_string())
+        }
+        let kind = v
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .ok_or_else(|| "object has no `kind`".to_string())?
+            .to_string();
+        let name_ok = v
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(|n| n.as_str())
+            .map(|n| !n.is_empty())
+            .unwrap_or(false);
+        if !name_ok {
+            return Err(format!("{kind} has no metadata.name"));
+        }
+        Ok(match kind.as_str() {
+            "Namespace" => Object::Namespace(de(v)?),
+            "Node" => Object::Node(de(v)?),
+            "Pod" => Object::Pod(de(v)?),
+            "Service" => Object::Service(de(v)?),
+            "EndpointSlice" => Object::EndpointSlice(de(v)?),
+            "ServiceExport" => Object::ServiceExport(de(v)?),
+            "CiliumNode" => Object::CiliumNode(de(v)?),
+            "CiliumEndpoint" => Object::CiliumEndpoint(de(v)?),
+            "CiliumIdentity" => Object::CiliumIdentity(de(v)?),
+            _ => {
+                let json = serde_json::to_value(&v)
+                    .map_err(|e| format!("not representable as JSON: {e}"))?;
+                Object::from_value(json)?
+            }
+        })
+    }
+
     /// Decodes one document (already parsed as JSON-compatible value).
     pub fn from_value(v: serde_json::Value) -> Result<Object, String> {
-        let head: Head = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
-        let kind = head
-            .kind
-            .ok_or_else(|| "object has no `kind`".to_string())?;
-        if head.metadata.name.is_empty() {
+        let kind = v
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .ok_or_else(|| "object has no `kind`".to_string())?
+            .to_string();
+        let name_ok = v
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(|n| n.as_str())
+            .map(|n| !n.is_empty())
+            .unwrap_or(false);
+        if !name_ok {
             return Err(format!("{kind} has no metadata.name"));
         }
         fn de<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, String> {
@@ -584,8 +622,9 @@ impl Object {
                 }
             }
             _ => Object::Other {
+                metadata: serde_json::from_value(v.get("metadata").cloned().unwrap_or_default())
+                    .map_err(|e| e.to_string())?,
                 kind,
-                metadata: head.metadata,
             },
         })
     }

@@ -1,0 +1,226 @@
+//! Export benchmark (issue 2): a cluster of 10k pods, 1k services and 200 nodes exported by
+//! clustermesh-apiserver into a real etcd over mTLS, beside the raw write rate of a plain
+//! etcd-client loop on the same etcd in the same run.
+//!
+//! Prints: time from process start to every synced canary, exported keys/s, apiserver peak
+//! RSS, and the raw baseline (transactions of 128 puts, 8 in flight — the fastest raw method
+//! measured in TOOLCHAIN.md). Run with `./scripts/bench.sh export` (release build).
+
+use std::time::{Duration, Instant};
+
+use clustermesh_tests::etcd::TestEtcd;
+use clustermesh_tests::fixtures::{self, Shape};
+use clustermesh_tests::process::TestApiserver;
+use etcd_client::{GetOptions, PutOptions, Txn, TxnOp};
+
+const PODS: u32 = 10_000;
+const SERVICES: u32 = 1_000;
+const NODES: u32 = 200;
+
+/// Writes `n` keys of `size` bytes under `prefix` with one lease, 128 per txn, 8 txns in
+/// flight; returns keys/s.
+async fn raw_rate(etcd: &TestEtcd, prefix: &str, n: usize, size: usize) -> anyhow::Result<f64> {
+    let mut client = etcd.client("root").await?;
+    let lease = client.lease_grant(900, None).await?.id();
+    let value = vec![b'x'; size];
+    let keys: Vec<String> = (0..n).map(|i| format!("{prefix}{i:08}")).collect();
+    let t = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for chunk in keys.chunks(128) {
+        while set.len() >= 8 {
+            set.join_next().await.transpose()?.transpose()?;
+        }
+        let mut kv = client.kv_client();
+        let ops: Vec<TxnOp> = chunk
+            .iter()
+            .map(|k| {
+                TxnOp::put(
+                    k.as_str(),
+                    value.clone(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )
+            })
+            .collect();
+        set.spawn(async move { kv.txn(Txn::new().and_then(ops)).await.map(|_| ()) });
+    }
+    while let Some(r) = set.join_next().await {
+        r??;
+    }
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    client.lease_revoke(lease).await?;
+    Ok(rate)
+}
+
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let etcd = TestEtcd::start()?;
+    let dir = tempfile::tempdir()?;
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir_all(&manifests)?;
+    let yaml = fixtures::cluster(Shape {
+        cluster_id: 1,
+        nodes: NODES,
+        pods: PODS,
+        services: SERVICES,
+    });
+    // Split into files of ~1000 objects, as a real export of a cluster would be; YAML by
+    // default, JSON (what `kubectl get -o json` and the Kubernetes API produce) with --json.
+    let json = std::env::args().any(|a| a == "--json");
+    let docs: Vec<&str> = yaml.split("\n---\n").collect();
+    for (i, chunk) in docs.chunks(1000).enumerate() {
+        if json {
+            let mut out = String::new();
+            for d in chunk {
+                let v: serde_json::Value = serde_yaml::from_str(d)?;
+                out.push_str(&serde_json::to_string(&v)?);
+                out.push('\n');
+            }
+            std::fs::write(manifests.join(format!("part{i:03}.json")), out)?;
+        } else {
+            std::fs::write(
+                manifests.join(format!("part{i:03}.yaml")),
+                chunk.join("\n---\n"),
+            )?;
+        }
+    }
+    let cfg = dir.path().join("etcd.yaml");
+    etcd.write_client_config("admin-c1", &cfg)?;
+
+    println!(
+        "clustermesh export benchmark: {PODS} pods, {SERVICES} services, {NODES} nodes as {} manifests, etcd 3.4 over mTLS on /dev/shm",
+        if json { "JSON" } else { "YAML" }
+    );
+
+    let t = Instant::now();
+    let mut api = TestApiserver::start(
+        &[
+            "--cluster-name",
+            "c1",
+            "--cluster-id",
+            "1",
+            "--etcd-config",
+            cfg.to_str().unwrap_or_default(),
+            "--manifests",
+            manifests.to_str().unwrap_or_default(),
+            "--log-level",
+            "info",
+        ],
+        &dir.path().join("api.log"),
+    )?;
+    let mut client = etcd.client("root").await?;
+    loop {
+        let n = client
+            .get(
+                "cilium/synced/c1/",
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            )
+            .await?
+            .count();
+        let local = client
+            .get(
+                "clustermesh/local/synced/",
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            )
+            .await?
+            .count();
+        if n >= 5 && local >= 2 {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(120) {
+            anyhow::bail!("no synced canaries after 120 s:\n{}", api.log_tail(20));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let took = t.elapsed();
+    let keys = client
+        .get(
+            "",
+            Some(GetOptions::new().with_all_keys().with_count_only()),
+        )
+        .await?
+        .count() as f64;
+    let rss = api.pid().and_then(peak_rss_kib).unwrap_or(0);
+    api.wait_ready(Duration::from_secs(10))?;
+    let metrics = api.metrics()?;
+    let bootstrap = metrics
+        .lines()
+        .find(|l| l.starts_with("cilium_clustermesh_apiserver_bootstrap_seconds{"))
+        .and_then(|l| l.rsplit(' ').next())
+        .unwrap_or("?")
+        .to_string();
+    api.stop()?;
+    for line in std::fs::read_to_string(dir.path().join("api.log"))?.lines() {
+        if line.contains("manifest directory read")
+            || line.contains("export pass")
+            || line.contains("initial sync complete")
+        {
+            println!("  apiserver: {}", line.trim());
+        }
+    }
+
+    // Average value size of what was exported, for a like-for-like raw baseline.
+    let all = client
+        .get("cilium/state/", Some(GetOptions::new().with_prefix()))
+        .await?;
+    let avg = all.kvs().iter().map(|kv| kv.value().len()).sum::<usize>() / all.kvs().len().max(1);
+    let mut raw = Vec::new();
+    for round in 0..3 {
+        raw.push(raw_rate(&etcd, &format!("bench/raw{round}/"), keys as usize, avg).await?);
+    }
+    raw.sort_by(|a, b| a.total_cmp(b));
+    let raw_best = raw[raw.len() - 1];
+    let export_rate = keys / took.as_secs_f64();
+
+    println!();
+    println!("{:<46} {:>12}", "metric", "value");
+    println!(
+        "{:<46} {:>12}",
+        "keys exported (incl. canaries, heartbeat)", keys as u64
+    );
+    println!(
+        "{:<46} {:>10.0}ms",
+        "time from process start to all synced canaries",
+        took.as_secs_f64() * 1e3
+    );
+    println!(
+        "{:<46} {:>11}s",
+        "apiserver bootstrap_seconds (its own clock)", bootstrap
+    );
+    println!(
+        "{:<46} {:>10.0}/s",
+        "export rate (keys / time to canaries)", export_rate
+    );
+    println!(
+        "{:<46} {:>9.1}MiB",
+        "apiserver peak RSS",
+        rss as f64 / 1024.0
+    );
+    println!(
+        "{:<46} {:>10.0}/s",
+        "raw etcd-client rate, best of 3 (baseline)", raw_best
+    );
+    println!(
+        "{:<46} {:>12}",
+        "raw rates measured",
+        raw.iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!(
+        "{:<46} {:>11.2}x",
+        "export / raw (target >= 0.70)",
+        export_rate / raw_best
+    );
+    Ok(())
+}
