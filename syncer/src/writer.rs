@@ -95,6 +95,8 @@ struct Known {
 struct Leases {
     counts: HashMap<i64, usize>,
     current: Option<i64>,
+    /// Granted ahead of need (a large first sync grants its leases concurrently).
+    spare: Vec<i64>,
 }
 
 /// The writer. Not `Clone`: one writer owns a set of prefixes.
@@ -294,23 +296,16 @@ impl Writer {
                 return Ok(cur);
             }
         }
-        let started = Instant::now();
-        let res = self
-            .client
-            .lease_grant(self.cfg.lease_ttl.as_secs() as i64, None)
-            .await;
-        self.metrics
-            .observe("lease_grant", "lease", res.is_ok(), started.elapsed());
-        let id = res
-            .map_err(|source| Error::Etcd {
-                op: "grant lease",
-                key: String::new(),
-                source,
-            })?
-            .id();
+        let id = match self.leases.spare.pop() {
+            Some(id) => id,
+            None => {
+                let id = grant(&self.client, self.cfg.lease_ttl, &self.metrics).await?;
+                let _ = self.register.send(id);
+                id
+            }
+        };
         self.leases.counts.insert(id, 1);
         self.leases.current = Some(id);
-        let _ = self.register.send(id);
         Ok(id)
     }
 
@@ -387,6 +382,26 @@ impl Writer {
         let mut total = Stats::default();
         self.apply(scope, puts, deletes, &mut total).await?;
         Ok(all_stats)
+    }
+
+    /// Writes several single keys (leased) in one pipeline, skipping those already current.
+    pub async fn put_keys(&mut self, keys: Vec<(String, Vec<u8>)>) -> Result<usize> {
+        self.drain_lost();
+        let puts: Vec<(String, Vec<u8>)> = keys
+            .into_iter()
+            .filter(|(k, v)| {
+                !self
+                    .known
+                    .get(k)
+                    .map(|x| x.value == *v && x.lease != 0)
+                    .unwrap_or(false)
+            })
+            .collect();
+        let n = puts.len();
+        let scope = puts.first().map(|(k, _)| k.clone()).unwrap_or_default();
+        let mut stats = Stats::default();
+        self.apply(&scope, puts, Vec::new(), &mut stats).await?;
+        Ok(n)
     }
 
     /// Writes one key (leased) unless the writer knows it already holds `value`.
@@ -471,7 +486,46 @@ impl Writer {
         let mut remaining = (puts.len() + deletes.len()) as i64;
         set_queue(remaining);
 
-        // Assign leases first (grants are serial and rare), then batch.
+        // Grant the leases this batch will need concurrently, then assign them.
+        let needs_lease = puts
+            .iter()
+            .filter(|(k, _)| {
+                !self
+                    .known
+                    .get(k)
+                    .map(|k| k.lease != 0 && self.leases.counts.contains_key(&k.lease))
+                    .unwrap_or(false)
+            })
+            .count();
+        let room = self
+            .leases
+            .current
+            .map(|c| {
+                self.cfg
+                    .max_keys_per_lease
+                    .saturating_sub(self.leases.counts.get(&c).copied().unwrap_or(0))
+            })
+            .unwrap_or(0);
+        let missing = needs_lease
+            .saturating_sub(room)
+            .div_ceil(self.cfg.max_keys_per_lease)
+            .saturating_sub(self.leases.spare.len());
+        if missing > 1 {
+            let mut grants = JoinSet::new();
+            for _ in 0..missing {
+                let (client, ttl, metrics) = (
+                    self.client.clone(),
+                    self.cfg.lease_ttl,
+                    self.metrics.clone(),
+                );
+                grants.spawn(async move { grant(&client, ttl, &metrics).await });
+            }
+            while let Some(g) = grants.join_next().await {
+                let id = g.map_err(|e| Error::Internal(e.to_string()))??;
+                let _ = self.register.send(id);
+                self.leases.spare.push(id);
+            }
+        }
         let mut ops: Vec<Op> = Vec::with_capacity(puts.len() + deletes.len());
         for (key, value) in puts {
             let reuse = self
@@ -623,6 +677,19 @@ impl Op {
             Op::Delete { key } => TxnOp::delete(key.as_bytes(), None),
         }
     }
+}
+
+async fn grant(client: &Client, ttl: Duration, metrics: &Metrics) -> Result<i64> {
+    let started = Instant::now();
+    let res = client.clone().lease_grant(ttl.as_secs() as i64, None).await;
+    metrics.observe("lease_grant", "lease", res.is_ok(), started.elapsed());
+    Ok(res
+        .map_err(|source| Error::Etcd {
+            op: "grant lease",
+            key: String::new(),
+            source,
+        })?
+        .id())
 }
 
 /// Keeps every registered lease alive; reports leases etcd no longer knows.
