@@ -1,0 +1,247 @@
+//! Typed handles on the datapath maps. Each owns its map's file descriptor, so handles can
+//! be moved to whatever task reconciles that map, independently of the programs.
+
+use std::net::Ipv4Addr;
+
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
+use clustermesh_ebpf_abi::{
+    map, tunnel_flags, Counter, EndpointInfo, EndpointKey, IpcacheKey, IpcacheValue, TraceSlot,
+    TunnelConfig, TunnelTrace,
+};
+
+use super::{Error, Result};
+
+fn map_err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> Error {
+    move |source| Error::Map { map, op, source }
+}
+
+/// `true` for the "no such key" errors a delete of an absent key returns.
+fn is_not_found(error: &MapError) -> bool {
+    matches!(error, MapError::KeyNotFound | MapError::ElementNotFound)
+        || matches!(error, MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::ENOENT))
+}
+
+/// The ipcache LPM trie (Cilium's `cilium_ipcache_v2` layout): prefix → identity, tunnel
+/// endpoint, flags.
+pub struct Ipcache {
+    map: LpmTrie<MapData, IpcacheKey, IpcacheValue>,
+}
+
+impl Ipcache {
+    pub(super) fn new(map: aya::maps::Map) -> Result<Self> {
+        let map = LpmTrie::try_from(map).map_err(map_err(map::IPCACHE, "open"))?;
+        Ok(Self { map })
+    }
+
+    /// Inserts or replaces the entry for `addr/prefix_bits` (IPv4).
+    pub fn upsert_v4(
+        &mut self,
+        addr: Ipv4Addr,
+        prefix_bits: u8,
+        value: IpcacheValue,
+    ) -> Result<()> {
+        let key = Key::new(
+            IpcacheKey::prefixlen(u32::from(prefix_bits.min(32))),
+            IpcacheKey::v4(addr.octets()),
+        );
+        self.map
+            .insert(&key, value, 0)
+            .map_err(map_err(map::IPCACHE, "update"))
+    }
+
+    /// Removes the entry for `addr/prefix_bits`; `Ok(false)` if there was none.
+    pub fn remove_v4(&mut self, addr: Ipv4Addr, prefix_bits: u8) -> Result<bool> {
+        let key = Key::new(
+            IpcacheKey::prefixlen(u32::from(prefix_bits.min(32))),
+            IpcacheKey::v4(addr.octets()),
+        );
+        match self.map.remove(&key) {
+            Ok(()) => Ok(true),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(map_err(map::IPCACHE, "delete")(e)),
+        }
+    }
+
+    /// The entry stored for exactly `addr/prefix_bits` (not a longest-prefix match).
+    pub fn get_v4(&self, addr: Ipv4Addr, prefix_bits: u8) -> Result<Option<IpcacheValue>> {
+        let key = Key::new(
+            IpcacheKey::prefixlen(u32::from(prefix_bits.min(32))),
+            IpcacheKey::v4(addr.octets()),
+        );
+        match self.map.get(&key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(map_err(map::IPCACHE, "lookup")(e)),
+        }
+    }
+
+    /// Number of entries (walks the trie; for status, not for hot paths).
+    pub fn len(&self) -> usize {
+        self.map.keys().filter(Result::is_ok).count()
+    }
+
+    /// `true` if the trie holds no entry.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Pods on this node: pod IP → host-side veth, identity, MACs.
+pub struct LocalEndpoints {
+    map: HashMap<MapData, EndpointKey, EndpointInfo>,
+}
+
+impl LocalEndpoints {
+    pub(super) fn new(map: aya::maps::Map) -> Result<Self> {
+        let map = HashMap::try_from(map).map_err(map_err(map::LOCAL_ENDPOINTS, "open"))?;
+        Ok(Self { map })
+    }
+
+    /// Inserts or replaces the endpoint for an IPv4 pod address.
+    pub fn upsert_v4(&mut self, addr: Ipv4Addr, info: EndpointInfo) -> Result<()> {
+        self.map
+            .insert(EndpointKey::v4(addr.octets()), info, 0)
+            .map_err(map_err(map::LOCAL_ENDPOINTS, "update"))
+    }
+
+    /// Removes the endpoint; `Ok(false)` if there was none.
+    pub fn remove_v4(&mut self, addr: Ipv4Addr) -> Result<bool> {
+        match self.map.remove(&EndpointKey::v4(addr.octets())) {
+            Ok(()) => Ok(true),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(map_err(map::LOCAL_ENDPOINTS, "delete")(e)),
+        }
+    }
+
+    /// The endpoint stored for an IPv4 pod address.
+    pub fn get_v4(&self, addr: Ipv4Addr) -> Result<Option<EndpointInfo>> {
+        match self.map.get(&EndpointKey::v4(addr.octets()), 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(map_err(map::LOCAL_ENDPOINTS, "lookup")(e)),
+        }
+    }
+
+    /// Every stored endpoint.
+    pub fn entries(&self) -> Result<Vec<(EndpointKey, EndpointInfo)>> {
+        self.map
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(map::LOCAL_ENDPOINTS, "iterate"))
+    }
+}
+
+/// The node-wide tunnel settings (one entry).
+pub struct TunnelSettings {
+    map: Array<MapData, TunnelConfig>,
+}
+
+impl TunnelSettings {
+    pub(super) fn new(map: aya::maps::Map) -> Result<Self> {
+        let map = Array::try_from(map).map_err(map_err(map::TUNNEL, "open"))?;
+        Ok(Self { map })
+    }
+
+    /// Enables tunnelling through the VXLAN device `vxlan_ifindex` from underlay address
+    /// `local`.
+    pub fn set(&mut self, vxlan_ifindex: u32, local: Ipv4Addr) -> Result<()> {
+        let cfg = TunnelConfig {
+            vxlan_ifindex,
+            local_ipv4: local.octets(),
+            flags: tunnel_flags::ENABLED,
+            pad: 0,
+        };
+        self.map
+            .set(0, cfg, 0)
+            .map_err(map_err(map::TUNNEL, "update"))
+    }
+
+    /// Disables tunnelling: traffic for other nodes goes to the kernel stack.
+    pub fn clear(&mut self) -> Result<()> {
+        self.map
+            .set(0, TunnelConfig::default(), 0)
+            .map_err(map_err(map::TUNNEL, "update"))
+    }
+
+    /// The current settings.
+    pub fn get(&self) -> Result<TunnelConfig> {
+        self.map.get(&0, 0).map_err(map_err(map::TUNNEL, "lookup"))
+    }
+}
+
+/// One program's counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CounterValues(pub [u64; Counter::COUNT as usize]);
+
+impl CounterValues {
+    /// The value of one counter.
+    pub fn get(&self, counter: Counter) -> u64 {
+        self.0[counter as usize]
+    }
+
+    /// `self - earlier`, per counter (saturating).
+    pub fn since(&self, earlier: &CounterValues) -> CounterValues {
+        let mut out = [0; Counter::COUNT as usize];
+        for (i, v) in out.iter_mut().enumerate() {
+            *v = self.0[i].saturating_sub(earlier.0[i]);
+        }
+        CounterValues(out)
+    }
+
+    /// `(name, value)` for every non-zero counter.
+    pub fn non_zero(&self) -> Vec<(&'static str, u64)> {
+        Counter::ALL
+            .iter()
+            .map(|c| (c.name(), self.get(*c)))
+            .filter(|(_, v)| *v != 0)
+            .collect()
+    }
+}
+
+/// A per-program per-CPU counters map.
+pub struct Counters {
+    name: &'static str,
+    map: PerCpuArray<MapData, u64>,
+}
+
+impl Counters {
+    pub(super) fn new(name: &'static str, map: aya::maps::Map) -> Result<Self> {
+        let map = PerCpuArray::try_from(map).map_err(map_err(name, "open"))?;
+        Ok(Self { name, map })
+    }
+
+    /// Reads every counter, summed over CPUs.
+    pub fn read(&self) -> Result<CounterValues> {
+        let mut out = [0u64; Counter::COUNT as usize];
+        for (i, v) in out.iter_mut().enumerate() {
+            let per_cpu = self
+                .map
+                .get(&(i as u32), 0)
+                .map_err(map_err(self.name, "lookup"))?;
+            *v = per_cpu.iter().sum();
+        }
+        Ok(CounterValues(out))
+    }
+}
+
+/// The last tunnel key per direction and CPU.
+pub struct TunnelTraces {
+    map: PerCpuArray<MapData, TunnelTrace>,
+}
+
+impl TunnelTraces {
+    pub(super) fn new(map: aya::maps::Map) -> Result<Self> {
+        let map = PerCpuArray::try_from(map).map_err(map_err(map::TUNNEL_TRACE, "open"))?;
+        Ok(Self { map })
+    }
+
+    /// The traces of every CPU that recorded at least one packet in `slot`.
+    pub fn read(&self, slot: TraceSlot) -> Result<Vec<TunnelTrace>> {
+        let per_cpu = self
+            .map
+            .get(&(slot as u32), 0)
+            .map_err(map_err(map::TUNNEL_TRACE, "lookup"))?;
+        Ok(per_cpu.iter().copied().filter(|t| t.packets != 0).collect())
+    }
+}

@@ -1,0 +1,455 @@
+//! The eBPF ABI: every map key and value shared by the kernel programs (`ebpf/programs`) and
+//! the agent (`clustermesh-agent`), plus map names, sizes and the counter indices.
+//!
+//! Every type is `#[repr(C)]`, `Copy`, has no implicit padding (explicit `pad` fields, `u32`
+//! flags instead of `bool`) and a compile-time size assertion, because the kernel sees raw
+//! bytes: a layout change here is a map format change (pinned maps of the old layout must be
+//! recreated, see `clustermesh-agent`'s datapath module). Byte order is stated per field:
+//! addresses and ports are network order (as on the wire), everything else host order.
+//!
+//! This crate must not depend on anything but `core` (it is compiled for
+//! `bpfel-unknown-none`); `aya::Pod` impls exist only with the `user` feature.
+#![no_std]
+// `unsafe` here: only the `aya::Pod` impls (feature `user`) and layout tests.
+#![allow(unsafe_code)]
+
+use core::mem::{offset_of, size_of};
+
+/// Names of the maps in the object file (the ELF symbol names, also the pin file names).
+pub mod map {
+    /// [`IpcacheKey`](crate::IpcacheKey) → [`IpcacheValue`](crate::IpcacheValue), LPM trie.
+    pub const IPCACHE: &str = "CM_IPCACHE";
+    /// [`EndpointKey`](crate::EndpointKey) → [`EndpointInfo`](crate::EndpointInfo), hash.
+    pub const LOCAL_ENDPOINTS: &str = "CM_LOCAL_EPS";
+    /// `0u32` → [`TunnelConfig`](crate::TunnelConfig), array of one.
+    pub const TUNNEL: &str = "CM_TUNNEL";
+    /// [`Counter`](crate::Counter) → `u64`, per-CPU array, counters of `from_pod`.
+    pub const FROM_POD_COUNTERS: &str = "CM_FROM_POD_CNT";
+    /// [`Counter`](crate::Counter) → `u64`, per-CPU array, counters of `from_overlay`.
+    pub const FROM_OVERLAY_COUNTERS: &str = "CM_FROM_OVL_CNT";
+    /// [`TraceSlot`](crate::TraceSlot) → [`TunnelTrace`](crate::TunnelTrace), per-CPU array.
+    pub const TUNNEL_TRACE: &str = "CM_TUNNEL_TRACE";
+    /// Every map, for pinning and compatibility checks.
+    pub const ALL: [&str; 6] = [
+        IPCACHE,
+        LOCAL_ENDPOINTS,
+        TUNNEL,
+        FROM_POD_COUNTERS,
+        FROM_OVERLAY_COUNTERS,
+        TUNNEL_TRACE,
+    ];
+}
+
+/// Names of the programs in the object file.
+pub mod program {
+    /// TCX ingress of each pod's host-side veth (traffic leaving the pod).
+    pub const FROM_POD: &str = "from_pod";
+    /// TCX ingress of the node's VXLAN device (external / collect_md mode).
+    pub const FROM_OVERLAY: &str = "from_overlay";
+}
+
+/// Default map sizes; the agent may override them at load time.
+pub mod defaults {
+    /// Cilium's default for `cilium_ipcache_v2`.
+    pub const IPCACHE_MAX_ENTRIES: u32 = 512_000;
+    /// Pods on one node (Cilium's endpoint map default).
+    pub const LOCAL_ENDPOINTS_MAX_ENTRIES: u32 = 65_535;
+}
+
+/// Address family as stored in [`IpcacheKey::family`] and [`EndpointKey::family`]
+/// (Cilium's `ENDPOINT_KEY_IPV4` / `ENDPOINT_KEY_IPV6`).
+pub mod family {
+    /// IPv4: the address is in the first 4 bytes of the 16-byte field, the rest is zero.
+    pub const IPV4: u8 = 1;
+    /// IPv6: all 16 bytes.
+    pub const IPV6: u8 = 2;
+}
+
+/// Bits of the ipcache key that precede the address and are always matched
+/// (`cluster_id` + `pad1` + `family`): Cilium's `IPCACHE_STATIC_PREFIX`.
+pub const IPCACHE_STATIC_PREFIX: u32 = 32;
+
+/// The ipcache key after the LPM `prefixlen` word: Cilium's `struct ipcache_key` minus its
+/// `lpm_key.prefixlen`. With the prefix length in front (aya's `lpm_trie::Key<IpcacheKey>`,
+/// or [`IpcacheLpmKey`]) it is exactly Cilium's 24-byte key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct IpcacheKey {
+    /// Cluster ID, host order. Always 0 in lookups today (as in Cilium OSS).
+    pub cluster_id: u16,
+    /// Zero.
+    pub pad1: u8,
+    /// [`family::IPV4`] or [`family::IPV6`].
+    pub family: u8,
+    /// Address, network order; IPv4 in the first 4 bytes, the rest zero.
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<IpcacheKey>() == 20);
+
+impl IpcacheKey {
+    /// Key for an IPv4 address (`octets` in network order), cluster 0.
+    pub const fn v4(octets: [u8; 4]) -> Self {
+        let mut addr = [0u8; 16];
+        addr[0] = octets[0];
+        addr[1] = octets[1];
+        addr[2] = octets[2];
+        addr[3] = octets[3];
+        Self {
+            cluster_id: 0,
+            pad1: 0,
+            family: family::IPV4,
+            addr,
+        }
+    }
+
+    /// Key for an IPv6 address (network order), cluster 0.
+    pub const fn v6(octets: [u8; 16]) -> Self {
+        Self {
+            cluster_id: 0,
+            pad1: 0,
+            family: family::IPV6,
+            addr: octets,
+        }
+    }
+
+    /// The LPM prefix length for `ip_prefix_bits` bits of address (64 for an IPv4 /32,
+    /// 160 for an IPv6 /128).
+    pub const fn prefixlen(ip_prefix_bits: u32) -> u32 {
+        IPCACHE_STATIC_PREFIX + ip_prefix_bits
+    }
+}
+
+/// Cilium's complete 24-byte `struct ipcache_key`, byte for byte what the LPM trie stores
+/// (and what raw batched `bpf()` updates take). Same bytes as aya's
+/// `lpm_trie::Key<IpcacheKey>`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct IpcacheLpmKey {
+    /// `lpm_key.prefixlen`, host order: [`IPCACHE_STATIC_PREFIX`] + address prefix bits.
+    pub prefixlen: u32,
+    /// Cluster, family and address.
+    pub key: IpcacheKey,
+}
+const _: () = assert!(size_of::<IpcacheLpmKey>() == 24);
+const _: () = assert!(offset_of!(IpcacheLpmKey, key) == 4);
+const _: () = assert!(offset_of!(IpcacheLpmKey, key) + offset_of!(IpcacheKey, family) == 7);
+const _: () = assert!(offset_of!(IpcacheLpmKey, key) + offset_of!(IpcacheKey, addr) == 8);
+
+/// Bits of [`IpcacheValue::flags`] (Cilium's `remote_endpoint_info` v2 flags).
+pub mod ipcache_flags {
+    /// Do not tunnel to this destination even if a tunnel endpoint is set.
+    pub const SKIP_TUNNEL: u8 = 1 << 0;
+    /// `tunnel_endpoint` is set.
+    pub const HAS_TUNNEL: u8 = 1 << 1;
+    /// `tunnel_endpoint` is IPv6 (not supported by the programs yet: such entries go to the
+    /// kernel stack).
+    pub const IPV6_TUNNEL: u8 = 1 << 2;
+    /// Cilium's `flag_remote_cluster` bit; carried for compatibility, not read by the
+    /// programs.
+    pub const REMOTE_CLUSTER: u8 = 1 << 3;
+}
+
+/// Cilium's `struct remote_endpoint_info`, v2 layout (24 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct IpcacheValue {
+    /// Security identity of the address, host order.
+    pub sec_identity: u32,
+    /// Node to tunnel to, network order; IPv4 in the first 4 bytes. Meaningful only with
+    /// [`ipcache_flags::HAS_TUNNEL`].
+    pub tunnel_endpoint: [u8; 16],
+    /// Zero.
+    pub pad: u16,
+    /// Encryption key index (0 = none).
+    pub key: u8,
+    /// [`ipcache_flags`].
+    pub flags: u8,
+}
+const _: () = assert!(size_of::<IpcacheValue>() == 24);
+const _: () = assert!(offset_of!(IpcacheValue, tunnel_endpoint) == 4);
+const _: () = assert!(offset_of!(IpcacheValue, flags) == 23);
+
+impl IpcacheValue {
+    /// An entry tunnelled to the IPv4 node `node` (network order).
+    pub const fn tunnel_v4(sec_identity: u32, node: [u8; 4]) -> Self {
+        let mut tunnel_endpoint = [0u8; 16];
+        tunnel_endpoint[0] = node[0];
+        tunnel_endpoint[1] = node[1];
+        tunnel_endpoint[2] = node[2];
+        tunnel_endpoint[3] = node[3];
+        Self {
+            sec_identity,
+            tunnel_endpoint,
+            pad: 0,
+            key: 0,
+            flags: ipcache_flags::HAS_TUNNEL,
+        }
+    }
+
+    /// An entry without tunnel (delivered by the kernel stack).
+    pub const fn local(sec_identity: u32) -> Self {
+        Self {
+            sec_identity,
+            tunnel_endpoint: [0; 16],
+            pad: 0,
+            key: 0,
+            flags: 0,
+        }
+    }
+}
+
+/// Key of the local endpoints map: a pod IP on this node (Cilium's `struct endpoint_key`
+/// with the cluster ID dropped, since local pods are always in the local cluster).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct EndpointKey {
+    /// Address, network order; IPv4 in the first 4 bytes, the rest zero.
+    pub addr: [u8; 16],
+    /// [`family::IPV4`] or [`family::IPV6`].
+    pub family: u8,
+    /// Zero.
+    pub pad1: u8,
+    /// Zero.
+    pub pad2: u16,
+}
+const _: () = assert!(size_of::<EndpointKey>() == 20);
+
+impl EndpointKey {
+    /// Key for an IPv4 pod address (network order).
+    pub const fn v4(octets: [u8; 4]) -> Self {
+        let mut addr = [0u8; 16];
+        addr[0] = octets[0];
+        addr[1] = octets[1];
+        addr[2] = octets[2];
+        addr[3] = octets[3];
+        Self {
+            addr,
+            family: family::IPV4,
+            pad1: 0,
+            pad2: 0,
+        }
+    }
+}
+
+/// Value of the local endpoints map: how to deliver to a pod on this node.
+///
+/// Delivery is `bpf_redirect_peer` to `ifindex` (the host-side veth): the packet appears on
+/// the pod's `eth0` ingress without a second pass through the node's stack. Because it skips
+/// the veth's L2 processing, the programs write the Ethernet header themselves:
+/// destination = `pod_mac`, source = `host_mac` (the gateway MAC the pod expects).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct EndpointInfo {
+    /// Interface index of the pod's host-side veth (in the node's namespace), host order.
+    pub ifindex: u32,
+    /// Security identity of the pod, host order; carried in the VNI when it sends across
+    /// the overlay (must fit in 24 bits).
+    pub identity: u32,
+    /// [`endpoint_flags`], host order.
+    pub flags: u32,
+    /// MAC address of the pod's `eth0` (wire order).
+    pub pod_mac: [u8; 6],
+    /// MAC address of the host-side veth (wire order).
+    pub host_mac: [u8; 6],
+}
+const _: () = assert!(size_of::<EndpointInfo>() == 24);
+const _: () = assert!(offset_of!(EndpointInfo, host_mac) == 18);
+
+/// Bits of [`EndpointInfo::flags`].
+pub mod endpoint_flags {
+    /// Reserved for the policy step (enforce ingress policy on this endpoint).
+    pub const POLICY_INGRESS: u32 = 1 << 0;
+    /// Reserved for the policy step (enforce egress policy on this endpoint).
+    pub const POLICY_EGRESS: u32 = 1 << 1;
+}
+
+/// Node-wide tunnel settings: index 0 of the one-entry array map [`map::TUNNEL`].
+/// All zero (the array's initial state) means "not configured": `from_pod` then hands
+/// traffic for other nodes to the kernel stack.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct TunnelConfig {
+    /// Interface index of the node's VXLAN device (external mode), host order.
+    pub vxlan_ifindex: u32,
+    /// This node's underlay IPv4, network order. Ipcache entries whose tunnel endpoint is
+    /// this address are local and are never tunnelled.
+    pub local_ipv4: [u8; 4],
+    /// [`tunnel_flags`], host order.
+    pub flags: u32,
+    /// Zero.
+    pub pad: u32,
+}
+const _: () = assert!(size_of::<TunnelConfig>() == 16);
+
+/// Bits of [`TunnelConfig::flags`].
+pub mod tunnel_flags {
+    /// The settings are valid (set by the agent together with the ifindex).
+    pub const ENABLED: u32 = 1 << 0;
+}
+
+/// The largest identity that fits a VXLAN VNI (24 bits).
+pub const MAX_VNI_IDENTITY: u32 = (1 << 24) - 1;
+
+/// Slots of the [`map::TUNNEL_TRACE`] per-CPU array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TraceSlot {
+    /// Last packet `from_pod` sent into the tunnel.
+    Egress = 0,
+    /// Last packet `from_overlay` received from the tunnel.
+    Ingress = 1,
+}
+
+impl TraceSlot {
+    /// Number of slots (the map's `max_entries`).
+    pub const COUNT: u32 = 2;
+}
+
+/// The tunnel key of the last packet per direction and CPU: lets tests and `status`
+/// check the VNI and remote node without a packet capture.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct TunnelTrace {
+    /// Remote node (egress: destination, ingress: source), network order.
+    pub remote_ipv4: [u8; 4],
+    /// VNI = source security identity, host order.
+    pub vni: u32,
+    /// Egress: the VXLAN ifindex redirected to; ingress: the pod's host-side veth.
+    pub ifindex: u32,
+    /// Number of packets this slot has recorded on this CPU.
+    pub packets: u32,
+}
+const _: () = assert!(size_of::<TunnelTrace>() == 16);
+
+/// Index into a per-program counters map (values are `u64` packet counts per CPU).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Counter {
+    /// Every packet the program saw.
+    Packets = 0,
+    /// Redirected to a pod on this node.
+    DeliveredLocal = 1,
+    /// Redirected into the VXLAN device with a tunnel key.
+    Tunnelled = 2,
+    /// Handed to the kernel stack (`TC_ACT_OK`); the more specific reason is counted too.
+    ToStack = 3,
+    /// Not IPv4 (ARP, IPv6, ...): to the stack.
+    NotIpv4 = 4,
+    /// `from_pod`: the destination is not in the ipcache: to the stack.
+    IpcacheMiss = 5,
+    /// `from_pod`: the ipcache entry has no usable tunnel endpoint (world, this node, an
+    /// IPv6 tunnel endpoint, skip-tunnel): to the stack.
+    NoTunnel = 6,
+    /// `from_pod`: the source address is not a local endpoint, so there is no identity for
+    /// the VNI: to the stack.
+    SourceUnknown = 7,
+    /// `from_pod`: tunnel settings not configured yet: to the stack.
+    TunnelUnconfigured = 8,
+    /// `from_pod`: the source identity does not fit a 24-bit VNI: to the stack.
+    IdentityTooLarge = 9,
+    /// `from_overlay`: the inner destination is not a local endpoint: to the stack.
+    EndpointMiss = 10,
+    /// `from_overlay`: no tunnel metadata on the packet (source identity taken as 0).
+    NoTunnelKey = 11,
+    /// Dropped: IPv4 header invalid (version, IHL < 5, total length < IHL).
+    DropMalformed = 12,
+    /// Dropped: frame shorter than the headers it announces.
+    DropTruncated = 13,
+    /// Dropped: a helper failed (set tunnel key, redirect).
+    DropHelper = 14,
+}
+
+impl Counter {
+    /// Number of counters (the counters maps' `max_entries`).
+    pub const COUNT: u32 = 15;
+
+    /// Every counter in index order.
+    pub const ALL: [Counter; Self::COUNT as usize] = [
+        Counter::Packets,
+        Counter::DeliveredLocal,
+        Counter::Tunnelled,
+        Counter::ToStack,
+        Counter::NotIpv4,
+        Counter::IpcacheMiss,
+        Counter::NoTunnel,
+        Counter::SourceUnknown,
+        Counter::TunnelUnconfigured,
+        Counter::IdentityTooLarge,
+        Counter::EndpointMiss,
+        Counter::NoTunnelKey,
+        Counter::DropMalformed,
+        Counter::DropTruncated,
+        Counter::DropHelper,
+    ];
+
+    /// Stable snake_case name (metrics label).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Packets => "packets",
+            Counter::DeliveredLocal => "delivered_local",
+            Counter::Tunnelled => "tunnelled",
+            Counter::ToStack => "to_stack",
+            Counter::NotIpv4 => "not_ipv4",
+            Counter::IpcacheMiss => "ipcache_miss",
+            Counter::NoTunnel => "no_tunnel",
+            Counter::SourceUnknown => "source_unknown",
+            Counter::TunnelUnconfigured => "tunnel_unconfigured",
+            Counter::IdentityTooLarge => "identity_too_large",
+            Counter::EndpointMiss => "endpoint_miss",
+            Counter::NoTunnelKey => "no_tunnel_key",
+            Counter::DropMalformed => "drop_malformed",
+            Counter::DropTruncated => "drop_truncated",
+            Counter::DropHelper => "drop_helper",
+        }
+    }
+}
+
+const _: () = {
+    let mut i = 0;
+    while i < Counter::ALL.len() {
+        assert!(Counter::ALL[i] as usize == i);
+        i += 1;
+    }
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+
+    // SAFETY (all impls below): each type is `#[repr(C)]`, `Copy`, built only from integers
+    // and byte arrays (every bit pattern is valid), and has no implicit padding (sizes and
+    // offsets are asserted above), so it can be copied to and from the kernel as raw bytes.
+    unsafe impl aya::Pod for IpcacheKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for IpcacheLpmKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for IpcacheValue {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for EndpointKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for EndpointInfo {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for TunnelConfig {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for TunnelTrace {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipcache_key_bytes_match_cilium() {
+        let k = IpcacheLpmKey {
+            prefixlen: IpcacheKey::prefixlen(32),
+            key: IpcacheKey::v4([10, 1, 2, 3]),
+        };
+        // SAFETY: IpcacheLpmKey is repr(C) without padding (asserted above).
+        let bytes: [u8; 24] = unsafe { core::mem::transmute(k) };
+        let mut want = [0u8; 24];
+        want[..4].copy_from_slice(&64u32.to_ne_bytes());
+        want[7] = 1;
+        want[8..12].copy_from_slice(&[10, 1, 2, 3]);
+        assert_eq!(bytes, want);
+    }
+}
