@@ -125,9 +125,10 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 
 fn try_from_pod(ctx: &TcContext) -> Result<i32, Error> {
     let counters = &CM_FROM_POD_CNT;
-    let Some(ip) = packet::parse_ipv4(ctx)? else {
+    let mut ip = Ipv4::default();
+    if !packet::parse_ipv4(ctx, &mut ip)? {
         return Ok(to_stack(counters, Counter::NotIpv4));
-    };
+    }
 
     // A pod on this node: deliver directly (hash lookup, cheaper than the trie).
     if let Some(ep) = CM_LOCAL_EPS.get_ptr(EndpointKey::v4(ip.daddr)) {
@@ -256,9 +257,10 @@ fn try_from_overlay(ctx: &mut TcContext) -> Result<i32, Error> {
     // the pass path and is cleared anyway when the packet crosses into the pod's namespace.
     ctx.cb_mut()[0] = identity;
 
-    let Some(ip) = packet::parse_ipv4(ctx)? else {
+    let mut ip = Ipv4::default();
+    if !packet::parse_ipv4(ctx, &mut ip)? {
         return Ok(to_stack(counters, Counter::NotIpv4));
-    };
+    }
     let Some(ep) = CM_LOCAL_EPS.get_ptr(EndpointKey::v4(ip.daddr)) else {
         return Ok(to_stack(counters, Counter::EndpointMiss));
     };

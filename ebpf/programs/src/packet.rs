@@ -32,6 +32,7 @@ impl Error {
 }
 
 /// The IPv4 addresses of a packet (network order).
+#[derive(Default)]
 pub struct Ipv4 {
     pub saddr: [u8; 4],
     pub daddr: [u8; 4],
@@ -68,13 +69,18 @@ fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, Error> {
     Ok(unsafe { core::ptr::read_unaligned(start as *const T) })
 }
 
-/// Parses Ethernet + IPv4. `Ok(None)` for anything that is not IPv4 (to be passed on).
+/// Parses Ethernet + IPv4 into `out`. `Ok(false)` for anything that is not IPv4 (to be
+/// passed on).
+///
+/// An out-parameter the caller zeroes, not `Result<Option<Ipv4>, _>`: LLVM moves the
+/// undefined payload of `Ok(None)` through a register when the paths merge, and the verifier
+/// rejects reading a register that was never written ("R5 !read_ok").
 #[inline(always)]
-pub fn parse_ipv4(ctx: &TcContext) -> Result<Option<Ipv4>, Error> {
+pub fn parse_ipv4(ctx: &TcContext, out: &mut Ipv4) -> Result<bool, Error> {
     ensure(ctx, ETH_HLEN)?;
     let ethertype = u16::from_be(read::<u16>(ctx, 12)?);
     if ethertype != ETH_P_IP {
-        return Ok(None);
+        return Ok(false);
     }
     ensure(ctx, ETH_HLEN + IPV4_HLEN)?;
     let version_ihl: u8 = read(ctx, ETH_HLEN)?;
@@ -91,9 +97,9 @@ pub fn parse_ipv4(ctx: &TcContext) -> Result<Option<Ipv4>, Error> {
     if (ctx.len() as usize) < ETH_HLEN + ihl {
         return Err(Error::Truncated);
     }
-    let saddr: [u8; 4] = read(ctx, ETH_HLEN + 12)?;
-    let daddr: [u8; 4] = read(ctx, ETH_HLEN + 16)?;
-    Ok(Some(Ipv4 { saddr, daddr }))
+    out.saddr = read(ctx, ETH_HLEN + 12)?;
+    out.daddr = read(ctx, ETH_HLEN + 16)?;
+    Ok(true)
 }
 
 /// Rewrites the Ethernet destination and source addresses.
