@@ -10,6 +10,7 @@ command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 command -v ping >/dev/null 2>&1 || need_apt+=(iputils-ping)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v tcpdump >/dev/null 2>&1 || need_apt+=(tcpdump)  # datapath test: VNI on the wire
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "==> installing ${need_apt[*]} (apt)"
@@ -33,3 +34,15 @@ for c in rustfmt clippy; do
     rustup component add "$c" >/dev/null
   fi
 done
+
+# eBPF toolchain: agent/build.rs builds ebpf/programs for bpfel-unknown-none with the stable
+# toolchain (RUSTC_BOOTSTRAP=1, -Z build-std=core), which needs rust-src and bpf-linker.
+# bpf-linker 0.10.4 loads rustc's own libLLVM; newer releases want a system LLVM 23.
+if ! rustup component list --installed 2>/dev/null | grep -q "^rust-src"; then
+  echo "==> rustup component add rust-src"
+  rustup component add rust-src >/dev/null
+fi
+if ! bpf-linker --version 2>/dev/null | grep -q "0\.10\.4"; then
+  echo "==> cargo install bpf-linker@0.10.4 --locked (about a minute)"
+  cargo install bpf-linker@0.10.4 --locked --quiet
+fi

@@ -8,6 +8,8 @@ export CARGO_TERM_COLOR=never
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
+# ebpf/programs is its own workspace (BPF target), so --all does not reach it.
+cargo fmt --manifest-path ebpf/programs/Cargo.toml -- --check
 echo "==> cargo build (binaries used by the integration tests)"
 cargo build --workspace --bins
 echo "==> cargo clippy"
