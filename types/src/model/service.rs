@@ -9,8 +9,130 @@ use super::de::null_default;
 use super::json_value;
 use crate::{Error, Result};
 
-/// Ports of one frontend or backend address: port name → protocol and port.
-pub type PortConfiguration = BTreeMap<String, L4Addr>;
+/// Ports of one frontend or backend address: port name → protocol and port (Go
+/// `PortConfiguration`, a map; JSON object with keys sorted as Go writes them).
+///
+/// Backed by a small sorted `Vec` rather than a `BTreeMap`: an address almost always has one
+/// or two ports, and a B-tree allocates a whole node per map. For a service with 1k backends
+/// that is the difference between ~1k node allocations and none beyond the entries.
+#[derive(Clone, PartialEq, Eq, Hash, Debug, Default)]
+pub struct PortConfiguration(Vec<(String, L4Addr)>);
+
+impl PortConfiguration {
+    /// An empty configuration.
+    pub fn new() -> Self {
+        Self(Vec::new())
+    }
+    /// Adds or replaces the port `name`.
+    pub fn insert(&mut self, name: String, addr: L4Addr) -> Option<L4Addr> {
+        match self
+            .0
+            .binary_search_by(|(k, _)| k.as_str().cmp(name.as_str()))
+        {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, addr)),
+            Err(i) => {
+                self.0.insert(i, (name, addr));
+                None
+            }
+        }
+    }
+    /// The port called `name`.
+    pub fn get(&self, name: &str) -> Option<&L4Addr> {
+        self.0
+            .binary_search_by(|(k, _)| k.as_str().cmp(name))
+            .ok()
+            .map(|i| &self.0[i].1)
+    }
+    /// Ports sorted by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &L4Addr)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+    /// Number of ports.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Extend<(String, L4Addr)> for PortConfiguration {
+    fn extend<I: IntoIterator<Item = (String, L4Addr)>>(&mut self, iter: I) {
+        for (k, v) in iter {
+            self.insert(k, v);
+        }
+    }
+}
+
+impl FromIterator<(String, L4Addr)> for PortConfiguration {
+    fn from_iter<I: IntoIterator<Item = (String, L4Addr)>>(iter: I) -> Self {
+        let mut p = Self::new();
+        p.extend(iter);
+        p
+    }
+}
+
+impl std::ops::Index<&str> for PortConfiguration {
+    type Output = L4Addr;
+    fn index(&self, name: &str) -> &L4Addr {
+        match self.get(name) {
+            Some(a) => a,
+            None => panic!("no port named {name:?}"),
+        }
+    }
+}
+
+impl Serialize for PortConfiguration {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for PortConfiguration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = PortConfiguration;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a map of port name to {Protocol, Port}, or null")
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> std::result::Result<Self::Value, E> {
+                Ok(PortConfiguration::new())
+            }
+            fn visit_none<E: serde::de::Error>(self) -> std::result::Result<Self::Value, E> {
+                Ok(PortConfiguration::new())
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
+                let mut v: Vec<(String, L4Addr)> =
+                    Vec::with_capacity(map.size_hint().unwrap_or(1).min(16));
+                while let Some((k, a)) = map.next_entry::<String, L4Addr>()? {
+                    v.push((k, a));
+                }
+                // Go keeps the last of duplicate keys; a stable sort then dedup keeping the
+                // last of each run does the same.
+                v.sort_by(|a, b| a.0.cmp(&b.0));
+                let mut out: Vec<(String, L4Addr)> = Vec::with_capacity(v.len());
+                for (k, a) in v {
+                    match out.last_mut() {
+                        Some(last) if last.0 == k => last.1 = a,
+                        _ => out.push((k, a)),
+                    }
+                }
+                Ok(PortConfiguration(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
 
 /// A protocol and port (Go `loadbalancer.L4Addr`, no JSON tags).
 #[derive(Serialize, Deserialize, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
