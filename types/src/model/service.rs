@@ -65,6 +65,14 @@ impl Extend<(String, L4Addr)> for PortConfiguration {
     }
 }
 
+impl IntoIterator for PortConfiguration {
+    type Item = (String, L4Addr);
+    type IntoIter = std::vec::IntoIter<(String, L4Addr)>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
 impl FromIterator<(String, L4Addr)> for PortConfiguration {
     fn from_iter<I: IntoIterator<Item = (String, L4Addr)>>(iter: I) -> Self {
         let mut p = Self::new();
