@@ -63,6 +63,22 @@ pub struct Args {
     /// Log filter (e.g. `info`, `clustermesh_apiserver=debug`).
     #[arg(long)]
     pub log_level: Option<String>,
+    /// Mirror every remote cluster into the local etcd under `cilium/cache/` (KVStoreMesh).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
+    pub enable_kvstoremesh: Option<bool>,
+    /// Directory of remote cluster config files (default `<state-dir>/clustermesh/`).
+    #[arg(long)]
+    pub clustermesh_config: Option<PathBuf>,
+    /// How long a disconnected remote's cache stays after its cluster config was removed,
+    /// so agents disconnect first (Cilium: 3m).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub kvstoremesh_drain_grace: Option<Duration>,
+    /// A remote that never connected stops holding back readiness after this (Cilium: 15s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub per_cluster_ready_timeout: Option<Duration>,
+    /// Readiness stops waiting for remotes after this (Cilium: 10m).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub global_ready_timeout: Option<Duration>,
 }
 
 /// The same settings as a file.
@@ -97,6 +113,29 @@ pub struct File {
     pub metrics_addr: Option<SocketAddr>,
     /// See [`Args`].
     pub log_level: Option<String>,
+    /// See [`Args`].
+    pub enable_kvstoremesh: Option<bool>,
+    /// See [`Args`].
+    pub clustermesh_config: Option<PathBuf>,
+    /// See [`Args`] (humantime).
+    pub kvstoremesh_drain_grace: Option<String>,
+    /// See [`Args`] (humantime).
+    pub per_cluster_ready_timeout: Option<String>,
+    /// See [`Args`] (humantime).
+    pub global_ready_timeout: Option<String>,
+}
+
+/// KVStoreMesh settings (see [`crate::kvstoremesh`]).
+#[derive(Debug, Clone)]
+pub struct KvstoreMesh {
+    /// Directory of remote cluster config files.
+    pub config_dir: PathBuf,
+    /// Grace period between deleting a removed remote's cluster config and its cache.
+    pub drain_grace: Duration,
+    /// Per-remote readiness timeout for remotes that never connected.
+    pub per_cluster_ready_timeout: Duration,
+    /// Readiness stops waiting for remotes after this.
+    pub global_ready_timeout: Duration,
 }
 
 /// Where etcd comes from.
@@ -136,6 +175,24 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
     /// Log filter.
     pub log_level: String,
+    /// KVStoreMesh; `None` when disabled (or when there is neither `--clustermesh-config`
+    /// nor a state dir to default it from).
+    pub kvstoremesh: Option<KvstoreMesh>,
+}
+
+fn duration(
+    flag: Option<Duration>,
+    file: Option<String>,
+    name: &str,
+    default: Duration,
+) -> anyhow::Result<Duration> {
+    match (flag, file) {
+        (Some(d), _) => Ok(d),
+        (None, Some(s)) => {
+            humantime::parse_duration(&s).map_err(|e| anyhow::anyhow!("{name} {s:?}: {e}"))
+        }
+        (None, None) => Ok(default),
+    }
 }
 
 impl Config {
@@ -219,7 +276,43 @@ impl Config {
         if !(25..=86400).contains(&lease_ttl.as_secs()) {
             anyhow::bail!("--kvstore-lease-ttl must be between 25s and 24h");
         }
+        let kvstoremesh = if args
+            .enable_kvstoremesh
+            .or(file.enable_kvstoremesh)
+            .unwrap_or(true)
+        {
+            args.clustermesh_config
+                .or(file.clustermesh_config)
+                .or_else(|| state_dir.as_ref().map(|s| s.join("clustermesh")))
+                .map(|config_dir| -> anyhow::Result<KvstoreMesh> {
+                    Ok(KvstoreMesh {
+                        config_dir,
+                        drain_grace: duration(
+                            args.kvstoremesh_drain_grace,
+                            file.kvstoremesh_drain_grace,
+                            "--kvstoremesh-drain-grace",
+                            Duration::from_secs(180),
+                        )?,
+                        per_cluster_ready_timeout: duration(
+                            args.per_cluster_ready_timeout,
+                            file.per_cluster_ready_timeout,
+                            "--per-cluster-ready-timeout",
+                            Duration::from_secs(15),
+                        )?,
+                        global_ready_timeout: duration(
+                            args.global_ready_timeout,
+                            file.global_ready_timeout,
+                            "--global-ready-timeout",
+                            Duration::from_secs(600),
+                        )?,
+                    })
+                })
+                .transpose()?
+        } else {
+            None
+        };
         Ok(Config {
+            kvstoremesh,
             cluster,
             manifests,
             etcd,

@@ -33,12 +33,20 @@ pub struct StatusReport {
     pub export_problems: Vec<String>,
     /// Objects in the source.
     pub source_objects: usize,
+    /// KVStoreMesh: whether it runs.
+    pub kvstoremesh: bool,
+    /// KVStoreMesh: every remote has synced once (or timed out); part of `ready`.
+    pub remotes_ready: bool,
+    /// KVStoreMesh: each remote's status (Cilium's `RemoteCluster` JSON).
+    pub remote_clusters: Vec<clustermesh_syncer::remote::Status>,
 }
 
 /// Shared state between the exporter and the HTTP server.
 #[derive(Debug, Default)]
 pub struct Status {
     ready: AtomicBool,
+    /// Set while KVStoreMesh still waits for remotes to sync (see `kvstoremesh`).
+    remotes_pending: AtomicBool,
     report: Mutex<StatusReport>,
 }
 
@@ -50,9 +58,16 @@ impl Status {
             r.ready = ready;
         }
     }
-    /// Readiness.
+    /// Holds readiness back while remotes are still syncing.
+    pub fn set_remotes_pending(&self, pending: bool) {
+        self.remotes_pending.store(pending, Ordering::SeqCst);
+        if let Ok(mut r) = self.report.lock() {
+            r.remotes_ready = !pending;
+        }
+    }
+    /// Readiness: the local export is ready and no remote holds it back.
     pub fn ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        self.ready.load(Ordering::SeqCst) && !self.remotes_pending.load(Ordering::SeqCst)
     }
     /// Updates the report.
     pub fn update(&self, f: impl FnOnce(&mut StatusReport)) {
@@ -62,7 +77,9 @@ impl Status {
     }
     /// A copy of the report.
     pub fn report(&self) -> StatusReport {
-        self.report.lock().map(|r| r.clone()).unwrap_or_default()
+        let mut r = self.report.lock().map(|r| r.clone()).unwrap_or_default();
+        r.ready = self.ready();
+        r
     }
 }
 

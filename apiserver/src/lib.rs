@@ -12,6 +12,7 @@ pub mod etcd;
 pub mod export;
 pub mod health;
 pub mod identity;
+pub mod kvstoremesh;
 pub mod source;
 
 use std::collections::BTreeMap;
@@ -68,8 +69,9 @@ struct StoreLabel {
 impl Metrics {
     /// Registers everything under `cilium_clustermesh_apiserver_`.
     pub fn registry(&self) -> Registry {
-        let mut root = Registry::with_prefix("cilium_clustermesh_apiserver");
-        self.kv.register(&mut root);
+        let mut top = Registry::default();
+        let root = top.sub_registry_with_prefix("cilium_clustermesh_apiserver");
+        self.kv.register(root);
         root.register(
             "bootstrap_seconds",
             "Seconds from start until every store's initial sync completed",
@@ -95,7 +97,7 @@ impl Metrics {
             "Completed synchronisations of the source to etcd",
             self.syncs.clone(),
         );
-        root
+        top
     }
 }
 
@@ -103,7 +105,13 @@ impl Metrics {
 pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     let started = Instant::now();
     let metrics = Metrics::default();
-    let registry = Arc::new(metrics.registry());
+    let remote_metrics = clustermesh_syncer::remote::Metrics::default();
+    let mut registry = metrics.registry();
+    if cfg.kvstoremesh.is_some() {
+        remote_metrics
+            .register_kvstoremesh(registry.sub_registry_with_prefix("cilium_kvstoremesh"));
+    }
+    let registry = Arc::new(registry);
     let status = Arc::new(Status::default());
     status.update(|r| r.cluster = cfg.cluster.name.to_string());
     let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
@@ -158,6 +166,29 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
             client_cfg
         }
     };
+
+    // KVStoreMesh: remote clusters mirrored into the local etcd.
+    if let Some(km) = &cfg.kvstoremesh {
+        let opts = kvstoremesh::Options {
+            local: cfg.cluster.clone(),
+            config_dir: km.config_dir.clone(),
+            local_etcd: etcd_cfg.clone(),
+            lease_ttl: cfg.lease_ttl,
+            drain_grace: km.drain_grace,
+            per_cluster_ready_timeout: km.per_cluster_ready_timeout,
+            global_ready_timeout: km.global_ready_timeout,
+        };
+        tasks.spawn(
+            kvstoremesh::run(
+                opts,
+                remote_metrics.clone(),
+                metrics.kv.clone(),
+                status.clone(),
+                cancel.child_token(),
+            )
+            .instrument(info_span!("kvstoremesh")),
+        );
+    }
 
     // Source.
     let (src_tx, src_rx) = watch::channel(Published::default());

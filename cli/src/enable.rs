@@ -6,6 +6,7 @@
 //! <state>/certs/            ca.crt, server.*, admin-<c>.*, local-<c>.*, remote.*, remote-<c>.*, root.*
 //! <state>/apiserver.yaml    clustermesh-apiserver --config
 //! <state>/manifests/        the cluster's source (Kubernetes-shaped YAML)
+//! <state>/clustermesh/      remote cluster config files, one per peer (`clustermesh connect`)
 //! <state>/etcd/             embedded etcd data (0700)
 //! <state>/etcd-config.yaml  admin-<c> client config (the apiserver's)
 //! <state>/local-etcd-config.yaml   local-<c> client config (the cluster's agents)
@@ -124,6 +125,8 @@ pub fn prepare(a: &EnableArgs) -> anyhow::Result<Prepared> {
         .unwrap_or_else(|| state.join("manifests"));
     std::fs::create_dir_all(&manifests)
         .with_context(|| format!("creating {}", manifests.display()))?;
+    // Remote cluster config files (`clustermesh connect` writes them; KVStoreMesh reads).
+    mkdir_private(&state.join("clustermesh"))?;
     let endpoint = format!("https://{}", a.etcd_listen);
     let client = |stem: &str| EtcdConfig {
         endpoints: vec![endpoint.clone()],

@@ -1,7 +1,8 @@
 //! `clustermesh lab up|down|status`: a whole mesh on this machine.
 //!
 //! Today the lab runs each cluster's control plane — an embedded etcd (mTLS, RBAC) plus a
-//! clustermesh-apiserver exporting a generated set of nodes, pods and a global service —
+//! clustermesh-apiserver exporting a generated set of nodes, pods and a global service, with
+//! KVStoreMesh mirroring the other clusters, all connected pairwise (`clustermesh connect`) —
 //! on loopback addresses only (network hygiene: nothing leaves 127.0.0.0/8). Node and pod
 //! network namespaces arrive with the datapath.
 
@@ -14,6 +15,7 @@ use std::os::unix::process::CommandExt;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
+use crate::clustermesh::{connect_pair, status_json, Access};
 use crate::enable::{self, EnableArgs};
 use crate::http;
 
@@ -200,6 +202,30 @@ pub fn up(a: UpArgs) -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+    // Mesh: connect every pair, then wait until each cluster sees all the others.
+    let access: Vec<Access> = state
+        .clusters
+        .iter()
+        .map(|c| Access::load(&c.state_dir))
+        .collect::<anyhow::Result<_>>()?;
+    for (i, a) in access.iter().enumerate() {
+        for b in &access[i + 1..] {
+            connect_pair(a, b, false)?;
+            println!("🔗 Connected cluster {} <=> {}", a.name, b.name);
+        }
+    }
+    if access.len() > 1 {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for a in &access {
+            while Instant::now() < deadline {
+                let v = status_json(a);
+                if v["connectivity"]["not_ready"].as_u64() == Some(0) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
     println!("✅ Lab is up in {:.1}s", started.elapsed().as_secs_f64());
     print_status(&state, "summary")
 }
@@ -252,6 +278,20 @@ fn print_status(state: &LabState, output: &str) -> anyhow::Result<()> {
             if let Some(stores) = report.get("stores").and_then(|s| s.as_object()) {
                 let parts: Vec<String> = stores.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 println!("   keys:   {}", parts.join(" "));
+            }
+            if let Some(remotes) = report.get("remote-clusters").and_then(|e| e.as_array()) {
+                for r in remotes {
+                    let name = r["name"].as_str().unwrap_or_default();
+                    if r["ready"].as_bool() == Some(true) {
+                        println!(
+                            "   remote: ✅ {name}: ready, {} nodes, {} endpoints, {} identities, {} services",
+                            r["num-nodes"], r["num-endpoints"], r["num-identities"], r["num-shared-services"]
+                        );
+                    } else {
+                        let hint = crate::clustermesh::hint(&c.name, r).unwrap_or_default();
+                        println!("   remote: ❌ {name}: {hint}");
+                    }
+                }
             }
             if let Some(errs) = report.get("manifest-errors").and_then(|e| e.as_array()) {
                 for e in errs {

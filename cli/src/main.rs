@@ -1,6 +1,7 @@
 //! `clustermesh`: the command line of the mesh, in the style of `cilium clustermesh`.
 
 mod certs;
+mod clustermesh;
 mod enable;
 mod http;
 mod lab;
@@ -25,6 +26,12 @@ enum Command {
     Certs(certs::CertsCommand),
     /// Prepare a cluster for the mesh (certificates, apiserver config, state dir).
     Enable(enable::EnableArgs),
+    /// Connect two clusters in both directions (remote configs, CA, etcd users).
+    Connect(clustermesh::ConnectArgs),
+    /// Undo `connect`.
+    Disconnect(clustermesh::DisconnectArgs),
+    /// Show whether every remote cluster is connected and synced, with hints.
+    Status(clustermesh::StatusArgs),
     /// A whole mesh on this machine.
     #[command(subcommand)]
     Lab(LabCommand),
@@ -45,6 +52,9 @@ fn main() -> std::process::ExitCode {
     let res = match cli.command {
         Command::Certs(c) => certs::run(c),
         Command::Enable(a) => enable::run(a),
+        Command::Connect(a) => clustermesh::connect(a),
+        Command::Disconnect(a) => clustermesh::disconnect(a),
+        Command::Status(a) => clustermesh::status(a),
         Command::Lab(LabCommand::Up(a)) => lab::up(a),
         Command::Lab(LabCommand::Status(a)) => lab::status(a),
         Command::Lab(LabCommand::Down(a)) => lab::down(a),

@@ -92,6 +92,12 @@ impl TestApiserver {
     /// Starts the apiserver with `args` plus a free `--health-addr`, logging to `log`.
     pub fn start(args: &[&str], log: &Path) -> anyhow::Result<Self> {
         let health = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        Self::start_at(args, health, log)
+    }
+
+    /// Like [`Self::start`] with a given `--health-addr` (e.g. the one in the config file
+    /// that `clustermesh status` reads).
+    pub fn start_at(args: &[&str], health: SocketAddr, log: &Path) -> anyhow::Result<Self> {
         let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         args.push("--health-addr".into());
         args.push(health.to_string());
@@ -203,7 +209,19 @@ impl TestApiserver {
 
 impl Drop for TestApiserver {
     fn drop(&mut self) {
+        // SIGTERM first: a SIGKILLed apiserver leaves its embedded etcd running.
         if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(5) {
+                if matches!(c.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }

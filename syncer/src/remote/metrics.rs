@@ -50,35 +50,47 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Registers every metric in `registry` (which carries the caller's prefix).
+    /// Registers every metric in `registry` (which carries the caller's prefix) under the
+    /// agent's names: `<prefix>_clustermesh_remote_cluster_nodes`, ...
     pub fn register(&self, registry: &mut Registry) {
+        self.register_as(registry, "clustermesh_");
+    }
+
+    /// Registers every metric under KVStoreMesh's names, which have no `clustermesh_`
+    /// subsystem: with prefix `cilium_kvstoremesh`, `cilium_kvstoremesh_remote_clusters`,
+    /// `cilium_kvstoremesh_remote_cluster_readiness_status`, ...
+    pub fn register_kvstoremesh(&self, registry: &mut Registry) {
+        self.register_as(registry, "");
+    }
+
+    fn register_as(&self, registry: &mut Registry, subsystem: &str) {
         registry.register(
             "kvstore_remote_rejected",
             "Entries from remote clusters rejected by validation",
             self.rejected.clone(),
         );
         registry.register(
-            "clustermesh_remote_cluster_readiness_status",
+            format!("{subsystem}remote_cluster_readiness_status"),
             "The readiness status of the remote cluster",
             self.readiness.clone(),
         );
         registry.register(
-            "clustermesh_remote_cluster_failures",
+            format!("{subsystem}remote_cluster_failures"),
             "The total number of failures related to the remote cluster",
             self.failures.clone(),
         );
         registry.register(
-            "clustermesh_remote_cluster_nodes",
+            format!("{subsystem}remote_cluster_nodes"),
             "The total number of nodes in the remote cluster",
             self.nodes.clone(),
         );
         registry.register(
-            "clustermesh_remote_cluster_last_failure_ts",
+            format!("{subsystem}remote_cluster_last_failure_ts"),
             "The timestamp of the last failure of the remote cluster",
             self.last_failure_ts.clone(),
         );
         registry.register(
-            "clustermesh_remote_clusters",
+            format!("{subsystem}remote_clusters"),
             "The total number of remote clusters meshed with the local cluster",
             self.remote_clusters.clone(),
         );

@@ -103,6 +103,11 @@ pub struct Config {
     pub event_capacity: usize,
     /// TCP + TLS connect timeout and keepalives.
     pub connect: crate::ConnectConfig,
+    /// Whether draining a removed remote emits a [`Change::Delete`] per cached key before
+    /// [`Event::Drained`]. Default true (an agent must unprogram every entry). KVStoreMesh
+    /// turns it off: it removes the mirrored copy itself, cluster config first and the
+    /// cache after a grace period, so agents disconnect before their state disappears.
+    pub drain_deletes: bool,
 }
 
 impl Config {
@@ -120,6 +125,7 @@ impl Config {
             rescan_interval: Duration::from_secs(5),
             event_capacity: 4096,
             connect: crate::ConnectConfig::default(),
+            drain_deletes: true,
         }
     }
 

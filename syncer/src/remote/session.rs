@@ -209,7 +209,14 @@ impl Remote {
     /// Deletes everything cached (emitting deletes) and releases the cluster ID. Called by
     /// the manager after the task ended, when the config file was removed.
     pub(crate) async fn drain(&self, token: &CancellationToken) {
-        self.clear_cache(token).await;
+        if self.env.config.drain_deletes {
+            self.clear_cache(token).await;
+        } else {
+            let mut cache = self.cache.write().unwrap_or_else(PoisonError::into_inner);
+            for r in Resource::ALL {
+                cache.take_all(r);
+            }
+        }
         if let Some(id) = self
             .reserved
             .lock()
