@@ -14,5 +14,6 @@ echo "==> cargo build (binaries used by the integration tests)"
 cargo build --workspace --bins
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+(cd ebpf/programs && RUSTC_BOOTSTRAP=1 cargo clippy --release -Z build-std=core -- -D warnings)
 echo "==> cargo test"
 cargo test --workspace --no-fail-fast -- --test-threads=2

@@ -21,7 +21,7 @@
 
 mod packet;
 
-use aya_ebpf::bindings::{bpf_tunnel_key, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
+use aya_ebpf::bindings::bpf_tunnel_key;
 use aya_ebpf::helpers::{
     bpf_redirect, bpf_redirect_peer, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key,
 };
@@ -63,6 +63,14 @@ static CM_FROM_OVL_CNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter
 static CM_TUNNEL_TRACE: PerCpuArray<TunnelTrace> =
     PerCpuArray::with_max_entries(TraceSlot::COUNT, 0);
 
+// tc verdicts as the program's return type (the bindings' integer type varies by arch).
+#[allow(clippy::unnecessary_cast)]
+const TC_ACT_OK: i32 = aya_ebpf::bindings::TC_ACT_OK as i32;
+#[allow(clippy::unnecessary_cast)]
+const TC_ACT_SHOT: i32 = aya_ebpf::bindings::TC_ACT_SHOT as i32;
+#[allow(clippy::unnecessary_cast)]
+const TC_ACT_REDIRECT: i32 = aya_ebpf::bindings::TC_ACT_REDIRECT as i32;
+
 /// VXLAN outer TTL.
 const TUNNEL_TTL: u8 = 64;
 
@@ -79,7 +87,7 @@ fn count(map: &PerCpuArray<u64>, counter: Counter) {
 fn to_stack(map: &PerCpuArray<u64>, reason: Counter) -> i32 {
     count(map, reason);
     count(map, Counter::ToStack);
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }
 
 #[inline(always)]
@@ -104,10 +112,10 @@ fn deliver_local(ctx: &TcContext, ep: &EndpointInfo) -> Result<i32, Error> {
     packet::set_macs(ctx, &ep.pod_mac, &ep.host_mac)?;
     // SAFETY: plain helper call, no pointers.
     let ret = unsafe { bpf_redirect_peer(ep.ifindex, 0) };
-    if ret != TC_ACT_REDIRECT as i64 {
+    if ret != i64::from(TC_ACT_REDIRECT) {
         return Err(Error::Helper);
     }
-    Ok(TC_ACT_REDIRECT as i32)
+    Ok(TC_ACT_REDIRECT)
 }
 
 /// TCX ingress of a pod's host-side veth.
@@ -118,7 +126,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
         Ok(verdict) => verdict,
         Err(error) => {
             count(&CM_FROM_POD_CNT, error.counter());
-            TC_ACT_SHOT as i32
+            TC_ACT_SHOT
         }
     }
 }
@@ -207,12 +215,12 @@ fn tunnel(ctx: &TcContext, ip: &Ipv4, entry: &IpcacheValue) -> Result<i32, Error
     }
     // SAFETY: plain helper call, no pointers.
     let ret = unsafe { bpf_redirect(cfg.vxlan_ifindex, 0) };
-    if ret != TC_ACT_REDIRECT as i64 {
+    if ret != i64::from(TC_ACT_REDIRECT) {
         return Err(Error::Helper);
     }
     trace(TraceSlot::Egress, remote, identity, cfg.vxlan_ifindex);
     count(counters, Counter::Tunnelled);
-    Ok(TC_ACT_REDIRECT as i32)
+    Ok(TC_ACT_REDIRECT)
 }
 
 /// TCX ingress of the node's VXLAN device.
@@ -223,7 +231,7 @@ pub fn from_overlay(mut ctx: TcContext) -> i32 {
         Ok(verdict) => verdict,
         Err(error) => {
             count(&CM_FROM_OVL_CNT, error.counter());
-            TC_ACT_SHOT as i32
+            TC_ACT_SHOT
         }
     }
 }
