@@ -5,6 +5,7 @@
 //! the underlay must carry VXLAN whose VNI is the sending pod's identity.
 //!
 //! Choices:
+//! * Node 1 attaches with TCX links, node 2 through a clsact qdisc (the older-kernel path).
 //! * Attaching runs in a thread that `setns`-ed into the node's namespace (interface names
 //!   resolve per namespace; the TCX link keeps working after the thread ends), so the test
 //!   needs no helper binary.
@@ -29,7 +30,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _, Result};
-use clustermesh_agent::datapath::{Config, Datapath, Error, Program};
+use clustermesh_agent::datapath::{AttachMode, Config, Datapath, Error, Program};
 use clustermesh_agent::kernel;
 use clustermesh_ebpf_abi::{map, Counter, EndpointInfo, IpcacheValue, TraceSlot};
 
@@ -291,7 +292,12 @@ fn node_datapath(t: &Topology, pins: &Path, node: u8) -> Result<Datapath> {
         pin_dir: Some(pins.join(format!("n{node}"))),
         ipcache_max_entries: 4096,
         local_endpoints_max_entries: 256,
-        ..Config::default()
+        // Node 2 exercises the pre-6.6 path (clsact qdisc + netlink filter).
+        attach: if node == 2 {
+            AttachMode::Clsact
+        } else {
+            AttachMode::Tcx
+        },
     };
     let mut dp = Datapath::load(&config)?;
     let local: Vec<&Pod> = PODS.iter().copied().filter(|p| p.node == node).collect();

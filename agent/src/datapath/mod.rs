@@ -7,6 +7,11 @@
 //! resolved there): an agent runs inside its node's namespace; tests that play several nodes
 //! attach from a thread that entered the node's namespace.
 //!
+//! Not yet: attachments are owned by this process (TCX link fds, dropped with the
+//! [`Datapath`]), so between an agent's exit and its successor's attach the pods' traffic
+//! takes the kernel stack. Pinning the links and swapping programs in place
+//! (`SchedClassifier::attach_to_link`) is the next step for hitless restarts.
+//!
 //! What it must not do: decide what goes into the maps (that is the reconciler's job) or
 //! touch interfaces other than attaching programs to them.
 
