@@ -61,6 +61,36 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// Reads and exports the manifests in-process, without etcd, to show where CPU time goes.
+fn in_process(manifests: &std::path::Path) -> anyhow::Result<(Duration, Duration, usize)> {
+    use clustermesh_apiserver::export::{Exporter, Options};
+    use clustermesh_apiserver::identity::Allocator;
+    use clustermesh_apiserver::source::manifests::ManifestDir;
+    use clustermesh_types::cluster::{ClusterInfo, ClusterName, MaxConnectedClusters};
+    let t = Instant::now();
+    let mut dir = ManifestDir::new(manifests);
+    dir.scan()?;
+    let snap = dir.snapshot();
+    let read = t.elapsed();
+    let cluster = ClusterInfo {
+        name: ClusterName::new("c1")?,
+        id: 1,
+        max_connected_clusters: MaxConnectedClusters::Max255,
+    };
+    let mut ex = Exporter::new(
+        Options {
+            cluster: cluster.clone(),
+            enable_mcs_api: false,
+            default_global_namespace: true,
+        },
+        Allocator::new(cluster.identity_range(), None)?,
+    );
+    let t = Instant::now();
+    let (desired, _) = ex.compute(&snap);
+    let compute = t.elapsed();
+    Ok((read, compute, desired.values().map(|m| m.len()).sum()))
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let etcd = TestEtcd::start()?;
@@ -92,6 +122,17 @@ async fn main() -> anyhow::Result<()> {
                 chunk.join("\n---\n"),
             )?;
         }
+    }
+    if std::env::args().any(|a| a == "--in-process") {
+        for _ in 0..3 {
+            let (read, compute, keys) = in_process(&manifests)?;
+            println!(
+                "in-process: read+parse {:.0} ms, compute {:.0} ms, {keys} keys",
+                read.as_secs_f64() * 1e3,
+                compute.as_secs_f64() * 1e3
+            );
+        }
+        return Ok(());
     }
     let cfg = dir.path().join("etcd.yaml");
     etcd.write_client_config("admin-c1", &cfg)?;
