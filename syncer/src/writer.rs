@@ -717,6 +717,7 @@ async fn keep_alive_loop(
                     match refresh(&client, *id).await {
                         Ok(ttl_left) if ttl_left > 0 => *last_ok = Instant::now(),
                         Ok(_) => gone.push(*id),
+                        Err(e) if e.to_string().contains("not found") => gone.push(*id),
                         Err(e) => {
                             if last_ok.elapsed() > ttl {
                                 gone.push(*id);

@@ -246,6 +246,10 @@ fn embedded_etcd_serves_cilium_layout_with_rbac() {
 
 /// A TestEtcd plus an apiserver on it with the small cluster.
 fn apiserver_on(etcd: &TestEtcd, dir: &Path, manifests: &str) -> TestApiserver {
+    apiserver_with_ttl(etcd, dir, manifests, "60s")
+}
+
+fn apiserver_with_ttl(etcd: &TestEtcd, dir: &Path, manifests: &str, ttl: &str) -> TestApiserver {
     let cfg = dir.join("etcd.yaml");
     etcd.write_client_config("admin-c1", &cfg).unwrap();
     let m = dir.join("manifests");
@@ -266,7 +270,7 @@ fn apiserver_on(etcd: &TestEtcd, dir: &Path, manifests: &str) -> TestApiserver {
             "--state-dir",
             state.to_str().unwrap(),
             "--kvstore-lease-ttl",
-            "60s",
+            ttl,
         ],
         &dir.join("api.log"),
     )
@@ -470,4 +474,157 @@ async fn broken_manifest_is_reported_and_the_rest_served() {
         api.ready(),
         "a broken manifest must not make the apiserver unready"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_leases_are_detected_and_their_keys_rewritten() {
+    let etcd = TestEtcd::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // 25 s is the shortest TTL Cilium allows; the keep-alive runs every TTL/3.
+    let api = apiserver_with_ttl(&etcd, dir.path(), &small_cluster(), "25s");
+    let mut client = etcd.client("root").await.unwrap();
+    let key = "cilium/state/ip/v1/default/10.1.0.1";
+    let kv = client.get(key, None).await.unwrap();
+    let lease = kv.kvs()[0].lease();
+    assert_ne!(lease, 0, "every key must carry a lease");
+    // Someone revokes the lease: etcd deletes every key attached to it.
+    client.lease_revoke(lease).await.unwrap();
+    assert!(client.get(key, None).await.unwrap().kvs().is_empty());
+    let t = Instant::now();
+    loop {
+        let got = client.get(key, None).await.unwrap();
+        if let Some(kv) = got.kvs().first() {
+            assert_ne!(kv.lease(), lease, "re-written on a new lease");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "keys of the lost lease were not re-written:\n{}",
+            api.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("keys of a revoked lease re-written after {:?}", t.elapsed());
+    let m = api.metrics().unwrap();
+    assert!(
+        m.contains("cilium_clustermesh_apiserver_kvstore_leases_lost_total"),
+        "{m}"
+    );
+}
+
+#[test]
+fn embedded_etcd_is_restarted_when_it_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("c1");
+    let (port, peer, health) = (free_port(), free_port(), free_port());
+    let out = Command::new(find_binary("clustermesh").unwrap())
+        .args(["enable", "--cluster-name", "c1", "--cluster-id", "1"])
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--ca-dir")
+        .arg(dir.path().join("ca"))
+        .arg("--etcd-listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--etcd-peer-port")
+        .arg(peer.to_string())
+        .arg("--health-addr")
+        .arg(format!("127.0.0.1:{health}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(state.join("manifests/c1.yaml"), small_cluster()).unwrap();
+    let config = state.join("apiserver.yaml");
+    let mut api = TestApiserver::start(
+        &["--config", config.to_str().unwrap()],
+        &dir.path().join("api.log"),
+    )
+    .unwrap();
+    api.wait_ready(Duration::from_secs(30)).unwrap();
+    // Find the etcd child and kill it.
+    // etcd is a child of one of the apiserver's threads.
+    let pid = api.pid().unwrap();
+    let mut children = String::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        children
+            .push_str(&std::fs::read_to_string(task.path().join("children")).unwrap_or_default());
+        children.push(' ');
+    }
+    let etcd_pid: i32 = children
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .find(|p: &i32| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .map(|c| c.trim() == "etcd")
+                .unwrap_or(false)
+        })
+        .expect("the apiserver runs etcd as its child");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(etcd_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let t = Instant::now();
+    let etcd_children = |pid: u32| -> Vec<i32> {
+        let mut out = Vec::new();
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for c in std::fs::read_to_string(task.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+            {
+                if let Ok(p) = c.parse::<i32>() {
+                    if std::fs::read_to_string(format!("/proc/{p}/comm"))
+                        .map(|c| c.trim() == "etcd")
+                        .unwrap_or(false)
+                    {
+                        out.push(p);
+                    }
+                }
+            }
+        }
+        out
+    };
+    loop {
+        let now: Vec<i32> = etcd_children(pid)
+            .into_iter()
+            .filter(|p| *p != etcd_pid)
+            .collect();
+        if !now.is_empty() {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "etcd was not restarted:\n{}",
+            api.log_tail(20)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let restarted = t.elapsed();
+    api.wait_ready(Duration::from_secs(30)).unwrap();
+    println!(
+        "etcd killed; restarted after {restarted:?}, apiserver ready after {:?}",
+        t.elapsed()
+    );
+    let certs = state.join("certs");
+    let (ok, text) = etcdctl(
+        &format!("https://127.0.0.1:{port}"),
+        &certs,
+        Some("remote"),
+        &["get", "--prefix", "cilium/state/ip/", "--keys-only"],
+    );
+    assert!(
+        ok && text.contains("cilium/state/ip/v1/default/10.1.0.1"),
+        "{text}"
+    );
+    api.stop().unwrap();
 }
