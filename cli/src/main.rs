@@ -2,6 +2,8 @@
 
 mod certs;
 mod clustermesh;
+mod connectivity;
+mod echo;
 mod enable;
 mod http;
 mod lab;
@@ -35,6 +37,15 @@ enum Command {
     /// A whole mesh on this machine.
     #[command(subcommand)]
     Lab(LabCommand),
+    /// Pod-to-pod checks over the lab (same node, cross node, cross cluster; TCP and ICMP).
+    #[command(subcommand)]
+    Connectivity(ConnectivityCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConnectivityCommand {
+    /// Run every check; exits non-zero on any failure.
+    Test(connectivity::TestArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -45,6 +56,12 @@ enum LabCommand {
     Status(lab::DirArgs),
     /// Stop everything the lab started and remove it.
     Down(lab::DirArgs),
+    /// The echo server of a lab pod (runs inside the pod's namespace).
+    #[command(hide = true)]
+    Echo(echo::EchoArgs),
+    /// A load client against a lab pod (runs inside a pod's namespace).
+    #[command(hide = true)]
+    Load(lab::load::LoadArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -58,6 +75,9 @@ fn main() -> std::process::ExitCode {
         Command::Lab(LabCommand::Up(a)) => lab::up(a),
         Command::Lab(LabCommand::Status(a)) => lab::status(a),
         Command::Lab(LabCommand::Down(a)) => lab::down(a),
+        Command::Lab(LabCommand::Echo(a)) => echo::run(a),
+        Command::Lab(LabCommand::Load(a)) => lab::load::run(a),
+        Command::Connectivity(ConnectivityCommand::Test(a)) => connectivity::test(a),
     };
     match res {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,199 @@
+//! Names and addresses of the lab, exactly as `docs/lab-datapath-contract.md` states them.
+//! Pure functions: the agent derives the same names from what etcd tells it, so any change
+//! here is a contract change.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+/// Kubernetes namespace of every lab pod.
+pub const POD_NAMESPACE: &str = "default";
+/// The pods' gateway (a static neighbour entry pointing at the host-side veth).
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The whole underlay; the only prefix the root namespace may route into the lab.
+pub const UNDERLAY: &str = "198.18.0.0/15";
+/// The router's leg towards the root namespace (subnet `198.18.0.0/24`, unused by clusters).
+pub const ROUTER_ROOT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// The root namespace's single address (on its one veth into the lab).
+pub const ROOT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// Name of every node's VXLAN device.
+pub const VXLAN_DEV: &str = "cmvx0";
+/// MTU of the VXLAN device and of the pods (1500 minus 50 bytes of VXLAN).
+pub const OVERLAY_MTU: u32 = 1450;
+/// The echo answer: `{"pod":..,"node":..,"cluster":..}`.
+pub const ECHO_PORT: u16 = 8080;
+/// Echoes every byte back (request/response latency).
+pub const STREAM_PORT: u16 = 8081;
+/// Discards what it reads, then answers with the byte count (throughput).
+pub const SINK_PORT: u16 = 8082;
+/// Embedded etcd client port on the control-plane address.
+pub const ETCD_PORT: u16 = 2379;
+/// apiserver `/readyz`, `/status`, `/metrics`.
+pub const APISERVER_HEALTH_PORT: u16 = 9880;
+/// Agent `/readyz`, `/status`, `/metrics`.
+pub const AGENT_HEALTH_PORT: u16 = 9890;
+
+/// Largest sizes the address plan allows (`198.18.<i>`, `.<10+j>`, `.<10+k>`).
+pub const MAX_CLUSTERS: u32 = 100;
+/// See [`MAX_CLUSTERS`].
+pub const MAX_NODES: u32 = 200;
+/// See [`MAX_CLUSTERS`].
+pub const MAX_PODS: u32 = 200;
+
+/// Cluster `i`'s name.
+pub fn cluster_name(i: u32) -> String {
+    format!("c{i}")
+}
+
+/// Node `j`'s name (unique within its cluster).
+pub fn node_name(j: u32) -> String {
+    format!("n{j}")
+}
+
+/// Pod `k` of node `j` (unique within its cluster).
+pub fn pod_name(j: u32, k: u32) -> String {
+    format!("echo-{j}-{k}")
+}
+
+/// Namespace names: `cm-<labid>-router`, `-c<i>-cp`, `-c<i>-n<j>`, `-c<i>-n<j>-p<k>`.
+pub fn router_ns(lab: &str) -> String {
+    format!("cm-{lab}-router")
+}
+
+/// See [`router_ns`].
+pub fn cp_ns(lab: &str, i: u32) -> String {
+    format!("cm-{lab}-c{i}-cp")
+}
+
+/// See [`router_ns`].
+pub fn node_ns(lab: &str, i: u32, j: u32) -> String {
+    format!("cm-{lab}-c{i}-n{j}")
+}
+
+/// See [`router_ns`].
+pub fn pod_ns(lab: &str, i: u32, j: u32, k: u32) -> String {
+    format!("cm-{lab}-c{i}-n{j}-p{k}")
+}
+
+/// Every namespace of lab `lab` starts with this.
+pub fn ns_prefix(lab: &str) -> String {
+    format!("cm-{lab}-")
+}
+
+/// The root namespace's veth into the router.
+pub fn root_link(lab: &str) -> String {
+    format!("cm-{lab}")
+}
+
+/// The router's bridge for cluster `i` (its leg into the cluster's subnet).
+pub fn router_bridge(i: u32) -> String {
+    format!("br{i}")
+}
+
+/// Router-side port of node `j` of cluster `i` (`j == 0`: the control plane).
+pub fn router_port(i: u32, j: u32) -> String {
+    if j == 0 {
+        format!("c{i}cp")
+    } else {
+        format!("c{i}n{j}")
+    }
+}
+
+/// Router address in cluster `i`'s subnet.
+pub fn router_ip(i: u32) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, i as u8, 1)
+}
+
+/// Control plane (etcd + apiserver) of cluster `i`.
+pub fn cp_ip(i: u32) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, i as u8, 2)
+}
+
+/// Underlay address of node `j` of cluster `i`.
+pub fn node_ip(i: u32, j: u32) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, i as u8, (10 + j) as u8)
+}
+
+/// Pod CIDR of node `j` of cluster `i`.
+pub fn pod_cidr(i: u32, j: u32) -> String {
+    format!("10.{i}.{j}.0/24")
+}
+
+/// Address of pod `k` on node `j` of cluster `i`.
+pub fn pod_ip(i: u32, j: u32, k: u32) -> Ipv4Addr {
+    Ipv4Addr::new(10, i as u8, j as u8, (10 + k) as u8)
+}
+
+/// etcd client endpoint of cluster `i`.
+pub fn etcd_listen(i: u32) -> SocketAddr {
+    SocketAddr::from((cp_ip(i), ETCD_PORT))
+}
+
+/// apiserver health address of cluster `i`.
+pub fn apiserver_health(i: u32) -> SocketAddr {
+    SocketAddr::from((cp_ip(i), APISERVER_HEALTH_PORT))
+}
+
+/// Agent health address of node `j` of cluster `i`.
+pub fn agent_health(i: u32, j: u32) -> SocketAddr {
+    SocketAddr::from((node_ip(i, j), AGENT_HEALTH_PORT))
+}
+
+/// Host-side veth of a pod: `lxc` + the first 11 hex chars of SHA-256(`<namespace>/<pod>`).
+pub fn host_veth(namespace: &str, pod: &str) -> String {
+    let digest = ring::digest::digest(
+        &ring::digest::SHA256,
+        format!("{namespace}/{pod}").as_bytes(),
+    );
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("lxc{}", &hex[..11])
+}
+
+/// Pod `eth0` MAC: `0a:58:` + the pod's IPv4 bytes.
+pub fn pod_mac(ip: Ipv4Addr) -> String {
+    let o = ip.octets();
+    format!("0a:58:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
+}
+
+/// MAC of a node's VXLAN device in the kernel (no-eBPF) datapath: `0a:59:` + underlay IP,
+/// so that every node knows its peers' overlay MACs without learning.
+pub fn kernel_vxlan_mac(node_ip: Ipv4Addr) -> String {
+    let o = node_ip.octets();
+    format!("0a:59:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
+}
+
+/// A short random lab ID (4 hex chars) so interface and namespace names stay short.
+pub fn new_lab_id() -> String {
+    let mut b = [0u8; 2];
+    // Uniqueness only has to hold among the labs on this machine.
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default()
+            ^ std::process::id();
+        b = [(t >> 8) as u8, t as u8];
+    }
+    format!("{:02x}{:02x}", b[0], b[1])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_addresses_follow_the_contract() {
+        assert_eq!(node_ip(2, 1).to_string(), "198.18.2.11");
+        assert_eq!(cp_ip(3).to_string(), "198.18.3.2");
+        assert_eq!(pod_ip(1, 2, 3).to_string(), "10.1.2.13");
+        assert_eq!(pod_mac(pod_ip(1, 2, 3)), "0a:58:0a:01:02:0d");
+        assert_eq!(pod_ns("ab12", 1, 2, 3), "cm-ab12-c1-n2-p3");
+        let veth = host_veth("default", "echo-1-1");
+        assert_eq!(veth.len(), 14);
+        assert!(veth.starts_with("lxc"));
+        // SHA-256("default/echo-1-1"), checked with `printf default/echo-1-1 | sha256sum`.
+        assert_eq!(veth, format!("lxc{}", &SHA_OF_DEFAULT_ECHO_1_1[..11]));
+        assert!(router_port(MAX_CLUSTERS, MAX_NODES).len() <= 15);
+    }
+
+    const SHA_OF_DEFAULT_ECHO_1_1: &str =
+        "b376c03a930c677be4d3ee73ef6755a722bf4eea21f02ec27ac6da55a6963fa8";
+}

@@ -1,0 +1,180 @@
+//! `lab.json`: everything `lab up` made, written after every step so that `status`,
+//! `connectivity test` and `down` find it, also after a partial `up`.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+/// How packets cross nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Datapath {
+    /// Our agents program eBPF on each node (VXLAN external mode, identity in the VNI).
+    Ebpf,
+    /// No agents: plain kernel VXLAN (VNI 1) with static forwarding entries and routes,
+    /// the baseline of the throughput benchmark.
+    Kernel,
+}
+
+/// The lab.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabState {
+    /// Short ID in every namespace and link name (`cm-<id>-…`).
+    pub id: String,
+    /// The lab directory (absolute).
+    pub dir: PathBuf,
+    /// How packets cross nodes.
+    pub datapath: Datapath,
+    /// The router namespace (every underlay subnet is reachable from it).
+    pub router_ns: String,
+    /// The root namespace's veth into the router, when `up` created one.
+    pub root_link: Option<String>,
+    /// bpffs mounted for the agents' pins.
+    pub bpffs: Option<PathBuf>,
+    /// Namespaces created, in order.
+    pub namespaces: Vec<String>,
+    /// Clusters.
+    pub clusters: Vec<Cluster>,
+}
+
+/// One cluster: a control-plane namespace and its nodes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Cluster {
+    /// Name (`c<i>`).
+    pub name: String,
+    /// Cluster ID.
+    pub id: u32,
+    /// Control-plane namespace (etcd + apiserver).
+    pub ns: String,
+    /// Control-plane address.
+    pub ip: Ipv4Addr,
+    /// State dir (`clustermesh enable`).
+    pub state_dir: PathBuf,
+    /// Certificates.
+    pub certs_dir: PathBuf,
+    /// etcd client endpoint.
+    pub etcd_endpoint: String,
+    /// apiserver health address.
+    pub health_addr: SocketAddr,
+    /// apiserver PID (its etcd is its child, same process group).
+    pub apiserver_pid: Option<u32>,
+    /// Nodes.
+    pub nodes: Vec<Node>,
+}
+
+/// One node: a namespace with an underlay `eth0`, `cmvx0` and the agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Node {
+    /// Name (`n<j>`).
+    pub name: String,
+    /// Namespace.
+    pub ns: String,
+    /// Underlay address.
+    pub ip: Ipv4Addr,
+    /// Pod CIDR.
+    pub pod_cidr: String,
+    /// The agent, if one was started.
+    pub agent: Option<Agent>,
+    /// Pods.
+    pub pods: Vec<Pod>,
+}
+
+/// A node's agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Agent {
+    /// PID.
+    pub pid: u32,
+    /// `/readyz`, `/status`, `/metrics`.
+    pub health_addr: SocketAddr,
+    /// Log file.
+    pub log: PathBuf,
+    /// Pin directory.
+    pub bpffs_dir: PathBuf,
+}
+
+/// One pod: a namespace with `eth0`, a veth to its node, and an echo server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Pod {
+    /// Pod name.
+    pub name: String,
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Network namespace.
+    pub ns: String,
+    /// Address.
+    pub ip: Ipv4Addr,
+    /// `eth0` MAC.
+    pub mac: String,
+    /// Host-side veth (in the node namespace).
+    pub host_veth: String,
+    /// Echo server PID.
+    pub echo_pid: Option<u32>,
+}
+
+/// A pod with where it runs.
+#[derive(Debug, Clone, Copy)]
+pub struct PodRef<'a> {
+    /// Its cluster.
+    pub cluster: &'a Cluster,
+    /// Its node.
+    pub node: &'a Node,
+    /// The pod.
+    pub pod: &'a Pod,
+}
+
+impl PodRef<'_> {
+    /// `c1/n1/echo-1-1`.
+    pub fn label(&self) -> String {
+        format!("{}/{}/{}", self.cluster.name, self.node.name, self.pod.name)
+    }
+}
+
+impl LabState {
+    /// Every pod, cluster by cluster, node by node.
+    pub fn pods(&self) -> Vec<PodRef<'_>> {
+        let mut out = Vec::new();
+        for cluster in &self.clusters {
+            for node in &cluster.nodes {
+                for pod in &node.pods {
+                    out.push(PodRef { cluster, node, pod });
+                }
+            }
+        }
+        out
+    }
+
+    /// Writes `lab.json` (atomically: a crash never leaves half a file for `down`).
+    pub fn save(&self) -> anyhow::Result<()> {
+        let path = state_file(&self.dir);
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        Ok(())
+    }
+}
+
+/// `<dir>/lab.json`.
+pub fn state_file(dir: &Path) -> PathBuf {
+    dir.join("lab.json")
+}
+
+/// Reads the lab in `dir`.
+pub fn load(dir: &Path) -> anyhow::Result<LabState> {
+    let p = state_file(dir);
+    let bytes = std::fs::read(&p).with_context(|| {
+        format!(
+            "no lab in {} (run `clustermesh lab up` first, or pass --dir)",
+            dir.display()
+        )
+    })?;
+    serde_json::from_slice(&bytes).with_context(|| {
+        format!(
+            "{} was written by another version: `clustermesh lab down --dir {}` removes it",
+            p.display(),
+            dir.display()
+        )
+    })
+}
