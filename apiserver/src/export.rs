@@ -294,10 +294,7 @@ impl Exporter {
         }
         let mut endpoints: Vec<Ep> = Vec::new();
         // Pods of one workload share a label set: build each label string once.
-        let mut label_cache: HashMap<
-            (&str, Option<&BTreeMap<String, String>>, Option<&str>),
-            String,
-        > = HashMap::new();
+        let mut label_cache: HashMap<LabelCacheKey, String> = HashMap::new();
         let pod_labels: Vec<((String, String), String)> = snap
             .pods
             .iter()
@@ -792,7 +789,7 @@ impl Exporter {
             .endpoint_slices
             .range((ns.to_string(), String::new())..)
             .take_while(|((sns, _), _)| sns == ns)
-            .map(|(_, s)| s)
+            .map(|(_, s)| s.as_ref())
             .filter(|s| {
                 s.metadata
                     .labels
@@ -850,9 +847,7 @@ impl Exporter {
         } else if let Some(sel) = svc.spec.selector.as_ref().filter(|s| !s.is_empty()) {
             // No EndpointSlice controller in a manifest directory: select pods ourselves,
             // starting from the pods that carry the selector's first label (index).
-            let Some((k0, v0)) = sel.iter().next() else {
-                return None;
-            };
+            let (k0, v0) = sel.iter().next()?;
             let candidates = index
                 .get(&(ns.to_string(), k0.clone(), v0.clone()))
                 .map(Vec::as_slice)
@@ -916,6 +911,13 @@ impl Exporter {
         })
     }
 }
+
+/// What a pod's identity labels depend on (besides the namespace's labels).
+type LabelCacheKey<'a> = (
+    &'a str,
+    Option<&'a BTreeMap<String, String>>,
+    Option<&'a str>,
+);
 
 /// (namespace, label key, label value) → pods carrying it.
 type LabelIndex = HashMap<(String, String, String), Vec<(String, String)>>;

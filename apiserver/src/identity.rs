@@ -215,11 +215,11 @@ mod tests {
     #[test]
     fn stable_and_in_range() {
         let mut a = Allocator::new(range(), None).unwrap();
-        let none = HashSet::new();
-        let x = a.allocate("k8s:app=a;", &none, &none).unwrap();
-        let y = a.allocate("k8s:app=b;", &none, &none).unwrap();
+        let (taken, in_use) = (HashSet::new(), HashSet::new());
+        let x = a.allocate("k8s:app=a;", &taken, &in_use).unwrap();
+        let y = a.allocate("k8s:app=b;", &taken, &in_use).unwrap();
         assert_ne!(x, y);
-        assert_eq!(a.allocate("k8s:app=a;", &none, &none).unwrap(), x);
+        assert_eq!(a.allocate("k8s:app=a;", &taken, &in_use).unwrap(), x);
         assert!(range().contains(x) && range().contains(y));
     }
 
@@ -227,13 +227,13 @@ mod tests {
     fn persists_across_restarts() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("identities.json");
-        let none = HashSet::new();
+        let (taken, in_use) = (HashSet::new(), HashSet::new());
         let mut a = Allocator::new(range(), Some(p.clone())).unwrap();
-        a.allocate("k8s:app=z;", &none, &none).unwrap();
-        let x = a.allocate("k8s:app=a;", &none, &none).unwrap();
+        a.allocate("k8s:app=z;", &taken, &in_use).unwrap();
+        let x = a.allocate("k8s:app=a;", &taken, &in_use).unwrap();
         a.save().unwrap();
         let mut b = Allocator::new(range(), Some(p)).unwrap();
-        assert_eq!(b.allocate("k8s:app=a;", &none, &none).unwrap(), x);
+        assert_eq!(b.allocate("k8s:app=a;", &taken, &in_use).unwrap(), x);
     }
 
     #[test]

@@ -111,25 +111,22 @@ impl ManifestDir {
             .unwrap_or(1)
             .min(todo.len().max(1));
         let chunk = todo.len().div_ceil(threads).max(1);
-        let results: Vec<(PathBuf, Signature, Result<Option<Vec<Object>>, FileError>)> =
-            std::thread::scope(|s| {
-                let handles: Vec<_> = todo
-                    .chunks(chunk)
-                    .map(|part| {
-                        s.spawn(move || {
-                            part.iter()
-                                .map(|(path, sig)| {
-                                    (path.clone(), sig.clone(), read_and_parse(path))
-                                })
-                                .collect::<Vec<_>>()
-                        })
+        let results: Vec<ParsedFile> = std::thread::scope(|s| {
+            let handles: Vec<_> = todo
+                .chunks(chunk)
+                .map(|part| {
+                    s.spawn(move || {
+                        part.iter()
+                            .map(|(path, sig)| (path.clone(), sig.clone(), read_and_parse(path)))
+                            .collect::<Vec<_>>()
                     })
-                    .collect();
-                handles
-                    .into_iter()
-                    .flat_map(|h| h.join().unwrap_or_default())
-                    .collect()
-            });
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_default())
+                .collect()
+        });
         for (path, sig, result) in results {
             match result {
                 Ok(None) => {
@@ -221,6 +218,9 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A file read in a scan: path, signature, and its objects (`None`: it vanished).
+type ParsedFile = (PathBuf, Signature, Result<Option<Vec<Object>>, FileError>);
+
 /// Reads and parses one file; `Ok(None)` if it vanished meanwhile.
 fn read_and_parse(path: &Path) -> Result<Option<Vec<Object>>, FileError> {
     match std::fs::read_to_string(path) {
@@ -246,29 +246,48 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Object>, FileError> {
 
 fn parse_json(path: &Path, text: &str) -> Result<Vec<Object>, FileError> {
     let mut out = Vec::new();
-    let stream = serde_json::Deserializer::from_str(text).into_iter::<serde_json::Value>();
-    for value in stream {
-        let value = value.map_err(|e| FileError {
+    let stream =
+        serde_json::Deserializer::from_str(text).into_iter::<&serde_json::value::RawValue>();
+    for raw in stream {
+        let raw = raw.map_err(|e| FileError {
             path: path.to_path_buf(),
             line: Some(e.line()),
             message: e.to_string(),
         })?;
-        let items = match value.get("kind").and_then(|k| k.as_str()) {
-            Some("List") => match value.get("items") {
-                Some(serde_json::Value::Array(items)) => items.clone(),
-                _ => Vec::new(),
-            },
-            _ => vec![value],
-        };
-        for item in items {
-            out.push(Object::from_value(item).map_err(|message| FileError {
-                path: path.to_path_buf(),
-                line: None,
-                message,
-            })?);
-        }
+        parse_json_object(path, raw.get(), &mut out)?;
     }
     Ok(out)
+}
+
+/// One JSON object (or `List`): the kind is read first without building a tree, then the
+/// object is decoded straight into its type — about twice as fast as going through
+/// `serde_json::Value`.
+fn parse_json_object(path: &Path, raw: &str, out: &mut Vec<Object>) -> Result<(), FileError> {
+    #[derive(serde::Deserialize)]
+    struct Head<'a> {
+        #[serde(borrow, default)]
+        kind: Option<std::borrow::Cow<'a, str>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct List<'a> {
+        #[serde(borrow, default)]
+        items: Vec<&'a serde_json::value::RawValue>,
+    }
+    let err = |message: String| FileError {
+        path: path.to_path_buf(),
+        line: None,
+        message,
+    };
+    let head: Head = serde_json::from_str(raw).map_err(|e| err(e.to_string()))?;
+    if head.kind.as_deref() == Some("List") {
+        let list: List = serde_json::from_str(raw).map_err(|e| err(e.to_string()))?;
+        for item in list.items {
+            parse_json_object(path, item.get(), out)?;
+        }
+        return Ok(());
+    }
+    out.push(Object::from_json_str(head.kind.as_deref(), raw).map_err(err)?);
+    Ok(())
 }
 
 fn parse_yaml(path: &Path, text: &str) -> Result<Vec<Object>, FileError> {

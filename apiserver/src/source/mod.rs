@@ -5,6 +5,7 @@ pub mod manifests;
 pub mod objects;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 pub use objects::{Object, ObjectKey};
 
@@ -12,25 +13,25 @@ pub use objects::{Object, ObjectKey};
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     /// Namespaces by name.
-    pub namespaces: BTreeMap<String, objects::Namespace>,
+    pub namespaces: BTreeMap<String, Arc<objects::Namespace>>,
     /// Nodes by name.
-    pub nodes: BTreeMap<String, objects::Node>,
+    pub nodes: BTreeMap<String, Arc<objects::Node>>,
     /// CiliumNodes by name.
-    pub cilium_nodes: BTreeMap<String, objects::CiliumNode>,
+    pub cilium_nodes: BTreeMap<String, Arc<objects::CiliumNode>>,
     /// CiliumIdentities by name.
-    pub cilium_identities: BTreeMap<String, objects::CiliumIdentity>,
+    pub cilium_identities: BTreeMap<String, Arc<objects::CiliumIdentity>>,
     /// Pods.
-    pub pods: BTreeMap<(String, String), objects::Pod>,
+    pub pods: BTreeMap<(String, String), Arc<objects::Pod>>,
     /// Services.
-    pub services: BTreeMap<(String, String), objects::Service>,
+    pub services: BTreeMap<(String, String), Arc<objects::Service>>,
     /// EndpointSlices.
-    pub endpoint_slices: BTreeMap<(String, String), objects::EndpointSlice>,
+    pub endpoint_slices: BTreeMap<(String, String), Arc<objects::EndpointSlice>>,
     /// ServiceExports.
-    pub service_exports: BTreeMap<(String, String), objects::ServiceExport>,
+    pub service_exports: BTreeMap<(String, String), Arc<objects::ServiceExport>>,
     /// CiliumEndpoints.
-    pub cilium_endpoints: BTreeMap<(String, String), objects::CiliumEndpoint>,
+    pub cilium_endpoints: BTreeMap<(String, String), Arc<objects::CiliumEndpoint>>,
     /// Policies: (kind, namespace, name).
-    pub policies: BTreeMap<(String, String, String), objects::Policy>,
+    pub policies: BTreeMap<(String, String, String), Arc<objects::Policy>>,
     /// Objects of kinds we do not export.
     pub others: usize,
 }

@@ -3,6 +3,7 @@
 //! directory may hold anything a cluster has.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::Deserialize;
 
@@ -489,31 +490,32 @@ pub struct Policy {
     pub raw: serde_json::Value,
 }
 
-/// Any object the source may hold.
+/// Any object the source may hold. Objects are shared (`Arc`) so that building a snapshot
+/// of 10k pods clones pointers, not pods.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Object {
     /// Namespace.
-    Namespace(Namespace),
+    Namespace(Arc<Namespace>),
     /// Node.
-    Node(Node),
+    Node(Arc<Node>),
     /// Pod.
-    Pod(Pod),
+    Pod(Arc<Pod>),
     /// Service.
-    Service(Service),
+    Service(Arc<Service>),
     /// EndpointSlice.
-    EndpointSlice(EndpointSlice),
+    EndpointSlice(Arc<EndpointSlice>),
     /// ServiceExport.
-    ServiceExport(ServiceExport),
+    ServiceExport(Arc<ServiceExport>),
     /// CiliumNode.
-    CiliumNode(CiliumNode),
+    CiliumNode(Arc<CiliumNode>),
     /// CiliumEndpoint.
-    CiliumEndpoint(CiliumEndpoint),
+    CiliumEndpoint(Arc<CiliumEndpoint>),
     /// CiliumIdentity.
-    CiliumIdentity(CiliumIdentity),
+    CiliumIdentity(Arc<CiliumIdentity>),
     /// CiliumNetworkPolicy.
-    CiliumNetworkPolicy(Policy),
+    CiliumNetworkPolicy(Arc<Policy>),
     /// NetworkPolicy.
-    NetworkPolicy(Policy),
+    NetworkPolicy(Arc<Policy>),
     /// Anything else (kept, not exported).
     Other {
         /// Kind.
@@ -566,21 +568,49 @@ impl Object {
             return Err(format!("{kind} has no metadata.name"));
         }
         Ok(match kind.as_str() {
-            "Namespace" => Object::Namespace(de(v)?),
-            "Node" => Object::Node(de(v)?),
-            "Pod" => Object::Pod(de(v)?),
-            "Service" => Object::Service(de(v)?),
-            "EndpointSlice" => Object::EndpointSlice(de(v)?),
-            "ServiceExport" => Object::ServiceExport(de(v)?),
-            "CiliumNode" => Object::CiliumNode(de(v)?),
-            "CiliumEndpoint" => Object::CiliumEndpoint(de(v)?),
-            "CiliumIdentity" => Object::CiliumIdentity(de(v)?),
+            "Namespace" => Object::Namespace(Arc::new(de(v)?)),
+            "Node" => Object::Node(Arc::new(de(v)?)),
+            "Pod" => Object::Pod(Arc::new(de(v)?)),
+            "Service" => Object::Service(Arc::new(de(v)?)),
+            "EndpointSlice" => Object::EndpointSlice(Arc::new(de(v)?)),
+            "ServiceExport" => Object::ServiceExport(Arc::new(de(v)?)),
+            "CiliumNode" => Object::CiliumNode(Arc::new(de(v)?)),
+            "CiliumEndpoint" => Object::CiliumEndpoint(Arc::new(de(v)?)),
+            "CiliumIdentity" => Object::CiliumIdentity(Arc::new(de(v)?)),
             _ => {
                 let json = serde_json::to_value(&v)
                     .map_err(|e| format!("not representable as JSON: {e}"))?;
                 Object::from_value(json)?
             }
         })
+    }
+
+    /// Decodes one JSON document whose `kind` was already read, straight into its type.
+    pub fn from_json_str(kind: Option<&str>, raw: &str) -> Result<Object, String> {
+        fn de<T: serde::de::DeserializeOwned>(raw: &str) -> Result<Arc<T>, String> {
+            serde_json::from_str(raw)
+                .map(Arc::new)
+                .map_err(|e| e.to_string())
+        }
+        let obj = match kind {
+            Some("Namespace") => Object::Namespace(de(raw)?),
+            Some("Node") => Object::Node(de(raw)?),
+            Some("Pod") => Object::Pod(de(raw)?),
+            Some("Service") => Object::Service(de(raw)?),
+            Some("EndpointSlice") => Object::EndpointSlice(de(raw)?),
+            Some("ServiceExport") => Object::ServiceExport(de(raw)?),
+            Some("CiliumNode") => Object::CiliumNode(de(raw)?),
+            Some("CiliumEndpoint") => Object::CiliumEndpoint(de(raw)?),
+            Some("CiliumIdentity") => Object::CiliumIdentity(de(raw)?),
+            _ => {
+                let v: serde_json::Value = serde_json::from_str(raw).map_err(|e| e.to_string())?;
+                return Object::from_value(v);
+            }
+        };
+        if obj.key().name.is_empty() {
+            return Err(format!("{} has no metadata.name", obj.key().kind));
+        }
+        Ok(obj)
     }
 
     /// Decodes one document (already parsed as JSON-compatible value).
@@ -603,22 +633,22 @@ impl Object {
             serde_json::from_value(v).map_err(|e| e.to_string())
         }
         Ok(match kind.as_str() {
-            "Namespace" => Object::Namespace(de(v)?),
-            "Node" => Object::Node(de(v)?),
-            "Pod" => Object::Pod(de(v)?),
-            "Service" => Object::Service(de(v)?),
-            "EndpointSlice" => Object::EndpointSlice(de(v)?),
-            "ServiceExport" => Object::ServiceExport(de(v)?),
-            "CiliumNode" => Object::CiliumNode(de(v)?),
-            "CiliumEndpoint" => Object::CiliumEndpoint(de(v)?),
-            "CiliumIdentity" => Object::CiliumIdentity(de(v)?),
+            "Namespace" => Object::Namespace(Arc::new(de(v)?)),
+            "Node" => Object::Node(Arc::new(de(v)?)),
+            "Pod" => Object::Pod(Arc::new(de(v)?)),
+            "Service" => Object::Service(Arc::new(de(v)?)),
+            "EndpointSlice" => Object::EndpointSlice(Arc::new(de(v)?)),
+            "ServiceExport" => Object::ServiceExport(Arc::new(de(v)?)),
+            "CiliumNode" => Object::CiliumNode(Arc::new(de(v)?)),
+            "CiliumEndpoint" => Object::CiliumEndpoint(Arc::new(de(v)?)),
+            "CiliumIdentity" => Object::CiliumIdentity(Arc::new(de(v)?)),
             "CiliumNetworkPolicy" | "NetworkPolicy" => {
                 let mut p: Policy = de(v.clone())?;
                 p.raw = v;
                 if kind == "NetworkPolicy" {
-                    Object::NetworkPolicy(p)
+                    Object::NetworkPolicy(Arc::new(p))
                 } else {
-                    Object::CiliumNetworkPolicy(p)
+                    Object::CiliumNetworkPolicy(Arc::new(p))
                 }
             }
             _ => Object::Other {
