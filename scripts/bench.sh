@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Benchmarks, release build. Each prints its figure beside a baseline measured in the same run.
 #   ./scripts/bench.sh            all
-#   ./scripts/bench.sh export     one (export, remote)
+#   ./scripts/bench.sh export     one (export, remote, datapath-throughput)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 cargo build --release --workspace --bins
-for b in ${1:-export remote}; do
+for b in ${1:-export remote datapath-throughput}; do
   if [ -x "target/release/bench-$b" ]; then
     echo "=== bench-$b"
     "target/release/bench-$b"

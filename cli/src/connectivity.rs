@@ -30,8 +30,8 @@ pub struct TestArgs {
     /// Output format: `summary` or `json`.
     #[arg(short = 'o', long, default_value = "summary")]
     pub output: String,
-    /// Checks run at the same time.
-    #[arg(long, default_value_t = 8)]
+    /// Checks run at the same time (more than the machine's cores inflates the latencies).
+    #[arg(long, default_value_t = 4)]
     pub parallel: usize,
     /// Per-check timeout.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]

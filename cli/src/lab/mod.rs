@@ -310,10 +310,7 @@ fn bring_up(st: &mut LabState, a: &UpArgs) -> anyhow::Result<()> {
         t0.elapsed().as_secs_f64()
     );
     print_summary(st);
-    println!(
-        "\nNext: `clustermesh connectivity test --dir {d}`; `clustermesh lab status --dir {d}`; `clustermesh lab down --dir {d}`",
-        d = st.dir.display()
-    );
+    print_inspect(st);
     Ok(())
 }
 
@@ -375,6 +372,7 @@ fn build_network(st: &mut LabState) -> anyhow::Result<()> {
             &plan::ROUTER_ROOT_IP.to_string(),
             "dev",
             &link,
+            "onlink",
         ])?;
     }
     let clusters = st.clusters.clone();
@@ -880,6 +878,35 @@ fn print_summary(st: &LabState) {
             }
         }
     }
+}
+
+/// How to look at the lab by hand.
+fn print_inspect(st: &LabState) {
+    let pods = st.pods();
+    let (Some(src), Some(dst)) = (pods.first(), pods.last()) else {
+        return;
+    };
+    let me = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "clustermesh".into());
+    let d = st.dir.display();
+    println!("\nInspect it:");
+    println!(
+        "  ip netns exec {} curl -s {}:{}    # {} asks {} who it is",
+        src.pod.ns,
+        dst.pod.ip,
+        plan::ECHO_PORT,
+        src.label(),
+        dst.label()
+    );
+    println!("  ip netns exec {} ping -c 3 {}", src.pod.ns, dst.pod.ip);
+    println!(
+        "  ip netns exec {} tcpdump -nni eth0 -vv udp port 4789    # VXLAN on the underlay (VNI = source identity)",
+        src.node.ns
+    );
+    println!("  {me} connectivity test --dir {d}");
+    println!("  {me} lab status --dir {d}");
+    println!("Tear it down: {me} lab down --dir {d}");
 }
 
 /// `lab status`.

@@ -1,0 +1,193 @@
+//! Cross-cluster pod-to-pod TCP throughput and 1-byte request/response latency through our
+//! eBPF datapath, beside the same topology over plain kernel VXLAN with static forwarding
+//! entries and no eBPF, measured in the same run.
+//!
+//! Brings up two labs side by side (`clustermesh lab up --clusters 2 --nodes 1 --pods 1`,
+//! `--datapath ebpf` and `--datapath kernel`; separate namespaces, so they coexist), then
+//! alternates the measurements between them (`clustermesh lab load` inside the c1 pod
+//! against the c2 pod: one TCP stream into a sink for `--duration`, then ping-pong), and
+//! reports the median of the rounds and the eBPF/kernel ratio (target ≥ 0.9× throughput).
+//! Needs root; both labs are removed at the end, also on failure.
+//!
+//! ```sh
+//! cargo build --release --workspace --bins
+//! target/release/bench-datapath-throughput [--duration 5s] [--rounds 3] [--streams 1]
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clustermesh_tests::process::find_binary;
+use serde_json::Value;
+
+struct Lab {
+    bin: PathBuf,
+    dir: PathBuf,
+    datapath: &'static str,
+    src_ns: String,
+    dst_ip: String,
+}
+
+impl Lab {
+    fn up(bin: &Path, root: &Path, datapath: &'static str) -> anyhow::Result<Self> {
+        let dir = root.join(datapath);
+        let out = Command::new(bin)
+            .args([
+                "lab",
+                "up",
+                "--clusters",
+                "2",
+                "--nodes",
+                "1",
+                "--pods",
+                "1",
+            ])
+            .args(["--datapath", datapath, "--dir"])
+            .arg(&dir)
+            .output()?;
+        let mut lab = Self {
+            bin: bin.to_owned(),
+            dir,
+            datapath,
+            src_ns: String::new(),
+            dst_ip: String::new(),
+        };
+        if !out.status.success() {
+            bail!(
+                "lab up --datapath {datapath} failed:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let state: Value = serde_json::from_slice(&std::fs::read(lab.dir.join("lab.json"))?)?;
+        let pod = |c: usize| &state["clusters"][c]["nodes"][0]["pods"][0];
+        lab.src_ns = pod(0)["ns"].as_str().context("lab.json: pod ns")?.into();
+        lab.dst_ip = pod(1)["ip"].as_str().context("lab.json: pod ip")?.into();
+        if datapath == "ebpf" && state["clusters"][0]["nodes"][0]["agent"].is_null() {
+            bail!("lab up --datapath ebpf started no agents (the agent binary lacks the lab flags): nothing to measure");
+        }
+        Ok(lab)
+    }
+
+    fn load(&self, mode: &str, duration: Duration, streams: u32) -> anyhow::Result<Value> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.src_ns])
+            .arg(&self.bin)
+            .args(["lab", "load", "--mode", mode, "--target", &self.dst_ip])
+            .args(["--duration", &format!("{}ms", duration.as_millis())])
+            .args(["--streams", &streams.to_string()])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "{} load {mode} failed: {}",
+                self.datapath,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.bin)
+            .args(["lab", "down", "--dir"])
+            .arg(&self.dir)
+            .output();
+    }
+}
+
+/// Per-round results of one datapath.
+#[derive(Default)]
+struct Samples {
+    gbps: Vec<f64>,
+    p50_us: Vec<f64>,
+    p99_us: Vec<f64>,
+    rps: Vec<f64>,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut duration = Duration::from_secs(5);
+    let mut rounds = 3u32;
+    let mut streams = 1u32;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut val = || args.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--duration" => {
+                duration = humantime_secs(&val()?)?;
+            }
+            "--rounds" => rounds = val()?.parse()?,
+            "--streams" => streams = val()?.parse()?,
+            other => bail!("unknown flag {other} (--duration 5s, --rounds 3, --streams 1)"),
+        }
+    }
+    let bin = find_binary("clustermesh")?;
+    let root = tempfile::Builder::new().prefix("cm-bench-dp").tempdir()?;
+    println!("bench-datapath-throughput: 2 clusters × 1 node × 1 pod, c1 pod → c2 pod across the router; {rounds} rounds × {duration:?} per measurement, {streams} stream(s)");
+    let ebpf = Lab::up(&bin, root.path(), "ebpf")?;
+    let kernel = Lab::up(&bin, root.path(), "kernel")?;
+    let mut results = [Samples::default(), Samples::default()];
+    for round in 1..=rounds {
+        for (lab, samples) in [&ebpf, &kernel].into_iter().zip(results.iter_mut()) {
+            let s = lab.load("stream", duration, streams)?;
+            let r = lab.load("rr", duration, 1)?;
+            let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+            let (gbps, p50, p99, rps) = (
+                f(&s, "gbit_per_s"),
+                f(&r, "p50_us"),
+                f(&r, "p99_us"),
+                f(&r, "per_s"),
+            );
+            println!(
+                "  round {round} {:<6}: {gbps:6.2} Gbit/s, rr p50 {p50:6.1} µs, p99 {p99:6.1} µs, {rps:8.0} req/s",
+                lab.datapath
+            );
+            samples.gbps.push(gbps);
+            samples.p50_us.push(p50);
+            samples.p99_us.push(p99);
+            samples.rps.push(rps);
+        }
+    }
+    let [e, k] = &results;
+    println!();
+    println!(
+        "{:<28} {:>14} {:>16} {:>8}",
+        "median", "eBPF (ours)", "kernel VXLAN", "ratio"
+    );
+    let row = |name: &str, a: &[f64], b: &[f64], unit: &str| {
+        let (a, b) = (median(a), median(b));
+        println!(
+            "{name:<28} {a:>10.2} {unit:<3} {b:>12.2} {unit:<3} {:>7.2}×",
+            a / b
+        );
+        a / b
+    };
+    let ratio = row("TCP throughput", &e.gbps, &k.gbps, "Gb");
+    row("RR latency p50", &e.p50_us, &k.p50_us, "µs");
+    row("RR latency p99", &e.p99_us, &k.p99_us, "µs");
+    row("RR rate", &e.rps, &k.rps, "/s");
+    println!(
+        "{} throughput ratio {ratio:.2}× (target ≥ 0.90×)",
+        if ratio >= 0.9 { "✅" } else { "❌" }
+    );
+    drop(kernel);
+    drop(ebpf);
+    Ok(())
+}
+
+/// `5s`, `500ms`, or plain seconds.
+fn humantime_secs(s: &str) -> anyhow::Result<Duration> {
+    if let Some(ms) = s.strip_suffix("ms") {
+        return Ok(Duration::from_millis(ms.parse()?));
+    }
+    Ok(Duration::from_secs_f64(s.trim_end_matches('s').parse()?))
+}
