@@ -57,15 +57,14 @@ fn pairs(text: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-#[test]
-fn embedded_etcd_serves_cilium_layout_with_rbac() {
+/// `clustermesh enable` for cluster c1 on free loopback ports, the small cluster's manifests,
+/// and its apiserver (embedded etcd) started and ready. Returns (tempdir, state dir, etcd
+/// port, apiserver).
+fn enabled_cluster() -> (tempfile::TempDir, std::path::PathBuf, u16, TestApiserver) {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("c1");
-    let port = free_port();
-    let peer = free_port();
-    let health = free_port();
-    let cli = find_binary("clustermesh").unwrap();
-    let out = Command::new(cli)
+    let (port, peer, health) = (free_port(), free_port(), free_port());
+    let out = Command::new(find_binary("clustermesh").unwrap())
         .args(["enable", "--cluster-name", "c1", "--cluster-id", "1"])
         .arg("--state-dir")
         .arg(&state)
@@ -92,6 +91,12 @@ fn embedded_etcd_serves_cilium_layout_with_rbac() {
     )
     .unwrap();
     api.wait_ready(Duration::from_secs(30)).unwrap();
+    (dir, state, port, api)
+}
+
+#[test]
+fn embedded_etcd_serves_cilium_layout_with_rbac() {
+    let (dir, state, port, mut api) = enabled_cluster();
 
     let certs = state.join("certs");
     let ep = format!("https://127.0.0.1:{port}");
@@ -514,36 +519,7 @@ async fn lost_leases_are_detected_and_their_keys_rewritten() {
 
 #[test]
 fn embedded_etcd_is_restarted_when_it_dies() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("c1");
-    let (port, peer, health) = (free_port(), free_port(), free_port());
-    let out = Command::new(find_binary("clustermesh").unwrap())
-        .args(["enable", "--cluster-name", "c1", "--cluster-id", "1"])
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("--ca-dir")
-        .arg(dir.path().join("ca"))
-        .arg("--etcd-listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--etcd-peer-port")
-        .arg(peer.to_string())
-        .arg("--health-addr")
-        .arg(format!("127.0.0.1:{health}"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::write(state.join("manifests/c1.yaml"), small_cluster()).unwrap();
-    let config = state.join("apiserver.yaml");
-    let mut api = TestApiserver::start(
-        &["--config", config.to_str().unwrap()],
-        &dir.path().join("api.log"),
-    )
-    .unwrap();
-    api.wait_ready(Duration::from_secs(30)).unwrap();
+    let (_dir, state, port, mut api) = enabled_cluster();
     // Find the etcd child and kill it.
     // etcd is a child of one of the apiserver's threads.
     let pid = api.pid().unwrap();
