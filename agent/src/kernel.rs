@@ -338,10 +338,13 @@ pub fn is_bpffs(path: &Path) -> bool {
 /// Mounts bpffs at `path` unless it is there already; `Ok(true)` if it mounted it.
 pub fn ensure_bpffs(path: &Path) -> std::result::Result<bool, String> {
     use std::os::unix::ffi::OsStrExt as _;
+    // Create first: a directory inside an existing bpffs mount is bpffs already and must not
+    // get a private mount of its own (under `ip netns exec` that mount would live only in
+    // the agent's mount namespace, and the pins would die with the agent).
+    std::fs::create_dir_all(path).map_err(|e| format!("create {}: {e}", path.display()))?;
     if is_bpffs(path) {
         return Ok(false);
     }
-    std::fs::create_dir_all(path).map_err(|e| format!("create {}: {e}", path.display()))?;
     let target = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
     // SAFETY: all strings are NUL-terminated and outlive the call; no data argument.
     let rc = unsafe {

@@ -1,18 +1,172 @@
-//! `clustermesh-agent`: for now only checks that this kernel can run the datapath.
-//! The reconcile loop (syncer caches → maps) arrives with the rest of issue 4.
+//! `clustermesh-agent`: the node agent. Parses and validates flags, sets up tracing, runs
+//! the agent from the library until SIGINT/SIGTERM, then drains within a grace period.
+//! Shutdown leaves programs attached and maps filled (hitless restarts); `--cleanup`
+//! removes them. `--check` only runs the kernel check.
 
-fn main() -> std::process::ExitCode {
-    let bpffs = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "/sys/fs/bpf".to_owned());
-    match clustermesh_agent::kernel::check(std::path::Path::new(&bpffs)) {
-        Ok(report) => {
-            println!("{report}");
-            std::process::ExitCode::SUCCESS
-        }
-        Err(error) => {
-            eprintln!("error: {error}");
-            std::process::ExitCode::FAILURE
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, ValueEnum};
+use clustermesh_agent::{kernel, Config, RemoteMode};
+use clustermesh_types::cluster::{ClusterInfo, ClusterName, MaxConnectedClusters};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Remotes {
+    /// Read remotes through the KVStoreMesh cache in the local etcd.
+    Kvstoremesh,
+    /// Read each remote's etcd directly.
+    Direct,
+}
+
+/// The clustermesh node agent (one per node, inside the node's network namespace).
+#[derive(Parser, Debug)]
+#[command(name = "clustermesh-agent", version)]
+struct Args {
+    /// Local cluster name.
+    #[arg(long)]
+    cluster_name: Option<String>,
+    /// Local cluster ID.
+    #[arg(long)]
+    cluster_id: Option<u32>,
+    /// Mesh size (255 or 511), as for the apiserver.
+    #[arg(long, default_value_t = 255)]
+    max_connected_clusters: u32,
+    /// This node's name.
+    #[arg(long)]
+    node_name: Option<String>,
+    /// This node's underlay IPv4 (pods whose HostIP is this address are local).
+    #[arg(long)]
+    node_ip: Option<Ipv4Addr>,
+    /// Client config of the local etcd (user local-<cluster>).
+    #[arg(long)]
+    etcd_config: Option<PathBuf>,
+    /// Directory with one file per remote cluster (may be empty).
+    #[arg(long)]
+    clustermesh_config: Option<PathBuf>,
+    /// Where remote clusters are read from.
+    #[arg(long, value_enum, default_value = "kvstoremesh")]
+    remotes: Remotes,
+    /// Pin directory on bpffs (mounted if it is not bpffs yet).
+    #[arg(long, default_value = "/sys/fs/bpf/clustermesh")]
+    bpffs_dir: PathBuf,
+    /// The VXLAN device (external mode).
+    #[arg(long, default_value = "cmvx0")]
+    vxlan_dev: String,
+    /// Address of /readyz, /healthz, /status and /metrics.
+    #[arg(long, default_value = "127.0.0.1:9890")]
+    health_addr: SocketAddr,
+    /// /readyz turns true at the latest after this long.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    sync_timeout: Duration,
+    /// ipcache capacity.
+    #[arg(long, default_value_t = clustermesh_ebpf_abi::defaults::IPCACHE_MAX_ENTRIES)]
+    ipcache_max_entries: u32,
+    /// Local endpoints capacity.
+    #[arg(long, default_value_t = clustermesh_ebpf_abi::defaults::LOCAL_ENDPOINTS_MAX_ENTRIES)]
+    local_endpoints_max_entries: u32,
+    /// How often interfaces are checked for new pod veths.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    interface_poll: Duration,
+    /// Grace period for draining on SIGINT/SIGTERM.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
+    /// Only run the kernel check and print what it found.
+    #[arg(long)]
+    check: bool,
+    /// Remove every pin under --bpffs-dir (programs detach, maps go) and exit: for lab down.
+    #[arg(long)]
+    cleanup: bool,
+}
+
+fn config(a: &Args) -> anyhow::Result<Config> {
+    fn need<T: Clone>(v: &Option<T>, flag: &str) -> anyhow::Result<T> {
+        match v {
+            Some(v) => Ok(v.clone()),
+            None => bail!("{flag} is required"),
         }
     }
+    let name =
+        ClusterName::new(need(&a.cluster_name, "--cluster-name")?).context("--cluster-name")?;
+    let cluster = ClusterInfo {
+        name,
+        id: need(&a.cluster_id, "--cluster-id")?,
+        max_connected_clusters: MaxConnectedClusters::from_u32(a.max_connected_clusters)
+            .context("--max-connected-clusters")?,
+    };
+    let config = Config {
+        cluster,
+        node_name: need(&a.node_name, "--node-name")?,
+        node_ip: need(&a.node_ip, "--node-ip")?,
+        etcd_config: need(&a.etcd_config, "--etcd-config")?,
+        clustermesh_config: need(&a.clustermesh_config, "--clustermesh-config")?,
+        remote_mode: match a.remotes {
+            Remotes::Kvstoremesh => RemoteMode::KvstoreMesh,
+            Remotes::Direct => RemoteMode::Direct,
+        },
+        bpffs_dir: a.bpffs_dir.clone(),
+        vxlan_dev: a.vxlan_dev.clone(),
+        health_addr: a.health_addr,
+        sync_timeout: a.sync_timeout,
+        ipcache_max_entries: a.ipcache_max_entries,
+        local_endpoints_max_entries: a.local_endpoints_max_entries,
+        interface_poll: a.interface_poll,
+    };
+    config.validate()?;
+    Ok(config)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match real_main(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(args: Args) -> anyhow::Result<()> {
+    if args.cleanup {
+        let n = clustermesh_agent::cleanup(&args.bpffs_dir)?;
+        println!("removed {n} pins under {}", args.bpffs_dir.display());
+        return Ok(());
+    }
+    if args.check {
+        println!("{}", kernel::check(&args.bpffs_dir)?);
+        return Ok(());
+    }
+    let config = config(&args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    runtime.block_on(async move {
+        let token = CancellationToken::new();
+        let mut agent = tokio::spawn(clustermesh_agent::run(config, token.clone()));
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("SIGTERM handler")?;
+        tokio::select! {
+            r = &mut agent => return Ok(r.context("agent task")??),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping (programs and maps stay)"),
+            _ = term.recv() => tracing::info!("SIGTERM: stopping (programs and maps stay)"),
+        }
+        token.cancel();
+        match tokio::time::timeout(args.shutdown_grace, agent).await {
+            Ok(r) => Ok(r.context("agent task")??),
+            Err(_) => bail!("did not stop within {:?}", args.shutdown_grace),
+        }
+    })
 }

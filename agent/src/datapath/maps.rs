@@ -3,14 +3,35 @@
 
 use std::net::Ipv4Addr;
 
+use std::os::fd::AsFd as _;
+
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap, IterableMap as _, MapData, MapError, PerCpuArray};
 use clustermesh_ebpf_abi::{
-    map, tunnel_flags, Counter, EndpointInfo, EndpointKey, IpcacheKey, IpcacheValue, TraceSlot,
-    TunnelConfig, TunnelTrace,
+    map, tunnel_flags, Counter, EndpointInfo, EndpointKey, IpcacheKey, IpcacheLpmKey, IpcacheValue,
+    TraceSlot, TunnelConfig, TunnelTrace,
 };
 
+use super::batch;
 use super::{Error, Result};
+
+/// One ipcache element as the kernel stores it.
+pub type IpcacheEntry = (IpcacheLpmKey, IpcacheValue);
+
+/// Elements per batch syscall: bounds the time the kernel holds the trie's lock-free
+/// readers waiting on one call and the memory of one request.
+const BATCH: usize = 16 * 1024;
+
+fn batch_err(map: &'static str, op: &'static str, e: batch::Partial) -> Error {
+    Error::Map {
+        map,
+        op,
+        source: MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_batch",
+            io_error: e.error,
+        }),
+    }
+}
 
 fn map_err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> Error {
     move |source| Error::Map { map, op, source }
@@ -26,12 +47,104 @@ fn is_not_found(error: &MapError) -> bool {
 /// endpoint, flags.
 pub struct Ipcache {
     map: LpmTrie<MapData, IpcacheKey, IpcacheValue>,
+    /// `false` once the kernel refused a batch call for this map: single-element calls.
+    batch: bool,
 }
 
 impl Ipcache {
     pub(super) fn new(map: aya::maps::Map) -> Result<Self> {
         let map = LpmTrie::try_from(map).map_err(map_err(map::IPCACHE, "open"))?;
-        Ok(Self { map })
+        Ok(Self { map, batch: true })
+    }
+
+    /// `true` while batched syscalls are used (the kernel supports them for LPM tries).
+    pub fn batched(&self) -> bool {
+        self.batch
+    }
+
+    /// Inserts or replaces every `(key, value)`, in batches of up to 16k elements per
+    /// syscall (falling back to one syscall per element on kernels without batch support
+    /// for LPM tries).
+    pub fn update_batch(&mut self, keys: &[IpcacheLpmKey], values: &[IpcacheValue]) -> Result<()> {
+        assert_eq!(keys.len(), values.len(), "one value per key");
+        for (k, v) in keys.chunks(BATCH).zip(values.chunks(BATCH)) {
+            if self.batch {
+                let fd = self.map.map().fd().as_fd();
+                match batch::update(fd, k, v) {
+                    Ok(()) => continue,
+                    Err(e) if e.unsupported() => {
+                        tracing::info!(error = %e.error, "kernel refuses batched LPM updates: one syscall per element");
+                        self.batch = false;
+                    }
+                    Err(e) => return Err(batch_err(map::IPCACHE, "update batch", e)),
+                }
+            }
+            for (key, value) in k.iter().zip(v) {
+                let key = Key::new(key.prefixlen, key.key);
+                self.map
+                    .insert(&key, value, 0)
+                    .map_err(map_err(map::IPCACHE, "update"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes every key (batched like [`Self::update_batch`]); keys that are not in the
+    /// map are skipped. Returns how many were deleted.
+    pub fn delete_batch(&mut self, keys: &[IpcacheLpmKey]) -> Result<usize> {
+        let mut deleted = 0;
+        let mut rest = keys;
+        while !rest.is_empty() {
+            let chunk = &rest[..rest.len().min(BATCH)];
+            if self.batch {
+                let fd = self.map.map().fd().as_fd();
+                match batch::delete(fd, chunk) {
+                    Ok(()) => {
+                        deleted += chunk.len();
+                        rest = &rest[chunk.len()..];
+                        continue;
+                    }
+                    Err(e) if e.error.raw_os_error() == Some(libc::ENOENT) => {
+                        // Skip the missing key and go on after it.
+                        deleted += e.done;
+                        rest = &rest[e.done + 1..];
+                        continue;
+                    }
+                    Err(e) if e.unsupported() => self.batch = false,
+                    Err(e) => return Err(batch_err(map::IPCACHE, "delete batch", e)),
+                }
+            }
+            for key in chunk {
+                match self.map.remove(&Key::new(key.prefixlen, key.key)) {
+                    Ok(()) => deleted += 1,
+                    Err(e) if is_not_found(&e) => {}
+                    Err(e) => return Err(map_err(map::IPCACHE, "delete")(e)),
+                }
+            }
+            rest = &rest[chunk.len()..];
+        }
+        Ok(deleted)
+    }
+
+    /// Every element (walks the trie; for start-up adoption and status).
+    pub fn entries(&self) -> Result<Vec<IpcacheEntry>> {
+        let mut out = Vec::new();
+        for key in self.map.keys() {
+            let key = key.map_err(map_err(map::IPCACHE, "iterate"))?;
+            match self.map.get(&key, 0) {
+                Ok(v) => out.push((
+                    IpcacheLpmKey {
+                        prefixlen: key.prefix_len(),
+                        key: key.data(),
+                    },
+                    v,
+                )),
+                // Deleted between the key walk and the lookup.
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(map_err(map::IPCACHE, "lookup")(e)),
+            }
+        }
+        Ok(out)
     }
 
     /// Inserts or replaces the entry for `addr/prefix_bits` (IPv4).

@@ -7,23 +7,32 @@
 //! resolved there): an agent runs inside its node's namespace; tests that play several nodes
 //! attach from a thread that entered the node's namespace.
 //!
-//! Not yet: attachments are owned by this process (TCX link fds, dropped with the
-//! [`Datapath`]), so between an agent's exit and its successor's attach the pods' traffic
-//! takes the kernel stack. Pinning the links and swapping programs in place
-//! (`SchedClassifier::attach_to_link`) is the next step for hitless restarts.
+//! **Hitless restarts.** With a pin directory and TCX, every attachment is a TCX link pinned
+//! at `<pin_dir>/links/<program>@<ifname>`. The link outlives the agent (dropping a
+//! [`Datapath`] closes only its fds), so packets keep flowing through the old program while
+//! no agent runs; the next agent opens the pin and swaps its freshly loaded program into the
+//! link with `BPF_LINK_UPDATE` (`SchedClassifier::attach_to_link`), an atomic replacement
+//! with no window in which the hook is empty. A pin whose device went away (`ENOLINK`) is
+//! replaced by a new link. [`Datapath::detach`] and [`cleanup`] remove pins; nothing else
+//! does. The clsact path (kernels < 6.6) keeps filters owned by the process: restarts there
+//! are not hitless.
 //!
 //! What it must not do: decide what goes into the maps (that is the reconciler's job) or
 //! touch interfaces other than attaching programs to them.
 
+pub mod batch;
 mod maps;
 
+use std::collections::BTreeMap;
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aya::maps::{MapError, MapInfo, MapType};
-use aya::programs::links::LinkOrder;
-use aya::programs::tc::{self, SchedClassifierLinkId, TcAttachOptions, TcAttachType};
+use aya::programs::links::{FdLink, LinkOrder, PinnedLink};
+use aya::programs::tc::{
+    self, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcAttachType,
+};
 use aya::programs::{ProgramError, SchedClassifier, TestRun as _, TestRunOptions};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use clustermesh_ebpf_abi::{
@@ -31,7 +40,9 @@ use clustermesh_ebpf_abi::{
     TraceSlot, TunnelConfig, TunnelTrace,
 };
 
-pub use maps::{CounterValues, Counters, Ipcache, LocalEndpoints, TunnelSettings, TunnelTraces};
+pub use maps::{
+    CounterValues, Counters, Ipcache, IpcacheEntry, LocalEndpoints, TunnelSettings, TunnelTraces,
+};
 
 /// The compiled programs (ELF, BTF included).
 pub static OBJECT: &[u8] =
@@ -112,6 +123,23 @@ pub enum Error {
         #[source]
         source: Box<ProgramError>,
     },
+    /// The interface does not exist (in the calling thread's network namespace).
+    #[error("no interface {ifname}")]
+    NoInterface {
+        /// The interface.
+        ifname: String,
+    },
+    /// A link pin could not be created or removed.
+    #[error("link pin {}: {op}", path.display())]
+    LinkPin {
+        /// The pin.
+        path: PathBuf,
+        /// What was attempted.
+        op: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// A map operation failed.
     #[error("map {map}: {op}")]
     Map {
@@ -138,7 +166,7 @@ pub enum AttachMode {
 }
 
 /// The programs in the object.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Program {
     /// Ingress of a pod's host-side veth.
     FromPod,
@@ -154,6 +182,38 @@ impl Program {
             Program::FromOverlay => program::FROM_OVERLAY,
         }
     }
+
+    /// The program with symbol name `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Program::FromPod, Program::FromOverlay]
+            .into_iter()
+            .find(|p| p.name() == name)
+    }
+}
+
+/// What [`Datapath::attach`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// A new attachment (nothing was there, or the pin was stale).
+    Created,
+    /// The program in an existing pinned link (a previous agent's) was swapped atomically.
+    Replaced,
+    /// This value had already attached the same program to the same interface.
+    Unchanged,
+}
+
+/// How one attachment is held.
+enum Held {
+    /// A pinned TCX link: it outlives this process; the fd is kept for [`Datapath::detach`].
+    Pinned { _link: FdLink, pin: PathBuf },
+    /// Owned by the program (no pin directory, or clsact): detached on drop.
+    Owned(SchedClassifierLinkId),
+}
+
+struct Attachment {
+    program: Program,
+    ifindex: u32,
+    held: Held,
 }
 
 /// How to load the datapath.
@@ -222,7 +282,8 @@ pub struct TestRunResult {
 pub struct Datapath {
     ebpf: Ebpf,
     attach: AttachMode,
-    links: Vec<(Program, SchedClassifierLinkId)>,
+    link_dir: Option<PathBuf>,
+    links: BTreeMap<String, Attachment>,
     /// Typed map handles.
     pub maps: Maps,
 }
@@ -311,6 +372,7 @@ fn check_pin(path: &Path, want: (MapType, u32, u32, u32)) -> Result<()> {
 impl Datapath {
     /// Loads the programs (verifier) and creates, or reuses from `config.pin_dir`, the maps.
     pub fn load(config: &Config) -> Result<Self> {
+        let link_dir = config.pin_dir.as_ref().map(|d| d.join(LINKS_DIR));
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(map::IPCACHE, config.ipcache_max_entries)
@@ -326,6 +388,12 @@ impl Datapath {
                 }
                 loader.map_pin_path(name, path);
             }
+        }
+        if let Some(dir) = &link_dir {
+            std::fs::create_dir_all(dir).map_err(|source| Error::PinDir {
+                path: dir.clone(),
+                source,
+            })?;
         }
         let mut ebpf = loader.load(OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
         for program in [Program::FromPod, Program::FromOverlay] {
@@ -351,14 +419,58 @@ impl Datapath {
         Ok(Self {
             ebpf,
             attach: config.attach,
-            links: Vec::new(),
+            link_dir,
+            links: BTreeMap::new(),
             maps,
         })
     }
 
+    /// How programs are attached.
+    pub fn attach_mode(&self) -> AttachMode {
+        self.attach
+    }
+
+    /// Link pins left in the pin directory (by this or an earlier agent):
+    /// `(program, interface name)`.
+    pub fn pinned_links(&self) -> Vec<(Program, String)> {
+        let Some(dir) = &self.link_dir else {
+            return Vec::new();
+        };
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        rd.filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            let (prog, ifname) = name.split_once('@')?;
+            Some((Program::from_name(prog)?, ifname.to_owned()))
+        })
+        .collect()
+    }
+
+    /// Interfaces this value attached a program to: `(interface, program, ifindex)`.
+    pub fn attachments(&self) -> Vec<(String, Program, u32)> {
+        self.links
+            .iter()
+            .map(|(n, a)| (n.clone(), a.program, a.ifindex))
+            .collect()
+    }
+
     /// Attaches `program` to the ingress of `ifname` (resolved in the calling thread's
-    /// network namespace). The attachment lasts until [`Datapath::detach_all`] or drop.
-    pub fn attach(&mut self, program: Program, ifname: &str) -> Result<()> {
+    /// network namespace). With a pin directory and TCX the attachment is a pinned link
+    /// that outlives this value (see the module docs) and a link pinned by an earlier agent
+    /// is taken over atomically; otherwise it lasts until [`Datapath::detach_all`] or drop.
+    /// Attaching again after the interface was recreated (new ifindex) replaces the old
+    /// attachment.
+    pub fn attach(&mut self, program: Program, ifname: &str) -> Result<Attached> {
+        let ifindex = ifindex_of(ifname).ok_or_else(|| Error::NoInterface {
+            ifname: ifname.to_owned(),
+        })?;
+        if let Some(a) = self.links.get(ifname) {
+            if a.program == program && a.ifindex == ifindex {
+                return Ok(Attached::Unchanged);
+            }
+            self.detach(ifname)?;
+        }
         let mode = self.attach;
         let attach_err = |source| Error::Attach {
             program: program.name(),
@@ -367,27 +479,114 @@ impl Datapath {
             source: Box::new(source),
         };
         let prog = classifier(&mut self.ebpf, program)?;
-        let options = match mode {
-            AttachMode::Tcx => TcAttachOptions::TcxOrder(LinkOrder::default()),
-            AttachMode::Clsact => {
-                // EEXIST (already there) is fine; anything else shows up in the attach.
-                let _ = tc::qdisc_add_clsact(ifname);
-                TcAttachOptions::Netlink(tc::NlOptions::default())
+        let (held, how) = match (mode, &self.link_dir) {
+            (AttachMode::Tcx, Some(dir)) => {
+                let pin = dir.join(format!("{}@{ifname}", program.name()));
+                let reused = if pin.exists() {
+                    match take_over(prog, &pin) {
+                        Ok(id) => Some(id),
+                        Err(error) => {
+                            // The device behind the old link is gone (ENOLINK) or the pin is
+                            // not a TCX link: start over with a new link.
+                            tracing::debug!(pin = %pin.display(), %error, "stale link pin replaced");
+                            remove_pin(&pin)?;
+                            None
+                        }
+                    }
+                } else {
+                    None
+                };
+                let (id, how) = match reused {
+                    Some(id) => (id, Attached::Replaced),
+                    None => (
+                        prog.attach_with_options(
+                            ifname,
+                            TcAttachType::Ingress,
+                            TcAttachOptions::TcxOrder(LinkOrder::default()),
+                        )
+                        .map_err(attach_err)?,
+                        Attached::Created,
+                    ),
+                };
+                let link: FdLink = prog.take_link(id).map_err(attach_err)?.try_into().map_err(
+                    |e: aya::programs::links::LinkError| Error::LinkPin {
+                        path: pin.clone(),
+                        op: "take the TCX link",
+                        source: std::io::Error::other(e),
+                    },
+                )?;
+                let link = if how == Attached::Created {
+                    let pinned = link.pin(&pin).map_err(|e| Error::LinkPin {
+                        path: pin.clone(),
+                        op: "pin",
+                        source: std::io::Error::other(e),
+                    })?;
+                    FdLink::from(pinned)
+                } else {
+                    link
+                };
+                (Held::Pinned { _link: link, pin }, how)
+            }
+            _ => {
+                let options = match mode {
+                    AttachMode::Tcx => TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    AttachMode::Clsact => {
+                        // EEXIST (already there) is fine; anything else shows up in the attach.
+                        let _ = tc::qdisc_add_clsact(ifname);
+                        TcAttachOptions::Netlink(tc::NlOptions::default())
+                    }
+                };
+                let id = prog
+                    .attach_with_options(ifname, TcAttachType::Ingress, options)
+                    .map_err(attach_err)?;
+                (Held::Owned(id), Attached::Created)
             }
         };
-        let id = prog
-            .attach_with_options(ifname, TcAttachType::Ingress, options)
-            .map_err(attach_err)?;
-        self.links.push((program, id));
+        self.links.insert(
+            ifname.to_owned(),
+            Attachment {
+                program,
+                ifindex,
+                held,
+            },
+        );
+        Ok(how)
+    }
+
+    /// Detaches whatever this value attached to `ifname` and removes its pin; `Ok(false)` if
+    /// nothing was attached.
+    pub fn detach(&mut self, ifname: &str) -> Result<bool> {
+        let Some(a) = self.links.remove(ifname) else {
+            return Ok(false);
+        };
+        match a.held {
+            // Removing the pin and closing the last fd releases the link, which detaches it.
+            Held::Pinned { pin, .. } => remove_pin(&pin)?,
+            Held::Owned(id) => classifier(&mut self.ebpf, a.program)?
+                .detach(id)
+                .map_err(|e| program_err(a.program, "detach", e))?,
+        }
+        Ok(true)
+    }
+
+    /// Removes the pin of a link an earlier agent left for `program` on `ifname` (the
+    /// interface is gone or no longer a pod's); the link is detached with it unless this
+    /// value holds it.
+    pub fn forget_pin(&mut self, program: Program, ifname: &str) -> Result<()> {
+        if self.links.contains_key(ifname) {
+            return self.detach(ifname).map(|_| ());
+        }
+        if let Some(dir) = &self.link_dir {
+            remove_pin(&dir.join(format!("{}@{ifname}", program.name())))?;
+        }
         Ok(())
     }
 
-    /// Detaches every program attached by this value.
+    /// Detaches every program attached by this value (removing their pins).
     pub fn detach_all(&mut self) -> Result<()> {
-        for (program, id) in std::mem::take(&mut self.links) {
-            classifier(&mut self.ebpf, program)?
-                .detach(id)
-                .map_err(|e| program_err(program, "detach", e))?;
+        let names: Vec<String> = self.links.keys().cloned().collect();
+        for name in names {
+            self.detach(&name)?;
         }
         Ok(())
     }
@@ -416,6 +615,76 @@ impl Datapath {
             data_out_len: r.data_size_out as usize,
         })
     }
+}
+
+/// Subdirectory of the pin directory holding link pins.
+pub const LINKS_DIR: &str = "links";
+
+/// Swaps `prog` into the TCX link pinned at `pin`.
+fn take_over(
+    prog: &mut SchedClassifier,
+    pin: &Path,
+) -> std::result::Result<SchedClassifierLinkId, String> {
+    let pinned = PinnedLink::from_pin(pin).map_err(|e| e.to_string())?;
+    // `From<PinnedLink>` keeps the pin file; only the fd changes hands.
+    let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| e.to_string())?;
+    prog.attach_to_link(link).map_err(|e| format!("{e:?}"))
+}
+
+fn remove_pin(pin: &Path) -> Result<()> {
+    match std::fs::remove_file(pin) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(Error::LinkPin {
+            path: pin.into(),
+            op: "remove",
+            source,
+        }),
+    }
+}
+
+/// The index of `ifname` in the calling thread's network namespace.
+pub fn ifindex_of(ifname: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(ifname).ok()?;
+    // SAFETY: `c` is NUL-terminated and outlives the call.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (idx != 0).then_some(idx)
+}
+
+/// Removes every pin in `pin_dir` (links first, which detaches the programs unless a
+/// running agent still holds them, then the maps) and the directory itself. For `lab down`
+/// and uninstall; an agent never calls it on shutdown. Returns the number of pins removed.
+pub fn cleanup(pin_dir: &Path) -> Result<usize> {
+    let mut removed = 0;
+    let io = |path: &Path, source| Error::PinDir {
+        path: path.into(),
+        source,
+    };
+    let links = pin_dir.join(LINKS_DIR);
+    for dir in [&links, pin_dir] {
+        let rd = match std::fs::read_dir(dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io(dir, e)),
+        };
+        for entry in rd {
+            let entry = entry.map_err(|e| io(dir, e))?;
+            let path = entry.path();
+            if path.is_dir() {
+                continue;
+            }
+            remove_pin(&path)?;
+            removed += 1;
+        }
+    }
+    for dir in [&links, pin_dir] {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(dir, e)),
+        }
+    }
+    Ok(removed)
 }
 
 fn program_err(program: Program, op: &'static str, source: ProgramError) -> Error {

@@ -1,0 +1,426 @@
+//! The agent: start-up checks, datapath load and attach, the local and remote readers, the
+//! reconcile loop and the health server, as tasks under one cancellation token.
+//!
+//! Shutdown (the token is cancelled) stops the readers and the server and drops the
+//! datapath handles. It never detaches programs and never clears maps: the pinned links and
+//! maps keep forwarding with the last state until the next agent takes them over (Cilium's
+//! agent does not drain on shutdown either). `clustermesh-agent --cleanup` removes them.
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clustermesh_syncer::remote::{self, Manager, Mode};
+use clustermesh_syncer::{ConnectConfig, EtcdConfig};
+use clustermesh_types::cluster::{ClusterInfo, ClusterName};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn, Instrument as _};
+
+use crate::datapath::{self, Datapath, Program};
+use crate::health::{self, Metrics, Shared};
+use crate::reconcile::{Input, Reconciler};
+use crate::{ifaces, kernel, local, Error, Result};
+
+/// Where remote clusters are read from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RemoteMode {
+    /// Through the KVStoreMesh cache in the local etcd (default).
+    KvstoreMesh,
+    /// From each remote's etcd, with the endpoints and certificates of its file.
+    Direct,
+}
+
+/// Settings of the agent (validated by [`Config::validate`]).
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The local cluster.
+    pub cluster: ClusterInfo,
+    /// This node's name.
+    pub node_name: String,
+    /// This node's underlay IPv4 (pods with this `HostIP` are local).
+    pub node_ip: Ipv4Addr,
+    /// Client config of the local etcd (user `local-<c>`).
+    pub etcd_config: PathBuf,
+    /// Directory with one file per remote cluster (may be empty or missing).
+    pub clustermesh_config: PathBuf,
+    /// KVStoreMesh or direct.
+    pub remote_mode: RemoteMode,
+    /// Pin directory on bpffs (maps, and `links/`).
+    pub bpffs_dir: PathBuf,
+    /// The VXLAN device (external mode).
+    pub vxlan_dev: String,
+    /// `/readyz`, `/healthz`, `/status`, `/metrics`.
+    pub health_addr: SocketAddr,
+    /// `/readyz` turns true at the latest after this long.
+    pub sync_timeout: Duration,
+    /// ipcache capacity.
+    pub ipcache_max_entries: u32,
+    /// Local endpoints capacity.
+    pub local_endpoints_max_entries: u32,
+    /// How often the interface list is checked for pods' veths.
+    pub interface_poll: Duration,
+}
+
+impl Config {
+    /// Checks ranges and names.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |s: String| Err(Error::InvalidConfig(s));
+        if let Err(e) = self.cluster.validate() {
+            return bad(format!("--cluster-id: {e}"));
+        }
+        if self.node_name.is_empty() {
+            return bad("--node-name must not be empty".into());
+        }
+        if self.node_ip.is_unspecified() {
+            return bad("--node-ip must be this node's underlay address".into());
+        }
+        if self.vxlan_dev.is_empty() || self.vxlan_dev.len() > ifaces::IFNAME_MAX {
+            return bad(format!(
+                "--vxlan-dev {:?} is not an interface name",
+                self.vxlan_dev
+            ));
+        }
+        if self.ipcache_max_entries == 0 || self.local_endpoints_max_entries == 0 {
+            return bad("map sizes must be > 0".into());
+        }
+        if self.interface_poll.is_zero() {
+            return bad("--interface-poll must be > 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// Removes every pin under `bpffs_dir` (programs detach, maps go): for `lab down`.
+pub fn cleanup(bpffs_dir: &Path) -> Result<usize> {
+    Ok(datapath::cleanup(bpffs_dir)?)
+}
+
+/// Runs the agent until `token` is cancelled (or a subsystem fails).
+pub async fn run(config: Config, token: CancellationToken) -> Result<()> {
+    config.validate()?;
+    let report = kernel::check(&config.bpffs_dir)?;
+    info!(%report, "kernel check passed");
+    if report.mounted_bpffs {
+        warn!(dir = %config.bpffs_dir.display(),
+            "mounted bpffs myself: if this process runs in its own mount namespace (ip netns exec), \
+             the pins disappear with it and restarts are not hitless; mount bpffs there beforehand");
+    }
+    let dp_config = datapath::Config {
+        pin_dir: Some(config.bpffs_dir.clone()),
+        ipcache_max_entries: config.ipcache_max_entries,
+        local_endpoints_max_entries: config.local_endpoints_max_entries,
+        attach: report.attach_mode,
+    };
+    let mut dp = Datapath::load(&dp_config)?;
+    let vx = ifaces::lookup(&config.vxlan_dev).ok_or_else(|| Error::NoVxlanDevice {
+        dev: config.vxlan_dev.clone(),
+    })?;
+    let how = dp.attach(Program::FromOverlay, &config.vxlan_dev)?;
+    info!(dev = %config.vxlan_dev, ?how, "from_overlay attached");
+    if dp.maps.tunnel.get()?.vxlan_ifindex != vx.ifindex
+        || dp.maps.tunnel.get()?.local_ipv4 != config.node_ip.octets()
+    {
+        dp.maps.tunnel.set(vx.ifindex, config.node_ip)?;
+    }
+    let local_name: Arc<str> = Arc::from(config.cluster.name.as_str());
+    let reconciler = Reconciler::new(
+        dp,
+        local_name.clone(),
+        config.node_ip,
+        config.ipcache_max_entries,
+        config.local_endpoints_max_entries,
+    )?;
+
+    let etcd = EtcdConfig::load(&config.etcd_config)?;
+    let (tx, local_rx) = mpsc::channel(4096);
+    let (reader, local_status) = local::Reader::new(
+        local::Config {
+            cluster: config.cluster.clone(),
+            etcd: etcd.clone(),
+            connect: ConnectConfig::default(),
+            backoff_min: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(10),
+        },
+        tx,
+    );
+    let metrics = Arc::new(Metrics::default());
+    let mode = match config.remote_mode {
+        RemoteMode::KvstoreMesh => Mode::KvstoreMesh { local_etcd: etcd },
+        RemoteMode::Direct => Mode::Direct,
+    };
+    let rconfig = remote::Config::new(
+        config.cluster.clone(),
+        config.clustermesh_config.clone(),
+        mode,
+    );
+    let (manager, remote_rx) = Manager::new(rconfig, metrics.remote.clone())?;
+    let remote_status = manager.status();
+
+    let shared = Arc::new(Shared::default());
+    let server = health::serve(
+        config.health_addr,
+        shared.clone(),
+        metrics.registry(),
+        token.child_token(),
+    )
+    .await
+    .map_err(|source| Error::Health {
+        addr: config.health_addr,
+        source,
+    })?;
+    info!(addr = %config.health_addr, "health server listening");
+
+    let base = health::Report {
+        cluster: config.cluster.name.to_string(),
+        cluster_id: config.cluster.id,
+        node: config.node_name.clone(),
+        node_ip: config.node_ip.to_string(),
+        kernel: report.to_string(),
+        attach_mode: format!("{:?}", report.attach_mode),
+        ..health::Report::default()
+    };
+
+    let mut tasks: JoinSet<Result<()>> = JoinSet::new();
+    tasks.spawn(
+        async move {
+            server.await.map_err(|source| Error::Health {
+                addr: config.health_addr,
+                source,
+            })
+        }
+        .instrument(tracing::info_span!("health")),
+    );
+    {
+        let t = token.child_token();
+        tasks.spawn(
+            async move {
+                reader.run(t).await;
+                Ok(())
+            }
+            .instrument(tracing::info_span!("local_reader")),
+        );
+    }
+    {
+        let t = token.child_token();
+        tasks.spawn(
+            async move { manager.run(t).await.map_err(Error::from) }
+                .instrument(tracing::info_span!("remote_reader")),
+        );
+    }
+    {
+        let l = Loop {
+            rec: reconciler,
+            local_rx,
+            remote_rx,
+            remote_status,
+            local_status,
+            shared,
+            metrics,
+            base,
+            local: local_name,
+            config_dir: config.clustermesh_config.clone(),
+            sync_timeout: config.sync_timeout,
+            interface_poll: config.interface_poll,
+        };
+        let t = token.child_token();
+        tasks.spawn(
+            async move {
+                l.run(t).await;
+                Ok(())
+            }
+            .instrument(tracing::info_span!("reconcile", node = %config.node_name)),
+        );
+    }
+    let mut result = Ok(());
+    while let Some(done) = tasks.join_next().await {
+        let r = match done {
+            Ok(r) => r,
+            Err(e) => Err(Error::Task(e.to_string())),
+        };
+        if let Err(e) = r {
+            if result.is_ok() {
+                error!(error = %e, "subsystem failed: stopping");
+                result = Err(e);
+            }
+        }
+        // Any subsystem ending ends the agent.
+        token.cancel();
+    }
+    result
+}
+
+/// The names of remote cluster files in `dir` (what the manager will read).
+fn scan_remotes(dir: &Path, local: &str) -> BTreeSet<String> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return BTreeSet::new();
+    };
+    rd.filter_map(|e| {
+        let e = e.ok()?;
+        if !e.file_type().ok()?.is_file() && !e.path().is_file() {
+            return None;
+        }
+        let name = e.file_name().into_string().ok()?;
+        (!name.starts_with('.') && name != local && ClusterName::new(name.clone()).is_ok())
+            .then_some(name)
+    })
+    .collect()
+}
+
+struct Loop {
+    rec: Reconciler,
+    local_rx: mpsc::Receiver<Input>,
+    remote_rx: mpsc::Receiver<remote::Event>,
+    remote_status: watch::Receiver<remote::Snapshot>,
+    local_status: watch::Receiver<local::Status>,
+    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+    base: health::Report,
+    local: Arc<str>,
+    config_dir: PathBuf,
+    sync_timeout: Duration,
+    interface_poll: Duration,
+}
+
+/// Inputs taken per wake-up before flushing: big lists become few batched syscalls, single
+/// changes are flushed at once.
+const DRAIN: usize = 65_536;
+
+impl Loop {
+    async fn run(mut self, token: CancellationToken) {
+        let started = Instant::now();
+        let initial_remotes = scan_remotes(&self.config_dir, &self.local);
+        let deadline = tokio::time::sleep(self.sync_timeout);
+        tokio::pin!(deadline);
+        let mut timed_out = false;
+        let mut ready = false;
+        let mut ready_reason = String::from("waiting for the initial sync");
+        let mut iface_tick = tokio::time::interval(self.interface_poll);
+        iface_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut status_tick = tokio::time::interval(Duration::from_secs(1));
+        status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut last_ifaces = ifaces::names();
+        let mut remote_open = true;
+        loop {
+            let mut publish = false;
+            tokio::select! {
+                _ = token.cancelled() => break,
+                i = self.local_rx.recv() => match i {
+                    Some(i) => { self.rec.handle(i); self.drain(remote_open); }
+                    None => break,
+                },
+                e = self.remote_rx.recv(), if remote_open => match e {
+                    Some(e) => {
+                        if let Some(i) = Input::from_remote(e) { self.rec.handle(i); }
+                        self.drain(remote_open);
+                    }
+                    None => remote_open = false,
+                },
+                _ = iface_tick.tick() => {
+                    let now = ifaces::names();
+                    if now != last_ifaces || self.rec.pods_pending() {
+                        last_ifaces = now;
+                        self.rec.sync_pods();
+                    }
+                }
+                _ = status_tick.tick() => publish = true,
+                _ = &mut deadline, if !timed_out => {
+                    timed_out = true;
+                }
+            }
+            self.rec.flush();
+
+            // Readiness: the local cluster and every configured remote synced into the maps,
+            // or the sync timeout passed.
+            let snapshot = self.remote_status.borrow().clone();
+            let mut expected: BTreeSet<String> =
+                snapshot.clusters.iter().map(|s| s.name.clone()).collect();
+            if snapshot.clusters.is_empty() && started.elapsed() < Duration::from_secs(10) {
+                expected.extend(initial_remotes.iter().cloned());
+            }
+            let synced = self.rec.synced();
+            let local_synced = synced.contains(&self.local);
+            let missing: Vec<&String> = expected
+                .iter()
+                .filter(|r| !synced.contains(r.as_str()))
+                .collect();
+            let all = local_synced && missing.is_empty();
+            let (swept_local, swept_remote) = self.rec.swept();
+            if all && !swept_remote {
+                self.rec.sweep(true);
+            } else if local_synced && timed_out && !swept_local {
+                self.rec.sweep(false);
+            }
+            if !ready && (all || timed_out) {
+                ready = true;
+                ready_reason = if all {
+                    format!("every cluster synced after {:?}", started.elapsed())
+                } else {
+                    let mut m: Vec<String> = missing.iter().map(|s| s.to_string()).collect();
+                    if !local_synced {
+                        m.insert(0, self.local.to_string());
+                    }
+                    format!(
+                        "sync timeout ({:?}) passed; not synced: {}",
+                        self.sync_timeout,
+                        m.join(", ")
+                    )
+                };
+                info!(reason = %ready_reason, "ready");
+                self.shared.set_ready(true);
+                publish = true;
+            }
+            if publish {
+                self.publish(&ready_reason, ready, &snapshot);
+            }
+        }
+        info!("reconcile loop stopped: maps and programs stay in place");
+    }
+
+    fn drain(&mut self, remote_open: bool) {
+        for _ in 0..DRAIN {
+            let mut any = false;
+            if let Ok(i) = self.local_rx.try_recv() {
+                self.rec.handle(i);
+                any = true;
+            }
+            if remote_open {
+                if let Ok(e) = self.remote_rx.try_recv() {
+                    if let Some(i) = Input::from_remote(e) {
+                        self.rec.handle(i);
+                    }
+                    any = true;
+                }
+            }
+            if !any {
+                break;
+            }
+        }
+    }
+
+    fn publish(&self, reason: &str, ready: bool, snapshot: &remote::Snapshot) {
+        let mut report = self.base.clone();
+        report.ready = ready;
+        report.ready_reason = reason.to_owned();
+        report.local = self.local_status.borrow().clone();
+        report.remote_clusters = snapshot.clusters.clone();
+        report.datapath = self.rec.report();
+        let maps = &self.rec.datapath_ref().maps;
+        for program in [Program::FromPod, Program::FromOverlay] {
+            if let Ok(values) = maps.counters(program).read() {
+                report.programs.insert(
+                    program.name().to_owned(),
+                    clustermesh_ebpf_abi::Counter::ALL
+                        .iter()
+                        .map(|c| (c.name().to_owned(), values.get(*c)))
+                        .collect(),
+                );
+            }
+        }
+        self.metrics.observe(&report);
+        self.shared.publish(report);
+    }
+}

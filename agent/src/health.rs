@@ -1,0 +1,282 @@
+//! `/readyz`, `/healthz`, `/status` (JSON) and Prometheus `/metrics` over HTTP, in the
+//! pattern of the apiserver's health server.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use clustermesh_syncer::remote;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::{local, reconcile};
+
+/// What `/status` reports.
+#[derive(Debug, Default, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Report {
+    /// Local cluster name.
+    pub cluster: String,
+    /// Local cluster ID.
+    pub cluster_id: u32,
+    /// This node.
+    pub node: String,
+    /// This node's underlay IPv4.
+    pub node_ip: String,
+    /// `/readyz`.
+    pub ready: bool,
+    /// Why (not) ready.
+    pub ready_reason: String,
+    /// The kernel check's summary.
+    pub kernel: String,
+    /// TCX or clsact.
+    pub attach_mode: String,
+    /// The local cluster reader.
+    pub local: local::Status,
+    /// Every remote cluster (Cilium's `RemoteCluster` JSON).
+    pub remote_clusters: Vec<remote::Status>,
+    /// Maps, pods, reconcile counters.
+    pub datapath: reconcile::Report,
+    /// Program counters: program → counter → packets (summed over CPUs).
+    pub programs: BTreeMap<String, BTreeMap<String, u64>>,
+}
+
+/// Shared between the agent's loop and the HTTP server.
+#[derive(Debug, Default)]
+pub struct Shared {
+    ready: AtomicBool,
+    report: Mutex<Report>,
+}
+
+impl Shared {
+    /// Sets readiness.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    /// Readiness.
+    pub fn ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// Replaces the report.
+    pub fn publish(&self, report: Report) {
+        *self.report.lock().unwrap_or_else(PoisonError::into_inner) = report;
+    }
+
+    /// A copy of the report.
+    pub fn report(&self) -> Report {
+        let mut r = self
+            .report
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        r.ready = self.ready();
+        r
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabels {
+    map_name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PacketLabels {
+    program: String,
+    counter: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: String,
+}
+
+/// The agent's metrics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// The remote reader's (`cilium_clustermesh_remote_cluster_*`).
+    pub remote: remote::Metrics,
+    map_pressure: Family<MapLabels, Gauge<f64, AtomicU64>>,
+    packets: Family<PacketLabels, Counter>,
+    pods: Family<StateLabels, Gauge>,
+    ready: Gauge,
+    map_ops: Family<StateLabels, Counter>,
+    last: Mutex<HashMap<(String, String), u64>>,
+}
+
+impl Metrics {
+    /// A registry with every metric under the `cilium` prefix.
+    pub fn registry(&self) -> Registry {
+        let mut r = Registry::with_prefix("cilium");
+        self.remote.register(&mut r);
+        r.register(
+            "bpf_map_pressure",
+            "Fill level of a BPF map (entries / max entries)",
+            self.map_pressure.clone(),
+        );
+        r.register(
+            "clustermesh_datapath_packets",
+            "Packets seen by the datapath programs, by program and counter",
+            self.packets.clone(),
+        );
+        r.register(
+            "clustermesh_agent_local_pods",
+            "Pods on this node by attach state",
+            self.pods.clone(),
+        );
+        r.register(
+            "clustermesh_agent_ready",
+            "1 once every configured cluster's initial sync is in the maps",
+            self.ready.clone(),
+        );
+        r.register(
+            "clustermesh_agent_map_operations",
+            "Map elements written, deleted or swept by the reconciler",
+            self.map_ops.clone(),
+        );
+        r
+    }
+
+    /// Updates the gauges and counters from a report.
+    pub fn observe(&self, report: &Report) {
+        let d = &report.datapath;
+        for (name, fill) in [
+            (clustermesh_ebpf_abi::map::IPCACHE, &d.ipcache),
+            (
+                clustermesh_ebpf_abi::map::LOCAL_ENDPOINTS,
+                &d.local_endpoints,
+            ),
+        ] {
+            self.map_pressure
+                .get_or_create(&MapLabels {
+                    map_name: name.to_owned(),
+                })
+                .set(fill.pressure);
+        }
+        self.ready.set(i64::from(report.ready));
+        let mut states: BTreeMap<&str, i64> = BTreeMap::new();
+        for p in &d.pods {
+            *states
+                .entry(if p.attached { "attached" } else { "pending" })
+                .or_default() += 1;
+        }
+        for s in ["attached", "pending"] {
+            self.pods
+                .get_or_create(&StateLabels { state: s.into() })
+                .set(states.get(s).copied().unwrap_or(0));
+        }
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        for (program, counters) in &report.programs {
+            for (counter, v) in counters {
+                let before = last
+                    .insert((program.clone(), counter.clone()), *v)
+                    .unwrap_or(0);
+                if *v > before {
+                    self.packets
+                        .get_or_create(&PacketLabels {
+                            program: program.clone(),
+                            counter: counter.clone(),
+                        })
+                        .inc_by(*v - before);
+                }
+            }
+        }
+        let s = &d.stats;
+        for (op, v) in [
+            ("ipcache_upsert", s.ipcache_upserts),
+            ("ipcache_delete", s.ipcache_deletes),
+            ("endpoint_upsert", s.endpoint_upserts),
+            ("endpoint_delete", s.endpoint_deletes),
+            ("swept", s.swept),
+            ("error", s.errors),
+        ] {
+            let before = last.insert(("ops".into(), op.into()), v).unwrap_or(0);
+            if v > before {
+                self.map_ops
+                    .get_or_create(&StateLabels { state: op.into() })
+                    .inc_by(v - before);
+            }
+        }
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    shared: Arc<Shared>,
+    registry: Arc<Registry>,
+}
+
+async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
+    if s.shared.ready() {
+        (StatusCode::OK, "Ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "NotReady")
+    }
+}
+
+async fn healthz() -> impl IntoResponse {
+    (StatusCode::OK, "ok")
+}
+
+async fn status_json(State(s): State<AppState>) -> impl IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        serde_json::to_string_pretty(&s.shared.report()).unwrap_or_default(),
+    )
+}
+
+async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    let mut out = String::new();
+    match prometheus_client::encoding::text::encode(&mut out, &s.registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            out,
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(axum::http::header::CONTENT_TYPE, "text/plain")],
+            e.to_string(),
+        ),
+    }
+}
+
+/// Binds `addr` (so a port clash fails start-up) and returns the server future, which
+/// runs until `cancel`.
+pub async fn serve(
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    registry: Registry,
+    cancel: CancellationToken,
+) -> std::io::Result<impl std::future::Future<Output = std::io::Result<()>>> {
+    let app = Router::new()
+        .route("/readyz", get(readyz))
+        .route("/healthz", get(healthz))
+        .route("/status", get(status_json))
+        .route("/metrics", get(metrics))
+        .with_state(AppState {
+            shared,
+            registry: Arc::new(registry),
+        });
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    Ok(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { cancel.cancelled().await })
+            .await
+    })
+}
