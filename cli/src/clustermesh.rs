@@ -356,9 +356,9 @@ async fn with_root<T>(
             Err(e) => {
                 return Err(e).with_context(|| {
                     format!(
-                        "the etcd of {} has no role \"remote\": is its clustermesh-apiserver running?",
-                        c.name
-                    )
+                    "the etcd of {} has no role \"remote\": is its clustermesh-apiserver running?",
+                    c.name
+                )
                 })
             }
         }

@@ -499,9 +499,16 @@ async fn three_clusters_connected_with_the_cli() {
     // Another cluster named like an existing peer does not replace it.
     let twin = prepare(&root.join("y"), "../ca", "c1", 8, 1, 1);
     let (ok, text) = connect(&c2, &twin, &[]);
-    assert!(!ok && text.contains("already connected to a cluster named c1"), "{text}");
+    assert!(
+        !ok && text.contains("already connected to a cluster named c1"),
+        "{text}"
+    );
     assert_eq!(
-        EtcdConfig::load(&c2.state.join("clustermesh/c1")).unwrap().endpoints,
-        EtcdConfig::load(&c1.state.join("etcd-config.yaml")).unwrap().endpoints
+        EtcdConfig::load(&c2.state.join("clustermesh/c1"))
+            .unwrap()
+            .endpoints,
+        EtcdConfig::load(&c1.state.join("etcd-config.yaml"))
+            .unwrap()
+            .endpoints
     );
 }

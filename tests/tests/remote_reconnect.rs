@@ -22,13 +22,13 @@ async fn etcd_cluster_id(etcd: &TestEtcd) -> anyhow::Result<u64> {
     Ok(r.header().map(|h| h.cluster_id()).unwrap_or(0))
 }
 
-fn cache_view(fx: &Fixture) -> BTreeMap<(Resource, String), Vec<u8>> {
+fn cache_view(fx: &Fixture) -> BTreeMap<(Resource, String), [u8; 16]> {
     fx.caches
         .with("cluster3", |c| {
             let mut out = BTreeMap::new();
             for r in Resource::ALL {
                 for (k, v) in c.iter(r) {
-                    out.insert((r, k.to_owned()), v.raw.to_vec());
+                    out.insert((r, k.to_owned()), v.digest);
                 }
             }
             out
@@ -132,6 +132,10 @@ async fn fresh_etcd_with_changed_data_converges_without_stale_entries() -> anyho
         (Resource::Services, "ns-alpha/echo-service".into()),
         SERVICE.as_bytes().to_vec(),
     );
+    let want: BTreeMap<(Resource, String), [u8; 16]> = want
+        .into_iter()
+        .map(|(k, v)| (k, clustermesh_syncer::remote::digest(&v)))
+        .collect();
     let deadline = back + CAP * 2;
     loop {
         let ready = fx.status.borrow().get("cluster3").is_some_and(|s| s.ready);

@@ -51,7 +51,7 @@ use clustermesh_types::identity::LabelArray;
 use clustermesh_types::model::{ClusterService, IpIdentityPair, Node, ServiceExport};
 
 pub use backoff::Backoff;
-pub use cache::{Caches, RemoteCache, Stored};
+pub use cache::{digest, Caches, Digest, RemoteCache, Stored};
 pub use manager::Manager;
 pub use metrics::Metrics;
 pub use status::{Snapshot, Status, StatusConfig, StatusSynced};

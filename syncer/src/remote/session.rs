@@ -37,11 +37,18 @@ pub(crate) struct Env {
     /// generation so that only the first failing session replaces it.
     local: tokio::sync::Mutex<Option<(u64, Client)>>,
     local_generation: AtomicU64,
+    /// KVStoreMesh mode: bounds concurrent initial lists (see [`LOCAL_LISTS`]).
+    list_permits: Option<tokio::sync::Semaphore>,
 }
+
+/// Concurrent lists against the local etcd in KVStoreMesh mode.
+const LOCAL_LISTS: usize = 8;
 
 impl Env {
     pub(crate) fn new(config: Config, metrics: Metrics, events: mpsc::Sender<Event>) -> Self {
         Self {
+            list_permits: matches!(config.mode, Mode::KvstoreMesh { .. })
+                .then(|| tokio::sync::Semaphore::new(LOCAL_LISTS)),
             config,
             metrics,
             events,
@@ -465,8 +472,15 @@ impl Remote {
         let prefix = r.watch_prefix(&self.name, cached);
         let mut first = true;
         loop {
+            // KVStoreMesh mode: every list hits the one local etcd; listing all remotes at
+            // once gains nothing and holds every remote's listed bytes at the same time.
+            let permit = match &self.env.list_permits {
+                Some(p) => p.acquire().await.ok(),
+                None => None,
+            };
             let (kvs, revision) = list(&client, &guard, &prefix).await?;
             self.apply_list(&ctx, r, &prefix, kvs, &token).await;
+            drop(permit);
             if first {
                 first = false;
                 self.mark_synced(r, &token).await;

@@ -5,10 +5,16 @@
 //!     etcd-client watch on the same range, for the same puts;
 //! (c) decode (and full validation) of a ClusterService with 1k backends, beside parsing the
 //!     same bytes into a `serde_json::Value`;
-//! (b-lite) KVStoreMesh mode: R remotes × E endpoints read from one local etcd: time to ready
-//!     and RSS growth per endpoint (the full 250 × 1000 profile belongs to the kvstoremesh work).
+//! (b) Cilium's scale-test profile as an agent sees it through the KVStoreMesh cache in one
+//!     local etcd (default 250 remotes × 100 nodes, 100 identities, 1000 endpoints = 25k nodes,
+//!     25k identities, 250k endpoints, written as KVStoreMesh lays them out): time from start
+//!     to every remote ready for a reader in `Mode::KvstoreMesh`, beside one plain paged list
+//!     of the same keys; reader RSS growth per remote endpoint, beside the RSS of holding just
+//!     the listed keys and values. Each side runs in its own child process so neither reuses
+//!     the other's freed memory.
 //!
-//! `cargo run --release -p clustermesh-tests --bin bench-remote [-- --remotes R --endpoints E]`
+//! `cargo run --release -p clustermesh-tests --bin bench-remote [-- --only a,b,c]
+//!  [--remotes 250 --nodes 100 --identities 100 --endpoints 1000]` (sizes are per remote)
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -309,36 +315,109 @@ fn rss_bytes() -> u64 {
         * 1024
 }
 
-async fn bench_kvstoremesh(remotes: usize, endpoints: usize) -> anyhow::Result<()> {
-    let etcd = TestEtcd::start()?;
-    let mut c = etcd.client("root").await?;
-    c.put("cilium/.heartbeat", "x", None).await?;
+/// Cilium's scale-test profile (reference §9), per remote.
+#[derive(Debug, Clone, Copy)]
+struct Profile {
+    remotes: usize,
+    nodes: usize,
+    identities: usize,
+    endpoints: usize,
+}
+
+fn node_entry(cluster: &str, id: u32, name: &str, n: usize) -> String {
+    format!(
+        r#"{{"Name":"{name}","Cluster":"{cluster}","IPAddresses":[{{"Type":"InternalIP","IP":"172.{a}.{b}.{c}"}},{{"Type":"CiliumInternalIP","IP":"10.{a}.{b}.1"}}],"IPv4AllocCIDR":{{"IP":"10.{a}.{b}.0","Mask":"////AA=="}},"IPv4SecondaryAllocCIDRs":null,"IPv6AllocCIDR":null,"IPv6SecondaryAllocCIDRs":null,"IPv4HealthIP":"10.{a}.{b}.134","IPv6HealthIP":"","IPv4IngressIP":"","IPv6IngressIP":"","ClusterID":{id},"Source":"custom-resource","EncryptionKey":0,"Labels":{{"kubernetes.io/hostname":"{name}"}},"Annotations":{{}},"WireguardPubKey":"","BootID":"570d3fd1-93db-4862-ba99-6a3c2c10c38f"}}"#,
+        a = 16 + (id as usize % 16),
+        b = n % 256,
+        c = 2 + n / 256,
+    )
+}
+
+/// Writes the kvstoremesh cache of `p` into one etcd, as Cilium's KVStoreMesh lays it out:
+/// txns of 128 puts, 8 in flight. Returns the number of keys.
+async fn seed_cache(c: &Client, p: Profile) -> anyhow::Result<usize> {
     let max = MaxConnectedClusters::Max255;
-    for r in 0..remotes {
+    let mut ops: Vec<(String, String)> = Vec::new();
+    for r in 0..p.remotes {
         let id = 2 + r as u32;
         let name = format!("c{id}");
-        seed_remote(&mut c, &name, id, true).await?;
         let range = IdentityRange::for_cluster(id, max);
-        let mut ops = Vec::new();
-        for e in 0..endpoints {
-            let ip = ip_of(r * endpoints + e);
-            ops.push(TxnOp::put(
-                format!("cilium/cache/ip/v1/{name}/{ip}"),
-                ip_entry(&ip, range.min + (e as u32 % 1000)),
-                None,
+        ops.push((
+            format!("cilium/cluster-config/{name}"),
+            format!(
+                r#"{{"id":{id},"capabilities":{{"syncedCanaries":true,"cached":true,"maxConnectedClusters":255,"serviceExportsEnabled":false}}}}"#
+            ),
+        ));
+        for n in 0..p.nodes {
+            let node = format!("node-{n}");
+            ops.push((
+                format!("cilium/cache/nodes/v1/{name}/{node}"),
+                node_entry(&name, id, &node, n),
             ));
-            if ops.len() == 128 {
-                c.txn(Txn::new().and_then(std::mem::take(&mut ops))).await?;
-            }
         }
-        if !ops.is_empty() {
-            c.txn(Txn::new().and_then(ops)).await?;
+        for i in 0..p.identities {
+            ops.push((
+                format!("cilium/cache/identities/v1/{name}/id/{}", range.min + i as u32),
+                format!("k8s:app=app{i};k8s:io.cilium.k8s.policy.cluster={name};k8s:io.cilium.k8s.policy.serviceaccount=default;k8s:io.kubernetes.pod.namespace=default;"),
+            ));
+        }
+        for e in 0..p.endpoints {
+            let ip = ip_of(r * p.endpoints + e);
+            ops.push((
+                format!("cilium/cache/ip/v1/{name}/{ip}"),
+                ip_entry(&ip, range.min + (e % p.identities.max(1)) as u32),
+            ));
+        }
+        for s in [
+            "nodes/v1",
+            "services/v1",
+            "serviceexports/v1",
+            "identities/v1",
+            "ip/v1",
+        ] {
+            ops.push((
+                format!("cilium/synced/{name}/cilium/cache/{s}"),
+                "2025-01-01T00:00:00Z".into(),
+            ));
         }
     }
+    let total = ops.len();
+    let mut set = tokio::task::JoinSet::new();
+    let mut chunks = ops
+        .chunks(128)
+        .map(|c| c.to_vec())
+        .collect::<Vec<_>>()
+        .into_iter();
+    loop {
+        while set.len() < 8 {
+            let Some(chunk) = chunks.next() else { break };
+            let mut kv = c.kv_client();
+            set.spawn(async move {
+                let txn: Vec<TxnOp> = chunk
+                    .into_iter()
+                    .map(|(k, v)| TxnOp::put(k, v, None))
+                    .collect();
+                kv.txn(Txn::new().and_then(txn)).await.map(|_| ())
+            });
+        }
+        match set.join_next().await {
+            Some(r) => r??,
+            None => break,
+        }
+    }
+    Ok(total)
+}
+
+/// Child process: the agent's reader in KVStoreMesh mode, from start to all remotes ready.
+async fn phase_reader(local_yaml: &str, remotes: usize) -> anyhow::Result<()> {
+    let local_etcd = clustermesh_syncer::EtcdConfig::load(std::path::Path::new(local_yaml))?;
     let dir = tempfile::tempdir()?;
-    let cfg_path = etcd.dir().join("local.yaml");
-    etcd.write_client_config("local-test", &cfg_path)?;
-    let local_etcd = clustermesh_syncer::EtcdConfig::load(&cfg_path)?;
+    for r in 0..remotes {
+        std::fs::write(
+            dir.path().join(format!("c{}", 2 + r)),
+            "endpoints:\n- https://unused.invalid:2379\n",
+        )?;
+    }
     let mut config = Config::new(
         local(),
         dir.path().to_path_buf(),
@@ -346,46 +425,169 @@ async fn bench_kvstoremesh(remotes: usize, endpoints: usize) -> anyhow::Result<(
     );
     config.per_remote_ready_timeout = Duration::from_secs(600);
     let (manager, rx) = Manager::new(config, Metrics::default())?;
-    drop(rx); // an agent would consume; here only the caches count
+    drop(rx); // an agent would consume events; here only the reader's own state counts
     let mut status = manager.status();
     let caches = manager.caches();
     let rss_before = rss_bytes();
     let start = Instant::now();
     let token = CancellationToken::new();
     let run = tokio::spawn(manager.run(token.child_token()));
-    for r in 0..remotes {
-        std::fs::write(
-            dir.path().join(format!("c{}", 2 + r)),
-            "endpoints:\n- https://unused.invalid:2379\n",
-        )?;
-    }
     tokio::time::timeout(
-        Duration::from_secs(300),
+        Duration::from_secs(600),
         status.wait_for(|s| s.clusters.len() == remotes && s.clusters.iter().all(|c| c.ready)),
     )
     .await
     .context("kvstoremesh reader not ready")??;
     let took = start.elapsed();
-    let total: usize = caches
-        .names()
-        .iter()
-        .filter_map(|n| caches.with(n, |c| c.len(Resource::Endpoints)))
-        .sum();
+    let count = |r: Resource| -> usize {
+        caches
+            .names()
+            .iter()
+            .filter_map(|n| caches.with(n, |c| c.len(r)))
+            .sum()
+    };
     let rss_after = rss_bytes();
-    let per = rss_after.saturating_sub(rss_before) as f64 / total.max(1) as f64;
     println!(
-        "(b-lite) KVStoreMesh mode, {remotes} remotes x {endpoints} endpoints from one local etcd"
-    );
-    println!(
-        "    time to ready {:.2} s, {total} endpoints cached",
-        took.as_secs_f64()
-    );
-    println!(
-        "    RSS growth {:.1} MiB = {per:.0} B per endpoint (target <= 1024 B)",
-        rss_after.saturating_sub(rss_before) as f64 / 1048576.0
+        "{}",
+        serde_json::json!({
+            "ready_s": took.as_secs_f64(),
+            "rss_growth": rss_after.saturating_sub(rss_before),
+            "endpoints": count(Resource::Endpoints),
+            "nodes": count(Resource::Nodes),
+            "identities": count(Resource::Identities),
+        })
     );
     token.cancel();
     let _ = run.await;
+    Ok(())
+}
+
+/// Child process: the baseline — one plain paged list of the same keys, holding the raw
+/// keys and values.
+async fn phase_list(local_yaml: &str) -> anyhow::Result<()> {
+    let cfg = clustermesh_syncer::EtcdConfig::load(std::path::Path::new(local_yaml))?;
+    let client = clustermesh_syncer::connect(&cfg, &Default::default()).await?;
+    let rss_before = rss_bytes();
+    let start = Instant::now();
+    let mut kv = client
+        .kv_client()
+        .max_decoding_message_size(256 * 1024 * 1024);
+    let prefix = "cilium/cache/";
+    let end = clustermesh_syncer::list::prefix_range_end(prefix);
+    let mut key = prefix.as_bytes().to_vec();
+    let mut held: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    let mut revision = 0;
+    loop {
+        let mut opts = etcd_client::GetOptions::new()
+            .with_range(end.clone())
+            .with_limit(clustermesh_syncer::list::PAGE);
+        if revision != 0 {
+            opts = opts.with_revision(revision);
+        }
+        let mut resp = kv.get(key.clone(), Some(opts)).await?;
+        if revision == 0 {
+            revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        }
+        let more = resp.more();
+        for item in resp.take_kvs() {
+            let (k, v) = item.into_key_value();
+            held.push((k, v));
+        }
+        match (more, held.last()) {
+            (true, Some((last, _))) => {
+                key = last.clone();
+                key.push(0);
+            }
+            _ => break,
+        }
+    }
+    let took = start.elapsed();
+    let endpoints = held
+        .iter()
+        .filter(|(k, _)| k.starts_with(b"cilium/cache/ip/v1/"))
+        .count();
+    let rss_after = rss_bytes();
+    println!(
+        "{}",
+        serde_json::json!({
+            "list_s": took.as_secs_f64(),
+            "keys": held.len(),
+            "endpoints": endpoints,
+            "rss_growth": rss_after.saturating_sub(rss_before),
+        })
+    );
+    std::hint::black_box(held);
+    Ok(())
+}
+
+fn child(args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args(args)
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
+    anyhow::ensure!(out.status.success(), "child {args:?} failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().unwrap_or_default();
+    serde_json::from_str(line).with_context(|| format!("child output {text:?}"))
+}
+
+async fn bench_kvstoremesh(p: Profile) -> anyhow::Result<()> {
+    let etcd = TestEtcd::start()?;
+    let c = etcd.client("root").await?;
+    c.kv_client()
+        .put("cilium/.heartbeat", "2025-01-01T00:00:00Z", None)
+        .await?;
+    let t = Instant::now();
+    let keys = seed_cache(&c, p).await?;
+    let seeded = t.elapsed();
+    let cfg_path = etcd.dir().join("local.yaml");
+    etcd.write_client_config("local-test", &cfg_path)?;
+    let cfg = cfg_path.to_str().context("path")?;
+    let total_endpoints = p.remotes * p.endpoints;
+    println!(
+        "(b) KVStoreMesh cache in one local etcd: {} remotes, {} nodes, {} identities, {} endpoints ({keys} keys written in {:.1} s, txns of 128, 8 in flight)",
+        p.remotes,
+        p.remotes * p.nodes,
+        p.remotes * p.identities,
+        total_endpoints,
+        seeded.as_secs_f64()
+    );
+    let list = child(&["--phase", "list", "--local-etcd", cfg])?;
+    let reader = child(&[
+        "--phase",
+        "reader",
+        "--local-etcd",
+        cfg,
+        "--remotes",
+        &p.remotes.to_string(),
+    ])?;
+    let ready = reader["ready_s"].as_f64().unwrap_or(f64::NAN);
+    let growth = reader["rss_growth"].as_f64().unwrap_or(f64::NAN);
+    let per = growth / total_endpoints.max(1) as f64;
+    let base_growth = list["rss_growth"].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "    reader (Mode::KvstoreMesh)   time to all {} ready {:>7.2} s   ({} endpoints, {} nodes, {} identities cached)",
+        p.remotes, ready, reader["endpoints"], reader["nodes"], reader["identities"]
+    );
+    println!(
+        "    plain paged list baseline    list of cilium/cache/ {:>7.2} s   ({} keys)",
+        list["list_s"].as_f64().unwrap_or(f64::NAN),
+        list["keys"]
+    );
+    println!(
+        "    reader RSS growth  {:>8.1} MiB = {per:>6.0} B per remote endpoint (all caches, / {total_endpoints})",
+        growth / 1048576.0
+    );
+    println!(
+        "    raw bytes baseline {:>8.1} MiB = {:>6.0} B per remote endpoint (every key and value held as listed)",
+        base_growth / 1048576.0,
+        base_growth / total_endpoints.max(1) as f64
+    );
+    println!(
+        "    targets: ready < 60 s: {}; RSS <= 1024 B per endpoint: {}",
+        if ready < 60.0 { "PASS" } else { "FAIL" },
+        if per <= 1024.0 { "PASS" } else { "FAIL" }
+    );
     Ok(())
 }
 
@@ -398,10 +600,43 @@ fn arg(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+fn sarg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    bench_decode()?;
-    bench_latency().await?;
-    bench_kvstoremesh(arg("--remotes", 50), arg("--endpoints", 1000)).await?;
+    match sarg("--phase").as_deref() {
+        Some("reader") => {
+            return phase_reader(
+                &sarg("--local-etcd").context("--local-etcd")?,
+                arg("--remotes", 250),
+            )
+            .await
+        }
+        Some("list") => return phase_list(&sarg("--local-etcd").context("--local-etcd")?).await,
+        Some(other) => anyhow::bail!("unknown phase {other}"),
+        None => {}
+    }
+    let only = sarg("--only").unwrap_or_else(|| "a,b,c".into());
+    if only.contains('c') {
+        bench_decode()?;
+    }
+    if only.contains('a') {
+        bench_latency().await?;
+    }
+    if only.contains('b') {
+        bench_kvstoremesh(Profile {
+            remotes: arg("--remotes", 250),
+            nodes: arg("--nodes", 100),
+            identities: arg("--identities", 100),
+            endpoints: arg("--endpoints", 1000),
+        })
+        .await?;
+    }
     Ok(())
 }
