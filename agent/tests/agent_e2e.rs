@@ -1,0 +1,934 @@
+//! End to end: the real `clustermesh-agent` binary in two node namespaces of two clusters,
+//! each against its own real etcd (TestEtcd) holding hand-written Cilium-format entries for
+//! its own cluster and a KVStoreMesh cache of the other cluster.
+//!
+//! * Pods ping and TCP-connect on the same node and across clusters (through the tunnel).
+//! * Deleting the remote pod's entry from the cache takes it out of the ipcache within 1 s
+//!   (measured on the pinned map) and traffic to it fails (no kernel route); putting it back
+//!   restores it.
+//! * Hostile remote entries (identity out of range, key mismatch) never reach the map.
+//! * `kill -TERM` + restart of an agent while a TCP stream crosses its node: the stream keeps
+//!   flowing with no reset, the restarted agent adopts the maps (no rewrite) and swaps its
+//!   programs into the pinned links.
+//! * `--cleanup` removes the pins.
+//!
+//! Layout: namespaces `cmae<pid>-{n1,n2,a1,a2,b1}`; node n1 is cluster c1 (ID 1), node n2
+//! cluster c2 (ID 2); underlay `eth0` 198.18.1.11/16 and 198.18.2.11/16 on one veth (the
+//! lab puts a router between the subnets; the datapath does not care); pods per the lab
+//! contract (names, MACs, routes). Each agent reaches its etcd, which listens on the root
+//! namespace's loopback, through a small TCP relay listening on 127.0.0.1 inside the node
+//! namespace. Everything (agents, relays, namespaces, the bpffs mount) goes in `Drop`.
+//!
+//! Needs root, iproute2, ping and /usr/bin/etcd.
+#![allow(unsafe_code)] // setns, umount2 and kill have no safe std wrappers; SAFETY notes below.
+
+use std::ffi::CString;
+use std::io::{Read as _, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Map, MapData};
+use clustermesh_agent::ifaces;
+use clustermesh_agent::kernel;
+use clustermesh_ebpf_abi::{ipcache_flags, IpcacheKey, IpcacheValue};
+use clustermesh_syncer::etcd_client::Client;
+use clustermesh_tests::etcd::TestEtcd;
+
+const GATEWAY: &str = "169.254.1.1";
+const AGENT: &str = env!("CARGO_BIN_EXE_clustermesh-agent");
+
+struct Pod {
+    ns: &'static str,
+    name: &'static str,
+    node: usize,
+    ip: Ipv4Addr,
+    identity: u32,
+}
+
+struct NodeSpec {
+    ns: &'static str,
+    cluster: &'static str,
+    cluster_id: u32,
+    ip: Ipv4Addr,
+}
+
+const NODES: [NodeSpec; 2] = [
+    NodeSpec {
+        ns: "n1",
+        cluster: "c1",
+        cluster_id: 1,
+        ip: Ipv4Addr::new(198, 18, 1, 11),
+    },
+    NodeSpec {
+        ns: "n2",
+        cluster: "c2",
+        cluster_id: 2,
+        ip: Ipv4Addr::new(198, 18, 2, 11),
+    },
+];
+
+// Identities inside each cluster's range (cluster ID << 16).
+const A1: Pod = Pod {
+    ns: "a1",
+    name: "a1",
+    node: 0,
+    ip: Ipv4Addr::new(10, 1, 1, 11),
+    identity: 65_537,
+};
+const A2: Pod = Pod {
+    ns: "a2",
+    name: "a2",
+    node: 0,
+    ip: Ipv4Addr::new(10, 1, 1, 12),
+    identity: 65_538,
+};
+const B1: Pod = Pod {
+    ns: "b1",
+    name: "b1",
+    node: 1,
+    ip: Ipv4Addr::new(10, 2, 1, 11),
+    identity: 131_073,
+};
+const PODS: [&Pod; 3] = [&A1, &A2, &B1];
+
+fn run(args: &[&str]) -> Result<String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("spawn {args:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `f` on a thread inside network namespace `ns` (a file under /run/netns).
+fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let path = format!("/run/netns/{ns}");
+            let file = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
+            use std::os::fd::AsRawFd as _;
+            // SAFETY: a valid namespace fd; CLONE_NEWNET only moves this thread.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            ensure!(rc == 0, "setns {ns}: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in {ns} panicked"))?
+    })
+}
+
+/// A private bpffs under a temporary directory, unmounted on drop.
+struct Bpffs {
+    dir: tempfile::TempDir,
+}
+
+impl Bpffs {
+    fn new() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mounted = kernel::ensure_bpffs(dir.path()).map_err(anyhow::Error::msg)?;
+        ensure!(mounted, "fresh temp dir was already bpffs?");
+        Ok(Self { dir })
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        if let Ok(c) = CString::new(self.dir.path().as_os_str().as_encoded_bytes()) {
+            // SAFETY: unmounting the bpffs this value mounted; pins go with it.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+/// Relays TCP from 127.0.0.1:`port` inside a namespace to `target` in the root namespace.
+struct Relay {
+    stop: Arc<AtomicBool>,
+    port: u16,
+}
+
+impl Relay {
+    fn start(ns: &str, target: SocketAddr) -> Result<Self> {
+        let listener = in_netns(ns, || Ok(TcpListener::bind("127.0.0.1:0")?))?;
+        let port = listener.local_addr()?.port();
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                let Ok((inner, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                // This thread is in the root namespace: the outgoing socket is too.
+                let Ok(outer) = TcpStream::connect(target) else {
+                    continue;
+                };
+                let _ = inner.set_nonblocking(false);
+                for (mut from, mut to) in [
+                    (inner.try_clone(), outer.try_clone()),
+                    (outer.try_clone(), inner.try_clone()),
+                ]
+                .into_iter()
+                .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                {
+                    let flag = flag.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16 * 1024];
+                        while !flag.load(Ordering::Relaxed) {
+                            match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    if to.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Ok(Self { stop, port })
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+struct Lab {
+    prefix: String,
+    created: Vec<String>,
+}
+
+impl Lab {
+    fn ns(&self, suffix: &str) -> String {
+        format!("{}{suffix}", self.prefix)
+    }
+
+    fn add_ns(&mut self, suffix: &str) -> Result<String> {
+        let name = self.ns(suffix);
+        run(&["ip", "netns", "add", &name])?;
+        self.created.push(name.clone());
+        run(&["ip", "-n", &name, "link", "set", "lo", "up"])?;
+        Ok(name)
+    }
+
+    fn build() -> Result<Self> {
+        let mut lab = Lab {
+            prefix: format!("cmae{}-", std::process::id()),
+            created: vec![],
+        };
+        let n1 = lab.add_ns("n1")?;
+        let n2 = lab.add_ns("n2")?;
+        run(&[
+            "ip", "-n", &n1, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
+            "netns", &n2,
+        ])?;
+        for (ns, node) in [(&n1, &NODES[0]), (&n2, &NODES[1])] {
+            let addr = format!("{}/16", node.ip);
+            run(&["ip", "-n", ns, "addr", "add", &addr, "dev", "eth0"])?;
+            run(&["ip", "-n", ns, "link", "set", "eth0", "up"])?;
+            run(&[
+                "ip", "-n", ns, "link", "add", "cmvx0", "type", "vxlan", "dstport", "4789",
+                "external",
+            ])?;
+            run(&["ip", "-n", ns, "link", "set", "cmvx0", "mtu", "1450", "up"])?;
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ])?;
+        }
+        for pod in PODS {
+            let pns = lab.add_ns(pod.ns)?;
+            let node = lab.ns(NODES[pod.node].ns);
+            let host_if = ifaces::host_veth_name("default", pod.name);
+            let pod_mac = ifaces::Mac(ifaces::pod_mac(pod.ip)).to_string();
+            run(&[
+                "ip", "-n", &node, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0",
+                "address", &pod_mac, "netns", &pns,
+            ])?;
+            run(&["ip", "-n", &node, "link", "set", &host_if, "up"])?;
+            let mac = run(&[
+                "ip",
+                "netns",
+                "exec",
+                &node,
+                "cat",
+                &format!("/sys/class/net/{host_if}/address"),
+            ])?;
+            let mac = mac.trim().to_owned();
+            parse_mac(&mac)?;
+            run(&[
+                "ip",
+                "-n",
+                &node,
+                "route",
+                "add",
+                &format!("{}/32", pod.ip),
+                "dev",
+                &host_if,
+            ])?;
+            run(&["ip", "-n", &pns, "link", "set", "eth0", "mtu", "1450", "up"])?;
+            run(&[
+                "ip",
+                "-n",
+                &pns,
+                "addr",
+                "add",
+                &format!("{}/32", pod.ip),
+                "dev",
+                "eth0",
+            ])?;
+            run(&[
+                "ip", "-n", &pns, "route", "add", GATEWAY, "dev", "eth0", "scope", "link",
+            ])?;
+            for cidr in ["10.0.0.0/8", "172.20.0.0/16"] {
+                run(&[
+                    "ip", "-n", &pns, "route", "add", cidr, "via", GATEWAY, "dev", "eth0",
+                ])?;
+            }
+            run(&[
+                "ip",
+                "-n",
+                &pns,
+                "neigh",
+                "add",
+                GATEWAY,
+                "lladdr",
+                &mac,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ])?;
+        }
+        Ok(lab)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for ns in self.created.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6]> {
+    let v: Vec<u8> = s
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("mac {s:?}"))?;
+    v.try_into()
+        .map_err(|_| anyhow::anyhow!("mac {s:?} is not 6 bytes"))
+}
+
+// ---------------------------------------------------------------------------------------
+// etcd contents (Cilium formats, as in the remote reader suites)
+
+fn node_json(cluster: &str, id: u32, name: &str, ip: Ipv4Addr) -> String {
+    format!(
+        r#"{{"Name":"{name}","Cluster":"{cluster}","IPAddresses":[{{"Type":"InternalIP","IP":"{ip}"}}],"IPv4AllocCIDR":{{"IP":"10.{id}.1.0","Mask":"////AA=="}},"IPv4SecondaryAllocCIDRs":null,"IPv6AllocCIDR":null,"IPv6SecondaryAllocCIDRs":null,"IPv4HealthIP":"","IPv6HealthIP":"","IPv4IngressIP":"","IPv6IngressIP":"","ClusterID":{id},"Source":"custom-resource","EncryptionKey":0,"Labels":null,"Annotations":null,"WireguardPubKey":"","BootID":""}}"#
+    )
+}
+
+fn ip_json(ip: &str, host: Ipv4Addr, id: u32, pod: &str) -> String {
+    format!(
+        r#"{{"IP":"{ip}","HostIP":"{host}","ID":{id},"Key":0,"Metadata":"","K8sNamespace":"default","K8sPodName":"{pod}","K8sServiceAccount":"default"}}"#
+    )
+}
+
+fn labels(cluster: &str, app: &str) -> String {
+    format!("k8s:app={app};k8s:io.cilium.k8s.policy.cluster={cluster};k8s:io.kubernetes.pod.namespace=default;")
+}
+
+const STORES: [&str; 5] = [
+    "nodes/v1",
+    "services/v1",
+    "serviceexports/v1",
+    "identities/v1",
+    "ip/v1",
+];
+
+/// Writes cluster `me`'s own state and a KVStoreMesh cache of `other` into `c`.
+async fn seed(c: &mut Client, me: &NodeSpec, other: &NodeSpec) -> Result<()> {
+    c.put("cilium/.heartbeat", "2026-01-01T00:00:00Z", None)
+        .await?;
+    for (spec, cached) in [(me, false), (other, true)] {
+        let n = spec.cluster;
+        let (ip_key, node_key, id_key) = if cached {
+            (
+                format!("cilium/cache/ip/v1/{n}/"),
+                format!("cilium/cache/nodes/v1/{n}/"),
+                format!("cilium/cache/identities/v1/{n}/id/"),
+            )
+        } else {
+            (
+                "cilium/state/ip/v1/default/".into(),
+                format!("cilium/state/nodes/v1/{n}/"),
+                "cilium/state/identities/v1/id/".into(),
+            )
+        };
+        c.put(
+            format!("{node_key}n1"),
+            node_json(n, spec.cluster_id, "n1", spec.ip),
+            None,
+        )
+        .await?;
+        for pod in PODS
+            .iter()
+            .filter(|p| NODES[p.node].cluster == spec.cluster)
+        {
+            c.put(
+                format!("{ip_key}{}", pod.ip),
+                ip_json(&pod.ip.to_string(), spec.ip, pod.identity, pod.name),
+                None,
+            )
+            .await?;
+            c.put(
+                format!("{id_key}{}", pod.identity),
+                labels(n, pod.name),
+                None,
+            )
+            .await?;
+        }
+        if cached {
+            c.put(
+                format!("cilium/cluster-config/{n}"),
+                format!(
+                    r#"{{"id":{},"capabilities":{{"syncedCanaries":true,"cached":true,"maxConnectedClusters":255,"serviceExportsEnabled":false}}}}"#,
+                    spec.cluster_id
+                ),
+                None,
+            )
+            .await?;
+            // Hostile entries: an identity of another cluster's range, and a key that does
+            // not match its value.
+            c.put(
+                format!("{ip_key}10.9.9.9"),
+                ip_json("10.9.9.9", spec.ip, 65_539, "evil"),
+                None,
+            )
+            .await?;
+            c.put(
+                format!("{ip_key}10.9.9.8"),
+                ip_json("10.9.9.7", spec.ip, spec.cluster_id << 16 | 5, "evil"),
+                None,
+            )
+            .await?;
+            for s in STORES {
+                c.put(
+                    format!("cilium/synced/{n}/cilium/cache/{s}"),
+                    "2026-01-01T00:00:00Z",
+                    None,
+                )
+                .await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// agents
+
+struct Agent {
+    ns: String,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+    pin_dir: PathBuf,
+}
+
+impl Agent {
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns, AGENT])
+            .args(&self.args)
+            .env("RUST_LOG", "info,clustermesh_agent=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGTERM and wait (graceful stop).
+    fn stop(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                if let Some(st) = c.try_wait()? {
+                    ensure!(st.success(), "agent exited with {st}");
+                    return Ok(());
+                }
+                ensure!(Instant::now() < deadline, "agent did not stop on SIGTERM");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    fn http(&self, path: &str) -> Result<(u16, String)> {
+        let addr: SocketAddr = "127.0.0.1:9890".parse()?;
+        let mut s = in_netns(&self.ns, || {
+            Ok(TcpStream::connect_timeout(&addr, Duration::from_secs(1))?)
+        })?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        let code: u16 = out
+            .split_whitespace()
+            .nth(1)
+            .context("no status")?
+            .parse()?;
+        let body = out.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+        Ok((code, body.to_owned()))
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Some(st) = c.try_wait()? {
+                    bail!("agent exited with {st}:\n{}", self.log_tail());
+                }
+            }
+            if let Ok((200, _)) = self.http("/readyz") {
+                return Ok(start.elapsed());
+            }
+            ensure!(
+                start.elapsed() < timeout,
+                "agent not ready after {timeout:?}:\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn status(&self) -> Result<serde_json::Value> {
+        let (code, body) = self.http("/status")?;
+        ensure!(code == 200, "/status: {code}");
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// The agent's pinned ipcache, opened from the root namespace.
+    fn ipcache(&self) -> Result<LpmTrie<MapData, IpcacheKey, IpcacheValue>> {
+        let data = MapData::from_pin(self.pin_dir.join(clustermesh_ebpf_abi::map::IPCACHE))?;
+        Ok(LpmTrie::try_from(Map::LpmTrie(data))?)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn lookup(map: &LpmTrie<MapData, IpcacheKey, IpcacheValue>, ip: Ipv4Addr) -> Option<IpcacheValue> {
+    map.get(&Key::new(64, IpcacheKey::v4(ip.octets())), 0).ok()
+}
+
+// ---------------------------------------------------------------------------------------
+// traffic
+
+fn ping(lab: &Lab, from: &Pod, to: &Pod, count: u32) -> bool {
+    Command::new("ip")
+        .args(["netns", "exec", &lab.ns(from.ns), "ping", "-c"])
+        .arg(count.to_string())
+        .args(["-i", "0.2", "-W", "1", "-q"])
+        .arg(to.ip.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn tcp_echo(lab: &Lab, from: &Pod, to: &Pod, port: u16) -> Result<()> {
+    let addr = SocketAddr::from((to.ip, port));
+    let listener = in_netns(&lab.ns(to.ns), || Ok(TcpListener::bind(addr)?))?;
+    let server = std::thread::spawn(move || -> Result<()> {
+        let (mut conn, _) = listener.accept()?;
+        let mut buf = [0u8; 64];
+        let n = conn.read(&mut buf)?;
+        conn.write_all(&buf[..n])?;
+        Ok(())
+    });
+    let mut conn = in_netns(&lab.ns(from.ns), || {
+        Ok(TcpStream::connect_timeout(&addr, Duration::from_secs(3))?)
+    })
+    .with_context(|| format!("tcp connect {} → {addr}", from.ip))?;
+    conn.set_read_timeout(Some(Duration::from_secs(3)))?;
+    conn.write_all(b"hello across the mesh")?;
+    let mut buf = [0u8; 64];
+    let n = conn.read(&mut buf)?;
+    ensure!(&buf[..n] == b"hello across the mesh", "echo mismatch");
+    server
+        .join()
+        .map_err(|_| anyhow::anyhow!("echo server panicked"))??;
+    Ok(())
+}
+
+/// A TCP stream from `from` to `to` that keeps sending until stopped; the receiver counts
+/// bytes.
+struct Stream {
+    received: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    sender: Option<std::thread::JoinHandle<Result<u64>>>,
+    receiver: Option<std::thread::JoinHandle<Result<u64>>>,
+}
+
+impl Stream {
+    fn start(lab: &Lab, from: &Pod, to: &Pod, port: u16) -> Result<Self> {
+        let addr = SocketAddr::from((to.ip, port));
+        let listener = in_netns(&lab.ns(to.ns), || Ok(TcpListener::bind(addr)?))?;
+        let received = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let rx = received.clone();
+        let receiver = std::thread::spawn(move || -> Result<u64> {
+            let (mut conn, _) = listener.accept()?;
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = conn.read(&mut buf).context("receive (reset?)")?;
+                if n == 0 {
+                    return Ok(rx.load(Ordering::Relaxed));
+                }
+                rx.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        });
+        let mut conn = in_netns(&lab.ns(from.ns), || {
+            Ok(TcpStream::connect_timeout(&addr, Duration::from_secs(3))?)
+        })?;
+        conn.set_write_timeout(Some(Duration::from_secs(5)))?;
+        let flag = stop.clone();
+        let sender = std::thread::spawn(move || -> Result<u64> {
+            let chunk = vec![0x5au8; 16 * 1024];
+            let mut sent = 0u64;
+            while !flag.load(Ordering::Relaxed) {
+                conn.write_all(&chunk).context("send (reset or stalled?)")?;
+                sent += chunk.len() as u64;
+                // ~20 MB/s: enough to see a stall, light on two shared cores.
+                std::thread::sleep(Duration::from_micros(800));
+            }
+            conn.shutdown(std::net::Shutdown::Write)?;
+            Ok(sent)
+        });
+        Ok(Self {
+            received,
+            stop,
+            sender: Some(sender),
+            receiver: Some(receiver),
+        })
+    }
+
+    fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// Bytes received during `d`.
+    fn progress(&self, d: Duration) -> u64 {
+        let before = self.received();
+        std::thread::sleep(d);
+        self.received() - before
+    }
+
+    fn finish(mut self) -> Result<(u64, u64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        let sent = self
+            .sender
+            .take()
+            .context("sender")?
+            .join()
+            .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+        let got = self
+            .receiver
+            .take()
+            .context("receiver")?
+            .join()
+            .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+        Ok((sent, got))
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn agents_program_the_mesh_follow_deletes_and_restart_hitlessly() -> Result<()> {
+    let bpffs = Bpffs::new()?;
+    kernel::check(bpffs.dir.path()).context("kernel check")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let etcds = [TestEtcd::start()?, TestEtcd::start()?];
+    let mut clients = Vec::new();
+    for (i, etcd) in etcds.iter().enumerate() {
+        let mut c = rt.block_on(etcd.client("root"))?;
+        rt.block_on(seed(&mut c, &NODES[i], &NODES[1 - i]))?;
+        clients.push(c);
+    }
+    let lab = Lab::build()?;
+    let work = tempfile::tempdir()?;
+
+    let mut relays = Vec::new();
+    let mut agents = Vec::new();
+    for (i, node) in NODES.iter().enumerate() {
+        let ns = lab.ns(node.ns);
+        let relay = Relay::start(&ns, etcds[i].addr())?;
+        let files = etcds[i].try_client_files("local-test")?;
+        let cfg = work.path().join(format!("{}-etcd.yaml", node.cluster));
+        std::fs::write(
+            &cfg,
+            format!(
+                "endpoints:\n- https://127.0.0.1:{}\ntrusted-ca-file: {}\ncert-file: {}\nkey-file: {}\n",
+                relay.port,
+                files.ca.display(),
+                files.cert.display(),
+                files.key.display()
+            ),
+        )?;
+        let mesh = work.path().join(format!("{}-mesh", node.cluster));
+        std::fs::create_dir_all(&mesh)?;
+        let other = NODES[1 - i].cluster;
+        std::fs::write(
+            mesh.join(other),
+            "endpoints:\n- https://unused.invalid:2379\n",
+        )?;
+        let pin_dir = bpffs.dir.path().join(format!("{}n1", node.cluster));
+        let args: Vec<String> = [
+            "--cluster-name",
+            node.cluster,
+            "--cluster-id",
+            &node.cluster_id.to_string(),
+            "--node-name",
+            "n1",
+            "--node-ip",
+            &node.ip.to_string(),
+            "--etcd-config",
+            cfg.to_str().context("utf-8")?,
+            "--clustermesh-config",
+            mesh.to_str().context("utf-8")?,
+            "--bpffs-dir",
+            pin_dir.to_str().context("utf-8")?,
+            "--vxlan-dev",
+            "cmvx0",
+            "--health-addr",
+            "127.0.0.1:9890",
+            "--sync-timeout",
+            "30s",
+            "--ipcache-max-entries",
+            "4096",
+            "--local-endpoints-max-entries",
+            "256",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut agent = Agent {
+            ns,
+            args,
+            log: work.path().join(format!("agent-{}.log", node.cluster)),
+            child: None,
+            pin_dir,
+        };
+        agent.spawn()?;
+        agents.push(agent);
+        relays.push(relay);
+    }
+    for a in agents.iter_mut() {
+        let took = a.wait_ready(Duration::from_secs(30))?;
+        eprintln!("agent {} ready after {took:?}", a.ns);
+    }
+
+    // Maps as the rules say; hostile entries absent.
+    let ipc1 = agents[0].ipcache()?;
+    let b1 = lookup(&ipc1, B1.ip).context("remote pod b1 missing from c1's ipcache")?;
+    ensure!(b1.sec_identity == B1.identity, "{b1:?}");
+    ensure!(
+        b1.flags == ipcache_flags::HAS_TUNNEL | ipcache_flags::REMOTE_CLUSTER,
+        "{b1:?}"
+    );
+    ensure!(b1.tunnel_endpoint[..4] == NODES[1].ip.octets(), "{b1:?}");
+    let a1 = lookup(&ipc1, A1.ip).context("local pod a1 missing")?;
+    ensure!(a1.flags == 0 && a1.sec_identity == A1.identity, "{a1:?}");
+    for hostile in ["10.9.9.9", "10.9.9.8", "10.9.9.7"] {
+        let ip: Ipv4Addr = hostile.parse()?;
+        ensure!(
+            lookup(&ipc1, ip).is_none(),
+            "hostile entry {hostile} reached the map"
+        );
+    }
+    let st = agents[0].status()?;
+    let pods = st["datapath"]["pods"].as_array().context("pods")?;
+    ensure!(
+        pods.len() == 2 && pods.iter().all(|p| p["attached"] == true),
+        "local pods: {pods:?}"
+    );
+
+    // Traffic: same node, and across clusters both ways.
+    ensure!(ping(&lab, &A1, &A2, 2), "ping a1 → a2 (same node)");
+    ensure!(ping(&lab, &A1, &B1, 2), "ping a1 → b1 (c1 → c2)");
+    ensure!(ping(&lab, &B1, &A2, 2), "ping b1 → a2 (c2 → c1)");
+    tcp_echo(&lab, &A1, &B1, 7001)?;
+    tcp_echo(&lab, &B1, &A1, 7002)?;
+    let st = agents[0].status()?;
+    let tunnelled = st["programs"]["from_pod"]["tunnelled"]
+        .as_u64()
+        .unwrap_or(0);
+    ensure!(tunnelled > 0, "from_pod counters: {}", st["programs"]);
+
+    // Delete the remote pod from the KVStoreMesh cache of c1: out of the map within 1 s.
+    let key = format!("cilium/cache/ip/v1/c2/{}", B1.ip);
+    let t0 = Instant::now();
+    rt.block_on(clients[0].delete(key.clone(), None))?;
+    let unrouted = loop {
+        if lookup(&ipc1, B1.ip).is_none() {
+            break t0.elapsed();
+        }
+        ensure!(
+            t0.elapsed() < Duration::from_secs(1),
+            "b1 still in the ipcache 1 s after its delete"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    eprintln!("delete → unrouted: {unrouted:?}");
+    ensure!(
+        !ping(&lab, &A1, &B1, 1),
+        "a1 still reaches b1 after its entry was deleted"
+    );
+    let t0 = Instant::now();
+    rt.block_on(clients[0].put(
+        key,
+        ip_json(&B1.ip.to_string(), NODES[1].ip, B1.identity, B1.name),
+        None,
+    ))?;
+    let rerouted = loop {
+        if lookup(&ipc1, B1.ip).is_some() {
+            break t0.elapsed();
+        }
+        ensure!(
+            t0.elapsed() < Duration::from_secs(1),
+            "b1 not back within 1 s"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    eprintln!("put back → routed: {rerouted:?}");
+    ensure!(ping(&lab, &A1, &B1, 2), "a1 → b1 after the entry came back");
+
+    // Restart agent c1 while a stream crosses its node.
+    let stream = Stream::start(&lab, &A1, &B1, 7003)?;
+    ensure!(
+        stream.progress(Duration::from_millis(500)) > 0,
+        "stream not flowing"
+    );
+    let upserts_before = agents[0].status()?["datapath"]["stats"]["ipcache-upserts"]
+        .as_u64()
+        .unwrap_or(0);
+    ensure!(upserts_before > 0, "first agent wrote nothing?");
+    agents[0].stop()?;
+    let down = stream.progress(Duration::from_millis(1000));
+    ensure!(down > 0, "stream stalled while the agent was down");
+    agents[0].spawn()?;
+    let took = agents[0].wait_ready(Duration::from_secs(30))?;
+    let after = stream.progress(Duration::from_millis(1000));
+    ensure!(after > 0, "stream stalled after the restart");
+    let (sent, got) = stream.finish()?;
+    ensure!(sent == got, "sent {sent} bytes, received {got}");
+    eprintln!(
+        "restart: stream survived ({got} bytes, {down} while the agent was down, {after} in the \
+         second after ready); restarted agent ready after {took:?}"
+    );
+    let st = agents[0].status()?;
+    let stats = &st["datapath"]["stats"];
+    ensure!(
+        stats["ipcache-upserts"] == 0,
+        "the restarted agent rewrote unchanged entries: {stats}"
+    );
+    ensure!(
+        stats["adopted-ipcache"].as_u64().unwrap_or(0) >= 3,
+        "{stats}"
+    );
+    ensure!(
+        stats["attach-replaced"].as_u64().unwrap_or(0) >= 2,
+        "programs not swapped into the pinned links: {stats}"
+    );
+    ensure!(ping(&lab, &A1, &B1, 1), "a1 → b1 after the restart");
+
+    // /metrics carries the Cilium names.
+    let (_, metrics) = agents[0].http("/metrics")?;
+    for name in [
+        "cilium_clustermesh_remote_cluster_readiness_status",
+        "cilium_bpf_map_pressure{map_name=\"CM_IPCACHE\"}",
+        "cilium_clustermesh_datapath_packets_total",
+    ] {
+        ensure!(metrics.contains(name), "{name} missing from /metrics");
+    }
+
+    // Cleanup for `lab down`: stop, then remove the pins.
+    for a in agents.iter_mut() {
+        a.stop()?;
+        let out = run(&[
+            AGENT,
+            "--cleanup",
+            "--bpffs-dir",
+            a.pin_dir.to_str().context("utf-8")?,
+        ])?;
+        ensure!(out.contains("removed"), "{out}");
+        ensure!(!a.pin_dir.exists(), "pins left in {}", a.pin_dir.display());
+    }
+    ensure!(
+        !ping(&lab, &A1, &B1, 1),
+        "cross-cluster traffic still tunnelled after cleanup"
+    );
+    drop(relays);
+    drop(lab);
+    Ok(())
+}
