@@ -237,7 +237,10 @@ fn lab_up_connectivity_vni_pod_deletion_and_down() -> Result<()> {
         std::fs::remove_file(&manifest)?;
         let t = Instant::now();
         let unrouted = loop {
+            let probe = t.elapsed();
             if curl(src_ns, &dst_ip, "0.2").is_none() {
+                // Unrouted at the latest when this probe failed, at the earliest when it began.
+                println!("first failing probe started {probe:?} after the deletion");
                 break t.elapsed();
             }
             ensure!(

@@ -107,6 +107,8 @@ pub fn spawn(ns: &str, program: &Path, args: &[String], log: &Path) -> anyhow::R
         .args(["netns", "exec", ns])
         .arg(program)
         .args(args)
+        // Plain log files, no colour codes.
+        .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(file.try_clone()?)
         .stderr(file)
