@@ -2,7 +2,8 @@
 //! in network namespaces, embedded etcds, apiservers, agents), `connectivity test -o json`,
 //! an independent `curl` from a pod in c1 to a pod in c2, a capture on the underlay whose
 //! VNI must be the source pod's identity (read from etcd), a remote pod deleted from its
-//! cluster's manifests (unrouted within 1 s) and added back, and `lab down` leaving nothing.
+//! cluster's manifests (unrouted within 1 s) and added back, an agent restarted under a
+//! cross-cluster TCP stream (the stream survives), and `lab down` leaving nothing.
 //!
 //! Needs root, iproute2, curl, ping, tcpdump, etcdctl (`scripts/install-deps.sh`) and the
 //! workspace binaries (`cargo build --workspace --bins`). `CLUSTERMESH_LAB_DATAPATH=kernel`
@@ -132,6 +133,101 @@ fn capture_one_vxlan(dir: &Path, node_ns: &str, node_ip: &str, f: impl FnOnce())
         .arg(&pcap))
 }
 
+/// Restarts the agent of c1/n1 while a TCP stream from a pod on that node crosses into c2:
+/// the stream must complete with every byte counted by the receiving pod.
+fn restart_agent_under_a_stream(
+    lab: &Lab,
+    state: &Value,
+    src_ns: &str,
+    dst_ip: &str,
+) -> Result<()> {
+    let node = &state["clusters"][0]["nodes"][0];
+    let agent = &node["agent"];
+    let pid = agent["pid"].as_u64().context("agent pid")?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))?;
+    let argv: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let stream = Command::new("ip")
+        .args(["netns", "exec", src_ns])
+        .arg(&lab.bin)
+        .args([
+            "lab",
+            "load",
+            "--mode",
+            "stream",
+            "--duration",
+            "4s",
+            "--target",
+            dst_ip,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(1000));
+    let t = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    while Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+    {
+        ensure!(
+            t.elapsed() < Duration::from_secs(15),
+            "agent {pid} did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(agent["log"].as_str().context("agent log")?)?;
+    let node_ns = node["ns"].as_str().context("node ns")?;
+    let child = Command::new("ip")
+        .args(["netns", "exec", node_ns])
+        .args(&argv)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    // `lab down` finds it by its namespace; record it anyway for the checks below.
+    let new_pid = child.id();
+    let health = agent["health_addr"].as_str().context("agent health")?;
+    let router = state["router_ns"].as_str().context("router")?;
+    loop {
+        let ok = Command::new("ip")
+            .args(["netns", "exec", router, "curl", "-sf", "--max-time", "1"])
+            .arg(format!("http://{health}/readyz"))
+            .output()?
+            .status
+            .success();
+        if ok {
+            break;
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(30),
+            "restarted agent not ready"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!(
+        "agent of c1/n1 restarted (pid {pid} → {new_pid}), ready after {:?}",
+        t.elapsed()
+    );
+    let out = stream.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "the stream across the restart broke: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout)?;
+    println!("stream across the agent restart: {report}");
+    Ok(())
+}
+
 #[test]
 fn lab_up_connectivity_vni_pod_deletion_and_down() -> Result<()> {
     let datapath = std::env::var("CLUSTERMESH_LAB_DATAPATH").unwrap_or_else(|_| "ebpf".into());
@@ -238,7 +334,7 @@ fn lab_up_connectivity_vni_pod_deletion_and_down() -> Result<()> {
         let t = Instant::now();
         let unrouted = loop {
             let probe = t.elapsed();
-            if curl(src_ns, &dst_ip, "0.2").is_none() {
+            if curl(src_ns, &dst_ip, "0.05").is_none() {
                 // Unrouted at the latest when this probe failed, at the earliest when it began.
                 println!("first failing probe started {probe:?} after the deletion");
                 break t.elapsed();
@@ -274,6 +370,10 @@ fn lab_up_connectivity_vni_pod_deletion_and_down() -> Result<()> {
             );
         };
         println!("pod {dst_ip} added back → routed after {back:?}");
+    }
+
+    if ebpf {
+        restart_agent_under_a_stream(&lab, &state, src_ns, &dst_ip)?;
     }
 
     // lab down leaves nothing behind.
