@@ -225,8 +225,20 @@ impl Exporter {
 
     /// Computes everything to publish. Problems are returned, not fatal.
     pub fn compute(&mut self, snap: &Snapshot) -> (Desired, Vec<Problem>) {
+        let (mut desired, mut problems) = self.compute_endpoints(snap);
+        let (services, more) = self.compute_services(snap);
+        desired.extend(services);
+        problems.extend(more);
+        (desired, problems)
+    }
+
+    /// The stores that depend on endpoints: nodes, identities and ipcache entries.
+    pub fn compute_endpoints(&mut self, snap: &Snapshot) -> (Desired, Vec<Problem>) {
         let mut problems = Vec::new();
-        let mut desired: Desired = Store::ALL.iter().map(|s| (*s, BTreeMap::new())).collect();
+        let mut desired: Desired = [Store::Nodes, Store::Identities, Store::Ip]
+            .iter()
+            .map(|s| (*s, BTreeMap::new()))
+            .collect();
         let cluster = self.opts.cluster.name.as_str().to_string();
 
         // Nodes.
@@ -478,6 +490,27 @@ impl Exporter {
             }
             id_out.insert(kvstore::identity_key(*id), labels.clone().into_bytes());
         }
+        for p in &problems {
+            warn!(object = %p.object, problem = %p.message, "not exported");
+        }
+        (desired, problems)
+    }
+
+    /// The stores that depend on services and policies: global services, MCS exports, and
+    /// the local agents' services and policies. Independent of [`Exporter::compute_endpoints`],
+    /// so the two can overlap with writing.
+    pub fn compute_services(&mut self, snap: &Snapshot) -> (Desired, Vec<Problem>) {
+        let mut problems = Vec::new();
+        let mut desired: Desired = [
+            Store::Services,
+            Store::ServiceExports,
+            Store::LocalServices,
+            Store::LocalPolicies,
+        ]
+        .iter()
+        .map(|s| (*s, BTreeMap::new()))
+        .collect();
+        let cluster = self.opts.cluster.name.as_str().to_string();
 
         // Services.
         let index = label_index(snap);

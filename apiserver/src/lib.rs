@@ -298,6 +298,7 @@ async fn export_loop(
             r = src.changed() => if r.is_err() { return Ok(()) },
         }
     }
+    let source_ready = ctx.started.elapsed();
     loop {
         if cancel.is_cancelled() {
             return Ok(());
@@ -321,6 +322,7 @@ async fn export_loop(
         };
         let session = cancel.child_token();
         let res = session_loop(
+            source_ready,
             &ctx,
             &mut exporter,
             &mut src,
@@ -350,6 +352,7 @@ async fn export_loop(
 
 #[allow(clippy::too_many_arguments)]
 async fn session_loop(
+    source_ready: Duration,
     ctx: &ExportCtx,
     exporter: &mut Exporter,
     src: &mut watch::Receiver<Published>,
@@ -420,16 +423,58 @@ async fn session_loop(
     loop {
         let published = src.borrow_and_update().clone();
         let t = Instant::now();
-        let (desired, problems) = exporter.compute(&published.snapshot);
-        let computed = t.elapsed();
+        // Endpoint stores first; while they are written, compute the service stores.
+        let snapshot = published.snapshot.clone();
+        let (mut desired, mut problems) = exporter.compute_endpoints(&snapshot);
+        let mut computed = t.elapsed();
         let empty = BTreeMap::new();
         let prefixes: Vec<String> = Store::ALL.iter().map(|s| s.prefix(&cluster)).collect();
+        let first = [Store::Nodes, Store::Identities, Store::Ip];
+        let part = |stores: &[Store]| -> Vec<(usize, Store)> {
+            Store::ALL
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| stores.contains(s))
+                .map(|(i, s)| (i, *s))
+                .collect()
+        };
+        let stats_a = {
+            let batch_a: Vec<(&str, &BTreeMap<String, Vec<u8>>)> = part(&first)
+                .into_iter()
+                .map(|(i, s)| (prefixes[i].as_str(), desired.get(&s).unwrap_or(&empty)))
+                .collect();
+            let (res, (services, more, took)) = tokio::join!(w.sync_prefixes(&batch_a), async {
+                let t = Instant::now();
+                let (d, p) = exporter.compute_services(&snapshot);
+                (d, p, t.elapsed())
+            });
+            computed += took;
+            desired.extend(services);
+            problems.extend(more);
+            res?
+        };
+        let rest: Vec<Store> = Store::ALL
+            .iter()
+            .copied()
+            .filter(|s| !first.contains(s))
+            .collect();
+        let batch_b: Vec<(&str, &BTreeMap<String, Vec<u8>>)> = part(&rest)
+            .into_iter()
+            .map(|(i, s)| (prefixes[i].as_str(), desired.get(&s).unwrap_or(&empty)))
+            .collect();
+        let stats_b = w.sync_prefixes(&batch_b).await?;
         let batch: Vec<(&str, &BTreeMap<String, Vec<u8>>)> = Store::ALL
             .iter()
             .zip(&prefixes)
             .map(|(store, prefix)| (prefix.as_str(), desired.get(store).unwrap_or(&empty)))
             .collect();
-        let stats = w.sync_prefixes(&batch).await?;
+        let mut stats = vec![writer::Stats::default(); Store::ALL.len()];
+        for ((i, _), st) in part(&first).into_iter().zip(stats_a) {
+            stats[i] = st;
+        }
+        for ((i, _), st) in part(&rest).into_iter().zip(stats_b) {
+            stats[i] = st;
+        }
         let mut counts = BTreeMap::new();
         for ((store, (_, want)), st) in Store::ALL.iter().zip(&batch).zip(&stats) {
             counts.insert(store.name().to_string(), want.len());
@@ -449,13 +494,15 @@ async fn session_loop(
             }
         }
         // Every store's initial write is complete: publish the canaries still missing.
-        for store in Store::ALL {
-            if !synced.get(&store).copied().unwrap_or(false) {
-                w.put_key(
-                    &store.synced_key(&cluster),
-                    format_rfc3339(std::time::SystemTime::now()).into_bytes(),
-                )
-                .await?;
+        let now = format_rfc3339(std::time::SystemTime::now());
+        let missing: Vec<(String, Vec<u8>)> = Store::ALL
+            .iter()
+            .filter(|s| !synced.get(s).copied().unwrap_or(false))
+            .map(|s| (s.synced_key(&cluster), now.clone().into_bytes()))
+            .collect();
+        if !missing.is_empty() {
+            w.put_keys(missing).await?;
+            for store in Store::ALL {
                 synced.insert(store, true);
             }
         }
@@ -487,6 +534,9 @@ async fn session_loop(
                 .set(secs);
             info!(
                 seconds = secs,
+                source_read = source_ready.as_secs_f64(),
+                compute = computed.as_secs_f64(),
+                write = (t.elapsed() - computed).as_secs_f64(),
                 keys = w.known_keys(),
                 leases = w.lease_count(),
                 "initial sync complete"
