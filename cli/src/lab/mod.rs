@@ -1110,7 +1110,10 @@ pub fn down(a: DirArgs) -> anyhow::Result<()> {
     let raw: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
     let id = raw["id"].as_str().map(str::to_owned);
     let mut pids = Vec::new();
-    pids_in(&raw, &mut pids);
+    if id.is_none() {
+        // A lab of an older version (loopback control planes, no namespaces).
+        pids_in(&raw, &mut pids);
+    }
     let namespaces: Vec<String> = match &id {
         Some(id) => {
             let prefix = plan::ns_prefix(id);
@@ -1121,6 +1124,8 @@ pub fn down(a: DirArgs) -> anyhow::Result<()> {
         }
         None => Vec::new(),
     };
+    // Everything `up` started runs inside one of its namespaces (`ip netns exec`), etcd too,
+    // so the namespaces name the processes; a recorded PID could have been reused since.
     for ns in &namespaces {
         pids.extend(netns::pids(ns));
     }
@@ -1140,7 +1145,7 @@ pub fn down(a: DirArgs) -> anyhow::Result<()> {
     }
     let stubborn: Vec<u32> = pids.iter().copied().filter(|p| netns::alive(*p)).collect();
     signal_all(&stubborn, nix::sys::signal::Signal::SIGKILL);
-    // Processes that entered a namespace without being recorded (e.g. `ip netns exec` by hand).
+    // Anything that entered a namespace meanwhile (e.g. `ip netns exec` by hand).
     for ns in &namespaces {
         for p in netns::pids(ns) {
             let _ = nix::sys::signal::kill(

@@ -129,9 +129,17 @@ pub fn mac_of(ns: &str, dev: &str) -> anyhow::Result<String> {
         .with_context(|| format!("{dev} in {ns} has no MAC address"))
 }
 
-/// Whether a process with this PID exists.
+/// Whether a process with this PID exists and is not a zombie (a child of an exited `lab up`
+/// stays a zombie until init reaps it).
 pub fn alive(pid: u32) -> bool {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name, which may itself contain ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
 }
 
 /// Whether `path` is a mount point (per `/proc/self/mountinfo`).
