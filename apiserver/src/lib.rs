@@ -130,7 +130,9 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         tasks.spawn(server.instrument(info_span!("metrics")));
     }
 
-    // etcd.
+    // etcd. `etcd_up` turns true once the embedded etcd serves with its users and roles in
+    // place (always true for an external etcd), so readiness never precedes RBAC.
+    let (up_tx, etcd_up) = watch::channel(matches!(cfg.etcd, EtcdMode::External(_)));
     let etcd_cfg = match &cfg.etcd {
         EtcdMode::External(path) => EtcdConfig::load(path)?,
         EtcdMode::Embedded { listen, peer_port } => {
@@ -160,7 +162,6 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
                 log_file: state.join("etcd.log"),
             };
             let client_cfg = e.client_config(&format!("admin-{}", cfg.cluster.name));
-            let (up_tx, _up_rx) = watch::channel(false);
             let token = cancel.child_token();
             tasks.spawn(etcd::supervise(e, up_tx, token).instrument(info_span!("etcd")));
             client_cfg
@@ -216,6 +217,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         allocator,
     );
     let ctx = ExportCtx {
+        etcd_up: etcd_up.clone(),
         cfg: cfg.clone(),
         etcd: etcd_cfg,
         status: status.clone(),
@@ -249,6 +251,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
 }
 
 struct ExportCtx {
+    etcd_up: watch::Receiver<bool>,
     cfg: Config,
     etcd: EtcdConfig,
     status: Arc<Status>,
@@ -299,9 +302,19 @@ async fn export_loop(
         }
     }
     let source_ready = ctx.started.elapsed();
+    let mut etcd_up = ctx.etcd_up.clone();
     loop {
         if cancel.is_cancelled() {
             return Ok(());
+        }
+        // An embedded etcd that is (re)starting is not ours to write to until its users and
+        // roles are in place.
+        while !*etcd_up.borrow_and_update() {
+            ctx.status.set_ready(false);
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                r = etcd_up.changed() => if r.is_err() { return Ok(()) },
+            }
         }
         let connected = clustermesh_syncer::connect(&ctx.etcd, &Default::default()).await;
         let client = match connected {
