@@ -14,6 +14,7 @@ pub mod health;
 pub mod ifaces;
 pub mod kernel;
 pub mod local;
+pub mod policy;
 pub mod reconcile;
 
 pub use app::{cleanup, run, Config, RemoteMode};
