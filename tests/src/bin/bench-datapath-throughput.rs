@@ -160,8 +160,8 @@ fn main() -> anyhow::Result<()> {
     let [e, k] = &results;
     println!();
     println!(
-        "{:<28} {:>14} {:>16} {:>8}",
-        "median", "eBPF (ours)", "kernel VXLAN", "ratio"
+        "{:<28} {:>14} {:>16} {:>12}",
+        "median", "eBPF (ours)", "kernel VXLAN", "eBPF/kernel"
     );
     let row = |name: &str, a: &[f64], b: &[f64], unit: &str| {
         let (a, b) = (median(a), median(b));
