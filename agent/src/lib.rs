@@ -16,6 +16,7 @@ pub mod kernel;
 pub mod local;
 pub mod policy;
 pub mod reconcile;
+pub mod services;
 
 pub use app::{cleanup, run, Config, RemoteMode};
 

@@ -425,6 +425,13 @@ impl Datapath {
         })
     }
 
+    /// Takes a map this module keeps no typed handle for (the policy and flow maps, whose
+    /// handles live in `crate::policy::maps` and `crate::flows`); `None` if the object lacks
+    /// it or it was taken already.
+    pub fn take_map(&mut self, name: &str) -> Option<aya::maps::Map> {
+        self.ebpf.take_map(name)
+    }
+
     /// How programs are attached.
     pub fn attach_mode(&self) -> AttachMode {
         self.attach

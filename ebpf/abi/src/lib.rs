@@ -29,14 +29,31 @@ pub mod map {
     pub const FROM_OVERLAY_COUNTERS: &str = "CM_FROM_OVL_CNT";
     /// [`TraceSlot`](crate::TraceSlot) → [`TunnelTrace`](crate::TunnelTrace), per-CPU array.
     pub const TUNNEL_TRACE: &str = "CM_TUNNEL_TRACE";
+    /// [`Lb4Key`](crate::Lb4Key) → [`Lb4Service`](crate::Lb4Service), hash (Cilium's
+    /// `cilium_lb4_services_v2`).
+    pub const LB4_SERVICES: &str = "CM_LB4_SERVICES";
+    /// `u32` backend ID → [`Lb4Backend`](crate::Lb4Backend), hash (`cilium_lb4_backends_v3`).
+    pub const LB4_BACKENDS: &str = "CM_LB4_BACKENDS";
+    /// `u16` rev-NAT index → [`Lb4RevNat`](crate::Lb4RevNat), hash (`cilium_lb4_reverse_nat`).
+    pub const LB4_REVERSE_NAT: &str = "CM_LB4_REVNAT";
+    /// [`Ct4Key`](crate::Ct4Key) → [`Ct4Entry`](crate::Ct4Entry), LRU hash: service
+    /// connections (forward and reply tuple).
+    pub const LB4_CT: &str = "CM_LB4_CT";
+    /// [`LbCounter`](crate::LbCounter) → `u64`, per-CPU array, counters of the LB step.
+    pub const LB_COUNTERS: &str = "CM_LB_CNT";
     /// Every map, for pinning and compatibility checks.
-    pub const ALL: [&str; 6] = [
+    pub const ALL: [&str; 11] = [
         IPCACHE,
         LOCAL_ENDPOINTS,
         TUNNEL,
         FROM_POD_COUNTERS,
         FROM_OVERLAY_COUNTERS,
         TUNNEL_TRACE,
+        LB4_SERVICES,
+        LB4_BACKENDS,
+        LB4_REVERSE_NAT,
+        LB4_CT,
+        LB_COUNTERS,
     ];
 }
 
@@ -54,6 +71,14 @@ pub mod defaults {
     pub const IPCACHE_MAX_ENTRIES: u32 = 512_000;
     /// Pods on one node (Cilium's endpoint map default).
     pub const LOCAL_ENDPOINTS_MAX_ENTRIES: u32 = 65_535;
+    /// Service entries (frontends + backend slots), Cilium's `lb4_services` default.
+    pub const LB4_SERVICES_MAX_ENTRIES: u32 = 65_536;
+    /// Backends, Cilium's default.
+    pub const LB4_BACKENDS_MAX_ENTRIES: u32 = 65_536;
+    /// Reverse-NAT entries (one per frontend).
+    pub const LB4_REVERSE_NAT_MAX_ENTRIES: u32 = 65_536;
+    /// Service connection tracking entries (two per connection).
+    pub const LB4_CT_MAX_ENTRIES: u32 = 262_144;
 }
 
 /// Address family as stored in [`IpcacheKey::family`] and [`EndpointKey::family`]
@@ -432,6 +457,252 @@ mod pod {
     unsafe impl aya::Pod for TunnelConfig {}
     // SAFETY: see above.
     unsafe impl aya::Pod for TunnelTrace {}
+}
+
+// ---------------------------------------------------------------------------------------
+// Service load balancing (IPv4), after Cilium's LB maps (`bpf/lib/common.h`).
+
+/// `IPPROTO_TCP`.
+pub const IPPROTO_TCP: u8 = 6;
+/// `IPPROTO_UDP`.
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Key of [`map::LB4_SERVICES`]: Cilium's 12-byte `lb4_key`. Slot 0 is the service
+/// (frontend) entry; slots `1..=count` point at the backends.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Lb4Key {
+    /// Frontend (VIP), network order.
+    pub address: [u8; 4],
+    /// Frontend port, network order (`u16::to_be`).
+    pub dport: u16,
+    /// 0 = the service entry, `1..=count` = backend slots; host order.
+    pub backend_slot: u16,
+    /// [`IPPROTO_TCP`] or [`IPPROTO_UDP`].
+    pub proto: u8,
+    /// Cilium's `LB_LOOKUP_SCOPE_EXT` (0); the only scope used.
+    pub scope: u8,
+    /// Zero.
+    pub pad: [u8; 2],
+}
+const _: () = assert!(size_of::<Lb4Key>() == 12);
+const _: () = assert!(offset_of!(Lb4Key, proto) == 8);
+
+impl Lb4Key {
+    /// The key of `slot` of the frontend `vip:port` (port in host order).
+    pub const fn new(vip: [u8; 4], port: u16, proto: u8, slot: u16) -> Self {
+        Self {
+            address: vip,
+            dport: port.to_be(),
+            backend_slot: slot,
+            proto,
+            scope: 0,
+            pad: [0; 2],
+        }
+    }
+}
+
+/// Value of [`map::LB4_SERVICES`]: Cilium's 12-byte `lb4_service`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Lb4Service {
+    /// Slot 0: unused (0). Slot ≥ 1: the backend ID ([`map::LB4_BACKENDS`] key). Host order.
+    pub backend_id: u32,
+    /// Slot 0: number of backend slots (0 = no backend: new connections are dropped).
+    pub count: u16,
+    /// Index into [`map::LB4_REVERSE_NAT`] for replies; host order.
+    pub rev_nat_index: u16,
+    /// [`svc_flags`] (Cilium's `SVC_FLAG_*`).
+    pub flags: u8,
+    /// Cilium's `flags2`; zero.
+    pub flags2: u8,
+    /// Cilium's quarantined-backend count; zero.
+    pub qcount: u16,
+}
+const _: () = assert!(size_of::<Lb4Service>() == 12);
+
+/// Bits of [`Lb4Service::flags`] (Cilium's values).
+pub mod svc_flags {
+    /// `SVC_FLAG_AFFINITY`: ClientIP session affinity (not implemented by the programs yet;
+    /// carried for status).
+    pub const AFFINITY: u8 = 1 << 4;
+    /// `SVC_FLAG_ROUTABLE`.
+    pub const ROUTABLE: u8 = 1 << 6;
+}
+
+/// Value of [`map::LB4_BACKENDS`] (key: `u32` backend ID, never reused while a connection
+/// may still reference it): Cilium's 12-byte `lb4_backend`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Lb4Backend {
+    /// Backend address, network order.
+    pub address: [u8; 4],
+    /// Backend port, network order.
+    pub port: u16,
+    /// [`IPPROTO_TCP`] or [`IPPROTO_UDP`].
+    pub proto: u8,
+    /// [`backend_state`].
+    pub flags: u8,
+    /// Cluster of the backend, host order.
+    pub cluster_id: u16,
+    /// Zone index (0 = unknown).
+    pub zone: u8,
+    /// Zero.
+    pub pad: u8,
+}
+const _: () = assert!(size_of::<Lb4Backend>() == 12);
+const _: () = assert!(offset_of!(Lb4Backend, cluster_id) == 8);
+
+/// Backend states in [`Lb4Backend::flags`] (Cilium's `BE_STATE_*`).
+pub mod backend_state {
+    /// Takes new connections.
+    pub const ACTIVE: u8 = 0;
+    /// Keeps its connections, takes no new ones.
+    pub const TERMINATING: u8 = 1;
+    /// Failed health checks.
+    pub const QUARANTINED: u8 = 2;
+    /// Administratively drained.
+    pub const MAINTENANCE: u8 = 3;
+}
+
+/// Value of [`map::LB4_REVERSE_NAT`] (key: `u16` rev-NAT index): the frontend a reply is
+/// rewritten to. Cilium's `lb4_reverse_nat` with its tail padding made explicit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Lb4RevNat {
+    /// Frontend (VIP), network order.
+    pub address: [u8; 4],
+    /// Frontend port, network order.
+    pub port: u16,
+    /// Zero.
+    pub pad: u16,
+}
+const _: () = assert!(size_of::<Lb4RevNat>() == 8);
+
+/// Directions in [`Ct4Key::flags`].
+pub mod ct_dir {
+    /// Client → frontend, as the client sent it (before translation).
+    pub const FORWARD: u8 = 0;
+    /// Backend → client, as the backend sent it (before reverse translation).
+    pub const REPLY: u8 = 1;
+}
+
+/// Key of [`map::LB4_CT`]: a 5-tuple as seen on the wire, plus the direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Ct4Key {
+    /// Source address, network order.
+    pub saddr: [u8; 4],
+    /// Destination address, network order.
+    pub daddr: [u8; 4],
+    /// Source port, network order.
+    pub sport: u16,
+    /// Destination port, network order.
+    pub dport: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// [`ct_dir`].
+    pub flags: u8,
+    /// Zero.
+    pub pad: u16,
+}
+const _: () = assert!(size_of::<Ct4Key>() == 16);
+
+/// Value of [`map::LB4_CT`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Ct4Entry {
+    /// Forward entries: the backend the connection is bound to; reply entries: 0.
+    pub backend_id: u32,
+    /// The frontend to restore in replies ([`map::LB4_REVERSE_NAT`] key), host order.
+    pub rev_nat_index: u16,
+    /// Zero.
+    pub pad: u16,
+    /// `bpf_ktime_get_ns` of the entry's creation (for status and garbage collection).
+    pub created_ns: u64,
+}
+const _: () = assert!(size_of::<Ct4Entry>() == 16);
+
+/// Index into [`map::LB_COUNTERS`] (per-CPU `u64` packet counts of the LB step, shared
+/// by `from_pod` and `from_overlay`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LbCounter {
+    /// A packet to a frontend was translated to a backend.
+    Translated = 0,
+    /// ... and it belonged to a known connection.
+    CtHit = 1,
+    /// ... and it opened a new connection (backend selected).
+    CtNew = 2,
+    /// The connection's backend is gone: a new one was selected (failover).
+    Reselected = 3,
+    /// A frontend without backends: dropped.
+    DropNoBackend = 4,
+    /// A reply was translated back to its frontend.
+    RevNat = 5,
+    /// A later fragment of a TCP/UDP datagram (no ports): not translated.
+    Fragment = 6,
+    /// A frontend hit whose backend slot or backend entry is missing (agent mid-update):
+    /// dropped.
+    DropBackendMissing = 7,
+}
+
+impl LbCounter {
+    /// Number of counters (the map's `max_entries`).
+    pub const COUNT: u32 = 8;
+
+    /// Every counter in index order.
+    pub const ALL: [LbCounter; Self::COUNT as usize] = [
+        LbCounter::Translated,
+        LbCounter::CtHit,
+        LbCounter::CtNew,
+        LbCounter::Reselected,
+        LbCounter::DropNoBackend,
+        LbCounter::RevNat,
+        LbCounter::Fragment,
+        LbCounter::DropBackendMissing,
+    ];
+
+    /// Stable snake_case name (metrics label).
+    pub const fn name(self) -> &'static str {
+        match self {
+            LbCounter::Translated => "translated",
+            LbCounter::CtHit => "ct_hit",
+            LbCounter::CtNew => "ct_new",
+            LbCounter::Reselected => "reselected",
+            LbCounter::DropNoBackend => "drop_no_backend",
+            LbCounter::RevNat => "rev_nat",
+            LbCounter::Fragment => "fragment",
+            LbCounter::DropBackendMissing => "drop_backend_missing",
+        }
+    }
+}
+
+const _: () = {
+    let mut i = 0;
+    while i < LbCounter::ALL.len() {
+        assert!(LbCounter::ALL[i] as usize == i);
+        i += 1;
+    }
+};
+
+#[cfg(feature = "user")]
+mod pod_lb {
+    use super::*;
+
+    // SAFETY (all impls below): `#[repr(C)]`, `Copy`, integers and byte arrays only (every
+    // bit pattern is valid), no implicit padding (sizes asserted above).
+    unsafe impl aya::Pod for Lb4Key {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for Lb4Service {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for Lb4Backend {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for Lb4RevNat {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for Ct4Key {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for Ct4Entry {}
 }
 
 #[cfg(test)]

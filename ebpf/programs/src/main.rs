@@ -19,6 +19,7 @@
 #![no_std]
 #![no_main]
 
+mod lb;
 mod packet;
 
 use aya_ebpf::bindings::bpf_tunnel_key;
@@ -137,12 +138,18 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Error> {
     if !packet::parse_ipv4(ctx, &mut ip)? {
         return Ok(to_stack(counters, Counter::NotIpv4));
     }
+    // Service VIP → backend (DNAT); everything below forwards the translated packet.
+    if !lb::egress(ctx, &mut ip)? {
+        return Ok(TC_ACT_SHOT);
+    }
 
     // A pod on this node: deliver directly (hash lookup, cheaper than the trie).
     if let Some(ep) = CM_LOCAL_EPS.get_ptr(EndpointKey::v4(ip.daddr)) {
         // SAFETY: pointer from a successful lookup; the map is NO_PREALLOC, so an element
         // stays valid (RCU) for the duration of the program even if it is replaced.
         let ep = unsafe { *ep };
+        // A reply from a service backend on this node: source back to the VIP.
+        lb::reverse(ctx, &mut ip)?;
         let verdict = deliver_local(ctx, &ep)?;
         count(counters, Counter::DeliveredLocal);
         return Ok(verdict);
@@ -274,6 +281,8 @@ fn try_from_overlay(ctx: &mut TcContext) -> Result<i32, Error> {
     };
     // SAFETY: see `try_from_pod`.
     let ep = unsafe { *ep };
+    // A reply from a service backend behind the tunnel: source back to the VIP.
+    lb::reverse(ctx, &mut ip)?;
     let verdict = deliver_local(ctx, &ep)?;
     trace(TraceSlot::Ingress, remote, identity, ep.ifindex);
     count(counters, Counter::DeliveredLocal);
