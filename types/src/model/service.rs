@@ -121,21 +121,24 @@ impl<'de> Deserialize<'de> for PortConfiguration {
                 mut map: A,
             ) -> std::result::Result<Self::Value, A::Error> {
                 let mut v: Vec<(String, L4Addr)> =
-                    Vec::with_capacity(map.size_hint().unwrap_or(1).min(16));
+                    Vec::with_capacity(map.size_hint().unwrap_or(1).clamp(1, 16));
                 while let Some((k, a)) = map.next_entry::<String, L4Addr>()? {
                     v.push((k, a));
                 }
-                // Go keeps the last of duplicate keys; a stable sort then dedup keeping the
-                // last of each run does the same.
-                v.sort_by(|a, b| a.0.cmp(&b.0));
-                let mut out: Vec<(String, L4Addr)> = Vec::with_capacity(v.len());
-                for (k, a) in v {
-                    match out.last_mut() {
-                        Some(last) if last.0 == k => last.1 = a,
-                        _ => out.push((k, a)),
+                if v.len() > 1 {
+                    // Go keeps the last of duplicate keys: a stable sort puts duplicates in
+                    // input order, then each run collapses onto its last element.
+                    v.sort_by(|a, b| a.0.cmp(&b.0));
+                    let mut i = 0;
+                    while i + 1 < v.len() {
+                        if v[i].0 == v[i + 1].0 {
+                            v.remove(i);
+                        } else {
+                            i += 1;
+                        }
                     }
                 }
-                Ok(PortConfiguration(out))
+                Ok(PortConfiguration(v))
             }
         }
         d.deserialize_any(V)
@@ -259,5 +262,26 @@ impl ClusterService {
     /// The kvstore key suffix `<cluster>/<namespace>/<name>`.
     pub fn key_name(&self) -> String {
         format!("{}/{}/{}", self.cluster, self.namespace, self.name)
+    }
+}
+
+#[cfg(test)]
+mod port_configuration_tests {
+    use super::*;
+
+    #[test]
+    fn sorted_and_last_duplicate_wins_like_go() {
+        let p: PortConfiguration = serde_json::from_str(
+            r#"{"z":{"Protocol":"TCP","Port":1},"a":{"Protocol":"UDP","Port":2},"z":{"Protocol":"TCP","Port":3}}"#,
+        )
+        .unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!(p["z"].port, 3);
+        assert_eq!(
+            serde_json::to_string(&p).unwrap(),
+            r#"{"a":{"Protocol":"UDP","Port":2},"z":{"Protocol":"TCP","Port":3}}"#
+        );
+        let empty: PortConfiguration = serde_json::from_str("null").unwrap();
+        assert!(empty.is_empty());
     }
 }
