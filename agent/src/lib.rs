@@ -10,10 +10,12 @@
 
 pub mod app;
 pub mod datapath;
+pub mod flows;
 pub mod health;
 pub mod ifaces;
 pub mod kernel;
 pub mod local;
+pub mod observer;
 pub mod policy;
 pub mod reconcile;
 pub mod services;

@@ -18,6 +18,7 @@
 //! It must not touch maps or etcd: callers apply [`Changes`].
 
 pub mod gate;
+pub mod maps;
 pub mod parse;
 pub mod selector;
 
@@ -359,7 +360,9 @@ impl Engine {
 
     fn intern(&mut self, sel: &Selector) -> SelId {
         if let Some(id) = self.sel_ids.get(sel) {
-            self.sels.get_mut(id).map(|s| s.refs += 1);
+            if let Some(s) = self.sels.get_mut(id) {
+                s.refs += 1;
+            }
             return *id;
         }
         let id = self.next;

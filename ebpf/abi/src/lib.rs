@@ -724,3 +724,243 @@ mod tests {
         assert_eq!(bytes, want);
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Policy enforcement and flow events (issue 6). Appended; not pinned (the agent rebuilds
+// them from its policy engine on start), so they are not in `map::ALL`.
+
+/// Names of the policy and flow maps.
+pub mod policy_map {
+    /// [`PolicyKey`](crate::PolicyKey) → [`PolicyValue`](crate::PolicyValue), hash, no
+    /// prealloc: every allowed (subject identity, peer identity, direction, proto, port).
+    pub const POLICY: &str = "CM_POLICY";
+    /// Subject identity (`u32`) → [`policy_flags`](crate::policy_flags) (`u32`), hash:
+    /// directions in which the identity is default-deny.
+    pub const POLICY_MODE: &str = "CM_POLICY_MODE";
+    /// [`PolicyCounter`](crate::PolicyCounter) → `u64`, per-CPU array.
+    pub const POLICY_COUNTERS: &str = "CM_POLICY_CNT";
+    /// Ring buffer of [`FlowEvent`](crate::FlowEvent)s.
+    pub const FLOWS: &str = "CM_FLOWS";
+    /// `0u32` → [`FlowConfig`](crate::FlowConfig), array of one.
+    pub const FLOW_CONFIG: &str = "CM_FLOW_CFG";
+    /// Default capacity of [`POLICY`].
+    pub const POLICY_MAX_ENTRIES: u32 = 262_144;
+    /// Default capacity of [`POLICY_MODE`].
+    pub const POLICY_MODE_MAX_ENTRIES: u32 = 65_536;
+    /// Size of the flow ring buffer in bytes (power of two, multiple of the page size).
+    pub const FLOWS_BYTES: u32 = 4 << 20;
+}
+
+/// Reserved identity `world` (Cilium): peers outside the cluster mesh (ipcache miss).
+pub const IDENTITY_WORLD: u32 = 2;
+
+/// Bits of a [`policy_map::POLICY_MODE`] value.
+pub mod policy_flags {
+    /// Ingress is default-deny for this identity.
+    pub const INGRESS: u32 = 1 << 0;
+    /// Egress is default-deny for this identity.
+    pub const EGRESS: u32 = 1 << 1;
+}
+
+/// [`PolicyKey::direction`] and [`FlowEvent::direction`] values.
+pub mod direction {
+    /// Peer → subject (the packet enters the subject endpoint).
+    pub const INGRESS: u8 = 0;
+    /// Subject → peer (the packet leaves the subject endpoint).
+    pub const EGRESS: u8 = 1;
+}
+
+/// Key of [`policy_map::POLICY`]. Peer 0, proto 0 and dport 0 are wildcards; the programs
+/// look up (peer, proto, port), (peer, proto, *), (peer, *, *), (*, proto, port),
+/// (*, proto, *), (*, *, *) in that order (Cilium's L3+L4, L3, L4, allow-all).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PolicyKey {
+    /// Identity of the local endpoint the policy belongs to, host order.
+    pub subject: u32,
+    /// Identity of the other end, host order; 0 = any.
+    pub peer: u32,
+    /// Destination port, network order; 0 = any.
+    pub dport: u16,
+    /// IP protocol; 0 = any.
+    pub proto: u8,
+    /// [`direction`].
+    pub direction: u8,
+}
+const _: () = assert!(size_of::<PolicyKey>() == 12);
+const _: () = assert!(offset_of!(PolicyKey, dport) == 8);
+
+/// Value of [`policy_map::POLICY`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PolicyValue {
+    /// Reserved (0 = allow), host order.
+    pub flags: u32,
+    /// Zero.
+    pub pad: u32,
+}
+const _: () = assert!(size_of::<PolicyValue>() == 8);
+
+/// How a policy lookup ended; index `direction * MATCHES + match` into
+/// [`policy_map::POLICY_COUNTERS`] (Cilium's `cilium_policy_verdict_total` `match` label).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PolicyMatch {
+    /// The endpoint is not default-deny in this direction: allowed.
+    None = 0,
+    /// Allowed by an L3+L4 entry.
+    L3L4 = 1,
+    /// Allowed by an L3-only entry (peer, any port).
+    L3Only = 2,
+    /// Allowed by an L4-only entry (any peer).
+    L4Only = 3,
+    /// Allowed by an allow-all entry.
+    All = 4,
+    /// No entry: denied.
+    Denied = 5,
+}
+
+impl PolicyMatch {
+    /// Values per direction.
+    pub const COUNT: u32 = 6;
+    /// Every value in index order.
+    pub const ALL: [PolicyMatch; 6] = [
+        PolicyMatch::None,
+        PolicyMatch::L3L4,
+        PolicyMatch::L3Only,
+        PolicyMatch::L4Only,
+        PolicyMatch::All,
+        PolicyMatch::Denied,
+    ];
+    /// Cilium's `match` label value.
+    pub const fn name(self) -> &'static str {
+        match self {
+            PolicyMatch::None => "none",
+            PolicyMatch::L3L4 => "l3-l4",
+            PolicyMatch::L3Only => "l3-only",
+            PolicyMatch::L4Only => "l4-only",
+            PolicyMatch::All => "all",
+            PolicyMatch::Denied => "denied",
+        }
+    }
+}
+
+/// Index into [`policy_map::POLICY_COUNTERS`] beyond the verdict slots.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PolicyCounter {
+    /// Flow events written to the ring buffer.
+    FlowsEmitted = 2 * PolicyMatch::COUNT,
+    /// Flow events lost because the ring buffer was full.
+    FlowsLost = 2 * PolicyMatch::COUNT + 1,
+}
+
+impl PolicyCounter {
+    /// Slots of the counters map: 2 directions × matches, then these.
+    pub const SLOTS: u32 = 2 * PolicyMatch::COUNT + 2;
+}
+
+/// [`FlowEvent::verdict`] values (Hubble's).
+pub mod verdict {
+    /// Forwarded.
+    pub const FORWARDED: u8 = 1;
+    /// Dropped.
+    pub const DROPPED: u8 = 2;
+}
+
+/// [`FlowEvent::drop_reason`] values: Cilium's drop codes (negated), 0 = none.
+pub mod drop_reason {
+    /// Cilium `DROP_POLICY` (133): `POLICY_DENIED`.
+    pub const POLICY_DENIED: u8 = 133;
+    /// Cilium `DROP_INVALID` (134): `INVALID_PACKET_DROPPED`.
+    pub const INVALID_PACKET: u8 = 134;
+}
+
+/// [`FlowEvent::observation`]: the program that saw the packet.
+pub mod observation {
+    /// `from_pod`.
+    pub const FROM_POD: u8 = 1;
+    /// `from_overlay`.
+    pub const FROM_OVERLAY: u8 = 2;
+}
+
+/// One flow event in [`policy_map::FLOWS`]: a forwarded (sampled) or dropped packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowEvent {
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC), host order.
+    pub ktime_ns: u64,
+    /// Source IPv4, network order.
+    pub saddr: [u8; 4],
+    /// Destination IPv4, network order.
+    pub daddr: [u8; 4],
+    /// Source port, network order (0 without one).
+    pub sport: u16,
+    /// Destination port, network order.
+    pub dport: u16,
+    /// Source identity, host order (0 = unknown).
+    pub src_identity: u32,
+    /// Destination identity, host order.
+    pub dst_identity: u32,
+    /// Interface the program runs on, host order.
+    pub ifindex: u32,
+    /// IP protocol.
+    pub proto: u8,
+    /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08, ACK 0x10, URG 0x20).
+    pub tcp_flags: u8,
+    /// [`verdict`].
+    pub verdict: u8,
+    /// [`direction`], relative to the local endpoint.
+    pub direction: u8,
+    /// [`drop_reason`].
+    pub drop_reason: u8,
+    /// [`observation`].
+    pub observation: u8,
+    /// [`PolicyMatch`] of the decisive lookup.
+    pub policy_match: u8,
+    /// Zero.
+    pub pad: u8,
+    /// Packet length in bytes, host order.
+    pub len: u32,
+    /// Zero.
+    pub pad2: u32,
+}
+const _: () = assert!(size_of::<FlowEvent>() == 48);
+const _: () = assert!(offset_of!(FlowEvent, proto) == 32);
+const _: () = assert!(offset_of!(FlowEvent, len) == 40);
+
+/// Flow settings: index 0 of [`policy_map::FLOW_CONFIG`]. All zero (the initial state):
+/// drops always, forwarded TCP packets only with SYN, FIN or RST (Hubble's "medium"
+/// monitor aggregation without conntrack), forwarded non-TCP packets always.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowConfig {
+    /// [`flow_flags`], host order.
+    pub flags: u32,
+    /// Zero.
+    pub pad: u32,
+}
+const _: () = assert!(size_of::<FlowConfig>() == 8);
+
+/// Bits of [`FlowConfig::flags`].
+pub mod flow_flags {
+    /// Emit an event for every forwarded packet (benchmarks, debugging).
+    pub const ALL_FORWARDED: u32 = 1 << 0;
+    /// Emit no forwarded events (drops only).
+    pub const DROPS_ONLY: u32 = 1 << 1;
+}
+
+#[cfg(feature = "user")]
+mod policy_pod {
+    use super::*;
+
+    // SAFETY (all impls below): `#[repr(C)]`, `Copy`, integers and byte arrays only, no
+    // implicit padding (sizes and offsets asserted above).
+    unsafe impl aya::Pod for PolicyKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for PolicyValue {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for FlowEvent {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for FlowConfig {}
+}

@@ -21,6 +21,7 @@
 
 mod lb;
 mod packet;
+mod policy;
 
 use aya_ebpf::bindings::bpf_tunnel_key;
 use aya_ebpf::helpers::{
@@ -140,6 +141,12 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Error> {
     }
     // Service VIP → backend (DNAT); everything below forwards the translated packet.
     if !lb::egress(ctx, &mut ip)? {
+        return Ok(TC_ACT_SHOT);
+    }
+
+    // Policy and flow events (policy.rs): egress of the source pod, ingress of a local
+    // destination.
+    if policy::denied_from_pod(ctx, &ip) {
         return Ok(TC_ACT_SHOT);
     }
 
@@ -281,6 +288,10 @@ fn try_from_overlay(ctx: &mut TcContext) -> Result<i32, Error> {
     };
     // SAFETY: see `try_from_pod`.
     let ep = unsafe { *ep };
+    // Ingress policy with the source identity from the VNI, and the flow event (policy.rs).
+    if policy::denied_from_overlay(ctx, &ip, identity, &ep) {
+        return Ok(TC_ACT_SHOT);
+    }
     // A reply from a service backend behind the tunnel: source back to the VIP.
     lb::reverse(ctx, &mut ip)?;
     let verdict = deliver_local(ctx, &ep)?;

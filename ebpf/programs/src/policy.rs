@@ -1,0 +1,334 @@
+//! Policy enforcement and flow events, called from `from_pod` and `from_overlay`.
+//!
+//! Policy is per subject identity (the local endpoint's): `CM_POLICY_MODE` says in which
+//! directions an identity is default-deny; `CM_POLICY` holds the allowed
+//! (subject, peer, direction, proto, port) tuples with 0 as wildcard, tried from the most
+//! to the least specific (six hash lookups at worst; Cilium's order). An endpoint without a
+//! mode entry costs one lookup per direction.
+//!
+//! Every drop, and forwarded packets per `CM_FLOW_CFG`, become a [`FlowEvent`] in the
+//! `CM_FLOWS` ring buffer; a full ring counts `FlowsLost` instead of blocking.
+
+use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::macros::map;
+use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::maps::{Array, HashMap, PerCpuArray, RingBuf};
+use aya_ebpf::programs::TcContext;
+use clustermesh_ebpf_abi::{
+    direction, drop_reason, flow_flags, observation, policy_flags, policy_map, verdict,
+    EndpointInfo, EndpointKey, FlowConfig, FlowEvent, IpcacheKey, PolicyCounter, PolicyKey,
+    PolicyMatch, PolicyValue, IDENTITY_WORLD,
+};
+
+use crate::packet::{Ipv4, ETH_HLEN};
+
+#[map]
+static CM_POLICY: HashMap<PolicyKey, PolicyValue> =
+    HashMap::with_max_entries(policy_map::POLICY_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map]
+static CM_POLICY_MODE: HashMap<u32, u32> =
+    HashMap::with_max_entries(policy_map::POLICY_MODE_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map]
+static CM_POLICY_CNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(PolicyCounter::SLOTS, 0);
+
+#[map]
+static CM_FLOWS: RingBuf = RingBuf::with_byte_size(policy_map::FLOWS_BYTES, 0);
+
+#[map]
+static CM_FLOW_CFG: Array<FlowConfig> = Array::with_max_entries(1, 0);
+
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_SCTP: u8 = 132;
+const TCP_SYN_FIN_RST: u8 = 0x07;
+
+/// The transport header fields policy and flows need. Ports in network order.
+#[derive(Default)]
+struct L4 {
+    proto: u8,
+    tcp_flags: u8,
+    sport: u16,
+    dport: u16,
+}
+
+#[inline(always)]
+fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+    let start = ctx.data() + offset;
+    if start + core::mem::size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    // SAFETY: the range lies inside the packet (checked above); packet data is unaligned.
+    Some(unsafe { core::ptr::read_unaligned(start as *const T) })
+}
+
+/// Protocol, ports and TCP flags; ports stay 0 for non-first fragments and headers that
+/// are not in the linear area after a pull (a policy with ports then does not match).
+#[inline(always)]
+fn parse_l4(ctx: &TcContext, out: &mut L4) {
+    let Some(vihl) = read::<u8>(ctx, ETH_HLEN) else {
+        return;
+    };
+    let Some(proto) = read::<u8>(ctx, ETH_HLEN + 9) else {
+        return;
+    };
+    let Some(frag) = read::<u16>(ctx, ETH_HLEN + 6) else {
+        return;
+    };
+    out.proto = proto;
+    if u16::from_be(frag) & 0x1fff != 0 {
+        return;
+    }
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_SCTP {
+        return;
+    }
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    let l4 = ETH_HLEN + ihl;
+    if ctx.data() + l4 + 14 > ctx.data_end() && (ctx.len() as usize) >= l4 + 14 {
+        // Headers outside the linear area (GRO): pull them in; pointers are re-derived.
+        let _ = ctx.pull_data((l4 + 14) as u32);
+    }
+    if let Some(ports) = read::<[u16; 2]>(ctx, l4) {
+        out.sport = ports[0];
+        out.dport = ports[1];
+    }
+    if proto == IPPROTO_TCP {
+        if let Some(flags) = read::<u8>(ctx, l4 + 13) {
+            out.tcp_flags = flags;
+        }
+    }
+}
+
+#[inline(always)]
+fn count(slot: u32) {
+    if let Some(c) = CM_POLICY_CNT.get_ptr_mut(slot) {
+        // SAFETY: per-CPU array slot from a successful lookup; only this CPU writes it.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn allowed(key: &PolicyKey) -> bool {
+    CM_POLICY.get_ptr(key).is_some()
+}
+
+/// The policy verdict for `subject` talking to `peer` in direction `dir`, as a
+/// [`PolicyMatch`] (`Denied` = drop). Counted.
+#[inline(always)]
+fn check(subject: u32, peer: u32, dir: u8, l4: &L4) -> PolicyMatch {
+    let m = check_inner(subject, peer, dir, l4);
+    count(u32::from(dir) * PolicyMatch::COUNT + m as u32);
+    m
+}
+
+#[inline(always)]
+fn check_inner(subject: u32, peer: u32, dir: u8, l4: &L4) -> PolicyMatch {
+    let want = if dir == direction::INGRESS {
+        policy_flags::INGRESS
+    } else {
+        policy_flags::EGRESS
+    };
+    let Some(mode) = CM_POLICY_MODE.get_ptr(subject) else {
+        return PolicyMatch::None;
+    };
+    // SAFETY: pointer from a successful lookup (NO_PREALLOC: RCU-protected element).
+    if unsafe { *mode } & want == 0 {
+        return PolicyMatch::None;
+    }
+    let mut k = PolicyKey {
+        subject,
+        peer,
+        dport: l4.dport,
+        proto: l4.proto,
+        direction: dir,
+    };
+    // Peer 0 (unknown) can only be allowed by any-peer entries.
+    if peer != 0 {
+        if allowed(&k) {
+            return PolicyMatch::L3L4;
+        }
+        k.dport = 0;
+        if allowed(&k) {
+            return PolicyMatch::L3Only;
+        }
+        k.proto = 0;
+        if allowed(&k) {
+            return PolicyMatch::L3Only;
+        }
+        k.peer = 0;
+    }
+    k.proto = l4.proto;
+    k.dport = l4.dport;
+    if allowed(&k) {
+        return PolicyMatch::L4Only;
+    }
+    k.dport = 0;
+    if allowed(&k) {
+        return PolicyMatch::L4Only;
+    }
+    k.proto = 0;
+    if allowed(&k) {
+        return PolicyMatch::All;
+    }
+    PolicyMatch::Denied
+}
+
+/// Everything a flow event needs besides the packet.
+struct Flow {
+    src_identity: u32,
+    dst_identity: u32,
+    verdict: u8,
+    drop_reason: u8,
+    direction: u8,
+    observation: u8,
+    policy_match: u8,
+}
+
+#[inline(always)]
+fn emit(ctx: &TcContext, ip: &Ipv4, l4: &L4, f: &Flow) {
+    if f.verdict == verdict::FORWARDED {
+        let flags = match CM_FLOW_CFG.get(0) {
+            Some(c) => c.flags,
+            None => 0,
+        };
+        if flags & flow_flags::DROPS_ONLY != 0 {
+            return;
+        }
+        if flags & flow_flags::ALL_FORWARDED == 0
+            && l4.proto == IPPROTO_TCP
+            && l4.tcp_flags & TCP_SYN_FIN_RST == 0
+        {
+            return;
+        }
+    }
+    let Some(mut entry) = CM_FLOWS.reserve::<FlowEvent>(0) else {
+        count(PolicyCounter::FlowsLost as u32);
+        return;
+    };
+    // SAFETY: plain helper calls / reads of the skb the program was given.
+    let (now, ifindex) = unsafe { (bpf_ktime_get_ns(), (*ctx.skb.skb).ifindex) };
+    entry.write(FlowEvent {
+        ktime_ns: now,
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport: l4.sport,
+        dport: l4.dport,
+        src_identity: f.src_identity,
+        dst_identity: f.dst_identity,
+        ifindex,
+        proto: l4.proto,
+        tcp_flags: l4.tcp_flags,
+        verdict: f.verdict,
+        direction: f.direction,
+        drop_reason: f.drop_reason,
+        observation: f.observation,
+        policy_match: f.policy_match,
+        pad: 0,
+        len: ctx.len(),
+        pad2: 0,
+    });
+    entry.submit(0);
+    count(PolicyCounter::FlowsEmitted as u32);
+}
+
+#[inline(always)]
+fn identity_of(addr: [u8; 4]) -> u32 {
+    let key = Key::new(IpcacheKey::prefixlen(32), IpcacheKey::v4(addr));
+    match crate::CM_IPCACHE.get(&key) {
+        Some(v) => v.sec_identity,
+        None => IDENTITY_WORLD,
+    }
+}
+
+#[inline(always)]
+fn local_endpoint(addr: [u8; 4]) -> Option<EndpointInfo> {
+    let ep = crate::CM_LOCAL_EPS.get_ptr(EndpointKey::v4(addr))?;
+    // SAFETY: pointer from a successful lookup (NO_PREALLOC: RCU-protected element).
+    Some(unsafe { *ep })
+}
+
+/// `from_pod`: egress policy of the source pod and, for a destination on this node, its
+/// ingress policy. Emits the flow event. `true` = drop the packet.
+#[inline(always)]
+pub fn denied_from_pod(ctx: &TcContext, ip: &Ipv4) -> bool {
+    let mut l4 = L4::default();
+    parse_l4(ctx, &mut l4);
+    let src = local_endpoint(ip.saddr);
+    let dst = local_endpoint(ip.daddr);
+    let src_identity = match &src {
+        Some(ep) => ep.identity,
+        None => identity_of(ip.saddr),
+    };
+    let dst_identity = match &dst {
+        Some(ep) => ep.identity,
+        None => identity_of(ip.daddr),
+    };
+    let mut flow = Flow {
+        src_identity,
+        dst_identity,
+        verdict: verdict::FORWARDED,
+        drop_reason: 0,
+        direction: direction::EGRESS,
+        observation: observation::FROM_POD,
+        policy_match: PolicyMatch::None as u8,
+    };
+    if src.is_some() {
+        let m = check(src_identity, dst_identity, direction::EGRESS, &l4);
+        flow.policy_match = m as u8;
+        if m == PolicyMatch::Denied {
+            flow.verdict = verdict::DROPPED;
+            flow.drop_reason = drop_reason::POLICY_DENIED;
+            emit(ctx, ip, &l4, &flow);
+            return true;
+        }
+    }
+    if dst.is_some() {
+        let m = check(dst_identity, src_identity, direction::INGRESS, &l4);
+        if m == PolicyMatch::Denied {
+            flow.verdict = verdict::DROPPED;
+            flow.drop_reason = drop_reason::POLICY_DENIED;
+            flow.direction = direction::INGRESS;
+            flow.policy_match = m as u8;
+            emit(ctx, ip, &l4, &flow);
+            return true;
+        }
+    }
+    emit(ctx, ip, &l4, &flow);
+    false
+}
+
+/// `from_overlay`: ingress policy of the local destination `ep` for a packet from
+/// `src_identity` (the VNI). Emits the flow event. `true` = drop the packet.
+#[inline(always)]
+pub fn denied_from_overlay(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    src_identity: u32,
+    ep: &EndpointInfo,
+) -> bool {
+    let mut l4 = L4::default();
+    parse_l4(ctx, &mut l4);
+    let m = check(ep.identity, src_identity, direction::INGRESS, &l4);
+    let denied = m == PolicyMatch::Denied;
+    let flow = Flow {
+        src_identity,
+        dst_identity: ep.identity,
+        verdict: if denied {
+            verdict::DROPPED
+        } else {
+            verdict::FORWARDED
+        },
+        drop_reason: if denied {
+            drop_reason::POLICY_DENIED
+        } else {
+            0
+        },
+        direction: direction::INGRESS,
+        observation: observation::FROM_OVERLAY,
+        policy_match: m as u8,
+    };
+    emit(ctx, ip, &l4, &flow);
+    denied
+}
