@@ -7,6 +7,7 @@ mod echo;
 mod enable;
 mod http;
 mod lab;
+mod observe;
 
 use clap::{Parser, Subcommand};
 
@@ -40,6 +41,8 @@ enum Command {
     /// Pod-to-pod checks over the lab (same node, cross node, cross cluster; TCP and ICMP).
     #[command(subcommand)]
     Connectivity(ConnectivityCommand),
+    /// Flows from every agent (policy verdicts, drops), like `hubble observe`.
+    Observe(observe::ObserveArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -78,6 +81,7 @@ fn main() -> std::process::ExitCode {
         Command::Lab(LabCommand::Echo(a)) => echo::run(a),
         Command::Lab(LabCommand::Load(a)) => lab::load::run(a),
         Command::Connectivity(ConnectivityCommand::Test(a)) => connectivity::test(a),
+        Command::Observe(a) => observe::run(a),
     };
     match res {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,380 @@
+//! `clustermesh observe`: flows from every agent's observer (gRPC), merged by time and
+//! printed like `hubble observe`, or as JSON lines.
+//!
+//! Servers come from `--server` (repeatable) or, by default, from the lab: every agent's
+//! node address on port [`OBSERVER_PORT`] (Hubble's 4245).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context as _};
+use api::observer_client::ObserverClient;
+use clustermesh_observer_api as api;
+
+/// The agents' observer port (Hubble's).
+pub const OBSERVER_PORT: u16 = 4245;
+
+/// Arguments of `observe`.
+#[derive(Debug, clap::Args)]
+pub struct ObserveArgs {
+    /// Only flows from pods of this cluster (repeatable).
+    #[arg(long = "from-cluster")]
+    from_cluster: Vec<String>,
+    /// Only flows to pods of this cluster (repeatable).
+    #[arg(long = "to-cluster")]
+    to_cluster: Vec<String>,
+    /// Only flows from this pod (`[namespace/]name-prefix`, repeatable).
+    #[arg(long = "from-pod")]
+    from_pod: Vec<String>,
+    /// Only flows to this pod (`[namespace/]name-prefix`, repeatable).
+    #[arg(long = "to-pod")]
+    to_pod: Vec<String>,
+    /// Only flows with this verdict.
+    #[arg(long, value_enum)]
+    verdict: Vec<Verdict>,
+    /// Keep printing new flows.
+    #[arg(short, long)]
+    follow: bool,
+    /// Flows per server before following (0 = all in the ring).
+    #[arg(long, default_value_t = 20)]
+    last: u64,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Compact)]
+    output: Output,
+    /// Observer addresses (`host:port`, repeatable); default: every agent of the lab.
+    #[arg(long)]
+    server: Vec<String>,
+    /// Lab directory (to find the agents).
+    #[arg(long, default_value = "/tmp/clustermesh-lab")]
+    lab_dir: PathBuf,
+}
+
+/// A verdict filter.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+#[clap(rename_all = "UPPER")]
+enum Verdict {
+    Forwarded,
+    Dropped,
+}
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    /// One line per flow, like `hubble observe`.
+    Compact,
+    /// One JSON object per line.
+    Json,
+}
+
+fn servers(args: &ObserveArgs) -> anyhow::Result<Vec<String>> {
+    if !args.server.is_empty() {
+        return Ok(args.server.clone());
+    }
+    let path = args.lab_dir.join("lab.json");
+    let raw = std::fs::read(&path)
+        .with_context(|| format!("no --server given and no lab at {}", path.display()))?;
+    let lab: serde_json::Value = serde_json::from_slice(&raw).context("lab.json")?;
+    let mut out = Vec::new();
+    for c in lab["clusters"].as_array().into_iter().flatten() {
+        for n in c["nodes"].as_array().into_iter().flatten() {
+            if let Some(ip) = n["ip"].as_str() {
+                out.push(format!("{ip}:{OBSERVER_PORT}"));
+            }
+        }
+    }
+    if out.is_empty() {
+        bail!("the lab at {} has no nodes", args.lab_dir.display());
+    }
+    Ok(out)
+}
+
+fn request(args: &ObserveArgs) -> api::GetFlowsRequest {
+    api::GetFlowsRequest {
+        number: args.last,
+        follow: args.follow,
+        filter: Some(api::FlowFilter {
+            from_cluster: args.from_cluster.clone(),
+            to_cluster: args.to_cluster.clone(),
+            from_pod: args.from_pod.clone(),
+            to_pod: args.to_pod.clone(),
+            verdict: args
+                .verdict
+                .iter()
+                .map(|v| match v {
+                    Verdict::Forwarded => api::Verdict::Forwarded as i32,
+                    Verdict::Dropped => api::Verdict::Dropped as i32,
+                })
+                .collect(),
+            ..Default::default()
+        }),
+    }
+}
+
+/// Runs `observe`.
+pub fn run(args: ObserveArgs) -> anyhow::Result<()> {
+    let servers = servers(&args)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(observe(args, servers))
+}
+
+async fn observe(args: ObserveArgs, servers: Vec<String>) -> anyhow::Result<()> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<api::Flow>(1024);
+    let mut tasks = tokio::task::JoinSet::new();
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<(String, anyhow::Result<()>)>(16);
+    for s in servers.clone() {
+        let req = request(&args);
+        let tx = tx.clone();
+        let done = done_tx.clone();
+        tasks.spawn(async move {
+            let r = async {
+                let mut c = ObserverClient::connect(format!("http://{s}"))
+                    .await
+                    .with_context(|| format!("connect to observer {s}"))?;
+                let mut stream = c.get_flows(req).await?.into_inner();
+                while let Some(f) = stream.message().await? {
+                    if tx.send(f).await.is_err() {
+                        break;
+                    }
+                }
+                anyhow::Ok(())
+            }
+            .await;
+            let _ = done.send((s, r)).await;
+        });
+    }
+    drop(tx);
+    drop(done_tx);
+    let mut failed = 0;
+    let mut report = |(s, r): (String, anyhow::Result<()>)| {
+        if let Err(e) = r {
+            failed += 1;
+            eprintln!("warning: {s}: {e:#}");
+        }
+    };
+    if args.follow {
+        // Past flows arrive per server; after that, print as they come.
+        loop {
+            tokio::select! {
+                f = rx.recv() => match f {
+                    Some(f) => print(&f, args.output),
+                    None => break,
+                },
+                Some(d) = done_rx.recv() => report(d),
+            }
+        }
+    } else {
+        let mut all = Vec::new();
+        while let Some(f) = rx.recv().await {
+            all.push(f);
+        }
+        while let Some(d) = done_rx.recv().await {
+            report(d);
+        }
+        all.sort_by_key(|f| f.time_unix_nanos);
+        for f in &all {
+            print(f, args.output);
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    if failed == servers.len() {
+        bail!("no observer answered ({} tried)", servers.len());
+    }
+    Ok(())
+}
+
+fn print(f: &api::Flow, output: Output) {
+    match output {
+        Output::Json => println!("{}", json(f)),
+        Output::Compact => println!("{}", compact(f)),
+    }
+}
+
+fn endpoint_json(e: Option<&api::Endpoint>) -> serde_json::Value {
+    let Some(e) = e else {
+        return serde_json::Value::Null;
+    };
+    serde_json::json!({
+        "IP": e.ip, "port": e.port, "identity": e.identity, "labels": e.labels,
+        "cluster_name": e.cluster, "namespace": e.namespace, "pod_name": e.pod_name,
+    })
+}
+
+/// One flow as JSON (field names after Hubble's `flow` object).
+pub fn json(f: &api::Flow) -> serde_json::Value {
+    serde_json::json!({
+        "time": time(f.time_unix_nanos, true),
+        "verdict": verdict(f),
+        "drop_reason_desc": f.drop_reason_desc,
+        "source": endpoint_json(f.source.as_ref()),
+        "destination": endpoint_json(f.destination.as_ref()),
+        "l4": {"protocol": f.protocol, "tcp_flags": tcp_flags(f.tcp_flags)},
+        "traffic_direction": f.traffic_direction.to_uppercase(),
+        "node_name": f.node_name,
+        "policy_match": f.policy_match,
+        "observation_point": f.observation_point,
+    })
+}
+
+fn verdict(f: &api::Flow) -> &'static str {
+    match api::Verdict::try_from(f.verdict) {
+        Ok(api::Verdict::Forwarded) => "FORWARDED",
+        Ok(api::Verdict::Dropped) => "DROPPED",
+        _ => "UNKNOWN",
+    }
+}
+
+fn time(nanos: i64, rfc3339: bool) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(nanos.max(0) as u64);
+    let s = humantime::format_rfc3339_millis(t).to_string();
+    if rfc3339 {
+        s
+    } else {
+        // "2026-11-26T20:14:01.123Z" → "Nov 26 20:14:01.123" (hubble's short form).
+        const MONTHS: [&str; 12] = [
+            "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+        ];
+        let month = s
+            .get(5..7)
+            .and_then(|m| m.parse::<usize>().ok())
+            .and_then(|m| MONTHS.get(m.wrapping_sub(1)))
+            .copied()
+            .unwrap_or("???");
+        format!(
+            "{month} {} {}",
+            s.get(8..10).unwrap_or("??"),
+            s.get(11..23).unwrap_or("")
+        )
+    }
+}
+
+fn tcp_flags(bits: u32) -> Vec<&'static str> {
+    [
+        (0x02, "SYN"),
+        (0x10, "ACK"),
+        (0x01, "FIN"),
+        (0x04, "RST"),
+        (0x08, "PSH"),
+        (0x20, "URG"),
+    ]
+    .into_iter()
+    .filter(|(b, _)| bits & b != 0)
+    .map(|(_, n)| n)
+    .collect()
+}
+
+/// Labels worth showing: not the namespace/cluster ones (shown separately).
+fn short_labels(e: &api::Endpoint) -> Vec<&str> {
+    e.labels
+        .iter()
+        .map(String::as_str)
+        .filter(|l| {
+            !l.contains("io.kubernetes.pod.namespace=")
+                && !l.contains("io.cilium.k8s.policy.cluster=")
+                && !l.contains("io.cilium.k8s.namespace.labels.")
+                && !l.contains("io.cilium.k8s.policy.serviceaccount=")
+        })
+        .collect()
+}
+
+fn endpoint(e: Option<&api::Endpoint>) -> String {
+    let Some(e) = e else { return "?".into() };
+    let addr = if e.pod_name.is_empty() {
+        e.ip.clone()
+    } else {
+        format!("{}/{}", e.namespace, e.pod_name)
+    };
+    let addr = if e.port != 0 {
+        format!("{addr}:{}", e.port)
+    } else {
+        addr
+    };
+    let mut info = vec![format!("ID:{}", e.identity)];
+    info.extend(short_labels(e).into_iter().map(str::to_owned));
+    if !e.cluster.is_empty() {
+        info.push(format!("cluster:{}", e.cluster));
+    }
+    format!("{addr} ({})", info.join(" "))
+}
+
+/// One flow in `hubble observe`'s compact form.
+pub fn compact(f: &api::Flow) -> String {
+    let point = match (f.traffic_direction.as_str(), verdict(f)) {
+        (_, "DROPPED") => format!("{} {}", f.traffic_direction, human_reason(f)),
+        ("ingress", _) => "to-endpoint".to_owned(),
+        _ => "to-overlay".to_owned(),
+    };
+    let mut line = format!(
+        "{} [{}]: {} -> {} {} {}",
+        time(f.time_unix_nanos, false),
+        f.node_name,
+        endpoint(f.source.as_ref()),
+        endpoint(f.destination.as_ref()),
+        point,
+        verdict(f),
+    );
+    if f.protocol == "TCP" {
+        line.push_str(&format!(
+            " (TCP Flags: {})",
+            tcp_flags(f.tcp_flags).join(", ")
+        ));
+    } else {
+        line.push_str(&format!(" ({})", f.protocol));
+    }
+    line
+}
+
+fn human_reason(f: &api::Flow) -> &str {
+    match f.drop_reason_desc.as_str() {
+        "POLICY_DENIED" => "Policy denied",
+        "INVALID_PACKET_DROPPED" => "Invalid packet",
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compact_line_has_both_clusters_labels_verdict_and_flags() {
+        let ep = |ip: &str, port, id, app: &str, c: &str, pod: &str| api::Endpoint {
+            ip: ip.into(),
+            port,
+            identity: id,
+            labels: vec![
+                format!("k8s:app={app}"),
+                format!("k8s:io.cilium.k8s.policy.cluster={c}"),
+                "k8s:io.kubernetes.pod.namespace=default".into(),
+            ],
+            cluster: c.into(),
+            namespace: "default".into(),
+            pod_name: pod.into(),
+        };
+        let f = api::Flow {
+            time_unix_nanos: 1_795_000_000_123_000_000,
+            source: Some(ep("10.1.1.11", 40000, 1002, "other", "c1", "other-1")),
+            destination: Some(ep("10.2.1.11", 8080, 2002, "backend", "c2", "backend-1")),
+            protocol: "TCP".into(),
+            tcp_flags: 0x02,
+            verdict: api::Verdict::Dropped as i32,
+            drop_reason: 133,
+            drop_reason_desc: "POLICY_DENIED".into(),
+            traffic_direction: "ingress".into(),
+            node_name: "c2/n1".into(),
+            ..Default::default()
+        };
+        let line = compact(&f);
+        assert!(
+            line.ends_with(
+                "[c2/n1]: default/other-1:40000 (ID:1002 k8s:app=other cluster:c1) -> \
+                 default/backend-1:8080 (ID:2002 k8s:app=backend cluster:c2) ingress Policy denied \
+                 DROPPED (TCP Flags: SYN)"
+            ),
+            "{line}"
+        );
+        let j = json(&f);
+        assert_eq!(j["verdict"], "DROPPED");
+        assert_eq!(j["source"]["cluster_name"], "c1");
+    }
+}
