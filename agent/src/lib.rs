@@ -10,6 +10,7 @@
 
 pub mod app;
 pub mod datapath;
+pub mod dns;
 pub mod flows;
 pub mod health;
 pub mod ifaces;

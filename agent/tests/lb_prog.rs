@@ -222,7 +222,14 @@ fn run(dp: &mut Datapath, program: Program, packet: &[u8]) -> (u32, Vec<u8>) {
 fn vip_hit_is_translated_with_valid_checksums_and_replies_are_reversed() {
     let (mut dp, mut lb) = node();
     let mut merger = ServiceMerger::new("c1");
-    program(&mut lb, &mut merger, &[LOCAL_BE], &[], Affinity::None, "TCP");
+    program(
+        &mut lb,
+        &mut merger,
+        &[LOCAL_BE],
+        &[],
+        Affinity::None,
+        "TCP",
+    );
 
     let syn = packet(IPPROTO_TCP, CLIENT, 40_000, VIP, 80, false);
     let (verdict, out) = run(&mut dp, Program::FromPod, &syn);
@@ -230,7 +237,11 @@ fn vip_hit_is_translated_with_valid_checksums_and_replies_are_reversed() {
     let p = parse_checked(&out);
     assert_eq!((p.src, p.sport), (CLIENT, 40_000));
     assert_eq!((p.dst, p.dport), (LOCAL_BE, 8080));
-    assert_eq!(out[0..6], endpoint(42, 11).pod_mac, "MACs of the backend pod");
+    assert_eq!(
+        out[0..6],
+        endpoint(42, 11).pod_mac,
+        "MACs of the backend pod"
+    );
     assert_eq!(lb.counter(LbCounter::CtNew).unwrap(), 1);
     assert_eq!(lb.ct_entries().unwrap().len(), 2, "forward + reply tuple");
 
@@ -258,9 +269,23 @@ fn vip_hit_is_translated_with_valid_checksums_and_replies_are_reversed() {
 fn misses_are_untouched() {
     let (mut dp, mut lb) = node();
     let mut merger = ServiceMerger::new("c1");
-    program(&mut lb, &mut merger, &[LOCAL_BE], &[], Affinity::None, "TCP");
+    program(
+        &mut lb,
+        &mut merger,
+        &[LOCAL_BE],
+        &[],
+        Affinity::None,
+        "TCP",
+    );
     for p in [
-        packet(IPPROTO_TCP, CLIENT, 40_001, Ipv4Addr::new(172, 20, 0, 99), 80, false),
+        packet(
+            IPPROTO_TCP,
+            CLIENT,
+            40_001,
+            Ipv4Addr::new(172, 20, 0, 99),
+            80,
+            false,
+        ),
         packet(IPPROTO_TCP, CLIENT, 40_001, VIP, 81, false),
         packet(IPPROTO_UDP, CLIENT, 40_001, VIP, 80, false),
     ] {
@@ -279,7 +304,14 @@ fn misses_are_untouched() {
 fn udp_without_checksum_stays_without() {
     let (mut dp, mut lb) = node();
     let mut merger = ServiceMerger::new("c1");
-    program(&mut lb, &mut merger, &[LOCAL_BE], &[], Affinity::None, "UDP");
+    program(
+        &mut lb,
+        &mut merger,
+        &[LOCAL_BE],
+        &[],
+        Affinity::None,
+        "UDP",
+    );
     let (verdict, out) = run(
         &mut dp,
         Program::FromPod,
@@ -300,7 +332,14 @@ fn udp_without_checksum_stays_without() {
 fn new_connections_spread_over_clusters_and_fail_over() {
     let (mut dp, mut lb) = node();
     let mut merger = ServiceMerger::new("c1");
-    program(&mut lb, &mut merger, &[LOCAL_BE], &[REMOTE_BE], Affinity::None, "TCP");
+    program(
+        &mut lb,
+        &mut merger,
+        &[LOCAL_BE],
+        &[REMOTE_BE],
+        Affinity::None,
+        "TCP",
+    );
     let (mut local, mut remote) = (0, 0);
     for sport in 0..400u16 {
         let (verdict, out) = run(
@@ -316,10 +355,20 @@ fn new_connections_spread_over_clusters_and_fail_over() {
         }
     }
     println!("400 new connections: local {local}, remote {remote}");
-    assert!((120..=280).contains(&local), "local {local} remote {remote}");
+    assert!(
+        (120..=280).contains(&local),
+        "local {local} remote {remote}"
+    );
 
     // Affinity local: only the local backend; the remote one stands by.
-    program(&mut lb, &mut merger, &[LOCAL_BE], &[REMOTE_BE], Affinity::Local, "TCP");
+    program(
+        &mut lb,
+        &mut merger,
+        &[LOCAL_BE],
+        &[REMOTE_BE],
+        Affinity::Local,
+        "TCP",
+    );
     let flow = packet(IPPROTO_TCP, CLIENT, 50_000, VIP, 80, false);
     for _ in 0..20 {
         let (_, out) = run(&mut dp, Program::FromPod, &flow);
@@ -327,7 +376,14 @@ fn new_connections_spread_over_clusters_and_fail_over() {
     }
     // The last local backend goes: the established flow and new ones move to the remote
     // cluster (tunnelled), without restarting anything.
-    program(&mut lb, &mut merger, &[], &[REMOTE_BE], Affinity::Local, "TCP");
+    program(
+        &mut lb,
+        &mut merger,
+        &[],
+        &[REMOTE_BE],
+        Affinity::Local,
+        "TCP",
+    );
     let (verdict, out) = run(&mut dp, Program::FromPod, &flow);
     assert_eq!(verdict, TC_ACT_REDIRECT, "tunnelled");
     assert_eq!(parse_checked(&out).dst, REMOTE_BE);

@@ -104,6 +104,7 @@ pub struct Table {
     by_id: HashMap<u32, BackendKey>,
     next_backend_id: u32,
     rev_nat: HashMap<Lb4Key, u16>,
+    rev_nat_used: std::collections::HashSet<u16>,
     next_rev_nat: u16,
     /// Frontends or backends skipped (IPv6, SCTP, cluster ID > 65535).
     pub unsupported: u64,
@@ -177,14 +178,15 @@ impl Table {
         if let Some(i) = self.rev_nat.get(key) {
             return Some(*i);
         }
-        // Lowest free index after the last one handed out (wrapping, 0 is never used).
-        let used: std::collections::HashSet<u16> = self.rev_nat.values().copied().collect();
+        // The next free index after the last one handed out (wrapping, 0 is never used), so
+        // a freed index is reused as late as possible.
         let mut i = self.next_rev_nat;
         for _ in 0..u16::MAX {
             i = i.wrapping_add(1).max(1);
-            if !used.contains(&i) {
+            if !self.rev_nat_used.contains(&i) {
                 self.next_rev_nat = i;
                 self.rev_nat.insert(*key, i);
+                self.rev_nat_used.insert(i);
                 diff.rev_nat.push((
                     i,
                     Lb4RevNat {
@@ -299,6 +301,7 @@ impl Table {
                 diff.delete_services.push(k);
             }
             if let Some(i) = self.rev_nat.remove(&o.key) {
+                self.rev_nat_used.remove(&i);
                 diff.delete_rev_nat.push(i);
             }
         }

@@ -71,10 +71,11 @@ pub mod defaults {
     pub const IPCACHE_MAX_ENTRIES: u32 = 512_000;
     /// Pods on one node (Cilium's endpoint map default).
     pub const LOCAL_ENDPOINTS_MAX_ENTRIES: u32 = 65_535;
-    /// Service entries (frontends + backend slots), Cilium's `lb4_services` default.
-    pub const LB4_SERVICES_MAX_ENTRIES: u32 = 65_536;
-    /// Backends, Cilium's default.
-    pub const LB4_BACKENDS_MAX_ENTRIES: u32 = 65_536;
+    /// Service entries (frontends + backend slots): 30k services with 4 backends each
+    /// need 150k. No prealloc, so unused capacity costs no memory.
+    pub const LB4_SERVICES_MAX_ENTRIES: u32 = 262_144;
+    /// Backends.
+    pub const LB4_BACKENDS_MAX_ENTRIES: u32 = 131_072;
     /// Reverse-NAT entries (one per frontend).
     pub const LB4_REVERSE_NAT_MAX_ENTRIES: u32 = 65_536;
     /// Service connection tracking entries (two per connection).

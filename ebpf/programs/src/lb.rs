@@ -209,7 +209,7 @@ fn select(key: &Lb4Key, svc: &Lb4Service, id: &mut u32, be: &mut Lb4Backend) -> 
     let slot = (rnd % u32::from(svc.count)) as u16 + 1;
     let mut slot_key = *key;
     slot_key.backend_slot = slot;
-    let Some(s) = CM_LB4_SERVICES.get_ptr(&slot_key) else {
+    let Some(s) = CM_LB4_SERVICES.get_ptr(slot_key) else {
         return false;
     };
     // SAFETY: pointer from a successful lookup in a NO_PREALLOC hash (RCU-protected).
@@ -239,7 +239,7 @@ pub fn egress(ctx: &TcContext, ip: &mut Ipv4) -> Result<bool, Error> {
         scope: 0,
         pad: [0; 2],
     };
-    let Some(svc) = CM_LB4_SERVICES.get_ptr(&key) else {
+    let Some(svc) = CM_LB4_SERVICES.get_ptr(key) else {
         return Ok(true);
     };
     // SAFETY: pointer from a successful lookup in a NO_PREALLOC hash (RCU-protected).
@@ -256,7 +256,7 @@ pub fn egress(ctx: &TcContext, ip: &mut Ipv4) -> Result<bool, Error> {
     };
     let mut be = Lb4Backend::default();
     let mut backend_id = 0u32;
-    if let Some(ct) = CM_LB4_CT.get_ptr(&fwd) {
+    if let Some(ct) = CM_LB4_CT.get_ptr(fwd) {
         // SAFETY: pointer from a successful lookup; entries are only ever replaced whole.
         let id = unsafe { (*ct).backend_id };
         if let Some(b) = CM_LB4_BACKENDS.get_ptr(id) {
@@ -286,7 +286,7 @@ pub fn egress(ctx: &TcContext, ip: &mut Ipv4) -> Result<bool, Error> {
             created_ns: now,
         };
         // LRU maps evict rather than fail; an error here only loses stickiness.
-        let _ = CM_LB4_CT.insert(&fwd, &entry, 0);
+        let _ = CM_LB4_CT.insert(fwd, entry, 0);
         let reply = Ct4Key {
             saddr: be.address,
             daddr: ip.saddr,
@@ -300,7 +300,7 @@ pub fn egress(ctx: &TcContext, ip: &mut Ipv4) -> Result<bool, Error> {
             backend_id: 0,
             ..entry
         };
-        let _ = CM_LB4_CT.insert(&reply, &reply_entry, 0);
+        let _ = CM_LB4_CT.insert(reply, reply_entry, 0);
         count(LbCounter::CtNew);
     }
 
@@ -336,7 +336,7 @@ pub fn reverse(ctx: &TcContext, ip: &mut Ipv4) -> Result<(), Error> {
         flags: ct_dir::REPLY,
         pad: 0,
     };
-    let Some(ct) = CM_LB4_CT.get_ptr(&key) else {
+    let Some(ct) = CM_LB4_CT.get_ptr(key) else {
         return Ok(());
     };
     // SAFETY: pointer from a successful lookup; entries are only ever replaced whole.
