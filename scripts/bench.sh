@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 cargo build --release --workspace --bins
-for b in ${1:-export remote datapath-throughput policy lb}; do
+for b in ${1:-export remote maps datapath-throughput policy lb}; do
   if [ -x "target/release/bench-$b" ]; then
     echo "=== bench-$b"
     "target/release/bench-$b"

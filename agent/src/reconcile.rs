@@ -22,7 +22,7 @@
 //!
 //! It must not read etcd or change interfaces beyond attaching programs.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -154,7 +154,7 @@ pub struct Claim {
     /// The map value.
     pub value: IpcacheValue,
     /// Set when the entry is a pod on this node.
-    pub pod: Option<LocalPod>,
+    pub pod: Option<Arc<LocalPod>>,
 }
 
 /// The prefix and claim for `pair` published by `cluster`; `None` for entries this datapath
@@ -179,12 +179,14 @@ pub fn claim(
                 key: pair.key,
                 ..IpcacheValue::local(pair.id)
             },
-            pod: (bits == 32 && !pair.k8s_pod_name.is_empty()).then(|| LocalPod {
-                ip: addr,
-                namespace: pair.k8s_namespace.clone(),
-                name: pair.k8s_pod_name.clone(),
-                identity: pair.id,
-                interface: ifaces::host_veth_name(&pair.k8s_namespace, &pair.k8s_pod_name),
+            pod: (bits == 32 && !pair.k8s_pod_name.is_empty()).then(|| {
+                Arc::new(LocalPod {
+                    ip: addr,
+                    namespace: pair.k8s_namespace.clone(),
+                    name: pair.k8s_pod_name.clone(),
+                    identity: pair.id,
+                    interface: ifaces::host_veth_name(&pair.k8s_namespace, &pair.k8s_pod_name),
+                })
             }),
         },
         Some(h) => {
@@ -211,14 +213,146 @@ pub fn claim(
     Some((prefix, claim))
 }
 
-/// Desired state: every cluster's claims, resolved per prefix. Pure (no maps).
+/// FxHash (rustc's hasher): the maps here are keyed by prefixes and etcd keys that the
+/// readers already validated, so HashDoS resistance buys nothing and SipHash would cost a
+/// third of a 250k-entry resync.
+#[derive(Default, Clone, Copy)]
+pub struct FxHasher(u64);
+
+impl std::hash::Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.add(u64::from_le_bytes(w));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 8];
+            w[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(w));
+        }
+    }
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.add(u64::from(i));
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl FxHasher {
+    #[inline]
+    fn add(&mut self, w: u64) {
+        self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+type Fx = std::hash::BuildHasherDefault<FxHasher>;
+type FxMap<K, V> = HashMap<K, V, Fx>;
+
+/// The claims on one prefix: almost always exactly one cluster's.
+#[derive(Debug)]
+enum Claims {
+    One(Arc<str>, Claim),
+    Many(BTreeMap<Arc<str>, Claim>),
+}
+
+impl Claims {
+    fn insert(&mut self, cluster: &Arc<str>, c: Claim) {
+        match self {
+            Claims::One(k, v) if k == cluster => *v = c,
+            Claims::One(k, v) => {
+                let mut m = BTreeMap::new();
+                m.insert(k.clone(), v.clone());
+                m.insert(cluster.clone(), c);
+                *self = Claims::Many(m);
+            }
+            Claims::Many(m) => {
+                m.insert(cluster.clone(), c);
+            }
+        }
+    }
+
+    /// Removes `cluster`'s claim; `true` if none is left.
+    fn remove(&mut self, cluster: &Arc<str>) -> bool {
+        match self {
+            Claims::One(k, _) => k == cluster,
+            Claims::Many(m) => {
+                m.remove(cluster);
+                if m.len() == 1 {
+                    if let Some((k, v)) = m.pop_first() {
+                        *self = Claims::One(k, v);
+                    }
+                    return false;
+                }
+                m.is_empty()
+            }
+        }
+    }
+
+    fn winner(&self, local: &Arc<str>) -> Option<&Claim> {
+        match self {
+            Claims::One(_, v) => Some(v),
+            Claims::Many(m) => m.get(local).or_else(|| m.values().next()),
+        }
+    }
+}
+
+/// The map write one prefix needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// The map is up to date.
+    None,
+    /// Write this value.
+    Upsert(IpcacheValue),
+    /// Delete the element (it held this value).
+    Delete(IpcacheValue),
+}
+
+/// One prefix: what the clusters claim and what the map holds.
+#[derive(Debug, Default)]
+struct Slot {
+    claims: Option<Claims>,
+    applied: Option<IpcacheValue>,
+}
+
+/// The part of an etcd ipcache key after `cilium/{state,cache}/ip/v1/<default|cluster>/`:
+/// the entry's prefix string (the readers reject entries whose key does not match it).
+fn key_prefix(key: &str) -> Option<Prefix> {
+    let rel = key.splitn(6, '/').nth(5)?;
+    let (ip, bits) = match rel.split_once('/') {
+        Some((ip, bits)) => (ip, bits.parse().ok()?),
+        None => (rel, 32),
+    };
+    (bits <= 32).then_some(())?;
+    Some(Prefix {
+        addr: ip.parse().ok()?,
+        bits,
+    })
+}
+
+/// Desired and applied state per prefix, in one table so that a change costs one hash
+/// lookup to record and one to flush (250k entries must reconcile at ≥ 500k/s). Pure (no
+/// maps): the [`Reconciler`] writes and then records what it wrote.
 #[derive(Debug)]
 pub struct Desired {
     local: Arc<str>,
     node_ip: Ipv4Addr,
-    keys: HashMap<(Arc<str>, String), Prefix>,
-    claims: HashMap<Prefix, BTreeMap<Arc<str>, Claim>>,
-    dirty: HashSet<Prefix>,
+    table: FxMap<Prefix, Slot>,
+    dirty: Vec<Prefix>,
+    claimed: usize,
+    applied: usize,
     unsupported: u64,
 }
 
@@ -228,56 +362,133 @@ impl Desired {
         Self {
             local,
             node_ip,
-            keys: HashMap::new(),
-            claims: HashMap::new(),
-            dirty: HashSet::new(),
+            table: FxMap::default(),
+            dirty: Vec::new(),
+            claimed: 0,
+            applied: 0,
             unsupported: 0,
         }
     }
 
-    /// Applies an entry change; the prefixes it touches become dirty.
-    pub fn apply(&mut self, cluster: &Arc<str>, key: String, pair: Option<&IpIdentityPair>) {
-        let new = pair.and_then(|p| {
-            let c = claim(&self.local, self.node_ip, cluster, p);
-            if c.is_none() {
-                self.unsupported += 1;
+    /// Applies an entry change (`key` is its etcd key); the prefixes it touches become
+    /// dirty.
+    pub fn apply(
+        &mut self,
+        cluster: &Arc<str>,
+        key: impl AsRef<str>,
+        pair: Option<&IpIdentityPair>,
+    ) {
+        let key = key.as_ref();
+        let new = pair.and_then(|p| claim(&self.local, self.node_ip, cluster, p));
+        let prefix = match (&new, key_prefix(key)) {
+            (Some((p, _)), _) => *p,
+            (None, Some(p)) => p,
+            (None, None) => {
+                if pair.is_some() {
+                    self.unsupported += 1;
+                }
+                return;
             }
-            c
-        });
-        let id = (cluster.clone(), key);
-        if let Some(old) = self.keys.remove(&id) {
-            if let Some(m) = self.claims.get_mut(&old) {
-                m.remove(cluster);
-                if m.is_empty() {
-                    self.claims.remove(&old);
+        };
+        let slot = self.table.entry(prefix).or_default();
+        match (new, &mut slot.claims) {
+            (Some((_, c)), Some(claims)) => {
+                if matches!(claims, Claims::One(k, v) if k == cluster && *v == c) {
+                    return; // unchanged (a relist of the same data)
+                }
+                claims.insert(cluster, c);
+            }
+            (Some((_, c)), none @ None) => {
+                *none = Some(Claims::One(cluster.clone(), c));
+                self.claimed += 1;
+            }
+            (None, Some(claims)) => {
+                if claims.remove(cluster) {
+                    slot.claims = None;
+                    self.claimed -= 1;
                 }
             }
-            self.dirty.insert(old);
+            (None, None) => return,
         }
-        if let Some((prefix, c)) = new {
-            self.claims
-                .entry(prefix)
-                .or_default()
-                .insert(cluster.clone(), c);
-            self.keys.insert(id, prefix);
-            self.dirty.insert(prefix);
-        }
+        self.dirty.push(prefix);
     }
 
     /// The winning claim for `prefix`: the local cluster's, else the lowest cluster name's.
     pub fn winner(&self, prefix: &Prefix) -> Option<&Claim> {
-        let m = self.claims.get(prefix)?;
-        m.get(&self.local).or_else(|| m.values().next())
+        self.table.get(prefix)?.claims.as_ref()?.winner(&self.local)
     }
 
     /// `true` if some cluster claims `prefix`.
     pub fn contains(&self, prefix: &Prefix) -> bool {
-        self.claims.contains_key(prefix)
+        self.table.get(prefix).is_some_and(|s| s.claims.is_some())
     }
 
-    /// Takes the prefixes changed since the last call.
+    /// Decides the map write for `prefix` and records its outcome as applied right away
+    /// (one hash lookup per entry; a failed write is undone with [`Self::set_applied`]).
+    /// Also returns the winner's local pod.
+    pub fn plan(&mut self, prefix: &Prefix) -> (Action, Option<Arc<LocalPod>>) {
+        let Some(slot) = self.table.get_mut(prefix) else {
+            return (Action::None, None);
+        };
+        let winner = slot.claims.as_ref().and_then(|c| c.winner(&self.local));
+        let pod = winner.and_then(|c| c.pod.clone());
+        let want = winner.map(|c| c.value);
+        let action = match (want, slot.applied) {
+            (Some(v), Some(a)) if v == a => Action::None,
+            (Some(v), old) => {
+                slot.applied = Some(v);
+                if old.is_none() {
+                    self.applied += 1;
+                }
+                Action::Upsert(v)
+            }
+            (None, Some(old)) => {
+                slot.applied = None;
+                self.applied -= 1;
+                Action::Delete(old)
+            }
+            (None, None) => Action::None,
+        };
+        if slot.claims.is_none() && slot.applied.is_none() {
+            self.table.remove(prefix);
+        }
+        (action, pod)
+    }
+
+    /// Records what the map holds for `prefix` (after a write, or found at start).
+    pub fn set_applied(&mut self, prefix: Prefix, value: Option<IpcacheValue>) {
+        let slot = self.table.entry(prefix).or_default();
+        match (slot.applied.is_some(), value.is_some()) {
+            (false, true) => self.applied += 1,
+            (true, false) => self.applied -= 1,
+            _ => {}
+        }
+        slot.applied = value;
+        if slot.applied.is_none() && slot.claims.is_none() {
+            self.table.remove(&prefix);
+        }
+    }
+
+    /// Prefixes in the map that no cluster claims; with `remote: false` only those without
+    /// the `REMOTE_CLUSTER` flag.
+    pub fn stale(&self, remote: bool) -> Vec<Prefix> {
+        self.table
+            .iter()
+            .filter(|(_, s)| {
+                s.claims.is_none()
+                    && s.applied
+                        .is_some_and(|v| remote || v.flags & ipcache_flags::REMOTE_CLUSTER == 0)
+            })
+            .map(|(p, _)| *p)
+            .collect()
+    }
+
+    /// Takes the prefixes changed since the last call (each once).
     pub fn take_dirty(&mut self) -> Vec<Prefix> {
-        self.dirty.drain().collect()
+        let mut d = std::mem::take(&mut self.dirty);
+        d.sort_unstable();
+        d.dedup();
+        d
     }
 
     /// Marks prefixes dirty again (after a failed flush).
@@ -287,12 +498,17 @@ impl Desired {
 
     /// Prefixes claimed.
     pub fn len(&self) -> usize {
-        self.claims.len()
+        self.claimed
     }
 
     /// No prefix claimed.
     pub fn is_empty(&self) -> bool {
-        self.claims.is_empty()
+        self.claimed == 0
+    }
+
+    /// Prefixes the map holds (as far as this agent wrote or adopted them).
+    pub fn applied_len(&self) -> usize {
+        self.applied
     }
 
     /// Entries that could not be programmed so far.
@@ -409,10 +625,9 @@ pub struct Reconciler {
     desired: Desired,
     max_ipcache: u32,
     max_endpoints: u32,
-    applied: HashMap<Prefix, IpcacheValue>,
     /// Elements in the ipcache this agent never writes (IPv6, cluster ID ≠ 0): swept.
     foreign: Vec<IpcacheLpmKey>,
-    pods: BTreeMap<Ipv4Addr, LocalPod>,
+    pods: BTreeMap<Ipv4Addr, Arc<LocalPod>>,
     pods_dirty: bool,
     pod_state: BTreeMap<Ipv4Addr, PodState>,
     applied_eps: HashMap<Ipv4Addr, EndpointInfo>,
@@ -432,13 +647,11 @@ impl Reconciler {
         max_ipcache: u32,
         max_endpoints: u32,
     ) -> datapath::Result<Self> {
-        let mut applied = HashMap::new();
+        let mut desired = Desired::new(local, node_ip);
         let mut foreign = Vec::new();
         for (k, v) in dp.maps.ipcache.entries()? {
             match Prefix::from_lpm_key(&k) {
-                Some(p) => {
-                    applied.insert(p, v);
-                }
+                Some(p) => desired.set_applied(p, Some(v)),
                 None => foreign.push(k),
             }
         }
@@ -449,7 +662,7 @@ impl Reconciler {
             }
         }
         let stats = Stats {
-            adopted_ipcache: applied.len() + foreign.len(),
+            adopted_ipcache: desired.applied_len() + foreign.len(),
             adopted_endpoints: applied_eps.len(),
             ..Stats::default()
         };
@@ -460,10 +673,9 @@ impl Reconciler {
         );
         Ok(Self {
             dp,
-            desired: Desired::new(local, node_ip),
+            desired,
             max_ipcache,
             max_endpoints,
-            applied,
             foreign,
             pods: BTreeMap::new(),
             pods_dirty: false,
@@ -491,7 +703,7 @@ impl Reconciler {
     pub fn handle(&mut self, input: Input) {
         match input {
             Input::Endpoint { cluster, key, pair } => {
-                self.desired.apply(&cluster, key, pair.as_deref());
+                self.desired.apply(&cluster, &key, pair.as_deref());
             }
             Input::Synced { cluster } => self.pending_synced.push(cluster),
             Input::Drained { cluster } => {
@@ -514,56 +726,49 @@ impl Reconciler {
             let (mut up_k, mut up_v, mut up_p, mut del_k, mut del_p) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for p in &dirty {
-                let winner = self.desired.winner(p);
-                if p.bits == 32 {
-                    let pod = winner.and_then(|c| c.pod.clone());
-                    if self.pods.get(&p.addr) != pod.as_ref() {
-                        match pod {
-                            Some(pod) => self.pods.insert(p.addr, pod),
-                            None => self.pods.remove(&p.addr),
-                        };
-                        self.pods_dirty = true;
-                    }
+                let (action, pod) = self.desired.plan(p);
+                if p.bits == 32 && self.pods.get(&p.addr) != pod.as_ref() {
+                    match pod {
+                        Some(pod) => self.pods.insert(p.addr, pod),
+                        None => self.pods.remove(&p.addr),
+                    };
+                    self.pods_dirty = true;
                 }
-                match (winner.map(|c| c.value), self.applied.get(p)) {
-                    (Some(v), Some(a)) if v == *a => {}
-                    (Some(v), _) => {
+                match action {
+                    Action::None => {}
+                    Action::Upsert(v) => {
                         up_k.push(p.lpm_key());
                         up_v.push(v);
                         up_p.push(*p);
                     }
-                    (None, Some(_)) => {
+                    Action::Delete(old) => {
                         del_k.push(p.lpm_key());
-                        del_p.push(*p);
+                        del_p.push((*p, old));
                     }
-                    (None, None) => {}
                 }
             }
             let ipcache = &mut self.dp.maps.ipcache;
             match ipcache.update_batch(&up_k, &up_v) {
-                Ok(()) => {
-                    self.stats.ipcache_upserts += up_k.len() as u64;
-                    for (p, v) in up_p.iter().zip(&up_v) {
-                        self.applied.insert(*p, *v);
-                    }
-                }
+                Ok(()) => self.stats.ipcache_upserts += up_k.len() as u64,
                 Err(error) => {
                     warn!(%error, entries = up_k.len(), "ipcache update failed; retrying on the next flush");
                     self.stats.errors += 1;
+                    // Unknown what the kernel holds now: rewrite them all next time.
+                    for p in &up_p {
+                        self.desired.set_applied(*p, None);
+                    }
                     self.desired.redirty(up_p.iter().copied());
                 }
             }
             match ipcache.delete_batch(&del_k) {
-                Ok(_) => {
-                    self.stats.ipcache_deletes += del_k.len() as u64;
-                    for p in &del_p {
-                        self.applied.remove(p);
-                    }
-                }
+                Ok(_) => self.stats.ipcache_deletes += del_k.len() as u64,
                 Err(error) => {
                     warn!(%error, entries = del_k.len(), "ipcache delete failed; retrying on the next flush");
                     self.stats.errors += 1;
-                    self.desired.redirty(del_p.iter().copied());
+                    for (p, old) in &del_p {
+                        self.desired.set_applied(*p, Some(*old));
+                    }
+                    self.desired.redirty(del_p.iter().map(|(p, _)| *p));
                 }
             }
             if !up_k.is_empty() || !del_k.is_empty() {
@@ -717,15 +922,7 @@ impl Reconciler {
     /// `REMOTE_CLUSTER` flag) and, with `remote`, those of remote clusters and elements this
     /// agent never writes. Call only after the clusters concerned have synced.
     pub fn sweep(&mut self, remote: bool) -> usize {
-        let stale: Vec<Prefix> = self
-            .applied
-            .iter()
-            .filter(|(p, v)| {
-                !self.desired.contains(p)
-                    && (remote || v.flags & ipcache_flags::REMOTE_CLUSTER == 0)
-            })
-            .map(|(p, _)| *p)
-            .collect();
+        let stale = self.desired.stale(remote);
         let mut keys: Vec<IpcacheLpmKey> = stale.iter().map(|p| p.lpm_key()).collect();
         if remote {
             keys.append(&mut self.foreign);
@@ -733,7 +930,7 @@ impl Reconciler {
         let n = match self.dp.maps.ipcache.delete_batch(&keys) {
             Ok(n) => {
                 for p in &stale {
-                    self.applied.remove(p);
+                    self.desired.set_applied(*p, None);
                 }
                 n
             }
@@ -762,7 +959,10 @@ impl Reconciler {
     /// State for `/status`.
     pub fn report(&self) -> Report {
         Report {
-            ipcache: MapFill::new(self.applied.len() + self.foreign.len(), self.max_ipcache),
+            ipcache: MapFill::new(
+                self.desired.applied_len() + self.foreign.len(),
+                self.max_ipcache,
+            ),
             local_endpoints: MapFill::new(self.applied_eps.len(), self.max_endpoints),
             batched_updates: self.dp.maps.ipcache.batched(),
             pods: self
@@ -771,7 +971,7 @@ impl Reconciler {
                 .map(|(ip, pod)| {
                     let s = self.pod_state.get(ip);
                     PodReport {
-                        pod: pod.clone(),
+                        pod: (**pod).clone(),
                         ifindex: s.and_then(|s| s.ifindex),
                         attached: s.is_some_and(|s| s.attached),
                         state: s.map_or_else(|| "pending".into(), |s| s.state.clone()),
@@ -874,22 +1074,24 @@ mod tests {
             addr: Ipv4Addr::new(10, 9, 9, 9),
             bits: 32,
         };
-        d.apply(
-            &c2,
-            "k2".into(),
-            Some(&pair("10.9.9.9", "198.18.2.11", 131073, "x")),
-        );
-        d.apply(
-            &c1,
-            "k1".into(),
-            Some(&pair("10.9.9.9", "198.18.1.12", 70000, "y")),
-        );
+        let k1 = "cilium/state/ip/v1/default/10.9.9.9";
+        let k2 = "cilium/cache/ip/v1/c2/10.9.9.9";
+        d.apply(&c2, k2, Some(&pair("10.9.9.9", "198.18.2.11", 131073, "x")));
+        d.apply(&c1, k1, Some(&pair("10.9.9.9", "198.18.1.12", 70000, "y")));
         assert_eq!(d.winner(&p).unwrap().value.sec_identity, 70000);
         assert_eq!(d.take_dirty(), vec![p]);
-        d.apply(&c1, "k1".into(), None);
+        d.apply(&c1, k1, None);
         assert_eq!(d.winner(&p).unwrap().value.sec_identity, 131073);
-        d.apply(&c2, "k2".into(), None);
+        d.apply(&c2, k2, None);
         assert!(d.winner(&p).is_none());
         assert!(d.is_empty());
+        assert_eq!(
+            key_prefix("cilium/state/ip/v1/default/10.0.0.0/8"),
+            Some(Prefix {
+                addr: Ipv4Addr::new(10, 0, 0, 0),
+                bits: 8
+            })
+        );
+        assert_eq!(key_prefix("cilium/cache/ip/v1/c2/fd00::1"), None);
     }
 }

@@ -57,6 +57,11 @@ impl Ipcache {
         Ok(Self { map, batch: true })
     }
 
+    /// The map's file descriptor (for raw syscalls such as benchmarks' baselines).
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.map.map().fd().as_fd()
+    }
+
     /// `true` while batched syscalls are used (the kernel supports them for LPM tries).
     pub fn batched(&self) -> bool {
         self.batch
