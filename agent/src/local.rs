@@ -229,6 +229,11 @@ impl Reader {
                 Err(Error::Closed) => return,
                 Err(e) => e,
             };
+            // A session that got as far as a full sync was healthy: start over at the
+            // shortest delay.
+            if me.status.borrow().ready {
+                backoff.reset();
+            }
             let delay = backoff.next_delay();
             warn!(%error, retry_in = ?delay, "local etcd session failed");
             me.status.send_modify(|s| {
@@ -242,9 +247,6 @@ impl Reader {
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = token.cancelled() => return,
-            }
-            if me.status.borrow().num_failures == 0 {
-                backoff.reset();
             }
         }
     }
