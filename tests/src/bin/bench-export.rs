@@ -278,12 +278,12 @@ async fn main() -> anyhow::Result<()> {
         );
         println!(
             "{:<46} {:>10.0}ms",
-            "  of which: compute the export",
+            "  of which: compute endpoints (then services, overlapped with writing)",
             c * 1e3
         );
         println!(
             "{:<46} {:>10.0}ms",
-            "  of which: write to etcd (diff, txns, leases)",
+            "  of which: write to etcd (diff, txns, leases, canaries)",
             w * 1e3
         );
         let wr = keys / w;
