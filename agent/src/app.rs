@@ -23,7 +23,8 @@ use tracing::{error, info, warn, Instrument as _};
 use crate::datapath::{self, Datapath, Program};
 use crate::health::{self, Metrics, Shared};
 use crate::reconcile::{Input, Reconciler};
-use crate::{ifaces, kernel, local, Error, Result};
+use crate::services::{self, LbMaps, ServiceMerger};
+use crate::{dns, ifaces, kernel, local, Error, Result};
 
 /// Where remote clusters are read from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,6 +64,8 @@ pub struct Config {
     pub local_endpoints_max_entries: u32,
     /// How often the interface list is checked for pods' veths.
     pub interface_poll: Duration,
+    /// The `clusterset.local` DNS server (UDP); `None` = no DNS server.
+    pub dns_addr: Option<SocketAddr>,
 }
 
 impl Config {
@@ -116,6 +119,8 @@ pub async fn run(config: Config, token: CancellationToken) -> Result<()> {
         attach: report.attach_mode,
     };
     let mut dp = Datapath::load(&dp_config)?;
+    // The LB maps belong to the services loop, not to the reconciler.
+    let lb = LbMaps::take(&mut dp)?;
     let vx = ifaces::lookup(&config.vxlan_dev).ok_or_else(|| Error::NoVxlanDevice {
         dev: config.vxlan_dev.clone(),
     })?;
@@ -147,6 +152,8 @@ pub async fn run(config: Config, token: CancellationToken) -> Result<()> {
         },
         tx,
     );
+    let (svc_tx, svc_rx) = mpsc::channel(4096);
+    let reader = reader.with_services(svc_tx);
     let metrics = Arc::new(Metrics::default());
     let mode = match config.remote_mode {
         RemoteMode::KvstoreMesh => Mode::KvstoreMesh { local_etcd: etcd },
@@ -185,6 +192,31 @@ pub async fn run(config: Config, token: CancellationToken) -> Result<()> {
     };
 
     let mut tasks: JoinSet<Result<()>> = JoinSet::new();
+    let (zone_tx, zone_rx) = watch::channel(Arc::new(dns::Zone::default()));
+    let dns_status = match config.dns_addr {
+        None => "off".to_owned(),
+        // Without the address (an agent outside the lab) the agent still runs: DNS is not
+        // the datapath, and /status says why it is missing.
+        Some(addr) => match tokio::net::UdpSocket::bind(addr).await {
+            Ok(sock) => {
+                info!(%addr, "dns server listening");
+                let t = token.child_token();
+                tasks.spawn(
+                    async move {
+                        dns::serve(sock, zone_rx, dns::Config::default(), t)
+                            .await
+                            .map_err(|source| Error::Dns { addr, source })
+                    }
+                    .instrument(tracing::info_span!("dns", %addr)),
+                );
+                format!("listening on {addr}")
+            }
+            Err(error) => {
+                warn!(%error, %addr, "dns server not started");
+                format!("bind {addr} failed: {error}")
+            }
+        },
+    };
     tasks.spawn(
         async move {
             server.await.map_err(|source| Error::Health {
@@ -220,7 +252,18 @@ pub async fn run(config: Config, token: CancellationToken) -> Result<()> {
             local_status,
             shared,
             metrics,
-            base,
+            base: health::Report {
+                dns: dns_status,
+                ..base
+            },
+            svc: ServiceLoop {
+                services: ServiceMerger::new(local_name.to_string()),
+                lb,
+                rx: svc_rx,
+                zone: zone_tx,
+                listed: false,
+                changed: false,
+            },
             local: local_name,
             config_dir: config.clustermesh_config.clone(),
             sync_timeout: config.sync_timeout,
@@ -279,10 +322,90 @@ struct Loop {
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
     base: health::Report,
+    svc: ServiceLoop,
     local: Arc<str>,
     config_dir: PathBuf,
     sync_timeout: Duration,
     interface_poll: Duration,
+}
+
+/// Services: local and remote services merged, written to the LB maps by diff, and the
+/// DNS zone republished after every change.
+struct ServiceLoop {
+    services: ServiceMerger,
+    lb: LbMaps,
+    rx: mpsc::Receiver<services::LocalInput>,
+    zone: watch::Sender<Arc<dns::Zone>>,
+    /// The local services have been listed once: until then the maps keep what an
+    /// earlier agent left (pinned), and nothing is written.
+    listed: bool,
+    /// A change since the zone was last built.
+    changed: bool,
+}
+
+impl ServiceLoop {
+    fn apply(&mut self, diff: &services::Diff) {
+        if diff.is_empty() {
+            return;
+        }
+        self.changed = true;
+        if !self.listed {
+            return;
+        }
+        if let Err(error) = self.lb.apply(diff) {
+            error!(%error, "LB map update failed");
+        }
+    }
+
+    fn on_local(&mut self, input: services::LocalInput) {
+        if matches!(input, services::LocalInput::Listed) {
+            if !self.listed {
+                self.listed = true;
+                self.changed = true;
+                // Write the whole table, then remove what an earlier agent left behind.
+                let full = self.services.reprogram();
+                let applied = self.lb.apply(&full);
+                match applied.and_then(|()| self.lb.sweep(&full)) {
+                    Ok(stale) => info!(
+                        frontends = self.services.table().frontends(),
+                        stale, "local services listed: LB maps programmed"
+                    ),
+                    Err(error) => error!(%error, "LB maps programming failed"),
+                }
+            }
+            return;
+        }
+        if let services::LocalInput::Export { .. } = &input {
+            self.changed = true;
+        }
+        let diff = self.services.on_local_input(input);
+        self.apply(&diff);
+    }
+
+    fn on_remote(&mut self, e: &remote::Event) {
+        if let Some(diff) = self.services.on_remote_event(e) {
+            self.apply(&diff);
+        }
+        if matches!(
+            e,
+            remote::Event::Change {
+                resource: remote::Resource::ServiceExports,
+                ..
+            }
+        ) {
+            self.changed = true;
+        }
+    }
+
+    /// Republishes the DNS zone if anything changed; true if it did.
+    fn publish_zone(&mut self) -> bool {
+        if !std::mem::take(&mut self.changed) {
+            return false;
+        }
+        self.zone
+            .send_replace(Arc::new(dns::Zone::build(&self.services)));
+        true
+    }
 }
 
 /// Inputs taken per wake-up before flushing: big lists become few batched syscalls, single
@@ -314,6 +437,7 @@ impl Loop {
                 },
                 e = self.remote_rx.recv(), if remote_open => match e {
                     Some(e) => {
+                        self.svc.on_remote(&e);
                         if let Some(i) = Input::from_remote(e) { self.rec.handle(i); }
                         self.drain(remote_open);
                     }
@@ -326,12 +450,20 @@ impl Loop {
                         self.rec.sync_pods();
                     }
                 }
+                i = self.svc.rx.recv() => if let Some(i) = i {
+                    self.svc.on_local(i);
+                    while let Ok(i) = self.svc.rx.try_recv() {
+                        self.svc.on_local(i);
+                    }
+                },
                 _ = status_tick.tick() => publish = true,
                 _ = &mut deadline, if !timed_out => {
                     timed_out = true;
                 }
             }
             self.rec.flush();
+            // A service change shows in /status at once (tests time propagation with it).
+            publish |= self.svc.publish_zone();
 
             // Readiness: the local cluster and every configured remote synced into the maps,
             // or the sync timeout passed.
@@ -389,6 +521,7 @@ impl Loop {
             }
             if remote_open {
                 if let Ok(e) = self.remote_rx.try_recv() {
+                    self.svc.on_remote(&e);
                     if let Some(i) = Input::from_remote(e) {
                         self.rec.handle(i);
                     }
@@ -408,6 +541,7 @@ impl Loop {
         report.local = self.local_status.borrow().clone();
         report.remote_clusters = snapshot.clusters.clone();
         report.datapath = self.rec.report();
+        report.services = self.svc.services.status();
         let maps = &self.rec.datapath_ref().maps;
         for program in [Program::FromPod, Program::FromOverlay] {
             if let Ok(values) = maps.counters(program).read() {

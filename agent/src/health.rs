@@ -50,6 +50,10 @@ pub struct Report {
     pub datapath: reconcile::Report,
     /// Program counters: program → counter → packets (summed over CPUs).
     pub programs: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Services and LB maps.
+    pub services: crate::services::Status,
+    /// The DNS server: where it listens, or why it does not.
+    pub dns: String,
 }
 
 /// Shared between the agent's loop and the HTTP server.

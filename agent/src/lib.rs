@@ -59,6 +59,18 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The LB maps are unusable.
+    #[error("services")]
+    Services(#[from] services::Error),
+    /// The DNS server failed.
+    #[error("dns server on {addr}")]
+    Dns {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// A task panicked.
     #[error("internal error: {0}")]
     Task(String),

@@ -7,8 +7,9 @@
 //!
 //! Entries are validated like a remote's ([`validate`]) against the local cluster's name,
 //! ID and identity range: the local etcd is written by our apiserver, but a bad entry must
-//! still never reach a map. Only ipcache entries feed the datapath; nodes, identities and
-//! the local services are counted for status.
+//! still never reach a map. ipcache entries feed the reconciler; the local services and
+//! the local cluster's service exports go to the services loop ([`Reader::with_services`]);
+//! nodes and identities are counted for status.
 //!
 //! It never writes to etcd.
 
@@ -28,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument as _};
 
 use crate::reconcile::Input;
+use crate::services;
 
 /// The prefixes read from the local etcd.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -40,15 +42,18 @@ pub enum Prefix {
     Identities,
     /// `clustermesh/local/v1/services/`.
     Services,
+    /// `cilium/state/serviceexports/v1/<c>/`.
+    ServiceExports,
 }
 
 impl Prefix {
     /// Every prefix.
-    pub const ALL: [Prefix; 4] = [
+    pub const ALL: [Prefix; 5] = [
         Prefix::Identities,
         Prefix::Nodes,
         Prefix::Endpoints,
         Prefix::Services,
+        Prefix::ServiceExports,
     ];
 
     /// The etcd prefix for cluster `cluster`.
@@ -58,6 +63,7 @@ impl Prefix {
             Prefix::Nodes => format!("cilium/state/nodes/v1/{cluster}/"),
             Prefix::Identities => "cilium/state/identities/v1/id/".into(),
             Prefix::Services => "clustermesh/local/v1/services/".into(),
+            Prefix::ServiceExports => format!("cilium/state/serviceexports/v1/{cluster}/"),
         }
     }
 
@@ -67,6 +73,7 @@ impl Prefix {
             Prefix::Nodes => Resource::Nodes,
             Prefix::Identities => Resource::Identities,
             Prefix::Services => Resource::Services,
+            Prefix::ServiceExports => Resource::ServiceExports,
         }
     }
 
@@ -131,6 +138,8 @@ pub struct Synced {
     pub identities: bool,
     /// Local services.
     pub services: bool,
+    /// The local cluster's service exports.
+    pub service_exports: bool,
 }
 
 impl Synced {
@@ -140,11 +149,12 @@ impl Synced {
             Prefix::Nodes => self.nodes = v,
             Prefix::Identities => self.identities = v,
             Prefix::Services => self.services = v,
+            Prefix::ServiceExports => self.service_exports = v,
         }
     }
 
     fn all(&self) -> bool {
-        self.endpoints && self.nodes && self.identities && self.services
+        self.endpoints && self.nodes && self.identities && self.services && self.service_exports
     }
 }
 
@@ -170,13 +180,16 @@ pub enum Error {
 /// Raw values per prefix, keyed by the key relative to the prefix.
 type Cache = HashMap<String, Vec<u8>>;
 
+/// Service inputs of one batch (see [`Reader::with_services`]).
+type ServiceOut = Vec<services::LocalInput>;
 /// The local cluster reader; see the module docs.
 pub struct Reader {
     config: Config,
     ctx: Context,
     tx: mpsc::Sender<Input>,
     status: watch::Sender<Status>,
-    caches: Mutex<[Cache; 4]>,
+    caches: Mutex<[Cache; Prefix::ALL.len()]>,
+    services: Option<mpsc::Sender<services::LocalInput>>,
 }
 
 enum WatchEnd {
@@ -205,11 +218,18 @@ impl Reader {
                 tx,
                 status,
                 caches: Mutex::new(Default::default()),
+                services: None,
             },
             rx,
         )
     }
 
+    /// Also sends the local services and service exports (and [`services::LocalInput::Listed`]
+    /// after each list of the services) to `tx`.
+    pub fn with_services(mut self, tx: mpsc::Sender<services::LocalInput>) -> Self {
+        self.services = Some(tx);
+        self
+    }
     /// Runs sessions until `token` is cancelled.
     pub async fn run(self, token: CancellationToken) {
         let me = Arc::new(self);
@@ -337,6 +357,7 @@ impl Reader {
         token: &CancellationToken,
     ) -> Result<(), Error> {
         let mut out = Vec::new();
+        let mut svc: ServiceOut = Vec::new();
         {
             let mut caches = self.caches.lock().unwrap_or_else(PoisonError::into_inner);
             let cache = &mut caches[p.index()];
@@ -348,11 +369,13 @@ impl Reader {
                 }
                 match self.validated(p, &rel, &raw) {
                     Some(v) => {
+                        svc.extend(service_input(p, &rel, Some((&v, &raw))));
                         out.push(self.upsert(p, prefix, &rel, v));
                         cache.insert(rel, raw);
                     }
                     None => {
                         if cache.remove(&rel).is_some() {
+                            svc.extend(service_input(p, &rel, None));
                             out.push(self.delete(p, prefix, &rel));
                         }
                     }
@@ -365,6 +388,7 @@ impl Reader {
                 .collect();
             for rel in stale {
                 cache.remove(&rel);
+                svc.extend(service_input(p, &rel, None));
                 out.push(self.delete(p, prefix, &rel));
             }
         }
@@ -374,7 +398,11 @@ impl Reader {
                 cluster: self.name(),
             }));
         }
-        self.send(out, token).await
+        if p == Prefix::Services {
+            svc.push(services::LocalInput::Listed);
+        }
+        self.send(out, token).await?;
+        self.send_services(svc, token).await
     }
 
     fn name(&self) -> Arc<str> {
@@ -432,6 +460,22 @@ impl Reader {
         Ok(())
     }
 
+    async fn send_services(
+        &self,
+        inputs: ServiceOut,
+        token: &CancellationToken,
+    ) -> Result<(), Error> {
+        let Some(tx) = &self.services else {
+            return Ok(());
+        };
+        for input in inputs {
+            tokio::select! {
+                r = tx.send(input) => r.map_err(|_| Error::Closed)?,
+                _ = token.cancelled() => return Ok(()),
+            }
+        }
+        Ok(())
+    }
     async fn watch(
         &self,
         client: &Client,
@@ -471,6 +515,7 @@ impl Reader {
                 });
             }
             let mut out = Vec::new();
+            let mut svc: ServiceOut = Vec::new();
             {
                 let mut caches = self.caches.lock().unwrap_or_else(PoisonError::into_inner);
                 let cache = &mut caches[p.index()];
@@ -490,12 +535,14 @@ impl Reader {
                             }
                             match self.validated(p, rel, kv.value()) {
                                 Some(v) => {
+                                    svc.extend(service_input(p, rel, Some((&v, kv.value()))));
                                     out.push(self.upsert(p, prefix, rel, v));
                                     cache.insert(rel.to_owned(), kv.value().to_vec());
                                 }
                                 // A bad new value replaces a good one: unprogram it.
                                 None => {
                                     if cache.remove(rel).is_some() {
+                                        svc.extend(service_input(p, rel, None));
                                         out.push(self.delete(p, prefix, rel));
                                     }
                                 }
@@ -503,6 +550,7 @@ impl Reader {
                         }
                         EventType::Delete => {
                             if cache.remove(rel).is_some() {
+                                svc.extend(service_input(p, rel, None));
                                 out.push(self.delete(p, prefix, rel));
                             }
                         }
@@ -511,6 +559,31 @@ impl Reader {
             }
             self.count();
             self.send(out, token).await?;
+            self.send_services(svc, token).await?;
         }
+    }
+}
+
+/// The services module's view of a local change under the services or exports prefix
+/// (`value: None` = deleted); other prefixes have none.
+fn service_input(
+    p: Prefix,
+    rel: &str,
+    value: Option<(&Value, &[u8])>,
+) -> Option<services::LocalInput> {
+    match (p, value) {
+        (Prefix::Services, v) => Some(services::LocalInput::Service {
+            rel: rel.to_owned(),
+            raw: v.map(|(_, raw)| raw.to_vec()),
+        }),
+        (Prefix::ServiceExports, Some((Value::ServiceExport(e), _))) => {
+            Some(services::LocalInput::Export {
+                name: services::Name::new(&e.namespace, &e.name),
+                export: Some(e.clone()),
+            })
+        }
+        (Prefix::ServiceExports, None) => services::Name::from_key_suffix(rel)
+            .map(|name| services::LocalInput::Export { name, export: None }),
+        _ => None,
     }
 }

@@ -71,6 +71,10 @@ struct Args {
     /// How often interfaces are checked for new pod veths.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     interface_poll: Duration,
+    /// The clusterset.local DNS server (UDP); `off` disables it. If the address cannot be
+    /// bound, the agent runs without DNS and /status says why.
+    #[arg(long, default_value = "169.254.1.1:53", value_parser = parse_dns_addr)]
+    dns_addr: DnsAddr,
     /// Grace period for draining on SIGINT/SIGTERM.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
@@ -80,6 +84,19 @@ struct Args {
     /// Remove every pin under --bpffs-dir (programs detach, maps go) and exit: for lab down.
     #[arg(long)]
     cleanup: bool,
+}
+
+/// `--dns-addr`: an address, or `off`.
+#[derive(Clone, Copy, Debug)]
+struct DnsAddr(Option<SocketAddr>);
+
+fn parse_dns_addr(s: &str) -> Result<DnsAddr, String> {
+    if s == "off" {
+        return Ok(DnsAddr(None));
+    }
+    s.parse()
+        .map(|a| DnsAddr(Some(a)))
+        .map_err(|e| format!("{s:?}: {e} (an ip:port, or off)"))
 }
 
 fn config(a: &Args) -> anyhow::Result<Config> {
@@ -114,6 +131,7 @@ fn config(a: &Args) -> anyhow::Result<Config> {
         ipcache_max_entries: a.ipcache_max_entries,
         local_endpoints_max_entries: a.local_endpoints_max_entries,
         interface_poll: a.interface_poll,
+        dns_addr: a.dns_addr.0,
     };
     config.validate()?;
     Ok(config)

@@ -7,6 +7,7 @@
 //! names the expected pod, node and cluster) and an ICMP check (`ping -c 1 -W 1` inside the
 //! source pod). Checks run with bounded parallelism; each prints ✅/❌ with its latency,
 //! then a summary; any failure makes the command fail. `-o json` prints one report.
+//! Then the service checks of [`crate::connectivity_services`] (eBPF lab only).
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
@@ -39,6 +40,12 @@ pub struct TestArgs {
     /// Only run checks whose name contains this text (e.g. `cross-cluster`, `tcp`, `c2/`).
     #[arg(long)]
     pub filter: Option<String>,
+    /// New connections to the global service VIP (service checks).
+    #[arg(long, default_value_t = 40)]
+    pub connects: usize,
+    /// Remote backend changes timed for the propagation check (0 skips it).
+    #[arg(long, default_value_t = 4)]
+    pub propagation_rounds: usize,
 }
 
 /// Where the destination is, seen from the source.
@@ -275,8 +282,27 @@ pub fn test(a: TestArgs) -> anyhow::Result<()> {
         .into_iter()
         .flatten()
         .collect();
-    let passed = checks.iter().filter(|c| c.ok).count();
-    let failed = checks.len() - passed;
+    // Service checks (issue 5): the eBPF lab only (the kernel lab has no load balancer).
+    let services = if st.datapath == state::Datapath::Ebpf {
+        let cfg = crate::connectivity_services::Config {
+            connects: a.connects,
+            propagation_rounds: a.propagation_rounds,
+            timeout: a.timeout,
+        };
+        crate::connectivity_services::run(&st, &cfg, a.filter.as_deref())?
+    } else {
+        Vec::new()
+    };
+    if !json {
+        for c in &services {
+            match &c.error {
+                None => println!("✅ {}: {}", c.name, c.detail),
+                Some(e) => println!("❌ {}: {e}", c.name),
+            }
+        }
+    }
+    let passed = checks.iter().filter(|c| c.ok).count() + services.iter().filter(|c| c.ok).count();
+    let failed = checks.len() + services.len() - passed;
     let elapsed = started.elapsed();
     let mut per_scope = serde_json::Map::new();
     for sc in [Scope::SameNode, Scope::CrossNode, Scope::CrossCluster] {
@@ -306,9 +332,10 @@ pub fn test(a: TestArgs) -> anyhow::Result<()> {
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "lab": st.id, "datapath": st.datapath,
-                "summary": {"total": checks.len(), "passed": passed, "failed": failed,
+                "summary": {"total": checks.len() + services.len(), "passed": passed, "failed": failed,
                     "duration_ms": elapsed.as_secs_f64() * 1000.0, "latency": per_scope},
                 "checks": checks,
+                "services": services,
             }))?
         );
     } else {
@@ -330,7 +357,7 @@ pub fn test(a: TestArgs) -> anyhow::Result<()> {
     if failed > 0 {
         bail!(
             "{failed} of {} connectivity checks failed (`clustermesh lab status --dir {}` shows the agents)",
-            checks.len(),
+            checks.len() + services.len(),
             a.dir.display()
         );
     }

@@ -3,6 +3,7 @@
 mod certs;
 mod clustermesh;
 mod connectivity;
+mod connectivity_services;
 mod echo;
 mod enable;
 mod http;

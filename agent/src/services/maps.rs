@@ -105,6 +105,31 @@ impl LbMaps {
         Ok(())
     }
 
+    /// Removes every service, backend and reverse-NAT entry that `full` (a diff that
+    /// writes the complete table, [`super::ServiceMerger::reprogram`]) does not write:
+    /// after `apply(full)`, the maps hold exactly the table, and entries of an earlier
+    /// agent kept serving until then (no window without services).
+    pub fn sweep(&mut self, full: &Diff) -> Result<usize> {
+        use std::collections::HashSet;
+        let keep_s: HashSet<Lb4Key> = full.services.iter().map(|(k, _)| *k).collect();
+        let keep_b: HashSet<u32> = full.backends.iter().map(|(k, _)| *k).collect();
+        let keep_r: HashSet<u16> = full.rev_nat.iter().map(|(k, _)| *k).collect();
+        let mut n = 0;
+        let keys: Vec<Lb4Key> = self.services.keys().filter_map(|k| k.ok()).collect();
+        for k in keys.into_iter().filter(|k| !keep_s.contains(k)) {
+            n += usize::from(self.services.remove(&k).is_ok());
+        }
+        let ids: Vec<u32> = self.backends.keys().filter_map(|k| k.ok()).collect();
+        for id in ids.into_iter().filter(|k| !keep_b.contains(k)) {
+            n += usize::from(self.backends.remove(&id).is_ok());
+        }
+        let rs: Vec<u16> = self.rev_nat.keys().filter_map(|k| k.ok()).collect();
+        for r in rs.into_iter().filter(|k| !keep_r.contains(k)) {
+            n += usize::from(self.rev_nat.remove(&r).is_ok());
+        }
+        Ok(n)
+    }
+
     /// A service entry (slot 0 = the frontend).
     pub fn service(&self, key: &Lb4Key) -> Result<Option<Lb4Service>> {
         match self.services.get(key, 0) {

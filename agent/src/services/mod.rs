@@ -50,6 +50,27 @@ pub enum Error {
 /// Result of this module.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A change of the local cluster's services, from the local reader (`crate::local`).
+#[derive(Debug, Clone)]
+pub enum LocalInput {
+    /// `clustermesh/local/v1/services/<rel>` changed (`raw: None` = deleted).
+    Service {
+        /// The key after the prefix (`<ns>/<name>`).
+        rel: String,
+        /// The value.
+        raw: Option<Vec<u8>>,
+    },
+    /// The local cluster's export of `name` changed (`None` = withdrawn).
+    Export {
+        /// The exported service.
+        name: Name,
+        /// The validated export.
+        export: Option<Arc<ServiceExport>>,
+    },
+    /// Every local service has been listed (sent after each list of a session).
+    Listed,
+}
+
 /// Status of the services (`/status` → `services`).
 #[derive(Debug, Clone, Default, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -217,6 +238,32 @@ impl ServiceMerger {
     /// The programmed table (read-only).
     pub fn table(&self) -> &Table {
         &self.table
+    }
+
+    /// Handles a [`LocalInput`] (`Listed` is the caller's business); returns the diff.
+    pub fn on_local_input(&mut self, input: LocalInput) -> Diff {
+        match input {
+            LocalInput::Service { rel, raw } => self.on_local_raw(&rel, raw.as_deref()),
+            LocalInput::Export { name, export } => {
+                let local = self.local_cluster.clone();
+                self.on_export(&local, name, export);
+                Diff::default()
+            }
+            LocalInput::Listed => Diff::default(),
+        }
+    }
+
+    /// Forgets the programmed state and programs every service again from scratch: the
+    /// returned diff writes the complete table (start-up over pinned maps whose IDs this
+    /// agent does not know; see [`LbMaps::sweep`]).
+    pub fn reprogram(&mut self) -> Diff {
+        self.table = Table::new();
+        self.conflicts.clear();
+        let mut diff = Diff::default();
+        for name in self.merger.names() {
+            diff.extend(self.resync(&name));
+        }
+        diff
     }
 
     /// Status: sizes and conflicts.

@@ -24,7 +24,7 @@ pub mod netns;
 pub mod plan;
 pub mod state;
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -131,13 +131,55 @@ pub fn manifests(cluster: &Cluster) -> Vec<(String, String)> {
         "service.yaml".into(),
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: echo\n  namespace: default\n  annotations:\n    service.cilium.io/global: \"true\"\nspec:\n  clusterIP: 172.20.0.10\n  ports:\n  - name: http\n    port: 80\n    targetPort: http\n  selector:\n    app: echo\n".into(),
     ));
+    files.push((
+        "service-echo-local.yaml".into(),
+        format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: {ECHO_LOCAL}\n  namespace: default\n  annotations:\n    service.cilium.io/global: \"true\"\n    service.cilium.io/affinity: local\nspec:\n  clusterIP: {ECHO_LOCAL_VIP}\n  ports:\n  - name: http\n    port: 80\n    targetPort: http\n  selector:\n    {ECHO_LOCAL_LABEL}\n"),
+    ));
     files
+}
+
+/// The global service of every lab cluster (selects every pod, VIP [`ECHO_VIP`], port 80).
+pub const ECHO: &str = "echo";
+/// VIP of [`ECHO`].
+pub const ECHO_VIP: Ipv4Addr = Ipv4Addr::new(172, 20, 0, 10);
+/// A global service with `service.cilium.io/affinity: local`, selecting the pods with
+/// [`ECHO_LOCAL_LABEL`] (the last pod of each cluster, [`in_echo_local`]).
+pub const ECHO_LOCAL: &str = "echo-local";
+/// VIP of [`ECHO_LOCAL`].
+pub const ECHO_LOCAL_VIP: Ipv4Addr = Ipv4Addr::new(172, 20, 0, 11);
+/// The label line (YAML, as in a pod's `labels:`) that [`ECHO_LOCAL`] selects.
+pub const ECHO_LOCAL_LABEL: &str = "svc: echo-local";
+/// Port of the lab's services.
+pub const SERVICE_PORT: u16 = 80;
+/// Where pods send DNS queries: the agent's DNS server on the node (`--dns-addr`), on the
+/// pods' gateway address, which the node holds on `lo`.
+pub const DNS_SERVER: Ipv4Addr = plan::GATEWAY;
+
+/// Whether `pod` backs [`ECHO_LOCAL`]: the last pod of the cluster's last node.
+pub fn in_echo_local(cluster: &Cluster, node: &Node, pod: &Pod) -> bool {
+    cluster.nodes.last().is_some_and(|n| n.name == node.name)
+        && node.pods.last().is_some_and(|p| p.name == pod.name)
+}
+
+/// `pod_manifest` without the [`ECHO_LOCAL_LABEL`]: the pod stays, the service loses it.
+pub fn pod_manifest_without_echo_local(cluster: &Cluster, node: &Node, pod: &Pod) -> String {
+    pod_manifest(cluster, node, pod).replace(&format!("    {ECHO_LOCAL_LABEL}\n"), "")
+}
+
+/// The resolver file `ip netns exec <ns>` bind-mounts over `/etc/resolv.conf`.
+pub fn netns_resolv_conf(ns: &str) -> PathBuf {
+    Path::new("/etc/netns").join(ns).join("resolv.conf")
 }
 
 /// One pod's manifest.
 pub fn pod_manifest(cluster: &Cluster, node: &Node, pod: &Pod) -> String {
+    let extra = if in_echo_local(cluster, node, pod) {
+        format!("    {ECHO_LOCAL_LABEL}\n")
+    } else {
+        String::new()
+    };
     format!(
-        "# lab pod {c}/{n}/{p}: network namespace {ns}\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {p}\n  namespace: {pns}\n  labels:\n    app: echo\n    instance: {p}\nspec:\n  nodeName: {n}\n  containers:\n  - name: echo\n    ports:\n    - name: http\n      containerPort: {port}\nstatus:\n  phase: Running\n  hostIP: {host}\n  podIP: {ip}\n  podIPs:\n  - ip: {ip}\n",
+        "# lab pod {c}/{n}/{p}: network namespace {ns}\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {p}\n  namespace: {pns}\n  labels:\n    app: echo\n    instance: {p}\n{extra}spec:\n  nodeName: {n}\n  containers:\n  - name: echo\n    ports:\n    - name: http\n      containerPort: {port}\nstatus:\n  phase: Running\n  hostIP: {host}\n  podIP: {ip}\n  podIPs:\n  - ip: {ip}\n",
         c = cluster.name,
         n = node.name,
         p = pod.name,
@@ -399,6 +441,12 @@ fn build_network(st: &mut LabState) -> anyhow::Result<()> {
             add_ns(st, &node.ns)?;
             underlay_leg(&router, c.id, j, &node.ns, node.ip, &gw)?;
             netns::sysctl(&node.ns, "net/ipv4/ip_forward", "1")?;
+            // The pods' gateway address answers locally (the agent's DNS server binds it).
+            netns::ip_in(&node.ns, &["link", "set", "lo", "up"])?;
+            netns::ip_in(
+                &node.ns,
+                &["addr", "add", &format!("{DNS_SERVER}/32"), "dev", "lo"],
+            )?;
             let mtu = plan::OVERLAY_MTU.to_string();
             match st.datapath {
                 Datapath::Ebpf => netns::ip_in(
@@ -543,6 +591,16 @@ fn build_pod(node: &Node, pod: &Pod) -> anyhow::Result<()> {
             "permanent",
         ],
     )?;
+    // The pod's resolver: `ip netns exec` bind-mounts this over /etc/resolv.conf.
+    let resolv = netns_resolv_conf(&pod.ns);
+    if let Some(dir) = resolv.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(
+        &resolv,
+        format!("# clustermesh lab: the agent's DNS on the node\nnameserver {DNS_SERVER}\noptions timeout:1 attempts:2\n"),
+    )
+    .with_context(|| format!("writing {}", resolv.display()))?;
     // Kernel fallback path: the node routes its own pods.
     netns::ip_in(
         &node.ns,
@@ -811,6 +869,8 @@ fn start_agents(st: &mut LabState, bin: &Path) -> anyhow::Result<()> {
                 plan::VXLAN_DEV,
                 "--health-addr",
                 &health.to_string(),
+                "--dns-addr",
+                &SocketAddr::new(DNS_SERVER.into(), 53).to_string(),
             ]
             .iter()
             .map(|s| s.to_string())
@@ -1181,6 +1241,20 @@ pub fn down(a: DirArgs) -> anyhow::Result<()> {
     namespaces.sort_by_key(|n| std::cmp::Reverse(n.len()));
     for ns in &namespaces {
         netns::ip(&["netns", "del", ns])?;
+    }
+    // The pods' resolver files (only the lab's own namespaces' directories).
+    if let Some(id) = &id {
+        let prefix = plan::ns_prefix(id);
+        if let Ok(rd) = std::fs::read_dir("/etc/netns") {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_file(e.path().join("resolv.conf"));
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
+        }
+        // `up` created it if nobody had; gone again only if empty (no other lab's files).
+        let _ = std::fs::remove_dir("/etc/netns");
     }
     std::fs::remove_dir_all(&a.dir).with_context(|| format!("removing {}", a.dir.display()))?;
     println!(

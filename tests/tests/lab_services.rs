@@ -1,0 +1,190 @@
+//! Issue 5 acceptance over the real lab (2 clusters × 2 nodes × 2 pods, eBPF datapath):
+//!
+//! * `curl` by name from a c1 pod: `echo.default.svc.clusterset.local` resolves through the
+//!   pod's own resolver (`/etc/netns/<pod>/resolv.conf` → the agent's DNS on the node) and
+//!   repeated connections to the global VIP land in both clusters;
+//! * `clustermesh connectivity test --filter service`: distribution over the global VIP,
+//!   DNS, affinity-local failover (the last local backend of `echo-local` relabelled away;
+//!   time to the first remote-only answer, target < 1 s) and the propagation of remote
+//!   backend changes to the c1 agent's LB table (p99 over 20 updates);
+//! * `lab down` removes the pods' resolver files.
+//!
+//! Needs root, iproute2, curl and the workspace binaries (`cargo build --workspace --bins`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{ensure, Context as _, Result};
+use clustermesh_tests::process::find_binary;
+use serde_json::Value;
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("spawn {cmd:?}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A lab in a temporary directory, removed on drop (also when an assertion fails).
+struct Lab {
+    bin: PathBuf,
+    dir: PathBuf,
+    _tmp: tempfile::TempDir,
+    down: bool,
+}
+
+impl Lab {
+    fn cli(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.args(args).arg("--dir").arg(&self.dir);
+        c
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if !self.down {
+            let _ = self.cli(&["lab", "down"]).output();
+        }
+    }
+}
+
+/// `curl` of `url` from inside `ns`: the echo answer, if any.
+fn curl(ns: &str, url: &str) -> Option<Value> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "curl", "-s", "--max-time", "1", url])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())
+        .flatten()
+}
+
+#[test]
+fn lab_global_services_dns_affinity_failover_and_propagation() -> Result<()> {
+    let tmp = tempfile::Builder::new().prefix("cm-lab-svc").tempdir()?;
+    let mut lab = Lab {
+        bin: find_binary("clustermesh")?,
+        dir: tmp.path().join("lab"),
+        _tmp: tmp,
+        down: false,
+    };
+    run(&mut lab.cli(&[
+        "lab",
+        "up",
+        "--clusters",
+        "2",
+        "--nodes",
+        "2",
+        "--pods",
+        "2",
+    ]))?;
+    let state: Value = serde_json::from_slice(&std::fs::read(lab.dir.join("lab.json"))?)?;
+    let id = state["id"].as_str().context("id")?.to_owned();
+    let c1 = &state["clusters"][0];
+    // A c1 pod that is not the echo-local backend (the last pod of the last node).
+    let src_ns = c1["nodes"][0]["pods"][0]["ns"]
+        .as_str()
+        .context("pod ns")?
+        .to_owned();
+
+    // A user's view: curl by the clusterset name, through the pod's resolver.
+    let resolv = Path::new("/etc/netns").join(&src_ns).join("resolv.conf");
+    ensure!(
+        std::fs::read_to_string(&resolv)?.contains("nameserver 169.254.1.1"),
+        "{} does not point at the agent's DNS",
+        resolv.display()
+    );
+    let mut per_cluster: BTreeMap<String, usize> = BTreeMap::new();
+    let mut failed = 0;
+    for _ in 0..40 {
+        match curl(&src_ns, "http://echo.default.svc.clusterset.local/") {
+            Some(a) => {
+                *per_cluster
+                    .entry(a["cluster"].as_str().unwrap_or("?").to_owned())
+                    .or_default() += 1
+            }
+            None => failed += 1,
+        }
+    }
+    println!("curl echo.default.svc.clusterset.local ×40 from {src_ns}: {per_cluster:?}, {failed} failed");
+    ensure!(
+        per_cluster.contains_key("c1") && per_cluster.contains_key("c2"),
+        "the global service did not answer from both clusters: {per_cluster:?}"
+    );
+
+    // The connectivity test's service checks, with 20 timed remote updates.
+    let out = Command::new(&lab.bin)
+        .args([
+            "connectivity",
+            "test",
+            "-o",
+            "json",
+            "--filter",
+            "service",
+            "--propagation-rounds",
+            "10",
+            "--dir",
+        ])
+        .arg(&lab.dir)
+        .output()?;
+    let report: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "connectivity test output: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    let services = report["services"].as_array().context("services")?;
+    for c in services {
+        println!("{}: ok={} {}", c["name"], c["ok"], c["detail"]);
+    }
+    let check = |prefix: &str| -> Result<&Value> {
+        let c = services
+            .iter()
+            .find(|c| c["name"].as_str().is_some_and(|n| n.starts_with(prefix)))
+            .with_context(|| format!("no check {prefix:?}"))?;
+        ensure!(c["ok"] == true, "{prefix} failed: {}", c["error"]);
+        Ok(&c["detail"])
+    };
+    let global = check("service global")?;
+    println!("global VIP distribution: {}", global["per_cluster"]);
+    let dns = check("service dns")?;
+    ensure!(dns["addresses"][0] == "172.20.0.10", "dns: {dns}");
+    let affinity = check("service affinity-local")?;
+    let failover = affinity["failover_ms"].as_f64().context("failover_ms")?;
+    println!("affinity-local failover: {failover:.1} ms (target < 1000 ms)");
+    ensure!(
+        Duration::from_secs_f64(failover / 1000.0) < Duration::from_secs(1),
+        "failover took {failover:.1} ms"
+    );
+    let prop = check("service propagation")?;
+    println!(
+        "remote service update → c1 LB table: p50 {} ms, p99 {} ms over {} updates",
+        prop["p50_ms"], prop["p99_ms"], prop["updates"]
+    );
+    ensure!(prop["updates"] == 20, "propagation: {prop}");
+
+    // lab down removes the resolver files of its pods.
+    run(&mut lab.cli(&["lab", "down"]))?;
+    lab.down = true;
+    let prefix = format!("cm-{id}-");
+    let left: Vec<String> = std::fs::read_dir("/etc/netns")
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default();
+    ensure!(left.is_empty(), "/etc/netns entries left: {left:?}");
+    Ok(())
+}
