@@ -31,6 +31,7 @@ use clustermesh_ebpf_abi::{
     family, ipcache_flags, EndpointInfo, IpcacheKey, IpcacheLpmKey, IpcacheValue,
 };
 use clustermesh_syncer::remote::{self, Change, Resource, Value};
+use clustermesh_types::identity::LabelArray;
 use clustermesh_types::model::IpIdentityPair;
 use serde::Serialize;
 use tracing::{debug, info, warn};
@@ -60,6 +61,23 @@ pub enum Input {
         /// The cluster.
         cluster: Arc<str>,
     },
+    /// An identity of `cluster` changed (`labels: None` = deleted): for policy and flow
+    /// enrichment ([`crate::policy::hook`]); the reconciler ignores it.
+    Identity {
+        /// The cluster that published it.
+        cluster: Arc<str>,
+        /// Numeric identity.
+        id: u32,
+        /// Its labels.
+        labels: Option<Arc<LabelArray>>,
+    },
+    /// A local policy changed (`raw: None` = deleted); the reconciler ignores it.
+    Policy {
+        /// Key below `clustermesh/local/v1/policies/`: `<kind>/<namespace>/<name>`.
+        key: String,
+        /// The exported policy (JSON).
+        raw: Option<Vec<u8>>,
+    },
 }
 
 impl Input {
@@ -88,6 +106,23 @@ impl Input {
                 resource: Resource::Endpoints,
             } => Some(Input::Synced { cluster }),
             remote::Event::Drained { cluster } => Some(Input::Drained { cluster }),
+            remote::Event::Change {
+                cluster,
+                resource: Resource::Identities,
+                key,
+                change,
+            } => Some(Input::Identity {
+                cluster,
+                id: key.rsplit('/').next()?.parse().ok()?,
+                labels: match change {
+                    Change::Upsert {
+                        value: Value::Identity(l),
+                        ..
+                    } => Some(l),
+                    Change::Upsert { .. } => return None,
+                    Change::Delete { .. } => None,
+                },
+            }),
             _ => None,
         }
     }
@@ -709,6 +744,7 @@ impl Reconciler {
             Input::Drained { cluster } => {
                 self.synced.remove(&cluster);
             }
+            Input::Identity { .. } | Input::Policy { .. } => {}
         }
     }
 

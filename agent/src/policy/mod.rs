@@ -15,9 +15,10 @@
 //!
 //! [`gate::Gate`] holds ipcache entries back until their identity is known (see there).
 //!
-//! It must not touch maps or etcd: callers apply [`Changes`].
+//! It must not touch etcd; only [`hook`] (the agent loop's side) writes the maps.
 
 pub mod gate;
+pub mod hook;
 pub mod maps;
 pub mod parse;
 pub mod selector;

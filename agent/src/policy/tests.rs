@@ -321,3 +321,104 @@ fn ipcache_entry_before_its_identity_is_held_until_the_policy_knows_it() {
     assert_eq!(gate.held(), 0);
     assert!(gate.identity_added(1009).is_empty());
 }
+
+/// The agent loop's path: through [`hook::Hook`], an endpoint that arrives before its
+/// identity reaches the reconciler only after the identity and its policy entries, and
+/// the flow directory learns the identity's labels and the pod's name.
+#[test]
+fn hook_releases_an_early_endpoint_after_its_identity_and_fills_the_directory() {
+    let dir = crate::flows::SharedDirectory::default();
+    let mut hook = hook::Hook::new(
+        Config {
+            local_cluster: "c2".into(),
+            default_local_cluster: true,
+        },
+        None,
+        dir.clone(),
+    );
+    let c1: Arc<str> = "c1".into();
+    let c2: Arc<str> = "c2".into();
+    let mut out = Vec::new();
+    hook.input(
+        Input::Identity {
+            cluster: c2,
+            id: BACKEND_C2,
+            labels: Some(Arc::new(labels("backend", "default", "c2"))),
+        },
+        &mut out,
+    );
+    hook.input(
+        Input::Policy {
+            key: "CiliumNetworkPolicy/default/p".into(),
+            raw: Some(CNP_FROM_C1.as_bytes().to_vec()),
+        },
+        &mut out,
+    );
+    hook.flush();
+    hook.input(
+        Input::Endpoint {
+            cluster: c1.clone(),
+            key: "cilium/cache/ip/v1/c1/default/10.1.1.11".into(),
+            pair: Some(pair("10.1.1.11", "198.18.1.11", FRONTEND_C1, "frontend")),
+        },
+        &mut out,
+    );
+    assert!(out.is_empty(), "held until the identity is known");
+    assert_eq!(hook.stats().held, 1);
+    assert!(!hook
+        .engine()
+        .allows(BACKEND_C2, FRONTEND_C1, Direction::Ingress, 6, 8080));
+
+    hook.input(
+        Input::Identity {
+            cluster: c1.clone(),
+            id: FRONTEND_C1,
+            labels: Some(Arc::new(labels("frontend", "default", "c1"))),
+        },
+        &mut out,
+    );
+    assert_eq!(out.len(), 1, "released with the identity");
+    assert!(matches!(&out[0], Input::Endpoint { pair: Some(p), .. } if p.id == FRONTEND_C1));
+    assert!(hook
+        .engine()
+        .allows(BACKEND_C2, FRONTEND_C1, Direction::Ingress, 6, 8080));
+    assert_eq!(hook.stats().held, 0);
+
+    // Flows from that address are enriched with cluster, labels and pod.
+    let ev = clustermesh_ebpf_abi::FlowEvent {
+        saddr: [10, 1, 1, 11],
+        src_identity: FRONTEND_C1,
+        ..Default::default()
+    };
+    let flow = crate::flows::enrich(&ev, &dir.read().expect("lock"), 0, "n1");
+    let src = flow.source.expect("source");
+    assert_eq!(src.cluster, "c1");
+    assert_eq!(src.pod_name, "frontend");
+    assert!(
+        src.labels.iter().any(|l| l == "k8s:app=frontend"),
+        "{:?}",
+        src.labels
+    );
+
+    // A policy that stops parsing stops applying; deleting it is harmless.
+    out.clear();
+    hook.input(
+        Input::Policy {
+            key: "CiliumNetworkPolicy/default/p".into(),
+            raw: Some(b"{not json".to_vec()),
+        },
+        &mut out,
+    );
+    assert_eq!(hook.stats().parse_errors, 1);
+    assert!(hook
+        .engine()
+        .allows(BACKEND_C2, OTHER_C1, Direction::Ingress, 6, 8080));
+    hook.input(
+        Input::Policy {
+            key: "CiliumNetworkPolicy/default/p".into(),
+            raw: None,
+        },
+        &mut out,
+    );
+    assert!(out.is_empty());
+}
