@@ -9,6 +9,7 @@
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,10 +22,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn, Instrument as _};
 
 use crate::datapath::{self, Datapath, Program};
+use crate::flows::{FlowMaps, SharedDirectory};
 use crate::health::{self, Metrics, Shared};
+use crate::policy::{hook::Hook, maps::PolicyMaps};
 use crate::reconcile::{Input, Reconciler};
 use crate::services::{self, LbMaps, ServiceMerger};
 use crate::{dns, ifaces, kernel, local, Error, Result};
+use crate::{flows, observer, policy};
 
 /// Where remote clusters are read from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,6 +60,8 @@ pub struct Config {
     pub vxlan_dev: String,
     /// `/readyz`, `/healthz`, `/status`, `/metrics`.
     pub health_addr: SocketAddr,
+    /// The flow observer's gRPC address (`clustermesh observe`); Hubble's port 4245.
+    pub observer_addr: SocketAddr,
     /// `/readyz` turns true at the latest after this long.
     pub sync_timeout: Duration,
     /// ipcache capacity.
@@ -131,6 +137,9 @@ pub async fn run(config: Config, token: CancellationToken) -> Result<()> {
     {
         dp.maps.tunnel.set(vx.ifindex, config.node_ip)?;
     }
+    // Policy and flows own their maps; the reconciler keeps the ipcache and endpoints.
+    let policy_maps = PolicyMaps::take(&mut dp)?;
+    let flow_maps = FlowMaps::take(&mut dp)?;
     let local_name: Arc<str> = Arc::from(config.cluster.name.as_str());
     let reconciler = Reconciler::new(
         dp,
@@ -243,6 +252,40 @@ pub async fn run(config: Config, token: CancellationToken) -> Result<()> {
                 .instrument(tracing::info_span!("remote_reader")),
         );
     }
+    let directory = SharedDirectory::default();
+    let flows_lost = Arc::new(AtomicU64::new(0));
+    {
+        let store = flows::Store::new(flows::DEFAULT_CAPACITY, config.node_name.clone());
+        let (s, d, t) = (store.clone(), directory.clone(), token.child_token());
+        tasks.spawn(
+            async move {
+                flows::log_reader_exit(flow_maps.run(s, d, t).await);
+                Ok(())
+            }
+            .instrument(tracing::info_span!("flows")),
+        );
+        let lost = flows_lost.clone();
+        let service = observer::Service::new(store, Arc::new(move || lost.load(Ordering::Relaxed)));
+        let addr = config.observer_addr;
+        // Like DNS, flows are not the datapath: an agent whose address is unusable keeps
+        // forwarding and enforcing, and says why it serves no flows.
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                info!(%addr, "flow observer listening");
+                let t = token.child_token();
+                tasks.spawn(
+                    async move {
+                        if let Err(error) = observer::serve_on(listener, service, t).await {
+                            warn!(%error, %addr, "flow observer stopped");
+                        }
+                        Ok(())
+                    }
+                    .instrument(tracing::info_span!("observer", %addr)),
+                );
+            }
+            Err(error) => warn!(%error, %addr, "flow observer not started"),
+        }
+    }
     {
         let l = Loop {
             rec: reconciler,
@@ -268,6 +311,16 @@ pub async fn run(config: Config, token: CancellationToken) -> Result<()> {
             config_dir: config.clustermesh_config.clone(),
             sync_timeout: config.sync_timeout,
             interface_poll: config.interface_poll,
+            policy: Hook::new(
+                policy::Config {
+                    local_cluster: config.cluster.name.to_string(),
+                    default_local_cluster: true,
+                },
+                Some(policy_maps),
+                directory,
+            ),
+            fed: Vec::new(),
+            flows_lost,
         };
         let t = token.child_token();
         tasks.spawn(
@@ -327,6 +380,12 @@ struct Loop {
     config_dir: PathBuf,
     sync_timeout: Duration,
     interface_poll: Duration,
+    /// Identities and policies into the policy maps; ipcache entries through its gate.
+    policy: Hook,
+    /// Reused buffer of what the policy hook passes on to the reconciler.
+    fed: Vec<Input>,
+    /// The kernel's lost flow events, for the observer's status.
+    flows_lost: Arc<AtomicU64>,
 }
 
 /// Services: local and remote services merged, written to the LB maps by diff, and the
@@ -432,13 +491,13 @@ impl Loop {
             tokio::select! {
                 _ = token.cancelled() => break,
                 i = self.local_rx.recv() => match i {
-                    Some(i) => { self.rec.handle(i); self.drain(remote_open); }
+                    Some(i) => { self.feed(i); self.drain(remote_open); }
                     None => break,
                 },
                 e = self.remote_rx.recv(), if remote_open => match e {
                     Some(e) => {
                         self.svc.on_remote(&e);
-                        if let Some(i) = Input::from_remote(e) { self.rec.handle(i); }
+                        if let Some(i) = Input::from_remote(e) { self.feed(i); }
                         self.drain(remote_open);
                     }
                     None => remote_open = false,
@@ -461,6 +520,8 @@ impl Loop {
                     timed_out = true;
                 }
             }
+            // Policy first: an identity's entries are in the maps before its endpoints.
+            self.policy.flush();
             self.rec.flush();
             // A service change shows in /status at once (tests time propagation with it).
             publish |= self.svc.publish_zone();
@@ -516,14 +577,14 @@ impl Loop {
         for _ in 0..DRAIN {
             let mut any = false;
             if let Ok(i) = self.local_rx.try_recv() {
-                self.rec.handle(i);
+                self.feed(i);
                 any = true;
             }
             if remote_open {
                 if let Ok(e) = self.remote_rx.try_recv() {
                     self.svc.on_remote(&e);
                     if let Some(i) = Input::from_remote(e) {
-                        self.rec.handle(i);
+                        self.feed(i);
                     }
                     any = true;
                 }
@@ -554,7 +615,24 @@ impl Loop {
                 );
             }
         }
+        if let Some(v) = self.policy.verdicts() {
+            self.flows_lost.store(v.flows_lost, Ordering::Relaxed);
+            self.metrics.observe_policy(&v);
+        }
         self.metrics.observe(&report);
         self.shared.publish(report);
+    }
+}
+
+impl Loop {
+    /// Every input passes the policy hook (identities, policies, the identity gate) before
+    /// the reconciler sees what it lets through.
+    fn feed(&mut self, input: Input) {
+        let mut out = std::mem::take(&mut self.fed);
+        self.policy.input(input, &mut out);
+        for i in out.drain(..) {
+            self.rec.handle(i);
+        }
+        self.fed = out;
     }
 }

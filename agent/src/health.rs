@@ -107,6 +107,33 @@ struct StateLabels {
     state: String,
 }
 
+/// Cilium's `cilium_policy_verdict_total` labels: `direction`, `match`, `action` (a list,
+/// because `match` is a keyword).
+type VerdictLabels = Vec<(&'static str, String)>;
+
+/// Cilium's `cilium_drop_count_total` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    reason: String,
+    direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: String,
+}
+
+/// The policy and flow counters with Cilium's and Hubble's names, fed from the kernel's
+/// counters ([`crate::policy::maps::Verdicts`]) as deltas.
+#[derive(Debug, Default)]
+struct PolicyMetrics {
+    verdicts: Family<VerdictLabels, Counter>,
+    drops: Family<DropLabels, Counter>,
+    forwards: Family<DirectionLabels, Counter>,
+    lost: Counter,
+    last: Mutex<crate::policy::maps::Verdicts>,
+}
+
 /// The agent's metrics.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -118,13 +145,17 @@ pub struct Metrics {
     ready: Gauge,
     map_ops: Family<StateLabels, Counter>,
     last: Mutex<HashMap<(String, String), u64>>,
+    policy: PolicyMetrics,
 }
 
 impl Metrics {
-    /// A registry with every metric under the `cilium` prefix.
+    /// A registry with every metric under the `cilium` prefix (and Hubble's
+    /// `hubble_lost_events_total`).
     pub fn registry(&self) -> Registry {
-        let mut r = Registry::with_prefix("cilium");
-        self.remote.register(&mut r);
+        let mut root = Registry::default();
+        self.policy.register_hubble(&mut root);
+        let r = root.sub_registry_with_prefix("cilium");
+        self.remote.register(r);
         r.register(
             "bpf_map_pressure",
             "Fill level of a BPF map (entries / max entries)",
@@ -150,7 +181,13 @@ impl Metrics {
             "Map elements written, deleted or swept by the reconciler",
             self.map_ops.clone(),
         );
-        r
+        self.policy.register(r);
+        root
+    }
+
+    /// Adds the kernel's policy verdict and flow counters since the last call.
+    pub fn observe_policy(&self, v: &crate::policy::maps::Verdicts) {
+        self.policy.observe(v);
     }
 
     /// Updates the gauges and counters from a report.
@@ -213,6 +250,72 @@ impl Metrics {
                     .inc_by(v - before);
             }
         }
+    }
+}
+
+impl PolicyMetrics {
+    fn register_hubble(&self, root: &mut Registry) {
+        root.register(
+            "hubble_lost_events",
+            "Flow events lost because the ring buffer was full",
+            self.lost.clone(),
+        );
+    }
+
+    fn register(&self, cilium: &mut Registry) {
+        cilium.register(
+            "policy_verdict",
+            "Packets by policy verdict (direction INGRESS/EGRESS, match, action)",
+            self.verdicts.clone(),
+        );
+        cilium.register(
+            "drop_count",
+            "Packets dropped by the datapath, by reason and direction",
+            self.drops.clone(),
+        );
+        cilium.register(
+            "forward_count",
+            "Packets allowed by policy, by direction",
+            self.forwards.clone(),
+        );
+    }
+
+    fn observe(&self, v: &crate::policy::maps::Verdicts) {
+        use clustermesh_ebpf_abi::PolicyMatch;
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        let delta = |now: u64, before: u64| now.saturating_sub(before);
+        for (d, dir) in ["INGRESS", "EGRESS"].into_iter().enumerate() {
+            for m in PolicyMatch::ALL {
+                let n = delta(v.by_match[d][m as usize], last.by_match[d][m as usize]);
+                if n == 0 {
+                    continue;
+                }
+                let denied = m == PolicyMatch::Denied;
+                self.verdicts
+                    .get_or_create(&vec![
+                        ("direction", dir.into()),
+                        ("match", m.name().into()),
+                        ("action", if denied { "denied" } else { "allowed" }.into()),
+                    ])
+                    .inc_by(n);
+                if denied {
+                    self.drops
+                        .get_or_create(&DropLabels {
+                            reason: "Policy denied".into(),
+                            direction: dir.into(),
+                        })
+                        .inc_by(n);
+                } else {
+                    self.forwards
+                        .get_or_create(&DirectionLabels {
+                            direction: dir.into(),
+                        })
+                        .inc_by(n);
+                }
+            }
+        }
+        self.lost.inc_by(delta(v.flows_lost, last.flows_lost));
+        *last = *v;
     }
 }
 

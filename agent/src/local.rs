@@ -9,7 +9,9 @@
 //! ID and identity range: the local etcd is written by our apiserver, but a bad entry must
 //! still never reach a map. ipcache entries feed the reconciler; the local services and
 //! the local cluster's service exports go to the services loop ([`Reader::with_services`]);
-//! nodes and identities are counted for status.
+//! identities and the local policies (`clustermesh/local/v1/policies/`, not validated here:
+//! the policy engine parses them) go as inputs to the policy hook
+//! ([`crate::policy::hook`]); nodes are counted for status.
 //!
 //! It never writes to etcd.
 
@@ -44,16 +46,20 @@ pub enum Prefix {
     Services,
     /// `cilium/state/serviceexports/v1/<c>/`.
     ServiceExports,
+    /// `clustermesh/local/v1/policies/` (`<kind>/<ns>/<name>` → the policy as JSON; parsed
+    /// by the policy engine, not validated here).
+    Policies,
 }
 
 impl Prefix {
     /// Every prefix.
-    pub const ALL: [Prefix; 5] = [
+    pub const ALL: [Prefix; 6] = [
         Prefix::Identities,
         Prefix::Nodes,
         Prefix::Endpoints,
         Prefix::Services,
         Prefix::ServiceExports,
+        Prefix::Policies,
     ];
 
     /// The etcd prefix for cluster `cluster`.
@@ -64,17 +70,19 @@ impl Prefix {
             Prefix::Identities => "cilium/state/identities/v1/id/".into(),
             Prefix::Services => "clustermesh/local/v1/services/".into(),
             Prefix::ServiceExports => format!("cilium/state/serviceexports/v1/{cluster}/"),
+            Prefix::Policies => "clustermesh/local/v1/policies/".into(),
         }
     }
 
-    fn resource(self) -> Resource {
-        match self {
+    fn resource(self) -> Option<Resource> {
+        Some(match self {
             Prefix::Endpoints => Resource::Endpoints,
             Prefix::Nodes => Resource::Nodes,
             Prefix::Identities => Resource::Identities,
             Prefix::Services => Resource::Services,
             Prefix::ServiceExports => Resource::ServiceExports,
-        }
+            Prefix::Policies => return None,
+        })
     }
 
     fn index(self) -> usize {
@@ -140,6 +148,8 @@ pub struct Synced {
     pub services: bool,
     /// The local cluster's service exports.
     pub service_exports: bool,
+    /// Local policies.
+    pub policies: bool,
 }
 
 impl Synced {
@@ -150,11 +160,17 @@ impl Synced {
             Prefix::Identities => self.identities = v,
             Prefix::Services => self.services = v,
             Prefix::ServiceExports => self.service_exports = v,
+            Prefix::Policies => self.policies = v,
         }
     }
 
     fn all(&self) -> bool {
-        self.endpoints && self.nodes && self.identities && self.services && self.service_exports
+        self.endpoints
+            && self.nodes
+            && self.identities
+            && self.services
+            && self.service_exports
+            && self.policies
     }
 }
 
@@ -182,6 +198,7 @@ type Cache = HashMap<String, Vec<u8>>;
 
 /// Service inputs of one batch (see [`Reader::with_services`]).
 type ServiceOut = Vec<services::LocalInput>;
+
 /// The local cluster reader; see the module docs.
 pub struct Reader {
     config: Config,
@@ -230,6 +247,7 @@ impl Reader {
         self.services = Some(tx);
         self
     }
+
     /// Runs sessions until `token` is cancelled.
     pub async fn run(self, token: CancellationToken) {
         let me = Arc::new(self);
@@ -338,7 +356,9 @@ impl Reader {
     }
 
     fn validated(&self, p: Prefix, rel: &str, raw: &[u8]) -> Option<Value> {
-        match validate(&self.ctx, p.resource(), rel, raw) {
+        // Policies never get here: the policy engine parses them (see `policy_change`).
+        let resource = p.resource()?;
+        match validate(&self.ctx, resource, rel, raw) {
             Ok(v) => Some(v),
             Err(rej) => {
                 warn!(key = %rel, reason = rej.reason.as_str(), detail = %rej.detail, "local entry rejected");
@@ -356,6 +376,9 @@ impl Reader {
         listed: Vec<(String, Vec<u8>)>,
         token: &CancellationToken,
     ) -> Result<(), Error> {
+        if p == Prefix::Policies {
+            return self.apply_policies(listed, token).await;
+        }
         let mut out = Vec::new();
         let mut svc: ServiceOut = Vec::new();
         {
@@ -409,8 +432,40 @@ impl Reader {
         Arc::from(self.ctx.cluster.as_str())
     }
 
+    /// Applies a full list of the policies prefix (see [`policy_change`]).
+    async fn apply_policies(
+        &self,
+        listed: Vec<(String, Vec<u8>)>,
+        token: &CancellationToken,
+    ) -> Result<(), Error> {
+        let mut out = Vec::new();
+        {
+            let mut caches = self.caches.lock().unwrap_or_else(PoisonError::into_inner);
+            let cache = &mut caches[Prefix::Policies.index()];
+            let seen: std::collections::HashSet<String> =
+                listed.iter().map(|(k, _)| k.clone()).collect();
+            for (rel, raw) in &listed {
+                out.push(policy_change(cache, rel, Some(raw)));
+            }
+            let stale: Vec<String> = cache
+                .keys()
+                .filter(|k| !seen.contains(*k))
+                .cloned()
+                .collect();
+            for rel in stale {
+                out.push(policy_change(cache, &rel, None));
+            }
+        }
+        self.send(out, token).await
+    }
+
     fn upsert(&self, p: Prefix, prefix: &str, rel: &str, v: Value) -> Option<Input> {
         match (p, v) {
+            (Prefix::Identities, Value::Identity(labels)) => Some(Input::Identity {
+                cluster: self.name(),
+                id: rel.parse().ok()?,
+                labels: Some(labels),
+            }),
             (Prefix::Endpoints, Value::Endpoint(pair)) => Some(Input::Endpoint {
                 cluster: self.name(),
                 key: format!("{prefix}{rel}"),
@@ -421,6 +476,13 @@ impl Reader {
     }
 
     fn delete(&self, p: Prefix, prefix: &str, rel: &str) -> Option<Input> {
+        if p == Prefix::Identities {
+            return Some(Input::Identity {
+                cluster: self.name(),
+                id: rel.parse().ok()?,
+                labels: None,
+            });
+        }
         (p == Prefix::Endpoints).then(|| Input::Endpoint {
             cluster: self.name(),
             key: format!("{prefix}{rel}"),
@@ -476,6 +538,7 @@ impl Reader {
         }
         Ok(())
     }
+
     async fn watch(
         &self,
         client: &Client,
@@ -528,6 +591,11 @@ impl Reader {
                     else {
                         continue;
                     };
+                    if p == Prefix::Policies {
+                        let put = (ev.event_type() == EventType::Put).then(|| kv.value());
+                        out.push(policy_change(cache, rel, put));
+                        continue;
+                    }
                     match ev.event_type() {
                         EventType::Put => {
                             if cache.get(rel).map(Vec::as_slice) == Some(kv.value()) {
@@ -585,5 +653,27 @@ fn service_input(
         (Prefix::ServiceExports, None) => services::Name::from_key_suffix(rel)
             .map(|name| services::LocalInput::Export { name, export: None }),
         _ => None,
+    }
+}
+
+/// A policy key's change (`put: None` = deleted) against the cache: the input for the policy
+/// engine, or `None` if nothing changed. Values are not validated here: the engine parses
+/// them and keeps a policy that fails out of the maps.
+fn policy_change(cache: &mut Cache, rel: &str, put: Option<&[u8]>) -> Option<Input> {
+    match put {
+        Some(raw) => {
+            if cache.get(rel).map(Vec::as_slice) == Some(raw) {
+                return None;
+            }
+            cache.insert(rel.to_owned(), raw.to_vec());
+            Some(Input::Policy {
+                key: rel.to_owned(),
+                raw: Some(raw.to_vec()),
+            })
+        }
+        None => cache.remove(rel).map(|_| Input::Policy {
+            key: rel.to_owned(),
+            raw: None,
+        }),
     }
 }

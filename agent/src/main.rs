@@ -59,6 +59,9 @@ struct Args {
     /// Address of /readyz, /healthz, /status and /metrics.
     #[arg(long, default_value = "127.0.0.1:9890")]
     health_addr: SocketAddr,
+    /// The flow observer's gRPC address (`clustermesh observe`); default `<node-ip>:4245`.
+    #[arg(long)]
+    observer_addr: Option<SocketAddr>,
     /// /readyz turns true at the latest after this long.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     sync_timeout: Duration,
@@ -99,6 +102,9 @@ fn parse_dns_addr(s: &str) -> Result<DnsAddr, String> {
         .map_err(|e| format!("{s:?}: {e} (an ip:port, or off)"))
 }
 
+/// Hubble's observer port, where `clustermesh observe` looks.
+const OBSERVER_PORT: u16 = 4245;
+
 fn config(a: &Args) -> anyhow::Result<Config> {
     fn need<T: Clone>(v: &Option<T>, flag: &str) -> anyhow::Result<T> {
         match v {
@@ -127,6 +133,10 @@ fn config(a: &Args) -> anyhow::Result<Config> {
         bpffs_dir: a.bpffs_dir.clone(),
         vxlan_dev: a.vxlan_dev.clone(),
         health_addr: a.health_addr,
+        observer_addr: match a.observer_addr {
+            Some(addr) => addr,
+            None => SocketAddr::new(need(&a.node_ip, "--node-ip")?.into(), OBSERVER_PORT),
+        },
         sync_timeout: a.sync_timeout,
         ipcache_max_entries: a.ipcache_max_entries,
         local_endpoints_max_entries: a.local_endpoints_max_entries,

@@ -867,6 +867,8 @@ fn start_agents(st: &mut LabState, bin: &Path) -> anyhow::Result<()> {
                 &pins.display().to_string(),
                 "--vxlan-dev",
                 plan::VXLAN_DEV,
+                "--observer-addr",
+                &SocketAddr::new(node.ip.into(), crate::observe::OBSERVER_PORT).to_string(),
                 "--health-addr",
                 &health.to_string(),
                 "--dns-addr",
