@@ -2,7 +2,9 @@
 //! crafted TCP/UDP packets, with the LB maps programmed through the real control path
 //! (`ServiceMerger` → `Diff` → `LbMaps`): VIP hit → DNAT to a backend with valid checksums;
 //! a flow stays on its backend; misses untouched; replies reverse-translated on both
-//! delivery paths; spread over backends; failover when a backend disappears. Needs root.
+//! delivery paths; spread over backends; failover when a backend disappears; a client that
+//! is one of the backends never picks itself, and one that is the only backend is looped
+//! back through 169.254.1.1 (hairpin). Needs root.
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -22,6 +24,7 @@ const REMOTE_BE: Ipv4Addr = Ipv4Addr::new(10, 2, 1, 10);
 const VIP: Ipv4Addr = Ipv4Addr::new(172, 20, 0, 10);
 const LOCAL_NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 11);
 const REMOTE_NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 11);
+const LOOPBACK: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 
 fn endpoint(ifindex: u32, last: u8) -> EndpointInfo {
     EndpointInfo {
@@ -398,4 +401,70 @@ fn new_connections_spread_over_clusters_and_fail_over() {
     );
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(lb.counter(LbCounter::DropNoBackend).unwrap(), 1);
+}
+
+#[test]
+fn client_among_backends_never_picks_itself() {
+    let (mut dp, mut lb) = node();
+    let mut merger = ServiceMerger::new("c1");
+    program(
+        &mut lb,
+        &mut merger,
+        &[CLIENT, LOCAL_BE],
+        &[],
+        Affinity::None,
+        "TCP",
+    );
+    for sport in 0..100u16 {
+        let (verdict, out) = run(
+            &mut dp,
+            Program::FromPod,
+            &packet(IPPROTO_TCP, CLIENT, 30_000 + sport, VIP, 80, false),
+        );
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let p = parse_checked(&out);
+        assert_eq!((p.src, p.sport), (CLIENT, 30_000 + sport), "no SNAT");
+        assert_eq!((p.dst, p.dport), (LOCAL_BE, 8080), "connection {sport}");
+    }
+    let avoided = lb.counter(LbCounter::SelfAvoided).unwrap();
+    println!("100 new connections: self avoided {avoided}");
+    assert!((1..100).contains(&avoided), "avoided {avoided}");
+    assert_eq!(lb.counter(LbCounter::Hairpin).unwrap(), 0);
+}
+
+#[test]
+fn client_as_only_backend_is_looped_back() {
+    let (mut dp, mut lb) = node();
+    let mut merger = ServiceMerger::new("c1");
+    program(&mut lb, &mut merger, &[CLIENT], &[], Affinity::None, "TCP");
+
+    // Forward: VIP → the client itself, source → 169.254.1.1, delivered into the client.
+    let syn = packet(IPPROTO_TCP, CLIENT, 40_000, VIP, 80, false);
+    for _ in 0..2 {
+        let (verdict, out) = run(&mut dp, Program::FromPod, &syn);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let p = parse_checked(&out);
+        assert_eq!((p.src, p.sport), (LOOPBACK, 40_000));
+        assert_eq!((p.dst, p.dport), (CLIENT, 8080));
+        assert_eq!(out[0..6], endpoint(41, 10).pod_mac, "back into the client");
+    }
+    assert_eq!(lb.counter(LbCounter::CtNew).unwrap(), 1);
+    assert_eq!(lb.counter(LbCounter::CtHit).unwrap(), 1);
+
+    // Reply: pod:8080 → 169.254.1.1:40000 becomes VIP:80 → pod:40000, into the pod.
+    let reply = packet(IPPROTO_TCP, CLIENT, 8080, LOOPBACK, 40_000, false);
+    let (verdict, out) = run(&mut dp, Program::FromPod, &reply);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let p = parse_checked(&out);
+    assert_eq!((p.src, p.sport), (VIP, 80));
+    assert_eq!((p.dst, p.dport), (CLIENT, 40_000));
+    assert_eq!(out[0..6], endpoint(41, 10).pod_mac);
+    assert_eq!(lb.counter(LbCounter::Hairpin).unwrap(), 3);
+    assert_eq!(lb.counter(LbCounter::RevNat).unwrap(), 1);
+
+    // Other traffic to the gateway address (not a hairpin reply) is untouched.
+    let other = packet(IPPROTO_UDP, CLIENT, 5353, LOOPBACK, 53, false);
+    let (_, out) = run(&mut dp, Program::FromPod, &other);
+    assert_eq!(out[14..], other[14..]);
+    assert_eq!(lb.counter(LbCounter::RevNat).unwrap(), 1);
 }

@@ -624,6 +624,12 @@ pub struct Ct4Entry {
 }
 const _: () = assert!(size_of::<Ct4Entry>() == 16);
 
+/// Source address of hairpin service connections (a pod reaching itself through a VIP):
+/// the pod's gateway, 169.254.1.1 (Cilium's `IPV4_LOOPBACK` plays the same role). The lab
+/// routes pods via this address; replies to it are translated back to the frontend by
+/// `from_pod` on the same veth.
+pub const LB_LOOPBACK_IPV4: [u8; 4] = [169, 254, 1, 1];
+
 /// Index into [`map::LB_COUNTERS`] (per-CPU `u64` packet counts of the LB step, shared
 /// by `from_pod` and `from_overlay`).
 #[repr(u32)]
@@ -646,11 +652,18 @@ pub enum LbCounter {
     /// A frontend hit whose backend slot or backend entry is missing (agent mid-update):
     /// dropped.
     DropBackendMissing = 7,
+    /// A new connection's random pick was the client itself while the service has other
+    /// backends: another slot was taken instead.
+    SelfAvoided = 8,
+    /// A connection whose only usable backend is the client itself (hairpin): source
+    /// SNATed to [`LB_LOOPBACK_IPV4`] (forward packets), or a reply to that address
+    /// translated back to the frontend.
+    Hairpin = 9,
 }
 
 impl LbCounter {
     /// Number of counters (the map's `max_entries`).
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 10;
 
     /// Every counter in index order.
     pub const ALL: [LbCounter; Self::COUNT as usize] = [
@@ -662,6 +675,8 @@ impl LbCounter {
         LbCounter::RevNat,
         LbCounter::Fragment,
         LbCounter::DropBackendMissing,
+        LbCounter::SelfAvoided,
+        LbCounter::Hairpin,
     ];
 
     /// Stable snake_case name (metrics label).
@@ -675,6 +690,8 @@ impl LbCounter {
             LbCounter::RevNat => "rev_nat",
             LbCounter::Fragment => "fragment",
             LbCounter::DropBackendMissing => "drop_backend_missing",
+            LbCounter::SelfAvoided => "self_avoided",
+            LbCounter::Hairpin => "hairpin",
         }
     }
 }

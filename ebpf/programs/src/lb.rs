@@ -17,6 +17,16 @@
 //!   (tunnel unconfigured, a destination not in the maps) bypass both programs and are not
 //!   translated: the connection then fails, as it would without the datapath.
 //!
+//! * Self-selection: when the random pick is the client itself and the service has other
+//!   backends, another slot is taken (a uniform offset among the others; `self_avoided`).
+//!   When the client is the only usable backend (hairpin), the connection is looped back
+//!   the way Cilium does it: forward packets get the backend as destination and
+//!   [`LB_LOOPBACK_IPV4`] (169.254.1.1, the pod's gateway) as source, so the pod does not see
+//!   its own address on both sides; the reply tuple is stored as `pod → 169.254.1.1`, and
+//!   such a reply, which enters `from_pod` on the same veth, is rewritten to
+//!   `VIP:port → pod` ([`egress`]) and delivered back into the pod (`hairpin`). Policy sees
+//!   the translated packets (source 169.254.1.1, resp. the VIP).
+//!
 //! Failover needs no restart: when the agent deletes a backend, the next packet of a
 //! connection bound to it misses in `CM_LB4_BACKENDS` and is bound to a new backend.
 //! Not handled yet: later IPv4 fragments (counted, passed untranslated), ClientIP
@@ -29,7 +39,7 @@ use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::TcContext;
 use clustermesh_ebpf_abi::{
     ct_dir, defaults, Ct4Entry, Ct4Key, Lb4Backend, Lb4Key, Lb4RevNat, Lb4Service, LbCounter,
-    IPPROTO_TCP, IPPROTO_UDP,
+    IPPROTO_TCP, IPPROTO_UDP, LB_LOOPBACK_IPV4,
 };
 
 use crate::packet::{Error, Ipv4, ETH_HLEN};
@@ -200,15 +210,11 @@ fn rewrite(
     Ok(())
 }
 
-/// Picks a backend for a new connection: a uniformly random slot of `svc`, then the
-/// backend it names. Writes the backend and its ID; `false` if a slot or backend is missing.
+/// Reads backend slot `slot` (1-based) of the service `key` names, and its backend.
 #[inline(always)]
-fn select(key: &Lb4Key, svc: &Lb4Service, id: &mut u32, be: &mut Lb4Backend) -> bool {
-    // SAFETY: plain helper call.
-    let rnd = unsafe { bpf_get_prandom_u32() };
-    let slot = (rnd % u32::from(svc.count)) as u16 + 1;
+fn slot_backend(key: &Lb4Key, slot: u32, id: &mut u32, be: &mut Lb4Backend) -> bool {
     let mut slot_key = *key;
-    slot_key.backend_slot = slot;
+    slot_key.backend_slot = slot as u16;
     let Some(s) = CM_LB4_SERVICES.get_ptr(slot_key) else {
         return false;
     };
@@ -223,12 +229,54 @@ fn select(key: &Lb4Key, svc: &Lb4Service, id: &mut u32, be: &mut Lb4Backend) -> 
     true
 }
 
+/// Picks a backend for a new connection from `client`: a uniformly random slot of `svc`,
+/// then the backend it names. If that is the client itself and there are other slots, one
+/// of the others instead (uniform offset from the first pick, never back to it). Writes the
+/// backend and its ID; `false` if a slot or backend is missing.
+#[inline(always)]
+fn select(
+    key: &Lb4Key,
+    svc: &Lb4Service,
+    client: [u8; 4],
+    id: &mut u32,
+    be: &mut Lb4Backend,
+) -> bool {
+    // SAFETY: plain helper call.
+    let rnd = unsafe { bpf_get_prandom_u32() };
+    let slots = u32::from(svc.count);
+    let first = rnd % slots;
+    if !slot_backend(key, first + 1, id, be) {
+        return false;
+    }
+    if be.address != client || slots < 2 {
+        return true;
+    }
+    // Offset 1..count-1 from the first pick (high bits: the low ones chose `first`).
+    let offset = 1 + (rnd >> 16) % (slots - 1);
+    let slot = (first + offset) % slots;
+    let mut other_id = 0u32;
+    let mut other = Lb4Backend::default();
+    if slot_backend(key, slot + 1, &mut other_id, &mut other) {
+        if other.address != client {
+            count(LbCounter::SelfAvoided);
+        }
+        *id = other_id;
+        *be = other;
+    }
+    // A missing slot (agent mid-update) keeps the first pick: hairpin below.
+    true
+}
+
 /// Translates a packet to a frontend (see the module docs); `ip.daddr` becomes the
 /// backend's. `Ok(false)`: the packet must be dropped (a frontend without a usable backend).
 #[inline(always)]
 pub fn egress(ctx: &TcContext, ip: &mut Ipv4) -> Result<bool, Error> {
     let mut l4 = L4::default();
     if !parse_l4(ctx, &mut l4)? {
+        return Ok(true);
+    }
+    if ip.daddr == LB_LOOPBACK_IPV4 {
+        hairpin_reply(ctx, ip, &l4)?;
         return Ok(true);
     }
     let key = Lb4Key {
@@ -273,7 +321,7 @@ pub fn egress(ctx: &TcContext, ip: &mut Ipv4) -> Result<bool, Error> {
             count(LbCounter::DropNoBackend);
             return Ok(false);
         }
-        if !select(&key, &svc, &mut backend_id, &mut be) {
+        if !select(&key, &svc, ip.saddr, &mut backend_id, &mut be) {
             count(LbCounter::DropBackendMissing);
             return Ok(false);
         }
@@ -287,9 +335,14 @@ pub fn egress(ctx: &TcContext, ip: &mut Ipv4) -> Result<bool, Error> {
         };
         // LRU maps evict rather than fail; an error here only loses stickiness.
         let _ = CM_LB4_CT.insert(fwd, entry, 0);
+        // A hairpin connection's replies are addressed to the loopback source.
         let reply = Ct4Key {
             saddr: be.address,
-            daddr: ip.saddr,
+            daddr: if be.address == ip.saddr {
+                LB_LOOPBACK_IPV4
+            } else {
+                ip.saddr
+            },
             sport: be.port,
             dport: l4.sport,
             proto: l4.proto,
@@ -315,8 +368,75 @@ pub fn egress(ctx: &TcContext, ip: &mut Ipv4) -> Result<bool, Error> {
         be.port,
     )?;
     ip.daddr = be.address;
+    if be.address == ip.saddr {
+        // Hairpin: the client is its own backend; source → loopback (port unchanged).
+        rewrite(
+            ctx,
+            &l4,
+            IP_SRC_OFF,
+            ip.saddr,
+            LB_LOOPBACK_IPV4,
+            l4.off,
+            l4.sport,
+            l4.sport,
+        )?;
+        ip.saddr = LB_LOOPBACK_IPV4;
+        count(LbCounter::Hairpin);
+    }
     count(LbCounter::Translated);
     Ok(true)
+}
+
+/// A packet from a pod to [`LB_LOOPBACK_IPV4`]: if it is the reply of a hairpin connection
+/// (`pod:backend-port → loopback:client-port`), rewrites it to `VIP:port → pod:client-port`
+/// so that `from_pod` delivers it back into the pod. Anything else is left untouched.
+#[inline(always)]
+fn hairpin_reply(ctx: &TcContext, ip: &mut Ipv4, l4: &L4) -> Result<(), Error> {
+    let key = Ct4Key {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport: l4.sport,
+        dport: l4.dport,
+        proto: l4.proto,
+        flags: ct_dir::REPLY,
+        pad: 0,
+    };
+    let Some(ct) = CM_LB4_CT.get_ptr(key) else {
+        return Ok(());
+    };
+    // SAFETY: pointer from a successful lookup; entries are only ever replaced whole.
+    let index = unsafe { (*ct).rev_nat_index };
+    let Some(rev) = CM_LB4_REVNAT.get_ptr(index) else {
+        return Ok(());
+    };
+    // SAFETY: pointer from a successful lookup in a NO_PREALLOC hash (RCU-protected).
+    let rev = unsafe { *rev };
+    let pod = ip.saddr;
+    rewrite(
+        ctx,
+        l4,
+        IP_SRC_OFF,
+        pod,
+        rev.address,
+        l4.off,
+        l4.sport,
+        rev.port,
+    )?;
+    rewrite(
+        ctx,
+        l4,
+        IP_DST_OFF,
+        LB_LOOPBACK_IPV4,
+        pod,
+        l4.off + 2,
+        l4.dport,
+        l4.dport,
+    )?;
+    ip.saddr = rev.address;
+    ip.daddr = pod;
+    count(LbCounter::Hairpin);
+    count(LbCounter::RevNat);
+    Ok(())
 }
 
 /// Reverse translation of a reply about to be delivered to a local pod (see the module
