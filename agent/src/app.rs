@@ -72,6 +72,9 @@ pub struct Config {
     pub interface_poll: Duration,
     /// The `clusterset.local` DNS server (UDP); `None` = no DNS server.
     pub dns_addr: Option<SocketAddr>,
+    /// Cilium's `policy-default-local-cluster`: a peer selector without the cluster label
+    /// matches only the local cluster (default true, as in Cilium ≥ 1.19).
+    pub policy_default_local_cluster: bool,
 }
 
 impl Config {
@@ -314,7 +317,7 @@ pub async fn run(config: Config, token: CancellationToken) -> Result<()> {
             policy: Hook::new(
                 policy::Config {
                     local_cluster: config.cluster.name.to_string(),
-                    default_local_cluster: true,
+                    default_local_cluster: config.policy_default_local_cluster,
                 },
                 Some(policy_maps),
                 directory,
@@ -603,6 +606,7 @@ impl Loop {
         report.remote_clusters = snapshot.clusters.clone();
         report.datapath = self.rec.report();
         report.services = self.svc.services.status();
+        report.policy = self.policy.stats();
         let maps = &self.rec.datapath_ref().maps;
         for program in [Program::FromPod, Program::FromOverlay] {
             if let Ok(values) = maps.counters(program).read() {

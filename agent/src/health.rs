@@ -54,6 +54,8 @@ pub struct Report {
     pub services: crate::services::Status,
     /// The DNS server: where it listens, or why it does not.
     pub dns: String,
+    /// Policy: known identities, ipcache entries held for their identity, errors.
+    pub policy: crate::policy::hook::Stats,
 }
 
 /// Shared between the agent's loop and the HTTP server.

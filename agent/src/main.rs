@@ -78,6 +78,10 @@ struct Args {
     /// bound, the agent runs without DNS and /status says why.
     #[arg(long, default_value = "169.254.1.1:53", value_parser = parse_dns_addr)]
     dns_addr: DnsAddr,
+    /// Cilium's policy-default-local-cluster: a policy selector without the
+    /// `io.cilium.k8s.policy.cluster` label matches only endpoints of this cluster.
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    policy_default_local_cluster: bool,
     /// Grace period for draining on SIGINT/SIGTERM.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
@@ -142,6 +146,7 @@ fn config(a: &Args) -> anyhow::Result<Config> {
         local_endpoints_max_entries: a.local_endpoints_max_entries,
         interface_poll: a.interface_poll,
         dns_addr: a.dns_addr.0,
+        policy_default_local_cluster: a.policy_default_local_cluster,
     };
     config.validate()?;
     Ok(config)

@@ -22,7 +22,8 @@ use crate::flows::{PodRef, SharedDirectory};
 use crate::reconcile::Input;
 
 /// Counters of the hook, for status and metrics.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Stats {
     /// Known identities.
     pub identities: usize,
