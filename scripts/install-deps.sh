@@ -12,6 +12,7 @@ command -v ping >/dev/null 2>&1 || need_apt+=(iputils-ping)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v tcpdump >/dev/null 2>&1 || need_apt+=(tcpdump)  # datapath test: VNI on the wire
 command -v iptables-restore >/dev/null 2>&1 || need_apt+=(iptables)  # bench-lb: kube-proxy-style baseline
+command -v dig >/dev/null 2>&1 || need_apt+=(dnsutils)  # lab: dig the clusterset.local names from a pod
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "==> installing ${need_apt[*]} (apt)"
