@@ -819,7 +819,18 @@ fn agents_program_the_mesh_follow_deletes_and_restart_hitlessly() -> Result<()> 
     ensure!(ping(&lab, &B1, &A2, 2), "ping b1 → a2 (c2 → c1)");
     tcp_echo(&lab, &A1, &B1, 7001)?;
     tcp_echo(&lab, &B1, &A1, 7002)?;
-    let st = agents[0].status()?;
+    // /status is republished every second: give the counters one period to show.
+    let t = Instant::now();
+    let st = loop {
+        let st = agents[0].status()?;
+        let tunnelled = st["programs"]["from_pod"]["tunnelled"]
+            .as_u64()
+            .unwrap_or(0);
+        if tunnelled > 0 || t.elapsed() > Duration::from_secs(3) {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let tunnelled = st["programs"]["from_pod"]["tunnelled"]
         .as_u64()
         .unwrap_or(0);
