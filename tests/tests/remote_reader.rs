@@ -181,8 +181,14 @@ async fn missing_cluster_config_is_explained() -> anyhow::Result<()> {
         .await?; // wrong name
     let mut fx = Fixture::start(|_| {})?;
     fx.connect("cluster3", &etcd)?;
+    // Between retries the status briefly says "connected to …" again; wait for the failure
+    // and its explanation together.
     let s = fx
-        .wait_status("cluster3", Duration::from_secs(10), |s| s.num_failures > 0)
+        .wait_status("cluster3", Duration::from_secs(10), |s| {
+            s.num_failures > 0
+                && s.status
+                    .contains("remote cluster configuration required but not found")
+        })
         .await?;
     assert!(
         s.status
@@ -237,7 +243,11 @@ async fn conflicting_cluster_ids_are_refused() -> anyhow::Result<()> {
     fx.connect("cluster6", &l)?;
     fx.connect("cluster7", &l)?;
     let s = fx
-        .wait_status("cluster4", Duration::from_secs(10), |s| s.num_failures > 0)
+        .wait_status("cluster4", Duration::from_secs(10), |s| {
+            s.num_failures > 0
+                && s.status
+                    .contains("cluster ID 3 is already used by remote cluster \"cluster3\"")
+        })
         .await?;
     assert!(
         s.status
@@ -246,7 +256,11 @@ async fn conflicting_cluster_ids_are_refused() -> anyhow::Result<()> {
         s.status
     );
     let s = fx
-        .wait_status("cluster5", Duration::from_secs(10), |s| s.num_failures > 0)
+        .wait_status("cluster5", Duration::from_secs(10), |s| {
+            s.num_failures > 0
+                && s.status
+                    .contains("assigned to the local cluster \"cluster1\"")
+        })
         .await?;
     assert!(
         s.status
@@ -255,7 +269,11 @@ async fn conflicting_cluster_ids_are_refused() -> anyhow::Result<()> {
         s.status
     );
     let s = fx
-        .wait_status("cluster6", Duration::from_secs(10), |s| s.num_failures > 0)
+        .wait_status("cluster6", Duration::from_secs(10), |s| {
+            s.num_failures > 0
+                && s.status
+                    .contains("max-connected-clusters is 511, local is 255")
+        })
         .await?;
     assert!(
         s.status
@@ -264,7 +282,9 @@ async fn conflicting_cluster_ids_are_refused() -> anyhow::Result<()> {
         s.status
     );
     let s = fx
-        .wait_status("cluster7", Duration::from_secs(10), |s| s.num_failures > 0)
+        .wait_status("cluster7", Duration::from_secs(10), |s| {
+            s.num_failures > 0 && s.status.contains("cluster ID 0 is reserved")
+        })
         .await?;
     assert!(
         s.status.contains("cluster ID 0 is reserved"),
@@ -346,7 +366,11 @@ async fn certificate_from_another_ca_shows_tls_error() -> anyhow::Result<()> {
     std::fs::remove_file(&tmp)?;
     write_atomic(&fx.path("cluster3"), |p| Ok(std::fs::write(p, &text)?))?;
     let s = fx
-        .wait_status("cluster3", Duration::from_secs(20), |s| s.num_failures > 0)
+        .wait_status("cluster3", Duration::from_secs(20), |s| {
+            s.num_failures > 0
+                && (s.status.contains("does not chain to trusted-ca-file")
+                    || s.status.contains("TLS"))
+        })
         .await?;
     assert!(
         s.status.contains("does not chain to trusted-ca-file") || s.status.contains("TLS"),
@@ -475,7 +499,9 @@ async fn stale_heartbeat_reconnects_and_ttl_revokes() -> anyhow::Result<()> {
     fx.wait_ready("cluster3").await?;
     // Nobody rewrites the heartbeat: the session fails, reconnects, keeps its state.
     let s = fx
-        .wait_status("cluster3", Duration::from_secs(10), |s| s.num_failures > 0)
+        .wait_status("cluster3", Duration::from_secs(10), |s| {
+            s.num_failures > 0 && s.status.contains("heartbeat")
+        })
         .await?;
     assert!(s.status.contains("heartbeat"), "{}", s.status);
     let s = fx.wait_ready("cluster3").await?;
