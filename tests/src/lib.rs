@@ -3,5 +3,6 @@
 
 pub mod etcd;
 pub mod fixtures;
+pub mod lab;
 pub mod process;
 pub mod scenario;

@@ -11,68 +11,13 @@
 //! (identity in the VNI, pod deletion).
 
 use std::io::{BufRead as _, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
-use clustermesh_tests::process::find_binary;
+use clustermesh_tests::lab::{curl_echo, run, Lab};
 use serde_json::Value;
-
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("spawn {cmd:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// A lab in a temporary directory, removed on drop (also when an assertion fails).
-struct Lab {
-    bin: PathBuf,
-    dir: PathBuf,
-    _tmp: tempfile::TempDir,
-    down: bool,
-}
-
-impl Lab {
-    fn cli(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(&self.bin);
-        c.args(args).arg("--dir").arg(&self.dir);
-        c
-    }
-
-    fn state(&self) -> Result<Value> {
-        Ok(serde_json::from_slice(&std::fs::read(
-            self.dir.join("lab.json"),
-        )?)?)
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        if !self.down {
-            let _ = self.cli(&["lab", "down"]).output();
-        }
-    }
-}
-
-/// `curl` from inside `ns`; `None` when the connection fails.
-fn curl(ns: &str, ip: &str, timeout: &str) -> Option<Value> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, "curl", "-s", "--max-time", timeout])
-        .arg(format!("http://{ip}:8080/"))
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    serde_json::from_slice(&out.stdout).ok()
-}
 
 /// The identity etcd assigns to `ip`, read through the router namespace as a remote would.
 fn identity_of(state: &Value, cluster: &Value, ip: &str) -> Result<u64> {
@@ -232,13 +177,7 @@ fn restart_agent_under_a_stream(
 fn lab_up_connectivity_vni_pod_deletion_and_down() -> Result<()> {
     let datapath = std::env::var("CLUSTERMESH_LAB_DATAPATH").unwrap_or_else(|_| "ebpf".into());
     let ebpf = datapath == "ebpf";
-    let tmp = tempfile::Builder::new().prefix("cm-lab-test").tempdir()?;
-    let mut lab = Lab {
-        bin: find_binary("clustermesh")?,
-        dir: tmp.path().join("lab"),
-        _tmp: tmp,
-        down: false,
-    };
+    let mut lab = Lab::new("cm-lab-test")?;
 
     // lab up 2×2×2.
     let t = Instant::now();
@@ -303,7 +242,7 @@ fn lab_up_connectivity_vni_pod_deletion_and_down() -> Result<()> {
     let src_ip = src["ip"].as_str().context("ip")?;
     let dst = &c2["nodes"][1]["pods"][1];
     let dst_ip = dst["ip"].as_str().context("ip")?.to_owned();
-    let answer = curl(src_ns, &dst_ip, "2").context("curl c1 → c2 failed")?;
+    let answer = curl_echo(src_ns, &dst_ip, "2").context("curl c1 → c2 failed")?;
     ensure!(
         answer["cluster"] == "c2" && answer["pod"] == dst["name"] && answer["node"] == "n2",
         "{answer}"
@@ -313,7 +252,7 @@ fn lab_up_connectivity_vni_pod_deletion_and_down() -> Result<()> {
     let node_ns = c1["nodes"][0]["ns"].as_str().context("ns")?;
     let node_ip = c1["nodes"][0]["ip"].as_str().context("ip")?;
     let text = capture_one_vxlan(&lab.dir, node_ns, node_ip, || {
-        let _ = curl(src_ns, &dst_ip, "2");
+        let _ = curl_echo(src_ns, &dst_ip, "2");
     })?;
     println!("underlay capture:\n{text}");
     ensure!(text.contains("VXLAN"), "not VXLAN: {text}");
@@ -337,7 +276,7 @@ fn lab_up_connectivity_vni_pod_deletion_and_down() -> Result<()> {
         let t = Instant::now();
         let unrouted = loop {
             let probe = t.elapsed();
-            if curl(src_ns, &dst_ip, "0.05").is_none() {
+            if curl_echo(src_ns, &dst_ip, "0.05").is_none() {
                 // Unrouted at the latest when this probe failed, at the earliest when it began.
                 println!("first failing probe started {probe:?} after the deletion");
                 break t.elapsed();
@@ -351,7 +290,7 @@ fn lab_up_connectivity_vni_pod_deletion_and_down() -> Result<()> {
         // Still unrouted a moment later (not a blip).
         std::thread::sleep(Duration::from_millis(300));
         ensure!(
-            curl(src_ns, &dst_ip, "0.3").is_none(),
+            curl_echo(src_ns, &dst_ip, "0.3").is_none(),
             "{dst_ip} answers again although deleted"
         );
         ensure!(
@@ -363,7 +302,7 @@ fn lab_up_connectivity_vni_pod_deletion_and_down() -> Result<()> {
         std::fs::write(&manifest, saved)?;
         let t = Instant::now();
         let back = loop {
-            if let Some(a) = curl(src_ns, &dst_ip, "0.3") {
+            if let Some(a) = curl_echo(src_ns, &dst_ip, "0.3") {
                 ensure!(a["cluster"] == "c2", "{a}");
                 break t.elapsed();
             }

@@ -7,74 +7,19 @@
 //! Needs root, iproute2, curl and etcdctl (`scripts/install-deps.sh`) and the workspace
 //! binaries (`cargo build --workspace --bins`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _, Result};
-use clustermesh_tests::process::find_binary;
+use clustermesh_tests::lab::{curl_echo, run, Lab};
 use serde_json::Value;
-
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("spawn {cmd:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// A lab in a temporary directory, removed on drop (also when an assertion fails).
-struct Lab {
-    bin: PathBuf,
-    dir: PathBuf,
-    _tmp: tempfile::TempDir,
-    down: bool,
-}
-
-impl Lab {
-    fn cli(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(&self.bin);
-        c.args(args).arg("--dir").arg(&self.dir);
-        c
-    }
-
-    fn state(&self) -> Result<Value> {
-        Ok(serde_json::from_slice(&std::fs::read(
-            self.dir.join("lab.json"),
-        )?)?)
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        if !self.down {
-            let _ = self.cli(&["lab", "down"]).output();
-        }
-    }
-}
-
-/// `curl` from inside `ns`; `None` when the connection fails.
-fn curl(ns: &str, ip: &str, timeout: &str) -> Option<Value> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, "curl", "-s", "--max-time", timeout])
-        .arg(format!("http://{ip}:8080/"))
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    serde_json::from_slice(&out.stdout).ok()
-}
 
 /// `curl` until it answers (`want`) or fails, for at most `limit`: the time it took.
 fn until_reachable(ns: &str, ip: &str, want: bool, limit: Duration) -> Result<Duration> {
     let t = Instant::now();
     loop {
-        if curl(ns, ip, "0.1").is_some() == want {
+        if curl_echo(ns, ip, "0.1").is_some() == want {
             return Ok(t.elapsed());
         }
         ensure!(
@@ -124,13 +69,13 @@ fn policy_admits_only_the_frontend_of_c1(lab: &Lab, state: &Value) -> Result<()>
         "policy in c2 written → other c1 pods dropped after {:?}",
         t.elapsed()
     );
-    let answer = curl(&front_ns, &target_ip, "2").context("the frontend is not let in")?;
+    let answer = curl_echo(&front_ns, &target_ip, "2").context("the frontend is not let in")?;
     ensure!(answer["cluster"] == "c2", "{answer}");
     println!("frontend {front_ip} ({front_name}, c1) → {target_ip} ({target_name}, c2): admitted");
     // Still dropped a moment later (not a blip).
     for (ns, ip, name) in &others {
         ensure!(
-            curl(ns, &target_ip, "0.3").is_none(),
+            curl_echo(ns, &target_ip, "0.3").is_none(),
             "{name} ({ip}, c1) reaches {target_ip} despite the policy"
         );
     }
@@ -239,13 +184,7 @@ fn policy_admits_only_the_frontend_of_c1(lab: &Lab, state: &Value) -> Result<()>
 
 #[test]
 fn lab_policy_admits_only_the_frontend_of_c1() -> Result<()> {
-    let tmp = tempfile::Builder::new().prefix("cm-lab-policy").tempdir()?;
-    let mut lab = Lab {
-        bin: find_binary("clustermesh")?,
-        dir: tmp.path().join("lab"),
-        _tmp: tmp,
-        down: false,
-    };
+    let mut lab = Lab::new("cm-lab-policy")?;
     let t = Instant::now();
     run(&mut lab.cli(&[
         "lab",

@@ -12,49 +12,13 @@
 //! Needs root, iproute2, curl and the workspace binaries (`cargo build --workspace --bins`).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _, Result};
-use clustermesh_tests::process::find_binary;
+use clustermesh_tests::lab::{run, Lab};
 use serde_json::Value;
-
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("spawn {cmd:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// A lab in a temporary directory, removed on drop (also when an assertion fails).
-struct Lab {
-    bin: PathBuf,
-    dir: PathBuf,
-    _tmp: tempfile::TempDir,
-    down: bool,
-}
-
-impl Lab {
-    fn cli(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(&self.bin);
-        c.args(args).arg("--dir").arg(&self.dir);
-        c
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        if !self.down {
-            let _ = self.cli(&["lab", "down"]).output();
-        }
-    }
-}
 
 /// `curl` of `url` from inside `ns`: the echo answer, if any.
 fn curl(ns: &str, url: &str) -> Option<Value> {
@@ -70,13 +34,7 @@ fn curl(ns: &str, url: &str) -> Option<Value> {
 
 #[test]
 fn lab_global_services_dns_affinity_failover_and_propagation() -> Result<()> {
-    let tmp = tempfile::Builder::new().prefix("cm-lab-svc").tempdir()?;
-    let mut lab = Lab {
-        bin: find_binary("clustermesh")?,
-        dir: tmp.path().join("lab"),
-        _tmp: tmp,
-        down: false,
-    };
+    let mut lab = Lab::new("cm-lab-svc")?;
     run(&mut lab.cli(&[
         "lab",
         "up",

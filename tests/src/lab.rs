@@ -1,0 +1,84 @@
+//! A `clustermesh lab` in a temporary directory for the lab acceptance suites
+//! (`tests/tests/lab*.rs`): runs the CLI against it and always tears it down.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{ensure, Context as _, Result};
+use serde_json::Value;
+
+use crate::process::find_binary;
+
+/// Runs `cmd` and returns its stdout; fails with both outputs when it fails.
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("spawn {cmd:?}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A lab in a temporary directory, removed on drop (also when an assertion fails) unless the
+/// test already ran `lab down` itself (`down = true`).
+pub struct Lab {
+    /// The `clustermesh` binary.
+    pub bin: PathBuf,
+    /// The lab directory (`--dir`).
+    pub dir: PathBuf,
+    _tmp: tempfile::TempDir,
+    /// Set once the test has taken the lab down itself.
+    pub down: bool,
+}
+
+impl Lab {
+    /// A lab directory under a new temporary directory named `prefix…` (not yet up).
+    pub fn new(prefix: &str) -> Result<Self> {
+        let tmp = tempfile::Builder::new().prefix(prefix).tempdir()?;
+        Ok(Self {
+            bin: find_binary("clustermesh")?,
+            dir: tmp.path().join("lab"),
+            _tmp: tmp,
+            down: false,
+        })
+    }
+
+    /// `clustermesh <args> --dir <lab>`.
+    pub fn cli(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.args(args).arg("--dir").arg(&self.dir);
+        c
+    }
+
+    /// The lab's `lab.json`.
+    pub fn state(&self) -> Result<Value> {
+        Ok(serde_json::from_slice(&std::fs::read(
+            self.dir.join("lab.json"),
+        )?)?)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if !self.down {
+            let _ = self.cli(&["lab", "down"]).output();
+        }
+    }
+}
+
+/// `curl http://<ip>:8080/` (a lab echo server) from inside `ns`; `None` when the
+/// connection fails.
+pub fn curl_echo(ns: &str, ip: &str, timeout: &str) -> Option<Value> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "curl", "-s", "--max-time", timeout])
+        .arg(format!("http://{ip}:8080/"))
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
