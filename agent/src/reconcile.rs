@@ -129,7 +129,7 @@ impl Input {
 }
 
 /// An IPv4 prefix (the ipcache key without cluster ID).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Prefix {
     /// Address (host bits as published).
     pub addr: Ipv4Addr,
@@ -159,6 +159,13 @@ impl Prefix {
             addr: Ipv4Addr::new(a[0], a[1], a[2], a[3]),
             bits: bits as u8,
         })
+    }
+}
+
+impl std::hash::Hash for Prefix {
+    /// One word (address and length packed), so the table hashes one `u64`.
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(u64::from(u32::from(self.addr)) << 8 | u64::from(self.bits));
     }
 }
 
@@ -281,8 +288,13 @@ impl std::hash::Hasher for FxHasher {
     fn write_usize(&mut self, i: usize) {
         self.add(i as u64);
     }
+    /// Folds the high half of a 128-bit product into the low half: FxHash's last multiply
+    /// leaves the low bits depending only on the input's low bits, and hashbrown picks the
+    /// bucket from the low bits. Without this, 250k consecutive pod IPs fell into 128
+    /// buckets and every lookup probed a long chain.
     fn finish(&self) -> u64 {
-        self.0
+        let m = u128::from(self.0) * 0x9e37_79b9_7f4a_7c15;
+        (m as u64) ^ (m >> 64) as u64
     }
 }
 
