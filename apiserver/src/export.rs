@@ -168,11 +168,14 @@ pub struct LocalService {
 pub struct Exporter {
     opts: Options,
     allocator: Allocator,
-    /// IP → endpoint that currently owns it.
-    ip_owner: HashMap<String, String>,
-    /// endpoint → sequence number when first seen (earlier wins a shared IP).
-    first_seen: HashMap<String, u64>,
+    /// IP → (first-seen sequence number of the endpoint that currently owns it, pass).
+    ip_owner: HashMap<String, (u64, u64)>,
+    /// endpoint (`Pod/<ns>/<name>`) → (sequence number when first seen, last pass it was
+    /// seen in); an earlier sequence number wins a shared IP.
+    first_seen: HashMap<String, (u64, u64)>,
     seq: u64,
+    /// Export passes so far (marks the entries of the two maps above seen in a pass).
+    generation: u64,
 }
 
 impl Exporter {
@@ -184,6 +187,7 @@ impl Exporter {
             ip_owner: HashMap::new(),
             first_seen: HashMap::new(),
             seq: 0,
+            generation: 0,
         }
     }
 
@@ -298,92 +302,72 @@ impl Exporter {
             identities.insert(id, labels.to_kvstore_string());
         }
 
-        // Pods: identities and endpoints.
-        struct Ep {
-            owner: String,
-            pair: IpIdentityPair,
-            namespace: String,
+        // Pods: identities and endpoints. Pods of one workload share a label set: each
+        // distinct set is built and allocated once, not once per pod (with 10k pods the
+        // per-pod version spent most of its time cloning and hashing label strings).
+        let mut set_of: HashMap<LabelCacheKey, usize> = HashMap::new();
+        // (identity labels, namespace) per distinct set.
+        let mut sets: Vec<(String, &str)> = Vec::new();
+        let mut pods: Vec<(&str, &str, &objects::Pod, usize)> = Vec::with_capacity(snap.pods.len());
+        for ((ns, name), p) in &snap.pods {
+            if !pod_is_endpoint(p) {
+                continue;
+            }
+            let ck = (
+                p.metadata.ns(),
+                p.metadata.labels.as_ref(),
+                p.spec.service_account_name.as_deref(),
+            );
+            let set = *set_of.entry(ck).or_insert_with(|| {
+                sets.push((self.pod_identity_labels(snap, p), ns.as_str()));
+                sets.len() - 1
+            });
+            pods.push((ns.as_str(), name.as_str(), p.as_ref(), set));
         }
-        let mut endpoints: Vec<Ep> = Vec::new();
-        // Pods of one workload share a label set: build each label string once.
-        let mut label_cache: HashMap<LabelCacheKey, String> = HashMap::new();
-        let pod_labels: Vec<((String, String), String)> = snap
-            .pods
+        let in_use: HashSet<&str> = sets.iter().map(|(l, _)| l.as_str()).collect();
+        let set_ids: Vec<Result<u32, String>> = sets
             .iter()
-            .filter(|(_, p)| pod_is_endpoint(p))
-            .map(|(k, p)| {
-                let ck = (
-                    p.metadata.ns(),
-                    p.metadata.labels.as_ref(),
-                    p.spec.service_account_name.as_deref(),
-                );
-                let labels = label_cache
-                    .entry(ck)
-                    .or_insert_with(|| self.pod_identity_labels(snap, p))
-                    .clone();
-                (k.clone(), labels)
+            .map(|(labels, ns)| {
+                let id = self
+                    .allocator
+                    .allocate(labels, &taken, &in_use)
+                    .map_err(|e| e.to_string())?;
+                identities.insert(id, labels.clone());
+                identity_ns.insert(id, ns.to_string());
+                Ok(id)
             })
             .collect();
-        let in_use: HashSet<String> = pod_labels.iter().map(|(_, l)| l.clone()).collect();
-        let mut pod_identity: HashMap<(String, String), u32> = HashMap::new();
-        for (k, labels) in &pod_labels {
-            match self.allocator.allocate(labels, &taken, &in_use) {
-                Ok(id) => {
-                    identities.insert(id, labels.clone());
-                    identity_ns.insert(id, k.0.clone());
-                    pod_identity.insert(k.clone(), id);
+
+        let mut endpoints: Vec<Ep> = Vec::with_capacity(pods.len());
+        for &(ns, name, pod, set) in &pods {
+            let id = match &set_ids[set] {
+                Ok(id) => *id,
+                Err(e) => {
+                    problems.push(Problem {
+                        object: format!("Pod/{ns}/{name}"),
+                        message: e.clone(),
+                    });
+                    continue;
                 }
-                Err(e) => problems.push(Problem {
-                    object: format!("Pod/{}/{}", k.0, k.1),
-                    message: e.to_string(),
-                }),
-            }
-        }
-        for ((ns, name), pod) in &snap.pods {
-            let Some(id) = pod_identity.get(&(ns.clone(), name.clone())) else {
-                continue;
             };
             let host_ip = pod
                 .status
                 .host_ip
-                .clone()
+                .as_deref()
                 .filter(|s| !s.is_empty())
-                .or_else(|| node_ips.get(&pod.spec.node_name).cloned())
-                .unwrap_or_default();
-            let named_ports: Vec<NamedPort> = pod
-                .spec
-                .containers
-                .iter()
-                .flat_map(|c| c.ports.iter())
-                .filter_map(|p| {
-                    p.name.as_ref().map(|n| NamedPort {
-                        name: n.clone(),
-                        port: p.container_port,
-                        protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
-                    })
+                .or_else(|| {
+                    node_ips
+                        .get(pod.spec.node_name.as_str())
+                        .map(String::as_str)
                 })
-                .collect();
+                .unwrap_or_default();
             for ip in pod_ips(pod) {
                 endpoints.push(Ep {
-                    owner: format!("Pod/{ns}/{name}"),
-                    namespace: ns.clone(),
-                    pair: IpIdentityPair {
-                        ip,
-                        mask: None,
-                        host_ip: host_ip.clone(),
-                        id: *id,
-                        key: 0,
-                        metadata: String::new(),
-                        k8s_namespace: ns.clone(),
-                        k8s_pod_name: name.clone(),
-                        k8s_pod_uid: pod.metadata.uid.clone().unwrap_or_default(),
-                        k8s_service_account: pod
-                            .spec
-                            .service_account_name
-                            .clone()
-                            .unwrap_or_else(|| "default".into()),
-                        named_ports: named_ports.clone(),
-                    },
+                    kind: "Pod",
+                    ns,
+                    name,
+                    ip,
+                    src: EpSrc::Pod { pod, id, host_ip },
                 });
             }
         }
@@ -422,9 +406,11 @@ impl Exporter {
                         continue;
                     }
                     endpoints.push(Ep {
-                        owner: format!("CiliumEndpoint/{ns}/{name}"),
-                        namespace: ns.clone(),
-                        pair: IpIdentityPair {
+                        kind: "CiliumEndpoint",
+                        ns,
+                        name,
+                        ip,
+                        src: EpSrc::Pair(Box::new(IpIdentityPair {
                             ip: ip.clone(),
                             mask: None,
                             host_ip: net.node.clone(),
@@ -436,50 +422,70 @@ impl Exporter {
                             k8s_pod_uid: pod_uid.clone(),
                             k8s_service_account: st.service_account.clone().unwrap_or_default(),
                             named_ports: named_ports.clone(),
-                        },
+                        })),
                     });
                 }
             }
         }
 
         // Shared IPs: the current owner keeps an IP while it still claims it; otherwise the
-        // endpoint seen first wins.
-        let mut claims: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-        let live: HashSet<&str> = endpoints.iter().map(|e| e.owner.as_str()).collect();
-        self.first_seen.retain(|k, _| live.contains(k.as_str()));
-        for (i, e) in endpoints.iter().enumerate() {
-            if !self.first_seen.contains_key(&e.owner) {
-                self.seq += 1;
-                self.first_seen.insert(e.owner.clone(), self.seq);
-            }
-            claims.entry(e.pair.ip.clone()).or_default().push(i);
-        }
-        let mut owners = HashMap::new();
+        // endpoint seen first wins. Owners are remembered by the sequence number they got when
+        // first seen; entries not touched in this pass (this `generation`) are forgotten.
+        self.generation += 1;
+        let generation = self.generation;
+        let mut owner = String::new();
+        let seqs: Vec<u64> = endpoints
+            .iter()
+            .map(|e| {
+                owner.clear();
+                owner.push_str(e.kind);
+                owner.push('/');
+                owner.push_str(e.ns);
+                owner.push('/');
+                owner.push_str(e.name);
+                match self.first_seen.get_mut(owner.as_str()) {
+                    Some(seen) => {
+                        seen.1 = generation;
+                        seen.0
+                    }
+                    None => {
+                        self.seq += 1;
+                        self.first_seen
+                            .insert(owner.clone(), (self.seq, generation));
+                        self.seq
+                    }
+                }
+            })
+            .collect();
+        self.first_seen.retain(|_, seen| seen.1 == generation);
+        // Claims grouped by IP; the stable sort keeps each group in input order.
+        let mut order: Vec<usize> = (0..endpoints.len()).collect();
+        order.sort_by(|a, b| endpoints[*a].ip.cmp(endpoints[*b].ip));
         let ip_out = desired.entry(Store::Ip).or_default();
-        for (ip, idx) in &claims {
-            let current = self.ip_owner.get(ip);
-            let chosen = idx
+        for group in order.chunk_by(|a, b| endpoints[*a].ip == endpoints[*b].ip) {
+            let ip = endpoints[group[0]].ip;
+            let current = self.ip_owner.get(ip).map(|o| o.0);
+            let chosen = group
                 .iter()
                 .copied()
-                .find(|i| Some(&endpoints[*i].owner) == current)
-                .unwrap_or_else(|| {
-                    *idx.iter()
-                        .min_by_key(|i| {
-                            self.first_seen
-                                .get(&endpoints[**i].owner)
-                                .copied()
-                                .unwrap_or(u64::MAX)
-                        })
-                        .unwrap_or(&idx[0])
-                });
+                .find(|i| Some(seqs[*i]) == current)
+                .or_else(|| group.iter().copied().min_by_key(|i| seqs[*i]))
+                .unwrap_or(group[0]);
+            match self.ip_owner.get_mut(ip) {
+                Some(o) => *o = (seqs[chosen], generation),
+                None => {
+                    self.ip_owner
+                        .insert(ip.to_string(), (seqs[chosen], generation));
+                }
+            }
             let e = &endpoints[chosen];
-            owners.insert(ip.clone(), e.owner.clone());
-            if !self.namespace_global(snap, &e.namespace) {
+            if !self.namespace_global(snap, e.ns) {
                 continue;
             }
-            ip_out.insert(kvstore::ip_key(&e.pair.prefix_string()), e.pair.encode());
+            let pair = e.pair();
+            ip_out.insert(kvstore::ip_key(&pair.prefix_string()), pair.encode());
         }
-        self.ip_owner = owners;
+        self.ip_owner.retain(|_, o| o.1 == generation);
 
         let id_out = desired.entry(Store::Identities).or_default();
         for (id, labels) in &identities {
@@ -797,7 +803,7 @@ impl Exporter {
             frontend_ports.insert(
                 p.name.clone().unwrap_or_default(),
                 L4Addr {
-                    protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                    protocol: p.protocol.as_deref().unwrap_or("TCP").into(),
                     port: p.port,
                 },
             );
@@ -843,7 +849,7 @@ impl Exporter {
                         ports.insert(
                             p.name.clone().unwrap_or_default(),
                             L4Addr {
-                                protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                                protocol: p.protocol.as_deref().unwrap_or("TCP").into(),
                                 port,
                             },
                         );
@@ -916,14 +922,14 @@ impl Exporter {
                         ports.insert(
                             p.name.clone().unwrap_or_default(),
                             L4Addr {
-                                protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                                protocol: p.protocol.as_deref().unwrap_or("TCP").into(),
                                 port,
                             },
                         );
                     }
                 }
                 for ip in pod_ips(pod) {
-                    backends.insert(ip, ports.clone());
+                    backends.insert(ip.into(), ports.clone());
                 }
             }
         }
@@ -932,8 +938,8 @@ impl Exporter {
             cluster: self.opts.cluster.name.as_str().into(),
             namespace: ns.into(),
             name: name.into(),
-            frontends,
-            backends,
+            frontends: frontends.into_iter().collect(),
+            backends: backends.into_iter().collect(),
             hostnames,
             zones,
             labels: svc.metadata.labels(),
@@ -978,7 +984,7 @@ fn pod_is_endpoint(pod: &objects::Pod) -> bool {
             pod.status.phase.as_deref(),
             Some("Succeeded") | Some("Failed")
         )
-        && !pod_ips(pod).is_empty()
+        && pod_ips(pod).next().is_some()
 }
 
 fn pod_ready(pod: &objects::Pod) -> bool {
@@ -991,21 +997,72 @@ fn pod_ready(pod: &objects::Pod) -> bool {
         .unwrap_or(true)
 }
 
-fn pod_ips(pod: &objects::Pod) -> Vec<String> {
-    let mut ips: Vec<String> = pod
-        .status
-        .pod_ips
+/// The pod's IPs (`podIPs`, or `podIP` when that list is empty), valid addresses only.
+fn pod_ips(pod: &objects::Pod) -> impl Iterator<Item = &str> {
+    let listed = pod.status.pod_ips.as_deref().unwrap_or_default();
+    let fallback = pod.status.pod_ip.as_deref().filter(|_| listed.is_empty());
+    listed
         .iter()
-        .flatten()
-        .map(|p| p.ip.clone())
-        .collect();
-    if ips.is_empty() {
-        if let Some(ip) = &pod.status.pod_ip {
-            ips.push(ip.clone());
+        .map(|p| p.ip.as_str())
+        .chain(fallback)
+        .filter(|ip| ip.parse::<IpAddr>().is_ok())
+}
+
+/// One endpoint's claim on an IP (borrowing from the snapshot; the ipcache value is built
+/// only for the claim that wins).
+struct Ep<'a> {
+    /// `Pod` or `CiliumEndpoint`.
+    kind: &'static str,
+    ns: &'a str,
+    name: &'a str,
+    ip: &'a str,
+    src: EpSrc<'a>,
+}
+
+enum EpSrc<'a> {
+    Pod {
+        pod: &'a objects::Pod,
+        id: u32,
+        host_ip: &'a str,
+    },
+    Pair(Box<IpIdentityPair>),
+}
+
+impl Ep<'_> {
+    fn pair(&self) -> IpIdentityPair {
+        match &self.src {
+            EpSrc::Pair(p) => (**p).clone(),
+            EpSrc::Pod { pod, id, host_ip } => IpIdentityPair {
+                ip: self.ip.to_string(),
+                mask: None,
+                host_ip: host_ip.to_string(),
+                id: *id,
+                key: 0,
+                metadata: String::new(),
+                k8s_namespace: self.ns.to_string(),
+                k8s_pod_name: self.name.to_string(),
+                k8s_pod_uid: pod.metadata.uid.clone().unwrap_or_default(),
+                k8s_service_account: pod
+                    .spec
+                    .service_account_name
+                    .clone()
+                    .unwrap_or_else(|| "default".into()),
+                named_ports: pod
+                    .spec
+                    .containers
+                    .iter()
+                    .flat_map(|c| c.ports.iter())
+                    .filter_map(|p| {
+                        p.name.as_ref().map(|n| NamedPort {
+                            name: n.clone(),
+                            port: p.container_port,
+                            protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                        })
+                    })
+                    .collect(),
+            },
         }
     }
-    ips.retain(|ip| ip.parse::<IpAddr>().is_ok());
-    ips
 }
 
 fn split_cidrs<'a>(

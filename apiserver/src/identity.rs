@@ -111,7 +111,7 @@ impl Allocator {
         &mut self,
         labels: &str,
         taken: &HashSet<u32>,
-        in_use: &HashSet<String>,
+        in_use: &HashSet<&str>,
     ) -> Result<u32, Error> {
         if let Some(id) = self.by_labels.get(labels) {
             if !taken.contains(id) {
@@ -133,7 +133,7 @@ impl Allocator {
         let victim = self
             .by_id
             .iter()
-            .find(|(id, l)| !in_use.contains(*l) && !taken.contains(id))
+            .find(|(id, l)| !in_use.contains(l.as_str()) && !taken.contains(id))
             .map(|(id, l)| (*id, l.clone()));
         match victim {
             Some((id, old)) => {
@@ -246,7 +246,7 @@ mod tests {
         let mut a = Allocator::new(r, None).unwrap();
         let mut in_use = HashSet::new();
         for l in ["a", "b", "c"] {
-            in_use.insert(l.to_string());
+            in_use.insert(l);
         }
         for l in ["a", "b", "c"] {
             let id = a.allocate(l, &HashSet::new(), &in_use).unwrap();

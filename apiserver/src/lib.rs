@@ -294,14 +294,8 @@ async fn export_loop(
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     let mut seeded = false;
     let mut bootstrapped = false;
-    // Wait for the first scan of the source.
-    while src.borrow().generation == 0 {
-        tokio::select! {
-            _ = cancel.cancelled() => return Ok(()),
-            r = src.changed() => if r.is_err() { return Ok(()) },
-        }
-    }
-    let source_ready = ctx.started.elapsed();
+    // When the source's first scan was seen (the etcd session set-up overlaps with it).
+    let mut source_ready: Option<Duration> = None;
     let mut etcd_up = ctx.etcd_up.clone();
     loop {
         if cancel.is_cancelled() {
@@ -335,7 +329,7 @@ async fn export_loop(
         };
         let session = cancel.child_token();
         let res = session_loop(
-            source_ready,
+            &mut source_ready,
             &ctx,
             &mut exporter,
             &mut src,
@@ -365,7 +359,7 @@ async fn export_loop(
 
 #[allow(clippy::too_many_arguments)]
 async fn session_loop(
-    source_ready: Duration,
+    source_ready: &mut Option<Duration>,
     ctx: &ExportCtx,
     exporter: &mut Exporter,
     src: &mut watch::Receiver<Published>,
@@ -385,12 +379,11 @@ async fn session_loop(
     tasks.spawn(keepalive.instrument(info_span!("leases")));
 
     // Reconcile with what is already there instead of rewriting it.
-    for store in Store::ALL {
-        w.adopt(&store.prefix(&cluster)).await?;
-        w.adopt_key(&store.synced_key(&cluster)).await?;
-    }
-    w.adopt_key(&kvstore::cluster_config_key(&cluster)).await?;
-    w.adopt_key(kvstore::HEARTBEAT_KEY).await?;
+    let prefixes: Vec<String> = Store::ALL.iter().map(|s| s.prefix(&cluster)).collect();
+    let mut keys: Vec<String> = Store::ALL.iter().map(|s| s.synced_key(&cluster)).collect();
+    keys.push(kvstore::cluster_config_key(&cluster));
+    keys.push(kvstore::HEARTBEAT_KEY.to_string());
+    w.adopt_all(&prefixes, &keys).await?;
     if !*seeded {
         // Identities already in etcd keep their numbers.
         let (kvs, _) =
@@ -419,6 +412,16 @@ async fn session_loop(
         format_rfc3339(std::time::SystemTime::now()).into_bytes(),
     )
     .await?;
+    // Connecting and adopting above overlapped with the source's first scan (parsing
+    // manifests takes tens of milliseconds for 10k pods); the export needs it from here on.
+    let etcd_setup = ctx.started.elapsed();
+    while src.borrow().generation == 0 {
+        tokio::select! {
+            _ = session.cancelled() => return Ok(()),
+            r = src.changed() => if r.is_err() { return Ok(()) },
+        }
+    }
+    let source_ready = *source_ready.get_or_insert_with(|| ctx.started.elapsed());
     let lease_lost = w.lease_lost();
     let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
     heartbeat.tick().await;
@@ -457,12 +460,13 @@ async fn session_loop(
                 .into_iter()
                 .map(|(i, s)| (prefixes[i].as_str(), desired.get(&s).unwrap_or(&empty)))
                 .collect();
-            let (res, (services, more, took)) = tokio::join!(w.sync_prefixes(&batch_a), async {
-                let t = Instant::now();
-                let (d, p) = exporter.compute_services(&snapshot);
-                (d, p, t.elapsed())
-            });
-            services_compute = took;
+            // The endpoint stores' transactions run in a task of their own while the
+            // service stores are computed here.
+            let pending = w.begin_sync(&batch_a).await?;
+            let ts = Instant::now();
+            let (services, more) = exporter.compute_services(&snapshot);
+            services_compute = ts.elapsed();
+            let res = w.finish(pending).await;
             desired.extend(services);
             problems.extend(more);
             res?
@@ -548,6 +552,7 @@ async fn session_loop(
                 .set(secs);
             info!(
                 seconds = secs,
+                etcd_setup = etcd_setup.as_secs_f64(),
                 source_read = source_ready.as_secs_f64(),
                 compute = computed.as_secs_f64(),
                 services_compute_overlapped = services_compute.as_secs_f64(),

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{Client, PutOptions, Txn, TxnOp};
 use tokio::sync::{mpsc, Notify};
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -180,31 +180,33 @@ impl Writer {
     /// Like [`Writer::adopt`] for one exact key.
     pub async fn adopt_key(&mut self, key: &str) -> Result<bool> {
         let (kvs, _) = crate::list::list_prefix(&self.client, key).await?;
-        let Some(kv) = kvs.into_iter().find(|kv| kv.key == key) else {
-            return Ok(false);
-        };
-        let alive = kv.lease != 0
-            && self
-                .client
-                .lease_client()
-                .time_to_live(kv.lease, None)
-                .await
-                .map(|r| r.ttl() > 0)
-                .unwrap_or(false);
-        if alive {
-            if !self.leases.counts.contains_key(&kv.lease) {
-                let _ = self.register.send(kv.lease);
-            }
-            *self.leases.counts.entry(kv.lease).or_insert(0) += 1;
+        let exact: Vec<_> = kvs.into_iter().filter(|kv| kv.key == key).collect();
+        Ok(self.adopt_listed(exact).await > 0)
+    }
+
+    /// [`Writer::adopt`] for several prefixes and [`Writer::adopt_key`] for several exact
+    /// keys, with every list request in flight at once (a restart adopts a dozen prefixes
+    /// and keys; one round trip after the other added up). Returns the keys adopted.
+    pub async fn adopt_all(&mut self, prefixes: &[String], keys: &[String]) -> Result<usize> {
+        let mut set = JoinSet::new();
+        for (i, p) in prefixes.iter().chain(keys).enumerate() {
+            let (client, p) = (self.client.clone(), p.clone());
+            set.spawn(async move { (i, crate::list::list_prefix(&client, &p).await) });
         }
-        self.known.insert(
-            kv.key,
-            Known {
-                value: kv.value,
-                lease: if alive { kv.lease } else { 0 },
-            },
-        );
-        Ok(true)
+        let mut lists: Vec<Vec<crate::list::Kv>> = vec![Vec::new(); prefixes.len() + keys.len()];
+        while let Some(joined) = set.join_next().await {
+            let (i, listed) = joined.map_err(|e| Error::Internal(e.to_string()))?;
+            lists[i] = listed?.0;
+        }
+        let mut adopted = 0;
+        for (i, kvs) in lists.into_iter().enumerate() {
+            let kvs = match i.checked_sub(prefixes.len()) {
+                Some(k) => kvs.into_iter().filter(|kv| kv.key == keys[k]).collect(),
+                None => kvs,
+            };
+            adopted += self.adopt_listed(kvs).await;
+        }
+        Ok(adopted)
     }
 
     /// Number of leases in use.
@@ -216,6 +218,14 @@ impl Writer {
     /// difference. Keys whose lease is still alive keep it (and it is kept alive from now on).
     pub async fn adopt(&mut self, prefix: &str) -> Result<usize> {
         let (kvs, _rev) = crate::list::list_prefix(&self.client, prefix).await?;
+        let adopted = self.adopt_listed(kvs).await;
+        debug!(prefix, adopted, "adopted existing keys");
+        Ok(adopted)
+    }
+
+    /// Takes listed keys as known; a key whose lease is still alive keeps it (asked once per
+    /// lease), any other key is re-written with a lease by the next sync.
+    async fn adopt_listed(&mut self, kvs: Vec<crate::list::Kv>) -> usize {
         let mut alive: HashMap<i64, bool> = HashMap::new();
         let mut adopted = 0;
         for kv in kvs {
@@ -252,13 +262,7 @@ impl Writer {
             );
             adopted += 1;
         }
-        debug!(
-            prefix,
-            adopted,
-            leases = alive.len(),
-            "adopted existing keys"
-        );
-        Ok(adopted)
+        adopted
     }
 
     fn drain_lost(&mut self) {
@@ -353,6 +357,19 @@ impl Writer {
         &mut self,
         stores: &[(&str, &BTreeMap<String, Vec<u8>>)],
     ) -> Result<Vec<Stats>> {
+        let pending = self.begin_sync(stores).await?;
+        self.finish(pending).await
+    }
+
+    /// The first half of [`Writer::sync_prefixes`]: diffs, assigns leases and starts the
+    /// transactions in a task of their own, then returns at once. The caller may compute
+    /// the next batch while etcd works, then must call [`Writer::finish`] before any other
+    /// write. (Computing inside a `join!` next to the sync is not the same: the sync's future
+    /// is then not polled while the computation runs, so no new transaction starts.)
+    pub async fn begin_sync(
+        &mut self,
+        stores: &[(&str, &BTreeMap<String, Vec<u8>>)],
+    ) -> Result<PendingSync> {
         self.drain_lost();
         let mut all_stats = vec![Stats::default(); stores.len()];
         let mut puts: Vec<(String, Vec<u8>)> = Vec::new();
@@ -379,9 +396,23 @@ impl Writer {
             }
         }
         let scope = stores.first().map(|(p, _)| *p).unwrap_or("");
+        let batches = self.prepare(puts, deletes).await?;
+        Ok(PendingSync {
+            task: self.spawn_pipeline(scope, batches),
+            stats: all_stats,
+        })
+    }
+
+    /// Waits for the transactions of [`Writer::begin_sync`] and records what they wrote.
+    /// Returns the stats per prefix, or the first error (keys of failed transactions are
+    /// written again by the next sync).
+    pub async fn finish(&mut self, mut pending: PendingSync) -> Result<Vec<Stats>> {
+        let done = (&mut pending.task)
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?;
         let mut total = Stats::default();
-        self.apply(scope, puts, deletes, &mut total).await?;
-        Ok(all_stats)
+        self.record(done, &mut total)?;
+        Ok(std::mem::take(&mut pending.stats))
     }
 
     /// Writes several single keys (leased) in one pipeline, skipping those already current.
@@ -477,16 +508,21 @@ impl Writer {
         if puts.is_empty() && deletes.is_empty() {
             return Ok(());
         }
-        let scope = scope_of(scope_key);
-        let metrics = self.metrics.clone();
-        let queue_labels = ScopeLabels {
-            scope: scope.clone(),
-        };
-        let set_queue = |n: i64| metrics.sync_queue_size.get_or_create(&queue_labels).set(n);
-        let mut remaining = (puts.len() + deletes.len()) as i64;
-        set_queue(remaining);
+        let batches = self.prepare(puts, deletes).await?;
+        let done = self
+            .spawn_pipeline(scope_key, batches)
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        self.record(done, stats)
+    }
 
-        // Grant the leases this batch will need concurrently, then assign them.
+    /// Assigns a lease to every put (granting the leases a large batch needs concurrently)
+    /// and cuts the operations into transactions.
+    async fn prepare(
+        &mut self,
+        puts: Vec<(String, Vec<u8>)>,
+        deletes: Vec<String>,
+    ) -> Result<Vec<Vec<Op>>> {
         let needs_lease = puts
             .iter()
             .filter(|(k, _)| {
@@ -560,33 +596,72 @@ impl Writer {
         if !cur.is_empty() {
             batches.push(cur);
         }
+        Ok(batches)
+    }
 
-        let mut pending = batches.into_iter();
-        let mut set: JoinSet<(
-            Vec<Op>,
-            std::result::Result<(), etcd_client::Error>,
-            Duration,
-        )> = JoinSet::new();
-        let mut first_err: Option<Error> = None;
-        loop {
-            while set.len() < self.cfg.in_flight {
-                let Some(batch) = pending.next() else { break };
-                let mut kv = self.client.kv_client();
-                set.spawn(async move {
-                    let started = Instant::now();
-                    let txn_ops: Vec<TxnOp> = batch.iter().map(Op::to_txn_op).collect();
-                    let res = kv.txn(Txn::new().and_then(txn_ops)).await.map(|_| ());
-                    (batch, res, started.elapsed())
-                });
-            }
-            let Some(joined) = set.join_next().await else {
-                break;
+    /// Sends the transactions, [`Config::in_flight`] at a time, from a task of its own (so
+    /// they keep flowing while the caller computes); yields every transaction with its result.
+    fn spawn_pipeline(&self, scope_key: &str, batches: Vec<Vec<Op>>) -> JoinHandle<Vec<Done>> {
+        let scope = scope_of(scope_key);
+        let metrics = self.metrics.clone();
+        let client = self.client.clone();
+        let in_flight = self.cfg.in_flight;
+        tokio::spawn(async move {
+            let queue_labels = ScopeLabels {
+                scope: scope.clone(),
             };
-            let (batch, res, took) = joined.map_err(|e| Error::Internal(e.to_string()))?;
-            self.metrics.observe("txn", &scope, res.is_ok(), took);
+            let set_queue = |n: i64| metrics.sync_queue_size.get_or_create(&queue_labels).set(n);
+            let mut remaining: i64 = batches.iter().map(|b| b.len() as i64).sum();
+            set_queue(remaining);
+            let mut done = Vec::with_capacity(batches.len());
+            let mut pending = batches.into_iter();
+            let mut set: JoinSet<Done> = JoinSet::new();
+            loop {
+                while set.len() < in_flight {
+                    let Some(batch) = pending.next() else { break };
+                    let mut kv = client.kv_client();
+                    set.spawn(async move {
+                        let started = Instant::now();
+                        let txn_ops: Vec<TxnOp> = batch.iter().map(Op::to_txn_op).collect();
+                        let res = kv.txn(Txn::new().and_then(txn_ops)).await.map(|_| ());
+                        (batch, res, started.elapsed())
+                    });
+                }
+                let Some(joined) = set.join_next().await else {
+                    break;
+                };
+                match joined {
+                    Ok(d) => {
+                        metrics.observe("txn", &scope, d.1.is_ok(), d.2);
+                        if d.1.is_err() {
+                            metrics
+                                .sync_errors
+                                .get_or_create(&ScopeLabels {
+                                    scope: scope.clone(),
+                                })
+                                .inc();
+                        }
+                        remaining -= d.0.len() as i64;
+                        set_queue(remaining);
+                        done.push(d);
+                    }
+                    // A transaction task cannot panic short of a bug in the client; its
+                    // keys stay unknown and are written again by the next sync.
+                    Err(e) => warn!(error = %e, "etcd transaction task failed"),
+                }
+            }
+            set_queue(0);
+            done
+        })
+    }
+
+    /// Records the outcome of sent transactions: written keys become known (their old
+    /// lease released), failed new keys give their lease slot back.
+    fn record(&mut self, done: Vec<Done>, stats: &mut Stats) -> Result<()> {
+        let mut first_err: Option<Error> = None;
+        for (batch, res, _) in done {
             match res {
                 Ok(()) => {
-                    let done = batch.len();
                     for op in batch {
                         match op {
                             Op::Put { key, value, lease } => {
@@ -605,16 +680,8 @@ impl Writer {
                             }
                         }
                     }
-                    remaining -= done as i64;
-                    set_queue(remaining);
                 }
                 Err(source) => {
-                    self.metrics
-                        .sync_errors
-                        .get_or_create(&ScopeLabels {
-                            scope: scope.clone(),
-                        })
-                        .inc();
                     // New keys that failed still count against their lease: undo that.
                     for op in &batch {
                         if let Op::Put { key, lease, .. } = op {
@@ -636,11 +703,39 @@ impl Writer {
                 }
             }
         }
-        set_queue(0);
         match first_err {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+}
+
+/// A transaction sent: its operations, the result, and how long it took.
+type Done = (
+    Vec<Op>,
+    std::result::Result<(), etcd_client::Error>,
+    Duration,
+);
+
+/// Transactions started by [`Writer::begin_sync`]; hand it to [`Writer::finish`]. Dropped
+/// unfinished (the session ended), its remaining transactions are abandoned.
+#[must_use = "a started sync must be finished with Writer::finish"]
+pub struct PendingSync {
+    task: JoinHandle<Vec<Done>>,
+    stats: Vec<Stats>,
+}
+
+impl Drop for PendingSync {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl std::fmt::Debug for PendingSync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingSync")
+            .field("stores", &self.stats.len())
+            .finish()
     }
 }
 

@@ -62,7 +62,9 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
 }
 
 /// Reads and exports the manifests in-process, without etcd, to show where CPU time goes.
-fn in_process(manifests: &std::path::Path) -> anyhow::Result<(Duration, Duration, usize)> {
+fn in_process(
+    manifests: &std::path::Path,
+) -> anyhow::Result<(Duration, Duration, Duration, usize)> {
     use clustermesh_apiserver::export::{Exporter, Options};
     use clustermesh_apiserver::identity::Allocator;
     use clustermesh_apiserver::source::manifests::ManifestDir;
@@ -86,9 +88,18 @@ fn in_process(manifests: &std::path::Path) -> anyhow::Result<(Duration, Duration
         Allocator::new(cluster.identity_range(), None)?,
     );
     let t = Instant::now();
-    let (desired, _) = ex.compute(&snap);
-    let compute = t.elapsed();
-    Ok((read, compute, desired.values().map(|m| m.len()).sum()))
+    let (mut desired, _) = ex.compute_endpoints(&snap);
+    let endpoints = t.elapsed();
+    let t = Instant::now();
+    let (services, _) = ex.compute_services(&snap);
+    let services_took = t.elapsed();
+    desired.extend(services);
+    Ok((
+        read,
+        endpoints,
+        services_took,
+        desired.values().map(|m| m.len()).sum(),
+    ))
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -125,11 +136,12 @@ async fn main() -> anyhow::Result<()> {
     }
     if std::env::args().any(|a| a == "--in-process") {
         for _ in 0..3 {
-            let (read, compute, keys) = in_process(&manifests)?;
+            let (read, endpoints, services, keys) = in_process(&manifests)?;
             println!(
-                "in-process: read+parse {:.0} ms, compute {:.0} ms, {keys} keys",
+                "in-process: read+parse {:.1} ms, compute endpoints {:.1} ms, services {:.1} ms, {keys} keys",
                 read.as_secs_f64() * 1e3,
-                compute.as_secs_f64() * 1e3
+                endpoints.as_secs_f64() * 1e3,
+                services.as_secs_f64() * 1e3,
             );
         }
         return Ok(());
