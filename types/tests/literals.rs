@@ -132,7 +132,7 @@ fn service_optional_maps_and_validation() {
     assert_eq!(ClusterService::decode(text.as_bytes()).unwrap(), s);
 
     let mut bad = s.clone();
-    bad.backends.insert("not-an-ip".into(), Default::default());
+    bad.backends.insert("not-an-ip", Default::default());
     assert!(bad
         .validate()
         .unwrap_err()

@@ -281,8 +281,8 @@ impl Merger {
                 for (port_name, l4) in ports.iter() {
                     frontends.push(Frontend {
                         ip,
-                        port_name: port_name.clone(),
-                        protocol: l4.protocol.clone(),
+                        port_name: port_name.to_string(),
+                        protocol: l4.protocol.to_string(),
                         port: l4.port,
                     });
                 }
@@ -298,7 +298,7 @@ impl Merger {
                         ip: ip.parse().ok()?,
                         ports: ports
                             .iter()
-                            .map(|(n, a)| (n.clone(), (a.protocol.clone(), a.port)))
+                            .map(|(n, a)| (n.to_string(), (a.protocol.to_string(), a.port)))
                             .collect(),
                         cluster_id,
                         local,

@@ -22,7 +22,9 @@ pub use cidr::Cidr;
 pub use cluster_config::{Capabilities, ClusterConfig};
 pub use ipcache::{IpIdentityPair, NamedPort};
 pub use node::{Node, NodeAddress};
-pub use service::{BackendZone, ClusterService, ForZone, L4Addr, PortConfiguration};
+pub use service::{
+    AddrMap, BackendZone, ClusterService, ForZone, L4Addr, PortConfiguration, SmolStr,
+};
 pub use service_export::{ClientIpConfig, ServiceExport, ServiceExportPort, SessionAffinityConfig};
 pub use time::{format_rfc3339, parse_rfc3339};
 
@@ -40,17 +42,25 @@ pub trait Value: Sized {
 
 /// Implements `decode`/`encode` and [`Value`] for a serde type. `$check` runs
 /// after JSON decoding for rules serde cannot express.
+///
+/// `fast` (optional) is a decoder for the common shape of the value that returns `None`
+/// for anything it does not handle; serde then decodes, and stays the reference.
 macro_rules! json_value {
-    ($t:ident, $check:expr) => {
+    (@impl $t:ident, $check:expr, $fast:expr) => {
         impl $t {
             /// Decodes a kvstore value (JSON). Never panics; unknown fields are
             /// ignored and missing fields take their zero value.
             pub fn decode(bytes: &[u8]) -> $crate::Result<Self> {
-                let value: Self =
-                    serde_json::from_slice(bytes).map_err(|source| $crate::Error::Decode {
-                        kind: stringify!($t),
-                        source,
-                    })?;
+                #[allow(clippy::redundant_closure_call)]
+                let value: Self = match ($fast)(bytes) {
+                    Some(v) => v,
+                    None => serde_json::from_slice(bytes).map_err(|source| {
+                        $crate::Error::Decode {
+                            kind: stringify!($t),
+                            source,
+                        }
+                    })?,
+                };
                 #[allow(clippy::redundant_closure_call)]
                 ($check)(value, bytes)
             }
@@ -73,6 +83,12 @@ macro_rules! json_value {
                 $t::encode(self)
             }
         }
+    };
+    ($t:ident, fast: $fast:path) => {
+        json_value!(@impl $t, |v, _| Ok(v), |bytes| $fast(bytes));
+    };
+    ($t:ident, $check:expr) => {
+        json_value!(@impl $t, $check, |_| None);
     };
     ($t:ident) => {
         json_value!($t, |v, _| Ok(v));
