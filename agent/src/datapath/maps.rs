@@ -131,8 +131,29 @@ impl Ipcache {
         Ok(deleted)
     }
 
-    /// Every element (walks the trie; for start-up adoption and status).
+    /// Every element (walks the trie; for start-up adoption and status): batched lookups,
+    /// a few syscalls per 16k elements instead of two per element, unless the kernel
+    /// refuses them.
     pub fn entries(&self) -> Result<Vec<IpcacheEntry>> {
+        if self.batch {
+            let fd = self.map.map().fd().as_fd();
+            let mut keys = vec![IpcacheLpmKey::default(); BATCH];
+            let mut values = vec![IpcacheValue::default(); BATCH];
+            let mut cursor = None;
+            let mut out = Vec::new();
+            loop {
+                match batch::lookup(fd, &mut cursor, &mut keys, &mut values) {
+                    Ok((n, end)) => {
+                        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+                        if end {
+                            return Ok(out);
+                        }
+                    }
+                    Err(e) if e.unsupported() && out.is_empty() => break,
+                    Err(e) => return Err(batch_err(map::IPCACHE, "lookup batch", e)),
+                }
+            }
+        }
         let mut out = Vec::new();
         for key in self.map.keys() {
             let key = key.map_err(map_err(map::IPCACHE, "iterate"))?;
