@@ -20,6 +20,19 @@
 //! synced. A veth that does not exist yet leaves its pod waiting; [`Reconciler::sync_pods`]
 //! is called again when the interface list changes.
 //!
+//! **Why it is fast** (250k entries must reconcile at ≥ 500k/s including the kernel's
+//! share, see `bench-maps`): desired and applied state live together in one slab of
+//! slots (`Vec`, in order of arrival) behind a small `prefix → index` table, so an
+//! entry costs one hash lookup when it arrives and none when it is flushed: the dirty list
+//! holds slab indices (each once, by a flag in the slot, so no sort or dedup) and the plan
+//! walks the slab in the order it was filled, writing keys and values straight into the
+//! arrays the batch syscall takes. The table's hash folds a 128-bit product, because plain
+//! FxHash put 250k consecutive pod IPs into 128 buckets. Clusters are interned to small
+//! IDs (no `Arc` clone or string compare per claim), IP strings take a strict fast parser,
+//! and only prefixes that have or had a local pod are passed on to the pod bookkeeping.
+//! Start-up reads the pinned map with `BPF_MAP_LOOKUP_BATCH` instead of two syscalls per
+//! element.
+//!
 //! It must not read etcd or change interfaces beyond attaching programs.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -207,14 +220,26 @@ pub fn claim(
     cluster: &str,
     pair: &IpIdentityPair,
 ) -> Option<(Prefix, Claim)> {
-    let addr: Ipv4Addr = pair.ip.parse().ok()?;
+    claim_of(cluster == local, node_ip, pair)
+}
+
+/// [`claim`] with the cluster comparison already made.
+fn claim_of(
+    is_local_cluster: bool,
+    node_ip: Ipv4Addr,
+    pair: &IpIdentityPair,
+) -> Option<(Prefix, Claim)> {
+    let addr = parse_v4(&pair.ip)?;
     let bits = pair.prefix_len().unwrap_or(32);
     if bits > 32 {
         return None;
     }
     let prefix = Prefix { addr, bits };
-    let host: Option<Ipv4Addr> = pair.host_ip.parse().ok();
-    let is_local_cluster = cluster == local;
+    let host = if pair.host_ip.is_empty() {
+        None
+    } else {
+        parse_v4(&pair.host_ip)
+    };
     let claim = match host {
         Some(h) if h == node_ip && is_local_cluster => Claim {
             value: IpcacheValue {
@@ -255,9 +280,41 @@ pub fn claim(
     Some((prefix, claim))
 }
 
-/// FxHash (rustc's hasher): the maps here are keyed by prefixes and etcd keys that the
-/// readers already validated, so HashDoS resistance buys nothing and SipHash would cost a
-/// third of a 250k-entry resync.
+/// `s.parse::<Ipv4Addr>()`, with a fast path for the canonical dotted quad (what the
+/// readers pass on): 1–3 digits per octet, no leading zero, at most 255. Anything else goes
+/// to the standard parser, so the two accept exactly the same strings.
+fn parse_v4(s: &str) -> Option<Ipv4Addr> {
+    let b = s.as_bytes();
+    let mut octets = [0u8; 4];
+    let mut i = 0;
+    for (n, octet) in octets.iter_mut().enumerate() {
+        if n > 0 {
+            if b.get(i) != Some(&b'.') {
+                return s.parse().ok();
+            }
+            i += 1;
+        }
+        let start = i;
+        let mut v = 0u32;
+        while i < b.len() && i - start < 3 && b[i].is_ascii_digit() {
+            v = v * 10 + u32::from(b[i] - b'0');
+            i += 1;
+        }
+        let len = i - start;
+        if len == 0 || v > 255 || (len > 1 && b[start] == b'0') {
+            return s.parse().ok();
+        }
+        *octet = v as u8;
+    }
+    if i != b.len() {
+        return s.parse().ok();
+    }
+    Some(Ipv4Addr::from(octets))
+}
+
+/// FxHash (rustc's hasher) with a folding finish: the maps here are keyed by prefixes and
+/// cluster names that the readers already validated, so HashDoS resistance buys nothing and
+/// SipHash would cost a third of a 250k-entry resync.
 #[derive(Default, Clone, Copy)]
 pub struct FxHasher(u64);
 
@@ -308,37 +365,60 @@ impl FxHasher {
 type Fx = std::hash::BuildHasherDefault<FxHasher>;
 type FxMap<K, V> = HashMap<K, V, Fx>;
 
+/// A cluster name, interned by [`Desired`] (index into its `clusters`).
+type ClusterId = u32;
+
 /// The claims on one prefix: almost always exactly one cluster's.
 #[derive(Debug)]
 enum Claims {
-    One(Arc<str>, Claim),
-    Many(BTreeMap<Arc<str>, Claim>),
+    One(ClusterId, Claim),
+    /// Two or more, sorted by cluster name.
+    Many(Vec<(ClusterId, Claim)>),
 }
 
 impl Claims {
-    fn insert(&mut self, cluster: &Arc<str>, c: Claim) {
+    /// Sets `cluster`'s claim; `false` if it was already exactly that.
+    fn insert(&mut self, cluster: ClusterId, c: Claim, names: &[Arc<str>]) -> bool {
         match self {
-            Claims::One(k, v) if k == cluster => *v = c,
+            Claims::One(k, v) if *k == cluster => {
+                if *v == c {
+                    return false;
+                }
+                *v = c;
+            }
             Claims::One(k, v) => {
-                let mut m = BTreeMap::new();
-                m.insert(k.clone(), v.clone());
-                m.insert(cluster.clone(), c);
+                let mut m = vec![(*k, v.clone())];
+                Self::insert_sorted(&mut m, cluster, c, names);
                 *self = Claims::Many(m);
             }
-            Claims::Many(m) => {
-                m.insert(cluster.clone(), c);
-            }
+            Claims::Many(m) => match m.iter_mut().find(|(k, _)| *k == cluster) {
+                Some((_, v)) if *v == c => return false,
+                Some((_, v)) => *v = c,
+                None => Self::insert_sorted(m, cluster, c, names),
+            },
         }
+        true
+    }
+
+    fn insert_sorted(
+        m: &mut Vec<(ClusterId, Claim)>,
+        cluster: ClusterId,
+        c: Claim,
+        names: &[Arc<str>],
+    ) {
+        let name = &names[cluster as usize];
+        let at = m.partition_point(|(k, _)| names[*k as usize] < *name);
+        m.insert(at, (cluster, c));
     }
 
     /// Removes `cluster`'s claim; `true` if none is left.
-    fn remove(&mut self, cluster: &Arc<str>) -> bool {
+    fn remove(&mut self, cluster: ClusterId) -> bool {
         match self {
-            Claims::One(k, _) => k == cluster,
+            Claims::One(k, _) => *k == cluster,
             Claims::Many(m) => {
-                m.remove(cluster);
+                m.retain(|(k, _)| *k != cluster);
                 if m.len() == 1 {
-                    if let Some((k, v)) = m.pop_first() {
+                    if let Some((k, v)) = m.pop() {
                         *self = Claims::One(k, v);
                     }
                     return false;
@@ -348,30 +428,45 @@ impl Claims {
         }
     }
 
-    fn winner(&self, local: &Arc<str>) -> Option<&Claim> {
+    fn winner(&self, local: ClusterId) -> Option<&Claim> {
         match self {
             Claims::One(_, v) => Some(v),
-            Claims::Many(m) => m.get(local).or_else(|| m.values().next()),
+            Claims::Many(m) => m
+                .iter()
+                .find(|(k, _)| *k == local)
+                .or_else(|| m.first())
+                .map(|(_, v)| v),
         }
     }
 }
 
-/// The map write one prefix needs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Action {
-    /// The map is up to date.
-    None,
-    /// Write this value.
-    Upsert(IpcacheValue),
-    /// Delete the element (it held this value).
-    Delete(IpcacheValue),
-}
-
 /// One prefix: what the clusters claim and what the map holds.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Slot {
+    prefix: Prefix,
     claims: Option<Claims>,
     applied: Option<IpcacheValue>,
+    /// Listed in [`Desired::dirty`] (at most once).
+    dirty: bool,
+    /// The last plan passed this prefix's local pod on (so a change must be passed on too).
+    pod: bool,
+}
+
+impl Slot {
+    fn new(prefix: Prefix) -> Self {
+        Self {
+            prefix,
+            claims: None,
+            applied: None,
+            dirty: false,
+            pod: false,
+        }
+    }
+
+    /// Holds nothing and is not waiting for a plan: its index can be reused.
+    fn vacant(&self) -> bool {
+        self.claims.is_none() && self.applied.is_none() && !self.dirty
+    }
 }
 
 /// The part of an etcd ipcache key after `cilium/{state,cache}/ip/v1/<default|cluster>/`:
@@ -384,20 +479,52 @@ fn key_prefix(key: &str) -> Option<Prefix> {
     };
     (bits <= 32).then_some(())?;
     Some(Prefix {
-        addr: ip.parse().ok()?,
+        addr: parse_v4(ip)?,
         bits,
     })
 }
 
-/// Desired and applied state per prefix, in one table so that a change costs one hash
-/// lookup to record and one to flush (250k entries must reconcile at ≥ 500k/s). Pure (no
-/// maps): the [`Reconciler`] writes and then records what it wrote.
+/// The map writes one flush needs, built by [`Desired::plan`]: keys and values side by side,
+/// ready for `BPF_MAP_UPDATE_BATCH` / `BPF_MAP_DELETE_BATCH` without another copy.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// Keys to insert or replace.
+    pub upsert_keys: Vec<IpcacheLpmKey>,
+    /// Their values (`upsert_values[i]` for `upsert_keys[i]`).
+    pub upsert_values: Vec<IpcacheValue>,
+    /// Keys to delete.
+    pub delete_keys: Vec<IpcacheLpmKey>,
+    /// What each deleted key held (`deleted[i]` for `delete_keys[i]`), to restore on failure.
+    pub deleted: Vec<IpcacheValue>,
+    /// /32 prefixes whose local pod may have changed: address and the winner's pod now.
+    pub pods: Vec<(Ipv4Addr, Option<Arc<LocalPod>>)>,
+}
+
+impl Plan {
+    /// No map write.
+    pub fn is_empty(&self) -> bool {
+        self.upsert_keys.is_empty() && self.delete_keys.is_empty()
+    }
+}
+
+/// Desired and applied state per prefix (see the module docs for why it is shaped so).
+/// Pure (no maps): the [`Reconciler`] writes and then records what it wrote.
 #[derive(Debug)]
 pub struct Desired {
-    local: Arc<str>,
+    local: ClusterId,
     node_ip: Ipv4Addr,
-    table: FxMap<Prefix, Slot>,
-    dirty: Vec<Prefix>,
+    /// Interned cluster names (`local` first); never shrinks (a handful of clusters).
+    clusters: Vec<Arc<str>>,
+    cluster_ids: FxMap<Arc<str>, ClusterId>,
+    /// The last cluster looked up: inputs come in runs of one cluster sharing one `Arc`.
+    last_cluster: Option<(Arc<str>, ClusterId)>,
+    /// Prefix → index in `slots`.
+    index: FxMap<Prefix, u32>,
+    slots: Vec<Slot>,
+    /// Indices of vacant slots.
+    free: Vec<u32>,
+    /// Slots changed since the last plan, in the order they first changed.
+    dirty: Vec<u32>,
     claimed: usize,
     applied: usize,
     unsupported: u64,
@@ -406,14 +533,88 @@ pub struct Desired {
 impl Desired {
     /// Empty state for the agent of `local` on `node_ip`.
     pub fn new(local: Arc<str>, node_ip: Ipv4Addr) -> Self {
+        let mut cluster_ids = FxMap::default();
+        cluster_ids.insert(local.clone(), 0);
         Self {
-            local,
+            local: 0,
             node_ip,
-            table: FxMap::default(),
+            clusters: vec![local],
+            cluster_ids,
+            last_cluster: None,
+            index: FxMap::default(),
+            slots: Vec::new(),
+            free: Vec::new(),
             dirty: Vec::new(),
             claimed: 0,
             applied: 0,
             unsupported: 0,
+        }
+    }
+
+    /// The local cluster's name.
+    pub fn local(&self) -> &Arc<str> {
+        &self.clusters[self.local as usize]
+    }
+
+    /// Makes room for `additional` more prefixes (before adopting a map or a large list).
+    pub fn reserve(&mut self, additional: usize) {
+        self.index.reserve(additional);
+        self.slots.reserve(additional);
+    }
+
+    fn cluster_id(&mut self, cluster: &Arc<str>) -> ClusterId {
+        if let Some((c, id)) = &self.last_cluster {
+            if Arc::ptr_eq(c, cluster) {
+                return *id;
+            }
+        }
+        let id = match self.cluster_ids.get(cluster) {
+            Some(id) => *id,
+            None => {
+                let id = self.clusters.len() as ClusterId;
+                self.clusters.push(cluster.clone());
+                self.cluster_ids.insert(cluster.clone(), id);
+                id
+            }
+        };
+        self.last_cluster = Some((cluster.clone(), id));
+        id
+    }
+
+    /// The slot of `prefix`, created if missing.
+    fn slot_of(&mut self, prefix: Prefix) -> u32 {
+        match self.index.entry(prefix) {
+            std::collections::hash_map::Entry::Occupied(e) => *e.get(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let i = match self.free.pop() {
+                    Some(i) => {
+                        self.slots[i as usize] = Slot::new(prefix);
+                        i
+                    }
+                    None => {
+                        self.slots.push(Slot::new(prefix));
+                        (self.slots.len() - 1) as u32
+                    }
+                };
+                *e.insert(i)
+            }
+        }
+    }
+
+    /// Frees slot `i` if it holds nothing any more.
+    fn release_if_vacant(&mut self, i: u32) {
+        let slot = &self.slots[i as usize];
+        if slot.vacant() {
+            self.index.remove(&slot.prefix);
+            self.free.push(i);
+        }
+    }
+
+    fn mark_dirty(&mut self, i: u32) {
+        let slot = &mut self.slots[i as usize];
+        if !slot.dirty {
+            slot.dirty = true;
+            self.dirty.push(i);
         }
     }
 
@@ -425,122 +626,148 @@ impl Desired {
         key: impl AsRef<str>,
         pair: Option<&IpIdentityPair>,
     ) {
-        let key = key.as_ref();
-        let new = pair.and_then(|p| claim(&self.local, self.node_ip, cluster, p));
-        let prefix = match (&new, key_prefix(key)) {
-            (Some((p, _)), _) => *p,
-            (None, Some(p)) => p,
-            (None, None) => {
-                if pair.is_some() {
-                    self.unsupported += 1;
+        let id = self.cluster_id(cluster);
+        match pair.and_then(|p| claim_of(id == self.local, self.node_ip, p)) {
+            Some((prefix, c)) => {
+                let i = self.slot_of(prefix);
+                let slot = &mut self.slots[i as usize];
+                match &mut slot.claims {
+                    Some(claims) => {
+                        if !claims.insert(id, c, &self.clusters) {
+                            return; // unchanged (a relist of the same data)
+                        }
+                    }
+                    none @ None => {
+                        *none = Some(Claims::One(id, c));
+                        self.claimed += 1;
+                    }
                 }
-                return;
+                self.mark_dirty(i);
             }
-        };
-        let slot = self.table.entry(prefix).or_default();
-        match (new, &mut slot.claims) {
-            (Some((_, c)), Some(claims)) => {
-                if matches!(claims, Claims::One(k, v) if k == cluster && *v == c) {
-                    return; // unchanged (a relist of the same data)
-                }
-                claims.insert(cluster, c);
-            }
-            (Some((_, c)), none @ None) => {
-                *none = Some(Claims::One(cluster.clone(), c));
-                self.claimed += 1;
-            }
-            (None, Some(claims)) => {
-                if claims.remove(cluster) {
+            // Deleted, or now unprogrammable: drop whatever this cluster claimed there.
+            None => {
+                let Some(prefix) = key_prefix(key.as_ref()) else {
+                    if pair.is_some() {
+                        self.unsupported += 1;
+                    }
+                    return;
+                };
+                let Some(&i) = self.index.get(&prefix) else {
+                    return;
+                };
+                let slot = &mut self.slots[i as usize];
+                let Some(claims) = &mut slot.claims else {
+                    return;
+                };
+                if claims.remove(id) {
                     slot.claims = None;
                     self.claimed -= 1;
                 }
+                self.mark_dirty(i);
             }
-            (None, None) => return,
         }
-        self.dirty.push(prefix);
     }
 
     /// The winning claim for `prefix`: the local cluster's, else the lowest cluster name's.
     pub fn winner(&self, prefix: &Prefix) -> Option<&Claim> {
-        self.table.get(prefix)?.claims.as_ref()?.winner(&self.local)
+        let i = *self.index.get(prefix)?;
+        self.slots[i as usize].claims.as_ref()?.winner(self.local)
     }
 
     /// `true` if some cluster claims `prefix`.
     pub fn contains(&self, prefix: &Prefix) -> bool {
-        self.table.get(prefix).is_some_and(|s| s.claims.is_some())
+        self.index
+            .get(prefix)
+            .is_some_and(|i| self.slots[*i as usize].claims.is_some())
     }
 
-    /// Decides the map write for `prefix` and records its outcome as applied right away
-    /// (one hash lookup per entry; a failed write is undone with [`Self::set_applied`]).
-    /// Also returns the winner's local pod.
-    pub fn plan(&mut self, prefix: &Prefix) -> (Action, Option<Arc<LocalPod>>) {
-        let Some(slot) = self.table.get_mut(prefix) else {
-            return (Action::None, None);
-        };
-        let winner = slot.claims.as_ref().and_then(|c| c.winner(&self.local));
-        let pod = winner.and_then(|c| c.pod.clone());
-        let want = winner.map(|c| c.value);
-        let action = match (want, slot.applied) {
-            (Some(v), Some(a)) if v == a => Action::None,
-            (Some(v), old) => {
-                slot.applied = Some(v);
-                if old.is_none() {
-                    self.applied += 1;
+    /// Decides the map writes for every prefix changed since the last plan (each once, in
+    /// the order they first changed) into `out`, and records them as applied right away: a
+    /// failed write is undone with [`Self::set_applied`] and [`Self::redirty`].
+    pub fn plan(&mut self, out: &mut Plan) {
+        let dirty = std::mem::take(&mut self.dirty);
+        out.upsert_keys.reserve(dirty.len());
+        out.upsert_values.reserve(dirty.len());
+        for &i in &dirty {
+            let slot = &mut self.slots[i as usize];
+            slot.dirty = false;
+            let winner = slot.claims.as_ref().and_then(|c| c.winner(self.local));
+            if let Some(pod) = winner.and_then(|c| c.pod.as_ref()) {
+                slot.pod = true;
+                out.pods.push((slot.prefix.addr, Some(pod.clone())));
+            } else if std::mem::take(&mut slot.pod) {
+                out.pods.push((slot.prefix.addr, None));
+            }
+            match (winner.map(|c| c.value), slot.applied) {
+                (Some(v), Some(a)) if v == a => {}
+                (Some(v), old) => {
+                    slot.applied = Some(v);
+                    if old.is_none() {
+                        self.applied += 1;
+                    }
+                    out.upsert_keys.push(slot.prefix.lpm_key());
+                    out.upsert_values.push(v);
                 }
-                Action::Upsert(v)
+                (None, Some(old)) => {
+                    slot.applied = None;
+                    self.applied -= 1;
+                    out.delete_keys.push(slot.prefix.lpm_key());
+                    out.deleted.push(old);
+                    self.release_if_vacant(i);
+                }
+                (None, None) => self.release_if_vacant(i),
             }
-            (None, Some(old)) => {
-                slot.applied = None;
-                self.applied -= 1;
-                Action::Delete(old)
-            }
-            (None, None) => Action::None,
-        };
-        if slot.claims.is_none() && slot.applied.is_none() {
-            self.table.remove(prefix);
         }
-        (action, pod)
+        // Keep the buffer for the next changes.
+        self.dirty = dirty;
+        self.dirty.clear();
     }
 
     /// Records what the map holds for `prefix` (after a write, or found at start).
     pub fn set_applied(&mut self, prefix: Prefix, value: Option<IpcacheValue>) {
-        let slot = self.table.entry(prefix).or_default();
+        let i = match value {
+            Some(_) => self.slot_of(prefix),
+            None => match self.index.get(&prefix) {
+                Some(i) => *i,
+                None => return,
+            },
+        };
+        let slot = &mut self.slots[i as usize];
         match (slot.applied.is_some(), value.is_some()) {
             (false, true) => self.applied += 1,
             (true, false) => self.applied -= 1,
             _ => {}
         }
         slot.applied = value;
-        if slot.applied.is_none() && slot.claims.is_none() {
-            self.table.remove(&prefix);
-        }
+        self.release_if_vacant(i);
     }
 
     /// Prefixes in the map that no cluster claims; with `remote: false` only those without
     /// the `REMOTE_CLUSTER` flag.
     pub fn stale(&self, remote: bool) -> Vec<Prefix> {
-        self.table
+        self.slots
             .iter()
-            .filter(|(_, s)| {
+            .filter(|s| {
                 s.claims.is_none()
                     && s.applied
                         .is_some_and(|v| remote || v.flags & ipcache_flags::REMOTE_CLUSTER == 0)
             })
-            .map(|(p, _)| *p)
+            .map(|s| s.prefix)
             .collect()
-    }
-
-    /// Takes the prefixes changed since the last call (each once).
-    pub fn take_dirty(&mut self) -> Vec<Prefix> {
-        let mut d = std::mem::take(&mut self.dirty);
-        d.sort_unstable();
-        d.dedup();
-        d
     }
 
     /// Marks prefixes dirty again (after a failed flush).
     pub fn redirty(&mut self, prefixes: impl IntoIterator<Item = Prefix>) {
-        self.dirty.extend(prefixes);
+        for p in prefixes {
+            if let Some(&i) = self.index.get(&p) {
+                self.mark_dirty(i);
+            }
+        }
+    }
+
+    /// Prefixes changed since the last plan.
+    pub fn dirty_len(&self) -> usize {
+        self.dirty.len()
     }
 
     /// Prefixes claimed.
@@ -696,7 +923,9 @@ impl Reconciler {
     ) -> datapath::Result<Self> {
         let mut desired = Desired::new(local, node_ip);
         let mut foreign = Vec::new();
-        for (k, v) in dp.maps.ipcache.entries()? {
+        let adopted = dp.maps.ipcache.entries()?;
+        desired.reserve(adopted.len());
+        for (k, v) in adopted {
             match Prefix::from_lpm_key(&k) {
                 Some(p) => desired.set_applied(p, Some(v)),
                 None => foreign.push(k),
@@ -768,63 +997,58 @@ impl Reconciler {
     /// Writes the difference between desired and applied state to the ipcache; then
     /// updates local pods if any changed. Failed elements stay dirty for the next flush.
     pub fn flush(&mut self) {
-        let dirty = self.desired.take_dirty();
-        if !dirty.is_empty() {
+        if self.desired.dirty_len() > 0 {
             let started = Instant::now();
-            let (mut up_k, mut up_v, mut up_p, mut del_k, mut del_p) =
-                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for p in &dirty {
-                let (action, pod) = self.desired.plan(p);
-                if p.bits == 32 && self.pods.get(&p.addr) != pod.as_ref() {
+            let mut plan = Plan::default();
+            self.desired.plan(&mut plan);
+            for (addr, pod) in plan.pods.drain(..) {
+                if self.pods.get(&addr) != pod.as_ref() {
                     match pod {
-                        Some(pod) => self.pods.insert(p.addr, pod),
-                        None => self.pods.remove(&p.addr),
+                        Some(pod) => self.pods.insert(addr, pod),
+                        None => self.pods.remove(&addr),
                     };
                     self.pods_dirty = true;
                 }
-                match action {
-                    Action::None => {}
-                    Action::Upsert(v) => {
-                        up_k.push(p.lpm_key());
-                        up_v.push(v);
-                        up_p.push(*p);
-                    }
-                    Action::Delete(old) => {
-                        del_k.push(p.lpm_key());
-                        del_p.push((*p, old));
-                    }
-                }
             }
             let ipcache = &mut self.dp.maps.ipcache;
-            match ipcache.update_batch(&up_k, &up_v) {
-                Ok(()) => self.stats.ipcache_upserts += up_k.len() as u64,
+            match ipcache.update_batch(&plan.upsert_keys, &plan.upsert_values) {
+                Ok(()) => self.stats.ipcache_upserts += plan.upsert_keys.len() as u64,
                 Err(error) => {
-                    warn!(%error, entries = up_k.len(), "ipcache update failed; retrying on the next flush");
+                    warn!(%error, entries = plan.upsert_keys.len(), "ipcache update failed; retrying on the next flush");
                     self.stats.errors += 1;
                     // Unknown what the kernel holds now: rewrite them all next time.
-                    for p in &up_p {
+                    let failed: Vec<Prefix> = plan
+                        .upsert_keys
+                        .iter()
+                        .filter_map(Prefix::from_lpm_key)
+                        .collect();
+                    for p in &failed {
                         self.desired.set_applied(*p, None);
                     }
-                    self.desired.redirty(up_p.iter().copied());
+                    self.desired.redirty(failed);
                 }
             }
-            match ipcache.delete_batch(&del_k) {
-                Ok(_) => self.stats.ipcache_deletes += del_k.len() as u64,
+            match ipcache.delete_batch(&plan.delete_keys) {
+                Ok(_) => self.stats.ipcache_deletes += plan.delete_keys.len() as u64,
                 Err(error) => {
-                    warn!(%error, entries = del_k.len(), "ipcache delete failed; retrying on the next flush");
+                    warn!(%error, entries = plan.delete_keys.len(), "ipcache delete failed; retrying on the next flush");
                     self.stats.errors += 1;
-                    for (p, old) in &del_p {
-                        self.desired.set_applied(*p, Some(*old));
+                    let mut failed = Vec::with_capacity(plan.delete_keys.len());
+                    for (k, old) in plan.delete_keys.iter().zip(&plan.deleted) {
+                        if let Some(p) = Prefix::from_lpm_key(k) {
+                            self.desired.set_applied(p, Some(*old));
+                            failed.push(p);
+                        }
                     }
-                    self.desired.redirty(del_p.iter().map(|(p, _)| *p));
+                    self.desired.redirty(failed);
                 }
             }
-            if !up_k.is_empty() || !del_k.is_empty() {
+            if !plan.is_empty() {
                 self.stats.flushes += 1;
                 self.stats.last_flush_micros = started.elapsed().as_micros() as u64;
                 debug!(
-                    upserts = up_k.len(),
-                    deletes = del_k.len(),
+                    upserts = plan.upsert_keys.len(),
+                    deletes = plan.delete_keys.len(),
                     micros = self.stats.last_flush_micros,
                     "ipcache flushed"
                 );
@@ -833,7 +1057,7 @@ impl Reconciler {
         self.stats.unsupported = self.desired.unsupported();
         for cluster in std::mem::take(&mut self.pending_synced) {
             // The local list is complete: endpoints and links of vanished pods can go.
-            self.pods_dirty |= cluster == self.desired.local;
+            self.pods_dirty |= cluster == *self.desired.local();
             self.synced.insert(cluster);
         }
         if self.pods_dirty {
@@ -915,7 +1139,7 @@ impl Reconciler {
                 }
             }
         }
-        let local_synced = self.synced.contains(&self.desired.local);
+        let local_synced = self.synced.contains(self.desired.local());
         let gone: Vec<Ipv4Addr> = self
             .applied_eps
             .keys()
@@ -1127,7 +1351,10 @@ mod tests {
         d.apply(&c2, k2, Some(&pair("10.9.9.9", "198.18.2.11", 131073, "x")));
         d.apply(&c1, k1, Some(&pair("10.9.9.9", "198.18.1.12", 70000, "y")));
         assert_eq!(d.winner(&p).unwrap().value.sec_identity, 70000);
-        assert_eq!(d.take_dirty(), vec![p]);
+        let mut plan = Plan::default();
+        d.plan(&mut plan);
+        assert_eq!(plan.upsert_keys, vec![p.lpm_key()], "one write per prefix");
+        assert_eq!(plan.upsert_values[0].sec_identity, 70000);
         d.apply(&c1, k1, None);
         assert_eq!(d.winner(&p).unwrap().value.sec_identity, 131073);
         d.apply(&c2, k2, None);
@@ -1141,5 +1368,179 @@ mod tests {
             })
         );
         assert_eq!(key_prefix("cilium/cache/ip/v1/c2/fd00::1"), None);
+    }
+
+    fn planned(d: &mut Desired) -> Plan {
+        let mut plan = Plan::default();
+        d.plan(&mut plan);
+        plan
+    }
+
+    #[test]
+    fn lowest_cluster_name_wins_whatever_the_arrival_order() {
+        let c1: Arc<str> = Arc::from("c1");
+        let mut d = Desired::new(c1.clone(), NODE);
+        let p = Prefix {
+            addr: Ipv4Addr::new(10, 9, 9, 9),
+            bits: 32,
+        };
+        let key = |c: &str| format!("cilium/cache/ip/v1/{c}/10.9.9.9");
+        for (c, id) in [("c4", 4), ("c3", 3), ("c2", 2)] {
+            let c: Arc<str> = Arc::from(c);
+            d.apply(&c, key(&c), Some(&pair("10.9.9.9", "198.18.2.11", id, "x")));
+        }
+        assert_eq!(d.winner(&p).unwrap().value.sec_identity, 2);
+        // Another Arc of the same name is the same cluster.
+        d.apply(&Arc::from("c2"), key("c2"), None);
+        assert_eq!(d.winner(&p).unwrap().value.sec_identity, 3);
+        d.apply(
+            &c1,
+            "cilium/state/ip/v1/default/10.9.9.9",
+            Some(&pair("10.9.9.9", "198.18.1.12", 1, "y")),
+        );
+        assert_eq!(d.winner(&p).unwrap().value.sec_identity, 1);
+        let plan = planned(&mut d);
+        assert_eq!(plan.upsert_values.len(), 1);
+        assert_eq!(plan.upsert_values[0].sec_identity, 1);
+    }
+
+    #[test]
+    fn plans_write_only_differences_and_reuse_freed_slots() {
+        let c1: Arc<str> = Arc::from("c1");
+        let c2: Arc<str> = Arc::from("c2");
+        let mut d = Desired::new(c1.clone(), NODE);
+        let ips = ["10.2.0.1", "10.2.0.2", "10.2.0.3"];
+        let key = |ip: &str| format!("cilium/cache/ip/v1/c2/{ip}");
+        for ip in ips {
+            d.apply(&c2, key(ip), Some(&pair(ip, "198.18.2.11", 5, "x")));
+        }
+        let plan = planned(&mut d);
+        assert_eq!(plan.upsert_keys.len(), 3);
+        assert!(plan.delete_keys.is_empty() && plan.pods.is_empty());
+        assert_eq!(d.applied_len(), 3);
+        // A relist of the same data changes nothing.
+        for ip in ips {
+            d.apply(&c2, key(ip), Some(&pair(ip, "198.18.2.11", 5, "x")));
+        }
+        assert_eq!(d.dirty_len(), 0);
+        // A change and back again before the flush: nothing to write.
+        d.apply(&c2, key(ips[0]), Some(&pair(ips[0], "198.18.2.11", 6, "x")));
+        d.apply(&c2, key(ips[0]), Some(&pair(ips[0], "198.18.2.11", 5, "x")));
+        assert!(planned(&mut d).is_empty());
+        // A delete removes the element and frees the slot for the next prefix.
+        d.apply(&c2, key(ips[1]), None);
+        let plan = planned(&mut d);
+        assert_eq!(plan.delete_keys.len(), 1);
+        assert_eq!(plan.deleted[0].sec_identity, 5);
+        assert_eq!((d.len(), d.applied_len()), (2, 2));
+        let slots = d.slots.len();
+        d.apply(
+            &c2,
+            key("10.2.0.9"),
+            Some(&pair("10.2.0.9", "198.18.2.11", 5, "x")),
+        );
+        assert_eq!(d.slots.len(), slots, "freed slot reused");
+        assert_eq!(planned(&mut d).upsert_keys.len(), 1);
+        // A failed write: forget it and plan it again.
+        let p = Prefix {
+            addr: Ipv4Addr::new(10, 2, 0, 9),
+            bits: 32,
+        };
+        d.set_applied(p, None);
+        d.redirty([p]);
+        assert_eq!(planned(&mut d).upsert_keys, vec![p.lpm_key()]);
+    }
+
+    #[test]
+    fn local_pods_are_passed_on_when_they_change() {
+        let c1: Arc<str> = Arc::from("c1");
+        let mut d = Desired::new(c1.clone(), NODE);
+        let key = "cilium/state/ip/v1/default/10.1.1.11";
+        d.apply(
+            &c1,
+            key,
+            Some(&pair("10.1.1.11", "198.18.1.11", 70000, "p1")),
+        );
+        let plan = planned(&mut d);
+        assert_eq!(plan.pods.len(), 1);
+        assert_eq!(plan.pods[0].1.as_ref().unwrap().name, "p1");
+        d.apply(&c1, key, None);
+        let plan = planned(&mut d);
+        assert_eq!(plan.pods, vec![(Ipv4Addr::new(10, 1, 1, 11), None)]);
+        assert_eq!(plan.delete_keys.len(), 1);
+        // Nothing else about it later.
+        d.apply(
+            &c1,
+            "cilium/state/ip/v1/default/10.1.1.12",
+            Some(&pair("10.1.1.12", "198.18.1.12", 70000, "p2")),
+        );
+        assert!(planned(&mut d).pods.is_empty());
+    }
+
+    #[test]
+    fn stale_prefixes_are_unclaimed_applied_ones() {
+        let c1: Arc<str> = Arc::from("c1");
+        let mut d = Desired::new(c1.clone(), NODE);
+        let local = Prefix {
+            addr: Ipv4Addr::new(10, 1, 0, 1),
+            bits: 32,
+        };
+        let remote = Prefix {
+            addr: Ipv4Addr::new(10, 2, 0, 0),
+            bits: 16,
+        };
+        d.set_applied(local, Some(IpcacheValue::local(7)));
+        d.set_applied(
+            remote,
+            Some(IpcacheValue {
+                flags: ipcache_flags::REMOTE_CLUSTER,
+                ..IpcacheValue::local(8)
+            }),
+        );
+        assert_eq!(d.stale(false), vec![local]);
+        let mut all = d.stale(true);
+        all.sort();
+        assert_eq!(all, vec![local, remote]);
+        // Claimed again with the same value: no longer stale, and nothing to write.
+        d.apply(
+            &c1,
+            "cilium/state/ip/v1/default/10.1.0.1",
+            Some(&pair("10.1.0.1", "", 7, "")),
+        );
+        assert_eq!(d.stale(false), vec![]);
+        assert!(planned(&mut d).is_empty());
+        d.set_applied(remote, None);
+        assert_eq!(d.stale(true), vec![]);
+        assert_eq!(d.applied_len(), 1);
+    }
+
+    #[test]
+    fn fast_ipv4_parser_agrees_with_std() {
+        for s in [
+            "0.0.0.0",
+            "10.1.2.3",
+            "255.255.255.255",
+            "256.1.1.1",
+            "01.1.1.1",
+            "1.1.1.01",
+            "1.1.1.1.",
+            ".1.1.1",
+            "1.1.1",
+            "1.1.1.1.1",
+            "1..1.1",
+            "1.1.1.1 ",
+            " 1.1.1.1",
+            "1.1.1.1000",
+            "1000.1.1.1",
+            "a.b.c.d",
+            "",
+            "1.1.1.+1",
+            "fd00::1",
+            "0.00.0.0",
+            "199.18.2.10",
+            "1.2.3.4/32",
+        ] {
+            assert_eq!(parse_v4(s), s.parse::<Ipv4Addr>().ok(), "{s:?}");
+        }
     }
 }
