@@ -62,6 +62,40 @@ pub fn resolve_endpoints(cfg: &EtcdConfig) -> Result<(Vec<String>, String)> {
     Ok((out, server_name))
 }
 
+/// [`resolve_endpoints`], then every remaining host name resolved with hickory-resolver
+/// (see [`crate::resolve`]): the addresses to dial, and the name the server certificate
+/// must carry.
+pub async fn dial_endpoints(cfg: &EtcdConfig) -> Result<(Vec<String>, String)> {
+    let (endpoints, server_name) = resolve_endpoints(cfg)?;
+    let mut out = Vec::with_capacity(endpoints.len());
+    for e in endpoints {
+        let hp = e.trim_start_matches("https://");
+        let Some((host, port)) = split_host_port(hp) else {
+            out.push(e);
+            continue;
+        };
+        if host.parse::<std::net::IpAddr>().is_ok() {
+            out.push(e);
+            continue;
+        }
+        let ips = crate::resolve::lookup(host)
+            .await
+            .map_err(|err| Error::Endpoint {
+                endpoint: e.clone(),
+                reason: format!(
+                    "cannot resolve {host}: {err}; fix DNS or /etc/hosts, or add the name to cilium-host-aliases in the file"
+                ),
+            })?;
+        for ip in ips {
+            out.push(match ip {
+                std::net::IpAddr::V4(v4) => format!("https://{v4}:{port}"),
+                std::net::IpAddr::V6(v6) => format!("https://[{v6}]:{port}"),
+            });
+        }
+    }
+    Ok((out, server_name))
+}
+
 /// Builds the mTLS options from the files named in `cfg`.
 pub fn tls_options(cfg: &EtcdConfig, server_name: &str) -> Result<TlsOptions> {
     let read = |p: &Option<std::path::PathBuf>, what: &'static str| -> Result<Vec<u8>> {
@@ -86,7 +120,7 @@ pub fn tls_options(cfg: &EtcdConfig, server_name: &str) -> Result<TlsOptions> {
 /// etcd-client connects lazily, so a `status` call proves the TLS handshake and the client
 /// certificate were accepted; its error is turned into a hint about what to fix.
 pub async fn connect(cfg: &EtcdConfig, opts: &ConnectConfig) -> Result<Client> {
-    let (endpoints, server_name) = resolve_endpoints(cfg)?;
+    let (endpoints, server_name) = dial_endpoints(cfg).await?;
     let options = ConnectOptions::new()
         .with_tls(tls_options(cfg, &server_name)?)
         .with_connect_timeout(opts.connect_timeout)
@@ -141,5 +175,51 @@ pub fn hint_for(e: &etcd_client::Error) -> String {
         "etcd is not reachable at that address: is it running, and is the port right?".into()
     } else {
         "check the endpoint, the certificates and that etcd is running".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(endpoints: &[&str], aliases: &str) -> EtcdConfig {
+        EtcdConfig {
+            endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+            trusted_ca_file: None,
+            cert_file: None,
+            key_file: None,
+            host_aliases: serde_yaml::from_str(aliases).unwrap_or_default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn names_are_resolved_aliases_first_and_ips_kept() {
+        let cfg = config(
+            &[
+                "https://c2.mesh.cilium.io:2379",
+                "https://localhost:2380",
+                "https://10.0.0.9:2381",
+            ],
+            "- hostname: c2.mesh.cilium.io\n  ips: [192.0.2.7]\n",
+        );
+        let (dial, server_name) = dial_endpoints(&cfg).await.unwrap();
+        assert_eq!(server_name, "c2.mesh.cilium.io");
+        assert_eq!(dial[0], "https://192.0.2.7:2379");
+        assert_eq!(dial[1], "https://127.0.0.1:2380");
+        assert_eq!(
+            dial.last().map(String::as_str),
+            Some("https://10.0.0.9:2381")
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unresolvable_name_says_what_to_do() {
+        let cfg = config(&["https://cluster9.mesh.invalid:2379"], "");
+        let err = dial_endpoints(&cfg).await.unwrap_err().to_string();
+        assert!(
+            err.contains("cannot resolve cluster9.mesh.invalid"),
+            "{err}"
+        );
+        assert!(err.contains("cilium-host-aliases"), "{err}");
     }
 }

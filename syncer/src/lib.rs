@@ -11,6 +11,7 @@ pub mod config;
 pub mod list;
 pub mod metrics;
 pub mod remote;
+pub mod resolve;
 pub mod writer;
 
 pub use client::{connect, ConnectConfig};
