@@ -543,3 +543,130 @@ async fn stale_heartbeat_reconnects_and_ttl_revokes() -> anyhow::Result<()> {
     fx.stop().await;
     Ok(())
 }
+
+/// KVStoreMesh mode shares one watch stream among every remote's watches. A consumer that
+/// stops reading events must neither stall the other remotes' caches (no head-of-line
+/// blocking on the shared stream) nor lose a change: the watch that fell behind is dropped
+/// and its resource relisted, so the cache ends exactly like etcd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_consumer_lags_one_watch_without_stalling_the_shared_stream() -> anyhow::Result<()> {
+    use clustermesh_syncer::remote::{Config, Manager, Metrics};
+    use tokio_util::sync::CancellationToken;
+
+    let etcd = TestEtcd::start()?;
+    let mut c = etcd.client("root").await?;
+    c.put("cilium/.heartbeat", "x", None).await?;
+    for (name, id) in [("cluster3", 3), ("cluster4", 4)] {
+        c.put(
+            format!("cilium/cluster-config/{name}"),
+            format!(r#"{{"id":{id},"capabilities":{{"syncedCanaries":true,"cached":true,"maxConnectedClusters":255,"serviceExportsEnabled":false}}}}"#),
+            None,
+        )
+        .await?;
+        write_canaries(&mut c, name, "cache").await?;
+    }
+    let cfg_path = etcd.dir().join("local.yaml");
+    etcd.write_client_config("local-test", &cfg_path)?;
+    let dir = tempfile::tempdir()?;
+    let mut config = Config::new(
+        local(),
+        dir.path().to_path_buf(),
+        Mode::KvstoreMesh {
+            local_etcd: clustermesh_syncer::EtcdConfig::load(&cfg_path)?,
+        },
+    );
+    config.event_capacity = 1;
+    let (manager, mut rx) = Manager::new(config, Metrics::default())?;
+    let mut status = manager.status();
+    let caches = manager.caches();
+    let token = CancellationToken::new();
+    let run = tokio::spawn(manager.run(token.child_token()));
+    // The consumer reads only while `reading` is true.
+    let (reading, mut gate) = tokio::sync::watch::channel(true);
+    let consumer = tokio::spawn(async move {
+        let mut n = 0usize;
+        loop {
+            if gate.wait_for(|r| *r).await.is_err() {
+                return n;
+            }
+            match rx.recv().await {
+                Some(_) => n += 1,
+                None => return n,
+            }
+        }
+    });
+    for name in ["cluster3", "cluster4"] {
+        std::fs::write(
+            dir.path().join(name),
+            "endpoints:\n- https://unused.invalid:2379\n",
+        )?;
+    }
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        status.wait_for(|s| s.clusters.len() == 2 && s.clusters.iter().all(|c| c.ready)),
+    )
+    .await??;
+
+    // Stall the consumer, then give cluster3's endpoint watch far more responses (one put
+    // per request) than it may queue.
+    reading.send(false)?;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let n = 300;
+    for i in 0..n {
+        let ip = format!("10.3.{}.{}", i / 256, i % 256);
+        c.put(
+            format!("cilium/cache/ip/v1/cluster3/{ip}"),
+            ip_entry(&ip, 196_608 + 10),
+            None,
+        )
+        .await?;
+    }
+    for i in 0..n / 2 {
+        let ip = format!("10.3.{}.{}", i / 256, i % 256);
+        c.delete(format!("cilium/cache/ip/v1/cluster3/{ip}"), None)
+            .await?;
+    }
+    // cluster4 still gets its changes into the cache while cluster3's consumer is stuck.
+    c.put(
+        "cilium/cache/nodes/v1/cluster4/n4",
+        node("cluster4", 4, "n4"),
+        None,
+    )
+    .await?;
+    eventually(
+        Duration::from_secs(10),
+        "cluster4's node in the cache",
+        || {
+            caches
+                .with("cluster4", |cache| cache.node("n4").is_some())
+                .unwrap_or(false)
+        },
+    )
+    .await?;
+
+    // Reading again, cluster3 converges to exactly what etcd holds.
+    reading.send(true)?;
+    let expected: Vec<String> = (n / 2..n)
+        .map(|i| format!("10.3.{}.{}", i / 256, i % 256))
+        .collect();
+    eventually(Duration::from_secs(20), "cluster3's endpoints", || {
+        caches
+            .with("cluster3", |cache| {
+                let mut got: Vec<String> = cache
+                    .iter(Resource::Endpoints)
+                    .map(|(k, _)| k.to_owned())
+                    .collect();
+                got.sort();
+                let mut want = expected.clone();
+                want.sort();
+                got == want
+            })
+            .unwrap_or(false)
+    })
+    .await?;
+    token.cancel();
+    run.await??;
+    drop(reading);
+    consumer.abort();
+    Ok(())
+}

@@ -8,14 +8,17 @@
 //! Decoded values are `Arc`s shared with the events. The digest is SHA-256 truncated to 128
 //! bits, so a hostile remote cannot craft a different value that looks unchanged. A B-tree
 //! instead of a hash map saves about 60 bytes per entry (250k remote endpoints are the
-//! scale target) and lists keys in order.
+//! scale target) and lists keys in order. Keys are inline [`SmolStr`]s (an IP, a node name
+//! or an identity fit in 23 bytes: no allocation per key), and a store filled from empty
+//! (the first list of a session) is bulk-built: inserting keys in ascending order one by one
+//! leaves B-tree nodes about half full, a bulk build packs them.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 
 use bytes::Bytes;
 use clustermesh_types::identity::LabelArray;
-use clustermesh_types::model::{ClusterService, IpIdentityPair, Node, ServiceExport};
+use clustermesh_types::model::{ClusterService, IpIdentityPair, Node, ServiceExport, SmolStr};
 
 use super::{Change, Resource, Value};
 
@@ -42,7 +45,7 @@ pub fn digest(raw: &[u8]) -> Digest {
 /// Everything currently known about one remote cluster.
 #[derive(Debug, Default)]
 pub struct RemoteCache {
-    stores: [BTreeMap<Box<str>, Stored>; 5],
+    stores: [BTreeMap<SmolStr, Stored>; 5],
 }
 
 impl RemoteCache {
@@ -135,7 +138,7 @@ impl RemoteCache {
             old.value = value.clone();
         } else {
             store.insert(
-                rel.into(),
+                SmolStr::new(rel),
                 Stored {
                     digest: d,
                     value: value.clone(),
@@ -143,6 +146,42 @@ impl RemoteCache {
             );
         }
         Some(Change::Upsert { raw, value })
+    }
+
+    /// Stores the validated values of a list (full keys, `prefix` + relative key) and
+    /// returns (full key, change) for those whose bytes changed.
+    pub(crate) fn upsert_listed(
+        &mut self,
+        resource: Resource,
+        prefix: &str,
+        valid: Vec<(String, Bytes, Value)>,
+    ) -> Vec<(String, Change)> {
+        let store = &mut self.stores[resource.index()];
+        if !store.is_empty() {
+            return valid
+                .into_iter()
+                .filter_map(|(key, raw, value)| {
+                    let change = self.upsert(resource, &key[prefix.len()..], raw, value)?;
+                    Some((key, change))
+                })
+                .collect();
+        }
+        let mut changes = Vec::with_capacity(valid.len());
+        *store = valid
+            .into_iter()
+            .map(|(key, raw, value)| {
+                let entry = (
+                    SmolStr::new(&key[prefix.len()..]),
+                    Stored {
+                        digest: digest(&raw),
+                        value: value.clone(),
+                    },
+                );
+                changes.push((key, Change::Upsert { raw, value }));
+                entry
+            })
+            .collect();
+        changes
     }
 
     /// Whether `rel` is cached with exactly these bytes.
@@ -158,21 +197,26 @@ impl RemoteCache {
             .map(|s| Change::Delete { last: s.value })
     }
 
-    /// Relative keys of `resource` not in `seen` (the stale ones after a relist).
-    pub(crate) fn keys_not_in(
+    /// Relative keys of `resource` that are not `listed` (the stale ones after a relist).
+    pub(crate) fn keys_not_in<'a>(
         &self,
         resource: Resource,
-        seen: &std::collections::HashSet<Box<str>>,
-    ) -> Vec<Box<str>> {
-        self.stores[resource.index()]
+        listed: impl Iterator<Item = &'a str>,
+    ) -> Vec<SmolStr> {
+        let store = &self.stores[resource.index()];
+        if store.is_empty() {
+            return Vec::new();
+        }
+        let seen: std::collections::HashSet<&str> = listed.collect();
+        store
             .keys()
-            .filter(|k| !seen.contains(*k))
+            .filter(|k| !seen.contains(k.as_str()))
             .cloned()
             .collect()
     }
 
     /// Removes everything of `resource`, returning (relative key, delete change).
-    pub(crate) fn take_all(&mut self, resource: Resource) -> Vec<(Box<str>, Change)> {
+    pub(crate) fn take_all(&mut self, resource: Resource) -> Vec<(SmolStr, Change)> {
         std::mem::take(&mut self.stores[resource.index()])
             .into_iter()
             .map(|(k, s)| (k, Change::Delete { last: s.value }))
@@ -250,8 +294,10 @@ mod tests {
         assert!(c
             .upsert(Resource::Identities, "1", Bytes::from_static(b"x"), v)
             .is_some());
-        let seen = std::collections::HashSet::new();
-        assert_eq!(c.keys_not_in(Resource::Identities, &seen).len(), 1);
+        assert_eq!(c.keys_not_in(Resource::Identities, [].into_iter()).len(), 1);
+        assert!(c
+            .keys_not_in(Resource::Identities, ["1"].into_iter())
+            .is_empty());
         assert!(c.delete(Resource::Identities, "1").is_some());
         assert!(c.delete(Resource::Identities, "1").is_none());
         assert!(c.is_empty());

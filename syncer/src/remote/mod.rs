@@ -22,6 +22,10 @@
 //! * **Heartbeat.** "Connected" means a read of `cilium/.heartbeat` succeeded. Its value is
 //!   not trusted (clocks differ); the local receive time of the last heartbeat write is
 //!   compared with [`Config::heartbeat_timeout`] (Cilium: 2 minutes).
+//! * **One watch stream per connection.** All watches of a connection (every remote's, in
+//!   KVStoreMesh mode) share one etcd watch stream (`mux`); a watch whose consumer falls
+//!   behind is dropped and its resource relisted, like after compaction, so no watch waits
+//!   for another.
 //! * **Large values.** etcd accepts values up to `--max-request-bytes`; tonic refuses
 //!   messages above 4 MiB by default, which would turn one hostile value into an endless
 //!   reconnect loop. Watches and lists therefore accept big messages and each value above
@@ -37,6 +41,7 @@ mod backoff;
 mod cache;
 mod manager;
 mod metrics;
+mod mux;
 mod session;
 mod status;
 pub mod validate;
@@ -340,6 +345,12 @@ pub enum Error {
         prefix: String,
         /// Why.
         reason: String,
+    },
+    /// A watch's consumer fell behind the watch stream it shares: relist.
+    #[error("watch of {prefix} fell behind the shared watch stream")]
+    WatchLagged {
+        /// The prefix.
+        prefix: String,
     },
     /// The watch start revision was compacted away: relist.
     #[error("watch start revision compacted (now at {revision})")]

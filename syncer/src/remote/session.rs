@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument as _};
 
 use super::cache::RemoteCache;
+use super::mux::{Ended, Mux};
 use super::status::Shared;
 use super::validate::{validate, Context, Reason, Rejection};
 use super::{Backoff, Config, Error, Event, Metrics, Mode, Resource, Result, Value};
@@ -33,9 +34,10 @@ pub(crate) struct Env {
     pub(crate) events: mpsc::Sender<Event>,
     /// Cluster ID → the remote holding it.
     pub(crate) ids: Mutex<HashMap<u32, Arc<str>>>,
-    /// KVStoreMesh mode: one connection to the local etcd shared by every remote, with a
-    /// generation so that only the first failing session replaces it.
-    local: tokio::sync::Mutex<Option<(u64, Client)>>,
+    /// KVStoreMesh mode: one connection to the local etcd shared by every remote, with the
+    /// watch stream all their watches share, and a generation so that only the first
+    /// failing session replaces it.
+    local: tokio::sync::Mutex<Option<(u64, Client, Arc<Mux>)>>,
     local_generation: AtomicU64,
     /// KVStoreMesh mode: bounds concurrent initial lists (see [`LOCAL_LISTS`]).
     list_permits: Option<tokio::sync::Semaphore>,
@@ -104,6 +106,14 @@ impl Guard {
     fn id(&self) -> u64 {
         self.0.load(Ordering::SeqCst)
     }
+}
+
+/// What a session's tasks read through: the connection, the watch stream they share, and
+/// the session's etcd cluster ID lock.
+struct Conn {
+    client: Client,
+    mux: Arc<Mux>,
+    guard: Arc<Guard>,
 }
 
 /// One configured remote cluster.
@@ -270,25 +280,29 @@ impl Remote {
         }
     }
 
-    async fn client(&self) -> Result<(Client, String)> {
+    /// A connection for a session and the [`Mux`] its watches share: the remote's own in
+    /// `Direct` mode, the one local etcd connection of every remote in `KvstoreMesh` mode.
+    async fn client(&self) -> Result<(Client, Arc<Mux>, String)> {
         let cfg = &self.env.config;
         match &cfg.mode {
             Mode::Direct => {
                 let file = EtcdConfig::load(&self.file)?;
                 check_resolvable(&file).await?;
                 let client = crate::connect(&file, &cfg.connect).await?;
-                Ok((client, file.endpoints.join(",")))
+                let mux = Mux::new(client.clone());
+                Ok((client, mux, file.endpoints.join(",")))
             }
             Mode::KvstoreMesh { local_etcd } => {
                 let mut local = self.env.local.lock().await;
-                if let Some((_, c)) = local.as_ref() {
-                    return Ok((c.clone(), local_etcd.endpoints.join(",")));
+                if let Some((_, c, mux)) = local.as_ref() {
+                    return Ok((c.clone(), mux.clone(), local_etcd.endpoints.join(",")));
                 }
                 check_resolvable(local_etcd).await?;
                 let client = crate::connect(local_etcd, &cfg.connect).await?;
+                let mux = Mux::new(client.clone());
                 let generation = self.env.local_generation.fetch_add(1, Ordering::SeqCst) + 1;
-                *local = Some((generation, client.clone()));
-                Ok((client, local_etcd.endpoints.join(",")))
+                *local = Some((generation, client.clone(), mux.clone()));
+                Ok((client, mux, local_etcd.endpoints.join(",")))
             }
         }
     }
@@ -298,11 +312,11 @@ impl Remote {
         token: &CancellationToken,
         connected: &AtomicBool,
     ) -> Result<()> {
-        let (client, endpoints) = self.client().await?;
+        let (client, mux, endpoints) = Box::pin(self.client()).await?;
         let guard = Arc::new(Guard::default());
 
         // "Connected" = a read of the heartbeat key succeeded (Cilium).
-        let hb = get(&client, &guard, HEARTBEAT_KEY).await?;
+        let hb = Box::pin(get(&client, &guard, HEARTBEAT_KEY)).await?;
         let hb_rev = hb.1;
         let etcd_id = guard.id();
         let previous = self.last_etcd_id.swap(etcd_id, Ordering::SeqCst);
@@ -319,7 +333,7 @@ impl Remote {
 
         // The cluster config is mandatory.
         let key = cluster_config_key(&self.name);
-        let (value, _) = get(&client, &guard, &key).await?;
+        let (value, _) = Box::pin(get(&client, &guard, &key)).await?;
         let raw = value.ok_or(Error::ConfigNotFound { key: key.clone() })?;
         let remote =
             ClusterConfig::decode(&raw).map_err(|e| Error::ConfigRefused(format!("{key}: {e}")))?;
@@ -355,21 +369,22 @@ impl Remote {
                 continue;
             }
             let me = self.clone();
-            let (client, guard, ctx, token) =
-                (client.clone(), guard.clone(), ctx.clone(), token.clone());
+            let conn = Conn {
+                client: client.clone(),
+                mux: mux.clone(),
+                guard: guard.clone(),
+            };
+            let (ctx, token) = (ctx.clone(), token.clone());
             let span =
                 tracing::info_span!("remote_resource", cluster = %self.name, resource = r.as_str());
             tasks.spawn(
-                async move {
-                    me.resource(client, guard, ctx, r, cached, canaries, token)
-                        .await
-                }
-                .instrument(span),
+                async move { me.resource(conn, ctx, r, cached, canaries, token).await }
+                    .instrument(span),
             );
         }
         let me = self.clone();
-        let (client2, guard2) = (client.clone(), guard.clone());
-        tasks.spawn(async move { me.heartbeat(client2, guard2, hb_rev).await });
+        let (mux2, guard2) = (mux.clone(), guard.clone());
+        tasks.spawn(async move { me.heartbeat(mux2, guard2, hb_rev).await });
 
         while let Some(done) = tasks.join_next().await {
             match done {
@@ -453,11 +468,14 @@ impl Remote {
         .await;
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Canary wait, then list → watch, relisting whenever the watch cannot go on from where
+    /// it is (compacted start revision, or its consumer fell behind the shared stream).
+    ///
+    /// The etcd calls are boxed: their futures are several KiB each, and a task's size is
+    /// that of its largest state, kept for as long as the task (the whole session) lives.
     async fn resource(
         self: Arc<Self>,
-        client: Client,
-        guard: Arc<Guard>,
+        conn: Conn,
         ctx: Arc<Context>,
         r: Resource,
         cached: bool,
@@ -466,7 +484,7 @@ impl Remote {
     ) -> Result<()> {
         if canaries {
             let key = r.synced_key(&self.name, cached);
-            wait_for_key(&client, &guard, &key).await?;
+            Box::pin(wait_for_key(&conn, &key)).await?;
             debug!(%key, "synced canary present");
         }
         let prefix = r.watch_prefix(&self.name, cached);
@@ -478,19 +496,22 @@ impl Remote {
                 Some(p) => p.acquire().await.ok(),
                 None => None,
             };
-            let (kvs, revision) = list(&client, &guard, &prefix).await?;
-            self.apply_list(&ctx, r, &prefix, kvs, &token).await;
+            let (kvs, revision) = Box::pin(list(&conn.client, &conn.guard, &prefix)).await?;
+            Box::pin(self.apply_list(&ctx, r, &prefix, kvs, &token)).await;
             drop(permit);
             if first {
                 first = false;
                 self.mark_synced(r, &token).await;
             }
             match self
-                .watch(&client, &guard, &ctx, r, &prefix, revision + 1, &token)
+                .watch(&conn, &ctx, r, &prefix, revision + 1, &token)
                 .await
             {
                 Err(Error::WatchCompacted { revision }) => {
                     info!(%prefix, revision, "watch start revision compacted: relisting");
+                }
+                Err(Error::WatchLagged { .. }) => {
+                    info!(%prefix, "watch fell behind the shared watch stream: relisting");
                 }
                 other => return other,
             }
@@ -542,27 +563,24 @@ impl Remote {
         kvs: Vec<(String, Bytes)>,
         token: &CancellationToken,
     ) {
-        let mut seen: HashSet<Box<str>> = HashSet::with_capacity(kvs.len());
-        let changed: Vec<(String, Bytes)> = {
+        let (changed, stale) = {
             let cache = self.cache.read().unwrap_or_else(PoisonError::into_inner);
-            kvs.into_iter()
-                .filter(|(key, raw)| {
-                    let rel = &key[prefix.len()..];
-                    seen.insert(rel.into());
-                    !cache.unchanged(r, rel, raw)
-                })
-                .collect()
+            let stale = cache.keys_not_in(r, kvs.iter().map(|(key, _)| &key[prefix.len()..]));
+            let changed: Vec<(String, Bytes)> = kvs
+                .into_iter()
+                .filter(|(key, raw)| !cache.unchanged(r, &key[prefix.len()..], raw))
+                .collect();
+            (changed, stale)
         };
         let valid = self.validated(ctx, r, prefix, changed);
         let events = {
             let mut cache = self.cache.write().unwrap_or_else(PoisonError::into_inner);
-            let mut events = Vec::with_capacity(valid.len());
-            for (key, raw, value) in valid {
-                if let Some(change) = cache.upsert(r, &key[prefix.len()..], raw, value) {
-                    events.push(self.event(r, key, change));
-                }
-            }
-            for rel in cache.keys_not_in(r, &seen) {
+            let mut events: Vec<Event> = cache
+                .upsert_listed(r, prefix, valid)
+                .into_iter()
+                .map(|(key, change)| self.event(r, key, change))
+                .collect();
+            for rel in stale {
                 if let Some(change) = cache.delete(r, &rel) {
                     events.push(self.event(r, format!("{prefix}{rel}"), change));
                 }
@@ -581,35 +599,24 @@ impl Remote {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn watch(
         &self,
-        client: &Client,
-        guard: &Guard,
+        conn: &Conn,
         ctx: &Context,
         r: Resource,
         prefix: &str,
         start: i64,
         token: &CancellationToken,
     ) -> Result<()> {
-        let mut wc = client
-            .watch_client()
-            .max_decoding_message_size(MAX_MESSAGE_BYTES);
         let opts = WatchOptions::new().with_prefix().with_start_revision(start);
-        let mut stream = wc
-            .watch(prefix, Some(opts))
+        let mut watch = conn
+            .mux
+            .watch(prefix, opts)
             .await
-            .map_err(|source| etcd_err("watch", prefix, source))?;
+            .map_err(|e| ended(prefix, e))?;
         loop {
-            let resp = stream
-                .message()
-                .await
-                .map_err(|source| etcd_err("watch", prefix, source))?
-                .ok_or_else(|| Error::WatchEnded {
-                    prefix: prefix.to_owned(),
-                    reason: "stream closed by the server".into(),
-                })?;
-            guard.check(resp.header(), prefix)?;
+            let resp = watch.message().await.map_err(|e| ended(prefix, e))?;
+            conn.guard.check(resp.header(), prefix)?;
             if resp.canceled() {
                 if resp.compact_revision() > 0 {
                     return Err(Error::WatchCompacted {
@@ -661,24 +668,19 @@ impl Remote {
         }
     }
 
-    async fn heartbeat(&self, client: Client, guard: Arc<Guard>, revision: i64) -> Result<()> {
+    async fn heartbeat(&self, mux: Arc<Mux>, guard: Arc<Guard>, revision: i64) -> Result<()> {
         let timeout = self.env.config.heartbeat_timeout;
-        let mut wc = client.watch_client();
-        let mut stream = wc
-            .watch(
-                HEARTBEAT_KEY,
-                Some(WatchOptions::new().with_start_revision(revision + 1)),
-            )
+        let opts = WatchOptions::new().with_start_revision(revision + 1);
+        let mut watch = mux
+            .watch(HEARTBEAT_KEY, opts)
             .await
-            .map_err(|source| etcd_err("watch", HEARTBEAT_KEY, source))?;
+            .map_err(|e| ended(HEARTBEAT_KEY, e))?;
         let mut last = Instant::now();
         let mut tick = tokio::time::interval((timeout / 4).max(Duration::from_millis(50)));
         loop {
             tokio::select! {
-                msg = stream.message() => {
-                    let resp = msg
-                        .map_err(|source| etcd_err("watch", HEARTBEAT_KEY, source))?
-                        .ok_or_else(|| Error::WatchEnded { prefix: HEARTBEAT_KEY.into(), reason: "stream closed by the server".into() })?;
+                msg = watch.message() => {
+                    let resp = msg.map_err(|e| ended(HEARTBEAT_KEY, e))?;
                     guard.check(resp.header(), HEARTBEAT_KEY)?;
                     if resp.canceled() {
                         return Err(Error::WatchEnded { prefix: HEARTBEAT_KEY.into(), reason: format!("canceled: {}", resp.cancel_reason()) });
@@ -754,26 +756,16 @@ async fn get(client: &Client, guard: &Guard, key: &str) -> Result<(Option<Bytes>
 }
 
 /// Waits until `key` exists (a synced canary).
-async fn wait_for_key(client: &Client, guard: &Guard, key: &str) -> Result<()> {
-    let (value, rev) = get(client, guard, key).await?;
+async fn wait_for_key(conn: &Conn, key: &str) -> Result<()> {
+    let (value, rev) = get(&conn.client, &conn.guard, key).await?;
     if value.is_some() {
         return Ok(());
     }
-    let mut wc = client.watch_client();
-    let mut stream = wc
-        .watch(key, Some(WatchOptions::new().with_start_revision(rev + 1)))
-        .await
-        .map_err(|source| etcd_err("watch", key, source))?;
+    let opts = WatchOptions::new().with_start_revision(rev + 1);
+    let mut watch = conn.mux.watch(key, opts).await.map_err(|e| ended(key, e))?;
     loop {
-        let resp = stream
-            .message()
-            .await
-            .map_err(|source| etcd_err("watch", key, source))?
-            .ok_or_else(|| Error::WatchEnded {
-                prefix: key.to_owned(),
-                reason: "stream closed by the server".into(),
-            })?;
-        guard.check(resp.header(), key)?;
+        let resp = watch.message().await.map_err(|e| ended(key, e))?;
+        conn.guard.check(resp.header(), key)?;
         if resp.canceled() {
             return Err(Error::WatchEnded {
                 prefix: key.to_owned(),
@@ -787,6 +779,19 @@ async fn wait_for_key(client: &Client, guard: &Guard, key: &str) -> Result<()> {
         {
             return Ok(());
         }
+    }
+}
+
+/// The error for a watch of `key` that ended.
+fn ended(key: &str, e: Ended) -> Error {
+    match e {
+        Ended::Lagged => Error::WatchLagged {
+            prefix: key.to_owned(),
+        },
+        Ended::Failed(reason) => Error::WatchEnded {
+            prefix: key.to_owned(),
+            reason,
+        },
     }
 }
 
