@@ -39,24 +39,36 @@ pub(crate) struct Env {
     /// failing session replaces it.
     local: tokio::sync::Mutex<Option<(u64, Client, Arc<Mux>)>>,
     local_generation: AtomicU64,
-    /// KVStoreMesh mode: bounds concurrent initial lists (see [`LOCAL_LISTS`]).
-    list_permits: Option<tokio::sync::Semaphore>,
+    /// KVStoreMesh mode: bounds concurrent reads (see [`LOCAL_READS`]).
+    read_permits: Option<tokio::sync::Semaphore>,
 }
 
-/// Concurrent lists against the local etcd in KVStoreMesh mode.
-const LOCAL_LISTS: usize = 8;
+/// Concurrent reads (lists, and the gets of session set-up and canaries) against the local
+/// etcd in KVStoreMesh mode. All remotes start at once, and each read holds its response
+/// (tonic allocates 8 KiB per response before decoding); letting 250 remotes × 5 reads go
+/// at the same time gains no time against one etcd and leaves the process with the
+/// high-water mark of all those buffers.
+const LOCAL_READS: usize = 8;
 
 impl Env {
     pub(crate) fn new(config: Config, metrics: Metrics, events: mpsc::Sender<Event>) -> Self {
         Self {
-            list_permits: matches!(config.mode, Mode::KvstoreMesh { .. })
-                .then(|| tokio::sync::Semaphore::new(LOCAL_LISTS)),
+            read_permits: matches!(config.mode, Mode::KvstoreMesh { .. })
+                .then(|| tokio::sync::Semaphore::new(LOCAL_READS)),
             config,
             metrics,
             events,
             ids: Mutex::new(HashMap::new()),
             local: tokio::sync::Mutex::new(None),
             local_generation: AtomicU64::new(0),
+        }
+    }
+
+    /// A permit for one read of the local etcd in KVStoreMesh mode (`None` otherwise).
+    async fn read_permit(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        match &self.read_permits {
+            Some(p) => p.acquire().await.ok(),
+            None => None,
         }
     }
 
@@ -109,11 +121,12 @@ impl Guard {
 }
 
 /// What a session's tasks read through: the connection, the watch stream they share, and
-/// the session's etcd cluster ID lock.
+/// the session's etcd cluster ID lock. Shared behind an `Arc`: an etcd `Client` is ~3.7 KiB,
+/// and every task future holding one by value would be that much bigger.
 struct Conn {
     client: Client,
     mux: Arc<Mux>,
-    guard: Arc<Guard>,
+    guard: Guard,
 }
 
 /// One configured remote cluster.
@@ -282,27 +295,34 @@ impl Remote {
 
     /// A connection for a session and the [`Mux`] its watches share: the remote's own in
     /// `Direct` mode, the one local etcd connection of every remote in `KvstoreMesh` mode.
-    async fn client(&self) -> Result<(Client, Arc<Mux>, String)> {
+    async fn client(&self) -> Result<(Arc<Conn>, String)> {
         let cfg = &self.env.config;
+        let conn = |client, mux| {
+            Arc::new(Conn {
+                client,
+                mux,
+                guard: Guard::default(),
+            })
+        };
         match &cfg.mode {
             Mode::Direct => {
                 let file = EtcdConfig::load(&self.file)?;
                 check_resolvable(&file).await?;
                 let client = crate::connect(&file, &cfg.connect).await?;
                 let mux = Mux::new(client.clone());
-                Ok((client, mux, file.endpoints.join(",")))
+                Ok((conn(client, mux), file.endpoints.join(",")))
             }
             Mode::KvstoreMesh { local_etcd } => {
                 let mut local = self.env.local.lock().await;
                 if let Some((_, c, mux)) = local.as_ref() {
-                    return Ok((c.clone(), mux.clone(), local_etcd.endpoints.join(",")));
+                    return Ok((conn(c.clone(), mux.clone()), local_etcd.endpoints.join(",")));
                 }
                 check_resolvable(local_etcd).await?;
                 let client = crate::connect(local_etcd, &cfg.connect).await?;
                 let mux = Mux::new(client.clone());
                 let generation = self.env.local_generation.fetch_add(1, Ordering::SeqCst) + 1;
                 *local = Some((generation, client.clone(), mux.clone()));
-                Ok((client, mux, local_etcd.endpoints.join(",")))
+                Ok((conn(client, mux), local_etcd.endpoints.join(",")))
             }
         }
     }
@@ -312,13 +332,14 @@ impl Remote {
         token: &CancellationToken,
         connected: &AtomicBool,
     ) -> Result<()> {
-        let (client, mux, endpoints) = Box::pin(self.client()).await?;
-        let guard = Arc::new(Guard::default());
+        let (conn, endpoints) = Box::pin(self.client()).await?;
 
         // "Connected" = a read of the heartbeat key succeeded (Cilium).
-        let hb = Box::pin(get(&client, &guard, HEARTBEAT_KEY)).await?;
+        let permit = self.env.read_permit().await;
+        let hb = Box::pin(get(&conn.client, &conn.guard, HEARTBEAT_KEY)).await?;
+        drop(permit);
         let hb_rev = hb.1;
-        let etcd_id = guard.id();
+        let etcd_id = conn.guard.id();
         let previous = self.last_etcd_id.swap(etcd_id, Ordering::SeqCst);
         if previous != 0 && previous != etcd_id {
             warn!(cluster = %self.name, old = %format!("{previous:x}"), new = %format!("{etcd_id:x}"),
@@ -333,7 +354,9 @@ impl Remote {
 
         // The cluster config is mandatory.
         let key = cluster_config_key(&self.name);
-        let (value, _) = Box::pin(get(&client, &guard, &key)).await?;
+        let permit = self.env.read_permit().await;
+        let (value, _) = Box::pin(get(&conn.client, &conn.guard, &key)).await?;
+        drop(permit);
         let raw = value.ok_or(Error::ConfigNotFound { key: key.clone() })?;
         let remote =
             ClusterConfig::decode(&raw).map_err(|e| Error::ConfigRefused(format!("{key}: {e}")))?;
@@ -369,12 +392,7 @@ impl Remote {
                 continue;
             }
             let me = self.clone();
-            let conn = Conn {
-                client: client.clone(),
-                mux: mux.clone(),
-                guard: guard.clone(),
-            };
-            let (ctx, token) = (ctx.clone(), token.clone());
+            let (conn, ctx, token) = (conn.clone(), ctx.clone(), token.clone());
             let span =
                 tracing::info_span!("remote_resource", cluster = %self.name, resource = r.as_str());
             tasks.spawn(
@@ -383,8 +401,7 @@ impl Remote {
             );
         }
         let me = self.clone();
-        let (mux2, guard2) = (mux.clone(), guard.clone());
-        tasks.spawn(async move { me.heartbeat(mux2, guard2, hb_rev).await });
+        tasks.spawn(async move { me.heartbeat(conn, hb_rev).await });
 
         while let Some(done) = tasks.join_next().await {
             match done {
@@ -475,7 +492,7 @@ impl Remote {
     /// that of its largest state, kept for as long as the task (the whole session) lives.
     async fn resource(
         self: Arc<Self>,
-        conn: Conn,
+        conn: Arc<Conn>,
         ctx: Arc<Context>,
         r: Resource,
         cached: bool,
@@ -484,7 +501,7 @@ impl Remote {
     ) -> Result<()> {
         if canaries {
             let key = r.synced_key(&self.name, cached);
-            Box::pin(wait_for_key(&conn, &key)).await?;
+            Box::pin(wait_for_key(&self.env, &conn, &key)).await?;
             debug!(%key, "synced canary present");
         }
         let prefix = r.watch_prefix(&self.name, cached);
@@ -492,13 +509,11 @@ impl Remote {
         loop {
             // KVStoreMesh mode: every list hits the one local etcd; listing all remotes at
             // once gains nothing and holds every remote's listed bytes at the same time.
-            let permit = match &self.env.list_permits {
-                Some(p) => p.acquire().await.ok(),
-                None => None,
-            };
+            let permit = self.env.read_permit().await;
             let (kvs, revision) = Box::pin(list(&conn.client, &conn.guard, &prefix)).await?;
-            Box::pin(self.apply_list(&ctx, r, &prefix, kvs, &token)).await;
+            let events = self.apply_list(&ctx, r, &prefix, kvs);
             drop(permit);
+            self.emit(events, &token).await;
             if first {
                 first = false;
                 self.mark_synced(r, &token).await;
@@ -554,15 +569,14 @@ impl Remote {
     }
 
     /// Applies a full list: upserts what changed, deletes what is gone (stale sweep). A key
-    /// whose new value is rejected keeps its last good value.
-    async fn apply_list(
+    /// whose new value is rejected keeps its last good value. Returns the events to emit.
+    fn apply_list(
         &self,
         ctx: &Context,
         r: Resource,
         prefix: &str,
         kvs: Vec<(String, Bytes)>,
-        token: &CancellationToken,
-    ) {
+    ) -> Vec<Event> {
         let (changed, stale) = {
             let cache = self.cache.read().unwrap_or_else(PoisonError::into_inner);
             let stale = cache.keys_not_in(r, kvs.iter().map(|(key, _)| &key[prefix.len()..]));
@@ -573,21 +587,18 @@ impl Remote {
             (changed, stale)
         };
         let valid = self.validated(ctx, r, prefix, changed);
-        let events = {
-            let mut cache = self.cache.write().unwrap_or_else(PoisonError::into_inner);
-            let mut events: Vec<Event> = cache
-                .upsert_listed(r, prefix, valid)
-                .into_iter()
-                .map(|(key, change)| self.event(r, key, change))
-                .collect();
-            for rel in stale {
-                if let Some(change) = cache.delete(r, &rel) {
-                    events.push(self.event(r, format!("{prefix}{rel}"), change));
-                }
+        let mut cache = self.cache.write().unwrap_or_else(PoisonError::into_inner);
+        let mut events: Vec<Event> = cache
+            .upsert_listed(r, prefix, valid)
+            .into_iter()
+            .map(|(key, change)| self.event(r, key, change))
+            .collect();
+        for rel in stale {
+            if let Some(change) = cache.delete(r, &rel) {
+                events.push(self.event(r, format!("{prefix}{rel}"), change));
             }
-            events
-        };
-        self.emit(events, token).await;
+        }
+        events
     }
 
     fn event(&self, resource: Resource, key: String, change: super::Change) -> Event {
@@ -668,10 +679,11 @@ impl Remote {
         }
     }
 
-    async fn heartbeat(&self, mux: Arc<Mux>, guard: Arc<Guard>, revision: i64) -> Result<()> {
+    async fn heartbeat(&self, conn: Arc<Conn>, revision: i64) -> Result<()> {
         let timeout = self.env.config.heartbeat_timeout;
         let opts = WatchOptions::new().with_start_revision(revision + 1);
-        let mut watch = mux
+        let mut watch = conn
+            .mux
             .watch(HEARTBEAT_KEY, opts)
             .await
             .map_err(|e| ended(HEARTBEAT_KEY, e))?;
@@ -681,7 +693,7 @@ impl Remote {
             tokio::select! {
                 msg = watch.message() => {
                     let resp = msg.map_err(|e| ended(HEARTBEAT_KEY, e))?;
-                    guard.check(resp.header(), HEARTBEAT_KEY)?;
+                    conn.guard.check(resp.header(), HEARTBEAT_KEY)?;
                     if resp.canceled() {
                         return Err(Error::WatchEnded { prefix: HEARTBEAT_KEY.into(), reason: format!("canceled: {}", resp.cancel_reason()) });
                     }
@@ -756,8 +768,10 @@ async fn get(client: &Client, guard: &Guard, key: &str) -> Result<(Option<Bytes>
 }
 
 /// Waits until `key` exists (a synced canary).
-async fn wait_for_key(conn: &Conn, key: &str) -> Result<()> {
+async fn wait_for_key(env: &Env, conn: &Conn, key: &str) -> Result<()> {
+    let permit = env.read_permit().await;
     let (value, rev) = get(&conn.client, &conn.guard, key).await?;
+    drop(permit);
     if value.is_some() {
         return Ok(());
     }
