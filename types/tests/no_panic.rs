@@ -150,6 +150,13 @@ fn check_all_values(bytes: &[u8]) -> usize {
     if let Ok(s) = ClusterService::decode(bytes) {
         let _ = s.validate();
     }
+    // `decode` takes a hand-written fast path where it can; serde is the reference.
+    assert_eq!(
+        ClusterService::decode(bytes).ok(),
+        serde_json::from_slice::<ClusterService>(bytes).ok(),
+        "fast and serde decoding disagree on {:?}",
+        String::from_utf8_lossy(bytes)
+    );
     if let Ok(e) = ServiceExport::decode(bytes) {
         let _ = e.validate();
     }
