@@ -260,23 +260,22 @@ async fn route(
                     let Some(reply) = in_flight.take() else {
                         return Err(format!("unexpected created response for watch {id}"));
                     };
-                    if resp.canceled() {
-                        let _ = reply.send(Err(Ended::Failed(format!(
-                            "watch not created: {}",
-                            resp.cancel_reason()
-                        ))));
-                        continue;
-                    }
+                    // The created response goes first, so the watch checks its header and
+                    // sees a refusal (`canceled`, e.g. a compacted start revision) itself.
+                    let canceled = resp.canceled();
                     let (tx, rx) = mpsc::channel(CAPACITY);
                     let lagged = Arc::new(AtomicBool::new(false));
-                    // The created response goes first, so its header is checked like any.
                     let _ = tx.try_send(Box::new(resp));
                     let accepted = reply.send(Ok(Registered { id, rx, lagged: lagged.clone() }));
-                    if accepted.is_ok() {
-                        routes.insert(id, Route { tx, lagged });
-                    } else {
-                        // The watcher went away while waiting.
-                        s.cancel(id).await.map_err(|e| format!("send cancel request: {e}"))?;
+                    match (accepted.is_ok(), canceled) {
+                        (_, true) => {} // etcd has no such watch
+                        (true, false) => {
+                            routes.insert(id, Route { tx, lagged });
+                        }
+                        (false, false) => {
+                            // The watcher went away while waiting.
+                            s.cancel(id).await.map_err(|e| format!("send cancel request: {e}"))?;
+                        }
                     }
                     continue;
                 }
