@@ -858,7 +858,7 @@ async fn check_resolvable(cfg: &EtcdConfig) -> Result<()> {
         let Ok((_, hp)) = crate::config::split_endpoint(e) else {
             continue;
         };
-        let Some((host, port)) = crate::config::split_host_port(hp) else {
+        let Some((host, _)) = crate::config::split_host_port(hp) else {
             continue;
         };
         if host.parse::<std::net::IpAddr>().is_ok()
@@ -866,18 +866,12 @@ async fn check_resolvable(cfg: &EtcdConfig) -> Result<()> {
         {
             continue;
         }
-        let mut addrs = tokio::net::lookup_host((host, port))
+        crate::resolve::lookup(host)
             .await
             .map_err(|source| Error::Resolve {
                 host: host.to_owned(),
                 source,
             })?;
-        if addrs.next().is_none() {
-            return Err(Error::Resolve {
-                host: host.to_owned(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no addresses"),
-            });
-        }
     }
     Ok(())
 }
