@@ -523,6 +523,13 @@ impl Loop {
                     timed_out = true;
                 }
             }
+            // Entries the policy gate holds for their identity are wanted, just not yet in
+            // the reconciler: removing what they back now (an adopted entry, endpoint or pod
+            // link after a restart) would delete live state and write it back a moment
+            // later. Wait for them, up to the sync timeout; the identity's arrival is an
+            // event that brings the loop back here.
+            let gate_holding = self.policy.stats().held > 0 && !timed_out;
+            self.rec.hold_removals(gate_holding);
             // Policy first: an identity's entries are in the maps before its endpoints.
             self.policy.flush();
             self.rec.flush();
@@ -545,7 +552,7 @@ impl Loop {
                 .collect();
             let all = local_synced && missing.is_empty();
             let (swept_local, swept_remote) = self.rec.swept();
-            if all && !swept_remote {
+            if all && !swept_remote && !gate_holding {
                 self.rec.sweep(true);
             } else if local_synced && timed_out && !swept_local {
                 self.rec.sweep(false);

@@ -941,6 +941,8 @@ pub struct Reconciler {
     pending_synced: Vec<Arc<str>>,
     swept_local: bool,
     swept_remote: bool,
+    /// Set while the policy gate holds entries back (see [`Reconciler::hold_removals`]).
+    removals_held: bool,
     stats: Stats,
 }
 
@@ -992,6 +994,7 @@ impl Reconciler {
             synced: BTreeSet::new(),
             pending_synced: Vec::new(),
             swept_local: false,
+            removals_held: false,
             swept_remote: false,
             stats,
         })
@@ -1171,7 +1174,7 @@ impl Reconciler {
                 }
             }
         }
-        let local_synced = self.synced.contains(self.desired.local());
+        let local_synced = self.synced.contains(self.desired.local()) && !self.removals_held;
         let gone: Vec<Ipv4Addr> = self
             .applied_eps
             .keys()
@@ -1215,6 +1218,18 @@ impl Reconciler {
             }
         }
         self.pod_state = states;
+    }
+
+    /// While `hold` is set, local endpoints and pod links are not removed: the policy gate
+    /// holds ipcache entries back until their identity is known, so a pod may be missing
+    /// from the desired state only for the moment (after a restart its adopted endpoint and
+    /// pinned link would be deleted and created again). Cleared, the next pod sync removes
+    /// what is really gone.
+    pub fn hold_removals(&mut self, hold: bool) {
+        if self.removals_held && !hold {
+            self.pods_dirty = true;
+        }
+        self.removals_held = hold;
     }
 
     /// `true` while some local pod waits for its veth or a failed attach.

@@ -897,7 +897,19 @@ fn agents_program_the_mesh_follow_deletes_and_restart_hitlessly() -> Result<()> 
         "restart: stream survived ({got} bytes, {down} while the agent was down, {after} in the \
          second after ready); restarted agent ready after {took:?}"
     );
-    let st = agents[0].status()?;
+    // Ready means every cluster synced; pod links are found by the interface poll (1 s) and
+    // /status is republished every second, so the swapped links may show a moment later.
+    let mut st = agents[0].status()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while st["datapath"]["stats"]["attach-replaced"]
+        .as_u64()
+        .unwrap_or(0)
+        < 2
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(200));
+        st = agents[0].status()?;
+    }
     let stats = &st["datapath"]["stats"];
     ensure!(
         stats["ipcache-upserts"] == 0,
