@@ -419,13 +419,7 @@ async fn host_aliases_resolve_mesh_names() -> anyhow::Result<()> {
 async fn kvstoremesh_mode_reads_the_local_cache() -> anyhow::Result<()> {
     let local = TestEtcd::start()?;
     let mut c = local.client("root").await?;
-    c.put("cilium/.heartbeat", "x", None).await?;
-    c.put(
-        "cilium/cluster-config/cluster3",
-        r#"{"id":3,"capabilities":{"syncedCanaries":true,"cached":true,"maxConnectedClusters":255,"serviceExportsEnabled":false}}"#,
-        None,
-    )
-    .await?;
+    seed_cached_cluster3(&mut c).await?;
     c.put("cilium/cache/nodes/v1/cluster3/test-node-1", NODE1, None)
         .await?;
     c.put(
@@ -680,13 +674,7 @@ async fn watch_from_a_compacted_revision_relists() -> anyhow::Result<()> {
 
     let etcd = TestEtcd::start()?;
     let mut c = etcd.client("root").await?;
-    c.put("cilium/.heartbeat", "x", None).await?;
-    c.put(
-        "cilium/cluster-config/cluster3",
-        r#"{"id":3,"capabilities":{"syncedCanaries":true,"cached":true,"maxConnectedClusters":255,"serviceExportsEnabled":false}}"#,
-        None,
-    )
-    .await?;
+    seed_cached_cluster3(&mut c).await?;
     c.put(
         "cilium/cache/ip/v1/cluster3/10.3.0.1",
         ip_entry("10.3.0.1", 196_618),
@@ -779,5 +767,17 @@ async fn watch_from_a_compacted_revision_relists() -> anyhow::Result<()> {
         ),
         "{events:?}"
     );
+    Ok(())
+}
+
+/// A heartbeat and cluster3's config as KVStoreMesh mirrors it (`cached: true`).
+async fn seed_cached_cluster3(c: &mut etcd_client::Client) -> anyhow::Result<()> {
+    c.put("cilium/.heartbeat", "x", None).await?;
+    c.put(
+        "cilium/cluster-config/cluster3",
+        r#"{"id":3,"capabilities":{"syncedCanaries":true,"cached":true,"maxConnectedClusters":255,"serviceExportsEnabled":false}}"#,
+        None,
+    )
+    .await?;
     Ok(())
 }
