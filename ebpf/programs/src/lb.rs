@@ -42,7 +42,7 @@ use clustermesh_ebpf_abi::{
     IPPROTO_TCP, IPPROTO_UDP, LB_LOOPBACK_IPV4,
 };
 
-use crate::packet::{Error, Ipv4, ETH_HLEN};
+use crate::packet::{ensure, read, Error, Ipv4, ETH_HLEN};
 
 /// Frontends (slot 0) and their backend slots. No prealloc: an update replaces the element
 /// (RCU) instead of rewriting it under a reader.
@@ -112,34 +112,6 @@ impl L4 {
         } else {
             0
         }
-    }
-}
-
-#[inline(always)]
-fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, Error> {
-    let start = ctx.data() + offset;
-    if start + core::mem::size_of::<T>() > ctx.data_end() {
-        return Err(Error::Truncated);
-    }
-    // SAFETY: [start, start + size_of::<T>()) is inside the packet (checked above); packet
-    // data has no alignment guarantee, hence `read_unaligned`.
-    Ok(unsafe { core::ptr::read_unaligned(start as *const T) })
-}
-
-/// Makes the first `len` bytes linear (pulling a non-linear skb's headers in).
-#[inline(always)]
-fn ensure(ctx: &TcContext, len: usize) -> Result<(), Error> {
-    if ctx.data() + len <= ctx.data_end() {
-        return Ok(());
-    }
-    if (ctx.len() as usize) < len {
-        return Err(Error::Truncated);
-    }
-    ctx.pull_data(len as u32).map_err(|_| Error::Truncated)?;
-    if ctx.data() + len <= ctx.data_end() {
-        Ok(())
-    } else {
-        Err(Error::Truncated)
     }
 }
 

@@ -42,7 +42,7 @@ pub struct Ipv4 {
 /// is shorter but the packet is not, pull the headers in (non-linear skbs, e.g. GRO'd
 /// traffic). Pointers taken before a pull are invalid afterwards.
 #[inline(always)]
-fn ensure(ctx: &TcContext, len: usize) -> Result<(), Error> {
+pub(crate) fn ensure(ctx: &TcContext, len: usize) -> Result<(), Error> {
     if ctx.data() + len <= ctx.data_end() {
         return Ok(());
     }
@@ -59,7 +59,7 @@ fn ensure(ctx: &TcContext, len: usize) -> Result<(), Error> {
 
 /// Reads a `T` at `offset`, bounds-checked against `data_end`.
 #[inline(always)]
-fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, Error> {
+pub(crate) fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, Error> {
     let start = ctx.data() + offset;
     if start + core::mem::size_of::<T>() > ctx.data_end() {
         return Err(Error::Truncated);
