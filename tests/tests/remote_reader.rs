@@ -644,18 +644,7 @@ async fn slow_consumer_lags_one_watch_without_stalling_the_shared_stream() -> an
         .map(|i| format!("10.3.{}.{}", i / 256, i % 256))
         .collect();
     eventually(Duration::from_secs(20), "cluster3's endpoints", || {
-        caches
-            .with("cluster3", |cache| {
-                let mut got: Vec<String> = cache
-                    .iter(Resource::Endpoints)
-                    .map(|(k, _)| k.to_owned())
-                    .collect();
-                got.sort();
-                let mut want = expected.clone();
-                want.sort();
-                got == want
-            })
-            .unwrap_or(false)
+        endpoints_are(&caches, "cluster3", &expected)
     })
     .await?;
     token.cancel();
@@ -741,20 +730,7 @@ async fn watch_from_a_compacted_revision_relists() -> anyhow::Result<()> {
     eventually(
         Duration::from_secs(20),
         "cluster3's endpoints after the relist",
-        || {
-            caches
-                .with("cluster3", |cache| {
-                    let mut got: Vec<String> = cache
-                        .iter(Resource::Endpoints)
-                        .map(|(k, _)| k.to_owned())
-                        .collect();
-                    got.sort();
-                    let mut want = want.clone();
-                    want.sort();
-                    got == want
-                })
-                .unwrap_or(false)
-        },
+        || endpoints_are(&caches, "cluster3", &want),
     )
     .await?;
     token.cancel();
@@ -780,4 +756,24 @@ async fn seed_cached_cluster3(c: &mut etcd_client::Client) -> anyhow::Result<()>
     )
     .await?;
     Ok(())
+}
+
+/// Whether `cluster`'s cached endpoint keys are exactly `want` (in any order).
+fn endpoints_are(
+    caches: &clustermesh_syncer::remote::Caches,
+    cluster: &str,
+    want: &[String],
+) -> bool {
+    caches
+        .with(cluster, |cache| {
+            let mut got: Vec<String> = cache
+                .iter(Resource::Endpoints)
+                .map(|(k, _)| k.to_owned())
+                .collect();
+            got.sort();
+            let mut want = want.to_vec();
+            want.sort();
+            got == want
+        })
+        .unwrap_or(false)
 }
