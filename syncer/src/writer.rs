@@ -329,25 +329,8 @@ impl Writer {
         prefix: &str,
         desired: &BTreeMap<String, Vec<u8>>,
     ) -> Result<Stats> {
-        self.drain_lost();
-        let mut stats = Stats::default();
-        let mut puts: Vec<(String, Vec<u8>)> = Vec::new();
-        for (k, v) in desired {
-            debug_assert!(k.starts_with(prefix), "{k} outside {prefix}");
-            match self.known.get(k) {
-                Some(known) if known.value == *v && known.lease != 0 => stats.unchanged += 1,
-                _ => puts.push((k.clone(), v.clone())),
-            }
-        }
-        let deletes: Vec<String> = self
-            .known
-            .range(prefix.to_string()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .filter(|(k, _)| !desired.contains_key(*k))
-            .map(|(k, _)| k.clone())
-            .collect();
-        self.apply(prefix, puts, deletes, &mut stats).await?;
-        Ok(stats)
+        let stats = self.sync_prefixes(&[(prefix, desired)]).await?;
+        Ok(stats.into_iter().next().unwrap_or_default())
     }
 
     /// Like [`Writer::sync_prefix`] for several prefixes at once, in one pipeline of
