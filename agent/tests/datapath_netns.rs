@@ -29,6 +29,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+mod netns_common;
+use netns_common::{in_netns, run};
+
 use anyhow::{bail, ensure, Context as _, Result};
 use clustermesh_agent::datapath::{AttachMode, Config, Datapath, Error, Program};
 use clustermesh_agent::kernel;
@@ -85,38 +88,6 @@ fn mac(m: &[u8; 6]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
-}
-
-fn run(args: &[&str]) -> Result<String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .with_context(|| format!("spawn {args:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{args:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Runs `f` on a thread inside network namespace `ns` (a file under /run/netns).
-fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let path = format!("/run/netns/{ns}");
-            let file = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
-            use std::os::fd::AsRawFd as _;
-            // SAFETY: a valid namespace fd; CLONE_NEWNET only moves this thread.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            ensure!(rc == 0, "setns {ns}: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("thread in {ns} panicked"))?
-    })
 }
 
 fn ifindex(name: &str) -> Result<u32> {
