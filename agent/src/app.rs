@@ -39,6 +39,17 @@ pub enum RemoteMode {
     Direct,
 }
 
+/// The device `from_underlay` is attached to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UnderlayDev {
+    /// The interface holding the node's underlay address (`--node-ip`).
+    Auto,
+    /// This interface.
+    Named(String),
+    /// None: every tunnelled packet is received through the VXLAN device.
+    Off,
+}
+
 /// Settings of the agent (validated by [`Config::validate`]).
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -58,6 +69,10 @@ pub struct Config {
     pub bpffs_dir: PathBuf,
     /// The VXLAN device (external mode).
     pub vxlan_dev: String,
+    /// The VXLAN device's UDP port (what `from_underlay` decapsulates).
+    pub vxlan_port: u16,
+    /// Where `from_underlay` decapsulates VXLAN for local pods.
+    pub underlay_dev: UnderlayDev,
     /// `/readyz`, `/healthz`, `/status`, `/metrics`.
     pub health_addr: SocketAddr,
     /// The flow observer's gRPC address (`clustermesh observe`); Hubble's port 4245.
@@ -95,6 +110,14 @@ impl Config {
                 "--vxlan-dev {:?} is not an interface name",
                 self.vxlan_dev
             ));
+        }
+        if let UnderlayDev::Named(dev) = &self.underlay_dev {
+            if dev.is_empty() || dev.len() > ifaces::IFNAME_MAX {
+                return bad(format!("--underlay-dev {dev:?} is not an interface name"));
+            }
+        }
+        if self.vxlan_port == 0 {
+            return bad("--vxlan-port must be the VXLAN device's UDP port (not 0)".into());
         }
         if self.ipcache_max_entries == 0 || self.local_endpoints_max_entries == 0 {
             return bad("map sizes must be > 0".into());
@@ -135,10 +158,42 @@ pub async fn run(config: Config, token: CancellationToken) -> Result<()> {
     })?;
     let how = dp.attach(Program::FromOverlay, &config.vxlan_dev)?;
     info!(dev = %config.vxlan_dev, ?how, "from_overlay attached");
-    if dp.maps.tunnel.get()?.vxlan_ifindex != vx.ifindex
-        || dp.maps.tunnel.get()?.local_ipv4 != config.node_ip.octets()
-    {
-        dp.maps.tunnel.set(vx.ifindex, config.node_ip)?;
+    let underlay = match &config.underlay_dev {
+        UnderlayDev::Off => None,
+        UnderlayDev::Named(dev) => Some(dev.clone()),
+        UnderlayDev::Auto => match ifaces::with_ipv4(config.node_ip) {
+            None => {
+                warn!(node_ip = %config.node_ip,
+                    "no interface holds --node-ip: VXLAN is received through the VXLAN device \
+                     only (name the underlay device with --underlay-dev to decapsulate there)");
+                None
+            }
+            // Decapsulating before GRO would hand the pods one packet per wire segment,
+            // where the VXLAN device aggregates the inner packets itself (gro_cells).
+            Some(dev) if ifaces::gro_enabled(&dev) != Some(true) => {
+                info!(%dev, "GRO is off on the underlay device: VXLAN is received through \
+                    the VXLAN device (turn GRO on, `ethtool -K {dev} gro on`, to decapsulate \
+                    there)");
+                None
+            }
+            Some(dev) => Some(dev),
+        },
+    };
+    // Decapsulation needs the port in the tunnel settings; 0 there turns it off (a pinned
+    // from_underlay link left by an earlier agent then passes everything on).
+    let port = if underlay.is_some() {
+        config.vxlan_port
+    } else {
+        0
+    };
+    if let Some(dev) = &underlay {
+        let how = dp.attach(Program::FromUnderlay, dev)?;
+        info!(%dev, port, ?how, "from_underlay attached");
+    }
+    let want = (vx.ifindex, config.node_ip.octets(), port.to_be_bytes());
+    let have = dp.maps.tunnel.get()?;
+    if (have.vxlan_ifindex, have.local_ipv4, have.vxlan_port) != want {
+        dp.maps.tunnel.set(vx.ifindex, config.node_ip, port)?;
     }
     // Policy and flows own their maps; the reconciler keeps the ipcache and endpoints.
     let policy_maps = PolicyMaps::take(&mut dp)?;
@@ -615,7 +670,7 @@ impl Loop {
         report.services = self.svc.services.status();
         report.policy = self.policy.stats();
         let maps = &self.rec.datapath_ref().maps;
-        for program in [Program::FromPod, Program::FromOverlay] {
+        for program in Program::ALL {
             if let Ok(values) = maps.counters(program).read() {
                 report.programs.insert(
                     program.name().to_owned(),

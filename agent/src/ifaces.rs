@@ -1,6 +1,7 @@
 //! The lab/CNI naming rules the agent relies on (docs/lab-datapath-contract.md) and the
-//! interface facts it reads: host-side veth name of a pod, the pod's MAC, and an interface's
-//! index and MAC address in the agent's network namespace.
+//! interface facts it reads: host-side veth name of a pod, the pod's MAC, an interface's
+//! index and MAC address, and which interface holds an address, in the agent's network
+//! namespace.
 //!
 //! Interface facts come from `if_nametoindex`/`if_nameindex` and the `SIOCGIFHWADDR` ioctl,
 //! which answer for the calling process's network namespace however it got there
@@ -130,9 +131,88 @@ pub fn names() -> BTreeSet<String> {
     out
 }
 
+/// Whether generic receive offload is on for `name` (`ethtool -k <name>`'s
+/// generic-receive-offload), `None` if it cannot be read.
+pub fn gro_enabled(name: &str) -> Option<bool> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GGRO: u32 = 0x2b;
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    if name.is_empty() || name.len() > IFNAME_MAX {
+        return None;
+    }
+    let mut value = EthtoolValue {
+        cmd: ETHTOOL_GGRO,
+        data: 0,
+    };
+    // SAFETY: plain socket creation; the fd is closed below.
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if sock < 0 {
+        return None;
+    }
+    // SAFETY: an all-zero ifreq is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
+        *dst = *src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_data = (&mut value as *mut EthtoolValue).cast();
+    // SAFETY: `req` names the interface (NUL-terminated, ≤ 15 bytes) and points at `value`,
+    // which outlives the call; ETHTOOL_GGRO writes only `value.data`.
+    let rc = unsafe { libc::ioctl(sock, SIOCETHTOOL as _, &mut req) };
+    // SAFETY: `sock` is ours.
+    unsafe { libc::close(sock) };
+    (rc == 0).then_some(value.data != 0)
+}
+
+/// Name of the interface that holds the IPv4 address `ip` in the agent's network namespace
+/// (the node's underlay device for its `--node-ip`), `None` if none does.
+pub fn with_ipv4(ip: Ipv4Addr) -> Option<String> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes a list head into `list`; freed once below.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return None;
+    }
+    let mut found = None;
+    let mut p = list;
+    // SAFETY: walks the linked list getifaddrs returned up to its NULL end; an AF_INET
+    // address is a sockaddr_in; names are NUL-terminated; the list is freed once, after.
+    unsafe {
+        while !p.is_null() {
+            let a = (*p).ifa_addr;
+            if !a.is_null() && i32::from((*a).sa_family) == libc::AF_INET {
+                let sin = &*(a as *const libc::sockaddr_in);
+                if Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)) == ip {
+                    found = Some(CStr::from_ptr((*p).ifa_name).to_string_lossy().into_owned());
+                    break;
+                }
+            }
+            p = (*p).ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gro_of_missing_interfaces_is_unknown() {
+        assert_eq!(gro_enabled("cm-no-such-if"), None);
+        // lo answers (its value is the kernel's business).
+        assert!(gro_enabled("lo").is_some());
+    }
+
+    #[test]
+    fn the_interface_holding_an_address_is_found() {
+        assert_eq!(with_ipv4(Ipv4Addr::LOCALHOST).as_deref(), Some("lo"));
+        // TEST-NET-3, assigned to nothing here.
+        assert_eq!(with_ipv4(Ipv4Addr::new(203, 0, 113, 254)), None);
+    }
 
     #[test]
     fn veth_name_rule() {

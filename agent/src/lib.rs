@@ -21,7 +21,7 @@ pub mod policy;
 pub mod reconcile;
 pub mod services;
 
-pub use app::{cleanup, run, Config, RemoteMode};
+pub use app::{cleanup, run, Config, RemoteMode, UnderlayDev};
 
 /// Errors of the agent.
 #[derive(Debug, thiserror::Error)]

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, ValueEnum};
-use clustermesh_agent::{kernel, Config, RemoteMode};
+use clustermesh_agent::{kernel, Config, RemoteMode, UnderlayDev};
 use clustermesh_types::cluster::{ClusterInfo, ClusterName, MaxConnectedClusters};
 use tokio_util::sync::CancellationToken;
 
@@ -56,6 +56,14 @@ struct Args {
     /// The VXLAN device (external mode).
     #[arg(long, default_value = "cmvx0")]
     vxlan_dev: String,
+    /// The VXLAN device's UDP port.
+    #[arg(long, default_value_t = 4789)]
+    vxlan_port: u16,
+    /// Where VXLAN for this node's pods is decapsulated by BPF before the VXLAN device:
+    /// `auto` (the interface holding --node-ip, if GRO is on there), an interface name, or
+    /// `off` (everything is received through the VXLAN device).
+    #[arg(long, default_value = "auto")]
+    underlay_dev: String,
     /// Address of /readyz, /healthz, /status and /metrics.
     #[arg(long, default_value = "127.0.0.1:9890")]
     health_addr: SocketAddr,
@@ -136,6 +144,12 @@ fn config(a: &Args) -> anyhow::Result<Config> {
         },
         bpffs_dir: a.bpffs_dir.clone(),
         vxlan_dev: a.vxlan_dev.clone(),
+        vxlan_port: a.vxlan_port,
+        underlay_dev: match a.underlay_dev.as_str() {
+            "auto" => UnderlayDev::Auto,
+            "off" => UnderlayDev::Off,
+            dev => UnderlayDev::Named(dev.to_owned()),
+        },
         health_addr: a.health_addr,
         observer_addr: match a.observer_addr {
             Some(addr) => addr,

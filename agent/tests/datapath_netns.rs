@@ -288,7 +288,7 @@ fn node_datapath(t: &Topology, pins: &Path, node: u8) -> Result<Datapath> {
     } else {
         (NODE2_UNDERLAY, NODE1_UNDERLAY)
     };
-    dp.maps.tunnel.set(vx, here)?;
+    dp.maps.tunnel.set(vx, here, 4789)?;
     for (pod, ifindex) in local.iter().zip(host_ifs) {
         let info = EndpointInfo {
             ifindex,

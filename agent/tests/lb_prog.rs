@@ -59,7 +59,7 @@ fn node() -> (Datapath, LbMaps) {
             IpcacheValue::tunnel_v4(131_073, REMOTE_NODE.octets()),
         )
         .expect("remote backend");
-    m.tunnel.set(77, LOCAL_NODE).expect("tunnel");
+    m.tunnel.set(77, LOCAL_NODE, 4789).expect("tunnel");
     (dp, lb)
 }
 

@@ -1,6 +1,6 @@
 //! BPF_PROG_TEST_RUN tests of policy enforcement and flow events: the policy engine's
-//! entries written to the real maps, crafted TCP packets through `from_pod` and
-//! `from_overlay`, the verdict, the flow events in the ring buffer and the verdict
+//! entries written to the real maps, crafted TCP packets through `from_pod`,
+//! `from_overlay` and (VXLAN-encapsulated) `from_underlay`, the verdict, the flow events in the ring buffer and the verdict
 //! counters. Needs root (CI runs as root).
 
 use std::net::Ipv4Addr;
@@ -14,6 +14,9 @@ use clustermesh_ebpf_abi::{
 };
 use clustermesh_types::identity::LabelArray;
 
+mod vxlan_common;
+use vxlan_common::Vxlan;
+
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 
@@ -21,6 +24,8 @@ const POD_A: Ipv4Addr = Ipv4Addr::new(10, 2, 1, 10); // frontend, c2
 const POD_B: Ipv4Addr = Ipv4Addr::new(10, 2, 1, 11); // backend, c2
 const REMOTE_FRONTEND: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 10); // frontend, c1
 const REMOTE_OTHER: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 11); // other, c1
+const LOCAL_NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 11);
+const REMOTE_NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 11);
 const ID_A: u32 = 2001;
 const ID_B: u32 = 2002;
 const ID_REMOTE_FRONTEND: u32 = 1001;
@@ -60,7 +65,7 @@ fn node() -> Node {
     let m = &mut dp.maps;
     m.local_endpoints.upsert_v4(POD_A, ep(41, ID_A)).expect("A");
     m.local_endpoints.upsert_v4(POD_B, ep(42, ID_B)).expect("B");
-    let remote_node = [198, 18, 1, 11];
+    let remote_node = REMOTE_NODE.octets();
     for (ip, id) in [
         (REMOTE_FRONTEND, ID_REMOTE_FRONTEND),
         (REMOTE_OTHER, ID_REMOTE_OTHER),
@@ -69,9 +74,7 @@ fn node() -> Node {
             .upsert_v4(ip, 32, IpcacheValue::tunnel_v4(id, remote_node))
             .expect("remote");
     }
-    m.tunnel
-        .set(77, Ipv4Addr::new(198, 18, 2, 11))
-        .expect("tunnel");
+    m.tunnel.set(77, LOCAL_NODE, 4789).expect("tunnel");
     let policy = PolicyMaps::take(&mut dp).expect("policy maps");
     let flows = FlowMaps::take(&mut dp).expect("flow maps");
     let mut engine = Engine::new(PolicyConfig {
@@ -257,6 +260,79 @@ fn overlay_ingress_uses_the_vni_identity_and_l4_only_rules() {
     assert_eq!(ev[1].drop_reason, drop_reason::POLICY_DENIED);
     assert_eq!(ev[1].observation, 2, "from_overlay");
     assert_eq!(ev[0].policy_match, PolicyMatch::L4Only as u8);
+}
+
+#[test]
+fn underlay_ingress_enforces_policy_with_the_vni_as_source_identity() {
+    let mut n = node();
+    n.policy(
+        "c1-frontend",
+        Some(
+            r#"{"kind":"CiliumNetworkPolicy","metadata":{"name":"c1-frontend","namespace":"default"},
+             "spec":{"endpointSelector":{"matchLabels":{"app":"backend"}},
+              "ingress":[{"fromEndpoints":[{"matchLabels":{"app":"frontend",
+                  "io.cilium.k8s.policy.cluster":"c1"}}],
+                "toPorts":[{"ports":[{"port":"8080","protocol":"TCP"}]}]}]}}"#,
+        ),
+    );
+    let vxlan = |vni: u32, src: Ipv4Addr, dport: u16| {
+        Vxlan::new(
+            REMOTE_NODE,
+            LOCAL_NODE,
+            4789,
+            vni,
+            &tcp(src, POD_B, 5, dport),
+        )
+        .frame()
+    };
+    let cases = [
+        (
+            "c1 frontend to 8080",
+            ID_REMOTE_FRONTEND,
+            REMOTE_FRONTEND,
+            8080,
+            TC_ACT_REDIRECT,
+        ),
+        (
+            "c1 frontend to 22",
+            ID_REMOTE_FRONTEND,
+            REMOTE_FRONTEND,
+            22,
+            TC_ACT_SHOT,
+        ),
+        (
+            "c1 other to 8080",
+            ID_REMOTE_OTHER,
+            REMOTE_OTHER,
+            8080,
+            TC_ACT_SHOT,
+        ),
+        // The identity is the VNI's, whatever the inner source address claims.
+        (
+            "other's VNI, frontend's address",
+            ID_REMOTE_OTHER,
+            REMOTE_FRONTEND,
+            8080,
+            TC_ACT_SHOT,
+        ),
+    ];
+    for (what, vni, src, dport, want) in cases {
+        assert_eq!(
+            n.run(Program::FromUnderlay, &vxlan(vni, src, dport)),
+            want,
+            "{what}"
+        );
+    }
+    let ev = n.events();
+    assert_eq!(ev.len(), cases.len());
+    for ((what, vni, ..), e) in cases.iter().zip(&ev) {
+        assert_eq!((e.src_identity, e.dst_identity), (*vni, ID_B), "{what}");
+        assert_eq!(e.observation, 2, "{what}: observed as overlay ingress");
+    }
+    assert_eq!(ev[0].verdict, verdict::FORWARDED);
+    assert!(ev[1..]
+        .iter()
+        .all(|e| e.drop_reason == drop_reason::POLICY_DENIED));
 }
 
 #[test]

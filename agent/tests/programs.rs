@@ -9,6 +9,9 @@ use std::net::Ipv4Addr;
 use clustermesh_agent::datapath::{Config, CounterValues, Datapath, Program};
 use clustermesh_ebpf_abi::{Counter, EndpointInfo, IpcacheValue, TraceSlot};
 
+mod vxlan_common;
+use vxlan_common::Vxlan;
+
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
@@ -19,6 +22,8 @@ const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 2, 1, 10);
 const LOCAL_NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const REMOTE_NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const VXLAN_IFINDEX: u32 = 77;
+const VXLAN_PORT: u16 = 4789;
+const REMOTE_POD_IDENTITY: u32 = 131_073;
 const POD_A_IDENTITY: u32 = 65_537;
 const POD_B_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xb0, 0x01];
 const HOST_B_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xb0, 0x02];
@@ -64,11 +69,11 @@ fn node() -> Datapath {
         .upsert_v4(
             REMOTE_POD,
             32,
-            IpcacheValue::tunnel_v4(131_073, REMOTE_NODE.octets()),
+            IpcacheValue::tunnel_v4(REMOTE_POD_IDENTITY, REMOTE_NODE.octets()),
         )
         .expect("upsert remote");
     m.tunnel
-        .set(VXLAN_IFINDEX, LOCAL_NODE)
+        .set(VXLAN_IFINDEX, LOCAL_NODE, VXLAN_PORT)
         .expect("tunnel settings");
     dp
 }
@@ -374,7 +379,7 @@ fn frames_shorter_than_an_ipv4_header_never_reach_the_programs() {
     let mut dp = node();
     let good = ipv4_packet(POD_A, POD_B);
     for len in [10, 14 + 19] {
-        for program in [Program::FromPod, Program::FromOverlay] {
+        for program in Program::ALL {
             let r = dp.test_run(program, &good[..len], None, 1);
             assert!(r.is_err(), "{program:?} with {len} bytes: {r:?}");
         }
@@ -452,15 +457,166 @@ fn per_packet_cost() {
             Program::FromOverlay,
             ipv4_packet(REMOTE_POD, POD_B),
         ),
+        (
+            "from_underlay decap + local",
+            Program::FromUnderlay,
+            vxlan_to_local_node(&ipv4_packet(REMOTE_POD, POD_B)).frame(),
+        ),
+        (
+            "from_underlay not tunnelled",
+            Program::FromUnderlay,
+            ipv4_packet(REMOTE_NODE, LOCAL_NODE),
+        ),
     ];
     for (what, program, packet) in cases {
-        let r = dp
-            .test_run(program, &packet, None, 200_000)
-            .expect("test run");
+        let r = if program == Program::FromUnderlay {
+            dp.test_run_fresh(program, &packet, 20_000)
+        } else {
+            dp.test_run(program, &packet, None, 200_000)
+        }
+        .expect("test run");
         println!(
             "{what}: {} ns/packet (verdict {})",
             r.duration.as_nanos(),
             r.verdict
         );
     }
+}
+
+/// A VXLAN datagram from REMOTE_NODE to LOCAL_NODE:4789, VNI = the remote pod's identity.
+fn vxlan_to_local_node(inner: &[u8]) -> Vxlan {
+    Vxlan::new(
+        REMOTE_NODE,
+        LOCAL_NODE,
+        VXLAN_PORT,
+        REMOTE_POD_IDENTITY,
+        inner,
+    )
+}
+
+#[test]
+fn from_underlay_decapsulates_vxlan_for_a_local_pod_with_the_vni_as_source_identity() {
+    let mut dp = node();
+    let inner = ipv4_packet(REMOTE_POD, POD_B);
+    let (verdict, out) = run(
+        &mut dp,
+        Program::FromUnderlay,
+        &vxlan_to_local_node(&inner).frame(),
+    );
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out.len(), inner.len(), "outer headers removed: {out:02x?}");
+    assert_eq!(out[0..6], POD_B_MAC, "destination MAC = pod B");
+    assert_eq!(out[6..12], HOST_B_MAC, "source MAC = pod B's gateway");
+    assert_eq!(out[12..], inner[12..], "the inner IPv4 packet, untouched");
+    assert_counters(
+        &dp,
+        Program::FromUnderlay,
+        &[(Counter::Packets, 1), (Counter::DeliveredLocal, 1)],
+    );
+    assert_counters(&dp, Program::FromOverlay, &[]);
+    let traces = dp.maps.traces.read(TraceSlot::Ingress).expect("traces");
+    assert_eq!(traces.len(), 1);
+    let t = traces[0];
+    assert_eq!(
+        (t.vni, t.ifindex, Ipv4Addr::from(t.remote_ipv4)),
+        (REMOTE_POD_IDENTITY, 42, REMOTE_NODE),
+        "identity from the VNI, the outer source as the remote node"
+    );
+}
+
+#[test]
+fn from_underlay_passes_everything_else_on_unchanged() {
+    let pod = vxlan_to_local_node(&ipv4_packet(REMOTE_POD, POD_B));
+    let with = |f: &dyn Fn(&mut Vxlan)| {
+        let mut v = pod.clone();
+        f(&mut v);
+        v.frame()
+    };
+    let mut arp = ipv4_packet(REMOTE_POD, POD_B);
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    let vxlan_frame = pod.frame();
+    let cases: Vec<(&str, Vec<u8>, Counter)> = vec![
+        (
+            "the node's own traffic (ICMP to the node)",
+            ipv4_packet(REMOTE_NODE, LOCAL_NODE),
+            Counter::NotTunnelled,
+        ),
+        (
+            "another UDP port",
+            with(&|v| v.dport = 53),
+            Counter::NotTunnelled,
+        ),
+        (
+            "VXLAN for another node",
+            with(&|v| v.outer[16..20].copy_from_slice(&REMOTE_NODE.octets())),
+            Counter::NotTunnelled,
+        ),
+        (
+            "no valid-VNI flag",
+            with(&|v| v.flags = 0),
+            Counter::NotTunnelled,
+        ),
+        (
+            "a fragment (more fragments)",
+            with(&|v| v.outer[6] = 0x20),
+            Counter::NotTunnelled,
+        ),
+        (
+            "a fragment (offset)",
+            with(&|v| v.outer[7] = 0x08),
+            Counter::NotTunnelled,
+        ),
+        (
+            "outer IPv4 options",
+            with(&|v| {
+                v.outer[0] = 0x46;
+                v.outer.extend_from_slice(&[1, 1, 1, 1]);
+            }),
+            Counter::NotTunnelled,
+        ),
+        (
+            "cut inside the inner IPv4 header",
+            vxlan_frame[..vxlan_frame.len() - 20].to_vec(),
+            Counter::NotTunnelled,
+        ),
+        (
+            "an inner ARP frame",
+            with(&|v| v.inner = arp.clone()),
+            Counter::NotIpv4,
+        ),
+        (
+            "an inner frame for a pod not on this node",
+            with(&|v| v.inner = ipv4_packet(REMOTE_POD, Ipv4Addr::new(10, 1, 1, 77))),
+            Counter::EndpointMiss,
+        ),
+    ];
+    for (what, packet, reason) in cases {
+        let mut dp = node();
+        let (verdict, out) = run(&mut dp, Program::FromUnderlay, &packet);
+        assert_eq!(verdict, TC_ACT_OK, "{what}");
+        assert_eq!(out, packet, "{what}: must reach the stack unmodified");
+        assert_counters(
+            &dp,
+            Program::FromUnderlay,
+            &[(Counter::Packets, 1), (Counter::ToStack, 1), (reason, 1)],
+        );
+    }
+
+    // Before the agent configures the tunnel port, nothing is decapsulated.
+    let mut dp = node();
+    dp.maps
+        .tunnel
+        .set(VXLAN_IFINDEX, LOCAL_NODE, 0)
+        .expect("tunnel settings");
+    let (verdict, out) = run(&mut dp, Program::FromUnderlay, &vxlan_frame);
+    assert_eq!((verdict, out), (TC_ACT_OK, vxlan_frame));
+    assert_counters(
+        &dp,
+        Program::FromUnderlay,
+        &[
+            (Counter::Packets, 1),
+            (Counter::ToStack, 1),
+            (Counter::TunnelUnconfigured, 1),
+        ],
+    );
 }

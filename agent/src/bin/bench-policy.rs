@@ -58,7 +58,9 @@ fn load() -> anyhow::Result<(Datapath, PolicyMaps, FlowMaps)> {
         32,
         IpcacheValue::tunnel_v4(ID_REMOTE, [198, 18, 2, 11]),
     )?;
-    dp.maps.tunnel.set(77, Ipv4Addr::new(198, 18, 1, 11))?;
+    dp.maps
+        .tunnel
+        .set(77, Ipv4Addr::new(198, 18, 1, 11), 4789)?;
     let p = PolicyMaps::take(&mut dp)?;
     let f = FlowMaps::take(&mut dp)?;
     Ok((dp, p, f))

@@ -283,12 +283,14 @@ impl TunnelSettings {
     }
 
     /// Enables tunnelling through the VXLAN device `vxlan_ifindex` from underlay address
-    /// `local`.
-    pub fn set(&mut self, vxlan_ifindex: u32, local: Ipv4Addr) -> Result<()> {
+    /// `local`; `vxlan_port` is the device's UDP port, which `from_underlay` decapsulates
+    /// (0: it decapsulates nothing and every tunnelled packet goes through the device).
+    pub fn set(&mut self, vxlan_ifindex: u32, local: Ipv4Addr, vxlan_port: u16) -> Result<()> {
         let cfg = TunnelConfig {
             vxlan_ifindex,
             local_ipv4: local.octets(),
             flags: tunnel_flags::ENABLED,
+            vxlan_port: vxlan_port.to_be_bytes(),
             pad: 0,
         };
         self.map

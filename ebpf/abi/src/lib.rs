@@ -27,6 +27,8 @@ pub mod map {
     pub const FROM_POD_COUNTERS: &str = "CM_FROM_POD_CNT";
     /// [`Counter`](crate::Counter) → `u64`, per-CPU array, counters of `from_overlay`.
     pub const FROM_OVERLAY_COUNTERS: &str = "CM_FROM_OVL_CNT";
+    /// [`Counter`](crate::Counter) → `u64`, per-CPU array, counters of `from_underlay`.
+    pub const FROM_UNDERLAY_COUNTERS: &str = "CM_FROM_UL_CNT";
     /// [`TraceSlot`](crate::TraceSlot) → [`TunnelTrace`](crate::TunnelTrace), per-CPU array.
     pub const TUNNEL_TRACE: &str = "CM_TUNNEL_TRACE";
     /// [`Lb4Key`](crate::Lb4Key) → [`Lb4Service`](crate::Lb4Service), hash (Cilium's
@@ -42,12 +44,13 @@ pub mod map {
     /// [`LbCounter`](crate::LbCounter) → `u64`, per-CPU array, counters of the LB step.
     pub const LB_COUNTERS: &str = "CM_LB_CNT";
     /// Every map, for pinning and compatibility checks.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         IPCACHE,
         LOCAL_ENDPOINTS,
         TUNNEL,
         FROM_POD_COUNTERS,
         FROM_OVERLAY_COUNTERS,
+        FROM_UNDERLAY_COUNTERS,
         TUNNEL_TRACE,
         LB4_SERVICES,
         LB4_BACKENDS,
@@ -63,6 +66,9 @@ pub mod program {
     pub const FROM_POD: &str = "from_pod";
     /// TCX ingress of the node's VXLAN device (external / collect_md mode).
     pub const FROM_OVERLAY: &str = "from_overlay";
+    /// TCX ingress of the node's underlay device: decapsulates VXLAN for local pods itself,
+    /// so those packets skip the VXLAN device.
+    pub const FROM_UNDERLAY: &str = "from_underlay";
 }
 
 /// Default map sizes; the agent may override them at load time.
@@ -302,8 +308,11 @@ pub struct TunnelConfig {
     pub local_ipv4: [u8; 4],
     /// [`tunnel_flags`], host order.
     pub flags: u32,
+    /// UDP port of the VXLAN device, network order (`from_underlay` decapsulates datagrams
+    /// to `local_ipv4` and this port). Zero: `from_underlay` decapsulates nothing.
+    pub vxlan_port: [u8; 2],
     /// Zero.
-    pub pad: u32,
+    pub pad: u16,
 }
 const _: () = assert!(size_of::<TunnelConfig>() == 16);
 
@@ -373,7 +382,8 @@ pub enum Counter {
     TunnelUnconfigured = 8,
     /// `from_pod`: the source identity does not fit a 24-bit VNI: to the stack.
     IdentityTooLarge = 9,
-    /// `from_overlay`: the inner destination is not a local endpoint: to the stack.
+    /// `from_overlay`, `from_underlay`: the inner destination is not a local endpoint: to the
+    /// stack (for `from_underlay`: unchanged, on to the VXLAN device).
     EndpointMiss = 10,
     /// `from_overlay`: no tunnel metadata on the packet (source identity taken as 0).
     NoTunnelKey = 11,
@@ -383,11 +393,14 @@ pub enum Counter {
     DropTruncated = 13,
     /// Dropped: a helper failed (set tunnel key, redirect).
     DropHelper = 14,
+    /// `from_underlay`: not a VXLAN datagram to this node's tunnel port (the node's own
+    /// traffic, fragments, IPv4 options): to the stack unchanged.
+    NotTunnelled = 15,
 }
 
 impl Counter {
     /// Number of counters (the counters maps' `max_entries`).
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
 
     /// Every counter in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -406,6 +419,7 @@ impl Counter {
         Counter::DropMalformed,
         Counter::DropTruncated,
         Counter::DropHelper,
+        Counter::NotTunnelled,
     ];
 
     /// Stable snake_case name (metrics label).
@@ -426,6 +440,7 @@ impl Counter {
             Counter::DropMalformed => "drop_malformed",
             Counter::DropTruncated => "drop_truncated",
             Counter::DropHelper => "drop_helper",
+            Counter::NotTunnelled => "not_tunnelled",
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Kernel-side datapath: two tc classifiers attached with TCX links.
+//! Kernel-side datapath: three tc classifiers attached with TCX links.
 //!
 //! * [`from_pod`]: ingress of each pod's host-side veth (packets leaving a pod). Local
 //!   destination → `bpf_redirect_peer` into that pod; destination behind another node (this
@@ -6,6 +6,9 @@
 //!   the node's VXLAN device; anything else → kernel stack.
 //! * [`from_overlay`]: ingress of the node's VXLAN device (external / collect_md mode).
 //!   Takes the source identity from the VNI and delivers to the local pod.
+//! * [`from_underlay`]: ingress of the node's underlay device. Decapsulates VXLAN for local
+//!   pods itself (the same delivery as `from_overlay`, without the VXLAN device's receive
+//!   path) and passes everything else on unchanged.
 //!
 //! IPv4 only for now: IPv6 and every non-IP frame (ARP) go to the kernel stack.
 //!
@@ -60,6 +63,9 @@ static CM_FROM_POD_CNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter
 
 #[map]
 static CM_FROM_OVL_CNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+#[map]
+static CM_FROM_UL_CNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
 #[map]
 static CM_TUNNEL_TRACE: PerCpuArray<TunnelTrace> =
@@ -288,16 +294,132 @@ fn try_from_overlay(ctx: &mut TcContext) -> Result<i32, Error> {
     };
     // SAFETY: see `try_from_pod`.
     let ep = unsafe { *ep };
+    deliver_tunnelled(ctx, counters, &mut ip, identity, remote, &ep)
+}
+
+/// The receive side shared by `from_overlay` and `from_underlay`, for an inner IPv4 packet
+/// (behind an Ethernet header) to the local pod `ep` from `identity` at node `remote`:
+/// ingress policy and flow event, reverse NAT of a service reply, delivery into the pod.
+#[inline(always)]
+fn deliver_tunnelled(
+    ctx: &TcContext,
+    counters: &PerCpuArray<u64>,
+    ip: &mut Ipv4,
+    identity: u32,
+    remote: [u8; 4],
+    ep: &EndpointInfo,
+) -> Result<i32, Error> {
     // Ingress policy with the source identity from the VNI, and the flow event (policy.rs).
-    if policy::denied_from_overlay(ctx, &ip, identity, &ep) {
+    if policy::denied_from_overlay(ctx, ip, identity, ep) {
         return Ok(TC_ACT_SHOT);
     }
     // A reply from a service backend behind the tunnel: source back to the VIP.
-    lb::reverse(ctx, &mut ip)?;
-    let verdict = deliver_local(ctx, &ep)?;
+    lb::reverse(ctx, ip)?;
+    let verdict = deliver_local(ctx, ep)?;
     trace(TraceSlot::Ingress, remote, identity, ep.ifindex);
     count(counters, Counter::DeliveredLocal);
     Ok(verdict)
+}
+
+/// Outer IPv4 header without options + UDP + VXLAN + inner Ethernet: what `from_underlay`
+/// removes, leaving the outer Ethernet header in front of the inner IPv4 packet.
+const VXLAN_ENCAP_LEN: usize = 20 + 8 + 8 + packet::ETH_HLEN;
+/// From the start of the frame to the end of the inner IPv4 header (without options).
+const VXLAN_HEADERS_LEN: usize = packet::ETH_HLEN + VXLAN_ENCAP_LEN + 20;
+const IPPROTO_UDP: u8 = 17;
+/// VXLAN flags byte with only the "valid VNI" bit (RFC 7348).
+const VXLAN_FLAG_VNI: u8 = 0x08;
+
+/// TCX ingress of the node's underlay device: a VXLAN datagram to this node's tunnel port
+/// whose inner destination is a pod on this node is decapsulated here and delivered like
+/// `from_overlay` does, with the source identity from the VNI. The VXLAN device never sees
+/// it, so the kernel allocates no metadata dst for it (`udp_tun_rx_dst`, freed through RCU:
+/// the biggest cost the collect_md receive path adds; docs/datapath-throughput.md).
+///
+/// Everything else — the node's own traffic, VXLAN for addresses that are not local pods,
+/// anything odd (IPv4 options, fragments, a short datagram) — goes on unchanged: this
+/// program never drops what it does not decapsulate, and the VXLAN device with
+/// `from_overlay` stays the path for whatever is left.
+#[classifier]
+pub fn from_underlay(mut ctx: TcContext) -> i32 {
+    count(&CM_FROM_UL_CNT, Counter::Packets);
+    match try_from_underlay(&mut ctx) {
+        Ok(verdict) => verdict,
+        Err(error) => {
+            count(&CM_FROM_UL_CNT, error.counter());
+            TC_ACT_SHOT
+        }
+    }
+}
+
+fn try_from_underlay(ctx: &mut TcContext) -> Result<i32, Error> {
+    let counters = &CM_FROM_UL_CNT;
+    let Some(cfg) = CM_TUNNEL.get(0) else {
+        return Ok(to_stack(counters, Counter::TunnelUnconfigured));
+    };
+    let cfg = *cfg;
+    if cfg.flags & tunnel_flags::ENABLED == 0 || cfg.vxlan_port == [0; 2] {
+        return Ok(to_stack(counters, Counter::TunnelUnconfigured));
+    }
+    // Outer headers, read only where present: nothing here may turn the node's own traffic
+    // into a drop.
+    let eth = packet::ETH_HLEN;
+    if ctx.len() < VXLAN_HEADERS_LEN as u32
+        || packet::read::<[u8; 2]>(ctx, 12).ok() != Some([0x08, 0x00])
+    {
+        return Ok(to_stack(counters, Counter::NotTunnelled));
+    }
+    if packet::ensure(ctx, VXLAN_HEADERS_LEN).is_err() {
+        return Ok(to_stack(counters, Counter::NotTunnelled));
+    }
+    let outer: [u8; 20] = packet::read(ctx, eth)?;
+    let udp: [u8; 8] = packet::read(ctx, eth + 20)?;
+    let vxlan: [u8; 8] = packet::read(ctx, eth + 28)?;
+    // Version 4 without options, UDP, not a fragment (MF clear, offset 0; DF may be set),
+    // to this node, to the tunnel port, a VNI present.
+    if outer[0] != 0x45
+        || outer[9] != IPPROTO_UDP
+        || outer[6] & 0x3f != 0
+        || outer[7] != 0
+        || [outer[16], outer[17], outer[18], outer[19]] != cfg.local_ipv4
+        || [udp[2], udp[3]] != cfg.vxlan_port
+        || vxlan[0] & VXLAN_FLAG_VNI == 0
+    {
+        return Ok(to_stack(counters, Counter::NotTunnelled));
+    }
+    let remote = [outer[12], outer[13], outer[14], outer[15]];
+    let identity = u32::from_be_bytes([0, vxlan[4], vxlan[5], vxlan[6]]);
+    // The inner frame: IPv4 to a pod on this node, or the VXLAN device's business.
+    let inner_eth = eth + VXLAN_ENCAP_LEN - packet::ETH_HLEN;
+    let inner_type: [u8; 2] = packet::read(ctx, inner_eth + 12)?;
+    let inner_vihl: u8 = packet::read(ctx, inner_eth + packet::ETH_HLEN)?;
+    if inner_type != [0x08, 0x00] || inner_vihl >> 4 != 4 || inner_vihl & 0x0f < 5 {
+        return Ok(to_stack(counters, Counter::NotIpv4));
+    }
+    let daddr: [u8; 4] = packet::read(ctx, inner_eth + packet::ETH_HLEN + 16)?;
+    let Some(ep) = CM_LOCAL_EPS.get_ptr(EndpointKey::v4(daddr)) else {
+        return Ok(to_stack(counters, Counter::EndpointMiss));
+    };
+    // SAFETY: see `try_from_pod`.
+    let ep = unsafe { *ep };
+
+    // Remove outer IPv4, UDP, VXLAN and the inner Ethernet header behind the outer MAC
+    // header. FIXED_GSO: a GSO packet's gso_size is the inner TCP MSS, which decapsulation
+    // does not change (without the flag the kernel would grow it by the bytes removed).
+    // The tunnel GSO type bits stay set; harmless for a packet delivered to a local socket,
+    // which is the only place this one goes.
+    ctx.adjust_room(
+        -(VXLAN_ENCAP_LEN as i32),
+        aya_ebpf::bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        u64::from(aya_ebpf::bindings::BPF_F_ADJ_ROOM_FIXED_GSO),
+    )
+    .map_err(|_| Error::Helper)?;
+    ctx.cb_mut()[0] = identity;
+    let mut ip = Ipv4::default();
+    if !packet::parse_ipv4(ctx, &mut ip)? {
+        return Err(Error::Malformed);
+    }
+    deliver_tunnelled(ctx, counters, &mut ip, identity, remote, &ep)
 }
 
 #[cfg(not(test))]
