@@ -11,6 +11,7 @@ command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 command -v ping >/dev/null 2>&1 || need_apt+=(iputils-ping)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v tcpdump >/dev/null 2>&1 || need_apt+=(tcpdump)  # datapath test: VNI on the wire
+command -v ethtool >/dev/null 2>&1 || need_apt+=(ethtool)  # lab: GRO on the underlay, like a NIC
 command -v iptables-restore >/dev/null 2>&1 || need_apt+=(iptables)  # bench-lb: kube-proxy-style baseline
 command -v dig >/dev/null 2>&1 || need_apt+=(dnsutils)  # lab: dig the clusterset.local names from a pod
 

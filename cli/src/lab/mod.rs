@@ -526,6 +526,13 @@ fn underlay_leg(
             "up",
         ],
     )?;
+    // The underlay behaves like a physical network for both datapaths: the router's ports
+    // send wire-sized frames (no TSO: a routed 64 KiB tunnel packet is cut into MTU-sized
+    // ones, as it would be on a cable), and each namespace's `eth0` aggregates what it
+    // receives (GRO, as NICs do by default; a veth aggregates only with GRO on and a peer
+    // without TSO).
+    netns::ethtool_in(router, &["-K", &port, "tso", "off"])?;
+    netns::ethtool_in(ns, &["-K", "eth0", "gro", "on"])?;
     netns::ip_in(ns, &["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
     netns::ip_in(ns, &["link", "set", "eth0", "up"])?;
     netns::ip_in(

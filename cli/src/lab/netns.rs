@@ -33,6 +33,24 @@ pub fn ip_in(ns: &str, args: &[&str]) -> anyhow::Result<String> {
     ip(&all)
 }
 
+/// Runs `ethtool <args>` inside namespace `ns` (`ip netns exec`).
+pub fn ethtool_in(ns: &str, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "ethtool"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("running `ip netns exec .. ethtool`")?;
+    if !out.status.success() {
+        bail!(
+            "`ethtool {}` in {ns} failed: {} (install ethtool: `apt-get install ethtool`)",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// Names of every network namespace on the machine (`ip netns list`).
 pub fn list() -> anyhow::Result<Vec<String>> {
     Ok(ip(&["netns", "list"])?
