@@ -7,9 +7,11 @@
 //!   (measured on the pinned map) and traffic to it fails (no kernel route); putting it back
 //!   restores it.
 //! * Hostile remote entries (identity out of range, key mismatch) never reach the map.
+//! * Node n1 (GRO on its underlay) decapsulates in `from_underlay`, n2 (GRO off) receives
+//!   through the VXLAN device and `from_overlay`: both receive paths carry traffic.
 //! * `kill -TERM` + restart of an agent while a TCP stream crosses its node: the stream keeps
 //!   flowing with no reset, the restarted agent adopts the maps (no rewrite) and swaps its
-//!   programs into the pinned links.
+//!   programs into the pinned links (pods, VXLAN device, underlay).
 //! * `--cleanup` removes the pins.
 //!
 //! Layout: namespaces `cmae<pid>-{n1,n2,a1,a2,b1}`; node n1 is cluster c1 (ID 1), node n2
@@ -19,7 +21,7 @@
 //! namespace's loopback, through a small TCP relay listening on 127.0.0.1 inside the node
 //! namespace. Everything (agents, relays, namespaces, the bpffs mount) goes in `Drop`.
 //!
-//! Needs root, iproute2, ping and /usr/bin/etcd.
+//! Needs root, iproute2, ethtool, ping and /usr/bin/etcd.
 #![allow(unsafe_code)] // setns, umount2 and kill have no safe std wrappers; SAFETY notes below.
 
 use std::ffi::CString;
@@ -210,6 +212,15 @@ impl Lab {
         run(&[
             "ip", "-n", &n1, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
             "netns", &n2,
+        ])?;
+        // GRO on n1's underlay only: its agent (`--underlay-dev auto`) decapsulates in
+        // from_underlay, n2's receives through the VXLAN device, so the cross-cluster traffic
+        // and the restart of agent c1 cover both receive paths.
+        run(&[
+            "ip", "netns", "exec", &n1, "ethtool", "-K", "eth0", "gro", "on",
+        ])?;
+        run(&[
+            "ip", "netns", "exec", &n2, "ethtool", "-K", "eth0", "gro", "off",
         ])?;
         for (ns, node) in [(&n1, &NODES[0]), (&n2, &NODES[1])] {
             let addr = format!("{}/16", node.ip);
@@ -806,6 +817,24 @@ fn agents_program_the_mesh_follow_deletes_and_restart_hitlessly() -> Result<()> 
         .as_u64()
         .unwrap_or(0);
     ensure!(tunnelled > 0, "from_pod counters: {}", st["programs"]);
+    // c1 received b1's packets through from_underlay (GRO on), c2 a1's through the VXLAN
+    // device (GRO off).
+    let delivered = |st: &serde_json::Value, program: &str| {
+        st["programs"][program]["delivered_local"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    ensure!(
+        delivered(&st, "from_underlay") > 0 && delivered(&st, "from_overlay") == 0,
+        "c1 (GRO on) should decapsulate at the underlay: {}",
+        st["programs"]
+    );
+    let st2 = agents[1].status()?;
+    ensure!(
+        delivered(&st2, "from_overlay") > 0 && delivered(&st2, "from_underlay") == 0,
+        "c2 (GRO off) should receive through the VXLAN device: {}",
+        st2["programs"]
+    );
 
     // Delete the remote pod from the KVStoreMesh cache of c1: out of the map within 1 s.
     let key = format!("cilium/cache/ip/v1/c2/{}", B1.ip);
@@ -855,6 +884,7 @@ fn agents_program_the_mesh_follow_deletes_and_restart_hitlessly() -> Result<()> 
         .as_u64()
         .unwrap_or(0);
     ensure!(upserts_before > 0, "first agent wrote nothing?");
+    let decapped_before = delivered(&agents[0].status()?, "from_underlay");
     agents[0].stop()?;
     let down = stream.progress(Duration::from_millis(1000));
     ensure!(down > 0, "stream stalled while the agent was down");
@@ -895,6 +925,11 @@ fn agents_program_the_mesh_follow_deletes_and_restart_hitlessly() -> Result<()> 
         "programs not swapped into the pinned links: {stats}"
     );
     ensure!(ping(&lab, &A1, &B1, 1), "a1 → b1 after the restart");
+    ensure!(
+        delivered(&st, "from_underlay") > decapped_before,
+        "from_underlay (swapped into its pinned link) stopped decapsulating: {}",
+        st["programs"]
+    );
 
     // /metrics carries the Cilium names.
     let (_, metrics) = agents[0].http("/metrics")?;
