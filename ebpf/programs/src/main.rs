@@ -36,7 +36,7 @@ use aya_ebpf::maps::{Array, HashMap, LpmTrie, PerCpuArray};
 use aya_ebpf::programs::TcContext;
 use clustermesh_ebpf_abi::{
     defaults, ipcache_flags, tunnel_flags, Counter, EndpointInfo, EndpointKey, IpcacheKey,
-    IpcacheValue, TraceSlot, TunnelConfig, TunnelTrace, MAX_VNI_IDENTITY,
+    IpcacheValue, TraceSlot, TunnelConfig, TunnelTrace, IPPROTO_UDP, MAX_VNI_IDENTITY,
 };
 
 use crate::packet::{Error, Ipv4};
@@ -326,7 +326,6 @@ fn deliver_tunnelled(
 const VXLAN_ENCAP_LEN: usize = 20 + 8 + 8 + packet::ETH_HLEN;
 /// From the start of the frame to the end of the inner IPv4 header (without options).
 const VXLAN_HEADERS_LEN: usize = packet::ETH_HLEN + VXLAN_ENCAP_LEN + 20;
-const IPPROTO_UDP: u8 = 17;
 /// VXLAN flags byte with only the "valid VNI" bit (RFC 7348).
 const VXLAN_FLAG_VNI: u8 = 0x08;
 
@@ -365,7 +364,7 @@ fn try_from_underlay(ctx: &mut TcContext) -> Result<i32, Error> {
     // into a drop.
     let eth = packet::ETH_HLEN;
     if ctx.len() < VXLAN_HEADERS_LEN as u32
-        || packet::read::<[u8; 2]>(ctx, 12).ok() != Some([0x08, 0x00])
+        || packet::read::<[u8; 2]>(ctx, 12).ok() != Some(packet::ETH_P_IP.to_be_bytes())
     {
         return Ok(to_stack(counters, Counter::NotTunnelled));
     }
@@ -393,7 +392,8 @@ fn try_from_underlay(ctx: &mut TcContext) -> Result<i32, Error> {
     let inner_eth = eth + VXLAN_ENCAP_LEN - packet::ETH_HLEN;
     let inner_type: [u8; 2] = packet::read(ctx, inner_eth + 12)?;
     let inner_vihl: u8 = packet::read(ctx, inner_eth + packet::ETH_HLEN)?;
-    if inner_type != [0x08, 0x00] || inner_vihl >> 4 != 4 || inner_vihl & 0x0f < 5 {
+    if inner_type != packet::ETH_P_IP.to_be_bytes() || inner_vihl >> 4 != 4 || inner_vihl & 0x0f < 5
+    {
         return Ok(to_stack(counters, Counter::NotIpv4));
     }
     let daddr: [u8; 4] = packet::read(ctx, inner_eth + packet::ETH_HLEN + 16)?;

@@ -7,7 +7,7 @@ use clustermesh_ebpf_abi::Counter;
 pub const ETH_HLEN: usize = 14;
 /// Minimum IPv4 header length.
 const IPV4_HLEN: usize = 20;
-const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IP: u16 = 0x0800;
 
 /// Why a packet is dropped.
 #[derive(Clone, Copy)]
