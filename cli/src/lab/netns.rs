@@ -11,15 +11,20 @@ use anyhow::{bail, Context as _};
 
 /// Runs `ip <args>`; the error names the command and quotes iproute2's message.
 pub fn ip(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .context("running `ip` (install iproute2: `apt-get install iproute2`)")?;
+    let mut cmd = Command::new("ip");
+    cmd.args(args);
+    output(cmd, &format!("ip {}", args.join(" ")), "iproute2")
+}
+
+/// Runs `cmd` (described as `what`, shipped in Debian package `package`): its stdout, or an
+/// error that names it and quotes its stderr.
+fn output(mut cmd: Command, what: &str, package: &str) -> anyhow::Result<String> {
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| {
+        format!("running `{what}` (install {package}: `apt-get install {package}`)")
+    })?;
     if !out.status.success() {
         bail!(
-            "`ip {}` failed: {}",
-            args.join(" "),
+            "`{what}` failed: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
@@ -35,20 +40,14 @@ pub fn ip_in(ns: &str, args: &[&str]) -> anyhow::Result<String> {
 
 /// Runs `ethtool <args>` inside namespace `ns` (`ip netns exec`).
 pub fn ethtool_in(ns: &str, args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, "ethtool"])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .context("running `ip netns exec .. ethtool`")?;
-    if !out.status.success() {
-        bail!(
-            "`ethtool {}` in {ns} failed: {} (install ethtool: `apt-get install ethtool`)",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, "ethtool"]).args(args);
+    output(
+        cmd,
+        &format!("ip netns exec {ns} ethtool {}", args.join(" ")),
+        "ethtool",
+    )
+    .map(drop)
 }
 
 /// Names of every network namespace on the machine (`ip netns list`).
