@@ -54,6 +54,11 @@ pub struct UpArgs {
     /// forwarding entries, no agents (the benchmark baseline).
     #[arg(long, value_enum, default_value_t = Datapath::Ebpf)]
     pub datapath: Datapath,
+    /// With `--datapath ebpf`: whether agents decapsulate VXLAN for their pods at the
+    /// underlay (`from_underlay`); `false` receives everything through the VXLAN device
+    /// (the agent's `--underlay-dev off`; for comparing the two receive paths).
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub underlay_decap: bool,
     /// How long to wait for control planes, mesh and agents.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
@@ -330,7 +335,7 @@ fn bring_up(st: &mut LabState, a: &UpArgs) -> anyhow::Result<()> {
     if st.datapath == Datapath::Ebpf {
         let bin = agent_binary();
         if agent_supports_contract(&bin) {
-            start_agents(st, &bin)?;
+            start_agents(st, &bin, a.underlay_decap)?;
             st.save()?;
             wait_agents(st, a.timeout)?;
             println!(
@@ -830,7 +835,7 @@ fn connect_mesh(st: &LabState, timeout: Duration) -> anyhow::Result<()> {
     })
 }
 
-fn start_agents(st: &mut LabState, bin: &Path) -> anyhow::Result<()> {
+fn start_agents(st: &mut LabState, bin: &Path, underlay_decap: bool) -> anyhow::Result<()> {
     let bpffs = st.dir.join("bpf");
     std::fs::create_dir_all(&bpffs)?;
     if !netns::is_mount_point(&bpffs) {
@@ -880,6 +885,8 @@ fn start_agents(st: &mut LabState, bin: &Path) -> anyhow::Result<()> {
                 &health.to_string(),
                 "--dns-addr",
                 &SocketAddr::new(DNS_SERVER.into(), 53).to_string(),
+                "--underlay-dev",
+                if underlay_decap { "auto" } else { "off" },
             ]
             .iter()
             .map(|s| s.to_string())

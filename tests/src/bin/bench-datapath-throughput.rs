@@ -2,12 +2,14 @@
 //! eBPF datapath, beside the same topology over plain kernel VXLAN with static forwarding
 //! entries and no eBPF, measured in the same run.
 //!
-//! Brings up two labs side by side (`clustermesh lab up --clusters 2 --nodes 1 --pods 1`,
-//! `--datapath ebpf` and `--datapath kernel`; separate namespaces, so they coexist), then
-//! alternates the measurements between them (`clustermesh lab load` inside the c1 pod
-//! against the c2 pod: one TCP stream into a sink for `--duration`, then ping-pong), and
-//! reports the median of the rounds and the eBPF/kernel ratio (target ≥ 0.9× throughput).
-//! Needs root; both labs are removed at the end, also on failure.
+//! Brings up three labs side by side (`clustermesh lab up --clusters 2 --nodes 1 --pods 1`:
+//! `--datapath ebpf`, `--datapath kernel`, and `--datapath ebpf --underlay-decap false`, our
+//! datapath receiving through the VXLAN device instead of decapsulating at the underlay;
+//! separate namespaces, so they coexist), then alternates the measurements between them
+//! (`clustermesh lab load` inside the c1 pod against the c2 pod: one TCP stream into a sink
+//! for `--duration`, then ping-pong), and reports the median of the rounds and the
+//! eBPF/kernel ratio (target ≥ 0.9× throughput); the third lab shows what `from_underlay`
+//! adds. Needs root; the labs are removed at the end, also on failure.
 //!
 //! ```sh
 //! cargo build --release --workspace --bins
@@ -25,14 +27,15 @@ use serde_json::Value;
 struct Lab {
     bin: PathBuf,
     dir: PathBuf,
-    datapath: &'static str,
+    /// Short name (also the lab directory's).
+    name: &'static str,
     src_ns: String,
     dst_ip: String,
 }
 
 impl Lab {
-    fn up(bin: &Path, root: &Path, datapath: &'static str) -> anyhow::Result<Self> {
-        let dir = root.join(datapath);
+    fn up(bin: &Path, root: &Path, name: &'static str, flags: &[&str]) -> anyhow::Result<Self> {
+        let dir = root.join(name);
         let out = Command::new(bin)
             .args([
                 "lab",
@@ -44,19 +47,21 @@ impl Lab {
                 "--pods",
                 "1",
             ])
-            .args(["--datapath", datapath, "--dir"])
+            .args(flags)
+            .arg("--dir")
             .arg(&dir)
             .output()?;
         let mut lab = Self {
             bin: bin.to_owned(),
             dir,
-            datapath,
+            name,
             src_ns: String::new(),
             dst_ip: String::new(),
         };
         if !out.status.success() {
             bail!(
-                "lab up --datapath {datapath} failed:\n{}{}",
+                "lab up {} failed:\n{}{}",
+                flags.join(" "),
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
@@ -65,8 +70,8 @@ impl Lab {
         let pod = |c: usize| &state["clusters"][c]["nodes"][0]["pods"][0];
         lab.src_ns = pod(0)["ns"].as_str().context("lab.json: pod ns")?.into();
         lab.dst_ip = pod(1)["ip"].as_str().context("lab.json: pod ip")?.into();
-        if datapath == "ebpf" && state["clusters"][0]["nodes"][0]["agent"].is_null() {
-            bail!("lab up --datapath ebpf started no agents (the agent binary lacks the lab flags): nothing to measure");
+        if flags.contains(&"ebpf") && state["clusters"][0]["nodes"][0]["agent"].is_null() {
+            bail!("lab up {name} started no agents (the agent binary lacks the lab flags): nothing to measure");
         }
         Ok(lab)
     }
@@ -82,7 +87,7 @@ impl Lab {
         if !out.status.success() {
             bail!(
                 "{} load {mode} failed: {}",
-                self.datapath,
+                self.name,
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
@@ -133,11 +138,20 @@ fn main() -> anyhow::Result<()> {
     let bin = find_binary("clustermesh")?;
     let root = tempfile::Builder::new().prefix("cm-bench-dp").tempdir()?;
     println!("bench-datapath-throughput: 2 clusters × 1 node × 1 pod, c1 pod → c2 pod across the router; {rounds} rounds × {duration:?} per measurement, {streams} stream(s)");
-    let ebpf = Lab::up(&bin, root.path(), "ebpf")?;
-    let kernel = Lab::up(&bin, root.path(), "kernel")?;
-    let mut results = [Samples::default(), Samples::default()];
+    let ebpf = Lab::up(&bin, root.path(), "ebpf", &["--datapath", "ebpf"])?;
+    let kernel = Lab::up(&bin, root.path(), "kernel", &["--datapath", "kernel"])?;
+    let device_rx = Lab::up(
+        &bin,
+        root.path(),
+        "ebpf-dev",
+        &["--datapath", "ebpf", "--underlay-decap", "false"],
+    )?;
+    let mut results = [Samples::default(), Samples::default(), Samples::default()];
     for round in 1..=rounds {
-        for (lab, samples) in [&ebpf, &kernel].into_iter().zip(results.iter_mut()) {
+        for (lab, samples) in [&ebpf, &kernel, &device_rx]
+            .into_iter()
+            .zip(results.iter_mut())
+        {
             let s = lab.load("stream", duration, streams)?;
             let r = lab.load("rr", duration, 1)?;
             let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
@@ -148,8 +162,8 @@ fn main() -> anyhow::Result<()> {
                 f(&r, "per_s"),
             );
             println!(
-                "  round {round} {:<6}: {gbps:6.2} Gbit/s, rr p50 {p50:6.1} µs, p99 {p99:6.1} µs, {rps:8.0} req/s",
-                lab.datapath
+                "  round {round} {:<8}: {gbps:6.2} Gbit/s, rr p50 {p50:6.1} µs, p99 {p99:6.1} µs, {rps:8.0} req/s",
+                lab.name
             );
             samples.gbps.push(gbps);
             samples.p50_us.push(p50);
@@ -157,7 +171,7 @@ fn main() -> anyhow::Result<()> {
             samples.rps.push(rps);
         }
     }
-    let [e, k] = &results;
+    let [e, k, d] = &results;
     println!();
     println!(
         "{:<28} {:>14} {:>16} {:>12}",
@@ -179,6 +193,14 @@ fn main() -> anyhow::Result<()> {
         "{} throughput ratio {ratio:.2}× (target ≥ 0.90×)",
         if ratio >= 0.9 { "✅" } else { "❌" }
     );
+    println!();
+    println!(
+        "{:<28} {:>14} {:>16} {:>12}",
+        "median, receive path", "from_underlay", "VXLAN device", "ratio"
+    );
+    row("TCP throughput", &e.gbps, &d.gbps, "Gb");
+    row("RR latency p50", &e.p50_us, &d.p50_us, "µs");
+    drop(device_rx);
     drop(kernel);
     drop(ebpf);
     Ok(())
