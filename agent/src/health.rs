@@ -1,16 +1,11 @@
-//! `/readyz`, `/healthz`, `/status` (JSON) and Prometheus `/metrics` over HTTP, in the
-//! pattern of the apiserver's health server.
+//! What the agent's `/readyz`, `/status` (JSON) and Prometheus `/metrics` report; served by
+//! clustermesh-health like the apiserver's.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::Router;
 use clustermesh_syncer::remote;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -321,71 +316,22 @@ impl PolicyMetrics {
     }
 }
 
-#[derive(Clone)]
-struct AppState {
-    shared: Arc<Shared>,
-    registry: Arc<Registry>,
-}
-
-async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
-    if s.shared.ready() {
-        (StatusCode::OK, "Ready")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "NotReady")
+impl clustermesh_health::Probe for Shared {
+    fn ready(&self) -> bool {
+        Shared::ready(self)
+    }
+    fn status_json(&self) -> String {
+        serde_json::to_string_pretty(&self.report()).unwrap_or_default()
     }
 }
 
-async fn healthz() -> impl IntoResponse {
-    (StatusCode::OK, "ok")
-}
-
-async fn status_json(State(s): State<AppState>) -> impl IntoResponse {
-    (
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        serde_json::to_string_pretty(&s.shared.report()).unwrap_or_default(),
-    )
-}
-
-async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
-    let mut out = String::new();
-    match prometheus_client::encoding::text::encode(&mut out, &s.registry) {
-        Ok(()) => (
-            StatusCode::OK,
-            [(
-                axum::http::header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            out,
-        ),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            [(axum::http::header::CONTENT_TYPE, "text/plain")],
-            e.to_string(),
-        ),
-    }
-}
-
-/// Binds `addr` (so a port clash fails start-up) and returns the server future, which
-/// runs until `cancel`.
+/// Binds `addr` (so a port clash fails start-up) and returns the server of `/readyz`,
+/// `/healthz`, `/status` and `/metrics` (clustermesh-health), which runs until `cancel`.
 pub async fn serve(
     addr: SocketAddr,
     shared: Arc<Shared>,
     registry: Registry,
     cancel: CancellationToken,
 ) -> std::io::Result<impl std::future::Future<Output = std::io::Result<()>>> {
-    let app = Router::new()
-        .route("/readyz", get(readyz))
-        .route("/healthz", get(healthz))
-        .route("/status", get(status_json))
-        .route("/metrics", get(metrics))
-        .with_state(AppState {
-            shared,
-            registry: Arc::new(registry),
-        });
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    Ok(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { cancel.cancelled().await })
-            .await
-    })
+    clustermesh_health::serve(addr, shared, Arc::new(registry), cancel).await
 }

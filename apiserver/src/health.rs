@@ -1,14 +1,9 @@
-//! `/readyz`, `/healthz`, `/status` and Prometheus `/metrics` over HTTP.
+//! What `/readyz`, `/status` and `/metrics` report; served by clustermesh-health.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::Router;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -83,70 +78,23 @@ impl Status {
     }
 }
 
-#[derive(Clone)]
-struct AppState {
-    status: Arc<Status>,
-    registry: Arc<Registry>,
-}
-
-async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
-    if s.status.ready() {
-        (StatusCode::OK, "Ready")
-    } else {
-        (StatusCode::INTERNAL_SERVER_ERROR, "NotReady")
+impl clustermesh_health::Probe for Status {
+    fn ready(&self) -> bool {
+        Status::ready(self)
+    }
+    fn status_json(&self) -> String {
+        serde_json::to_string_pretty(&self.report()).unwrap_or_default()
     }
 }
 
-async fn healthz() -> impl IntoResponse {
-    (StatusCode::OK, "ok")
-}
-
-async fn status_json(State(s): State<AppState>) -> impl IntoResponse {
-    (
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        serde_json::to_string_pretty(&s.status.report()).unwrap_or_default(),
-    )
-}
-
-async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
-    let mut out = String::new();
-    match prometheus_client::encoding::text::encode(&mut out, &s.registry) {
-        Ok(()) => (
-            StatusCode::OK,
-            [(
-                axum::http::header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            out,
-        ),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            [(axum::http::header::CONTENT_TYPE, "text/plain")],
-            e.to_string(),
-        ),
-    }
-}
-
-/// Serves until cancelled. Binds before returning so callers learn about port clashes.
+/// Serves `/readyz`, `/healthz`, `/status` and `/metrics` (clustermesh-health) until
+/// cancelled. Binds before returning so callers learn about port clashes.
 pub async fn serve(
     addr: SocketAddr,
     status: Arc<Status>,
     registry: Arc<Registry>,
     cancel: CancellationToken,
 ) -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<()>>> {
-    let app = Router::new()
-        .route("/readyz", get(readyz))
-        .route("/healthz", get(healthz))
-        .route("/status", get(status_json))
-        .route("/metrics", get(metrics))
-        .with_state(AppState { status, registry });
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for health/metrics: {e}"))?;
-    Ok(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { cancel.cancelled().await })
-            .await
-            .map_err(anyhow::Error::from)
-    })
+    let server = clustermesh_health::serve(addr, status, registry, cancel).await?;
+    Ok(async move { server.await.map_err(anyhow::Error::from) })
 }
