@@ -158,27 +158,35 @@ pub async fn run(config: Config, token: CancellationToken) -> Result<()> {
     })?;
     let how = dp.attach(Program::FromOverlay, &config.vxlan_dev)?;
     info!(dev = %config.vxlan_dev, ?how, "from_overlay attached");
-    let underlay = match &config.underlay_dev {
-        UnderlayDev::Off => None,
-        UnderlayDev::Named(dev) => Some(dev.clone()),
+    // Where VXLAN is received, and why: for the log and /status.
+    let (underlay, receive_path) = match &config.underlay_dev {
+        UnderlayDev::Off => (None, "VXLAN device (--underlay-dev off)".to_owned()),
+        UnderlayDev::Named(dev) => (Some(dev.clone()), format!("from_underlay on {dev}")),
         UnderlayDev::Auto => match ifaces::with_ipv4(config.node_ip) {
-            None => {
-                warn!(node_ip = %config.node_ip,
-                    "no interface holds --node-ip: VXLAN is received through the VXLAN device \
-                     only (name the underlay device with --underlay-dev to decapsulate there)");
-                None
-            }
+            None => (
+                None,
+                format!(
+                    "VXLAN device: no interface holds {} (name the underlay device with \
+                     --underlay-dev to decapsulate there)",
+                    config.node_ip
+                ),
+            ),
             // Decapsulating before GRO would hand the pods one packet per wire segment,
             // where the VXLAN device aggregates the inner packets itself (gro_cells).
-            Some(dev) if ifaces::gro_enabled(&dev) != Some(true) => {
-                info!(%dev, "GRO is off on the underlay device: VXLAN is received through \
-                    the VXLAN device (turn GRO on, `ethtool -K {dev} gro on`, to decapsulate \
-                    there)");
-                None
+            Some(dev) if ifaces::gro_enabled(&dev) != Some(true) => (
+                None,
+                format!(
+                    "VXLAN device: GRO is off on {dev} (`ethtool -K {dev} gro on`, then \
+                     restart the agent, to decapsulate there)"
+                ),
+            ),
+            Some(dev) => {
+                let path = format!("from_underlay on {dev}");
+                (Some(dev), path)
             }
-            Some(dev) => Some(dev),
         },
     };
+    info!(%receive_path, "VXLAN receive path");
     // Decapsulation needs the port in the tunnel settings; 0 there turns it off (a pinned
     // from_underlay link left by an earlier agent then passes everything on).
     let port = if underlay.is_some() {
@@ -255,6 +263,7 @@ pub async fn run(config: Config, token: CancellationToken) -> Result<()> {
         node_ip: config.node_ip.to_string(),
         kernel: report.to_string(),
         attach_mode: format!("{:?}", report.attach_mode),
+        receive_path,
         ..health::Report::default()
     };
 

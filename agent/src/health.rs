@@ -37,6 +37,9 @@ pub struct Report {
     pub kernel: String,
     /// TCX or clsact.
     pub attach_mode: String,
+    /// Where tunnelled packets for this node's pods are received: `from_underlay on <dev>`,
+    /// or the VXLAN device and why.
+    pub receive_path: String,
     /// The local cluster reader.
     pub local: local::Status,
     /// Every remote cluster (Cilium's `RemoteCluster` JSON).

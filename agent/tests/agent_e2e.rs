@@ -825,11 +825,23 @@ fn agents_program_the_mesh_follow_deletes_and_restart_hitlessly() -> Result<()> 
             .unwrap_or(0)
     };
     ensure!(
+        st["receive-path"] == "from_underlay on eth0",
+        "c1 receive path: {}",
+        st["receive-path"]
+    );
+    ensure!(
         delivered(&st, "from_underlay") > 0 && delivered(&st, "from_overlay") == 0,
         "c1 (GRO on) should decapsulate at the underlay: {}",
         st["programs"]
     );
     let st2 = agents[1].status()?;
+    ensure!(
+        st2["receive-path"]
+            .as_str()
+            .is_some_and(|p| p.contains("GRO is off on eth0")),
+        "c2 receive path should say why it does not decapsulate: {}",
+        st2["receive-path"]
+    );
     ensure!(
         delivered(&st2, "from_overlay") > 0 && delivered(&st2, "from_underlay") == 0,
         "c2 (GRO off) should receive through the VXLAN device: {}",
