@@ -1054,7 +1054,7 @@ pub fn status(a: DirArgs) -> anyhow::Result<()> {
             if a.output != "json" {
                 let agent = match &node.agent {
                     Some(ag) => format!(
-                        "agent {} {} (http://{}, log {})",
+                        "agent {} {} (http://{}, log {}){}",
                         if agent_running {
                             "running"
                         } else {
@@ -1062,7 +1062,11 @@ pub fn status(a: DirArgs) -> anyhow::Result<()> {
                         },
                         if agent_ready { "ready" } else { "not ready" },
                         ag.health_addr,
-                        ag.log.display()
+                        ag.log.display(),
+                        match agent_status["receive-path"].as_str() {
+                            Some(path) => format!(", receives VXLAN through {path}"),
+                            None => String::new(),
+                        }
                     ),
                     None => "no agent".into(),
                 };
