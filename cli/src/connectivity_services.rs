@@ -25,7 +25,7 @@ use anyhow::{bail, ensure, Context as _};
 use serde::Serialize;
 
 use crate::echo::Answer;
-use crate::lab::state::{LabState, PodRef};
+use crate::lab::state::{Cluster, LabState, Node, Pod, PodRef};
 use crate::lab::{self, netns};
 
 /// Result of one service check.
@@ -229,9 +229,17 @@ fn global(st: &LabState, src: &PodRef<'_>, cfg: &Config) -> anyhow::Result<serde
         cfg.connects,
         errors[0]
     );
+    // Every cluster with a backend besides the source pod must answer (a new connection is
+    // never bound to its own client while the service has another backend).
     let missing: Vec<&str> = st
         .clusters
         .iter()
+        .filter(|c| {
+            c.nodes
+                .iter()
+                .flat_map(|n| &n.pods)
+                .any(|p| p.ns != src.pod.ns)
+        })
         .filter(|c| !per.contains_key(&c.name))
         .map(|c| c.name.as_str())
         .collect();
@@ -327,10 +335,14 @@ fn backends(st: &LabState, src: &PodRef<'_>) -> Option<u64> {
     v["services"]["backends"].as_u64()
 }
 
-fn propagation(src: &PodRef<'_>, st: &LabState, cfg: &Config) -> anyhow::Result<serde_json::Value> {
-    // A pod of another cluster that backs only `echo` (not the echo-local pod).
-    let (c, node, pod) = st
-        .clusters
+/// A pod of another cluster that backs only `echo` (not `echo-local`, which the affinity
+/// check relies on): what the propagation check removes and restores. `None` when every
+/// other cluster has a single pod.
+fn propagation_target<'a>(
+    src: &PodRef<'_>,
+    st: &'a LabState,
+) -> Option<(&'a Cluster, &'a Node, &'a Pod)> {
+    st.clusters
         .iter()
         .filter(|c| c.name != src.cluster.name)
         .flat_map(|c| {
@@ -339,7 +351,11 @@ fn propagation(src: &PodRef<'_>, st: &LabState, cfg: &Config) -> anyhow::Result<
                 .flat_map(move |n| n.pods.iter().map(move |p| (c, n, p)))
         })
         .find(|(c, n, p)| !lab::in_echo_local(c, n, p))
-        .context("no pod in another cluster")?;
+}
+
+fn propagation(src: &PodRef<'_>, st: &LabState, cfg: &Config) -> anyhow::Result<serde_json::Value> {
+    let (c, node, pod) = propagation_target(src, st)
+        .context("no pod in another cluster that backs only the echo service")?;
     let path = c
         .state_dir
         .join("manifests")
@@ -413,7 +429,8 @@ pub fn run(st: &LabState, cfg: &Config, filter: Option<&str>) -> anyhow::Result<
             Box::new(|| affinity_local(src, st, cfg)),
         ),
     ];
-    if cfg.propagation_rounds > 0 && st.clusters.len() > 1 {
+    // Needs a second pod in another cluster (labs with one pod per cluster have none).
+    if cfg.propagation_rounds > 0 && propagation_target(src, st).is_some() {
         plan.push((
             format!("service propagation → {}'s agent", src.label()),
             Box::new(|| propagation(src, st, cfg)),
