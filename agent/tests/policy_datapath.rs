@@ -1,16 +1,19 @@
 //! BPF_PROG_TEST_RUN tests of policy enforcement and flow events: the policy engine's
 //! entries written to the real maps, crafted TCP packets through `from_pod`,
 //! `from_overlay` and (VXLAN-encapsulated) `from_underlay`, the verdict, the flow events in the ring buffer and the verdict
-//! counters. Needs root (CI runs as root).
+//! counters, and the connection tracking that lets replies pass (`CM_POLICY_CT`). Needs
+//! root (CI runs as root).
 
 use std::net::Ipv4Addr;
 
+use aya::maps::{HashMap, MapData};
 use clustermesh_agent::datapath::{Config, Datapath, Program};
 use clustermesh_agent::flows::FlowMaps;
 use clustermesh_agent::policy::maps::PolicyMaps;
 use clustermesh_agent::policy::{Config as PolicyConfig, Direction, Engine};
 use clustermesh_ebpf_abi::{
-    drop_reason, flow_flags, verdict, EndpointInfo, FlowEvent, IpcacheValue, PolicyMatch,
+    drop_reason, flow_flags, map, verdict, EndpointInfo, FlowEvent, IpcacheValue, PolicyCtKey,
+    PolicyCtValue, PolicyMatch,
 };
 use clustermesh_types::identity::LabelArray;
 
@@ -35,6 +38,7 @@ struct Node {
     dp: Datapath,
     policy: PolicyMaps,
     flows: FlowMaps,
+    ct: HashMap<MapData, PolicyCtKey, PolicyCtValue>,
     engine: Engine,
 }
 
@@ -77,6 +81,7 @@ fn node() -> Node {
     m.tunnel.set(77, LOCAL_NODE, 4789).expect("tunnel");
     let policy = PolicyMaps::take(&mut dp).expect("policy maps");
     let flows = FlowMaps::take(&mut dp).expect("flow maps");
+    let ct = HashMap::try_from(dp.take_map(map::POLICY_CT).expect("ct map")).expect("ct map");
     let mut engine = Engine::new(PolicyConfig {
         local_cluster: "c2".into(),
         default_local_cluster: true,
@@ -89,6 +94,7 @@ fn node() -> Node {
         dp,
         policy,
         flows,
+        ct,
         engine,
     }
 }
@@ -108,6 +114,11 @@ impl Node {
             .test_run(program, packet, Some(&mut out), 1)
             .expect("test run")
             .verdict
+    }
+
+    /// The tracked connections' forward tuples.
+    fn tracked(&self) -> Vec<PolicyCtKey> {
+        self.ct.keys().map(|k| k.expect("ct key")).collect()
     }
 
     fn events(&mut self) -> Vec<FlowEvent> {
@@ -130,6 +141,13 @@ fn tcp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
     p.extend_from_slice(&sport.to_be_bytes());
     p.extend_from_slice(&dport.to_be_bytes());
     p.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    p
+}
+
+/// `tcp` with other TCP flags (0x12 = SYN-ACK, 0x10 = ACK).
+fn tcp_flags(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut p = tcp(src, dst, sport, dport);
+    p[47] = flags;
     p
 }
 
@@ -352,4 +370,221 @@ fn flow_settings_drops_only_and_all_forwarded() {
         n.events().is_empty(),
         "default: forwarded TCP only with SYN/FIN/RST"
     );
+}
+
+/// The backend (B) admits only the c1 frontend on 8080. B's own connections must still
+/// work: their replies come in through B's ingress and pass as replies, from any path
+/// (overlay, underlay, a local pod); anything else from those peers stays dropped.
+#[test]
+fn replies_to_connections_of_an_ingress_policed_pod_pass() {
+    let mut n = node();
+    n.policy(
+        "c1-frontend",
+        Some(
+            r#"{"kind":"CiliumNetworkPolicy","metadata":{"name":"c1-frontend","namespace":"default"},
+             "spec":{"endpointSelector":{"matchLabels":{"app":"backend"}},
+              "ingress":[{"fromEndpoints":[{"matchLabels":{"app":"frontend",
+                  "io.cilium.k8s.policy.cluster":"c1"}}],
+                "toPorts":[{"ports":[{"port":"8080","protocol":"TCP"}]}]}]}}"#,
+        ),
+    );
+    let syn_ack = tcp_flags(REMOTE_OTHER, POD_B, 80, 40000, 0x12);
+    // Before B opened anything, the "reply" is an unsolicited packet: dropped.
+    assert_eq!(n.run(Program::FromOverlay, &syn_ack), TC_ACT_SHOT);
+    assert!(n.tracked().is_empty(), "a dropped packet is not tracked");
+
+    // B → the other c1 pod (B's egress is not policed): tunnelled and tracked.
+    assert_eq!(
+        n.run(Program::FromPod, &tcp(POD_B, REMOTE_OTHER, 40000, 80)),
+        TC_ACT_REDIRECT
+    );
+    let tracked = n.tracked();
+    assert_eq!(tracked.len(), 1, "{tracked:?}");
+    assert_eq!(
+        (tracked[0].saddr, tracked[0].daddr),
+        (POD_B.octets(), REMOTE_OTHER.octets())
+    );
+    assert_eq!(
+        (
+            u16::from_be(tracked[0].sport),
+            u16::from_be(tracked[0].dport)
+        ),
+        (40000, 80)
+    );
+    assert_eq!(tracked[0].proto, 6);
+
+    // The reply through the VXLAN device and through the underlay: delivered.
+    assert_eq!(n.run(Program::FromOverlay, &syn_ack), TC_ACT_REDIRECT);
+    let frame = Vxlan::new(REMOTE_NODE, LOCAL_NODE, 4789, ID_REMOTE_OTHER, &syn_ack).frame();
+    assert_eq!(n.run(Program::FromUnderlay, &frame), TC_ACT_REDIRECT);
+    // The same peer to another port of B, or from another port: still dropped.
+    assert_eq!(
+        n.run(Program::FromOverlay, &tcp(REMOTE_OTHER, POD_B, 80, 40001)),
+        TC_ACT_SHOT
+    );
+    assert_eq!(
+        n.run(Program::FromOverlay, &tcp(REMOTE_OTHER, POD_B, 81, 40000)),
+        TC_ACT_SHOT
+    );
+    // Another peer with the reply's ports: dropped (the tuple includes addresses).
+    assert_eq!(
+        n.run(
+            Program::FromOverlay,
+            &tcp_flags(REMOTE_FRONTEND, POD_B, 80, 40000, 0x12)
+        ),
+        TC_ACT_SHOT
+    );
+
+    // A local pod: B → A, A's reply through A's veth passes B's ingress.
+    assert_eq!(
+        n.run(Program::FromPod, &tcp(POD_B, POD_A, 40002, 9090)),
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(
+        n.run(
+            Program::FromPod,
+            &tcp_flags(POD_A, POD_B, 9090, 40002, 0x12)
+        ),
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(
+        n.run(Program::FromPod, &tcp(POD_A, POD_B, 9090, 40003)),
+        TC_ACT_SHOT
+    );
+
+    let ev = n.events();
+    let replies: Vec<_> = ev
+        .iter()
+        .filter(|e| e.tcp_flags == 0x12 && e.verdict == verdict::FORWARDED)
+        .collect();
+    assert_eq!(replies.len(), 3, "{ev:?}");
+    assert!(replies
+        .iter()
+        .all(|e| e.policy_match == PolicyMatch::None as u8 && e.drop_reason == 0));
+    let v = n.policy.verdicts().expect("verdicts");
+    assert_eq!(v.ct_replies, 3, "replies counted as such");
+    assert_eq!(
+        v.denied(Direction::Ingress),
+        5,
+        "the unsolicited packets, and no reply, counted as denied"
+    );
+}
+
+/// The backend (B) may send only DNS to the c1 frontend. Connections others open to B
+/// (its ingress is open) must still get B's answers; B's own packets elsewhere stay dropped.
+#[test]
+fn replies_of_an_egress_policed_pod_pass() {
+    let mut n = node();
+    n.policy(
+        "dns-only",
+        Some(
+            r#"{"kind":"CiliumNetworkPolicy","metadata":{"name":"dns-only","namespace":"default"},
+             "spec":{"endpointSelector":{"matchLabels":{"app":"backend"}},
+              "egress":[{"toEndpoints":[{"matchLabels":{"app":"frontend",
+                  "io.cilium.k8s.policy.cluster":"c1"}}],
+                "toPorts":[{"ports":[{"port":"53","protocol":"UDP"}]}]}]}}"#,
+        ),
+    );
+    let answer = tcp_flags(POD_B, REMOTE_OTHER, 8080, 40000, 0x12);
+    assert_eq!(n.run(Program::FromPod, &answer), TC_ACT_SHOT, "unsolicited");
+    // The c1 pod connects to B through the overlay: allowed (no ingress policy), tracked.
+    assert_eq!(
+        n.run(Program::FromOverlay, &tcp(REMOTE_OTHER, POD_B, 40000, 8080)),
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(n.tracked().len(), 1);
+    // B's answer: tunnelled back.
+    assert_eq!(n.run(Program::FromPod, &answer), TC_ACT_REDIRECT);
+    // B's packets to another destination, or from another port: dropped.
+    assert_eq!(
+        n.run(Program::FromPod, &tcp(POD_B, REMOTE_FRONTEND, 8080, 40000)),
+        TC_ACT_SHOT
+    );
+    assert_eq!(
+        n.run(Program::FromPod, &tcp(POD_B, REMOTE_OTHER, 8081, 40000)),
+        TC_ACT_SHOT
+    );
+    // Through the underlay too: the c1 pod's second connection, then B's answer.
+    let syn = tcp(REMOTE_OTHER, POD_B, 40001, 8080);
+    let frame = Vxlan::new(REMOTE_NODE, LOCAL_NODE, 4789, ID_REMOTE_OTHER, &syn).frame();
+    assert_eq!(n.run(Program::FromUnderlay, &frame), TC_ACT_REDIRECT);
+    assert_eq!(
+        n.run(
+            Program::FromPod,
+            &tcp_flags(POD_B, REMOTE_OTHER, 8080, 40001, 0x12)
+        ),
+        TC_ACT_REDIRECT
+    );
+    // A local pod connects to B: B's answer into A's veth.
+    assert_eq!(
+        n.run(Program::FromPod, &tcp(POD_A, POD_B, 40002, 8080)),
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(
+        n.run(
+            Program::FromPod,
+            &tcp_flags(POD_B, POD_A, 8080, 40002, 0x12)
+        ),
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(n.tracked().len(), 3);
+
+    let v = n.policy.verdicts().expect("verdicts");
+    assert_eq!(v.ct_replies, 3);
+    assert_eq!(v.denied(Direction::Egress), 3);
+}
+
+/// Endpoints without policy never write the connection map (the fast path stays as it
+/// was), and neither does traffic a policed endpoint's replies do not depend on.
+#[test]
+fn endpoints_without_policy_are_not_tracked() {
+    let mut n = node();
+    for (program, packet) in [
+        (Program::FromPod, tcp(POD_A, POD_B, 40000, 80)),
+        (Program::FromPod, tcp(POD_B, POD_A, 80, 40000)),
+        (Program::FromPod, tcp(POD_A, REMOTE_OTHER, 40000, 80)),
+        (Program::FromOverlay, tcp(REMOTE_OTHER, POD_A, 80, 40000)),
+    ] {
+        assert_eq!(n.run(program, &packet), TC_ACT_REDIRECT);
+    }
+    assert!(n.tracked().is_empty(), "{:?}", n.tracked());
+    // An ingress policy on B: A's connections (neither end has a policy their replies
+    // would meet) stay untracked.
+    n.policy("p", Some(BACKEND_FROM_C1_FRONTEND));
+    assert_eq!(
+        n.run(Program::FromPod, &tcp(POD_A, REMOTE_OTHER, 40001, 80)),
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(
+        n.run(Program::FromOverlay, &tcp(REMOTE_OTHER, POD_A, 80, 40001)),
+        TC_ACT_REDIRECT
+    );
+    assert!(n.tracked().is_empty(), "{:?}", n.tracked());
+    assert_eq!(n.policy.verdicts().expect("verdicts").ct_replies, 0);
+}
+
+/// An entry older than its lifetime (60 s for UDP) no longer lets replies in.
+#[test]
+fn expired_connections_do_not_admit_replies() {
+    let mut n = node();
+    n.policy("p", Some(BACKEND_FROM_C1_FRONTEND));
+    let mut udp = tcp(POD_B, REMOTE_OTHER, 5353, 53);
+    udp[23] = 17;
+    assert_eq!(n.run(Program::FromPod, &udp), TC_ACT_REDIRECT);
+    let mut reply = tcp(REMOTE_OTHER, POD_B, 53, 5353);
+    reply[23] = 17;
+    assert_eq!(n.run(Program::FromOverlay, &reply), TC_ACT_REDIRECT);
+    let key = n.tracked()[0];
+    assert_eq!(key.proto, 17);
+    // The kernel's timestamp of the last packet, moved back by 61 s.
+    let seen = n.ct.get(&key, 0).expect("entry").last_seen_ns;
+    n.ct.insert(
+        key,
+        PolicyCtValue {
+            last_seen_ns: seen.saturating_sub(61_000_000_000),
+        },
+        0,
+    )
+    .expect("age the entry");
+    assert_eq!(n.run(Program::FromOverlay, &reply), TC_ACT_SHOT);
 }

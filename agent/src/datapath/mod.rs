@@ -36,8 +36,8 @@ use aya::programs::tc::{
 use aya::programs::{ProgramError, SchedClassifier, TestRun as _, TestRunOptions};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use clustermesh_ebpf_abi::{
-    defaults, map, program, Counter, EndpointInfo, EndpointKey, IpcacheLpmKey, IpcacheValue,
-    TraceSlot, TunnelConfig, TunnelTrace,
+    defaults, map, policy_map, program, Counter, EndpointInfo, EndpointKey, IpcacheLpmKey,
+    IpcacheValue, PolicyCtKey, PolicyCtValue, TraceSlot, TunnelConfig, TunnelTrace,
 };
 
 pub use maps::{
@@ -325,6 +325,12 @@ fn expected(name: &str, config: &Config) -> Option<(MapType, u32, u32, u32)> {
             4,
             s(size_of::<TunnelTrace>()),
             TraceSlot::COUNT,
+        ),
+        map::POLICY_CT => (
+            MapType::LruHash,
+            s(size_of::<PolicyCtKey>()),
+            s(size_of::<PolicyCtValue>()),
+            policy_map::CT_MAX_ENTRIES,
         ),
         _ => return None,
     })

@@ -34,8 +34,8 @@ pub fn key(e: &Entry) -> PolicyKey {
     }
 }
 
-/// Verdict counters summed over CPUs: `[direction][PolicyMatch]`, plus flow events
-/// emitted and lost.
+/// Verdict counters summed over CPUs: `[direction][PolicyMatch]`, replies of tracked
+/// connections, flow events emitted and lost.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Verdicts {
     /// `[Direction as usize][PolicyMatch as usize]` packets.
@@ -44,6 +44,9 @@ pub struct Verdicts {
     pub flows_emitted: u64,
     /// Flow events lost (ring buffer full).
     pub flows_lost: u64,
+    /// Packets policy would have denied that passed as replies of a tracked connection
+    /// (`CM_POLICY_CT`); not in `by_match`.
+    pub ct_replies: u64,
 }
 
 impl Verdicts {
@@ -127,6 +130,7 @@ impl PolicyMaps {
         }
         v.flows_emitted = read(PolicyCounter::FlowsEmitted as u32)?;
         v.flows_lost = read(PolicyCounter::FlowsLost as u32)?;
+        v.ct_replies = read(PolicyCounter::CtReply as u32)?;
         Ok(v)
     }
 }

@@ -43,8 +43,13 @@ pub mod map {
     pub const LB4_CT: &str = "CM_LB4_CT";
     /// [`LbCounter`](crate::LbCounter) → `u64`, per-CPU array, counters of the LB step.
     pub const LB_COUNTERS: &str = "CM_LB_CNT";
+    /// [`PolicyCtKey`](crate::PolicyCtKey) → [`PolicyCtValue`](crate::PolicyCtValue), LRU
+    /// hash: connections of policy-enforced endpoints, so their replies pass policy.
+    /// Pinned (unlike the other policy maps, which the agent rebuilds from its engine):
+    /// connections survive an agent restart.
+    pub const POLICY_CT: &str = "CM_POLICY_CT";
     /// Every map, for pinning and compatibility checks.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         IPCACHE,
         LOCAL_ENDPOINTS,
         TUNNEL,
@@ -57,6 +62,7 @@ pub mod map {
         LB4_REVERSE_NAT,
         LB4_CT,
         LB_COUNTERS,
+        POLICY_CT,
     ];
 }
 
@@ -760,7 +766,8 @@ mod tests {
 
 // ---------------------------------------------------------------------------------------
 // Policy enforcement and flow events (issue 6). Appended; not pinned (the agent rebuilds
-// them from its policy engine on start), so they are not in `map::ALL`.
+// them from its policy engine on start), so they are not in `map::ALL` — except the policy
+// connection tracking map (`map::POLICY_CT`), whose state the engine cannot rebuild.
 
 /// Names of the policy and flow maps.
 pub mod policy_map {
@@ -780,6 +787,9 @@ pub mod policy_map {
     pub const POLICY_MAX_ENTRIES: u32 = 262_144;
     /// Default capacity of [`POLICY_MODE`].
     pub const POLICY_MODE_MAX_ENTRIES: u32 = 65_536;
+    /// Capacity of [`map::POLICY_CT`](crate::map::POLICY_CT) (LRU: the least recently used
+    /// connection is evicted when full).
+    pub const CT_MAX_ENTRIES: u32 = 262_144;
     /// Size of the flow ring buffer in bytes (power of two, multiple of the page size).
     pub const FLOWS_BYTES: u32 = 4 << 20;
 }
@@ -886,11 +896,58 @@ pub enum PolicyCounter {
     FlowsEmitted = 2 * PolicyMatch::COUNT,
     /// Flow events lost because the ring buffer was full.
     FlowsLost = 2 * PolicyMatch::COUNT + 1,
+    /// Packets policy would have denied that passed as replies of a connection in
+    /// [`map::POLICY_CT`](crate::map::POLICY_CT) (not counted as a verdict).
+    CtReply = 2 * PolicyMatch::COUNT + 2,
 }
 
 impl PolicyCounter {
     /// Slots of the counters map: 2 directions × matches, then these.
-    pub const SLOTS: u32 = 2 * PolicyMatch::COUNT + 2;
+    pub const SLOTS: u32 = 2 * PolicyMatch::COUNT + 3;
+}
+
+/// Key of [`map::POLICY_CT`](crate::map::POLICY_CT): a connection's forward tuple, as
+/// the packet that was allowed carried it. A packet that policy denies passes if its
+/// reverse tuple (addresses and ports swapped) is present and not expired.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PolicyCtKey {
+    /// Source IPv4, network order.
+    pub saddr: [u8; 4],
+    /// Destination IPv4, network order.
+    pub daddr: [u8; 4],
+    /// Source port, network order (0 for protocols without ports).
+    pub sport: u16,
+    /// Destination port, network order (0 for protocols without ports).
+    pub dport: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// Zero.
+    pub pad: [u8; 3],
+}
+const _: () = assert!(size_of::<PolicyCtKey>() == 16);
+const _: () = assert!(offset_of!(PolicyCtKey, proto) == 12);
+
+/// Value of [`map::POLICY_CT`](crate::map::POLICY_CT).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PolicyCtValue {
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the last allowed packet of the connection
+    /// (refreshed at most every [`policy_ct::REFRESH_NS`]), host order.
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(size_of::<PolicyCtValue>() == 8);
+
+/// Lifetimes of [`map::POLICY_CT`](crate::map::POLICY_CT) entries (Cilium's defaults for
+/// established TCP and for non-TCP connections).
+pub mod policy_ct {
+    /// A TCP connection's entry is valid this long after its last allowed packet (6 h).
+    pub const TCP_LIFETIME_NS: u64 = 6 * 3600 * 1_000_000_000;
+    /// Any other protocol's entry (60 s).
+    pub const ANY_LIFETIME_NS: u64 = 60 * 1_000_000_000;
+    /// An entry is rewritten at most this often (1 s), so a stream does not write the map
+    /// per packet.
+    pub const REFRESH_NS: u64 = 1_000_000_000;
 }
 
 /// [`FlowEvent::verdict`] values (Hubble's).
@@ -996,4 +1053,8 @@ mod policy_pod {
     unsafe impl aya::Pod for FlowEvent {}
     // SAFETY: see above.
     unsafe impl aya::Pod for FlowConfig {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for PolicyCtKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for PolicyCtValue {}
 }

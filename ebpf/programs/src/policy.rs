@@ -6,6 +6,14 @@
 //! to the least specific (six hash lookups at worst; Cilium's order). An endpoint without a
 //! mode entry costs one lookup per direction.
 //!
+//! Policy is stateful like Cilium's: replies of an allowed connection pass. `CM_POLICY_CT`
+//! holds the forward tuple of connections whose replies will be checked against a
+//! default-deny direction (a local source with ingress enforcement, a local destination
+//! with egress enforcement); a packet that policy denies passes if its reverse tuple is
+//! there and not expired (`CtReply`). The map is read only on the deny path and written only
+//! for enforced endpoints, at most once a second per connection: endpoints without policy
+//! never touch it.
+//!
 //! Every drop, and forwarded packets per `CM_FLOW_CFG`, become a [`FlowEvent`] in the
 //! `CM_FLOWS` ring buffer; a full ring counts `FlowsLost` instead of blocking.
 
@@ -13,12 +21,12 @@ use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use aya_ebpf::macros::map;
 use aya_ebpf::maps::lpm_trie::Key;
-use aya_ebpf::maps::{Array, HashMap, PerCpuArray, RingBuf};
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::TcContext;
 use clustermesh_ebpf_abi::{
-    direction, drop_reason, flow_flags, observation, policy_flags, policy_map, verdict,
-    EndpointInfo, EndpointKey, FlowConfig, FlowEvent, IpcacheKey, PolicyCounter, PolicyKey,
-    PolicyMatch, PolicyValue, IDENTITY_WORLD,
+    direction, drop_reason, flow_flags, observation, policy_ct, policy_flags, policy_map, verdict,
+    EndpointInfo, EndpointKey, FlowConfig, FlowEvent, IpcacheKey, PolicyCounter, PolicyCtKey,
+    PolicyCtValue, PolicyKey, PolicyMatch, PolicyValue, IDENTITY_WORLD,
 };
 
 use crate::packet::{Ipv4, ETH_HLEN};
@@ -33,6 +41,10 @@ static CM_POLICY_MODE: HashMap<u32, u32> =
 
 #[map]
 static CM_POLICY_CNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(PolicyCounter::SLOTS, 0);
+
+#[map]
+static CM_POLICY_CT: LruHashMap<PolicyCtKey, PolicyCtValue> =
+    LruHashMap::with_max_entries(policy_map::CT_MAX_ENTRIES, 0);
 
 #[map]
 static CM_FLOWS: RingBuf = RingBuf::with_byte_size(policy_map::FLOWS_BYTES, 0);
@@ -114,27 +126,39 @@ fn allowed(key: &PolicyKey) -> bool {
     CM_POLICY.get_ptr(key).is_some()
 }
 
-/// The policy verdict for `subject` talking to `peer` in direction `dir`, as a
-/// [`PolicyMatch`] (`Denied` = drop). Counted.
+/// The [`policy_flags`] of `subject` (0 without a `CM_POLICY_MODE` entry: not enforced).
 #[inline(always)]
-fn check(subject: u32, peer: u32, dir: u8, l4: &L4) -> PolicyMatch {
-    let m = check_inner(subject, peer, dir, l4);
+fn mode_of(subject: u32) -> u32 {
+    match CM_POLICY_MODE.get_ptr(subject) {
+        // SAFETY: pointer from a successful lookup (NO_PREALLOC: RCU-protected element).
+        Some(mode) => unsafe { *mode },
+        None => 0,
+    }
+}
+
+/// The policy verdict for `subject` (whose [`policy_flags`] are `mode`) talking to `peer`
+/// in direction `dir`, as a [`PolicyMatch`] (`Denied` = drop). A packet policy denies that
+/// is a reply of a tracked connection is `None` and counted as `CtReply`; everything else
+/// is counted as its verdict.
+#[inline(always)]
+fn check(subject: u32, mode: u32, peer: u32, dir: u8, ip: &Ipv4, l4: &L4) -> PolicyMatch {
+    let m = check_inner(subject, mode, peer, dir, l4);
+    if m == PolicyMatch::Denied && ct_reply(ip, l4) {
+        count(PolicyCounter::CtReply as u32);
+        return PolicyMatch::None;
+    }
     count(u32::from(dir) * PolicyMatch::COUNT + m as u32);
     m
 }
 
 #[inline(always)]
-fn check_inner(subject: u32, peer: u32, dir: u8, l4: &L4) -> PolicyMatch {
+fn check_inner(subject: u32, mode: u32, peer: u32, dir: u8, l4: &L4) -> PolicyMatch {
     let want = if dir == direction::INGRESS {
         policy_flags::INGRESS
     } else {
         policy_flags::EGRESS
     };
-    let Some(mode) = CM_POLICY_MODE.get_ptr(subject) else {
-        return PolicyMatch::None;
-    };
-    // SAFETY: pointer from a successful lookup (NO_PREALLOC: RCU-protected element).
-    if unsafe { *mode } & want == 0 {
+    if mode & want == 0 {
         return PolicyMatch::None;
     }
     let mut k = PolicyKey {
@@ -173,6 +197,76 @@ fn check_inner(subject: u32, peer: u32, dir: u8, l4: &L4) -> PolicyMatch {
         return PolicyMatch::All;
     }
     PolicyMatch::Denied
+}
+
+#[inline(always)]
+fn lifetime_ns(proto: u8) -> u64 {
+    if proto == IPPROTO_TCP {
+        policy_ct::TCP_LIFETIME_NS
+    } else {
+        policy_ct::ANY_LIFETIME_NS
+    }
+}
+
+/// `true` if the packet is a reply of a tracked connection: its reverse tuple is in
+/// `CM_POLICY_CT` and not expired. Refreshes the entry (at most once a second), so a
+/// connection in which only the replying side keeps sending does not expire.
+#[inline(always)]
+fn ct_reply(ip: &Ipv4, l4: &L4) -> bool {
+    let key = PolicyCtKey {
+        saddr: ip.daddr,
+        daddr: ip.saddr,
+        sport: l4.dport,
+        dport: l4.sport,
+        proto: l4.proto,
+        pad: [0; 3],
+    };
+    let Some(entry) = CM_POLICY_CT.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: pointer from a successful lookup; a concurrent writer only ever stores a
+    // whole timestamp, and a torn or stale one costs at most an early refresh.
+    let last = unsafe { (*entry).last_seen_ns };
+    let age = now.wrapping_sub(last);
+    if age >= lifetime_ns(l4.proto) {
+        return false;
+    }
+    if age > policy_ct::REFRESH_NS {
+        // SAFETY: as above; the element stays valid for the rest of the program.
+        unsafe { (*entry).last_seen_ns = now };
+    }
+    true
+}
+
+/// Tracks the packet's connection (its forward tuple) so that replies pass a default-deny
+/// direction: a write only for a new or expired entry or one not refreshed for a second.
+#[inline(always)]
+fn ct_track(ip: &Ipv4, l4: &L4) {
+    let key = PolicyCtKey {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        sport: l4.sport,
+        dport: l4.dport,
+        proto: l4.proto,
+        pad: [0; 3],
+    };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(entry) = CM_POLICY_CT.get_ptr_mut(key) {
+        // SAFETY: see `ct_reply`.
+        unsafe {
+            if now.wrapping_sub((*entry).last_seen_ns) > policy_ct::REFRESH_NS {
+                (*entry).last_seen_ns = now;
+            }
+        }
+        return;
+    }
+    let value = PolicyCtValue { last_seen_ns: now };
+    // A full map evicts its least recently used entry; an error leaves the connection
+    // untracked (its replies are then policed like any packet).
+    let _ = CM_POLICY_CT.insert(key, value, 0);
 }
 
 /// Everything a flow event needs besides the packet.
@@ -274,8 +368,26 @@ pub fn denied_from_pod(ctx: &TcContext, ip: &Ipv4) -> bool {
         observation: observation::FROM_POD,
         policy_match: PolicyMatch::None as u8,
     };
+    // One mode lookup per local endpoint; 0 (no entry) = nothing enforced, nothing tracked.
+    let src_mode = if src.is_some() {
+        mode_of(src_identity)
+    } else {
+        0
+    };
+    let dst_mode = if dst.is_some() {
+        mode_of(dst_identity)
+    } else {
+        0
+    };
     if src.is_some() {
-        let m = check(src_identity, dst_identity, direction::EGRESS, &l4);
+        let m = check(
+            src_identity,
+            src_mode,
+            dst_identity,
+            direction::EGRESS,
+            ip,
+            &l4,
+        );
         flow.policy_match = m as u8;
         if m == PolicyMatch::Denied {
             flow.verdict = verdict::DROPPED;
@@ -285,7 +397,14 @@ pub fn denied_from_pod(ctx: &TcContext, ip: &Ipv4) -> bool {
         }
     }
     if dst.is_some() {
-        let m = check(dst_identity, src_identity, direction::INGRESS, &l4);
+        let m = check(
+            dst_identity,
+            dst_mode,
+            src_identity,
+            direction::INGRESS,
+            ip,
+            &l4,
+        );
         if m == PolicyMatch::Denied {
             flow.verdict = verdict::DROPPED;
             flow.drop_reason = drop_reason::POLICY_DENIED;
@@ -294,6 +413,12 @@ pub fn denied_from_pod(ctx: &TcContext, ip: &Ipv4) -> bool {
             emit(ctx, ip, &l4, &flow);
             return true;
         }
+    }
+    // Replies of this connection come back through the source's ingress check (from
+    // from_overlay, or here from the destination's veth) and leave the destination through
+    // its egress check.
+    if src_mode & policy_flags::INGRESS != 0 || dst_mode & policy_flags::EGRESS != 0 {
+        ct_track(ip, &l4);
     }
     emit(ctx, ip, &l4, &flow);
     false
@@ -310,8 +435,13 @@ pub fn denied_from_overlay(
 ) -> bool {
     let mut l4 = L4::default();
     parse_l4(ctx, &mut l4);
-    let m = check(ep.identity, src_identity, direction::INGRESS, &l4);
+    let mode = mode_of(ep.identity);
+    let m = check(ep.identity, mode, src_identity, direction::INGRESS, ip, &l4);
     let denied = m == PolicyMatch::Denied;
+    // The destination's replies leave through its egress check in from_pod.
+    if !denied && mode & policy_flags::EGRESS != 0 {
+        ct_track(ip, &l4);
+    }
     let flow = Flow {
         src_identity,
         dst_identity: ep.identity,
