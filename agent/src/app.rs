@@ -691,6 +691,7 @@ impl Loop {
             }
         }
         if let Some(v) = self.policy.verdicts() {
+            report.policy.ct_replies = v.ct_replies;
             self.flows_lost.store(v.flows_lost, Ordering::Relaxed);
             self.metrics.observe_policy(&v);
         }

@@ -130,6 +130,7 @@ struct PolicyMetrics {
     verdicts: Family<VerdictLabels, Counter>,
     drops: Family<DropLabels, Counter>,
     forwards: Family<DirectionLabels, Counter>,
+    ct_replies: Counter,
     lost: Counter,
     last: Mutex<crate::policy::maps::Verdicts>,
 }
@@ -278,6 +279,11 @@ impl PolicyMetrics {
             "Packets allowed by policy, by direction",
             self.forwards.clone(),
         );
+        cilium.register(
+            "policy_ct_reply",
+            "Packets a default-deny direction let through as replies of tracked connections",
+            self.ct_replies.clone(),
+        );
     }
 
     fn observe(&self, v: &crate::policy::maps::Verdicts) {
@@ -314,6 +320,7 @@ impl PolicyMetrics {
                 }
             }
         }
+        self.ct_replies.inc_by(delta(v.ct_replies, last.ct_replies));
         self.lost.inc_by(delta(v.flows_lost, last.flows_lost));
         *last = *v;
     }

@@ -2,7 +2,9 @@
 //! eBPF datapath), then a CiliumNetworkPolicy in c2 that admits only one "frontend" pod of
 //! c1: the frontend gets in, the other c1 pods are dropped, `clustermesh observe --verdict
 //! DROPPED -o json` shows the drops with both cluster names, the agent's `/metrics` counts
-//! them with Cilium's names, and deleting the policy restores traffic within 1 s.
+//! them with Cilium's names, the policed pod's own connections to c1 still get their
+//! answers (policy is stateful: replies pass), and deleting the policy restores traffic
+//! within 1 s.
 //!
 //! Needs root, iproute2, curl and etcdctl (`scripts/install-deps.sh`) and the workspace
 //! binaries (`cargo build --workspace --bins`).
@@ -34,8 +36,9 @@ fn until_reachable(ns: &str, ip: &str, want: bool, limit: Duration) -> Result<Du
 /// "frontend" of c1 (the c1 pod with `instance: echo-1-1`, selected together with the
 /// cluster label): the frontend gets in, the other c1 pods are dropped,
 /// `clustermesh observe --verdict DROPPED -o json` shows those drops with both cluster
-/// names, the agent's `/metrics` counts them, and deleting the policy restores traffic
-/// within 1 s.
+/// names, the agent's `/metrics` counts them, the policed pod still gets answers from
+/// the c1 pods it connects to itself (counted as `cilium_policy_ct_reply_total`), and
+/// deleting the policy restores traffic within 1 s.
 fn policy_admits_only_the_frontend_of_c1(lab: &Lab, state: &Value) -> Result<()> {
     let (c1, c2) = (&state["clusters"][0], &state["clusters"][1]);
     let pod = |c: &Value, n: usize, p: usize| -> Result<(String, String, String)> {
@@ -48,7 +51,7 @@ fn policy_admits_only_the_frontend_of_c1(lab: &Lab, state: &Value) -> Result<()>
     };
     let (front_ns, front_ip, front_name) = pod(c1, 0, 0)?;
     let others = [pod(c1, 1, 0)?, pod(c1, 0, 1)?];
-    let (_, target_ip, target_name) = pod(c2, 0, 0)?;
+    let (target_ns, target_ip, target_name) = pod(c2, 0, 0)?;
     let manifest = Path::new(c2["state_dir"].as_str().context("state_dir")?)
         .join("manifests")
         .join("policy-frontend-only.yaml");
@@ -79,6 +82,18 @@ fn policy_admits_only_the_frontend_of_c1(lab: &Lab, state: &Value) -> Result<()>
             "{name} ({ip}, c1) reaches {target_ip} despite the policy"
         );
     }
+
+    // The policed pod's own connections to c1 pods the policy does not admit: their
+    // answers come in through its ingress and pass as replies.
+    for (_, ip, name) in &others {
+        let answer = curl_echo(&target_ns, ip, "2").with_context(|| {
+            format!(
+                "{target_name} ({target_ip}, c2, policed) gets no answer from {name} ({ip}, c1)"
+            )
+        })?;
+        ensure!(answer["cluster"] == "c1", "{answer}");
+    }
+    println!("policed {target_ip} → other c1 pods: answered (replies pass the ingress policy)");
 
     // The drops, as a user sees them; from the router namespace, which has a leg into
     // every cluster's underlay (the root namespace's single veth into the underlay may
@@ -139,9 +154,25 @@ fn policy_admits_only_the_frontend_of_c1(lab: &Lab, state: &Value) -> Result<()>
     let health = c2["nodes"][0]["agent"]["health_addr"]
         .as_str()
         .context("agent health")?;
-    let metrics = run(Command::new("ip")
-        .args(["netns", "exec", router, "curl", "-sf", "--max-time", "2"])
-        .arg(format!("http://{health}/metrics")))?;
+    // The policed pod's answered connections are counted as replies (the agent reads the
+    // kernel counters once a second).
+    let ct_replies = |metrics: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("cilium_policy_ct_reply_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let t = Instant::now();
+    let metrics = loop {
+        let metrics = run(Command::new("ip")
+            .args(["netns", "exec", router, "curl", "-sf", "--max-time", "2"])
+            .arg(format!("http://{health}/metrics")))?;
+        if ct_replies(&metrics) > 0 || t.elapsed() > Duration::from_secs(3) {
+            break metrics;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     let lines: Vec<&str> = metrics
         .lines()
         .filter(|l| {
@@ -149,9 +180,22 @@ fn policy_admits_only_the_frontend_of_c1(lab: &Lab, state: &Value) -> Result<()>
                 || l.starts_with("cilium_drop_count_total")
                 || l.starts_with("cilium_forward_count_total")
                 || l.starts_with("hubble_lost_events_total")
+                || l.starts_with("cilium_policy_ct_reply_total")
         })
         .collect();
     println!("metrics of c2/n1:\n{}", lines.join("\n"));
+    ensure!(
+        ct_replies(&metrics) > 0,
+        "the answers to the policed pod are not counted in cilium_policy_ct_reply_total"
+    );
+    let status: Value = serde_json::from_str(&run(Command::new("ip")
+        .args(["netns", "exec", router, "curl", "-sf", "--max-time", "2"])
+        .arg(format!("http://{health}/status")))?)?;
+    ensure!(
+        status["policy"]["ct-replies"].as_u64().unwrap_or(0) > 0,
+        "/status policy stats count no replies: {}",
+        status["policy"]
+    );
     ensure!(
         lines
             .iter()
@@ -179,6 +223,11 @@ fn policy_admits_only_the_frontend_of_c1(lab: &Lab, state: &Value) -> Result<()>
         restored <= Duration::from_secs(1),
         "traffic restored only after {restored:?} (> 1 s)"
     );
+    for (_, ip, name) in &others {
+        curl_echo(&target_ns, ip, "2").with_context(|| {
+            format!("{target_ip} (c2) gets no answer from {name} ({ip}, c1) without the policy")
+        })?;
+    }
     Ok(())
 }
 

@@ -33,6 +33,9 @@ pub struct Stats {
     pub map_errors: u64,
     /// ipcache entries held for their identity now.
     pub held: usize,
+    /// Packets a default-deny direction let through as replies of tracked connections
+    /// (the kernel's `CtReply` counter; filled in by the status tick, 0 from [`Hook::stats`]).
+    pub ct_replies: u64,
 }
 
 /// See the module docs.
