@@ -932,8 +932,10 @@ const _: () = assert!(offset_of!(PolicyCtKey, proto) == 12);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct PolicyCtValue {
-    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the last allowed packet of the connection
-    /// (refreshed at most every [`policy_ct::REFRESH_NS`]), host order.
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC at tick resolution: cheaper than
+    /// `bpf_ktime_get_ns`, and a few ms do not matter against lifetimes of seconds) of the
+    /// last packet of the connection (refreshed at most every [`policy_ct::REFRESH_NS`]),
+    /// host order.
     pub last_seen_ns: u64,
 }
 const _: () = assert!(size_of::<PolicyCtValue>() == 8);

@@ -18,7 +18,7 @@
 //! `CM_FLOWS` ring buffer; a full ring counts `FlowsLost` instead of blocking.
 
 use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use aya_ebpf::macros::map;
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
@@ -225,7 +225,7 @@ fn ct_reply(ip: &Ipv4, l4: &L4) -> bool {
         return false;
     };
     // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     // SAFETY: pointer from a successful lookup; a concurrent writer only ever stores a
     // whole timestamp, and a torn or stale one costs at most an early refresh.
     let last = unsafe { (*entry).last_seen_ns };
@@ -253,7 +253,7 @@ fn ct_track(ip: &Ipv4, l4: &L4) {
         pad: [0; 3],
     };
     // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     if let Some(entry) = CM_POLICY_CT.get_ptr_mut(key) {
         // SAFETY: see `ct_reply`.
         unsafe {
