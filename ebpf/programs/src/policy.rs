@@ -368,14 +368,10 @@ pub fn denied_from_pod(ctx: &TcContext, ip: &Ipv4) -> bool {
         observation: observation::FROM_POD,
         policy_match: PolicyMatch::None as u8,
     };
-    // One mode lookup per local endpoint; 0 (no entry) = nothing enforced, nothing tracked.
+    // One mode lookup per local endpoint, the destination's only once the source's egress
+    // passed (as before tracking existed); 0 (no entry) = nothing enforced, nothing tracked.
     let src_mode = if src.is_some() {
         mode_of(src_identity)
-    } else {
-        0
-    };
-    let dst_mode = if dst.is_some() {
-        mode_of(dst_identity)
     } else {
         0
     };
@@ -396,6 +392,11 @@ pub fn denied_from_pod(ctx: &TcContext, ip: &Ipv4) -> bool {
             return true;
         }
     }
+    let dst_mode = if dst.is_some() {
+        mode_of(dst_identity)
+    } else {
+        0
+    };
     if dst.is_some() {
         let m = check(
             dst_identity,
