@@ -35,7 +35,9 @@ use netns_common::{in_netns, run};
 use anyhow::{bail, ensure, Context as _, Result};
 use clustermesh_agent::datapath::{AttachMode, Config, Datapath, Error, Program};
 use clustermesh_agent::kernel;
-use clustermesh_ebpf_abi::{map, Counter, EndpointInfo, IpcacheValue, TraceSlot};
+use clustermesh_ebpf_abi::{
+    map, Counter, EndpointInfo, IpcacheValue, PolicyCtKey, PolicyCtValue, TraceSlot,
+};
 
 const NODE1_UNDERLAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const NODE2_UNDERLAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
@@ -547,5 +549,45 @@ fn a_pin_with_another_layout_is_refused_not_reused() -> Result<()> {
     .err()
     .context("a pin dir outside bpffs was accepted")?;
     ensure!(err.to_string().contains("mount -t bpf bpf"), "{err}");
+    Ok(())
+}
+
+/// Policy connection tracking is pinned like the other datapath maps: a restarted agent
+/// keeps the connections, so replies of connections opened before the restart still pass.
+#[test]
+fn policy_connections_survive_a_reload() -> Result<()> {
+    let bpffs = Bpffs::new()?;
+    let config = Config {
+        pin_dir: Some(bpffs.path().join("node")),
+        ipcache_max_entries: 1024,
+        local_endpoints_max_entries: 64,
+        ..Config::default()
+    };
+    let key = PolicyCtKey {
+        saddr: [10, 2, 1, 11],
+        daddr: [10, 1, 1, 11],
+        sport: 40000u16.to_be(),
+        dport: 80u16.to_be(),
+        proto: 6,
+        pad: [0; 3],
+    };
+    let ct = |dp: &mut Datapath| -> Result<aya::maps::HashMap<_, PolicyCtKey, PolicyCtValue>> {
+        Ok(aya::maps::HashMap::try_from(
+            dp.take_map(map::POLICY_CT).context("no CT map")?,
+        )?)
+    };
+    {
+        let mut dp = Datapath::load(&config)?;
+        ct(&mut dp)?.insert(key, PolicyCtValue { last_seen_ns: 42 }, 0)?;
+    }
+    ensure!(
+        bpffs.path().join("node").join(map::POLICY_CT).exists(),
+        "not pinned"
+    );
+    let mut dp = Datapath::load(&config)?;
+    let seen = ct(&mut dp)?
+        .get(&key, 0)
+        .context("connection lost across reload")?;
+    ensure!(seen.last_seen_ns == 42, "{seen:?}");
     Ok(())
 }
