@@ -578,7 +578,14 @@ fn policy_connections_survive_a_reload() -> Result<()> {
     };
     {
         let mut dp = Datapath::load(&config)?;
-        ct(&mut dp)?.insert(key, PolicyCtValue { last_seen_ns: 42 }, 0)?;
+        ct(&mut dp)?.insert(
+            key,
+            PolicyCtValue {
+                last_seen_ns: 42,
+                lifetime_ns: 7,
+            },
+            0,
+        )?;
     }
     ensure!(
         bpffs.path().join("node").join(map::POLICY_CT).exists(),
@@ -588,6 +595,6 @@ fn policy_connections_survive_a_reload() -> Result<()> {
     let seen = ct(&mut dp)?
         .get(&key, 0)
         .context("connection lost across reload")?;
-    ensure!(seen.last_seen_ns == 42, "{seen:?}");
+    ensure!((seen.last_seen_ns, seen.lifetime_ns) == (42, 7), "{seen:?}");
     Ok(())
 }

@@ -12,8 +12,8 @@ use clustermesh_agent::flows::FlowMaps;
 use clustermesh_agent::policy::maps::PolicyMaps;
 use clustermesh_agent::policy::{Config as PolicyConfig, Direction, Engine};
 use clustermesh_ebpf_abi::{
-    drop_reason, flow_flags, map, verdict, EndpointInfo, FlowEvent, IpcacheValue, PolicyCtKey,
-    PolicyCtValue, PolicyMatch,
+    drop_reason, flow_flags, map, policy_ct, verdict, EndpointInfo, FlowEvent, IpcacheValue,
+    PolicyCtKey, PolicyCtValue, PolicyMatch,
 };
 use clustermesh_types::identity::LabelArray;
 
@@ -577,14 +577,59 @@ fn expired_connections_do_not_admit_replies() {
     let key = n.tracked()[0];
     assert_eq!(key.proto, 17);
     // The kernel's timestamp of the last packet, moved back by 61 s.
-    let seen = n.ct.get(&key, 0).expect("entry").last_seen_ns;
+    let seen = n.ct.get(&key, 0).expect("entry");
+    assert_eq!(seen.lifetime_ns, policy_ct::ANY_LIFETIME_NS);
     n.ct.insert(
         key,
         PolicyCtValue {
-            last_seen_ns: seen.saturating_sub(61_000_000_000),
+            last_seen_ns: seen.last_seen_ns.saturating_sub(61_000_000_000),
+            ..seen
         },
         0,
     )
     .expect("age the entry");
     assert_eq!(n.run(Program::FromOverlay, &reply), TC_ACT_SHOT);
+}
+
+/// A FIN or RST in either direction shortens a TCP connection's entry to the close lifetime
+/// (10 s): the rest of the close passes, then the tuple is closed to replies; a new SYN on
+/// the same tuple opens it for 6 h again.
+#[test]
+fn closed_tcp_connections_stop_admitting_replies_after_the_close_lifetime() {
+    let mut n = node();
+    n.policy("p", Some(BACKEND_FROM_C1_FRONTEND));
+    let syn = tcp(POD_B, REMOTE_OTHER, 40000, 80);
+    assert_eq!(n.run(Program::FromPod, &syn), TC_ACT_REDIRECT);
+    let key = n.tracked()[0];
+    let lifetime = |n: &Node| n.ct.get(&key, 0).expect("entry").lifetime_ns;
+    assert_eq!(lifetime(&n), policy_ct::TCP_LIFETIME_NS);
+
+    // The peer resets the connection: the RST passes as a reply and starts the close.
+    let rst = tcp_flags(REMOTE_OTHER, POD_B, 80, 40000, 0x14);
+    assert_eq!(n.run(Program::FromOverlay, &rst), TC_ACT_REDIRECT);
+    assert_eq!(lifetime(&n), policy_ct::CLOSE_LIFETIME_NS);
+    // Within the close lifetime the rest of the close still passes.
+    let ack = tcp_flags(REMOTE_OTHER, POD_B, 80, 40000, 0x10);
+    assert_eq!(n.run(Program::FromOverlay, &ack), TC_ACT_REDIRECT);
+    // 11 s later, the closed tuple admits nothing.
+    let seen = n.ct.get(&key, 0).expect("entry");
+    n.ct.insert(
+        key,
+        PolicyCtValue {
+            last_seen_ns: seen.last_seen_ns.saturating_sub(11_000_000_000),
+            ..seen
+        },
+        0,
+    )
+    .expect("age the entry");
+    assert_eq!(n.run(Program::FromOverlay, &ack), TC_ACT_SHOT);
+
+    // B opens a new connection on the same tuple: 6 h again, replies pass.
+    assert_eq!(n.run(Program::FromPod, &syn), TC_ACT_REDIRECT);
+    assert_eq!(lifetime(&n), policy_ct::TCP_LIFETIME_NS);
+    assert_eq!(n.run(Program::FromOverlay, &ack), TC_ACT_REDIRECT);
+    // B's own FIN closes it from its side too.
+    let fin = tcp_flags(POD_B, REMOTE_OTHER, 40000, 80, 0x11);
+    assert_eq!(n.run(Program::FromPod, &fin), TC_ACT_REDIRECT);
+    assert_eq!(lifetime(&n), policy_ct::CLOSE_LIFETIME_NS);
 }

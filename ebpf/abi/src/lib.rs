@@ -937,14 +937,20 @@ pub struct PolicyCtValue {
     /// last packet of the connection (refreshed at most every [`policy_ct::REFRESH_NS`]),
     /// host order.
     pub last_seen_ns: u64,
+    /// How long after `last_seen_ns` the entry stays valid: one of [`policy_ct`]'s lifetimes
+    /// (`CLOSE_LIFETIME_NS` once a TCP FIN or RST was seen, until a new SYN reopens it).
+    pub lifetime_ns: u64,
 }
-const _: () = assert!(size_of::<PolicyCtValue>() == 8);
+const _: () = assert!(size_of::<PolicyCtValue>() == 16);
 
 /// Lifetimes of [`map::POLICY_CT`](crate::map::POLICY_CT) entries (Cilium's defaults for
-/// established TCP and for non-TCP connections).
+/// established TCP, closing TCP and non-TCP connections).
 pub mod policy_ct {
     /// A TCP connection's entry is valid this long after its last allowed packet (6 h).
     pub const TCP_LIFETIME_NS: u64 = 6 * 3600 * 1_000_000_000;
+    /// A TCP connection after a FIN or RST in either direction (10 s: the rest of the close
+    /// handshake passes, a reused tuple does not inherit the old connection's 6 h).
+    pub const CLOSE_LIFETIME_NS: u64 = 10 * 1_000_000_000;
     /// Any other protocol's entry (60 s).
     pub const ANY_LIFETIME_NS: u64 = 60 * 1_000_000_000;
     /// An entry is rewritten at most this often (1 s), so a stream does not write the map

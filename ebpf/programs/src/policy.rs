@@ -199,18 +199,49 @@ fn check_inner(subject: u32, mode: u32, peer: u32, dir: u8, l4: &L4) -> PolicyMa
     PolicyMatch::Denied
 }
 
+/// TCP flags that start closing a connection.
+const TCP_FIN_RST: u8 = 0x05;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// The lifetime a packet gives its connection's entry: a TCP FIN or RST starts the close.
 #[inline(always)]
-fn lifetime_ns(proto: u8) -> u64 {
-    if proto == IPPROTO_TCP {
-        policy_ct::TCP_LIFETIME_NS
-    } else {
+fn lifetime_for(l4: &L4) -> u64 {
+    if l4.proto != IPPROTO_TCP {
         policy_ct::ANY_LIFETIME_NS
+    } else if l4.tcp_flags & TCP_FIN_RST != 0 {
+        policy_ct::CLOSE_LIFETIME_NS
+    } else {
+        policy_ct::TCP_LIFETIME_NS
+    }
+}
+
+/// Updates the entry of the packet's connection at `now`: an expired entry starts over, a
+/// FIN or RST shortens it to the close lifetime, a new SYN (no ACK) reopens a closing one
+/// (a reused tuple); otherwise `last_seen` is refreshed at most once a second, so a stream
+/// does not write the map per packet.
+///
+/// # Safety
+/// `entry` comes from a successful lookup in `CM_POLICY_CT` in this program run. Concurrent
+/// writers only store whole fields; a torn or stale value costs at most an early refresh.
+#[inline(always)]
+unsafe fn ct_touch(entry: *mut PolicyCtValue, l4: &L4, now: u64) {
+    let want = lifetime_for(l4);
+    let have = (*entry).lifetime_ns;
+    let expired = now.wrapping_sub((*entry).last_seen_ns) >= have;
+    let closing = have == policy_ct::CLOSE_LIFETIME_NS;
+    let reopen = l4.proto == IPPROTO_TCP && l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if expired || (want == policy_ct::CLOSE_LIFETIME_NS && !closing) || (closing && reopen) {
+        (*entry).lifetime_ns = want;
+        (*entry).last_seen_ns = now;
+    } else if now.wrapping_sub((*entry).last_seen_ns) > policy_ct::REFRESH_NS {
+        (*entry).last_seen_ns = now;
     }
 }
 
 /// `true` if the packet is a reply of a tracked connection: its reverse tuple is in
-/// `CM_POLICY_CT` and not expired. Refreshes the entry (at most once a second), so a
-/// connection in which only the replying side keeps sending does not expire.
+/// `CM_POLICY_CT` and not expired. Updates the entry (`ct_touch`), so a connection in which
+/// only the replying side keeps sending does not expire, and a reply's FIN or RST closes it.
 #[inline(always)]
 fn ct_reply(ip: &Ipv4, l4: &L4) -> bool {
     let key = PolicyCtKey {
@@ -226,22 +257,18 @@ fn ct_reply(ip: &Ipv4, l4: &L4) -> bool {
     };
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    // SAFETY: pointer from a successful lookup; a concurrent writer only ever stores a
-    // whole timestamp, and a torn or stale one costs at most an early refresh.
-    let last = unsafe { (*entry).last_seen_ns };
-    let age = now.wrapping_sub(last);
-    if age >= lifetime_ns(l4.proto) {
-        return false;
-    }
-    if age > policy_ct::REFRESH_NS {
-        // SAFETY: as above; the element stays valid for the rest of the program.
-        unsafe { (*entry).last_seen_ns = now };
+    // SAFETY: pointer from a successful lookup (see `ct_touch`).
+    unsafe {
+        if now.wrapping_sub((*entry).last_seen_ns) >= (*entry).lifetime_ns {
+            return false;
+        }
+        ct_touch(entry, l4, now);
     }
     true
 }
 
 /// Tracks the packet's connection (its forward tuple) so that replies pass a default-deny
-/// direction: a write only for a new or expired entry or one not refreshed for a second.
+/// direction: a write only for a new entry or when `ct_touch` has something to change.
 #[inline(always)]
 fn ct_track(ip: &Ipv4, l4: &L4) {
     let key = PolicyCtKey {
@@ -255,15 +282,14 @@ fn ct_track(ip: &Ipv4, l4: &L4) {
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     if let Some(entry) = CM_POLICY_CT.get_ptr_mut(key) {
-        // SAFETY: see `ct_reply`.
-        unsafe {
-            if now.wrapping_sub((*entry).last_seen_ns) > policy_ct::REFRESH_NS {
-                (*entry).last_seen_ns = now;
-            }
-        }
+        // SAFETY: pointer from a successful lookup (see `ct_touch`).
+        unsafe { ct_touch(entry, l4, now) };
         return;
     }
-    let value = PolicyCtValue { last_seen_ns: now };
+    let value = PolicyCtValue {
+        last_seen_ns: now,
+        lifetime_ns: lifetime_for(l4),
+    };
     // A full map evicts its least recently used entry; an error leaves the connection
     // untracked (its replies are then policed like any packet).
     let _ = CM_POLICY_CT.insert(key, value, 0);
