@@ -544,7 +544,6 @@ async fn stale_heartbeat_reconnects_and_ttl_revokes() -> anyhow::Result<()> {
 /// and its resource relisted, so the cache ends exactly like etcd.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_consumer_lags_one_watch_without_stalling_the_shared_stream() -> anyhow::Result<()> {
-    use clustermesh_syncer::remote::{Config, Manager, Metrics};
     use tokio_util::sync::CancellationToken;
 
     let etcd = TestEtcd::start()?;
@@ -559,18 +558,7 @@ async fn slow_consumer_lags_one_watch_without_stalling_the_shared_stream() -> an
         .await?;
         write_canaries(&mut c, name, "cache").await?;
     }
-    let cfg_path = etcd.dir().join("local.yaml");
-    etcd.write_client_config("local-test", &cfg_path)?;
-    let dir = tempfile::tempdir()?;
-    let mut config = Config::new(
-        local(),
-        dir.path().to_path_buf(),
-        Mode::KvstoreMesh {
-            local_etcd: clustermesh_syncer::EtcdConfig::load(&cfg_path)?,
-        },
-    );
-    config.event_capacity = 1;
-    let (manager, mut rx) = Manager::new(config, Metrics::default())?;
+    let (dir, manager, mut rx) = kvstoremesh_manager(&etcd)?;
     let mut status = manager.status();
     let caches = manager.caches();
     let token = CancellationToken::new();
@@ -590,10 +578,7 @@ async fn slow_consumer_lags_one_watch_without_stalling_the_shared_stream() -> an
         }
     });
     for name in ["cluster3", "cluster4"] {
-        std::fs::write(
-            dir.path().join(name),
-            "endpoints:\n- https://unused.invalid:2379\n",
-        )?;
+        add_remote(&dir, name)?;
     }
     tokio::time::timeout(
         Duration::from_secs(20),
@@ -658,7 +643,6 @@ async fn slow_consumer_lags_one_watch_without_stalling_the_shared_stream() -> an
 /// reader relists and sweeps, so nothing written or deleted meanwhile is missed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_from_a_compacted_revision_relists() -> anyhow::Result<()> {
-    use clustermesh_syncer::remote::{Config, Manager, Metrics};
     use tokio_util::sync::CancellationToken;
 
     let etcd = TestEtcd::start()?;
@@ -671,27 +655,13 @@ async fn watch_from_a_compacted_revision_relists() -> anyhow::Result<()> {
     )
     .await?;
     write_canaries(&mut c, "cluster3", "cache").await?;
-    let cfg_path = etcd.dir().join("local.yaml");
-    etcd.write_client_config("local-test", &cfg_path)?;
-    let dir = tempfile::tempdir()?;
-    let mut config = Config::new(
-        local(),
-        dir.path().to_path_buf(),
-        Mode::KvstoreMesh {
-            local_etcd: clustermesh_syncer::EtcdConfig::load(&cfg_path)?,
-        },
-    );
-    config.event_capacity = 1;
-    let (manager, mut rx) = Manager::new(config, Metrics::default())?;
+    let (dir, manager, mut rx) = kvstoremesh_manager(&etcd)?;
     let caches = manager.caches();
     let token = CancellationToken::new();
     let run = tokio::spawn(manager.run(token.child_token()));
     // Nobody reads events yet: the endpoint resource stops in its first emit, after its
     // list and before its watch.
-    std::fs::write(
-        dir.path().join("cluster3"),
-        "endpoints:\n- https://unused.invalid:2379\n",
-    )?;
+    add_remote(&dir, "cluster3")?;
     eventually(
         Duration::from_secs(10),
         "the first list in the cache",
@@ -744,6 +714,41 @@ async fn watch_from_a_compacted_revision_relists() -> anyhow::Result<()> {
         "{events:?}"
     );
     Ok(())
+}
+
+/// A KVStoreMesh-mode manager reading `etcd` as its local cache, for tests that consume
+/// the events themselves (an event channel of one, so a stalled consumer shows at once):
+/// its config directory, the manager (not running yet) and the event receiver.
+fn kvstoremesh_manager(
+    etcd: &TestEtcd,
+) -> anyhow::Result<(
+    tempfile::TempDir,
+    clustermesh_syncer::remote::Manager,
+    tokio::sync::mpsc::Receiver<Event>,
+)> {
+    use clustermesh_syncer::remote::{Config, Manager, Metrics};
+    let cfg_path = etcd.dir().join("local.yaml");
+    etcd.write_client_config("local-test", &cfg_path)?;
+    let dir = tempfile::tempdir()?;
+    let mut config = Config::new(
+        local(),
+        dir.path().to_path_buf(),
+        Mode::KvstoreMesh {
+            local_etcd: clustermesh_syncer::EtcdConfig::load(&cfg_path)?,
+        },
+    );
+    config.event_capacity = 1;
+    let (manager, rx) = Manager::new(config, Metrics::default())?;
+    Ok((dir, manager, rx))
+}
+
+/// Configures remote `name` in the manager's directory (KVStoreMesh mode reads the local
+/// cache, so the endpoint is never dialled).
+fn add_remote(dir: &tempfile::TempDir, name: &str) -> std::io::Result<()> {
+    std::fs::write(
+        dir.path().join(name),
+        "endpoints:\n- https://unused.invalid:2379\n",
+    )
 }
 
 /// A heartbeat and cluster3's config as KVStoreMesh mirrors it (`cached: true`).
