@@ -186,7 +186,6 @@ pub async fn run(config: Config, token: CancellationToken) -> Result<()> {
             }
         },
     };
-    info!(%receive_path, "VXLAN receive path");
     // Decapsulation needs the port in the tunnel settings; 0 there turns it off (a pinned
     // from_underlay link left by an earlier agent then passes everything on).
     let port = if underlay.is_some() {
@@ -195,9 +194,13 @@ pub async fn run(config: Config, token: CancellationToken) -> Result<()> {
         0
     };
     if let Some(dev) = &underlay {
+        if ifaces::lookup(dev).is_none() {
+            return Err(Error::NoUnderlayDevice { dev: dev.clone() });
+        }
         let how = dp.attach(Program::FromUnderlay, dev)?;
         info!(%dev, port, ?how, "from_underlay attached");
     }
+    info!(%receive_path, "VXLAN receive path");
     let want = (vx.ifindex, config.node_ip.octets(), port.to_be_bytes());
     let have = dp.maps.tunnel.get()?;
     if (have.vxlan_ifindex, have.local_ipv4, have.vxlan_port) != want {

@@ -44,6 +44,15 @@ pub enum Error {
         /// The device name.
         dev: String,
     },
+    /// The underlay device named with `--underlay-dev` is missing.
+    #[error(
+        "--underlay-dev {dev}: no such interface in this network namespace (name the \
+         interface that holds --node-ip, or use `auto` or `off`)"
+    )]
+    NoUnderlayDevice {
+        /// The device name.
+        dev: String,
+    },
     /// The etcd client config is unusable.
     #[error("local etcd config")]
     Etcd(#[from] clustermesh_syncer::Error),
