@@ -12,11 +12,17 @@ use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, Tls
 use serde::Deserialize;
 use tokio::process::{Child, Command};
 
+use super::health;
 use super::runner::Backend;
 
 /// Env var naming the apiserver binary explicitly.
 pub const BIN_ENV: &str = "CLUSTERMESH_APISERVER_BIN";
 const BIN_NAME: &str = "clustermesh-apiserver";
+/// Variables of the test's own environment the apiserver may see. Everything else is
+/// cleared: the apiserver reads its flags from the environment too (Cilium's
+/// `CLUSTERMESH_DEFAULT_GLOBAL_NAMESPACE` ≡ `--clustermesh-default-global-namespace`), so
+/// only the script's `env` may set those.
+const PASSED_ENV: &[&str] = &["PATH", "HOME", "TMPDIR", "RUST_BACKTRACE", "RUST_LOG"];
 /// How long `hive/stop` waits after SIGTERM before killing.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -152,6 +158,12 @@ impl Backend for Apiserver {
             .arg("--metrics-addr")
             .arg(&metrics)
             .args(flags)
+            .env_clear()
+            .envs(
+                PASSED_ENV
+                    .iter()
+                    .filter_map(|k| std::env::var_os(k).map(|v| (*k, v))),
+            )
             .envs(env)
             // Plain log lines in the failure report.
             .env("NO_COLOR", "1")
@@ -212,6 +224,30 @@ impl Backend for Apiserver {
             .iter()
             .map(|kv| Ok((kv.key_str()?.to_owned(), kv.value().to_vec())))
             .collect()
+    }
+
+    async fn health(&mut self) -> anyhow::Result<Vec<health::Report>> {
+        let addr: std::net::SocketAddr = self
+            .health_addr
+            .as_deref()
+            .context("apiserver not running")?
+            .parse()?;
+        let (code, body) =
+            tokio::task::spawn_blocking(move || crate::process::http_get(addr, "/status"))
+                .await?
+                .with_context(|| format!("GET http://{addr}/status"))?;
+        if code != 200 {
+            bail!("GET http://{addr}/status answered {code}: {body}");
+        }
+        #[derive(Deserialize)]
+        struct Status {
+            health: Option<Vec<health::Report>>,
+        }
+        let status: Status = serde_json::from_str(&body)
+            .with_context(|| format!("parsing /status of the apiserver: {body}"))?;
+        status
+            .health
+            .context("the apiserver's /status has no `health` list of reporters")
     }
 
     fn diagnostics(&mut self) -> Option<String> {

@@ -3,12 +3,15 @@
 //! etcd over mTLS.
 //!
 //! A scenario is a script of commands (`hive/start`, `k8s/add`, `kvstore/list`, `* cmp`,
-//! ...) followed by embedded files; see `shared/reference/cilium-testdata/README.md` for the
-//! format. [`Scenario::parse`] reads one, [`run`] executes it against a [`Backend`], and
+//! `sed`, `env`, `health`, ...; [`runner::COMMANDS`] lists them) followed by embedded files;
+//! see `shared/reference/cilium-testdata/README.md` for the format. Flags may follow
+//! positional arguments ([`flags`]), as in Cilium's script engine. [`Scenario::parse`] reads one, [`run`] executes it against a [`Backend`], and
 //! [`apiserver::Apiserver`] is the real backend. This module does not start etcd: the caller
 //! provides an etcd client config (see `tests/tests/scenarios.rs`).
 
 pub mod apiserver;
+pub mod flags;
+pub mod health;
 pub mod k8s;
 pub mod listing;
 pub mod runner;

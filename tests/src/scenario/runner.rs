@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
 
+use super::flags::{self, Flag};
 use super::script::{self, Command};
-use super::{k8s, listing, Scenario};
+use super::{health, k8s, listing, Scenario};
 
 /// What the runner drives: the system under test.
 ///
@@ -30,6 +31,10 @@ pub trait Backend {
     fn running(&self) -> bool;
     /// Every key/value under `prefix` in etcd.
     async fn list(&mut self, prefix: &str) -> anyhow::Result<Vec<(String, Vec<u8>)>>;
+    /// `health`, `health/ok`: the running process's health reporters.
+    async fn health(&mut self) -> anyhow::Result<Vec<health::Report>> {
+        bail!("this backend has no health reporters")
+    }
     /// Extra context for a failure report, e.g. the apiserver's exit status and log tail.
     fn diagnostics(&mut self) -> Option<String> {
         None
@@ -62,6 +67,35 @@ impl Options {
         })
     }
 }
+
+/// Every command the runner knows (for the error on an unknown one).
+pub const COMMANDS: &[&str] = &[
+    "hive/start",
+    "hive/stop",
+    "k8s/add",
+    "k8s/update",
+    "k8s/delete",
+    "kvstore/list",
+    "cmp",
+    "empty",
+    "grep",
+    "cp",
+    "replace",
+    "sed",
+    "env",
+    "sleep",
+    "health",
+    "health/ok",
+];
+
+const LIST_FLAGS: &[Flag] = &[Flag {
+    names: &["o", "output"],
+    takes_value: true,
+}];
+const GREP_FLAGS: &[Flag] = &[Flag {
+    names: &["q"],
+    takes_value: false,
+}];
 
 /// First and maximum pause between retries of a section.
 const BACKOFF_START: Duration = Duration::from_millis(50);
@@ -243,17 +277,15 @@ impl<B: Backend> State<'_, B> {
                 Ok(())
             }
             "kvstore/list" => {
-                let mut format = listing::Format::Plain;
-                let mut rest = args;
-                while let Some(flag) = rest.first().filter(|a| a.starts_with('-')) {
-                    match (flag.as_str(), rest.get(1).map(String::as_str)) {
-                        ("-o", Some("json")) => format = listing::Format::Json,
-                        ("-o", Some("plain")) => format = listing::Format::Plain,
-                        _ => bail!("kvstore/list: unsupported flag {flag:?}"),
+                let parsed = flags::parse(name, args, LIST_FLAGS)?;
+                let format = match parsed.get("o") {
+                    None | Some("plain") => listing::Format::Plain,
+                    Some("json") => listing::Format::Json,
+                    Some(other) => {
+                        bail!("kvstore/list: unknown output format {other:?} (json or plain)")
                     }
-                    rest = &rest[2..];
-                }
-                let [prefix, out] = rest else {
+                };
+                let [prefix, out] = parsed.positional.as_slice() else {
                     bail!("usage: kvstore/list [-o json|plain] PREFIX OUTFILE");
                 };
                 let mut entries = self
@@ -287,16 +319,9 @@ impl<B: Backend> State<'_, B> {
                 bail!("{file} is not empty; it lists {keys:?}")
             }
             "grep" => {
-                let mut quiet = false;
-                let mut rest = args;
-                while let Some(flag) = rest.first().filter(|a| a.starts_with('-')) {
-                    match flag.as_str() {
-                        "-q" => quiet = true,
-                        _ => bail!("grep: unsupported flag {flag:?}"),
-                    }
-                    rest = &rest[1..];
-                }
-                let [pattern, file] = rest else {
+                let parsed = flags::parse(name, args, GREP_FLAGS)?;
+                let quiet = parsed.get("q") == Some("true");
+                let [pattern, file] = parsed.positional.as_slice() else {
                     bail!("usage: grep [-q] PATTERN FILE");
                 };
                 let re = regex::Regex::new(&format!("(?m){pattern}"))
@@ -328,6 +353,31 @@ impl<B: Backend> State<'_, B> {
                 std::fs::write(self.path(file), text.replace(old.as_str(), new))
                     .with_context(|| format!("writing {file}"))
             }
+            "sed" => {
+                // Go's regexp.ReplaceAll over the whole file: RE2 syntax (the `regex` crate
+                // is RE2-like, no backreferences or lookaround), `$1`/`${name}` expand.
+                let [pattern, replacement, file] = args else {
+                    bail!("usage: sed PATTERN REPLACEMENT FILE");
+                };
+                let re = regex::Regex::new(pattern)
+                    .with_context(|| format!("sed: invalid pattern {pattern:?}"))?;
+                let text = self.read(file)?;
+                let edited = re.replace_all(&text, replacement.as_str());
+                std::fs::write(self.path(file), edited.as_bytes())
+                    .with_context(|| format!("writing {file}"))
+            }
+            "health" | "health/ok" => {
+                let query = health::Query::parse(name, args)?;
+                if !self.backend.running() {
+                    bail!("{name}: the apiserver is not running (hive/start first)");
+                }
+                let reports = self
+                    .backend
+                    .health()
+                    .await
+                    .context("reading the health reporters")?;
+                query.check(&reports)
+            }
             "env" => {
                 if args.is_empty() {
                     for (k, v) in &self.vars {
@@ -354,7 +404,10 @@ impl<B: Backend> State<'_, B> {
                 tokio::time::sleep(script::parse_duration(duration)?).await;
                 Ok(())
             }
-            other => bail!("unknown command {other:?}"),
+            other => bail!(
+                "unknown command {other:?}; the runner knows {}",
+                COMMANDS.join(", ")
+            ),
         }
     }
 }
@@ -376,16 +429,25 @@ mod tests {
         switch_after: u32,
         early: Vec<(String, Vec<u8>)>,
         later: Vec<(String, Vec<u8>)>,
+        /// The environment of the last `start`.
+        env: BTreeMap<String, String>,
+        /// Health reporters: `early_health` until `health_after` health calls, then
+        /// `later_health`.
+        health_calls: u32,
+        health_after: u32,
+        early_health: Vec<health::Report>,
+        later_health: Vec<health::Report>,
     }
 
     impl Backend for Fake {
         async fn start(
             &mut self,
             flags: &[String],
-            _env: &BTreeMap<String, String>,
+            env: &BTreeMap<String, String>,
             manifests: &Path,
         ) -> anyhow::Result<()> {
             self.running = true;
+            self.env = env.clone();
             self.started_with = flags.to_vec();
             self.manifests = Some(manifests.to_owned());
             Ok(())
@@ -410,6 +472,14 @@ mod tests {
                 .filter(|(k, _)| k.starts_with(prefix))
                 .cloned()
                 .collect())
+        }
+        async fn health(&mut self) -> anyhow::Result<Vec<health::Report>> {
+            self.health_calls += 1;
+            Ok(if self.health_calls > self.health_after {
+                self.later_health.clone()
+            } else {
+                self.early_health.clone()
+            })
         }
         fn diagnostics(&mut self) -> Option<String> {
             Some("fake diagnostics".into())
@@ -581,10 +651,149 @@ status:
         assert!(err.to_string().contains("expected to fail"), "{err}");
 
         let dir = tempfile::tempdir().unwrap();
-        let scenario = Scenario::parse("u", "frobnicate\n").unwrap();
+        let scenario = Scenario::parse("u", "hive/start\n\n# x\nfrobnicate --now\n").unwrap();
+        let err = run(&scenario, &mut Fake::default(), dir.path(), &opts(100))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("[u] line 4: `frobnicate --now` failed")
+                && err.contains("unknown command \"frobnicate\"; the runner knows hive/start"),
+            "{err}"
+        );
+    }
+
+    const NEWER: &str = r#"#! --cluster-id=3 --cluster-name=cluster3
+
+hive/start
+
+# Interspersed flags, as in namespace-filtering.txtar.
+kvstore/list cilium/cluster-config/cluster3 -o json config.actual
+* cmp config.actual config.expected
+
+# sed: regular expressions, an empty replacement, `$1`.
+sed http "" service.yaml
+sed 'port: (8[0-9]+)' 'port: 1$1' service.yaml
+grep -q '^  - name: $' service.yaml
+grep '^    port: 18080$' -q service.yaml
+sed '"port": 8080' '"port": 9090' config.expected
+grep -q '"port": 9090' config.expected
+env CLUSTERMESH_DEFAULT_GLOBAL_NAMESPACE=true
+hive/stop
+hive/start
+
+-- service.yaml --
+spec:
+  ports:
+  - name: http
+    port: 8080
+-- config.expected --
+# cilium/cluster-config/cluster3
+{
+  "id": 3,
+  "port": 8080
+}
+"#;
+
+    #[tokio::test]
+    async fn interspersed_flags_sed_and_env_for_the_next_start() {
+        let scenario = Scenario::parse("newer", NEWER).unwrap();
+        let mut fake = Fake {
+            early: vec![kv(
+                "cilium/cluster-config/cluster3",
+                r#"{"id":3,"port":8080}"#,
+            )],
+            switch_after: u32::MAX,
+            ..Fake::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        run(&scenario, &mut fake, dir.path(), &opts(1_000))
+            .await
+            .unwrap();
+        let service = std::fs::read_to_string(dir.path().join("work/service.yaml")).unwrap();
+        assert_eq!(service, "spec:\n  ports:\n  - name: \n    port: 18080\n");
+        assert_eq!(
+            fake.env
+                .get("CLUSTERMESH_DEFAULT_GLOBAL_NAMESPACE")
+                .map(String::as_str),
+            Some("true"),
+            "the restarted apiserver sees the script's env"
+        );
+        let config = std::fs::read_to_string(dir.path().join("work/config.actual")).unwrap();
+        assert!(config.starts_with("# cilium/cluster-config/cluster3\n{\n  \"id\": 3,"));
+
+        // An invalid pattern names itself.
+        let dir = tempfile::tempdir().unwrap();
+        let scenario = Scenario::parse("bad", "sed '(' x f\n-- f --\n").unwrap();
         let err = run(&scenario, &mut Fake::default(), dir.path(), &opts(100))
             .await
             .unwrap_err();
-        assert!(err.to_string().contains("unknown command"), "{err}");
+        assert!(
+            format!("{err:#}").contains("sed: invalid pattern \"(\""),
+            "{err:#}"
+        );
+    }
+
+    fn report(name: &str, level: health::Level, reason: &str) -> health::Report {
+        health::Report {
+            name: name.into(),
+            level,
+            reason: reason.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn health_commands_retry_until_the_reporter_recovers() {
+        let text = "hive/start\n\n# degraded first\nhealth --levels=degraded --match=serviceexport\n\n# then ok\n* health/ok --match=serviceexport\nhealth --match '^source/' --levels ok\n";
+        let scenario = Scenario::parse("h", text).unwrap();
+        let degraded = vec![
+            report("source/manifests", health::Level::Ok, ""),
+            report(
+                "export/serviceexports",
+                health::Level::Degraded,
+                "the ServiceExport CRD is not installed",
+            ),
+        ];
+        let mut fake = Fake {
+            health_after: 3,
+            early_health: degraded.clone(),
+            later_health: vec![
+                report("source/manifests", health::Level::Ok, ""),
+                report("export/serviceexports", health::Level::Ok, ""),
+            ],
+            ..Fake::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        run(&scenario, &mut fake, dir.path(), &opts(5_000))
+            .await
+            .unwrap();
+        assert!(fake.health_calls > 3, "health/ok was retried");
+
+        // Never recovering fails with the reporter's reason.
+        let mut fake = Fake {
+            health_after: u32::MAX,
+            early_health: degraded,
+            ..Fake::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let err = run(&scenario, &mut fake, dir.path(), &opts(300))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 7: `* health/ok --match=serviceexport` failed")
+                && err.contains(
+                    "export/serviceexports: degraded (the ServiceExport CRD is not installed)"
+                ),
+            "{err}"
+        );
+
+        // Before hive/start there is nothing to ask.
+        let dir = tempfile::tempdir().unwrap();
+        let scenario = Scenario::parse("h0", "health\n").unwrap();
+        let err = run(&scenario, &mut Fake::default(), dir.path(), &opts(100))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("not running"), "{err}");
     }
 }

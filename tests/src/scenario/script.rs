@@ -64,7 +64,8 @@ fn expand_into(s: &str, vars: &BTreeMap<String, String>, out: &mut String) {
 }
 
 /// Splits a script line into arguments. Arguments are separated by spaces or tabs; single
-/// quotes keep spaces, and `''` inside quotes is a literal quote.
+/// quotes keep spaces, and `''` inside quotes is a literal quote; double quotes keep spaces
+/// too (their text is still expanded) and `""` is an empty argument.
 pub fn split_args(line: &str) -> anyhow::Result<Vec<Word>> {
     let mut words = Vec::new();
     let mut parts: Vec<Part> = Vec::new();
@@ -100,6 +101,18 @@ pub fn split_args(line: &str) -> anyhow::Result<Vec<Word>> {
                     }
                 }
                 parts.push(Part::Quoted(quoted));
+            }
+            '"' => {
+                // Double quotes keep spaces together but still expand `$VAR`; `""` is an
+                // empty argument (`sed http "" service.yaml`).
+                started = true;
+                loop {
+                    match chars.next() {
+                        None => bail!("unterminated double-quoted argument in {line:?}"),
+                        Some('"') => break,
+                        Some(c) => plain.push(c),
+                    }
+                }
             }
             c => {
                 started = true;
@@ -269,14 +282,24 @@ mod tests {
             ]
         );
         assert!(split_args("a 'b").is_err());
+        assert_eq!(
+            lits(r#"sed http "" service.yaml"#),
+            ["sed", "http", "", "service.yaml"]
+        );
+        assert_eq!(
+            lits(r#"sed '"name": "http"' '"name": ""' f"#),
+            ["sed", r#""name": "http""#, r#""name": """#, "f"]
+        );
+        assert_eq!(lits(r#"a "b c"d"#), ["a", "b cd"]);
+        assert!(split_args(r#"a "b"#).is_err());
     }
 
     #[test]
     fn expansion_only_outside_quotes() {
         let vars = BTreeMap::from([("WORK".to_owned(), "/w".to_owned())]);
-        let words = split_args("$WORK/a ${WORK}b '$WORK' $ x$ $NOPE.").unwrap();
+        let words = split_args(r#"$WORK/a ${WORK}b '$WORK' $ x$ $NOPE. "$WORK c""#).unwrap();
         let got: Vec<_> = words.iter().map(|w| w.expand(&vars)).collect();
-        assert_eq!(got, ["/w/a", "/wb", "$WORK", "$", "x$", "."]);
+        assert_eq!(got, ["/w/a", "/wb", "$WORK", "$", "x$", ".", "/w c"]);
     }
 
     #[test]
