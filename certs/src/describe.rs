@@ -67,7 +67,8 @@ pub fn describe_file(path: &Path) -> Result<CertInfo> {
     describe_der(&der, &what)
 }
 
-fn describe_der(der: &[u8], what: &str) -> Result<CertInfo> {
+/// Describes a DER certificate (e.g. one a peer presented); `what` names it in errors.
+pub fn describe_der(der: &[u8], what: &str) -> Result<CertInfo> {
     let x509 = parse_x509(der, what)?;
     let common_name = x509
         .subject()
@@ -104,6 +105,11 @@ fn describe_der(der: &[u8], what: &str) -> Result<CertInfo> {
         is_ca: x509.is_ca(),
         serial: hex_colon(x509.raw_serial(), false),
     })
+}
+
+/// `t` as RFC 3339 UTC (`2026-01-01T00:00:00Z`), for messages and status.
+pub fn rfc3339(t: SystemTime) -> String {
+    clustermesh_types::model::format_rfc3339(t)
 }
 
 fn ip_from_bytes(bytes: &[u8]) -> Option<IpAddr> {

@@ -103,6 +103,13 @@ pub enum Error {
         source: rustls::Error,
     },
 
+    /// The server certificate verifier could not be built.
+    #[error("failed to build the server certificate verifier")]
+    ServerVerifier {
+        #[source]
+        source: rustls::client::VerifierBuilderError,
+    },
+
     /// The client certificate verifier could not be built.
     #[error("failed to build the client certificate verifier")]
     ClientVerifier {

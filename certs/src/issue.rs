@@ -3,6 +3,7 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -201,7 +202,7 @@ impl Ca {
                 ExtendedKeyUsagePurpose::ServerAuth,
                 ExtendedKeyUsagePurpose::ClientAuth,
             ],
-            spec.validity_days,
+            self.validity(spec.validity_days),
         )
     }
 
@@ -212,7 +213,33 @@ impl Ca {
             common_name,
             Vec::new(),
             vec![ExtendedKeyUsagePurpose::ClientAuth],
-            validity_days,
+            self.validity(validity_days),
+        )
+    }
+
+    /// Issues a client certificate like [`Self::issue_client`] that is valid until
+    /// `not_after` (and from a day before it at the latest): short-lived certificates, and
+    /// expired or nearly expired ones to check how expiry is reported.
+    pub fn issue_client_until(&self, common_name: &str, not_after: SystemTime) -> Result<Leaf> {
+        let not_after = OffsetDateTime::from(not_after).min(self.not_after);
+        let not_before =
+            (OffsetDateTime::now_utc() - CLOCK_SKEW).min(not_after - Duration::days(1));
+        self.issue_leaf(
+            common_name,
+            Vec::new(),
+            vec![ExtendedKeyUsagePurpose::ClientAuth],
+            (not_before, not_after),
+        )
+    }
+
+    /// `validity_days` from now (backdated by the clock skew allowance), never past the CA.
+    fn validity(&self, validity_days: u32) -> (OffsetDateTime, OffsetDateTime) {
+        let now = OffsetDateTime::now_utc();
+        // A leaf never outlives its CA: it would stop verifying at the CA's expiry anyway,
+        // and reporting the real end date is more honest.
+        (
+            now - CLOCK_SKEW,
+            (now + Duration::days(i64::from(validity_days))).min(self.not_after),
         )
     }
 
@@ -221,7 +248,7 @@ impl Ca {
         common_name: &str,
         sans: Vec<SanType>,
         ekus: Vec<ExtendedKeyUsagePurpose>,
-        validity_days: u32,
+        (not_before, not_after): (OffsetDateTime, OffsetDateTime),
     ) -> Result<Leaf> {
         let what = || format!("certificate {common_name:?}");
         let key =
@@ -229,7 +256,6 @@ impl Ca {
                 what: what(),
                 source,
             })?;
-        let now = OffsetDateTime::now_utc();
         let mut params = CertificateParams::default();
         params.distinguished_name = common_name_dn(common_name);
         params.is_ca = IsCa::ExplicitNoCa;
@@ -240,10 +266,8 @@ impl Ca {
         ];
         params.extended_key_usages = ekus;
         params.use_authority_key_identifier_extension = true;
-        params.not_before = now - CLOCK_SKEW;
-        // A leaf never outlives its CA: it would stop verifying at the CA's expiry anyway,
-        // and reporting the real end date is more honest.
-        params.not_after = (now + Duration::days(i64::from(validity_days))).min(self.not_after);
+        params.not_before = not_before;
+        params.not_after = not_after;
         let cert = params
             .signed_by(&key, &self.issuer)
             .map_err(|source| Error::Generate {

@@ -1,4 +1,5 @@
-//! rustls client and server configurations for etcd mTLS, always on the ring provider.
+//! rustls client and server configurations for etcd mTLS, always on the ring provider, built
+//! once from PEM text (see [`crate::reload`] for configs that follow their files).
 
 use std::sync::Arc;
 
@@ -19,7 +20,7 @@ pub fn provider() -> Arc<CryptoProvider> {
 
 /// A client config that trusts `ca_pem` (one or more CAs) and presents `cert_pem`/`key_pem`.
 pub fn client_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<ClientConfig> {
-    let roots = root_store(ca_pem)?;
+    let roots = root_store(ca_pem, "CA bundle")?;
     let chain = certs(cert_pem, "client certificate")?;
     let key = private_key(key_pem, "client private key")?;
     ClientConfig::builder_with_provider(provider())
@@ -48,7 +49,7 @@ pub fn load_client_config(files: &CertFiles) -> Result<ClientConfig> {
 /// A server config presenting `cert_pem`/`key_pem` that requires a client certificate chaining
 /// to `ca_pem` (one or more CAs).
 pub fn server_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<ServerConfig> {
-    let roots = Arc::new(root_store(ca_pem)?);
+    let roots = Arc::new(root_store(ca_pem, "CA bundle")?);
     let chain = certs(cert_pem, "server certificate")?;
     let key = private_key(key_pem, "server private key")?;
     let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
@@ -68,9 +69,10 @@ pub fn server_config(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Serv
         })
 }
 
-fn root_store(ca_pem: &str) -> Result<RootCertStore> {
+/// Every CA of `ca_pem` (`what` names it in errors).
+pub(crate) fn root_store(ca_pem: &str, what: &str) -> Result<RootCertStore> {
     let mut roots = RootCertStore::empty();
-    for der in certs(ca_pem, "CA bundle")? {
+    for der in certs(ca_pem, what)? {
         roots.add(der).map_err(|source| Error::Tls {
             what: "root store",
             source,

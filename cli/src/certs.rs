@@ -9,7 +9,7 @@ use std::time::SystemTime;
 
 use anyhow::{bail, Context as _};
 use clustermesh_certs::{
-    describe_all, issue_cluster_set, Ca, CertFiles, CertInfo, ServerSpec, CA_CERT_FILE,
+    describe_all, issue_cluster_set, rotate_dir, Ca, CertFiles, CertInfo, ServerSpec, CA_CERT_FILE,
     CA_KEY_FILE, DEFAULT_CA_COMMON_NAME, DEFAULT_VALIDITY_DAYS,
 };
 use clustermesh_types::cluster::ClusterName;
@@ -70,6 +70,25 @@ pub enum CertsCommand {
         /// Validity of the issued certificates in days (capped at the CA's expiry).
         #[arg(long, default_value_t = DEFAULT_VALIDITY_DAYS, value_parser = clap::value_parser!(u32).range(1..))]
         validity_days: u32,
+    },
+    /// Re-issue every leaf certificate in --dir that the CA in --ca-dir signed: new keys, same
+    /// names and usage, a fresh validity.
+    ///
+    /// Each file is replaced atomically (keys 0600). Nothing needs a restart: etcd and every
+    /// clustermesh process use the new certificates at their next handshake, and connections
+    /// made before keep working.
+    Rotate {
+        /// Directory holding ca.crt and ca.key.
+        #[arg(long, value_name = "DIR")]
+        ca_dir: PathBuf,
+        /// The certificate directory (`<state-dir>/certs` of `clustermesh enable`, or the
+        /// --out of `certs issue`).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Validity of the new certificates in days (default: each certificate's own
+        /// validity length, capped at the CA's expiry).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        validity_days: Option<u32>,
     },
     /// Print subject, issuer, SANs, expiry and SHA-256 fingerprint of certificate files.
     Show {
@@ -176,6 +195,48 @@ pub fn run_to(cmd: CertsCommand, out: &mut dyn Write) -> anyhow::Result<()> {
             ] {
                 writeln!(out, "  {:<22} {}", file_stem(files), role)?;
             }
+        }
+        CertsCommand::Rotate {
+            ca_dir,
+            dir,
+            validity_days,
+        } => {
+            let ca = load_ca(&ca_dir)?;
+            let rotated = rotate_dir(&ca, &dir, validity_days)
+                .with_context(|| format!("rotate the certificates in {}", dir.display()))?;
+            if rotated.is_empty() {
+                bail!(
+                    "no certificate in {} was issued by the CA in {} ({:?}): check --dir and --ca-dir",
+                    dir.display(),
+                    ca_dir.display(),
+                    ca.subject()
+                );
+            }
+            writeln!(
+                out,
+                "rotated {} certificates in {} (signed by {:?}):",
+                rotated.len(),
+                dir.display(),
+                ca.subject()
+            )?;
+            for r in &rotated {
+                writeln!(
+                    out,
+                    "  {:<22} CN={:<32} serial {} -> {}, valid until {}",
+                    r.cert
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    r.common_name,
+                    r.old_serial,
+                    r.new_serial,
+                    rfc3339(r.not_after)
+                )?;
+            }
+            writeln!(
+                out,
+                "running processes use them at their next handshake; no restart needed"
+            )?;
         }
         CertsCommand::Show { files, output } => show(&files, output, out)?,
     }
@@ -434,6 +495,65 @@ mod tests {
                 .len(),
             95
         );
+    }
+
+    #[test]
+    fn rotate_reissues_every_leaf_with_the_same_names() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca_dir = tmp.path().join("ca");
+        let out = tmp.path().join("c1");
+        exec(&["create-ca", "--out", s(&ca_dir)]).unwrap();
+        exec(&[
+            "issue",
+            "--ca-dir",
+            s(&ca_dir),
+            "--cluster",
+            "c1",
+            "--out",
+            s(&out),
+            "--namespace",
+            "mesh",
+            "--extra-ip",
+            "192.0.2.10",
+            "--validity-days",
+            "30",
+        ])
+        .unwrap();
+        let before = |f: &str| clustermesh_certs::describe_file(&out.join(f)).unwrap();
+        let (server, root) = (before("server.crt"), before("root.crt"));
+        let text = exec(&["rotate", "--ca-dir", s(&ca_dir), "--dir", s(&out)]).unwrap();
+        assert!(text.contains("rotated 6 certificates"), "{text}");
+        assert!(
+            text.contains(&root.serial),
+            "old serials are printed: {text}"
+        );
+        let (server2, root2) = (before("server.crt"), before("root.crt"));
+        assert_ne!(server.serial, server2.serial);
+        assert_ne!(root.serial, root2.serial);
+        assert_eq!(server.dns_names, server2.dns_names);
+        assert_eq!(server.ip_addresses, server2.ip_addresses);
+        assert_eq!(root2.common_name, "root");
+        // Each keeps its own validity length unless told otherwise.
+        let days = |i: &CertInfo| {
+            i.not_after
+                .duration_since(SystemTime::now())
+                .unwrap()
+                .as_secs()
+                / 86_400
+        };
+        assert_eq!(days(&root2), 29);
+        let mode = std::fs::metadata(out.join("root.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        // A CA that signed nothing here: a clear error, nothing touched.
+        let other = tmp.path().join("other");
+        exec(&["create-ca", "--out", s(&other)]).unwrap();
+        let err = exec(&["rotate", "--ca-dir", s(&other), "--dir", s(&out)]).unwrap_err();
+        assert!(format!("{err:#}").contains("no certificate in"), "{err:#}");
+        assert_eq!(before("root.crt").serial, root2.serial);
     }
 
     #[test]
