@@ -1,14 +1,12 @@
 //! `clustermesh`: the command line of the mesh, in the style of `cilium clustermesh`.
 
 mod certs;
-mod clustermesh;
 mod connectivity;
-mod connectivity_services;
-mod echo;
 mod enable;
 mod http;
 mod lab;
 mod observe;
+mod remotes;
 
 use clap::{Parser, Subcommand};
 
@@ -31,11 +29,11 @@ enum Command {
     /// Prepare a cluster for the mesh (certificates, apiserver config, state dir).
     Enable(enable::EnableArgs),
     /// Connect two clusters in both directions (remote configs, CA, etcd users).
-    Connect(clustermesh::ConnectArgs),
+    Connect(remotes::ConnectArgs),
     /// Undo `connect`.
-    Disconnect(clustermesh::DisconnectArgs),
+    Disconnect(remotes::DisconnectArgs),
     /// Show whether every remote cluster is connected and synced, with hints.
-    Status(clustermesh::StatusArgs),
+    Status(remotes::StatusArgs),
     /// A whole mesh on this machine.
     #[command(subcommand)]
     Lab(LabCommand),
@@ -62,7 +60,7 @@ enum LabCommand {
     Down(lab::DirArgs),
     /// The echo server of a lab pod (runs inside the pod's namespace).
     #[command(hide = true)]
-    Echo(echo::EchoArgs),
+    Echo(lab::echo::EchoArgs),
     /// A load client against a lab pod (runs inside a pod's namespace).
     #[command(hide = true)]
     Load(lab::load::LoadArgs),
@@ -73,13 +71,13 @@ fn main() -> std::process::ExitCode {
     let res = match cli.command {
         Command::Certs(c) => certs::run(c),
         Command::Enable(a) => enable::run(a),
-        Command::Connect(a) => clustermesh::connect(a),
-        Command::Disconnect(a) => clustermesh::disconnect(a),
-        Command::Status(a) => clustermesh::status(a),
+        Command::Connect(a) => remotes::connect(a),
+        Command::Disconnect(a) => remotes::disconnect(a),
+        Command::Status(a) => remotes::status(a),
         Command::Lab(LabCommand::Up(a)) => lab::up(a),
         Command::Lab(LabCommand::Status(a)) => lab::status(a),
         Command::Lab(LabCommand::Down(a)) => lab::down(a),
-        Command::Lab(LabCommand::Echo(a)) => echo::run(a),
+        Command::Lab(LabCommand::Echo(a)) => lab::echo::run(a),
         Command::Lab(LabCommand::Load(a)) => lab::load::run(a),
         Command::Connectivity(ConnectivityCommand::Test(a)) => connectivity::test(a),
         Command::Observe(a) => observe::run(a),

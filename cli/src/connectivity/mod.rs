@@ -7,7 +7,9 @@
 //! names the expected pod, node and cluster) and an ICMP check (`ping -c 1 -W 1` inside the
 //! source pod). Checks run with bounded parallelism; each prints ✅/❌ with its latency,
 //! then a summary; any failure makes the command fail. `-o json` prints one report.
-//! Then the service checks of [`crate::connectivity_services`] (eBPF lab only).
+//! Then the service checks of [`services`] (eBPF lab only).
+
+mod services;
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
@@ -18,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use serde::Serialize;
 
-use crate::echo::Answer;
+use crate::lab::echo::Answer;
 use crate::lab::state::{self, PodRef};
 use crate::lab::{netns, plan};
 
@@ -284,12 +286,12 @@ pub fn test(a: TestArgs) -> anyhow::Result<()> {
         .collect();
     // Service checks (issue 5): the eBPF lab only (the kernel lab has no load balancer).
     let services = if st.datapath == state::Datapath::Ebpf {
-        let cfg = crate::connectivity_services::Config {
+        let cfg = services::Config {
             connects: a.connects,
             propagation_rounds: a.propagation_rounds,
             timeout: a.timeout,
         };
-        crate::connectivity_services::run(&st, &cfg, a.filter.as_deref())?
+        services::run(&st, &cfg, a.filter.as_deref())?
     } else {
         Vec::new()
     };

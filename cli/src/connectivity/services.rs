@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context as _};
 use serde::Serialize;
 
-use crate::echo::Answer;
+use crate::lab::echo::Answer;
 use crate::lab::state::{Cluster, LabState, Node, Pod, PodRef};
 use crate::lab::{self, netns};
 

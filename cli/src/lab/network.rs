@@ -1,0 +1,339 @@
+//! The lab's network: router namespace and bridges, the single root veth, control-plane and
+//! node namespaces with their underlay legs and VXLAN devices, pods' veths, and the static
+//! forwarding of the kernel datapath.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _};
+
+use super::state::{Datapath, LabState, Node, Pod};
+use super::{netns, plan};
+
+/// Where pods send DNS queries: the agent's DNS server on the node (`--dns-addr`), on the
+/// pods' gateway address, which the node holds on `lo`.
+pub const DNS_SERVER: Ipv4Addr = plan::GATEWAY;
+
+fn add_ns(st: &mut LabState, ns: &str) -> anyhow::Result<()> {
+    netns::add(ns)?;
+    st.namespaces.push(ns.to_owned());
+    Ok(())
+}
+
+/// Router, bridges, control-plane and node namespaces, VXLAN, pods.
+pub(super) fn build_network(st: &mut LabState) -> anyhow::Result<()> {
+    let router = st.router_ns.clone();
+    add_ns(st, &router)?;
+    netns::sysctl(&router, "net/ipv4/ip_forward", "1")?;
+    // The single root veth, unless another lab already routes the underlay from here.
+    // `root`: routes inside the underlay prefix (`match` would also return the default route).
+    let taken = !netns::ip(&["-j", "route", "show", "root", plan::UNDERLAY])?
+        .trim()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .trim()
+        .is_empty();
+    if taken {
+        println!(
+            "ℹ️  The root namespace already routes {} (another lab?): no root veth; the CLI enters the router namespace instead",
+            plan::UNDERLAY
+        );
+    } else {
+        let link = plan::root_link(&st.id);
+        netns::ip(&[
+            "link", "add", &link, "type", "veth", "peer", "name", "root0", "netns", &router,
+        ])?;
+        st.root_link = Some(link.clone());
+        netns::ip_in(
+            &router,
+            &[
+                "addr",
+                "add",
+                &format!("{}/24", plan::ROUTER_ROOT_IP),
+                "dev",
+                "root0",
+            ],
+        )?;
+        netns::ip_in(&router, &["link", "set", "root0", "up"])?;
+        netns::ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", plan::ROOT_IP),
+            "dev",
+            &link,
+            "noprefixroute",
+        ])?;
+        netns::ip(&["link", "set", &link, "up"])?;
+        netns::ip(&[
+            "route",
+            "add",
+            plan::UNDERLAY,
+            "via",
+            &plan::ROUTER_ROOT_IP.to_string(),
+            "dev",
+            &link,
+            "onlink",
+        ])?;
+    }
+    let clusters = st.clusters.clone();
+    for c in &clusters {
+        let br = plan::router_bridge(c.id);
+        netns::ip_in(&router, &["link", "add", &br, "type", "bridge"])?;
+        netns::ip_in(
+            &router,
+            &[
+                "addr",
+                "add",
+                &format!("{}/24", plan::router_ip(c.id)),
+                "dev",
+                &br,
+            ],
+        )?;
+        netns::ip_in(&router, &["link", "set", &br, "up"])?;
+        let gw = plan::router_ip(c.id).to_string();
+        // Control plane.
+        add_ns(st, &c.ns)?;
+        underlay_leg(&router, c.id, 0, &c.ns, c.ip, &gw)?;
+        // Nodes.
+        for (j, node) in (1u32..).zip(&c.nodes) {
+            add_ns(st, &node.ns)?;
+            underlay_leg(&router, c.id, j, &node.ns, node.ip, &gw)?;
+            netns::sysctl(&node.ns, "net/ipv4/ip_forward", "1")?;
+            // The pods' gateway address answers locally (the agent's DNS server binds it).
+            netns::ip_in(&node.ns, &["link", "set", "lo", "up"])?;
+            netns::ip_in(
+                &node.ns,
+                &["addr", "add", &format!("{DNS_SERVER}/32"), "dev", "lo"],
+            )?;
+            let mtu = plan::OVERLAY_MTU.to_string();
+            match st.datapath {
+                Datapath::Ebpf => netns::ip_in(
+                    &node.ns,
+                    &[
+                        "link",
+                        "add",
+                        plan::VXLAN_DEV,
+                        "type",
+                        "vxlan",
+                        "dstport",
+                        "4789",
+                        "external",
+                    ],
+                )?,
+                Datapath::Kernel => netns::ip_in(
+                    &node.ns,
+                    &[
+                        "link",
+                        "add",
+                        plan::VXLAN_DEV,
+                        "address",
+                        &plan::kernel_vxlan_mac(node.ip),
+                        "type",
+                        "vxlan",
+                        "id",
+                        "1",
+                        "dstport",
+                        "4789",
+                        "local",
+                        &node.ip.to_string(),
+                        "nolearning",
+                    ],
+                )?,
+            };
+            netns::ip_in(
+                &node.ns,
+                &["link", "set", plan::VXLAN_DEV, "mtu", &mtu, "up"],
+            )?;
+            for pod in &node.pods {
+                add_ns(st, &pod.ns)?;
+                build_pod(node, pod)?;
+            }
+        }
+    }
+    if st.datapath == Datapath::Kernel {
+        kernel_forwarding(st)?;
+    }
+    Ok(())
+}
+
+/// A veth from the router's bridge of cluster `i` to `eth0` in `ns`, with `ip`/24 and a
+/// route for the underlay only.
+fn underlay_leg(
+    router: &str,
+    i: u32,
+    j: u32,
+    ns: &str,
+    ip: std::net::Ipv4Addr,
+    gw: &str,
+) -> anyhow::Result<()> {
+    let port = plan::router_port(i, j);
+    netns::ip_in(
+        router,
+        &[
+            "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", ns,
+        ],
+    )?;
+    netns::ip_in(
+        router,
+        &[
+            "link",
+            "set",
+            &port,
+            "master",
+            &plan::router_bridge(i),
+            "up",
+        ],
+    )?;
+    // The underlay behaves like a physical network for both datapaths: the router's ports
+    // send wire-sized frames (no TSO: a routed 64 KiB tunnel packet is cut into MTU-sized
+    // ones, as it would be on a cable), and each namespace's `eth0` aggregates what it
+    // receives (GRO, as NICs do by default; a veth aggregates only with GRO on and a peer
+    // without TSO).
+    netns::ethtool_in(router, &["-K", &port, "tso", "off"])?;
+    netns::ethtool_in(ns, &["-K", "eth0", "gro", "on"])?;
+    netns::ip_in(ns, &["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+    netns::ip_in(ns, &["link", "set", "eth0", "up"])?;
+    netns::ip_in(
+        ns,
+        &["route", "add", plan::UNDERLAY, "via", gw, "dev", "eth0"],
+    )?;
+    Ok(())
+}
+
+/// The pod's veth pair, addresses, routes and gateway neighbour (contract: "Names").
+fn build_pod(node: &Node, pod: &Pod) -> anyhow::Result<()> {
+    let mtu = plan::OVERLAY_MTU.to_string();
+    let gw = plan::GATEWAY.to_string();
+    netns::ip_in(
+        &node.ns,
+        &[
+            "link",
+            "add",
+            &pod.host_veth,
+            "mtu",
+            &mtu,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "address",
+            &pod.mac,
+            "mtu",
+            &mtu,
+            "netns",
+            &pod.ns,
+        ],
+    )?;
+    netns::ip_in(&node.ns, &["link", "set", &pod.host_veth, "up"])?;
+    let host_mac = netns::mac_of(&node.ns, &pod.host_veth)?;
+    netns::ip_in(&pod.ns, &["link", "set", "eth0", "up"])?;
+    netns::ip_in(
+        &pod.ns,
+        &["addr", "add", &format!("{}/32", pod.ip), "dev", "eth0"],
+    )?;
+    netns::ip_in(
+        &pod.ns,
+        &["route", "add", &gw, "dev", "eth0", "scope", "link"],
+    )?;
+    for prefix in ["10.0.0.0/8", "172.20.0.0/16"] {
+        netns::ip_in(
+            &pod.ns,
+            &["route", "add", prefix, "via", &gw, "dev", "eth0"],
+        )?;
+    }
+    netns::ip_in(
+        &pod.ns,
+        &[
+            "neigh",
+            "add",
+            &gw,
+            "lladdr",
+            &host_mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+    )?;
+    // The pod's resolver: `ip netns exec` bind-mounts this over /etc/resolv.conf.
+    let resolv = netns_resolv_conf(&pod.ns);
+    if let Some(dir) = resolv.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(
+        &resolv,
+        format!("# clustermesh lab: the agent's DNS on the node\nnameserver {DNS_SERVER}\noptions timeout:1 attempts:2\n"),
+    )
+    .with_context(|| format!("writing {}", resolv.display()))?;
+    // Kernel fallback path: the node routes its own pods.
+    netns::ip_in(
+        &node.ns,
+        &[
+            "route",
+            "add",
+            &format!("{}/32", pod.ip),
+            "dev",
+            &pod.host_veth,
+        ],
+    )?;
+    Ok(())
+}
+
+/// Kernel datapath: every node reaches every other node's pod CIDR over `cmvx0` (VNI 1)
+/// through a route, a permanent neighbour (the peer's VXLAN MAC) and an FDB entry (the
+/// peer's underlay IP). No learning, no flooding, no eBPF.
+fn kernel_forwarding(st: &LabState) -> anyhow::Result<()> {
+    let all: Vec<&Node> = st.clusters.iter().flat_map(|c| &c.nodes).collect();
+    for node in &all {
+        for peer in all.iter().filter(|p| p.ns != node.ns) {
+            let peer_ip = peer.ip.to_string();
+            let peer_mac = plan::kernel_vxlan_mac(peer.ip);
+            netns::ip_in(
+                &node.ns,
+                &[
+                    "neigh",
+                    "add",
+                    &peer_ip,
+                    "lladdr",
+                    &peer_mac,
+                    "dev",
+                    plan::VXLAN_DEV,
+                    "nud",
+                    "permanent",
+                ],
+            )?;
+            let out = std::process::Command::new("bridge")
+                .args(["-n", &node.ns, "fdb", "append", &peer_mac])
+                .args(["dev", plan::VXLAN_DEV, "dst", &peer_ip])
+                .output()
+                .context("running `bridge` (iproute2)")?;
+            if !out.status.success() {
+                bail!(
+                    "`bridge fdb append {peer_mac} dst {peer_ip}` in {} failed: {}",
+                    node.ns,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            netns::ip_in(
+                &node.ns,
+                &[
+                    "route",
+                    "add",
+                    &peer.pod_cidr,
+                    "via",
+                    &peer_ip,
+                    "dev",
+                    plan::VXLAN_DEV,
+                    "onlink",
+                ],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// The resolver file `ip netns exec <ns>` bind-mounts over `/etc/resolv.conf`.
+pub fn netns_resolv_conf(ns: &str) -> PathBuf {
+    Path::new("/etc/netns").join(ns).join("resolv.conf")
+}

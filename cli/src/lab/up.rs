@@ -1,0 +1,265 @@
+//! `lab up`: checks the request, plans the lab (names and addresses from [`plan`]), then
+//! brings it up step by step, recording every step in `lab.json` so `down` finds it.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+use super::network::build_network;
+use super::processes::{
+    agent_binary, agent_supports_contract, connect_mesh, start_agents, start_control_planes,
+    start_echo_servers, wait_agents, wait_control_planes, wait_echo_servers,
+};
+use super::state::{self, Cluster, Datapath, LabState, Node, Pod};
+use super::{netns, plan};
+
+/// Flags of `lab up`.
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Number of clusters.
+    #[arg(long, default_value_t = 2)]
+    pub clusters: u32,
+    /// Nodes per cluster.
+    #[arg(long, default_value_t = 2)]
+    pub nodes: u32,
+    /// Pods per node.
+    #[arg(long, default_value_t = 2)]
+    pub pods: u32,
+    /// Lab directory (all state: certificates, etcd data, logs, pins).
+    #[arg(long, default_value = ".lab")]
+    pub dir: PathBuf,
+    /// `ebpf`: agents program our datapath; `kernel`: plain kernel VXLAN with static
+    /// forwarding entries, no agents (the benchmark baseline).
+    #[arg(long, value_enum, default_value_t = Datapath::Ebpf)]
+    pub datapath: Datapath,
+    /// With `--datapath ebpf`: whether agents decapsulate VXLAN for their pods at the
+    /// underlay (`from_underlay`); `false` receives everything through the VXLAN device
+    /// (the agent's `--underlay-dev off`; for comparing the two receive paths).
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub underlay_decap: bool,
+    /// How long to wait for control planes, mesh and agents.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+/// `lab up`.
+pub fn up(a: UpArgs) -> anyhow::Result<()> {
+    if !(1..=plan::MAX_CLUSTERS).contains(&a.clusters)
+        || !(1..=plan::MAX_NODES).contains(&a.nodes)
+        || !(1..=plan::MAX_PODS).contains(&a.pods)
+    {
+        bail!(
+            "--clusters must be 1..={}, --nodes 1..={}, --pods 1..={} (the address plan of the lab)",
+            plan::MAX_CLUSTERS,
+            plan::MAX_NODES,
+            plan::MAX_PODS
+        );
+    }
+    if state::state_file(&a.dir).exists() {
+        bail!(
+            "a lab already runs in {} — `clustermesh lab status --dir {0}` shows it, `clustermesh lab down --dir {0}` removes it",
+            a.dir.display()
+        );
+    }
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the lab creates network namespaces and needs root: run it with sudo");
+    }
+    std::fs::create_dir_all(&a.dir).with_context(|| format!("creating {}", a.dir.display()))?;
+    let dir = std::fs::canonicalize(&a.dir)?;
+    let existing = netns::list()?;
+    let id = (0..16)
+        .map(|_| plan::new_lab_id())
+        .find(|id| {
+            let prefix = plan::ns_prefix(id);
+            !existing.iter().any(|n| n.starts_with(&prefix))
+        })
+        .context("no free lab ID: remove old labs with `clustermesh lab down`")?;
+    let mut st = LabState {
+        id: id.clone(),
+        dir: dir.clone(),
+        datapath: a.datapath,
+        router_ns: plan::router_ns(&id),
+        root_link: None,
+        bpffs: None,
+        namespaces: Vec::new(),
+        clusters: Vec::new(),
+    };
+    for i in 1..=a.clusters {
+        let name = plan::cluster_name(i);
+        let state_dir = dir.join(&name);
+        let nodes = (1..=a.nodes)
+            .map(|j| Node {
+                name: plan::node_name(j),
+                ns: plan::node_ns(&id, i, j),
+                ip: plan::node_ip(i, j),
+                pod_cidr: plan::pod_cidr(i, j),
+                agent: None,
+                pods: (1..=a.pods)
+                    .map(|k| {
+                        let pod = plan::pod_name(j, k);
+                        let ip = plan::pod_ip(i, j, k);
+                        Pod {
+                            host_veth: plan::host_veth(plan::POD_NAMESPACE, &pod),
+                            name: pod,
+                            namespace: plan::POD_NAMESPACE.into(),
+                            ns: plan::pod_ns(&id, i, j, k),
+                            ip,
+                            mac: plan::pod_mac(ip),
+                            echo_pid: None,
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        st.clusters.push(Cluster {
+            name,
+            id: i,
+            ns: plan::cp_ns(&id, i),
+            ip: plan::cp_ip(i),
+            certs_dir: state_dir.join("certs"),
+            state_dir,
+            etcd_endpoint: format!("https://{}", plan::etcd_listen(i)),
+            health_addr: plan::apiserver_health(i),
+            apiserver_pid: None,
+            nodes,
+        });
+    }
+    st.save()?;
+    let res = bring_up(&mut st, &a);
+    // Whatever happened, record what exists so `down` finds it.
+    st.save()?;
+    if let Err(e) = res {
+        return Err(e.context(format!(
+            "lab up failed; logs are in {d}; `clustermesh lab down --dir {d}` removes what was built",
+            d = dir.display()
+        )));
+    }
+    Ok(())
+}
+
+fn bring_up(st: &mut LabState, a: &UpArgs) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    println!(
+        "🌐 Building lab {} in {}: {} clusters × {} nodes × {} pods, datapath {:?}",
+        st.id,
+        st.dir.display(),
+        a.clusters,
+        a.nodes,
+        a.pods,
+        st.datapath
+    );
+    build_network(st)?;
+    st.save()?;
+    start_echo_servers(st)?;
+    st.save()?;
+    let t_net = t0.elapsed();
+    println!(
+        "✅ Network: {} namespaces, {} pods with echo servers ({:.1}s)",
+        st.namespaces.len(),
+        st.pods().len(),
+        t_net.as_secs_f64()
+    );
+
+    start_control_planes(st)?;
+    st.save()?;
+    wait_control_planes(st, a.timeout)?;
+    let t_cp = t0.elapsed();
+    println!(
+        "✅ Control planes ready ({:.1}s)",
+        (t_cp - t_net).as_secs_f64()
+    );
+
+    connect_mesh(st, a.timeout)?;
+    let t_mesh = t0.elapsed();
+    if st.clusters.len() > 1 {
+        println!(
+            "✅ Mesh connected and synced ({:.1}s)",
+            (t_mesh - t_cp).as_secs_f64()
+        );
+    }
+
+    if st.datapath == Datapath::Ebpf {
+        let bin = agent_binary();
+        if agent_supports_contract(&bin) {
+            start_agents(st, &bin, a.underlay_decap)?;
+            st.save()?;
+            wait_agents(st, a.timeout)?;
+            println!(
+                "✅ {} agents ready ({:.1}s)",
+                st.clusters.iter().map(|c| c.nodes.len()).sum::<usize>(),
+                (t0.elapsed() - t_mesh).as_secs_f64()
+            );
+        } else {
+            println!(
+                "⚠️  {} does not take the lab's agent flags (--node-ip, --vxlan-dev): no agents started, only same-node traffic will flow. Build it with `cargo build -p clustermesh-agent`.",
+                bin.display()
+            );
+        }
+    }
+    wait_echo_servers(st)?;
+    println!(
+        "✅ Lab {} is up in {:.1}s",
+        st.id,
+        t0.elapsed().as_secs_f64()
+    );
+    print_summary(st);
+    print_inspect(st);
+    Ok(())
+}
+
+fn print_summary(st: &LabState) {
+    println!("  router  {}", st.router_ns);
+    if let Some(link) = &st.root_link {
+        println!(
+            "  root    {link} {} → route {} via {}",
+            plan::ROOT_IP,
+            plan::UNDERLAY,
+            plan::ROUTER_ROOT_IP
+        );
+    }
+    for c in &st.clusters {
+        println!(
+            "  {:<7} {:<24} etcd {}  health http://{}",
+            c.name, c.ns, c.etcd_endpoint, c.health_addr
+        );
+        for node in &c.nodes {
+            println!("    {:<5} {:<24} {}", node.name, node.ns, node.ip);
+            for pod in &node.pods {
+                println!(
+                    "      {:<9} {:<24} {:<10} ({})",
+                    pod.name, pod.ns, pod.ip, pod.host_veth
+                );
+            }
+        }
+    }
+}
+
+/// How to look at the lab by hand.
+fn print_inspect(st: &LabState) {
+    let pods = st.pods();
+    let (Some(src), Some(dst)) = (pods.first(), pods.last()) else {
+        return;
+    };
+    let me = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "clustermesh".into());
+    let d = st.dir.display();
+    println!("\nInspect it:");
+    println!(
+        "  ip netns exec {} curl -s {}:{}    # {} asks {} who it is",
+        src.pod.ns,
+        dst.pod.ip,
+        plan::ECHO_PORT,
+        src.label(),
+        dst.label()
+    );
+    println!("  ip netns exec {} ping -c 3 {}", src.pod.ns, dst.pod.ip);
+    println!(
+        "  ip netns exec {} tcpdump -nni eth0 -vv udp port 4789    # VXLAN on the underlay (VNI = source identity)",
+        src.node.ns
+    );
+    println!("  {me} connectivity test --dir {d}");
+    println!("  {me} lab status --dir {d}");
+    println!("Tear it down: {me} lab down --dir {d}");
+}
