@@ -1,0 +1,204 @@
+//! From a [`Snapshot`] of the cluster's objects to the exact etcd contents to publish.
+//!
+//! This is a pure computation (plus the small state that must persist between runs: identity
+//! allocations, which endpoint owns a shared IP, first-seen export times). The writer then
+//! makes etcd match it by diff.
+//!
+//! Semantics follow Cilium's clustermesh-apiserver:
+//! - nodes from CiliumNode (Cilium's CRD mode) or Node objects;
+//! - identities from CiliumIdentity objects, plus one allocated per distinct Pod label set;
+//! - ipcache entries from CiliumEndpoints and Pods; when two endpoints claim one IP, the
+//!   first keeps it until it stops claiming it;
+//! - only services that are global *and* shared go to `cilium/state/services/v1`; every
+//!   service goes to `clustermesh/local/v1/services` for the cluster's own agents;
+//! - with the namespace filter (annotation `clustermesh.cilium.io/global`, default from
+//!   `--clustermesh-default-global-namespace`), only endpoints, identities and global services
+//!   of global namespaces are exported;
+//! - MCS-API ServiceExports (when enabled) for services that exist and are not ExternalName.
+
+use std::collections::{BTreeMap, HashMap};
+
+use clustermesh_types::cluster::ClusterInfo;
+use clustermesh_types::kvstore;
+use clustermesh_types::model::{Capabilities, ClusterConfig};
+
+use crate::identity::Allocator;
+use crate::source::Snapshot;
+
+mod endpoints;
+mod identities;
+mod nodes;
+mod services;
+
+pub use services::LocalService;
+
+/// Annotation marking a namespace global or not.
+pub const NAMESPACE_GLOBAL_ANNOTATION: &str = "clustermesh.cilium.io/global";
+
+/// Export options (from the command line).
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The local cluster.
+    pub cluster: ClusterInfo,
+    /// Whether MCS-API ServiceExports are exported.
+    pub enable_mcs_api: bool,
+    /// Whether a namespace without the annotation is global.
+    pub default_global_namespace: bool,
+}
+
+/// One store: a prefix that is synced as a whole, and its synced canary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Store {
+    /// `cilium/state/nodes/v1/<c>/`.
+    Nodes,
+    /// `cilium/state/identities/v1/id/`.
+    Identities,
+    /// `cilium/state/ip/v1/default/`.
+    Ip,
+    /// `cilium/state/services/v1/<c>/`.
+    Services,
+    /// `cilium/state/serviceexports/v1/<c>/`.
+    ServiceExports,
+    /// `clustermesh/local/v1/services/`.
+    LocalServices,
+    /// `clustermesh/local/v1/policies/`.
+    LocalPolicies,
+}
+
+impl Store {
+    /// Every store, in the order they are first written.
+    pub const ALL: [Store; 7] = [
+        Store::Nodes,
+        Store::Identities,
+        Store::Ip,
+        Store::Services,
+        Store::ServiceExports,
+        Store::LocalServices,
+        Store::LocalPolicies,
+    ];
+
+    /// The prefix (with trailing `/`) whose contents the store owns.
+    pub fn prefix(self, cluster: &str) -> String {
+        match self {
+            Store::Nodes => format!("{}/{cluster}/", kvstore::NODES_PREFIX),
+            Store::Identities => format!("{}/id/", kvstore::IDENTITIES_PREFIX),
+            Store::Ip => format!("{}/{}/", kvstore::IP_PREFIX, kvstore::IP_ADDRESS_SPACE),
+            Store::Services => format!("{}/{cluster}/", kvstore::SERVICES_PREFIX),
+            Store::ServiceExports => format!("{}/{cluster}/", kvstore::SERVICE_EXPORTS_PREFIX),
+            Store::LocalServices => format!("{}/", kvstore::LOCAL_SERVICES_PREFIX),
+            Store::LocalPolicies => format!("{}/", kvstore::LOCAL_POLICIES_PREFIX),
+        }
+    }
+
+    /// The key whose presence says the store's initial write is complete.
+    pub fn synced_key(self, cluster: &str) -> String {
+        match self {
+            Store::Nodes => kvstore::synced_key(cluster, kvstore::NODES_PREFIX),
+            Store::Identities => kvstore::synced_key(cluster, kvstore::IDENTITIES_PREFIX),
+            Store::Ip => kvstore::synced_key(cluster, kvstore::IP_PREFIX),
+            Store::Services => kvstore::synced_key(cluster, kvstore::SERVICES_PREFIX),
+            Store::ServiceExports => kvstore::synced_key(cluster, kvstore::SERVICE_EXPORTS_PREFIX),
+            Store::LocalServices => "clustermesh/local/synced/v1/services".into(),
+            Store::LocalPolicies => "clustermesh/local/synced/v1/policies".into(),
+        }
+    }
+
+    /// Short name for logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Store::Nodes => "nodes/v1",
+            Store::Identities => "identities/v1",
+            Store::Ip => "ip/v1",
+            Store::Services => "services/v1",
+            Store::ServiceExports => "serviceexports/v1",
+            Store::LocalServices => "local/services",
+            Store::LocalPolicies => "local/policies",
+        }
+    }
+}
+
+/// The complete desired contents, per store.
+pub type Desired = BTreeMap<Store, BTreeMap<String, Vec<u8>>>;
+
+/// A non-fatal problem found while exporting (logged and counted; the rest is exported).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The object concerned.
+    pub object: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// The exporter: computes [`Desired`] from snapshots, keeping the state that must persist.
+#[derive(Debug)]
+pub struct Exporter {
+    opts: Options,
+    allocator: Allocator,
+    /// IP → (first-seen sequence number of the endpoint that currently owns it, pass).
+    ip_owner: HashMap<String, (u64, u64)>,
+    /// endpoint (`Pod/<ns>/<name>`) → (sequence number when first seen, last pass it was
+    /// seen in); an earlier sequence number wins a shared IP.
+    first_seen: HashMap<String, (u64, u64)>,
+    seq: u64,
+    /// Export passes so far (marks the entries of the two maps above seen in a pass).
+    generation: u64,
+}
+
+impl Exporter {
+    /// A new exporter.
+    pub fn new(opts: Options, allocator: Allocator) -> Self {
+        Self {
+            opts,
+            allocator,
+            ip_owner: HashMap::new(),
+            first_seen: HashMap::new(),
+            seq: 0,
+            generation: 0,
+        }
+    }
+
+    /// The options.
+    pub fn options(&self) -> &Options {
+        &self.opts
+    }
+
+    /// The allocator (to seed it from etcd, or save it).
+    pub fn allocator_mut(&mut self) -> &mut Allocator {
+        &mut self.allocator
+    }
+
+    /// The cluster config value.
+    pub fn cluster_config(&self) -> Vec<u8> {
+        ClusterConfig {
+            id: self.opts.cluster.id,
+            capabilities: Capabilities {
+                synced_canaries: true,
+                cached: false,
+                max_connected_clusters: self.opts.cluster.max_connected_clusters.as_u32(),
+                service_exports_enabled: Some(self.opts.enable_mcs_api),
+                endpoint_slices_export_mode: String::new(),
+            },
+        }
+        .encode()
+    }
+
+    fn namespace_global(&self, snap: &Snapshot, ns: &str) -> bool {
+        match snap
+            .namespaces
+            .get(ns)
+            .and_then(|n| n.metadata.annotation(NAMESPACE_GLOBAL_ANNOTATION))
+        {
+            Some(v) => v.trim().eq_ignore_ascii_case("true"),
+            None => self.opts.default_global_namespace,
+        }
+    }
+
+    /// Computes everything to publish. Problems are returned, not fatal.
+    pub fn compute(&mut self, snap: &Snapshot) -> (Desired, Vec<Problem>) {
+        let (mut desired, mut problems) = self.compute_endpoints(snap);
+        let (services, more) = self.compute_services(snap);
+        desired.extend(services);
+        problems.extend(more);
+        (desired, problems)
+    }
+}
