@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use clustermesh_syncer::remote::{self, Manager, Mode};
 use clustermesh_syncer::{ConnectConfig, EtcdConfig};
-use clustermesh_types::cluster::{ClusterInfo, ClusterName};
+use clustermesh_types::cluster::ClusterInfo;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -419,23 +419,6 @@ pub async fn run(config: Config, token: CancellationToken) -> Result<()> {
     result
 }
 
-/// The names of remote cluster files in `dir` (what the manager will read).
-fn scan_remotes(dir: &Path, local: &str) -> BTreeSet<String> {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return BTreeSet::new();
-    };
-    rd.filter_map(|e| {
-        let e = e.ok()?;
-        if !e.file_type().ok()?.is_file() && !e.path().is_file() {
-            return None;
-        }
-        let name = e.file_name().into_string().ok()?;
-        (!name.starts_with('.') && name != local && ClusterName::new(name.clone()).is_ok())
-            .then_some(name)
-    })
-    .collect()
-}
-
 struct Loop {
     rec: Reconciler,
     local_rx: mpsc::Receiver<Input>,
@@ -544,7 +527,12 @@ const DRAIN: usize = 65_536;
 impl Loop {
     async fn run(mut self, token: CancellationToken) {
         let started = Instant::now();
-        let initial_remotes = scan_remotes(&self.config_dir, &self.local);
+        // What the manager will read, until its first status names them.
+        let initial_remotes: BTreeSet<String> =
+            remote::configured_remotes(&self.config_dir, &self.local)
+                .remotes
+                .into_keys()
+                .collect();
         let deadline = tokio::time::sleep(self.sync_timeout);
         tokio::pin!(deadline);
         let mut timed_out = false;

@@ -40,7 +40,6 @@
 //! `cilium/cluster-config/<remote>`, and never touches the local cluster's own keys.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -371,25 +370,6 @@ impl Mirror {
     }
 }
 
-/// Remote names with config files, by the reader's rules (contains `endpoints:`, not the
-/// local cluster, not hidden).
-fn configured(dir: &Path, local: &str) -> BTreeSet<String> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return BTreeSet::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_str()?.to_owned();
-            if name.starts_with('.') || name == local {
-                return None;
-            }
-            let text = std::fs::read(e.path()).ok()?;
-            text.windows(10).any(|w| w == b"endpoints:").then_some(name)
-        })
-        .collect()
-}
-
 /// Jittered exponential backoff for local etcd sessions.
 fn backoff(attempt: u32) -> Duration {
     let base = Duration::from_millis(100)
@@ -501,8 +481,8 @@ async fn session_loop(
     stored.extend(synced_names);
     if *first {
         // Cache of remotes whose file went away while we were down: drain it too.
-        let configured = configured(&opts.config_dir, &local);
-        for name in stored.iter().filter(|n| !configured.contains(*n)) {
+        let configured = remote::configured_remotes(&opts.config_dir, &local).remotes;
+        for name in stored.iter().filter(|n| !configured.contains_key(*n)) {
             if !mirror.remotes.contains_key(name.as_str()) {
                 info!(cluster = %name, "cached remote cluster is no longer configured: draining");
                 mirror

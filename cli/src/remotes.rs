@@ -494,27 +494,6 @@ pub fn disconnect(a: DisconnectArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Remote clusters with a config file in `dir` (Cilium's rule: contains `endpoints:`).
-pub fn configured_remotes(dir: &Path, local: &str) -> Vec<String> {
-    let mut out: Vec<String> = std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter_map(|e| {
-                    let name = e.file_name().to_str()?.to_owned();
-                    if name.starts_with('.') || name == local {
-                        return None;
-                    }
-                    let text = std::fs::read_to_string(e.path()).ok()?;
-                    text.contains("endpoints:").then_some(name)
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    out.sort();
-    out
-}
-
 /// What to do about a remote that is not ready.
 pub fn hint(local: &str, remote: &Value) -> Option<String> {
     if remote["ready"].as_bool() == Some(true) {
@@ -574,7 +553,11 @@ pub fn hint(local: &str, remote: &Value) -> Option<String> {
 
 /// The status document of one cluster (the `-o json` output).
 pub fn status_json(c: &Access) -> Value {
-    let configured = configured_remotes(&c.clustermesh_dir, &c.name);
+    let configured: Vec<String> =
+        clustermesh_syncer::remote::configured_remotes(&c.clustermesh_dir, &c.name)
+            .remotes
+            .into_keys()
+            .collect();
     let report = match http::get(c.health_addr, "/status", Duration::from_secs(3)) {
         Ok((200, body)) => serde_json::from_str::<Value>(&body).ok(),
         _ => None,

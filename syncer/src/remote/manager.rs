@@ -2,19 +2,18 @@
 //! remote cluster file, publishes status and metrics.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use clustermesh_types::cluster::ClusterName;
 use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn, Instrument as _};
+use tracing::{error, info, warn, Instrument as _};
 
 use super::cache::Caches;
+use super::configured::{configured_remotes, RemoteFile};
 use super::metrics::{ClusterLabels, SourceLabels};
 use super::session::{Env, Remote};
 use super::status::{Shared, Snapshot};
@@ -164,10 +163,14 @@ impl Manager {
         tasks: &mut JoinSet<()>,
         token: &CancellationToken,
     ) {
-        let desired = scan(
+        let found = configured_remotes(
             &self.env.config.config_dir,
             self.env.config.local.name.as_str(),
         );
+        for r in &found.refused {
+            warn!(file = %r.path.display(), reason = %r.reason, "ignoring remote cluster config");
+        }
+        let desired = found.remotes;
         let gone: Vec<Arc<str>> = handles
             .keys()
             .filter(|n| !desired.contains_key(&***n))
@@ -201,7 +204,7 @@ impl Manager {
                 self.changed.notify_one();
             }
         }
-        for (name, (path, hash)) in desired {
+        for (name, RemoteFile { path, digest: hash }) in desired {
             let shared = match handles.get(name.as_str()) {
                 Some(h) if h.hash == hash => continue,
                 Some(_) => {
@@ -264,46 +267,6 @@ async fn stop(token: CancellationToken, done: oneshot::Receiver<()>) {
     token.cancel();
     // The sender is dropped when the task ends.
     let _ = done.await;
-}
-
-/// Remote cluster files in `dir`: name → (path, SHA-256 of the content).
-fn scan(dir: &Path, local: &str) -> BTreeMap<String, (PathBuf, [u8; 32])> {
-    let mut out = BTreeMap::new();
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(error) => {
-            debug!(dir = %dir.display(), %error, "cannot read remote cluster config directory");
-            return out;
-        }
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
-            continue;
-        };
-        // Secret mounts keep their data in `..data` / `..2024_...` entries.
-        if name.starts_with('.') || !path.is_file() {
-            continue;
-        }
-        let Ok(content) = std::fs::read(&path) else {
-            continue;
-        };
-        if !content.windows(10).any(|w| w == b"endpoints:") {
-            continue;
-        }
-        if name == local {
-            continue;
-        }
-        if let Err(error) = ClusterName::new(name.as_str()) {
-            warn!(file = %path.display(), %error, "ignoring remote cluster config: the file name must be a valid cluster name");
-            continue;
-        }
-        let digest = ring::digest::digest(&ring::digest::SHA256, &content);
-        let mut hash = [0u8; 32];
-        hash.copy_from_slice(digest.as_ref());
-        out.insert(name, (path, hash));
-    }
-    out
 }
 
 struct Publisher {

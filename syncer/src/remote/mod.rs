@@ -39,6 +39,7 @@
 
 mod backoff;
 mod cache;
+mod configured;
 mod manager;
 mod metrics;
 mod mux;
@@ -57,6 +58,7 @@ use clustermesh_types::model::{ClusterService, IpIdentityPair, Node, ServiceExpo
 
 pub use backoff::Backoff;
 pub use cache::{digest, Caches, Digest, RemoteCache, Stored};
+pub use configured::{configured_remotes, Configured, Refused, RemoteFile};
 pub use manager::Manager;
 pub use metrics::Metrics;
 pub use status::{Snapshot, Status, StatusConfig, StatusSynced};
