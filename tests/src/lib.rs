@@ -1,8 +1,10 @@
 //! Test support for clustermesh's end-to-end suites: a real etcd over mTLS (`etcd`), our
-//! binaries as processes (`process`), and the Cilium scenario runner (`scenario`).
+//! binaries as processes (`process`), and the Cilium scenario runner (`scenario`), and
+//! a small honest Kubernetes API server for the real kube-rs client (`kubeapi`).
 
 pub mod etcd;
 pub mod fixtures;
+pub mod kubeapi;
 pub mod lab;
 pub mod process;
 pub mod scenario;
