@@ -28,6 +28,9 @@ fuzz_target!(|data: &[u8]| {
     if let Ok((c, ns, n)) = kvstore::parse_service_export_key(s) {
         assert_eq!(kvstore::service_export_key(&c, &ns, &n), s);
     }
+    if let Ok((c, ns, n)) = kvstore::parse_endpoint_slice_key(s) {
+        assert_eq!(kvstore::endpoint_slice_key(&c, &ns, &n), s);
+    }
     if let Ok(c) = kvstore::parse_cluster_config_key(s) {
         assert_eq!(kvstore::cluster_config_key(&c), s);
     }

@@ -31,6 +31,9 @@ pub const IP_ADDRESS_SPACE: &str = "default";
 pub const SERVICES_PREFIX: &str = "cilium/state/services/v1";
 /// MCS-API service exports: `<prefix>/<cluster>/<ns>/<name>`.
 pub const SERVICE_EXPORTS_PREFIX: &str = "cilium/state/serviceexports/v1";
+/// EndpointSlices of global services (service v2, Cilium 1.20):
+/// `<prefix>/<cluster>/<ns>/<slice name>`.
+pub const ENDPOINT_SLICES_PREFIX: &str = "cilium/state/endpointslices/v1";
 
 /// Root of keys private to this implementation (never read by Cilium).
 pub const LOCAL_PREFIX: &str = "clustermesh/local/v1";
@@ -71,6 +74,11 @@ pub fn service_key(cluster: &str, namespace: &str, name: &str) -> String {
 /// `cilium/state/serviceexports/v1/<cluster>/<ns>/<name>`.
 pub fn service_export_key(cluster: &str, namespace: &str, name: &str) -> String {
     format!("{SERVICE_EXPORTS_PREFIX}/{cluster}/{namespace}/{name}")
+}
+
+/// `cilium/state/endpointslices/v1/<cluster>/<ns>/<slice name>`.
+pub fn endpoint_slice_key(cluster: &str, namespace: &str, name: &str) -> String {
+    format!("{ENDPOINT_SLICES_PREFIX}/{cluster}/{namespace}/{name}")
 }
 
 /// `cilium/synced/<cluster>/<synced_prefix>`, e.g.
@@ -225,6 +233,12 @@ pub fn parse_service_export_key(key: &str) -> Result<(String, String, String)> {
     Ok((c.to_owned(), ns.to_owned(), n.to_owned()))
 }
 
+/// Parses `cilium/state/endpointslices/v1/<cluster>/<ns>/<slice name>`.
+pub fn parse_endpoint_slice_key(key: &str) -> Result<(String, String, String)> {
+    let [c, ns, n] = split_key::<3>(key, ENDPOINT_SLICES_PREFIX)?;
+    Ok((c.to_owned(), ns.to_owned(), n.to_owned()))
+}
+
 /// Parses `cilium/cluster-config/<cluster>` into the cluster name.
 pub fn parse_cluster_config_key(key: &str) -> Result<String> {
     let [c] = split_key::<1>(key, CLUSTER_CONFIG_PREFIX)?;
@@ -322,6 +336,14 @@ mod tests {
             "n"
         );
         assert_eq!(
+            parse_endpoint_slice_key(&endpoint_slice_key("c", "ns", "echo-kvlm2")).unwrap(),
+            ("c".to_owned(), "ns".to_owned(), "echo-kvlm2".to_owned())
+        );
+        assert_eq!(
+            endpoint_slice_key("cluster3", "test", "echo-kvlm2"),
+            "cilium/state/endpointslices/v1/cluster3/test/echo-kvlm2"
+        );
+        assert_eq!(
             parse_cluster_config_key("cilium/cluster-config/c5").unwrap(),
             "c5"
         );
@@ -374,6 +396,8 @@ mod tests {
         }
         assert!(parse_service_key("cilium/state/services/v1/c/ns").is_err());
         assert!(parse_service_export_key("cilium/state/services/v1/c/ns/n").is_err());
+        assert!(parse_endpoint_slice_key("cilium/state/services/v1/c/ns/n").is_err());
+        assert!(parse_endpoint_slice_key("cilium/state/endpointslices/v1/c/ns").is_err());
         let err = parse_node_key("x").unwrap_err().to_string();
         assert!(err.contains("cilium/state/nodes/v1/"), "{err}");
     }

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use clustermesh_types::identity::{Label, LabelArray, CLUSTER_LABEL, NAMESPACE_LABEL};
 use clustermesh_types::kvstore;
 use clustermesh_types::model::{
-    BackendZone, Cidr, ClusterConfig, ClusterService, ForZone, IpIdentityPair, L4Addr, Node,
-    ServiceExport, ServiceExportPort, Value,
+    BackendZone, Cidr, ClusterConfig, ClusterService, EndpointSlice, ForZone, IpIdentityPair,
+    L4Addr, Node, ServiceExport, ServiceExportPort, Value,
 };
 use common::*;
 
@@ -168,6 +168,22 @@ fn service_export_byte_exact() {
     e.validate().unwrap();
     assert_eq!(e.type_, "Headless");
     assert_eq!(e.session_affinity, "");
+}
+
+#[test]
+fn endpoint_slice_byte_exact() {
+    let s: EndpointSlice = assert_byte_exact(ENDPOINT_SLICE);
+    s.validate().unwrap();
+    assert_eq!(s.key_name(), "cluster3/test/echo-kvlm2");
+    assert_eq!(s.service_name(), Some("echo"));
+    assert_eq!(s.endpoints.len(), 2);
+    assert_eq!(s.endpoints[1].zone, None);
+    assert_eq!(
+        s.endpoints[0].hints.as_ref().unwrap().for_zones,
+        [ForZone {
+            name: "zone1".into()
+        }]
+    );
 }
 
 #[test]

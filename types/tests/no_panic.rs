@@ -10,7 +10,8 @@ use clustermesh_types::cluster::ClusterName;
 use clustermesh_types::identity::{Label, LabelArray};
 use clustermesh_types::kvstore;
 use clustermesh_types::model::{
-    parse_rfc3339, Cidr, ClusterConfig, ClusterService, IpIdentityPair, Node, ServiceExport, Value,
+    parse_rfc3339, Cidr, ClusterConfig, ClusterService, EndpointSlice, IpIdentityPair, Node,
+    ServiceExport, Value,
 };
 use common::*;
 
@@ -131,6 +132,9 @@ fn check_text(bytes: &[u8]) {
     if let Ok((c, ns, n)) = kvstore::parse_service_export_key(&s) {
         assert_eq!(kvstore::service_export_key(&c, &ns, &n), s);
     }
+    if let Ok((c, ns, n)) = kvstore::parse_endpoint_slice_key(&s) {
+        assert_eq!(kvstore::endpoint_slice_key(&c, &ns, &n), s);
+    }
     let _ = kvstore::parse_cluster_config_key(&s);
     let _ = kvstore::join_key(s.split('/'));
     let _ = kvstore::state_to_cache(&s);
@@ -143,6 +147,11 @@ fn check_all_values(bytes: &[u8]) -> usize {
     ok += usize::from(check_value::<IpIdentityPair>(bytes));
     ok += usize::from(check_value::<ClusterService>(bytes));
     ok += usize::from(check_value::<ServiceExport>(bytes));
+    ok += usize::from(check_value::<EndpointSlice>(bytes));
+    if let Ok(s) = EndpointSlice::decode(bytes) {
+        let _ = s.validate();
+        let _ = s.service_name();
+    }
     let _ = IpIdentityPair::decode_with_key("10.244.2.74", bytes);
     if let Ok(n) = Node::decode(bytes) {
         let _ = n.validate();

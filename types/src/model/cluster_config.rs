@@ -63,6 +63,67 @@ pub struct Capabilities {
 
 json_value!(ClusterConfig);
 
+/// How a cluster exports its global services' backends (Cilium 1.20's capability
+/// `endpointSlicesExportMode`), which tells a reader which stores to watch.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+pub enum EndpointSlicesExportMode {
+    /// `""`: services only as far as a reader knows (a writer before 1.20, or one that
+    /// prefers the legacy store); readers use `cilium/state/services/v1` and do not wait
+    /// for EndpointSlices.
+    #[default]
+    Unset,
+    /// `services-and-endpointslices`: both stores; readers prefer the EndpointSlices.
+    ServicesAndEndpointSlices,
+    /// `endpointslices-only`: no `cilium/state/services/v1` at all.
+    EndpointSlicesOnly,
+}
+
+impl EndpointSlicesExportMode {
+    /// The wire value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndpointSlicesExportMode::Unset => "",
+            EndpointSlicesExportMode::ServicesAndEndpointSlices => "services-and-endpointslices",
+            EndpointSlicesExportMode::EndpointSlicesOnly => "endpointslices-only",
+        }
+    }
+
+    /// Parses the wire value; anything else is refused, as Cilium's
+    /// `ValidateRemoteConfig` does.
+    pub fn parse(value: &str) -> crate::Result<Self> {
+        match value {
+            "" => Ok(EndpointSlicesExportMode::Unset),
+            "services-and-endpointslices" => {
+                Ok(EndpointSlicesExportMode::ServicesAndEndpointSlices)
+            }
+            "endpointslices-only" => Ok(EndpointSlicesExportMode::EndpointSlicesOnly),
+            other => Err(crate::Error::InvalidValue {
+                kind: "ClusterConfig",
+                reason: format!(
+                    "endpointSlicesExportMode {other:?} is none of \"\", \"services-and-endpointslices\", \"endpointslices-only\""
+                ),
+            }),
+        }
+    }
+
+    /// Whether the cluster writes `cilium/state/services/v1`.
+    pub fn exports_services(self) -> bool {
+        self != EndpointSlicesExportMode::EndpointSlicesOnly
+    }
+
+    /// Whether a reader should watch (and prefer) `cilium/state/endpointslices/v1`.
+    pub fn exports_endpoint_slices(self) -> bool {
+        self != EndpointSlicesExportMode::Unset
+    }
+}
+
+impl Capabilities {
+    /// [`Capabilities::endpoint_slices_export_mode`], parsed.
+    pub fn export_mode(&self) -> crate::Result<EndpointSlicesExportMode> {
+        EndpointSlicesExportMode::parse(&self.endpoint_slices_export_mode)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,6 +145,36 @@ mod tests {
             c.encode(),
             br#"{"id":3,"capabilities":{"syncedCanaries":true,"maxConnectedClusters":255,"serviceExportsEnabled":false}}"#
         );
+    }
+
+    #[test]
+    fn export_mode() {
+        // clusterconfig-endpointslices-only.txtar, compact.
+        let c = ClusterConfig::decode(
+            br#"{"id":5,"capabilities":{"syncedCanaries":true,"maxConnectedClusters":255,"serviceExportsEnabled":false,"endpointSlicesExportMode":"endpointslices-only"}}"#,
+        )
+        .unwrap();
+        let mode = c.capabilities.export_mode().unwrap();
+        assert_eq!(mode, EndpointSlicesExportMode::EndpointSlicesOnly);
+        assert!(!mode.exports_services() && mode.exports_endpoint_slices());
+        assert_eq!(
+            String::from_utf8(c.encode()).unwrap(),
+            r#"{"id":5,"capabilities":{"syncedCanaries":true,"maxConnectedClusters":255,"serviceExportsEnabled":false,"endpointSlicesExportMode":"endpointslices-only"}}"#
+        );
+        for m in [
+            EndpointSlicesExportMode::Unset,
+            EndpointSlicesExportMode::ServicesAndEndpointSlices,
+            EndpointSlicesExportMode::EndpointSlicesOnly,
+        ] {
+            assert_eq!(EndpointSlicesExportMode::parse(m.as_str()).unwrap(), m);
+        }
+        assert!(ClusterConfig::default()
+            .capabilities
+            .export_mode()
+            .unwrap()
+            .exports_services());
+        let err = EndpointSlicesExportMode::parse("only-endpointslice").unwrap_err();
+        assert!(err.to_string().contains("only-endpointslice"), "{err}");
     }
 
     #[test]

@@ -12,6 +12,7 @@
 
 mod cidr;
 mod cluster_config;
+pub mod endpoint_slice;
 mod ipcache;
 mod node;
 mod service;
@@ -19,7 +20,8 @@ mod service_export;
 mod time;
 
 pub use cidr::Cidr;
-pub use cluster_config::{Capabilities, ClusterConfig};
+pub use cluster_config::{Capabilities, ClusterConfig, EndpointSlicesExportMode};
+pub use endpoint_slice::EndpointSlice;
 pub use ipcache::{IpIdentityPair, NamedPort};
 pub use node::{Node, NodeAddress};
 pub use service::{

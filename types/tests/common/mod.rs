@@ -17,6 +17,9 @@ pub const SERVICE_BETA: &str = r#"{"cluster":"cluster3","namespace":"ns-beta","n
 pub const EXPORT_BASIC: &str = r#"{"cluster":"cluster1","name":"basic","namespace":"default","annotations":{"my-annotation":"foo"},"labels":{"my-label":"test"},"exportCreationTimestamp":"2026-01-01T00:00:00Z","ports":[{"name":"my-port-1","protocol":"TCP","port":80}],"type":"ClusterSetIP","sessionAffinity":"ClientIP","sessionAffinityConfig":{"clientIP":{"timeoutSeconds":42}}}"#;
 pub const EXPORT_HEADLESS: &str = r#"{"cluster":"cluster1","name":"headless","namespace":"default","exportCreationTimestamp":"2026-01-01T00:00:00Z","ports":[{"name":"http","protocol":"TCP","port":80}],"type":"Headless","sessionAffinity":""}"#;
 
+/// endpointslices.txtar (`endpointslices-1.expected`), compact.
+pub const ENDPOINT_SLICE: &str = r#"{"cluster":"cluster3","clusterID":3,"namespace":"test","name":"echo-kvlm2","labels":{"kubernetes.io/service-name":"echo"},"addressType":"IPv4","endpoints":[{"addresses":["10.244.1.1"],"conditions":{"ready":true,"serving":true,"terminating":false},"nodeName":"nodeport-worker","zone":"zone1","hints":{"forZones":[{"name":"zone1"}]}},{"addresses":["10.244.1.2"],"conditions":{"ready":false,"serving":false,"terminating":false},"nodeName":"nodeport-worker"}],"ports":[{"name":"http","protocol":"TCP","port":8080}]}"#;
+
 /// ciliumendpoints.txtar: newest format, no `Mask`, with `K8sPodUID` and named ports.
 pub const IP_NEW_V4: &str = r#"{"IP":"10.244.2.74","HostIP":"172.18.0.2","ID":199475,"Key":5,"Metadata":"","K8sNamespace":"bar","K8sPodName":"cep-002","K8sPodUID":"cep-pod-uid","K8sServiceAccount":"default","NamedPorts":[{"Name":"http","Port":8080,"Protocol":"TCP"},{"Name":"dns","Port":53,"Protocol":"UDP"}]}"#;
 pub const IP_NEW_V6: &str = r#"{"IP":"fd00:10:244:2::e024","HostIP":"172.18.0.2","ID":199475,"Key":5,"Metadata":"","K8sNamespace":"bar","K8sPodName":"cep-002","K8sPodUID":"cep-pod-uid","K8sServiceAccount":"default","NamedPorts":[{"Name":"http","Port":8080,"Protocol":"TCP"},{"Name":"dns","Port":53,"Protocol":"UDP"}]}"#;
@@ -40,6 +43,7 @@ pub const KEYS: &[&str] = &[
     "cilium/state/ip/v1/default/10.0.0.0/8",
     "cilium/state/services/v1/cluster3/ns-alpha/echo-service",
     "cilium/state/serviceexports/v1/cluster1/default/basic",
+    "cilium/state/endpointslices/v1/cluster3/test/echo-kvlm2",
     "cilium/cluster-config/cluster3",
     "cilium/synced/cluster3/cilium/state/ip/v1",
 ];
@@ -54,6 +58,7 @@ pub const JSON_VALUES: &[&str] = &[
     SERVICE_ALPHA,
     EXPORT_BASIC,
     EXPORT_HEADLESS,
+    ENDPOINT_SLICE,
     IP_NEW_V4,
     IP_NEW_V6,
     IP_OLD_NULL_MASK,
