@@ -4,7 +4,12 @@
 //! prometheus-client registry).
 //!
 //! What is ready and what the report holds is the caller's ([`Probe`]); this crate only
-//! serves them.
+//! serves them, and keeps the registry of named health reporters ([`reporter`]) a process
+//! puts into its report.
+
+pub mod reporter;
+
+pub use reporter::{Reporter, Reporters};
 
 use std::future::Future;
 use std::net::SocketAddr;
