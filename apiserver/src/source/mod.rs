@@ -30,6 +30,10 @@ pub struct Snapshot {
     pub service_exports: BTreeMap<(String, String), Arc<objects::ServiceExport>>,
     /// CiliumEndpoints.
     pub cilium_endpoints: BTreeMap<(String, String), Arc<objects::CiliumEndpoint>>,
+    /// CiliumEndpointSlices by name (cluster-scoped).
+    pub cilium_endpoint_slices: BTreeMap<String, Arc<objects::CiliumEndpointSlice>>,
+    /// CustomResourceDefinitions by name (`<plural>.<group>`).
+    pub crds: BTreeMap<String, Arc<objects::CustomResourceDefinition>>,
     /// Policies: (kind, namespace, name).
     pub policies: BTreeMap<(String, String, String), Arc<objects::Policy>>,
     /// Objects of kinds we do not export.
@@ -69,6 +73,12 @@ impl Snapshot {
             Object::CiliumEndpoint(o) => {
                 self.cilium_endpoints.insert(nn, o);
             }
+            Object::CiliumEndpointSlice(o) => {
+                self.cilium_endpoint_slices.insert(k.name, o);
+            }
+            Object::CustomResourceDefinition(o) => {
+                self.crds.insert(k.name, o);
+            }
             Object::CiliumNetworkPolicy(o) | Object::NetworkPolicy(o) => {
                 self.policies.insert((k.kind, k.namespace, k.name), o);
             }
@@ -87,6 +97,8 @@ impl Snapshot {
             + self.endpoint_slices.len()
             + self.service_exports.len()
             + self.cilium_endpoints.len()
+            + self.cilium_endpoint_slices.len()
+            + self.crds.len()
             + self.policies.len()
             + self.others
     }

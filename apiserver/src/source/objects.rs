@@ -297,6 +297,24 @@ pub struct SliceEndpoint {
     pub node_name: Option<String>,
     /// Zone.
     pub zone: Option<String>,
+    /// Topology hints.
+    pub hints: Option<SliceHints>,
+}
+
+/// EndpointSlice topology hints.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct SliceHints {
+    /// Zones that should consume the endpoint.
+    pub for_zones: Vec<SliceZone>,
+}
+
+/// A zone of [`SliceHints`].
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct SliceZone {
+    /// Zone name.
+    pub name: String,
 }
 
 /// EndpointSlice conditions; a missing `ready` counts as ready.
@@ -321,6 +339,9 @@ pub struct SlicePort {
     pub port: Option<u16>,
     /// Protocol.
     pub protocol: Option<String>,
+    /// Application protocol.
+    #[serde(rename = "appProtocol")]
+    pub app_protocol: Option<String>,
 }
 
 /// `multicluster.x-k8s.io/ServiceExport`.
@@ -469,6 +490,51 @@ pub struct CepNetworking {
     pub node: String,
 }
 
+/// `cilium.io/v2alpha1/CiliumEndpointSlice`: the endpoints of one identity in one namespace,
+/// batched (cluster-scoped; the namespace is a top-level field, not metadata).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct CiliumEndpointSlice {
+    /// Metadata (name only).
+    pub metadata: Meta,
+    /// Namespace of every endpoint in the slice.
+    pub namespace: String,
+    /// The endpoints (Cilium's `CoreCiliumEndpoint`).
+    pub endpoints: Vec<CoreCiliumEndpoint>,
+}
+
+/// One endpoint of a [`CiliumEndpointSlice`].
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct CoreCiliumEndpoint {
+    /// Endpoint (= pod) name.
+    pub name: String,
+    /// Security identity.
+    pub id: u32,
+    /// Owning pod's UID.
+    #[serde(rename = "pod-uid")]
+    pub pod_uid: Option<String>,
+    /// Service account.
+    #[serde(rename = "service-account")]
+    pub service_account: Option<String>,
+    /// Encryption.
+    pub encryption: Option<EncryptionSpec>,
+    /// Named ports.
+    #[serde(rename = "named-ports")]
+    pub named_ports: Option<Vec<CepNamedPort>>,
+    /// Networking.
+    pub networking: Option<CepNetworking>,
+}
+
+/// `apiextensions.k8s.io/v1/CustomResourceDefinition`, only its name: which CRDs exist
+/// decides whether e.g. ServiceExports can be read at all.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct CustomResourceDefinition {
+    /// Metadata (`<plural>.<group>`).
+    pub metadata: Meta,
+}
+
 /// `cilium.io/v2/CiliumIdentity`.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(default)]
@@ -512,6 +578,10 @@ pub enum Object {
     CiliumEndpoint(Arc<CiliumEndpoint>),
     /// CiliumIdentity.
     CiliumIdentity(Arc<CiliumIdentity>),
+    /// CiliumEndpointSlice.
+    CiliumEndpointSlice(Arc<CiliumEndpointSlice>),
+    /// CustomResourceDefinition.
+    CustomResourceDefinition(Arc<CustomResourceDefinition>),
     /// CiliumNetworkPolicy.
     CiliumNetworkPolicy(Arc<Policy>),
     /// NetworkPolicy.
@@ -577,6 +647,8 @@ impl Object {
             "CiliumNode" => Object::CiliumNode(Arc::new(de(v)?)),
             "CiliumEndpoint" => Object::CiliumEndpoint(Arc::new(de(v)?)),
             "CiliumIdentity" => Object::CiliumIdentity(Arc::new(de(v)?)),
+            "CiliumEndpointSlice" => Object::CiliumEndpointSlice(Arc::new(de(v)?)),
+            "CustomResourceDefinition" => Object::CustomResourceDefinition(Arc::new(de(v)?)),
             _ => {
                 let json = serde_json::to_value(&v)
                     .map_err(|e| format!("not representable as JSON: {e}"))?;
@@ -602,6 +674,8 @@ impl Object {
             Some("CiliumNode") => Object::CiliumNode(de(raw)?),
             Some("CiliumEndpoint") => Object::CiliumEndpoint(de(raw)?),
             Some("CiliumIdentity") => Object::CiliumIdentity(de(raw)?),
+            Some("CiliumEndpointSlice") => Object::CiliumEndpointSlice(de(raw)?),
+            Some("CustomResourceDefinition") => Object::CustomResourceDefinition(de(raw)?),
             _ => {
                 let v: serde_json::Value = serde_json::from_str(raw).map_err(|e| e.to_string())?;
                 return Object::from_value(v);
@@ -642,6 +716,8 @@ impl Object {
             "CiliumNode" => Object::CiliumNode(Arc::new(de(v)?)),
             "CiliumEndpoint" => Object::CiliumEndpoint(Arc::new(de(v)?)),
             "CiliumIdentity" => Object::CiliumIdentity(Arc::new(de(v)?)),
+            "CiliumEndpointSlice" => Object::CiliumEndpointSlice(Arc::new(de(v)?)),
+            "CustomResourceDefinition" => Object::CustomResourceDefinition(Arc::new(de(v)?)),
             "CiliumNetworkPolicy" | "NetworkPolicy" => {
                 let mut p: Policy = de(v.clone())?;
                 p.raw = v;
@@ -671,11 +747,21 @@ impl Object {
             Object::CiliumNode(o) => ("CiliumNode", &o.metadata),
             Object::CiliumEndpoint(o) => ("CiliumEndpoint", &o.metadata),
             Object::CiliumIdentity(o) => ("CiliumIdentity", &o.metadata),
+            Object::CiliumEndpointSlice(o) => ("CiliumEndpointSlice", &o.metadata),
+            Object::CustomResourceDefinition(o) => ("CustomResourceDefinition", &o.metadata),
             Object::CiliumNetworkPolicy(o) => ("CiliumNetworkPolicy", &o.metadata),
             Object::NetworkPolicy(o) => ("NetworkPolicy", &o.metadata),
             Object::Other { kind, metadata } => (kind.as_str(), metadata),
         };
-        let cluster_scoped = matches!(kind, "Namespace" | "Node" | "CiliumNode" | "CiliumIdentity");
+        let cluster_scoped = matches!(
+            kind,
+            "Namespace"
+                | "Node"
+                | "CiliumNode"
+                | "CiliumIdentity"
+                | "CiliumEndpointSlice"
+                | "CustomResourceDefinition"
+        );
         ObjectKey {
             kind: kind.to_string(),
             namespace: if cluster_scoped {

@@ -14,6 +14,7 @@ const CLUSTER_SCOPED: &[&str] = &[
     "node",
     "ciliumnode",
     "ciliumidentity",
+    "ciliumendpointslice",
     "customresourcedefinition",
     "ciliumexternalworkload",
     "clusterrole",

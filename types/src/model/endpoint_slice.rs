@@ -109,7 +109,7 @@ pub struct Hints {
 }
 
 /// Kubernetes `EndpointPort` with every field written.
-#[derive(Serialize, Deserialize, Clone, PartialEq, Eq, Hash, Debug, Default)]
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct Port {
     /// Port name; `""` for the single unnamed port of a service.
