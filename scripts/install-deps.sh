@@ -25,6 +25,21 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
+# deploy/kubernetes and every object the CLI sends are validated strictly against the
+# Kubernetes schemas (tests/tests/deploy.rs); the validator works offline from bundled schemas.
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+  echo "==> pip install kubernetes-validate"
+  if command -v pip3 >/dev/null 2>&1; then PIP=pip3; elif command -v pip >/dev/null 2>&1; then PIP=pip; else
+    if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-pip >/dev/null
+    PIP=pip3
+  fi
+  # Debian's own python refuses system-wide installs without this (PEP 668).
+  $PIP install --quiet kubernetes-validate 2>/dev/null || $PIP install --quiet --break-system-packages kubernetes-validate
+  hash -r
+  command -v kubernetes-validate >/dev/null 2>&1 || export PATH="$HOME/.local/bin:$PATH"
+fi
+
 if ! command -v cargo >/dev/null 2>&1; then
   if [ -x "$HOME/.cargo/bin/cargo" ]; then
     export PATH="$HOME/.cargo/bin:$PATH"

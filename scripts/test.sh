@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 export CARGO_TERM_COLOR=never
+# pip may put kubernetes-validate (tests/tests/deploy.rs) into ~/.local/bin.
+export PATH="$PATH:$HOME/.local/bin"
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

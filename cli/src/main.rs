@@ -5,6 +5,7 @@ mod connectivity;
 mod enable;
 mod http;
 mod lab;
+mod manifests;
 mod observe;
 mod remotes;
 
@@ -42,6 +43,8 @@ enum Command {
     Connectivity(ConnectivityCommand),
     /// Flows from every agent (policy verdicts, drops), like `hubble observe`.
     Observe(observe::ObserveArgs),
+    /// The Kubernetes objects of a cluster's mesh install (YAML), or the deploy/kubernetes tree.
+    Manifests(manifests::ManifestsArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -81,6 +84,7 @@ fn main() -> std::process::ExitCode {
         Command::Lab(LabCommand::Load(a)) => lab::load::run(a),
         Command::Connectivity(ConnectivityCommand::Test(a)) => connectivity::test(a),
         Command::Observe(a) => observe::run(a),
+        Command::Manifests(a) => manifests::run(a),
     };
     match res {
         Ok(()) => std::process::ExitCode::SUCCESS,
