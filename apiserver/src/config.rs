@@ -9,8 +9,14 @@ use clap::{ArgAction, Parser};
 use clustermesh_types::cluster::{ClusterInfo, ClusterName, MaxConnectedClusters};
 use serde::{Deserialize, Serialize};
 
+use crate::export::ServiceV2Mode;
+
 /// Command-line flags. Every flag may also come from `--config FILE` (same names, YAML,
-/// kebab-case); flags win.
+/// kebab-case); flags win. Cilium's flags also come from the environment, as Cilium binds
+/// them (upper case, `-` → `_`: `CLUSTERMESH_DEFAULT_GLOBAL_NAMESPACE=true` ≡
+/// `--clustermesh-default-global-namespace=true`); a flag wins over the environment, the
+/// environment over the file. Our own flags (paths, addresses) are not read from the
+/// environment: their names are too generic (`CONFIG`, `MANIFESTS`).
 #[derive(Debug, Parser, Default)]
 #[command(
     name = "clustermesh-apiserver",
@@ -22,13 +28,13 @@ pub struct Args {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Name of the local cluster.
-    #[arg(long)]
+    #[arg(long, env = "CLUSTER_NAME")]
     pub cluster_name: Option<String>,
     /// Numeric ID of the local cluster (1..=max-connected-clusters).
-    #[arg(long)]
+    #[arg(long, env = "CLUSTER_ID")]
     pub cluster_id: Option<u32>,
     /// 255 or 511.
-    #[arg(long)]
+    #[arg(long, env = "MAX_CONNECTED_CLUSTERS")]
     pub max_connected_clusters: Option<u32>,
     /// Directory of Kubernetes manifests to export (the cluster's source).
     #[arg(long)]
@@ -46,13 +52,22 @@ pub struct Args {
     #[arg(long)]
     pub embedded_etcd_peer_port: Option<u16>,
     /// Export MCS-API ServiceExports.
-    #[arg(long, action = ArgAction::SetTrue)]
+    #[arg(long, env = "CLUSTERMESH_ENABLE_MCS_API", action = ArgAction::SetTrue)]
     pub clustermesh_enable_mcs_api: bool,
     /// Whether namespaces without the `clustermesh.cilium.io/global` annotation are global.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
+    #[arg(long, env = "CLUSTERMESH_DEFAULT_GLOBAL_NAMESPACE", num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
     pub clustermesh_default_global_namespace: Option<bool>,
+    /// What global services export (Cilium's service v2): `prefer-legacy` (default: both
+    /// `services/v1` and `endpointslices/v1`, readers use the first), `prefer-endpointslice`
+    /// (both, readers told to use the slices), `only-endpointslice` (slices only), or
+    /// `disabled` (ours: `services/v1` only).
+    #[arg(long, env = "CLUSTERMESH_SERVICE_V2")]
+    pub clustermesh_service_v2: Option<ServiceV2Mode>,
+    /// Read endpoints from CiliumEndpointSlices instead of CiliumEndpoints.
+    #[arg(long, env = "ENABLE_CILIUM_ENDPOINT_SLICE", num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
+    pub enable_cilium_endpoint_slice: Option<bool>,
     /// TTL of the etcd leases carrying every key (e.g. `15m`).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, env = "KVSTORE_LEASE_TTL", value_parser = humantime::parse_duration)]
     pub kvstore_lease_ttl: Option<Duration>,
     /// Address for /readyz and /healthz.
     #[arg(long)]
@@ -64,20 +79,20 @@ pub struct Args {
     #[arg(long)]
     pub log_level: Option<String>,
     /// Mirror every remote cluster into the local etcd under `cilium/cache/` (KVStoreMesh).
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
+    #[arg(long, env = "ENABLE_KVSTOREMESH", num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
     pub enable_kvstoremesh: Option<bool>,
     /// Directory of remote cluster config files (default `<state-dir>/clustermesh/`).
-    #[arg(long)]
+    #[arg(long, env = "CLUSTERMESH_CONFIG")]
     pub clustermesh_config: Option<PathBuf>,
     /// How long a disconnected remote's cache stays after its cluster config was removed,
     /// so agents disconnect first (Cilium: 3m).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub kvstoremesh_drain_grace: Option<Duration>,
     /// A remote that never connected stops holding back readiness after this (Cilium: 15s).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PER_CLUSTER_READY_TIMEOUT", value_parser = humantime::parse_duration)]
     pub per_cluster_ready_timeout: Option<Duration>,
     /// Readiness stops waiting for remotes after this (Cilium: 10m).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, env = "GLOBAL_READY_TIMEOUT", value_parser = humantime::parse_duration)]
     pub global_ready_timeout: Option<Duration>,
 }
 
@@ -105,6 +120,10 @@ pub struct File {
     pub clustermesh_enable_mcs_api: Option<bool>,
     /// See [`Args`].
     pub clustermesh_default_global_namespace: Option<bool>,
+    /// See [`Args`].
+    pub clustermesh_service_v2: Option<String>,
+    /// See [`Args`].
+    pub enable_cilium_endpoint_slice: Option<bool>,
     /// See [`Args`] (humantime, e.g. `15m`).
     pub kvstore_lease_ttl: Option<String>,
     /// See [`Args`].
@@ -167,6 +186,10 @@ pub struct Config {
     pub enable_mcs_api: bool,
     /// Default for unannotated namespaces.
     pub default_global_namespace: bool,
+    /// Service v2 mode.
+    pub service_v2: ServiceV2Mode,
+    /// CiliumEndpointSlices as the endpoint source.
+    pub enable_cilium_endpoint_slice: bool,
     /// Lease TTL.
     pub lease_ttl: Duration,
     /// Health listener.
@@ -311,7 +334,19 @@ impl Config {
         } else {
             None
         };
+        let service_v2 = match (args.clustermesh_service_v2, file.clustermesh_service_v2) {
+            (Some(mode), _) => mode,
+            (None, Some(text)) => text
+                .parse()
+                .map_err(|e| anyhow::anyhow!("clustermesh-service-v2: {e}"))?,
+            (None, None) => ServiceV2Mode::default(),
+        };
         Ok(Config {
+            service_v2,
+            enable_cilium_endpoint_slice: args
+                .enable_cilium_endpoint_slice
+                .or(file.enable_cilium_endpoint_slice)
+                .unwrap_or(false),
             kvstoremesh,
             cluster,
             manifests,
@@ -366,6 +401,34 @@ mod tests {
         assert_eq!(c.cluster.id, 3);
         let c = parse(&["--cluster-id=3", "--cluster-name=cluster3"]).unwrap();
         assert!(c.default_global_namespace);
+    }
+
+    #[test]
+    fn service_v2_and_cilium_endpoint_slices() {
+        let c = parse(&["--cluster-id=3", "--cluster-name=c"]).unwrap();
+        assert_eq!(c.service_v2, ServiceV2Mode::PreferLegacy);
+        assert!(!c.enable_cilium_endpoint_slice);
+        let c = parse(&[
+            "--cluster-id=3",
+            "--cluster-name=c",
+            "--clustermesh-service-v2=only-endpointslice",
+            "--enable-cilium-endpoint-slice=true",
+        ])
+        .unwrap();
+        assert_eq!(c.service_v2, ServiceV2Mode::OnlyEndpointSlice);
+        assert!(c.enable_cilium_endpoint_slice);
+        let e = parse(&[
+            "--cluster-id=3",
+            "--cluster-name=c",
+            "--clustermesh-service-v2=only-endpointslices",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("--clustermesh-service-v2")
+                && e.contains("prefer-legacy, prefer-endpointslice, only-endpointslice, disabled"),
+            "{e}"
+        );
     }
 
     #[test]

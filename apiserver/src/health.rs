@@ -34,6 +34,9 @@ pub struct StatusReport {
     pub remotes_ready: bool,
     /// KVStoreMesh: each remote's status (Cilium's `RemoteCluster` JSON).
     pub remote_clusters: Vec<clustermesh_syncer::remote::Status>,
+    /// Every named component (source, etcd, each export job, each KVStoreMesh remote):
+    /// ok, degraded or stopped, and why.
+    pub health: Vec<clustermesh_health::reporter::Report>,
 }
 
 /// Shared state between the exporter and the HTTP server.
@@ -43,6 +46,7 @@ pub struct Status {
     /// Set while KVStoreMesh still waits for remotes to sync (see `kvstoremesh`).
     remotes_pending: AtomicBool,
     report: Mutex<StatusReport>,
+    reporters: clustermesh_health::Reporters,
 }
 
 impl Status {
@@ -74,7 +78,12 @@ impl Status {
     pub fn report(&self) -> StatusReport {
         let mut r = self.report.lock().map(|r| r.clone()).unwrap_or_default();
         r.ready = self.ready();
+        r.health = self.reporters.reports();
         r
+    }
+    /// The health reporters of the process's components.
+    pub fn reporters(&self) -> &clustermesh_health::Reporters {
+        &self.reporters
     }
 }
 

@@ -143,8 +143,10 @@ async fn publish(
     let mut ever_connected: HashSet<String> = HashSet::new();
     let mut ever_ready: HashSet<String> = HashSet::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut components = crate::components::RemoteComponents::default();
     loop {
         let snap = snapshots.borrow_and_update().clone();
+        components.update(status.reporters(), &snap.clusters);
         let mut pending = Vec::new();
         for s in &snap.clusters {
             let seen = *first_seen

@@ -7,6 +7,7 @@
 //! It must not talk to other clusters (that is the syncer's remote manager / kvstoremesh) and
 //! never programs a datapath.
 
+pub mod components;
 pub mod config;
 pub mod etcd;
 pub mod export;
@@ -107,12 +108,16 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     let metrics = Metrics::default();
     let remote_metrics = clustermesh_syncer::remote::Metrics::default();
     let mut registry = metrics.registry();
+    let status = Arc::new(Status::default());
+    status
+        .reporters()
+        .register(registry.sub_registry_with_prefix("cilium_clustermesh_apiserver"));
+    let components = components::Components::new(status.reporters(), cfg.enable_mcs_api);
     if cfg.kvstoremesh.is_some() {
         remote_metrics
             .register_kvstoremesh(registry.sub_registry_with_prefix("cilium_kvstoremesh"));
     }
     let registry = Arc::new(registry);
-    let status = Arc::new(Status::default());
     status.update(|r| r.cluster = cfg.cluster.name.to_string());
     let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
 
@@ -213,6 +218,8 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
             cluster: cfg.cluster.clone(),
             enable_mcs_api: cfg.enable_mcs_api,
             default_global_namespace: cfg.default_global_namespace,
+            service_v2: cfg.service_v2,
+            enable_cilium_endpoint_slice: cfg.enable_cilium_endpoint_slice,
         },
         allocator,
     );
@@ -221,6 +228,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         cfg: cfg.clone(),
         etcd: etcd_cfg,
         status: status.clone(),
+        components,
         metrics: metrics.clone(),
         started,
     };
@@ -255,6 +263,7 @@ struct ExportCtx {
     cfg: Config,
     etcd: EtcdConfig,
     status: Arc<Status>,
+    components: components::Components,
     metrics: Metrics,
     started: Instant,
 }
@@ -315,6 +324,7 @@ async fn export_loop(
             Ok(c) => c,
             Err(e) => {
                 ctx.status.set_ready(false);
+                ctx.components.etcd_down(&e.to_string());
                 ctx.status.update(|r| {
                     r.etcd_connected = false;
                     r.last_etcd_error = Some(e.to_string());
@@ -343,6 +353,7 @@ async fn export_loop(
         session.cancel();
         if let Err(e) = res {
             ctx.status.set_ready(false);
+            ctx.components.etcd_down(&format!("{e:#}"));
             ctx.status.update(|r| {
                 r.etcd_connected = false;
                 r.last_etcd_error = Some(e.to_string());
@@ -402,6 +413,7 @@ async fn session_loop(
         r.etcd_connected = true;
         r.last_etcd_error = None;
     });
+    ctx.components.etcd_up();
     w.enforce_key(
         &kvstore::cluster_config_key(&cluster),
         exporter.cluster_config(),
@@ -533,6 +545,9 @@ async fn session_loop(
         ctx.metrics
             .manifest_errors
             .set(published.errors.len() as i64);
+        let source_errors: Vec<String> = published.errors.iter().map(|e| e.to_string()).collect();
+        ctx.components
+            .exported(&source_errors, exporter.service_export_crd(&snapshot));
         ctx.status.update(|r| {
             r.stores = counts;
             r.manifest_errors = published.errors.iter().map(|e| e.to_string()).collect();

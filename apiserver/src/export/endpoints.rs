@@ -1,5 +1,6 @@
-//! Nodes, identities and ipcache entries of the cluster's endpoints (Pods and
-//! CiliumEndpoints), including who owns an IP that two endpoints claim.
+//! Nodes, identities and ipcache entries of the cluster's endpoints (Pods, and
+//! CiliumEndpoints or, with `--enable-cilium-endpoint-slice`, the endpoints of
+//! CiliumEndpointSlices), including who owns an IP that two endpoints claim.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
@@ -151,25 +152,19 @@ impl Exporter {
                 });
             }
         }
-        // CiliumEndpoints.
-        for ((ns, name), cep) in &snap.cilium_endpoints {
-            let st = &cep.status;
-            let Some(net) = &st.networking else { continue };
-            let Some(identity) = &st.identity else {
-                continue;
-            };
-            let pod_uid = cep
-                .metadata
-                .owner_references
-                .iter()
-                .flatten()
-                .find(|o| o.kind == "Pod")
-                .map(|o| o.uid.clone())
-                .unwrap_or_default();
-            let named_ports: Vec<NamedPort> = st
+        // CiliumEndpoints, or the CiliumEndpointSlices that batch them (never both, as in
+        // Cilium: the CES mode ignores CEP objects).
+        let ceps = if self.opts.enable_cilium_endpoint_slice {
+            objects::CoreEndpoint::from_slices(&snap.cilium_endpoint_slices)
+        } else {
+            objects::CoreEndpoint::from_endpoints(&snap.cilium_endpoints)
+        };
+        for cep in &ceps {
+            let (ns, name, net) = (cep.namespace, cep.name, cep.networking);
+            let pod_uid = cep.pod_uid.unwrap_or_default().to_string();
+            let named_ports: Vec<NamedPort> = cep
                 .named_ports
                 .iter()
-                .flatten()
                 .map(|p| NamedPort {
                     name: p.name.clone(),
                     port: p.port,
@@ -194,13 +189,13 @@ impl Exporter {
                             ip: ip.clone(),
                             mask: None,
                             host_ip: net.node.clone(),
-                            id: identity.id,
-                            key: st.encryption.as_ref().map(|e| e.key).unwrap_or(0),
+                            id: cep.identity,
+                            key: cep.encryption_key,
                             metadata: String::new(),
-                            k8s_namespace: ns.clone(),
-                            k8s_pod_name: name.clone(),
+                            k8s_namespace: ns.to_string(),
+                            k8s_pod_name: name.to_string(),
                             k8s_pod_uid: pod_uid.clone(),
-                            k8s_service_account: st.service_account.clone().unwrap_or_default(),
+                            k8s_service_account: cep.service_account.unwrap_or_default().into(),
                             named_ports: named_ports.clone(),
                         })),
                     });

@@ -9,23 +9,26 @@
 //! - identities from CiliumIdentity objects, plus one allocated per distinct Pod label set;
 //! - ipcache entries from CiliumEndpoints and Pods; when two endpoints claim one IP, the
 //!   first keeps it until it stops claiming it;
-//! - only services that are global *and* shared go to `cilium/state/services/v1`; every
-//!   service goes to `clustermesh/local/v1/services` for the cluster's own agents;
+//! - only services that are global *and* shared go to `cilium/state/services/v1`, and their
+//!   EndpointSlices to `cilium/state/endpointslices/v1` (service v2; which of the two is
+//!   written follows `--clustermesh-service-v2`); every service goes to
+//!   `clustermesh/local/v1/services` for the cluster's own agents;
 //! - with the namespace filter (annotation `clustermesh.cilium.io/global`, default from
-//!   `--clustermesh-default-global-namespace`), only endpoints, identities and global services
-//!   of global namespaces are exported;
+//!   `--clustermesh-default-global-namespace`), only endpoints, identities, global services,
+//!   their EndpointSlices and ServiceExports of global namespaces are exported;
 //! - MCS-API ServiceExports (when enabled) for services that exist and are not ExternalName.
 
 use std::collections::{BTreeMap, HashMap};
 
 use clustermesh_types::cluster::ClusterInfo;
 use clustermesh_types::kvstore;
-use clustermesh_types::model::{Capabilities, ClusterConfig};
+use clustermesh_types::model::{Capabilities, ClusterConfig, EndpointSlicesExportMode};
 
 use crate::identity::Allocator;
 use crate::source::Snapshot;
 
 mod endpoints;
+mod endpointslices;
 mod identities;
 mod nodes;
 mod services;
@@ -34,6 +37,8 @@ pub use services::LocalService;
 
 /// Annotation marking a namespace global or not.
 pub const NAMESPACE_GLOBAL_ANNOTATION: &str = "clustermesh.cilium.io/global";
+/// The CustomResourceDefinition without which no ServiceExport can exist.
+pub const SERVICE_EXPORT_CRD: &str = "serviceexports.multicluster.x-k8s.io";
 
 /// Export options (from the command line).
 #[derive(Debug, Clone)]
@@ -44,6 +49,77 @@ pub struct Options {
     pub enable_mcs_api: bool,
     /// Whether a namespace without the annotation is global.
     pub default_global_namespace: bool,
+    /// What is exported for global services (`--clustermesh-service-v2`).
+    pub service_v2: ServiceV2Mode,
+    /// Endpoints come from CiliumEndpointSlices instead of CiliumEndpoints
+    /// (`--enable-cilium-endpoint-slice`).
+    pub enable_cilium_endpoint_slice: bool,
+}
+
+/// `--clustermesh-service-v2`: which stores carry global services' backends (Cilium's
+/// modes, plus `disabled`, ours: no EndpointSlice export at all, as before Cilium 1.20).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ServiceV2Mode {
+    /// `prefer-legacy` (default): both stores; readers are told nothing (capability
+    /// absent), so they use `services/v1`.
+    #[default]
+    PreferLegacy,
+    /// `prefer-endpointslice`: both stores; readers are told to prefer the slices.
+    PreferEndpointSlice,
+    /// `only-endpointslice`: EndpointSlices only, `services/v1` stays empty.
+    OnlyEndpointSlice,
+    /// `disabled`: `services/v1` only.
+    Disabled,
+}
+
+impl ServiceV2Mode {
+    /// Every mode's flag value.
+    pub const VALUES: [&'static str; 4] = [
+        "prefer-legacy",
+        "prefer-endpointslice",
+        "only-endpointslice",
+        "disabled",
+    ];
+
+    /// The capability announced in the cluster config.
+    pub fn export_mode(self) -> EndpointSlicesExportMode {
+        match self {
+            ServiceV2Mode::PreferLegacy | ServiceV2Mode::Disabled => {
+                EndpointSlicesExportMode::Unset
+            }
+            ServiceV2Mode::PreferEndpointSlice => {
+                EndpointSlicesExportMode::ServicesAndEndpointSlices
+            }
+            ServiceV2Mode::OnlyEndpointSlice => EndpointSlicesExportMode::EndpointSlicesOnly,
+        }
+    }
+
+    /// Whether `cilium/state/services/v1` is written.
+    pub fn exports_services(self) -> bool {
+        self != ServiceV2Mode::OnlyEndpointSlice
+    }
+
+    /// Whether `cilium/state/endpointslices/v1` is written.
+    pub fn exports_endpoint_slices(self) -> bool {
+        self != ServiceV2Mode::Disabled
+    }
+}
+
+impl std::str::FromStr for ServiceV2Mode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "prefer-legacy" => Ok(ServiceV2Mode::PreferLegacy),
+            "prefer-endpointslice" => Ok(ServiceV2Mode::PreferEndpointSlice),
+            "only-endpointslice" => Ok(ServiceV2Mode::OnlyEndpointSlice),
+            "disabled" => Ok(ServiceV2Mode::Disabled),
+            other => Err(format!(
+                "unknown mode {other:?}: use one of {}",
+                ServiceV2Mode::VALUES.join(", ")
+            )),
+        }
+    }
 }
 
 /// One store: a prefix that is synced as a whole, and its synced canary.
@@ -59,6 +135,8 @@ pub enum Store {
     Services,
     /// `cilium/state/serviceexports/v1/<c>/`.
     ServiceExports,
+    /// `cilium/state/endpointslices/v1/<c>/`.
+    EndpointSlices,
     /// `clustermesh/local/v1/services/`.
     LocalServices,
     /// `clustermesh/local/v1/policies/`.
@@ -67,12 +145,13 @@ pub enum Store {
 
 impl Store {
     /// Every store, in the order they are first written.
-    pub const ALL: [Store; 7] = [
+    pub const ALL: [Store; 8] = [
         Store::Nodes,
         Store::Identities,
         Store::Ip,
         Store::Services,
         Store::ServiceExports,
+        Store::EndpointSlices,
         Store::LocalServices,
         Store::LocalPolicies,
     ];
@@ -85,6 +164,7 @@ impl Store {
             Store::Ip => format!("{}/{}/", kvstore::IP_PREFIX, kvstore::IP_ADDRESS_SPACE),
             Store::Services => format!("{}/{cluster}/", kvstore::SERVICES_PREFIX),
             Store::ServiceExports => format!("{}/{cluster}/", kvstore::SERVICE_EXPORTS_PREFIX),
+            Store::EndpointSlices => format!("{}/{cluster}/", kvstore::ENDPOINT_SLICES_PREFIX),
             Store::LocalServices => format!("{}/", kvstore::LOCAL_SERVICES_PREFIX),
             Store::LocalPolicies => format!("{}/", kvstore::LOCAL_POLICIES_PREFIX),
         }
@@ -98,6 +178,7 @@ impl Store {
             Store::Ip => kvstore::synced_key(cluster, kvstore::IP_PREFIX),
             Store::Services => kvstore::synced_key(cluster, kvstore::SERVICES_PREFIX),
             Store::ServiceExports => kvstore::synced_key(cluster, kvstore::SERVICE_EXPORTS_PREFIX),
+            Store::EndpointSlices => kvstore::synced_key(cluster, kvstore::ENDPOINT_SLICES_PREFIX),
             Store::LocalServices => "clustermesh/local/synced/v1/services".into(),
             Store::LocalPolicies => "clustermesh/local/synced/v1/policies".into(),
         }
@@ -111,6 +192,7 @@ impl Store {
             Store::Ip => "ip/v1",
             Store::Services => "services/v1",
             Store::ServiceExports => "serviceexports/v1",
+            Store::EndpointSlices => "endpointslices/v1",
             Store::LocalServices => "local/services",
             Store::LocalPolicies => "local/policies",
         }
@@ -176,7 +258,7 @@ impl Exporter {
                 cached: false,
                 max_connected_clusters: self.opts.cluster.max_connected_clusters.as_u32(),
                 service_exports_enabled: Some(self.opts.enable_mcs_api),
-                endpoint_slices_export_mode: String::new(),
+                endpoint_slices_export_mode: self.opts.service_v2.export_mode().as_str().into(),
             },
         }
         .encode()
@@ -191,6 +273,11 @@ impl Exporter {
             Some(v) => v.trim().eq_ignore_ascii_case("true"),
             None => self.opts.default_global_namespace,
         }
+    }
+
+    /// Whether the ServiceExport CRD is installed; ServiceExports are exported only then.
+    pub fn service_export_crd(&self, snap: &Snapshot) -> bool {
+        snap.crds.contains_key(SERVICE_EXPORT_CRD)
     }
 
     /// Computes everything to publish. Problems are returned, not fatal.

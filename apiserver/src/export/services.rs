@@ -45,6 +45,7 @@ impl Exporter {
         let mut desired: Desired = [
             Store::Services,
             Store::ServiceExports,
+            Store::EndpointSlices,
             Store::LocalServices,
             Store::LocalPolicies,
         ]
@@ -78,7 +79,7 @@ impl Exporter {
                         "none"
                     }
                 };
-            if cs.include_external && cs.shared && self.namespace_global(snap, ns) {
+            if self.opts.service_v2.exports_services() && self.service_exported(snap, ns, svc) {
                 desired
                     .entry(Store::Services)
                     .or_default()
@@ -99,13 +100,22 @@ impl Exporter {
             }
         }
 
-        // MCS-API service exports.
-        if self.opts.enable_mcs_api {
+        // EndpointSlices of the exported services (service v2).
+        if self.opts.service_v2.exports_endpoint_slices() {
+            let slices = self.endpoint_slices(snap, &index, &mut problems);
+            desired.insert(Store::EndpointSlices, slices);
+        }
+
+        // MCS-API service exports: only while the ServiceExport CRD exists (as in a cluster,
+        // where none can exist without it), and only of global namespaces.
+        if self.opts.enable_mcs_api && self.service_export_crd(snap) {
             for ((ns, name), se) in &snap.service_exports {
                 let Some(svc) = snap.services.get(&(ns.clone(), name.clone())) else {
                     continue;
                 };
-                if svc.spec.type_.as_deref() == Some("ExternalName") {
+                if svc.spec.type_.as_deref() == Some("ExternalName")
+                    || !self.namespace_global(snap, ns)
+                {
                     continue;
                 }
                 let ts = match &se.metadata.creation_timestamp {

@@ -526,6 +526,78 @@ pub struct CoreCiliumEndpoint {
     pub networking: Option<CepNetworking>,
 }
 
+/// What the ipcache export needs of one Cilium endpoint, read from a CiliumEndpoint or
+/// from one entry of a CiliumEndpointSlice (every source decodes into these objects, so
+/// this is the one place that knows both shapes).
+#[derive(Debug, Clone, Copy)]
+pub struct CoreEndpoint<'a> {
+    /// Namespace.
+    pub namespace: &'a str,
+    /// Endpoint (= pod) name.
+    pub name: &'a str,
+    /// Security identity.
+    pub identity: u32,
+    /// Encryption key index (0 = none).
+    pub encryption_key: u8,
+    /// Owning pod's UID.
+    pub pod_uid: Option<&'a str>,
+    /// Service account.
+    pub service_account: Option<&'a str>,
+    /// Named ports.
+    pub named_ports: &'a [CepNamedPort],
+    /// Addresses and node.
+    pub networking: &'a CepNetworking,
+}
+
+impl<'a> CoreEndpoint<'a> {
+    /// The endpoints of CiliumEndpoints; one without networking or identity is not yet
+    /// an endpoint (Cilium skips it too).
+    pub fn from_endpoints(ceps: &'a BTreeMap<(String, String), Arc<CiliumEndpoint>>) -> Vec<Self> {
+        ceps.iter()
+            .filter_map(|((ns, name), cep)| {
+                let st = &cep.status;
+                Some(CoreEndpoint {
+                    namespace: ns,
+                    name,
+                    identity: st.identity.as_ref()?.id,
+                    encryption_key: st.encryption.as_ref().map_or(0, |e| e.key),
+                    pod_uid: cep
+                        .metadata
+                        .owner_references
+                        .iter()
+                        .flatten()
+                        .find(|o| o.kind == "Pod")
+                        .map(|o| o.uid.as_str()),
+                    service_account: st.service_account.as_deref(),
+                    named_ports: st.named_ports.as_deref().unwrap_or_default(),
+                    networking: st.networking.as_ref()?,
+                })
+            })
+            .collect()
+    }
+
+    /// The endpoints of CiliumEndpointSlices, in slice-name order then slice order.
+    pub fn from_slices(slices: &'a BTreeMap<String, Arc<CiliumEndpointSlice>>) -> Vec<Self> {
+        slices
+            .values()
+            .flat_map(|ces| {
+                ces.endpoints.iter().filter_map(|ep| {
+                    Some(CoreEndpoint {
+                        namespace: &ces.namespace,
+                        name: &ep.name,
+                        identity: ep.id,
+                        encryption_key: ep.encryption.as_ref().map_or(0, |e| e.key),
+                        pod_uid: ep.pod_uid.as_deref(),
+                        service_account: ep.service_account.as_deref(),
+                        named_ports: ep.named_ports.as_deref().unwrap_or_default(),
+                        networking: ep.networking.as_ref()?,
+                    })
+                })
+            })
+            .collect()
+    }
+}
+
 /// `apiextensions.k8s.io/v1/CustomResourceDefinition`, only its name: which CRDs exist
 /// decides whether e.g. ServiceExports can be read at all.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]

@@ -112,6 +112,8 @@ fn in_process(
             cluster: cluster.clone(),
             enable_mcs_api: false,
             default_global_namespace: true,
+            service_v2: Default::default(),
+            enable_cilium_endpoint_slice: false,
         },
         Allocator::new(cluster.identity_range(), None)?,
     );
@@ -216,7 +218,7 @@ async fn main() -> anyhow::Result<()> {
         &dir.path().join("api.log"),
     )?;
     let mut canaries = std::collections::BTreeSet::new();
-    while canaries.len() < 7 {
+    while canaries.len() < clustermesh_apiserver::export::Store::ALL.len() {
         let next = async {
             tokio::select! {
                 r = state_canaries.message() => r,
