@@ -39,6 +39,18 @@ pub struct Args {
     /// Directory of Kubernetes manifests to export (the cluster's source).
     #[arg(long)]
     pub manifests: Option<PathBuf>,
+    /// Where the cluster's state comes from: `kubernetes` (the API server) or `manifests`.
+    /// Default: `manifests` with --manifests, `kubernetes` with --kubeconfig/--context or
+    /// inside a pod, else `manifests` from the state dir.
+    #[arg(long, value_parser = ["kubernetes", "manifests"])]
+    pub source: Option<String>,
+    /// kubeconfig file for the Kubernetes source (default: $KUBECONFIG, ~/.kube/config;
+    /// inside a pod without it: the pod's service account).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// kubeconfig context (default: the file's current context).
+    #[arg(long)]
+    pub context: Option<String>,
     /// Use an existing etcd described by this client config file (admin certificate).
     #[arg(long)]
     pub etcd_config: Option<PathBuf>,
@@ -109,6 +121,12 @@ pub struct File {
     /// See [`Args`].
     pub manifests: Option<PathBuf>,
     /// See [`Args`].
+    pub source: Option<String>,
+    /// See [`Args`].
+    pub kubeconfig: Option<PathBuf>,
+    /// See [`Args`].
+    pub context: Option<String>,
+    /// See [`Args`].
     pub etcd_config: Option<PathBuf>,
     /// See [`Args`].
     pub state_dir: Option<PathBuf>,
@@ -171,13 +189,22 @@ pub enum EtcdMode {
     },
 }
 
+/// Where the cluster's state comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A manifest directory.
+    Manifests(PathBuf),
+    /// The Kubernetes API.
+    Kubernetes(crate::source::kubernetes::ClientConfig),
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// The local cluster.
     pub cluster: ClusterInfo,
-    /// Manifest directory.
-    pub manifests: PathBuf,
+    /// The source.
+    pub source: Source,
     /// etcd.
     pub etcd: EtcdMode,
     /// State dir.
@@ -215,6 +242,59 @@ fn duration(
             humantime::parse_duration(&s).map_err(|e| anyhow::anyhow!("{name} {s:?}: {e}"))
         }
         (None, None) => Ok(default),
+    }
+}
+
+/// Picks the source (see [`Args::source`]) and checks it can be used: the manifest directory
+/// exists, or the kubeconfig parses and has the context.
+fn source(
+    explicit: Option<String>,
+    manifests: Option<PathBuf>,
+    kubeconfig: Option<PathBuf>,
+    context: Option<String>,
+    state_dir: Option<&std::path::Path>,
+) -> anyhow::Result<Source> {
+    use crate::source::kubernetes::ClientConfig;
+    let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    let kube_asked = kubeconfig.is_some() || context.is_some();
+    let kind = match explicit.as_deref() {
+        Some(k) => k,
+        None if manifests.is_some() && kube_asked => anyhow::bail!(
+            "both --manifests and --kubeconfig/--context are given: choose the source with --source kubernetes|manifests"
+        ),
+        None if manifests.is_some() => "manifests",
+        None if kube_asked || in_pod => "kubernetes",
+        None => "manifests",
+    };
+    match kind {
+        "kubernetes" => {
+            let client = if kubeconfig.is_none() && context.is_none() && in_pod {
+                ClientConfig::InCluster
+            } else {
+                ClientConfig::Kubeconfig {
+                    path: kubeconfig,
+                    context,
+                }
+            };
+            client.validate()?;
+            Ok(Source::Kubernetes(client))
+        }
+        _ => {
+            let dir = manifests
+                .or_else(|| state_dir.map(|s| s.join("manifests")))
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--manifests (or --state-dir), or --source kubernetes, is required"
+                    )
+                })?;
+            if !dir.is_dir() {
+                anyhow::bail!(
+                    "manifest directory {} does not exist: create it (mkdir -p) or point --manifests elsewhere",
+                    dir.display()
+                );
+            }
+            Ok(Source::Manifests(dir))
+        }
     }
 }
 
@@ -259,17 +339,13 @@ impl Config {
             .validate()
             .map_err(|e| anyhow::anyhow!("--cluster-id: {e}"))?;
         let state_dir = args.state_dir.or(file.state_dir);
-        let manifests = args
-            .manifests
-            .or(file.manifests)
-            .or_else(|| state_dir.as_ref().map(|s| s.join("manifests")))
-            .ok_or_else(|| anyhow::anyhow!("--manifests (or --state-dir) is required"))?;
-        if !manifests.is_dir() {
-            anyhow::bail!(
-                "manifest directory {} does not exist: create it (mkdir -p) or point --manifests elsewhere",
-                manifests.display()
-            );
-        }
+        let source = source(
+            args.source.or(file.source),
+            args.manifests.or(file.manifests),
+            args.kubeconfig.or(file.kubeconfig),
+            args.context.or(file.context),
+            state_dir.as_deref(),
+        )?;
         let etcd = match args.etcd_config.or(file.etcd_config) {
             Some(p) => EtcdMode::External(p),
             None => {
@@ -349,7 +425,7 @@ impl Config {
                 .unwrap_or(false),
             kvstoremesh,
             cluster,
-            manifests,
+            source,
             etcd,
             state_dir,
             enable_mcs_api: args.clustermesh_enable_mcs_api
@@ -429,6 +505,67 @@ mod tests {
                 && e.contains("prefer-legacy, prefer-endpointslice, only-endpointslice, disabled"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn kubernetes_source_checks_kubeconfig_and_context_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.yaml");
+        let base = |extra: &[String]| {
+            let mut v: Vec<String> = [
+                "clustermesh-apiserver",
+                "--cluster-id=1",
+                "--cluster-name=c1",
+                "--etcd-config=/nonexistent",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            v.extend(extra.iter().cloned());
+            Config::from_args(Args::try_parse_from(v).unwrap())
+        };
+        let e = base(&[format!("--kubeconfig={}", missing.display())]).unwrap_err();
+        assert!(
+            e.to_string().contains(&missing.display().to_string()),
+            "{e}"
+        );
+        let kc = dir.path().join("kubeconfig");
+        std::fs::write(
+            &kc,
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: 'https://127.0.0.1:1'}\nusers:\n- name: u\n  user: {}\ncontexts:\n- name: prod\n  context: {cluster: c, user: u}\ncurrent-context: prod\n",
+        )
+        .unwrap();
+        let e = base(&[
+            format!("--kubeconfig={}", kc.display()),
+            "--context=staging".into(),
+        ])
+        .unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("staging")
+                && msg.contains(&kc.display().to_string())
+                && msg.contains("prod"),
+            "{msg}"
+        );
+        let c = base(&[
+            format!("--kubeconfig={}", kc.display()),
+            "--context=prod".into(),
+        ])
+        .unwrap();
+        assert!(matches!(c.source, Source::Kubernetes(_)));
+        let e = base(&[
+            format!("--kubeconfig={}", kc.display()),
+            format!("--manifests={}", dir.path().display()),
+        ])
+        .unwrap_err();
+        assert!(e.to_string().contains("--source"), "{e}");
+        let c = base(&[
+            format!("--kubeconfig={}", kc.display()),
+            format!("--manifests={}", dir.path().display()),
+            "--source=manifests".into(),
+        ])
+        .unwrap();
+        assert_eq!(c.source, Source::Manifests(dir.path().to_path_buf()));
     }
 
     #[test]

@@ -37,6 +37,9 @@ pub struct StatusReport {
     /// Every named component (source, etcd, each export job, each KVStoreMesh remote):
     /// ok, degraded or stopped, and why.
     pub health: Vec<clustermesh_health::reporter::Report>,
+    /// The Kubernetes source (absent with the manifest source).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<crate::source::kubernetes::Health>,
 }
 
 /// Shared state between the exporter and the HTTP server.
@@ -45,6 +48,8 @@ pub struct Status {
     ready: AtomicBool,
     /// Set while KVStoreMesh still waits for remotes to sync (see `kvstoremesh`).
     remotes_pending: AtomicBool,
+    /// Set while the source cannot be read (Kubernetes API unreachable); the last export stays.
+    source_unavailable: AtomicBool,
     report: Mutex<StatusReport>,
     reporters: clustermesh_health::Reporters,
 }
@@ -64,9 +69,16 @@ impl Status {
             r.remotes_ready = !pending;
         }
     }
-    /// Readiness: the local export is ready and no remote holds it back.
+    /// Whether the source can be read; while it cannot, readiness is held false (the
+    /// exported keys stay, with their leases).
+    pub fn set_source_available(&self, available: bool) {
+        self.source_unavailable.store(!available, Ordering::SeqCst);
+    }
+    /// Readiness: the local export is ready, the source readable, and no remote holds it back.
     pub fn ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst) && !self.remotes_pending.load(Ordering::SeqCst)
+        self.ready.load(Ordering::SeqCst)
+            && !self.remotes_pending.load(Ordering::SeqCst)
+            && !self.source_unavailable.load(Ordering::SeqCst)
     }
     /// Updates the report.
     pub fn update(&self, f: impl FnOnce(&mut StatusReport)) {

@@ -1,4 +1,5 @@
-//! clustermesh-apiserver: reads one cluster's source (a manifest directory), allocates
+//! clustermesh-apiserver: reads one cluster's source (the Kubernetes API, or a manifest
+//! directory), allocates
 //! security identities, and publishes nodes, identities, ipcache entries, global services and
 //! MCS-API exports into the cluster's etcd in Cilium's kvstore v1 format, plus every service
 //! and policy under `clustermesh/local/v1/` for the cluster's own agents. It can run that etcd
@@ -113,6 +114,10 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         .reporters()
         .register(registry.sub_registry_with_prefix("cilium_clustermesh_apiserver"));
     let components = components::Components::new(status.reporters(), cfg.enable_mcs_api);
+    let kube_metrics = source::kubernetes::Metrics::default();
+    if matches!(cfg.source, config::Source::Kubernetes(_)) {
+        kube_metrics.register(registry.sub_registry_with_prefix("cilium_clustermesh_apiserver"));
+    }
     if cfg.kvstoremesh.is_some() {
         remote_metrics
             .register_kvstoremesh(registry.sub_registry_with_prefix("cilium_kvstoremesh"));
@@ -198,15 +203,43 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
 
     // Source.
     let (src_tx, src_rx) = watch::channel(Published::default());
-    tasks.spawn(
-        manifests::run(
-            cfg.manifests.clone(),
-            Duration::from_millis(20),
-            src_tx,
-            cancel.child_token(),
-        )
-        .instrument(info_span!("source", dir = %cfg.manifests.display())),
-    );
+    match &cfg.source {
+        config::Source::Manifests(dir) => {
+            tasks.spawn(
+                manifests::run(
+                    dir.clone(),
+                    Duration::from_millis(20),
+                    src_tx,
+                    cancel.child_token(),
+                )
+                .instrument(info_span!("source", dir = %dir.display())),
+            );
+        }
+        config::Source::Kubernetes(client_cfg) => {
+            let client = client_cfg.client().await?;
+            let opts = source::kubernetes::Options {
+                enable_mcs_api: cfg.enable_mcs_api,
+                ..Default::default()
+            };
+            let source_status = status.clone();
+            let source_metrics = kube_metrics.clone();
+            let token = cancel.child_token();
+            tasks.spawn(
+                async move {
+                    source::kubernetes::run(
+                        client,
+                        opts,
+                        src_tx,
+                        source_status,
+                        source_metrics,
+                        token,
+                    )
+                    .await
+                }
+                .instrument(info_span!("source", kind = "kubernetes")),
+            );
+        }
+    }
 
     // Export.
     let allocator = identity::Allocator::new(

@@ -1,6 +1,9 @@
 //! Conformance: every `*.txtar` scenario (Cilium's, in `../shared/reference/cilium-testdata`
 //! or `$CILIUM_TESTDATA`, and ours in `tests/scenarios/`) against the real
-//! `clustermesh-apiserver` binary and a fresh etcd over mTLS per scenario.
+//! `clustermesh-apiserver` binary and a fresh etcd over mTLS per scenario, once per source:
+//! a manifest directory and the test Kubernetes API server (real kube-rs client). Both runs
+//! must pass, and every `kvstore/list` of the two runs must list the same etcd contents.
+//! `SCENARIO_SOURCE=manifests|kubernetes|both` (default both) picks the sources.
 //!
 //! Needs the binary: `cargo build -p clustermesh-apiserver` (or `CLUSTERMESH_APISERVER_BIN`).
 //! `SCENARIO=<substring>` runs only matching scenarios; `SCENARIO_TIMEOUT=30s` changes how
@@ -11,21 +14,56 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use clustermesh_tests::etcd::TestEtcd;
+use clustermesh_tests::scenario::source::{self, KubeApiSource, ManifestDir, Source};
 use clustermesh_tests::scenario::{self, apiserver, Options, Scenario};
 
-/// Runs one scenario against a fresh etcd and a fresh apiserver. On failure the scratch
-/// directory (files, manifests, apiserver log) is kept, if `keep`, and named in the error.
-async fn run_one(scenario: &Scenario, options: &Options, keep: bool) -> anyhow::Result<()> {
+/// What each `kvstore/list` of a run wrote last, by output file.
+type Listings = std::collections::BTreeMap<String, String>;
+
+/// Runs one scenario against a fresh etcd and a fresh apiserver reading `kind`. On failure
+/// the scratch directory (files, manifests, kubeconfig, apiserver log) is kept, if `keep`,
+/// and named in the error.
+async fn run_one(
+    scenario: &Scenario,
+    options: &Options,
+    keep: bool,
+    kind: source::Kind,
+) -> anyhow::Result<Listings> {
     let bin = apiserver::find_binary()?;
     let etcd = TestEtcd::start().context("starting etcd")?;
     let root = tempfile::Builder::new()
-        .prefix(&format!("scenario-{}-", scenario.name))
+        .prefix(&format!("scenario-{}-{}-", scenario.name, kind.name()))
         .tempdir()?;
     let config = root.path().join("etcd-config.yaml");
     etcd.write_client_config(&format!("admin-{}", scenario.cluster_name()), &config)?;
     let mut backend =
         apiserver::Apiserver::new(bin, config, root.path().join("apiserver.log")).await?;
-    let result = scenario::run(scenario, &mut backend, root.path(), options).await;
+    let mut src: Box<dyn Source> = match kind {
+        source::Kind::Manifests => Box::new(ManifestDir::new(&root.path().join("manifests"))?),
+        source::Kind::Kubernetes => {
+            Box::new(KubeApiSource::start(&root.path().join("kube")).await?)
+        }
+    };
+    let result =
+        scenario::run_with(scenario, &mut backend, src.as_mut(), root.path(), options).await;
+    let result = result.map(|()| {
+        let mut listings = Listings::new();
+        for cmd in &scenario.commands {
+            let args: Vec<String> = cmd
+                .args
+                .iter()
+                .map(scenario::script::Word::literal)
+                .collect();
+            if args.first().map(String::as_str) == Some("kvstore/list") {
+                if let Some(out) = args.last() {
+                    let text = std::fs::read_to_string(root.path().join("work").join(out))
+                        .unwrap_or_default();
+                    listings.insert(out.clone(), text);
+                }
+            }
+        }
+        listings
+    });
     match result {
         Err(error) if keep => {
             let kept = root.keep();
@@ -33,6 +71,68 @@ async fn run_one(scenario: &Scenario, options: &Options, keep: bool) -> anyhow::
         }
         other => other,
     }
+}
+
+/// A listing's entries, with the values that are times of writing (synced canaries, the
+/// heartbeat) reduced to their presence: two runs write them at different moments.
+fn comparable(text: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = scenario::listing::parse(text)
+        .into_iter()
+        .map(|e| {
+            let timed = e.key.starts_with("cilium/synced/") || e.key.ends_with(".heartbeat");
+            (e.key, if timed { "<time>".to_owned() } else { e.value })
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Runs `scenario` against every source of `SCENARIO_SOURCE` and checks that they listed
+/// the same etcd contents.
+async fn run_sources(
+    scenario: &Scenario,
+    options: &Options,
+    kinds: &[source::Kind],
+) -> anyhow::Result<()> {
+    let mut first: Option<(source::Kind, Listings)> = None;
+    for &kind in kinds {
+        let started = Instant::now();
+        let listings = run_one(scenario, options, true, kind)
+            .await
+            .with_context(|| format!("source {}", kind.name()))?;
+        println!(
+            "    source {}: ok ({:.1}s)",
+            kind.name(),
+            started.elapsed().as_secs_f64()
+        );
+        match &first {
+            None => first = Some((kind, listings)),
+            Some((k0, l0)) => {
+                for (file, text) in l0 {
+                    let other = listings.get(file).map(String::as_str).unwrap_or("");
+                    let (a, b) = (comparable(text), comparable(other));
+                    if a != b {
+                        let only = |x: &[(String, String)], y: &[(String, String)]| {
+                            x.iter()
+                                .filter(|e| !y.contains(e))
+                                .map(|(k, v)| format!("{k} = {v}"))
+                                .collect::<Vec<_>>()
+                        };
+                        anyhow::bail!(
+                            "{file}: the {} source listed other etcd contents than the {} source\n  only with {}: {:?}\n  only with {}: {:?}",
+                            kind.name(),
+                            k0.name(),
+                            k0.name(),
+                            only(&a, &b),
+                            kind.name(),
+                            only(&b, &a)
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Newest modification time of any file below `dir`.
@@ -87,6 +187,7 @@ fn all_scenarios() -> anyhow::Result<Vec<PathBuf>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scenarios() -> anyhow::Result<()> {
     let options = Options::from_env()?;
+    let kinds = source::Kind::from_env()?;
     let files = all_scenarios()?;
     warn_if_stale(&apiserver::find_binary()?);
     let mut failed = Vec::new();
@@ -95,7 +196,7 @@ async fn scenarios() -> anyhow::Result<()> {
         let result = match Scenario::load(path) {
             Ok(s) => {
                 println!("=== {} ({})", s.name, path.display());
-                run_one(&s, &options, true).await
+                run_sources(&s, &options, &kinds).await
             }
             Err(e) => Err(e),
         };
@@ -136,7 +237,7 @@ async fn broken_expectation_fails_with_key_diff() -> anyhow::Result<()> {
         verbose: true,
     };
     let started = Instant::now();
-    let error = run_one(&s, &options, false)
+    let error = run_one(&s, &options, false, source::Kind::Manifests)
         .await
         .expect_err("a broken expectation must fail");
     let message = format!("{error:#}");

@@ -1,6 +1,8 @@
-//! Where a cluster's state comes from. Today: a directory of Kubernetes-shaped manifests
-//! (the lab and tests use it; a kube-apiserver source plugs in behind the same [`Snapshot`]).
+//! Where a cluster's state comes from: the Kubernetes API (`kubernetes`, kube-rs watchers and
+//! reflectors) or a directory of Kubernetes-shaped manifests (`manifests`, for the lab and
+//! tests). Both publish the same [`Snapshot`]s; the exporter cannot tell them apart.
 
+pub mod kubernetes;
 pub mod manifests;
 pub mod objects;
 

@@ -139,7 +139,7 @@ impl Backend for Apiserver {
         &mut self,
         flags: &[String],
         env: &BTreeMap<String, String>,
-        manifests: &Path,
+        source: &[String],
     ) -> anyhow::Result<()> {
         let health = free_addr()?;
         let metrics = free_addr()?;
@@ -151,8 +151,7 @@ impl Backend for Apiserver {
         let mut cmd = Command::new(&self.bin);
         cmd.arg("--etcd-config")
             .arg(&self.etcd_config)
-            .arg("--manifests")
-            .arg(manifests)
+            .args(source)
             .arg("--health-addr")
             .arg(&health)
             .arg("--metrics-addr")

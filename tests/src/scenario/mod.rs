@@ -16,13 +16,14 @@ pub mod k8s;
 pub mod listing;
 pub mod runner;
 pub mod script;
+pub mod source;
 pub mod txtar;
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 
-pub use runner::{run, Backend, Options};
+pub use runner::{run, run_with, Backend, Options};
 
 /// A parsed scenario file.
 #[derive(Debug, Clone)]

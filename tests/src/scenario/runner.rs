@@ -9,6 +9,7 @@ use anyhow::{anyhow, bail, Context as _};
 
 use super::flags::{self, Flag};
 use super::script::{self, Command};
+use super::source::{ManifestDir, Source};
 use super::{health, k8s, listing, Scenario};
 
 /// What the runner drives: the system under test.
@@ -18,12 +19,12 @@ use super::{health, k8s, listing, Scenario};
 #[allow(async_fn_in_trait)]
 pub trait Backend {
     /// `hive/start`: start the apiserver with the scenario's `#!` flags, the script
-    /// environment and the manifests directory it must watch.
+    /// environment and the flags that point it at its source (see [`Source::flags`]).
     async fn start(
         &mut self,
         flags: &[String],
         env: &BTreeMap<String, String>,
-        manifests: &Path,
+        source: &[String],
     ) -> anyhow::Result<()>;
     /// `hive/stop`: stop the apiserver (graceful, then forced).
     async fn stop(&mut self) -> anyhow::Result<()>;
@@ -110,10 +111,20 @@ pub async fn run<B: Backend>(
     root: &Path,
     options: &Options,
 ) -> anyhow::Result<()> {
+    let mut source = ManifestDir::new(&root.join("manifests"))?;
+    run_with(scenario, backend, &mut source, root, options).await
+}
+
+/// [`run`] with the Kubernetes objects going to `source` instead of a manifest directory.
+pub async fn run_with<B: Backend>(
+    scenario: &Scenario,
+    backend: &mut B,
+    source: &mut dyn Source,
+    root: &Path,
+    options: &Options,
+) -> anyhow::Result<()> {
     let work = root.join("work");
-    let manifests = root.join("manifests");
     std::fs::create_dir_all(&work)?;
-    std::fs::create_dir_all(&manifests)?;
     for file in &scenario.files {
         let path = work.join(&file.name);
         if let Some(parent) = path.parent() {
@@ -125,7 +136,7 @@ pub async fn run<B: Backend>(
         name: &scenario.name,
         vars: BTreeMap::from([("WORK".to_owned(), work.display().to_string())]),
         work,
-        manifests,
+        source,
         flags: &scenario.flags,
         backend,
         verbose: options.verbose,
@@ -155,7 +166,7 @@ struct State<'a, B> {
     name: &'a str,
     vars: BTreeMap<String, String>,
     work: PathBuf,
-    manifests: PathBuf,
+    source: &'a mut dyn Source,
     flags: &'a [String],
     backend: &'a mut B,
     verbose: bool,
@@ -248,9 +259,8 @@ impl<B: Backend> State<'_, B> {
                 if self.backend.running() {
                     bail!("hive/start: apiserver already running");
                 }
-                self.backend
-                    .start(self.flags, &self.vars, &self.manifests)
-                    .await
+                let source = self.source.flags();
+                self.backend.start(self.flags, &self.vars, &source).await
             }
             "hive/stop" => {
                 if !self.backend.running() {
@@ -267,9 +277,9 @@ impl<B: Backend> State<'_, B> {
                         .with_context(|| format!("{name} {file}"))?;
                     for object in &objects {
                         if name == "k8s/delete" {
-                            k8s::delete(&self.manifests, object)
+                            self.source.delete(object)
                         } else {
-                            k8s::write(&self.manifests, object)
+                            self.source.write(object)
                         }
                         .with_context(|| format!("{name} {file}"))?;
                     }
@@ -423,7 +433,7 @@ mod tests {
     struct Fake {
         running: bool,
         started_with: Vec<String>,
-        manifests: Option<PathBuf>,
+        source: Vec<String>,
         lists: Arc<Mutex<u32>>,
         /// After the n-th `list` call (1-based), the store becomes `later`.
         switch_after: u32,
@@ -444,12 +454,12 @@ mod tests {
             &mut self,
             flags: &[String],
             env: &BTreeMap<String, String>,
-            manifests: &Path,
+            source: &[String],
         ) -> anyhow::Result<()> {
             self.running = true;
             self.env = env.clone();
             self.started_with = flags.to_vec();
-            self.manifests = Some(manifests.to_owned());
+            self.source = source.to_vec();
             Ok(())
         }
         async fn stop(&mut self) -> anyhow::Result<()> {

@@ -1,0 +1,620 @@
+//! The Kubernetes API source: one kube-rs `watcher` + `reflector` per resource of
+//! [`resources::RESOURCES`], publishing the same [`Published`] snapshots the manifest source
+//! does, so the exporter cannot tell them apart.
+//!
+//! What it promises, and why:
+//! - **Never a half-listed cluster.** The first snapshot is published only after every
+//!   watched resource's first `InitDone` (a forbidden resource does not hold it back: it
+//!   contributes nothing, and `/status` names the rule to add). A remote cluster deletes what
+//!   it does not see, so exporting before that would withdraw live endpoints.
+//! - **Keep serving on outage.** When the Kubernetes API is unreachable, the reflector stores
+//!   keep their objects, nothing is republished, the exported keys and their leases stay;
+//!   `/readyz` turns false and `/status` / `cilium_clustermesh_apiserver_kubernetes_connected`
+//!   say so. After reconnecting, kube-rs relists and the reflector swaps the new list in
+//!   atomically; the export's diff writes only what changed.
+//! - **410 Gone → relist**, done by kube-rs' watcher; unchanged objects produce no etcd
+//!   write because the exporter diffs against what etcd holds.
+//! - **Bad objects are skipped, not fatal.** Objects are decoded by kube-rs as
+//!   `DynamicObject` and then into the exporter's own types; one that does not fit (a wrong
+//!   type in a field, a foreign kind in a list) is kept out of the snapshot and counted per
+//!   resource. (Decoding straight into k8s-openapi types would fail the whole list instead.)
+//! - **CRDs are detected**, as Cilium does, from a metadata-only list/watch of
+//!   CustomResourceDefinitions: a CRD that appears later gets its watch without a restart; a
+//!   CRD that goes away stops its watch and its objects leave the snapshot.
+//!
+//! It must not write to the Kubernetes API, and it does not export: it only fills snapshots.
+
+/// Where the client comes from (kubeconfig + context, or in-cluster).
+pub use clustermesh_k8s::client::ClientConfig;
+/// The watched resources and the RBAC rules, shared with the deploy objects.
+pub use clustermesh_k8s::resources;
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DynamicObject};
+use kube::core::{ApiResource, PartialObjectMeta};
+use kube::runtime::reflector::{self, store::Writer, Lookup, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use super::manifests::Published;
+use super::{Object, Snapshot};
+use crate::health::Status;
+use resources::{Resource, CRDS, RESOURCES};
+
+/// Settings of the source.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Watch ServiceExports.
+    pub enable_mcs_api: bool,
+    /// How long to let a burst of changes gather before publishing a snapshot.
+    pub coalesce: Duration,
+    /// Longest pause between retries of a failing watch (jittered exponential from 200 ms).
+    pub max_backoff: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            enable_mcs_api: false,
+            coalesce: Duration::from_millis(5),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What `/status` says about the source (`kubernetes` in the report).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub struct Health {
+    /// Every watched resource has listed once (the first export may happen).
+    pub synced: bool,
+    /// The API server answers (false during an outage; the last export is kept).
+    pub connected: bool,
+    /// The last connection error, while not connected.
+    pub last_error: Option<String>,
+    /// Resources being watched (`plural.group`).
+    pub watching: Vec<String>,
+    /// Resources still waiting for their first list.
+    pub waiting_for: Vec<String>,
+    /// Forbidden resources, each with the ClusterRole rule to add.
+    pub forbidden: Vec<String>,
+    /// Objects skipped because they could not be decoded, per resource.
+    pub undecodable: BTreeMap<String, usize>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResourceLabel {
+    resource: String,
+}
+
+/// The source's metrics (registered under `cilium_clustermesh_apiserver_kubernetes_`).
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    connected: Gauge,
+    undecodable: Family<ResourceLabel, Gauge>,
+    errors: Family<ResourceLabel, Counter>,
+    relists: Family<ResourceLabel, Counter>,
+    forbidden: Family<ResourceLabel, Gauge>,
+}
+
+impl Metrics {
+    /// Registers the metrics.
+    pub fn register(&self, registry: &mut Registry) {
+        let sub = registry.sub_registry_with_prefix("kubernetes");
+        sub.register(
+            "connected",
+            "1 while the Kubernetes API server answers, 0 during an outage (the last export is kept)",
+            self.connected.clone(),
+        );
+        sub.register(
+            "undecodable_objects",
+            "Objects skipped because they could not be decoded",
+            self.undecodable.clone(),
+        );
+        sub.register(
+            "watch_errors",
+            "Errors of list/watch requests",
+            self.errors.clone(),
+        );
+        sub.register(
+            "relists",
+            "Full lists (the first one, and after 410 Gone or reconnect)",
+            self.relists.clone(),
+        );
+        sub.register(
+            "forbidden",
+            "1 while a resource is forbidden to the apiserver (RBAC)",
+            self.forbidden.clone(),
+        );
+    }
+}
+
+/// A watched object as the reflector stores it: its identity, and the exporter's object
+/// decoded once (or why it could not be).
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    name: String,
+    namespace: Option<String>,
+    resource_version: Option<String>,
+    uid: Option<String>,
+    object: Result<Object, String>,
+}
+
+impl Lookup for Decoded {
+    type DynamicType = ApiResource;
+
+    fn kind(dt: &ApiResource) -> Cow<'_, str> {
+        Cow::Borrowed(&dt.kind)
+    }
+    fn group(dt: &ApiResource) -> Cow<'_, str> {
+        Cow::Borrowed(&dt.group)
+    }
+    fn version(dt: &ApiResource) -> Cow<'_, str> {
+        Cow::Borrowed(&dt.version)
+    }
+    fn plural(dt: &ApiResource) -> Cow<'_, str> {
+        Cow::Borrowed(&dt.plural)
+    }
+    fn name(&self) -> Option<Cow<'_, str>> {
+        Some(Cow::Borrowed(&self.name))
+    }
+    fn namespace(&self) -> Option<Cow<'_, str>> {
+        self.namespace.as_deref().map(Cow::Borrowed)
+    }
+    fn resource_version(&self) -> Option<Cow<'_, str>> {
+        self.resource_version.as_deref().map(Cow::Borrowed)
+    }
+    fn uid(&self) -> Option<Cow<'_, str>> {
+        self.uid.as_deref().map(Cow::Borrowed)
+    }
+}
+
+/// Decodes one object of `res` into the exporter's type.
+pub fn decode(obj: DynamicObject, res: &Resource) -> Decoded {
+    let object = (|| {
+        if let Some(t) = &obj.types {
+            if !t.kind.is_empty() && t.kind != res.kind {
+                return Err(format!(
+                    "a {} in the list of {}: skipped",
+                    t.kind,
+                    res.name()
+                ));
+            }
+        }
+        let mut data = obj.data;
+        let map = data
+            .as_object_mut()
+            .ok_or_else(|| "object is not a JSON object".to_string())?;
+        map.insert("kind".into(), res.kind.into());
+        map.insert("apiVersion".into(), res.api_version().into());
+        map.insert(
+            "metadata".into(),
+            serde_json::to_value(&obj.metadata).map_err(|e| e.to_string())?,
+        );
+        Object::from_value(data)
+    })();
+    Decoded {
+        name: obj.metadata.name.unwrap_or_default(),
+        namespace: obj.metadata.namespace,
+        resource_version: obj.metadata.resource_version,
+        uid: obj.metadata.uid,
+        object,
+    }
+}
+
+/// Jittered exponential backoff for failing watches (kube-rs' default caps at 30 s; an
+/// apiserver that was briefly unreachable should not wait that long to catch up).
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Iterator for Backoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        use rand::Rng;
+        let base = self.next;
+        self.next = (self.next * 2).min(self.max);
+        Some(base.mul_f64(rand::rng().random_range(0.5..1.0)))
+    }
+}
+
+impl kube::runtime::utils::Backoff for Backoff {
+    fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
+
+/// The state of one watched resource.
+struct Watched {
+    store: Store<Decoded>,
+    /// First InitDone seen.
+    ready: bool,
+    /// The last request failed for a reason other than 403/410 (connection, 5xx, ...).
+    failing: Option<String>,
+    /// The last request was forbidden; the message.
+    forbidden: Option<String>,
+    cancel: CancellationToken,
+}
+
+/// Shared between the resource tasks and the publishing loop.
+struct Shared {
+    watched: Mutex<BTreeMap<Resource, Watched>>,
+    changed: Notify,
+    metrics: Metrics,
+}
+
+impl Shared {
+    fn with<R>(&self, res: &Resource, f: impl FnOnce(&mut Watched) -> R) -> Option<R> {
+        let mut w = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        w.get_mut(res).map(f)
+    }
+
+    fn on_event(&self, res: &Resource, ev: &watcher::Event<Decoded>) {
+        let label = ResourceLabel {
+            resource: res.name(),
+        };
+        if matches!(ev, watcher::Event::Init) {
+            self.metrics.relists.get_or_create(&label).inc();
+        }
+        let recovered = self
+            .with(res, |w| {
+                let was = w.failing.take().is_some() || w.forbidden.take().is_some();
+                if matches!(ev, watcher::Event::InitDone) {
+                    w.ready = true;
+                }
+                was
+            })
+            .unwrap_or(false);
+        if recovered {
+            info!(resource = %res.name(), "watch works again");
+        }
+        self.metrics.forbidden.get_or_create(&label).set(0);
+        self.changed.notify_one();
+    }
+
+    fn on_error(&self, res: &Resource, err: &watcher::Error) {
+        let label = ResourceLabel {
+            resource: res.name(),
+        };
+        self.metrics.errors.get_or_create(&label).inc();
+        let status = match err {
+            watcher::Error::InitialListFailed(kube::Error::Api(s))
+            | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+            | watcher::Error::WatchFailed(kube::Error::Api(s)) => Some((s.code, s.message.clone())),
+            watcher::Error::WatchError(s) => Some((s.code, s.message.clone())),
+            _ => None,
+        };
+        match status {
+            Some((410, _)) => {
+                debug!(resource = %res.name(), "resourceVersion expired (410 Gone); relisting");
+            }
+            Some((403, message)) => {
+                let first = self
+                    .with(res, |w| w.forbidden.replace(message.clone()).is_none())
+                    .unwrap_or(false);
+                if first {
+                    warn!(
+                        resource = %res.name(),
+                        %message,
+                        rule = %res.rule(),
+                        "forbidden: add this rule to the clustermesh-apiserver's ClusterRole; the rest is exported without it"
+                    );
+                }
+                self.metrics.forbidden.get_or_create(&label).set(1);
+            }
+            Some((404, _)) if res.crd => {
+                // The CRD went away; the CRD watch stops this one.
+                debug!(resource = %res.name(), "resource not found (CRD removed?)");
+            }
+            _ => {
+                let text = err.to_string();
+                let first = self
+                    .with(res, |w| w.failing.replace(text.clone()).is_none())
+                    .unwrap_or(false);
+                if first {
+                    warn!(resource = %res.name(), error = %text, "kubernetes API unreachable or failing; keeping the last export");
+                }
+            }
+        }
+        self.changed.notify_one();
+    }
+}
+
+/// Watches one resource until `cancel`, feeding its reflector store.
+async fn watch_resource(
+    client: kube::Client,
+    res: Resource,
+    writer: Writer<Decoded>,
+    shared: Arc<Shared>,
+    max_backoff: Duration,
+    cancel: CancellationToken,
+) {
+    let ar = res.api_resource();
+    let api: Api<DynamicObject> = Api::all_with(client, &ar);
+    let backoff = Backoff {
+        min: Duration::from_millis(200),
+        max: max_backoff,
+        next: Duration::from_millis(200),
+    };
+    let stream = watcher(api, watcher::Config::default())
+        .backoff(backoff)
+        .map_ok(move |ev| match ev {
+            watcher::Event::Apply(o) => watcher::Event::Apply(decode(o, &res)),
+            watcher::Event::Delete(o) => watcher::Event::Delete(decode(o, &res)),
+            watcher::Event::InitApply(o) => watcher::Event::InitApply(decode(o, &res)),
+            watcher::Event::Init => watcher::Event::Init,
+            watcher::Event::InitDone => watcher::Event::InitDone,
+        });
+    let stream = reflector::reflector(writer, stream);
+    futures::pin_mut!(stream);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            item = stream.next() => match item {
+                None => return,
+                Some(Ok(ev)) => shared.on_event(&res, &ev),
+                Some(Err(e)) => shared.on_error(&res, &e),
+            },
+        }
+    }
+}
+
+/// Runs the source until `cancel`, publishing snapshots on `tx` (generation 1 = the first
+/// complete list of every resource).
+pub async fn run(
+    client: kube::Client,
+    opts: Options,
+    tx: watch::Sender<Published>,
+    status: Arc<Status>,
+    metrics: Metrics,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let shared = Arc::new(Shared {
+        watched: Mutex::new(BTreeMap::new()),
+        changed: Notify::new(),
+        metrics,
+    });
+    let mut tasks = JoinSet::new();
+    let start = |res: Resource, tasks: &mut JoinSet<()>| {
+        let writer = Writer::new(res.api_resource());
+        let token = cancel.child_token();
+        shared
+            .watched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                res,
+                Watched {
+                    store: writer.as_reader(),
+                    ready: false,
+                    failing: None,
+                    forbidden: None,
+                    cancel: token.clone(),
+                },
+            );
+        tasks.spawn(
+            watch_resource(
+                client.clone(),
+                res,
+                writer,
+                shared.clone(),
+                opts.max_backoff,
+                token,
+            )
+            .instrument(info_span!("watch", resource = %res.name())),
+        );
+    };
+    // CRDs, metadata only (as Cilium lists them).
+    let crd_api: Api<PartialObjectMeta<CustomResourceDefinition>> = Api::all(client.clone());
+    let crd_writer = Writer::new(());
+    let crd_store = crd_writer.as_reader();
+    {
+        let shared = shared.clone();
+        let token = cancel.child_token();
+        let backoff = Backoff {
+            min: Duration::from_millis(200),
+            max: opts.max_backoff,
+            next: Duration::from_millis(200),
+        };
+        let stream = reflector::reflector(
+            crd_writer,
+            watcher(crd_api, watcher::Config::default()).backoff(backoff),
+        );
+        // The CRD watch reports through the same bookkeeping as a resource.
+        shared
+            .watched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                CRDS,
+                Watched {
+                    store: Writer::new(CRDS.api_resource()).as_reader(),
+                    ready: false,
+                    failing: None,
+                    forbidden: None,
+                    cancel: token.clone(),
+                },
+            );
+        tasks.spawn(
+            async move {
+                futures::pin_mut!(stream);
+                loop {
+                    tokio::select! {
+                        _ = token.cancelled() => return,
+                        item = stream.next() => match item {
+                            None => return,
+                            Some(Ok(ev)) => {
+                                let done = matches!(ev, watcher::Event::InitDone);
+                                shared.with(&CRDS, |w| {
+                                    w.failing = None;
+                                    w.forbidden = None;
+                                    w.ready |= done;
+                                });
+                                shared.changed.notify_one();
+                            }
+                            Some(Err(e)) => shared.on_error(&CRDS, &e),
+                        },
+                    }
+                }
+            }
+            .instrument(info_span!("watch", resource = "customresourcedefinitions")),
+        );
+    }
+    for res in RESOURCES
+        .iter()
+        .filter(|r| !r.crd && r.enabled(opts.enable_mcs_api))
+    {
+        start(*res, &mut tasks);
+    }
+
+    let mut generation = 0u64;
+    let mut last_health = Health::default();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = shared.changed.notified() => {}
+            Some(joined) = tasks.join_next() => {
+                if let Err(e) = joined {
+                    anyhow::bail!("kubernetes watch task failed: {e}");
+                }
+                continue;
+            }
+        }
+        // Let a burst of events settle into one snapshot.
+        tokio::time::sleep(opts.coalesce).await;
+
+        // CRDs: start watches for new ones, stop those whose CRD is gone.
+        let crds_known = shared.with(&CRDS, |w| w.ready).unwrap_or(false);
+        let crds_forbidden = shared
+            .with(&CRDS, |w| w.forbidden.is_some())
+            .unwrap_or(false);
+        if crds_known {
+            let present: BTreeSet<String> = crd_store
+                .state()
+                .iter()
+                .filter_map(|m| m.metadata.name.clone())
+                .collect();
+            for res in RESOURCES
+                .iter()
+                .filter(|r| r.crd && r.enabled(opts.enable_mcs_api))
+            {
+                let watching = shared.with(res, |_| ()).is_some();
+                let exists = present.contains(&res.crd_name());
+                if exists && !watching {
+                    info!(resource = %res.name(), "CRD present; watching it");
+                    start(*res, &mut tasks);
+                } else if !exists && watching {
+                    info!(resource = %res.name(), "CRD removed; stopping its watch and withdrawing its objects");
+                    if let Some(w) = shared
+                        .watched
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(res)
+                    {
+                        w.cancel.cancel();
+                    }
+                }
+            }
+        }
+
+        let (health, snapshot) = {
+            let watched = shared.watched.lock().unwrap_or_else(|e| e.into_inner());
+            let mut health = Health {
+                connected: watched.values().all(|w| w.failing.is_none()),
+                last_error: watched.values().find_map(|w| w.failing.clone()),
+                ..Default::default()
+            };
+            for (res, w) in watched.iter() {
+                health.watching.push(res.name());
+                if let Some(message) = &w.forbidden {
+                    health.forbidden.push(format!(
+                        "{} ({message}): add {}",
+                        res.name(),
+                        res.rule()
+                    ));
+                }
+                // A forbidden resource never lists; it must not hold the export back.
+                if !w.ready && w.forbidden.is_none() {
+                    health.waiting_for.push(res.name());
+                }
+            }
+            if !crds_known && !crds_forbidden {
+                health.waiting_for.push(CRDS.name());
+            }
+            health.synced = health.waiting_for.is_empty();
+            let mut snap = Snapshot::default();
+            if health.synced {
+                for (res, w) in watched.iter().filter(|(r, w)| **r != CRDS && w.ready) {
+                    let mut bad = 0;
+                    for obj in w.store.state() {
+                        match &obj.object {
+                            Ok(o) => snap.insert(o.clone()),
+                            Err(_) => bad += 1,
+                        }
+                    }
+                    if bad > 0 {
+                        health.undecodable.insert(res.name(), bad);
+                    }
+                    shared
+                        .metrics
+                        .undecodable
+                        .get_or_create(&ResourceLabel {
+                            resource: res.name(),
+                        })
+                        .set(bad as i64);
+                }
+            }
+            (health, snap)
+        };
+        shared.metrics.connected.set(i64::from(health.connected));
+        // Readiness: held while the API server is unreachable (the export stays as it was).
+        status.set_source_available(health.connected);
+        if health != last_health {
+            for (res, n) in &health.undecodable {
+                if last_health.undecodable.get(res) != Some(n) {
+                    warn!(resource = %res, skipped = n, "objects that cannot be decoded are skipped (see /status)");
+                }
+            }
+            if health.connected && !last_health.connected && generation > 0 {
+                info!("kubernetes API reachable again");
+            }
+            let h = health.clone();
+            status.update(|r| r.kubernetes = Some(h));
+            last_health = health.clone();
+        }
+        if !health.synced || (!health.connected && generation > 0) {
+            // Not everything listed yet, or an outage: keep the last snapshot.
+            continue;
+        }
+        generation += 1;
+        if generation == 1 {
+            info!(
+                objects = snapshot.len(),
+                resources = health.watching.len(),
+                "every resource listed; first export"
+            );
+        }
+        tx.send_replace(Published {
+            snapshot: Arc::new(snapshot),
+            errors: Arc::new(Vec::new()),
+            generation,
+        });
+    }
+}
