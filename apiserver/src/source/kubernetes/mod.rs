@@ -219,16 +219,44 @@ pub fn decode(obj: DynamicObject, res: &Resource) -> Decoded {
 
 /// Jittered exponential backoff for failing watches (kube-rs' default caps at 30 s; an
 /// apiserver that was briefly unreachable should not wait that long to catch up).
+///
+/// kube-rs' `StreamBackoff` calls `reset` on every `Ok` item, and its watcher yields
+/// `Event::Init` before every list attempt, so a list that keeps failing (403, refused
+/// connection) would be retried at the minimum delay forever. This backoff therefore ignores
+/// `reset` and starts over only after a real success (`succeeded`, set by the caller).
 struct Backoff {
     min: Duration,
     max: Duration,
     next: Duration,
+    succeeded: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Backoff {
+    fn new(max: Duration) -> (Self, Arc<std::sync::atomic::AtomicBool>) {
+        let succeeded = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let min = Duration::from_millis(200);
+        (
+            Self {
+                min,
+                max,
+                next: min,
+                succeeded: succeeded.clone(),
+            },
+            succeeded,
+        )
+    }
 }
 
 impl Iterator for Backoff {
     type Item = Duration;
     fn next(&mut self) -> Option<Duration> {
         use rand::Rng;
+        if self
+            .succeeded
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            self.next = self.min;
+        }
         let base = self.next;
         self.next = (self.next * 2).min(self.max);
         Some(base.mul_f64(rand::rng().random_range(0.5..1.0)))
@@ -236,9 +264,13 @@ impl Iterator for Backoff {
 }
 
 impl kube::runtime::utils::Backoff for Backoff {
-    fn reset(&mut self) {
-        self.next = self.min;
-    }
+    fn reset(&mut self) {}
+}
+
+/// Whether a watcher event shows the API server answering (an `Init` does not: the watcher
+/// yields it before each list attempt, failing or not).
+fn is_success<K>(ev: &watcher::Event<K>) -> bool {
+    !matches!(ev, watcher::Event::Init)
 }
 
 /// The state of one watched resource.
@@ -273,6 +305,9 @@ impl Shared {
         if matches!(ev, watcher::Event::Init) {
             self.metrics.relists.get_or_create(&label).inc();
         }
+        if !is_success(ev) {
+            return;
+        }
         let recovered = self
             .with(res, |w| {
                 let was = w.failing.take().is_some() || w.forbidden.take().is_some();
@@ -284,8 +319,8 @@ impl Shared {
             .unwrap_or(false);
         if recovered {
             info!(resource = %res.name(), "watch works again");
+            self.metrics.forbidden.get_or_create(&label).set(0);
         }
-        self.metrics.forbidden.get_or_create(&label).set(0);
         self.changed.notify_one();
     }
 
@@ -337,6 +372,16 @@ impl Shared {
     }
 }
 
+/// A hash of an object's identity and version.
+fn object_hash(obj: &Decoded) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    obj.namespace.hash(&mut h);
+    obj.name.hash(&mut h);
+    obj.resource_version.hash(&mut h);
+    h.finish()
+}
+
 /// Watches one resource until `cancel`, feeding its reflector store.
 async fn watch_resource(
     client: kube::Client,
@@ -348,11 +393,7 @@ async fn watch_resource(
 ) {
     let ar = res.api_resource();
     let api: Api<DynamicObject> = Api::all_with(client, &ar);
-    let backoff = Backoff {
-        min: Duration::from_millis(200),
-        max: max_backoff,
-        next: Duration::from_millis(200),
-    };
+    let (backoff, succeeded) = Backoff::new(max_backoff);
     let stream = watcher(api, watcher::Config::default())
         .backoff(backoff)
         .map_ok(move |ev| match ev {
@@ -369,7 +410,12 @@ async fn watch_resource(
             _ = cancel.cancelled() => return,
             item = stream.next() => match item {
                 None => return,
-                Some(Ok(ev)) => shared.on_event(&res, &ev),
+                Some(Ok(ev)) => {
+                    if is_success(&ev) {
+                        succeeded.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    shared.on_event(&res, &ev);
+                }
                 Some(Err(e)) => shared.on_error(&res, &e),
             },
         }
@@ -428,11 +474,7 @@ pub async fn run(
     {
         let shared = shared.clone();
         let token = cancel.child_token();
-        let backoff = Backoff {
-            min: Duration::from_millis(200),
-            max: opts.max_backoff,
-            next: Duration::from_millis(200),
-        };
+        let (backoff, succeeded) = Backoff::new(opts.max_backoff);
         let stream = reflector::reflector(
             crd_writer,
             watcher(crd_api, watcher::Config::default()).backoff(backoff),
@@ -461,6 +503,10 @@ pub async fn run(
                         item = stream.next() => match item {
                             None => return,
                             Some(Ok(ev)) => {
+                                if !is_success(&ev) {
+                                    continue;
+                                }
+                                succeeded.store(true, std::sync::atomic::Ordering::SeqCst);
                                 let done = matches!(ev, watcher::Event::InitDone);
                                 shared.with(&CRDS, |w| {
                                     w.failing = None;
@@ -486,10 +532,33 @@ pub async fn run(
 
     let mut generation = 0u64;
     let mut last_health = Health::default();
+    let mut last_fingerprint: BTreeMap<Resource, u64> = BTreeMap::new();
+    // While a watch fails, the API server is probed: a watch that resumes from its
+    // resourceVersion yields no event until something changes, so its recovery would go
+    // unnoticed (kube-rs does not pass bookmarks on).
+    let mut probe = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
             _ = shared.changed.notified() => {}
+            _ = probe.tick() => {
+                let failing = {
+                    let w = shared.watched.lock().unwrap_or_else(|e| e.into_inner());
+                    w.values().any(|w| w.failing.is_some())
+                };
+                if !failing {
+                    continue;
+                }
+                match tokio::time::timeout(Duration::from_secs(2), client.apiserver_version()).await {
+                    Ok(Ok(_)) => {
+                        let mut w = shared.watched.lock().unwrap_or_else(|e| e.into_inner());
+                        for w in w.values_mut() {
+                            w.failing = None;
+                        }
+                    }
+                    _ => continue,
+                }
+            }
             Some(joined) = tasks.join_next() => {
                 if let Err(e) = joined {
                     anyhow::bail!("kubernetes watch task failed: {e}");
@@ -559,16 +628,23 @@ pub async fn run(
                 health.waiting_for.push(CRDS.name());
             }
             health.synced = health.waiting_for.is_empty();
-            let mut snap = Snapshot::default();
-            if health.synced {
+            let mut snap = None;
+            // During an outage the last snapshot stays (nothing is built or published).
+            if health.synced && (health.connected || generation == 0) {
+                // What each resource holds now, as a fingerprint of (namespace, name,
+                // resourceVersion): a relist after 410 or an outage that brings back the
+                // same objects changes nothing, and costs no export pass.
+                let mut states = Vec::new();
+                let mut fingerprint = BTreeMap::new();
                 for (res, w) in watched.iter().filter(|(r, w)| **r != CRDS && w.ready) {
+                    let items = w.store.state();
+                    let mut fp = 0u64;
                     let mut bad = 0;
-                    for obj in w.store.state() {
-                        match &obj.object {
-                            Ok(o) => snap.insert(o.clone()),
-                            Err(_) => bad += 1,
-                        }
+                    for obj in &items {
+                        fp = fp.wrapping_add(object_hash(obj));
+                        bad += usize::from(obj.object.is_err());
                     }
+                    fingerprint.insert(*res, fp);
                     if bad > 0 {
                         health.undecodable.insert(res.name(), bad);
                     }
@@ -579,6 +655,17 @@ pub async fn run(
                             resource: res.name(),
                         })
                         .set(bad as i64);
+                    states.push(items);
+                }
+                if generation == 0 || fingerprint != last_fingerprint {
+                    let mut s = Snapshot::default();
+                    for obj in states.iter().flatten() {
+                        if let Ok(o) = &obj.object {
+                            s.insert(o.clone());
+                        }
+                    }
+                    snap = Some(s);
+                    last_fingerprint = fingerprint;
                 }
             }
             (health, snap)
@@ -599,10 +686,10 @@ pub async fn run(
             status.update(|r| r.kubernetes = Some(h));
             last_health = health.clone();
         }
-        if !health.synced || (!health.connected && generation > 0) {
-            // Not everything listed yet, or an outage: keep the last snapshot.
+        let Some(snapshot) = snapshot else {
+            // Not everything listed yet, an outage, or nothing changed.
             continue;
-        }
+        };
         generation += 1;
         if generation == 1 {
             info!(
