@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Benchmarks, release build. Each prints its figure beside a baseline measured in the same run.
 #   ./scripts/bench.sh            all
-#   ./scripts/bench.sh export     one (export, remote, datapath-throughput)
+#   ./scripts/bench.sh export     one (export, export-kubernetes, remote, datapath-throughput)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 cargo build --release --workspace --bins
-for b in ${1:-export remote maps datapath-throughput policy lb}; do
-  if [ -x "target/release/bench-$b" ]; then
+for b in ${1:-export export-kubernetes remote maps datapath-throughput policy lb}; do
+  if [ "$b" = export-kubernetes ]; then
+    echo "=== bench-export --source kubernetes"
+    target/release/bench-export --source kubernetes
+  elif [ -x "target/release/bench-$b" ]; then
     echo "=== bench-$b"
     "target/release/bench-$b"
   else

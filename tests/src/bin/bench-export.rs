@@ -7,6 +7,11 @@
 //! after the other; the target is export >= 0.7x its rate) and, stricter, a tuned pipeline
 //! (transactions of 128 puts, 8 in flight — the fastest raw method measured in TOOLCHAIN.md,
 //! and how the apiserver itself writes). Run with `./scripts/bench.sh export` (release build).
+//!
+//! `--source kubernetes` (issue 13): the same cluster served by the test Kubernetes API
+//! server to `--source kubernetes`, start → synced canaries beside the manifest source (target
+//! ≤ 1.5×) and the plain etcd loop, and watch event → etcd key latency at 200 events/s
+//! (target p99 ≤ 50 ms) beside etcd's own put → watch latency.
 
 use std::time::{Duration, Instant};
 
@@ -132,8 +137,288 @@ fn in_process(
     ))
 }
 
+/// Starts the apiserver with `args` against `etcd` and waits for all seven synced canaries
+/// (with a watch, not by polling); returns the time from process start.
+async fn time_to_canaries(
+    etcd: &TestEtcd,
+    args: &[&str],
+    log: &std::path::Path,
+) -> anyhow::Result<(Duration, TestApiserver)> {
+    let mut client = etcd.client("root").await?;
+    let mut watch = client
+        .watch("", Some(WatchOptions::new().with_all_keys()))
+        .await?;
+    let t = Instant::now();
+    let api = TestApiserver::start(args, log)?;
+    let mut canaries = std::collections::BTreeSet::new();
+    while canaries.len() < 7 {
+        let resp = match tokio::time::timeout(Duration::from_secs(120), watch.message()).await {
+            Ok(r) => r?,
+            Err(_) => anyhow::bail!("no synced canaries after 120 s:\n{}", api.log_tail(20)),
+        };
+        let Some(resp) = resp else {
+            anyhow::bail!("watch ended before every synced canary was written");
+        };
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            let key = kv.key_str().unwrap_or_default();
+            if key.starts_with("cilium/synced/c1/") || key.starts_with("clustermesh/local/synced/")
+            {
+                canaries.insert(key.to_string());
+            }
+        }
+    }
+    Ok((t.elapsed(), api))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// `bench-export --source kubernetes` (issue 13): the same cluster through the manifest
+/// source and through the Kubernetes source (the test API server, real kube-rs client), each
+/// on a fresh etcd, start → all synced canaries; the plain etcd loop beside them; then watch
+/// event → etcd key latency at 200 events/s, beside etcd's own put → watch latency at the
+/// same rate.
+async fn kubernetes_mode() -> anyhow::Result<()> {
+    use clustermesh_tests::kubeapi::KubeApi;
+    let dir = tempfile::tempdir()?;
+    let yaml = fixtures::cluster(Shape {
+        cluster_id: 1,
+        nodes: NODES,
+        pods: PODS,
+        services: SERVICES,
+    });
+    println!(
+        "clustermesh export benchmark, Kubernetes source: {PODS} pods, {SERVICES} services, {NODES} nodes; etcd 3.4 over mTLS on /dev/shm"
+    );
+    std::fs::read(clustermesh_tests::process::find_binary(
+        "clustermesh-apiserver",
+    )?)?;
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir_all(&manifests)?;
+    let docs: Vec<&str> = yaml.split("\n---\n").collect();
+    for (i, chunk) in docs.chunks(1000).enumerate() {
+        std::fs::write(
+            manifests.join(format!("part{i:03}.yaml")),
+            chunk.join("\n---\n"),
+        )?;
+    }
+    let kube = KubeApi::start().await?;
+    kube.add_all_crds()?;
+    kube.apply_yaml(&yaml)?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    kube.write_kubeconfig(&kubeconfig, "bench")?;
+
+    let mut manifest_runs = Vec::new();
+    let mut kube_runs = Vec::new();
+    let mut kube_api = None;
+    let mut kube_etcd = None;
+    for round in 0..3 {
+        let etcd = TestEtcd::start()?;
+        let cfg = dir.path().join(format!("etcd-m{round}.yaml"));
+        etcd.write_client_config("admin-c1", &cfg)?;
+        let (took, mut api) = time_to_canaries(
+            &etcd,
+            &[
+                "--cluster-name",
+                "c1",
+                "--cluster-id",
+                "1",
+                "--etcd-config",
+                cfg.to_str().unwrap_or_default(),
+                "--manifests",
+                manifests.to_str().unwrap_or_default(),
+            ],
+            &dir.path().join(format!("api-m{round}.log")),
+        )
+        .await?;
+        api.stop()?;
+        manifest_runs.push(took);
+
+        let etcd = TestEtcd::start()?;
+        let cfg = dir.path().join(format!("etcd-k{round}.yaml"));
+        etcd.write_client_config("admin-c1", &cfg)?;
+        let (took, mut api) = time_to_canaries(
+            &etcd,
+            &[
+                "--cluster-name",
+                "c1",
+                "--cluster-id",
+                "1",
+                "--etcd-config",
+                cfg.to_str().unwrap_or_default(),
+                "--source",
+                "kubernetes",
+                "--kubeconfig",
+                kubeconfig.to_str().unwrap_or_default(),
+            ],
+            &dir.path().join(format!("api-k{round}.log")),
+        )
+        .await?;
+        kube_runs.push(took);
+        if round == 2 {
+            kube_api = Some(api);
+            kube_etcd = Some(etcd);
+        } else {
+            api.stop()?;
+        }
+    }
+    manifest_runs.sort();
+    kube_runs.sort();
+    let (m, k) = (manifest_runs[1], kube_runs[1]);
+    let etcd = kube_etcd.ok_or_else(|| anyhow::anyhow!("no etcd"))?;
+    let plain = plain_loop_rate(&etcd, "bench/plain/", 2000, 300).await?;
+
+    // Watch event → etcd key, 200 events/s: each event is a new pod with a new IP.
+    let mut client = etcd.client("root").await?;
+    let mut watch = client
+        .watch(
+            "cilium/state/ip/v1/default/10.1.2",
+            Some(WatchOptions::new().with_prefix()),
+        )
+        .await?;
+    let events = 1000usize;
+    let sent: std::sync::Arc<std::sync::Mutex<Vec<Option<Instant>>>> =
+        std::sync::Arc::new(std::sync::Mutex::new(vec![None; events]));
+    let ip = |i: usize| format!("10.1.2{:02}.{}", i / 250, i % 250 + 1);
+    let producer = {
+        let sent = sent.clone();
+        let kube = &kube;
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(5));
+            for i in 0..events {
+                tick.tick().await;
+                let pod = serde_json::json!({
+                    "apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": format!("lat{i}"), "namespace": "default", "labels": {"app": "app1"}},
+                    "spec": {"nodeName": "node1"},
+                    "status": {"phase": "Running", "podIP": ip(i), "hostIP": "198.18.1.1"}
+                });
+                if let Ok(mut s) = sent.lock() {
+                    s[i] = Some(Instant::now());
+                }
+                kube.apply(pod)?;
+            }
+            anyhow::Ok(())
+        }
+    };
+    let consumer = async {
+        let mut lat = Vec::with_capacity(events);
+        let index: std::collections::HashMap<String, usize> = (0..events)
+            .map(|i| (format!("cilium/state/ip/v1/default/{}", ip(i)), i))
+            .collect();
+        while lat.len() < events {
+            let resp = match tokio::time::timeout(Duration::from_secs(30), watch.message()).await {
+                Ok(r) => r?,
+                Err(_) => anyhow::bail!("only {} of {events} keys arrived", lat.len()),
+            };
+            let Some(resp) = resp else {
+                anyhow::bail!("watch ended")
+            };
+            let now = Instant::now();
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                if ev.event_type() != etcd_client::EventType::Put {
+                    continue;
+                }
+                if let Some(&i) = index.get(kv.key_str().unwrap_or_default()) {
+                    if let Some(t) = sent.lock().ok().and_then(|s| s[i]) {
+                        lat.push(now - t);
+                    }
+                }
+            }
+        }
+        anyhow::Ok(lat)
+    };
+    let (p, lat) = tokio::join!(producer, consumer);
+    p?;
+    let mut lat = lat?;
+    lat.sort();
+    if let Some(mut api) = kube_api {
+        api.stop()?;
+    }
+
+    // etcd's own put → watch latency at the same rate, for scale.
+    let mut raw_client = etcd.client("root").await?;
+    let mut raw_watch = raw_client
+        .watch("bench/lat/", Some(WatchOptions::new().with_prefix()))
+        .await?;
+    let mut raw_lat = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    for i in 0..events {
+        tick.tick().await;
+        let t = Instant::now();
+        raw_client.put(format!("bench/lat/{i}"), "x", None).await?;
+        raw_watch.message().await?;
+        raw_lat.push(t.elapsed());
+    }
+    raw_lat.sort();
+
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!();
+    println!("{:<58} {:>12}", "metric", "value");
+    println!(
+        "{:<58} {:>10.0}ms  (runs {:?})",
+        "manifest source: start → all synced canaries (median of 3)",
+        ms(m),
+        manifest_runs
+            .iter()
+            .map(|d| ms(*d).round())
+            .collect::<Vec<_>>()
+    );
+    println!(
+        "{:<58} {:>10.0}ms  (runs {:?})",
+        "kubernetes source: start → all synced canaries (median of 3)",
+        ms(k),
+        kube_runs.iter().map(|d| ms(*d).round()).collect::<Vec<_>>()
+    );
+    println!(
+        "{:<58} {:>10.0}/s",
+        "baseline: plain etcd-client loop (2000 puts)", plain
+    );
+    let ratio = k.as_secs_f64() / m.as_secs_f64();
+    println!(
+        "{:<58} {:>11.2}x  {}",
+        "kubernetes / manifest source (target <= 1.50)",
+        ratio,
+        if ratio <= 1.5 { "PASS" } else { "FAIL" }
+    );
+    println!(
+        "{:<58} {:>7.1}/{:.1}ms",
+        "watch event → etcd key at 200 events/s, p50/p99",
+        ms(percentile(&lat, 0.5)),
+        ms(percentile(&lat, 0.99))
+    );
+    println!(
+        "{:<58} {:>7.1}/{:.1}ms",
+        "baseline: etcd put → watch event at 200/s, p50/p99",
+        ms(percentile(&raw_lat, 0.5)),
+        ms(percentile(&raw_lat, 0.99))
+    );
+    let p99 = percentile(&lat, 0.99);
+    println!(
+        "{:<58} {:>10.1}ms  {}",
+        "watch event → etcd key p99 (target <= 50 ms)",
+        ms(p99),
+        if p99 <= Duration::from_millis(50) {
+            "PASS"
+        } else {
+            "FAIL"
+        }
+    );
+    Ok(())
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args
+        .windows(2)
+        .any(|w| w[0] == "--source" && w[1] == "kubernetes")
+    {
+        return kubernetes_mode().await;
+    }
     let etcd = TestEtcd::start()?;
     let dir = tempfile::tempdir()?;
     let manifests = dir.path().join("manifests");

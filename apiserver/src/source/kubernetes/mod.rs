@@ -657,8 +657,34 @@ pub async fn run(
                         .set(bad as i64);
                     states.push(items);
                 }
+                // Which CRDs exist is part of the snapshot, as with the manifest source.
+                let crds: Vec<Object> = crd_store
+                    .state()
+                    .iter()
+                    .filter_map(|m| {
+                        let meta = serde_json::to_value(&m.metadata).ok()?;
+                        Object::from_value(serde_json::json!({
+                            "kind": CRDS.kind,
+                            "apiVersion": CRDS.api_version(),
+                            "metadata": meta,
+                        }))
+                        .ok()
+                    })
+                    .collect();
+                let mut crd_fp = 0u64;
+                for m in crd_store.state() {
+                    use std::hash::{Hash, Hasher};
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    m.metadata.name.hash(&mut h);
+                    m.metadata.resource_version.hash(&mut h);
+                    crd_fp = crd_fp.wrapping_add(h.finish());
+                }
+                fingerprint.insert(CRDS, crd_fp);
                 if generation == 0 || fingerprint != last_fingerprint {
                     let mut s = Snapshot::default();
+                    for o in crds {
+                        s.insert(o);
+                    }
                     for obj in states.iter().flatten() {
                         if let Ok(o) = &obj.object {
                             s.insert(o.clone());
