@@ -212,6 +212,8 @@ pub(crate) struct State {
     next_page: u64,
     stats: Stats,
     uid: u64,
+    /// Whether objects without a uid get one (a real server always assigns one).
+    assign_uids: bool,
 }
 
 /// History kept for watch resumption; older changes are compacted away.
@@ -276,6 +278,7 @@ impl KubeApi {
                 next_page: 1,
                 stats: Stats::default(),
                 uid: 0,
+                assign_uids: true,
             }),
             changes,
             outage: watch::channel(None).0,
@@ -436,8 +439,11 @@ impl KubeApi {
         } else {
             st.uid += 1;
             let uid = format!("00000000-0000-4000-8000-{:012x}", st.uid);
+            let assign = st.assign_uids;
             let meta = obj["metadata"].as_object_mut().context("metadata")?;
-            meta.entry("uid").or_insert(json!(uid));
+            if assign {
+                meta.entry("uid").or_insert(json!(uid));
+            }
             meta.entry("creationTimestamp")
                 .or_insert(json!("2026-01-01T00:00:00Z"));
         }
@@ -541,6 +547,13 @@ impl KubeApi {
         Ok(())
     }
 
+    /// Whether objects created without a uid get one (default true, as on a real server).
+    /// The scenario runner turns it off so that both sources export exactly the objects a
+    /// scenario wrote (the exporter publishes a pod's uid).
+    pub fn set_assign_uids(&self, assign: bool) {
+        self.lock().assign_uids = assign;
+    }
+
     /// Forbids (or allows again) every verb on `resource` of `group` for the test user.
     pub fn set_forbidden(&self, group: &str, resource: &str, forbidden: bool) {
         let key = (group.to_string(), resource.to_string());
@@ -580,6 +593,16 @@ impl KubeApi {
     /// Request counters.
     pub fn stats(&self) -> Stats {
         self.lock().stats.clone()
+    }
+
+    /// An object, if it exists.
+    pub fn get(&self, kind_name: &str, namespace: &str, name: &str) -> Option<Value> {
+        let st = self.lock();
+        let ki = KINDS.iter().position(|k| k.kind == kind_name)?;
+        let ns = if KINDS[ki].namespaced { namespace } else { "" };
+        st.objects[ki]
+            .get(&(ns.to_string(), name.to_string()))
+            .map(|o| (**o).clone())
     }
 
     /// How many objects of `kind` exist.

@@ -84,10 +84,18 @@ impl Source for ManifestDir {
 
 /// The test Kubernetes API server with Cilium's CRDs installed (a Cilium cluster has them;
 /// the MCS API's ServiceExport CRD is added by the scenarios that use it).
+///
+/// A manifest directory may hold a custom resource whose CRD is missing (it is exported
+/// only while the CRD exists); a Kubernetes API refuses such an object. So a custom
+/// resource written while its CRD is missing waits here and is created when the CRD is
+/// added, and the custom resources a CRD removal deletes wait for it to come back: both
+/// sources then hold the same objects whenever the CRD exists.
 #[derive(Debug)]
 pub struct KubeApiSource {
     api: KubeApi,
     kubeconfig: PathBuf,
+    /// Custom resources written by the scenario, by (kind, namespace, name).
+    custom: std::collections::BTreeMap<(String, String, String), serde_json::Value>,
 }
 
 impl KubeApiSource {
@@ -106,13 +114,46 @@ impl KubeApiSource {
         std::fs::create_dir_all(dir)?;
         let kubeconfig = dir.join("kubeconfig");
         api.write_kubeconfig(&kubeconfig, "scenario")?;
-        Ok(Self { api, kubeconfig })
+        api.set_assign_uids(false);
+        Ok(Self {
+            api,
+            kubeconfig,
+            custom: Default::default(),
+        })
     }
 
     /// The server.
     pub fn api(&self) -> &KubeApi {
         &self.api
     }
+}
+
+impl KubeApiSource {
+    fn crd_exists(&self, kd: &crate::kubeapi::Kind) -> bool {
+        self.api
+            .get("CustomResourceDefinition", "", &kd.crd_name())
+            .is_some()
+    }
+}
+
+/// Kind, namespace (`default` for namespaced kinds without one, "" for cluster-scoped) and
+/// name of an object.
+fn identity(v: &serde_json::Value) -> (String, String, String) {
+    let kind = v["kind"].as_str().unwrap_or_default().to_string();
+    let namespaced = crate::kubeapi::kind(&kind).is_none_or(|k| k.namespaced);
+    let ns = if namespaced {
+        v["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_string()
+    } else {
+        String::new()
+    };
+    let name = v["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    (kind, ns, name)
 }
 
 fn value(object: &k8s::Object) -> anyhow::Result<serde_json::Value> {
@@ -132,17 +173,41 @@ impl Source for KubeApiSource {
         ]
     }
     fn write(&mut self, object: &k8s::Object) -> anyhow::Result<()> {
+        let v = value(object)?;
+        let (kind, ns, name) = identity(&v);
+        let crd_kind = crate::kubeapi::kind(&kind).filter(|k| k.crd).copied();
+        if let Some(kd) = crd_kind {
+            let key = (kind.clone(), ns.clone(), name.clone());
+            self.custom.insert(key, v.clone());
+            if !self.crd_exists(&kd) {
+                return Ok(());
+            }
+        }
         self.api
-            .apply(value(object)?)
+            .apply(v.clone())
             .with_context(|| object.display.clone())?;
+        if kind == "CustomResourceDefinition" {
+            // Its custom resources that were waiting for it.
+            let waiting: Vec<serde_json::Value> = self
+                .custom
+                .iter()
+                .filter(|((k, _, _), _)| {
+                    crate::kubeapi::kind(k).is_some_and(|kd| kd.crd_name() == name)
+                })
+                .map(|(_, v)| v.clone())
+                .collect();
+            self.api.apply_all(waiting)?;
+        }
         Ok(())
     }
     fn delete(&mut self, object: &k8s::Object) -> anyhow::Result<()> {
         let v = value(object)?;
-        let kind = v["kind"].as_str().unwrap_or_default();
-        let ns = v["metadata"]["namespace"].as_str().unwrap_or("");
-        let name = v["metadata"]["name"].as_str().unwrap_or_default();
-        if !self.api.delete(kind, ns, name)? {
+        let (kind, ns, name) = identity(&v);
+        let was_custom = self
+            .custom
+            .remove(&(kind.clone(), ns.clone(), name.clone()))
+            .is_some();
+        if !self.api.delete(&kind, &ns, &name)? && !was_custom {
             bail!("{} not found", object.display);
         }
         Ok(())
