@@ -27,7 +27,7 @@ use crate::health::{self, Metrics, Shared};
 use crate::policy::{hook::Hook, maps::PolicyMaps};
 use crate::reconcile::{Input, Reconciler};
 use crate::services::{self, LbMaps, ServiceMerger};
-use crate::{dns, ifaces, kernel, local, Error, Result};
+use crate::{discovery, dns, ifaces, kernel, local, Error, Result};
 use crate::{flows, observer, policy};
 
 /// Where remote clusters are read from.
@@ -83,8 +83,6 @@ pub struct Config {
     pub ipcache_max_entries: u32,
     /// Local endpoints capacity.
     pub local_endpoints_max_entries: u32,
-    /// How often the interface list is checked for pods' veths.
-    pub interface_poll: Duration,
     /// The `clusterset.local` DNS server (UDP); `None` = no DNS server.
     pub dns_addr: Option<SocketAddr>,
     /// Cilium's `policy-default-local-cluster`: a peer selector without the cluster label
@@ -121,9 +119,6 @@ impl Config {
         }
         if self.ipcache_max_entries == 0 || self.local_endpoints_max_entries == 0 {
             return bad("map sizes must be > 0".into());
-        }
-        if self.interface_poll.is_zero() {
-            return bad("--interface-poll must be > 0".into());
         }
         Ok(())
     }
@@ -217,6 +212,16 @@ pub async fn run(config: Config, token: CancellationToken) -> Result<()> {
         config.ipcache_max_entries,
         config.local_endpoints_max_entries,
     )?;
+    let mut reconciler = reconciler;
+    reconciler.set_own_devices(
+        [
+            Some(config.vxlan_dev.clone()),
+            underlay.clone(),
+            ifaces::with_ipv4(config.node_ip),
+        ]
+        .into_iter()
+        .flatten(),
+    );
 
     let etcd = EtcdConfig::load(&config.etcd_config)?;
     let (tx, local_rx) = mpsc::channel(4096);
@@ -356,6 +361,19 @@ pub async fn run(config: Config, token: CancellationToken) -> Result<()> {
             Err(error) => warn!(%error, %addr, "flow observer not started"),
         }
     }
+    // Pod discovery follows the kernel's notifications (no poll).
+    let (kernel_tx, kernel_rx) = mpsc::channel(1);
+    {
+        let watcher = discovery::Watcher::new().map_err(Error::Netlink)?;
+        let t = token.child_token();
+        tasks.spawn(
+            async move {
+                watcher.run(kernel_tx, t).await;
+                Ok(())
+            }
+            .instrument(tracing::info_span!("discovery")),
+        );
+    }
     {
         let l = Loop {
             rec: reconciler,
@@ -380,7 +398,7 @@ pub async fn run(config: Config, token: CancellationToken) -> Result<()> {
             local: local_name,
             config_dir: config.clustermesh_config.clone(),
             sync_timeout: config.sync_timeout,
-            interface_poll: config.interface_poll,
+            kernel_rx,
             policy: Hook::new(
                 policy::Config {
                     local_cluster: config.cluster.name.to_string(),
@@ -432,7 +450,8 @@ struct Loop {
     local: Arc<str>,
     config_dir: PathBuf,
     sync_timeout: Duration,
-    interface_poll: Duration,
+    /// Link, route and neighbour changes ([`discovery::Watcher`]).
+    kernel_rx: mpsc::Receiver<()>,
     /// Identities and policies into the policy maps; ipcache entries through its gate.
     policy: Hook,
     /// Reused buffer of what the policy hook passes on to the reconciler.
@@ -538,11 +557,8 @@ impl Loop {
         let mut timed_out = false;
         let mut ready = false;
         let mut ready_reason = String::from("waiting for the initial sync");
-        let mut iface_tick = tokio::time::interval(self.interface_poll);
-        iface_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut status_tick = tokio::time::interval(Duration::from_secs(1));
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let mut last_ifaces = ifaces::names();
         let mut remote_open = true;
         loop {
             let mut publish = false;
@@ -560,13 +576,7 @@ impl Loop {
                     }
                     None => remote_open = false,
                 },
-                _ = iface_tick.tick() => {
-                    let now = ifaces::names();
-                    if now != last_ifaces || self.rec.pods_pending() {
-                        last_ifaces = now;
-                        self.rec.sync_pods();
-                    }
-                }
+                Some(()) = self.kernel_rx.recv() => self.rec.sync_pods(),
                 i = self.svc.rx.recv() => if let Some(i) = i {
                     self.svc.on_local(i);
                     while let Ok(i) = self.svc.rx.try_recv() {
@@ -590,6 +600,8 @@ impl Loop {
             self.rec.flush();
             // A service change shows in /status at once (tests time propagation with it).
             publish |= self.svc.publish_zone();
+            // So does a pod's discovery or loss (the CNI benchmark times it).
+            publish |= self.rec.take_pods_changed();
 
             // Readiness: the local cluster and every configured remote synced into the maps,
             // or the sync timeout passed.

@@ -1,7 +1,6 @@
-//! The lab/CNI naming rules the agent relies on (docs/lab-datapath-contract.md) and the
-//! interface facts it reads: host-side veth name of a pod, the pod's MAC, an interface's
-//! index and MAC address, and which interface holds an address, in the agent's network
-//! namespace.
+//! Interface facts of the agent's own devices (the VXLAN and underlay devices): an
+//! interface's index and MAC address, GRO, and which interface holds an address, in the
+//! agent's network namespace. Pods' interfaces are found by [`crate::discovery`].
 //!
 //! Interface facts come from `if_nametoindex`/`if_nameindex` and the `SIOCGIFHWADDR` ioctl,
 //! which answer for the calling process's network namespace however it got there
@@ -17,23 +16,6 @@ use std::net::Ipv4Addr;
 
 /// Longest interface name (`IFNAMSIZ` - 1).
 pub const IFNAME_MAX: usize = 15;
-
-/// Host-side veth of pod `namespace/name`: `lxc` + the first 11 hex characters of
-/// SHA-256(`<namespace>/<name>`).
-pub fn host_veth_name(namespace: &str, name: &str) -> String {
-    let digest = ring::digest::digest(
-        &ring::digest::SHA256,
-        format!("{namespace}/{name}").as_bytes(),
-    );
-    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    format!("lxc{}", &hex[..11])
-}
-
-/// The pod's `eth0` MAC: `0a:58:` + the 4 bytes of its IPv4 (Kubernetes' bridge CNI rule).
-pub fn pod_mac(ip: Ipv4Addr) -> [u8; 6] {
-    let o = ip.octets();
-    [0x0a, 0x58, o[0], o[1], o[2], o[3]]
-}
 
 /// A MAC address (for display).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -212,24 +194,6 @@ mod tests {
         assert_eq!(with_ipv4(Ipv4Addr::LOCALHOST).as_deref(), Some("lo"));
         // TEST-NET-3, assigned to nothing here.
         assert_eq!(with_ipv4(Ipv4Addr::new(203, 0, 113, 254)), None);
-    }
-
-    #[test]
-    fn veth_name_rule() {
-        // `printf default/p1 | sha256sum` = 399fa1a0ede5f84...
-        let n = host_veth_name("default", "p1");
-        assert_eq!(n, "lxc399fa1a0ede");
-        assert!(n.starts_with("lxc"));
-        assert!(n.len() <= IFNAME_MAX);
-        assert_ne!(n, host_veth_name("default", "p2"));
-    }
-
-    #[test]
-    fn mac_rule() {
-        assert_eq!(
-            Mac(pod_mac(Ipv4Addr::new(10, 1, 2, 11))).to_string(),
-            "0a:58:0a:01:02:0b"
-        );
     }
 
     #[test]

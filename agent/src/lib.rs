@@ -10,6 +10,7 @@
 
 pub mod app;
 pub mod datapath;
+pub mod discovery;
 pub mod dns;
 pub mod flows;
 pub mod health;
@@ -80,6 +81,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The netlink notification socket pod discovery follows cannot be opened.
+    #[error("netlink notifications (pod discovery)")]
+    Netlink(#[source] std::io::Error),
     /// A task panicked.
     #[error("internal error: {0}")]
     Task(String),

@@ -79,9 +79,6 @@ struct Args {
     /// Local endpoints capacity.
     #[arg(long, default_value_t = clustermesh_ebpf_abi::defaults::LOCAL_ENDPOINTS_MAX_ENTRIES)]
     local_endpoints_max_entries: u32,
-    /// How often interfaces are checked for new pod veths.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
-    interface_poll: Duration,
     /// The clusterset.local DNS server (UDP); `off` disables it. If the address cannot be
     /// bound, the agent runs without DNS and /status says why.
     #[arg(long, default_value = "169.254.1.1:53", value_parser = parse_dns_addr)]
@@ -158,7 +155,6 @@ fn config(a: &Args) -> anyhow::Result<Config> {
         sync_timeout: a.sync_timeout,
         ipcache_max_entries: a.ipcache_max_entries,
         local_endpoints_max_entries: a.local_endpoints_max_entries,
-        interface_poll: a.interface_poll,
         dns_addr: a.dns_addr.0,
         policy_default_local_cluster: a.policy_default_local_cluster,
     };

@@ -8,8 +8,9 @@
 //!
 //! Rules (docs/lab-datapath-contract.md):
 //! * a pod of the local cluster whose `HostIP` is this node → ipcache entry without tunnel,
-//!   plus a local endpoints entry (host veth by the name rule, pod MAC by the MAC rule, host
-//!   veth MAC and ifindex from the interface) and `from_pod` attached to the veth;
+//!   plus a local endpoints entry (interface, pod MAC and gateway MAC found by
+//!   [`crate::discovery`] from the kernel's routes, bridge FDB and veth peers) and `from_pod`
+//!   attached to that interface;
 //! * any other pod → ipcache entry tunnelled to `HostIP` (`HAS_TUNNEL`, plus
 //!   `REMOTE_CLUSTER` for other clusters); no `HostIP` → entry without tunnel;
 //! * IPv6 entries are not programmed yet (counted as unsupported).
@@ -17,8 +18,8 @@
 //! Start-up adopts the maps' contents as `applied`, so an unchanged entry is never written
 //! again and nothing is cleared: entries that no cluster claims any more are removed only
 //! by [`Reconciler::sweep`], which the caller runs once the clusters they may belong to have
-//! synced. A veth that does not exist yet leaves its pod waiting; [`Reconciler::sync_pods`]
-//! is called again when the interface list changes.
+//! synced. A pod whose interface is not found yet waits; [`Reconciler::sync_pods`] is called
+//! again on every link, route or neighbour notification ([`crate::discovery::Watcher`]).
 //!
 //! **Why it is fast** (250k entries must reconcile at ≥ 500k/s including the kernel's
 //! share, see `bench-maps`): desired and applied state live together in one slab of
@@ -52,7 +53,8 @@ use serde::Serialize;
 use tracing::{debug, info, warn};
 
 use crate::datapath::{self, Attached, Datapath, Program};
-use crate::ifaces;
+use crate::discovery::{self, How, MacFrom};
+use crate::ifaces::Mac;
 
 /// One unit of work for the reconciler.
 #[derive(Debug, Clone)]
@@ -201,8 +203,6 @@ pub struct LocalPod {
     pub name: String,
     /// Security identity.
     pub identity: u32,
-    /// Host-side veth (name rule).
-    pub interface: String,
 }
 
 /// What one cluster's entry asks for.
@@ -254,7 +254,6 @@ fn claim_of(
                     namespace: pair.k8s_namespace.clone(),
                     name: pair.k8s_pod_name.clone(),
                     identity: pair.id,
-                    interface: ifaces::host_veth_name(&pair.k8s_namespace, &pair.k8s_pod_name),
                 })
             }),
         },
@@ -862,12 +861,31 @@ pub struct PodReport {
     /// The pod.
     #[serde(flatten)]
     pub pod: LocalPod,
-    /// Its veth's ifindex, when it exists.
+    /// The host-side interface that reaches it, once found.
+    pub interface: Option<String>,
+    /// Its ifindex.
     pub ifindex: Option<u32>,
-    /// `from_pod` attached to the veth.
+    /// How the interface was found: `route` (a route through a veth), `bridge-fdb` (the
+    /// pod's MAC on a bridge port), `bridge-port` (a bridge port whose peer holds the IP).
+    pub found_by: Option<How>,
+    /// The pod's MAC (`aa:bb:…`), what delivery writes as the destination.
+    pub pod_mac: Option<String>,
+    /// Where the pod's MAC came from (`veth-peer`, `neighbour`).
+    pub mac_from: Option<MacFrom>,
+    /// `from_pod` attached to the interface.
     pub attached: bool,
-    /// `attached`, `waiting-for-interface` or the last error.
+    /// `attached`, `waiting-for-interface: <why>` or the last error.
     pub state: String,
+}
+
+/// Interfaces that could be a pod's but that no local endpoint resolves to (`/status`).
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Skipped {
+    /// How many.
+    pub count: usize,
+    /// Their names (the first 32).
+    pub interfaces: Vec<String>,
 }
 
 /// Fill level of a map.
@@ -908,6 +926,8 @@ pub struct Report {
     pub batched_updates: bool,
     /// Pods on this node.
     pub pods: Vec<PodReport>,
+    /// Veths not attached to because no local endpoint is behind them.
+    pub skipped_interfaces: Skipped,
     /// Clusters whose ipcache initial sync has been applied to the maps.
     pub synced_clusters: Vec<String>,
     /// Stale entries of the local cluster have been swept.
@@ -920,7 +940,7 @@ pub struct Report {
 
 #[derive(Debug, Clone)]
 struct PodState {
-    ifindex: Option<u32>,
+    found: Option<discovery::Found>,
     attached: bool,
     state: String,
 }
@@ -936,6 +956,14 @@ pub struct Reconciler {
     pods: BTreeMap<Ipv4Addr, Arc<LocalPod>>,
     pods_dirty: bool,
     pod_state: BTreeMap<Ipv4Addr, PodState>,
+    /// Reads interface facts for discovery (`None` if the socket could not be opened:
+    /// every pod then waits, and `/status` says why).
+    rtnl: Option<clustermesh_rtnl::Socket>,
+    skipped: Skipped,
+    /// The agent's own devices (underlay, VXLAN): never pods, never counted as skipped.
+    own_devices: BTreeSet<String>,
+    /// A pod's interface or attach state changed since [`Reconciler::take_pods_changed`].
+    pods_changed: bool,
     applied_eps: HashMap<Ipv4Addr, EndpointInfo>,
     synced: BTreeSet<Arc<str>>,
     pending_synced: Vec<Arc<str>>,
@@ -990,6 +1018,16 @@ impl Reconciler {
             pods: BTreeMap::new(),
             pods_dirty: false,
             pod_state: BTreeMap::new(),
+            rtnl: match clustermesh_rtnl::Socket::new() {
+                Ok(s) => Some(s),
+                Err(error) => {
+                    warn!(%error, "no netlink socket: local pods cannot be discovered");
+                    None
+                }
+            },
+            skipped: Skipped::default(),
+            own_devices: BTreeSet::new(),
+            pods_changed: false,
             applied_eps,
             synced: BTreeSet::new(),
             pending_synced: Vec::new(),
@@ -998,6 +1036,12 @@ impl Reconciler {
             swept_remote: false,
             stats,
         })
+    }
+
+    /// Names the agent's own devices (the underlay and VXLAN devices), which are never a
+    /// pod's and are not counted as skipped.
+    pub fn set_own_devices(&mut self, names: impl IntoIterator<Item = String>) {
+        self.own_devices = names.into_iter().collect();
     }
 
     /// The datapath (for counters and attaching the overlay program).
@@ -1102,35 +1146,57 @@ impl Reconciler {
     }
 
     /// Brings local endpoints and `from_pod` attachments in line with the local pods and
-    /// the interfaces that exist now. Call when interfaces change.
+    /// what the kernel holds now (see [`crate::discovery`]). Call when interfaces, routes
+    /// or neighbours change.
     pub fn sync_pods(&mut self) {
         let mut want: HashMap<Ipv4Addr, EndpointInfo> = HashMap::new();
         let mut states = BTreeMap::new();
         let mut wanted_ifs: BTreeSet<String> = BTreeSet::new();
+        let snapshot = match self.rtnl.as_mut().map(discovery::Snapshot::read) {
+            Some(Ok(s)) => Ok(s),
+            Some(Err(error)) => Err(format!("reading the kernel's interfaces failed: {error}")),
+            None => Err("no netlink socket".to_owned()),
+        };
+        let mut snapshot = match snapshot {
+            Ok(s) => s,
+            Err(why) => {
+                // Keep what is attached and programmed; try again on the next change.
+                warn!(%why, "pod discovery skipped");
+                self.stats.errors += 1;
+                return;
+            }
+        };
         for (ip, pod) in &self.pods {
-            wanted_ifs.insert(pod.interface.clone());
-            let Some(iface) = ifaces::lookup(&pod.interface) else {
-                states.insert(
-                    *ip,
-                    PodState {
-                        ifindex: None,
-                        attached: false,
-                        state: "waiting-for-interface".into(),
-                    },
-                );
-                continue;
+            let found = match self.rtnl.as_mut() {
+                Some(sock) => snapshot.find(sock, *ip),
+                None => Err("no netlink socket".to_owned()),
             };
+            let found = match found {
+                Ok(f) => f,
+                Err(why) => {
+                    states.insert(
+                        *ip,
+                        PodState {
+                            found: None,
+                            attached: false,
+                            state: format!("waiting-for-interface: {why}"),
+                        },
+                    );
+                    continue;
+                }
+            };
+            wanted_ifs.insert(found.interface.clone());
             want.insert(
                 *ip,
                 EndpointInfo {
-                    ifindex: iface.ifindex,
+                    ifindex: found.ifindex,
                     identity: pod.identity,
                     flags: 0,
-                    pod_mac: ifaces::pod_mac(*ip),
-                    host_mac: iface.mac,
+                    pod_mac: found.pod_mac,
+                    host_mac: found.host_mac,
                 },
             );
-            let (attached, state) = match self.dp.attach(Program::FromPod, &pod.interface) {
+            let (attached, state) = match self.dp.attach(Program::FromPod, &found.interface) {
                 Ok(how) => {
                     match how {
                         Attached::Created => self.stats.attach_created += 1,
@@ -1138,24 +1204,35 @@ impl Reconciler {
                         Attached::Unchanged => {}
                     }
                     if how != Attached::Unchanged {
-                        info!(pod = %format!("{}/{}", pod.namespace, pod.name), interface = %pod.interface, ?how, "from_pod attached");
+                        info!(pod = %format!("{}/{}", pod.namespace, pod.name), interface = %found.interface, found_by = ?found.how, ?how, "from_pod attached");
                     }
                     (true, "attached".to_owned())
                 }
                 Err(error) => {
-                    warn!(interface = %pod.interface, %error, "attach from_pod failed; retrying when interfaces change");
+                    warn!(interface = %found.interface, %error, "attach from_pod failed; retrying when interfaces change");
                     (false, format!("attach failed: {error}"))
                 }
             };
             states.insert(
                 *ip,
                 PodState {
-                    ifindex: Some(iface.ifindex),
+                    found: Some(found),
                     attached,
                     state,
                 },
             );
         }
+        // Veths nobody is behind: never attached to, counted.
+        let mut skipped: Vec<String> = snapshot
+            .veths()
+            .filter(|l| !wanted_ifs.contains(&l.name) && !self.own_devices.contains(&l.name))
+            .map(|l| l.name.clone())
+            .collect();
+        skipped.sort();
+        self.skipped = Skipped {
+            count: skipped.len(),
+            interfaces: skipped.into_iter().take(32).collect(),
+        };
         // Endpoints: write what changed, remove what no pod (or no veth) backs. Before the
         // local cluster's initial sync the pod list is incomplete: remove nothing then.
         let eps = &mut self.dp.maps.local_endpoints;
@@ -1217,6 +1294,12 @@ impl Reconciler {
                 }
             }
         }
+        let summary = |m: &BTreeMap<Ipv4Addr, PodState>| -> Vec<(Ipv4Addr, Option<u32>, bool)> {
+            m.iter()
+                .map(|(ip, s)| (*ip, s.found.as_ref().map(|f| f.ifindex), s.attached))
+                .collect()
+        };
+        self.pods_changed |= summary(&self.pod_state) != summary(&states);
         self.pod_state = states;
     }
 
@@ -1232,9 +1315,10 @@ impl Reconciler {
         self.removals_held = hold;
     }
 
-    /// `true` while some local pod waits for its veth or a failed attach.
-    pub fn pods_pending(&self) -> bool {
-        self.pod_state.values().any(|s| !s.attached)
+    /// Whether a pod was found, lost, attached or detached since the last call (the loop
+    /// republishes `/status` at once then, so a pod's state shows without waiting a tick).
+    pub fn take_pods_changed(&mut self) -> bool {
+        std::mem::take(&mut self.pods_changed)
     }
 
     /// Removes map elements no cluster claims: always those of the local cluster (no
@@ -1289,14 +1373,20 @@ impl Reconciler {
                 .iter()
                 .map(|(ip, pod)| {
                     let s = self.pod_state.get(ip);
+                    let found = s.and_then(|s| s.found.as_ref());
                     PodReport {
                         pod: (**pod).clone(),
-                        ifindex: s.and_then(|s| s.ifindex),
+                        interface: found.map(|f| f.interface.clone()),
+                        ifindex: found.map(|f| f.ifindex),
+                        found_by: found.map(|f| f.how),
+                        pod_mac: found.map(|f| Mac(f.pod_mac).to_string()),
+                        mac_from: found.map(|f| f.mac_from),
                         attached: s.is_some_and(|s| s.attached),
                         state: s.map_or_else(|| "pending".into(), |s| s.state.clone()),
                     }
                 })
                 .collect(),
+            skipped_interfaces: self.skipped.clone(),
             synced_clusters: self.synced.iter().map(|c| c.to_string()).collect(),
             swept_local: self.swept_local,
             swept_remote: self.swept_remote,
@@ -1340,7 +1430,10 @@ mod tests {
         assert_eq!(c.value.flags, 0);
         assert_eq!(c.value.sec_identity, 70000);
         let pod = c.pod.expect("local pod");
-        assert_eq!(pod.interface, ifaces::host_veth_name("default", "p1"));
+        assert_eq!(
+            (pod.namespace.as_str(), pod.name.as_str()),
+            ("default", "p1")
+        );
     }
 
     #[test]

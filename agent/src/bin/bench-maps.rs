@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _};
 use clustermesh_agent::datapath::{self, batch, Config, Datapath, Program};
+use clustermesh_agent::kernel;
 use clustermesh_agent::reconcile::{claim, Input, Reconciler};
-use clustermesh_agent::{ifaces, kernel};
 use clustermesh_ebpf_abi::{defaults, EndpointInfo, IpcacheLpmKey, IpcacheValue};
 use clustermesh_types::model::IpIdentityPair;
 
@@ -256,7 +256,7 @@ fn run(n: u32, bpffs: &std::path::Path) -> anyhow::Result<()> {
                 ifindex,
                 identity,
                 flags: 0,
-                pod_mac: ifaces::pod_mac(ip),
+                pod_mac: pod_mac(ip),
                 host_mac: [0x02, 0, 0, 0, 0, ifindex as u8],
             },
         )?;
@@ -341,7 +341,7 @@ fn vxlan(src: Ipv4Addr, dst: Ipv4Addr, vni: u32, inner: &[u8]) -> Vec<u8> {
 fn packet(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
     let mut p = Vec::with_capacity(42);
     p.extend_from_slice(&[0x02, 0, 0, 0, 0, 41]);
-    p.extend_from_slice(&ifaces::pod_mac(src));
+    p.extend_from_slice(&pod_mac(src));
     p.extend_from_slice(&0x0800u16.to_be_bytes());
     p.extend_from_slice(&[0x45, 0]);
     p.extend_from_slice(&28u16.to_be_bytes());
@@ -350,4 +350,10 @@ fn packet(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
     p.extend_from_slice(&dst.octets());
     p.extend_from_slice(&[8, 0, 0, 0, 0, 1, 0, 1]);
     p
+}
+
+/// A made-up pod MAC for `ip` (`0a:58:` + the address, as Kubernetes' bridge CNI does).
+fn pod_mac(ip: Ipv4Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [0x0a, 0x58, o[0], o[1], o[2], o[3]]
 }
