@@ -100,6 +100,33 @@ impl Error {
     }
 }
 
+/// The network configuration file an installer writes into `/etc/cni/net.d/` on a node
+/// (the deploy issue's DaemonSet init step: `clustermesh-cni write-config`), checked with
+/// the same rules ADD applies, so a bad value fails at install time, not at the first pod.
+pub fn network_config(
+    pod_cidr: &str,
+    state_dir: &str,
+    mtu: u32,
+    routes: &[String],
+) -> Result<serde_json::Value> {
+    let v = serde_json::json!({
+        "cniVersion": spec::LATEST,
+        "name": "clustermesh",
+        "type": "clustermesh-cni",
+        "podCIDR": pod_cidr,
+        "stateDir": state_dir,
+        "mtu": mtu,
+        "routes": routes,
+    });
+    let raw: spec::RawConfig =
+        serde_json::from_value(v.clone()).map_err(|e| Error::Decode(e.to_string()))?;
+    spec::Config::from_raw(raw).map_err(|e| match e {
+        spec::ConfigError::Version(m) => Error::Version(m),
+        spec::ConfigError::Invalid(m) => Error::InvalidConfig(m),
+    })?;
+    Ok(v)
+}
+
 /// Runs one invocation: the `CNI_*` variables through `var`, the configuration from
 /// `stdin`. `Ok` holds what to print on stdout (empty for DEL, GC and STATUS); `Err`
 /// holds the version to answer in and the error.

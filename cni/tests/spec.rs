@@ -495,3 +495,26 @@ fn concurrent_adds_get_distinct_addresses() -> Result<()> {
     assert_eq!(lab.host_veths()?.len(), 8);
     Ok(())
 }
+
+#[test]
+fn write_config_writes_a_config_add_accepts_and_refuses_a_bad_one() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("10-clustermesh.conf");
+    let st = Command::new(BIN)
+        .args(["write-config", "--pod-cidr", "10.77.8.0/24", "--mtu", "1450", "--out"])
+        .arg(&out)
+        .status()?;
+    assert!(st.success());
+    let v: Value = serde_json::from_slice(&std::fs::read(&out)?)?;
+    assert_eq!(v["type"], "clustermesh-cni");
+    assert_eq!(v["podCIDR"], "10.77.8.0/24");
+    assert_eq!(v["routes"], json!(["0.0.0.0/0"]));
+    let bad = Command::new(BIN)
+        .args(["write-config", "--pod-cidr", "10.77.8.1/24", "--out"])
+        .arg(dir.path().join("bad.conf"))
+        .output()?;
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("host bits"));
+    assert!(!dir.path().join("bad.conf").exists());
+    Ok(())
+}

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 
 use super::state;
-use super::{netns, plan, DirArgs};
+use super::{cni, netns, plan, DirArgs};
 
 /// Every PID number in a JSON document under a key named like a PID (old state formats).
 fn pids_in(v: &serde_json::Value, out: &mut Vec<u32>) {
@@ -74,6 +74,20 @@ pub fn down(a: DirArgs) -> anyhow::Result<()> {
     pids.sort_unstable();
     pids.dedup();
     let pids: Vec<u32> = pids.into_iter().filter(|p| netns::alive(*p)).collect();
+    // CNI DEL for every pod, as a runtime does when it removes a sandbox (the plugin frees
+    // its addresses and removes its interfaces); failures are reported, the rest goes on.
+    if let Ok(st) = serde_json::from_value::<state::LabState>(raw.clone()) {
+        // Only where both namespaces exist (after a partial `up`, some were never made).
+        for p in st
+            .pods()
+            .into_iter()
+            .filter(|p| namespaces.contains(&p.node.ns) && namespaces.contains(&p.pod.ns))
+        {
+            if let Err(e) = cni::del(&st, p.node, p.pod) {
+                eprintln!("⚠️  {e:#}");
+            }
+        }
+    }
     signal_all(&pids, nix::sys::signal::Signal::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(10);
     while pids.iter().any(|p| netns::alive(*p)) && Instant::now() < deadline {

@@ -19,6 +19,7 @@
 //! already routes 198.18.0.0/15). `down` removes namespaces, links, pins, mounts and
 //! processes, also after a partial `up`.
 
+pub mod cni;
 pub mod echo;
 pub mod load;
 pub mod netns;

@@ -135,17 +135,6 @@ pub fn spawn(ns: &str, program: &Path, args: &[String], log: &Path) -> anyhow::R
     Ok(child.id())
 }
 
-/// The MAC address of `dev` in namespace `ns`.
-pub fn mac_of(ns: &str, dev: &str) -> anyhow::Result<String> {
-    let out = ip_in(ns, &["-j", "link", "show", "dev", dev])?;
-    let v: serde_json::Value =
-        serde_json::from_str(&out).with_context(|| format!("parsing `ip -j link` of {dev}"))?;
-    v[0]["address"]
-        .as_str()
-        .map(str::to_owned)
-        .with_context(|| format!("{dev} in {ns} has no MAC address"))
-}
-
 /// Whether a process with this PID exists and is not a zombie (a child of an exited `lab up`
 /// stays a zombie until init reaps it).
 pub fn alive(pid: u32) -> bool {

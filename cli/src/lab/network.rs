@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context as _};
 
 use super::state::{Datapath, LabState, Node, Pod};
-use super::{netns, plan};
+use super::{cni, netns, plan};
 
 /// Where pods send DNS queries: the agent's DNS server on the node (`--dns-addr`), on the
 /// pods' gateway address, which the node holds on `lo`.
@@ -144,9 +144,21 @@ pub(super) fn build_network(st: &mut LabState) -> anyhow::Result<()> {
                 &node.ns,
                 &["link", "set", plan::VXLAN_DEV, "mtu", &mtu, "up"],
             )?;
-            for pod in &node.pods {
-                add_ns(st, &pod.ns)?;
-                build_pod(node, pod)?;
+            for k in 0..node.pods.len() {
+                let pod_ns = node.pods[k].ns.clone();
+                add_ns(st, &pod_ns)?;
+                let mut pod = node.pods[k].clone();
+                let res = build_pod(st, node, &mut pod);
+                if let Some(p) = st
+                    .clusters
+                    .iter_mut()
+                    .flat_map(|c| c.nodes.iter_mut())
+                    .flat_map(|n| n.pods.iter_mut())
+                    .find(|p| p.ns == pod_ns)
+                {
+                    *p = pod;
+                }
+                res?;
             }
         }
     }
@@ -200,62 +212,13 @@ fn underlay_leg(
     Ok(())
 }
 
-/// The pod's veth pair, addresses, routes and gateway neighbour (contract: "Names").
-fn build_pod(node: &Node, pod: &Pod) -> anyhow::Result<()> {
-    let mtu = plan::OVERLAY_MTU.to_string();
-    let gw = plan::GATEWAY.to_string();
-    netns::ip_in(
-        &node.ns,
-        &[
-            "link",
-            "add",
-            &pod.host_veth,
-            "mtu",
-            &mtu,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "address",
-            &pod.mac,
-            "mtu",
-            &mtu,
-            "netns",
-            &pod.ns,
-        ],
-    )?;
-    netns::ip_in(&node.ns, &["link", "set", &pod.host_veth, "up"])?;
-    let host_mac = netns::mac_of(&node.ns, &pod.host_veth)?;
-    netns::ip_in(&pod.ns, &["link", "set", "eth0", "up"])?;
-    netns::ip_in(
-        &pod.ns,
-        &["addr", "add", &format!("{}/32", pod.ip), "dev", "eth0"],
-    )?;
-    netns::ip_in(
-        &pod.ns,
-        &["route", "add", &gw, "dev", "eth0", "scope", "link"],
-    )?;
-    for prefix in ["10.0.0.0/8", "172.20.0.0/16"] {
-        netns::ip_in(
-            &pod.ns,
-            &["route", "add", prefix, "via", &gw, "dev", "eth0"],
-        )?;
-    }
-    netns::ip_in(
-        &pod.ns,
-        &[
-            "neigh",
-            "add",
-            &gw,
-            "lladdr",
-            &host_mac,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ],
-    )?;
+/// Wires the pod through the lab's CNI plugin (ADD, as a runtime does) and records what
+/// the plugin chose; writes the pod's resolver file.
+fn build_pod(st: &LabState, node: &Node, pod: &mut Pod) -> anyhow::Result<()> {
+    let added = cni::add(st, node, pod)?;
+    pod.ip = added.ip;
+    pod.mac = added.mac;
+    pod.host_veth = added.host_if;
     // The pod's resolver: `ip netns exec` bind-mounts this over /etc/resolv.conf.
     let resolv = netns_resolv_conf(&pod.ns);
     if let Some(dir) = resolv.parent() {
@@ -266,17 +229,6 @@ fn build_pod(node: &Node, pod: &Pod) -> anyhow::Result<()> {
         format!("# clustermesh lab: the agent's DNS on the node\nnameserver {DNS_SERVER}\noptions timeout:1 attempts:2\n"),
     )
     .with_context(|| format!("writing {}", resolv.display()))?;
-    // Kernel fallback path: the node routes its own pods.
-    netns::ip_in(
-        &node.ns,
-        &[
-            "route",
-            "add",
-            &format!("{}/32", pod.ip),
-            "dev",
-            &pod.host_veth,
-        ],
-    )?;
     Ok(())
 }
 

@@ -1,6 +1,6 @@
-//! Names and addresses of the lab, exactly as `docs/lab-datapath-contract.md` states them.
-//! Pure functions: the agent derives the same names from what etcd tells it, so any change
-//! here is a contract change.
+//! Names and addresses of the lab, as `docs/lab-datapath-contract.md` states them. Pure
+//! functions. Pods' addresses, MACs and host interfaces are not planned here: the CNI plugin
+//! chooses them (`cni.rs`), and the agent finds them in the kernel.
 
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -137,22 +137,6 @@ pub fn agent_health(i: u32, j: u32) -> SocketAddr {
     SocketAddr::from((node_ip(i, j), AGENT_HEALTH_PORT))
 }
 
-/// Host-side veth of a pod: `lxc` + the first 11 hex chars of SHA-256(`<namespace>/<pod>`).
-pub fn host_veth(namespace: &str, pod: &str) -> String {
-    let digest = ring::digest::digest(
-        &ring::digest::SHA256,
-        format!("{namespace}/{pod}").as_bytes(),
-    );
-    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    format!("lxc{}", &hex[..11])
-}
-
-/// Pod `eth0` MAC: `0a:58:` + the pod's IPv4 bytes.
-pub fn pod_mac(ip: Ipv4Addr) -> String {
-    let o = ip.octets();
-    format!("0a:58:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
-}
-
 /// MAC of a node's VXLAN device in the kernel (no-eBPF) datapath: `0a:59:` + underlay IP,
 /// so that every node knows its peers' overlay MACs without learning.
 pub fn kernel_vxlan_mac(node_ip: Ipv4Addr) -> String {
@@ -184,16 +168,7 @@ mod tests {
         assert_eq!(node_ip(2, 1).to_string(), "198.18.2.11");
         assert_eq!(cp_ip(3).to_string(), "198.18.3.2");
         assert_eq!(pod_ip(1, 2, 3).to_string(), "10.1.2.13");
-        assert_eq!(pod_mac(pod_ip(1, 2, 3)), "0a:58:0a:01:02:0d");
         assert_eq!(pod_ns("ab12", 1, 2, 3), "cm-ab12-c1-n2-p3");
-        let veth = host_veth("default", "echo-1-1");
-        assert_eq!(veth.len(), 14);
-        assert!(veth.starts_with("lxc"));
-        // SHA-256("default/echo-1-1"), checked with `printf default/echo-1-1 | sha256sum`.
-        assert_eq!(veth, format!("lxc{}", &SHA_OF_DEFAULT_ECHO_1_1[..11]));
         assert!(router_port(MAX_CLUSTERS, MAX_NODES).len() <= 15);
     }
-
-    const SHA_OF_DEFAULT_ECHO_1_1: &str =
-        "b376c03a930c677be4d3ee73ef6755a722bf4eea21f02ec27ac6da55a6963fa8";
 }

@@ -27,6 +27,9 @@ pub struct LabState {
     pub dir: PathBuf,
     /// How packets cross nodes.
     pub datapath: Datapath,
+    /// The CNI plugin that wired the pods (DEL at `down` uses the same).
+    #[serde(default)]
+    pub cni: super::cni::Cni,
     /// The router namespace (every underlay subnet is reachable from it).
     pub router_ns: String,
     /// The root namespace's veth into the router, when `up` created one.
@@ -103,11 +106,12 @@ pub struct Pod {
     pub namespace: String,
     /// Network namespace.
     pub ns: String,
-    /// Address.
+    /// Address (what the CNI plugin returned).
     pub ip: Ipv4Addr,
-    /// `eth0` MAC.
+    /// `eth0` MAC (the plugin's result).
     pub mac: String,
-    /// Host-side veth (in the node namespace).
+    /// Host-side interface in the node namespace (the plugin's result; for `bridge` the
+    /// bridge port).
     pub host_veth: String,
     /// Echo server PID.
     pub echo_pid: Option<u32>,

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
+use super::cni::Cni;
 use super::network::build_network;
 use super::processes::{
     agent_binary, agent_supports_contract, connect_mesh, start_agents, start_control_planes,
@@ -38,6 +39,11 @@ pub struct UpArgs {
     /// (the agent's `--underlay-dev off`; for comparing the two receive paths).
     #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub underlay_decap: bool,
+    /// The CNI plugin that wires the pods, run per pod as a container runtime does:
+    /// `ptp` and `bridge` are Debian's reference plugins (host-local IPAM), `clustermesh`
+    /// is `clustermesh-cni`.
+    #[arg(long, value_enum, default_value_t = Cni::Ptp)]
+    pub cni: Cni,
     /// How long to wait for control planes, mesh and agents.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
@@ -79,6 +85,7 @@ pub fn up(a: UpArgs) -> anyhow::Result<()> {
         id: id.clone(),
         dir: dir.clone(),
         datapath: a.datapath,
+        cni: a.cni,
         router_ns: plan::router_ns(&id),
         root_link: None,
         bpffs: None,
@@ -98,14 +105,14 @@ pub fn up(a: UpArgs) -> anyhow::Result<()> {
                 pods: (1..=a.pods)
                     .map(|k| {
                         let pod = plan::pod_name(j, k);
-                        let ip = plan::pod_ip(i, j, k);
+                        // Address, MAC and host interface: filled in from the CNI result.
                         Pod {
-                            host_veth: plan::host_veth(plan::POD_NAMESPACE, &pod),
+                            host_veth: String::new(),
                             name: pod,
                             namespace: plan::POD_NAMESPACE.into(),
                             ns: plan::pod_ns(&id, i, j, k),
-                            ip,
-                            mac: plan::pod_mac(ip),
+                            ip: plan::pod_ip(i, j, k),
+                            mac: String::new(),
                             echo_pid: None,
                         }
                     })
@@ -141,13 +148,14 @@ pub fn up(a: UpArgs) -> anyhow::Result<()> {
 fn bring_up(st: &mut LabState, a: &UpArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     println!(
-        "🌐 Building lab {} in {}: {} clusters × {} nodes × {} pods, datapath {:?}",
+        "🌐 Building lab {} in {}: {} clusters × {} nodes × {} pods, datapath {:?}, CNI {}",
         st.id,
         st.dir.display(),
         a.clusters,
         a.nodes,
         a.pods,
-        st.datapath
+        st.datapath,
+        st.cni.plugin_type()
     );
     build_network(st)?;
     st.save()?;
