@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 cargo build --release --workspace --bins
-for b in ${1:-export export-kubernetes remote maps datapath-throughput policy lb}; do
+for b in ${1:-export export-kubernetes remote maps datapath-throughput policy lb cni}; do
   if [ "$b" = export-kubernetes ]; then
     echo "=== bench-export --source kubernetes"
     target/release/bench-export --source kubernetes

@@ -22,6 +22,12 @@ pub fn run(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The CNI plugin a lab suite uses: `CLUSTERMESH_LAB_CNI` if set, else the suite's own
+/// (CI spreads ptp, bridge and clustermesh over the suites, so each runs once).
+pub fn lab_cni(default: &str) -> String {
+    std::env::var("CLUSTERMESH_LAB_CNI").unwrap_or_else(|_| default.to_owned())
+}
+
 /// A lab in a temporary directory, removed on drop (also when an assertion fails) unless the
 /// test already ran `lab down` itself (`down = true`).
 pub struct Lab {
@@ -81,4 +87,33 @@ pub fn curl_echo(ns: &str, ip: &str, timeout: &str) -> Option<Value> {
         return None;
     }
     serde_json::from_slice(&out.stdout).ok()
+}
+
+/// `clustermesh connectivity test -o json` on `lab`: every check passes (at least the 112
+/// pod-to-pod checks of a 2×2×2 lab).
+pub fn connectivity_passes(lab: &Lab) -> Result<()> {
+    let out = lab.cli(&["connectivity", "test", "-o", "json"]).output()?;
+    let report: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "connectivity report: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    let failures: Vec<String> = report["checks"]
+        .as_array()
+        .context("checks")?
+        .iter()
+        .filter(|c| c["ok"] != Value::Bool(true))
+        .map(|c| format!("{}: {}", c["name"], c["error"]))
+        .collect();
+    ensure!(
+        failures.is_empty() && out.status.success(),
+        "{} failed checks:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    let summary = &report["summary"];
+    ensure!(summary["passed"].as_u64().unwrap_or(0) >= 112, "{summary}");
+    println!("connectivity: {summary}");
+    Ok(())
 }

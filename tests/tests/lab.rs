@@ -10,13 +10,13 @@
 //! runs the same checks on the plain-kernel-VXLAN lab, minus those only the agent can pass
 //! (identity in the VNI, pod deletion).
 
-use std::io::{BufRead as _, BufReader};
+use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
-use clustermesh_tests::lab::{curl_echo, run, Lab};
+use clustermesh_tests::lab::{curl_echo, lab_cni, run, Lab};
 use serde_json::Value;
 
 /// The identity etcd assigns to `ip`, read through the router namespace as a remote would.
@@ -76,6 +76,154 @@ fn capture_one_vxlan(dir: &Path, node_ns: &str, node_ip: &str, f: impl FnOnce())
     run(Command::new("tcpdump")
         .args(["-nn", "-vv", "-r"])
         .arg(&pcap))
+}
+
+/// A pod added by hand to the running lab, as a runtime would with any CNI: Debian's `ptp`
+/// with its own `host-local` range wires it on c1/n1, a Pod manifest with the returned IP
+/// goes into c1's source. A pod of c2 reaches it within 2 s; after DEL it is unreachable
+/// within 1 s, and c1/n1's agent has detached it and withdrawn its local endpoint.
+fn hand_added_pod(lab: &Lab, state: &Value) -> Result<()> {
+    let id = state["id"].as_str().context("id")?;
+    let c1 = &state["clusters"][0];
+    let node = &c1["nodes"][0];
+    let node_ns = node["ns"].as_str().context("node ns")?;
+    let node_ip = node["ip"].as_str().context("node ip")?;
+    let pod_ns = format!("cm-{id}-c1-n1-hand");
+    run(Command::new("ip").args(["netns", "add", &pod_ns]))?;
+    let data_dir = lab.dir.join("hand-ipam");
+    let conf = serde_json::json!({
+        "cniVersion": "1.0.0", "name": "hand", "type": "ptp", "mtu": 1450,
+        "ipam": {
+            "type": "host-local",
+            "ranges": [[{"subnet": "10.1.1.0/24", "rangeStart": "10.1.1.200", "rangeEnd": "10.1.1.210", "gateway": "10.1.1.1"}]],
+            "routes": [{"dst": "10.0.0.0/8"}],
+            "dataDir": data_dir,
+        },
+    });
+    let cni = |command: &str| -> Result<Value> {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", node_ns, "/usr/lib/cni/ptp"])
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", "hand-added")
+            .env("CNI_NETNS", format!("/var/run/netns/{pod_ns}"))
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/usr/lib/cni")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(conf.to_string().as_bytes())?;
+        let out = child.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(out.status.success(), "ptp {command} failed: {text}");
+        Ok(if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text)?
+        })
+    };
+    let result = cni("ADD")?;
+    let ip = result["ips"][0]["address"]
+        .as_str()
+        .and_then(|a| a.split('/').next())
+        .context("ADD result has no address")?
+        .to_owned();
+    ensure!(ip.starts_with("10.1.1.2"), "not from the hand range: {ip}");
+    let manifest = Path::new(c1["state_dir"].as_str().context("state_dir")?)
+        .join("manifests")
+        .join("pod-hand-added.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: hand-added\n  namespace: default\n  labels:\n    app: hand\nspec:\n  nodeName: n1\nstatus:\n  phase: Running\n  hostIP: {node_ip}\n  podIP: {ip}\n  podIPs:\n  - ip: {ip}\n"
+        ),
+    )?;
+    let src_ns = state["clusters"][1]["nodes"][1]["pods"][0]["ns"]
+        .as_str()
+        .context("c2 pod ns")?;
+    let ping = |timeout: &str| {
+        Command::new("ip")
+            .args(["netns", "exec", src_ns, "ping", "-c1", "-W", timeout, &ip])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let t = Instant::now();
+    while !ping("0.2") {
+        ensure!(
+            t.elapsed() < Duration::from_secs(10),
+            "hand-added pod {ip} unreachable from c2 10 s after its manifest"
+        );
+    }
+    let reached = t.elapsed();
+    println!("hand-added pod {ip} (ptp + host-local) reachable from c2 after {reached:?}");
+    ensure!(
+        reached <= Duration::from_secs(2),
+        "reachable only after {reached:?}"
+    );
+    let health = node["agent"]["health_addr"].as_str().context("health")?;
+    let router = state["router_ns"].as_str().context("router")?;
+    let status = || -> Result<Value> {
+        let out = run(Command::new("ip")
+            .args(["netns", "exec", router, "curl", "-sf", "--max-time", "1"])
+            .arg(format!("http://{health}/status")))?;
+        Ok(serde_json::from_str(&out)?)
+    };
+    let pod_status = |s: &Value| -> Value {
+        s["datapath"]["pods"]
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["ip"] == ip.as_str()).cloned())
+            .unwrap_or(Value::Null)
+    };
+    let before = status()?;
+    let p = pod_status(&before);
+    ensure!(
+        p["found-by"] == "route" && p["attached"] == true,
+        "agent's view of the hand-added pod: {p}"
+    );
+    let endpoints = before["datapath"]["local-endpoints"]["entries"]
+        .as_u64()
+        .unwrap_or(0);
+
+    // DEL: the veth goes; unreachable and withdrawn within 1 s.
+    cni("DEL")?;
+    let t = Instant::now();
+    while ping("0.05") {
+        ensure!(
+            t.elapsed() < Duration::from_secs(10),
+            "{ip} still answers 10 s after DEL"
+        );
+    }
+    let gone = t.elapsed();
+    println!("hand-added pod {ip} unreachable {gone:?} after DEL");
+    ensure!(
+        gone <= Duration::from_secs(1),
+        "still reachable {gone:?} after DEL"
+    );
+    let withdrawn = loop {
+        let s = status()?;
+        let p = pod_status(&s);
+        if p["attached"] == false
+            && s["datapath"]["local-endpoints"]["entries"].as_u64() == Some(endpoints - 1)
+        {
+            break t.elapsed();
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(5),
+            "agent still attached or endpoint not withdrawn: {p}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    println!("agent detached it and withdrew its endpoint {withdrawn:?} after DEL");
+    ensure!(
+        withdrawn <= Duration::from_secs(1),
+        "withdrawn only after {withdrawn:?}"
+    );
+    std::fs::remove_file(&manifest)?;
+    run(Command::new("ip").args(["netns", "del", &pod_ns]))?;
+    Ok(())
 }
 
 /// Restarts the agent of c1/n1 while a TCP stream from a pod on that node crosses into c2:
@@ -177,6 +325,7 @@ fn restart_agent_under_a_stream(
 fn lab_up_connectivity_vni_pod_deletion_and_down() -> Result<()> {
     let datapath = std::env::var("CLUSTERMESH_LAB_DATAPATH").unwrap_or_else(|_| "ebpf".into());
     let ebpf = datapath == "ebpf";
+    let cni = lab_cni("ptp");
     let mut lab = Lab::new("cm-lab-test")?;
 
     // lab up 2×2×2.
@@ -192,10 +341,12 @@ fn lab_up_connectivity_vni_pod_deletion_and_down() -> Result<()> {
         "2",
         "--datapath",
         &datapath,
+        "--cni",
+        &cni,
     ]))?;
     let up_secs = t.elapsed().as_secs_f64();
     println!("{up}");
-    println!("lab up ({datapath}): {up_secs:.1}s");
+    println!("lab up ({datapath}, CNI {cni}): {up_secs:.1}s");
     let state = lab.state()?;
     let id = state["id"].as_str().context("id")?.to_owned();
     if ebpf {
@@ -315,6 +466,7 @@ fn lab_up_connectivity_vni_pod_deletion_and_down() -> Result<()> {
     }
 
     if ebpf {
+        hand_added_pod(&lab, &state)?;
         restart_agent_under_a_stream(&lab, &state, src_ns, &dst_ip)?;
     }
 

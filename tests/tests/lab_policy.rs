@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _, Result};
-use clustermesh_tests::lab::{curl_echo, run, Lab};
+use clustermesh_tests::lab::{connectivity_passes, curl_echo, lab_cni, run, Lab};
 use serde_json::Value;
 
 /// `curl` until it answers (`want`) or fails, for at most `limit`: the time it took.
@@ -246,7 +246,10 @@ fn lab_policy_admits_only_the_frontend_of_c1() -> Result<()> {
         "2",
         "--datapath",
         "ebpf",
+        "--cni",
+        &lab_cni("bridge"),
     ]))?;
+    connectivity_passes(&lab)?;
     println!("lab up: {:.1}s", t.elapsed().as_secs_f64());
     let state = lab.state()?;
     policy_admits_only_the_frontend_of_c1(&lab, &state)?;

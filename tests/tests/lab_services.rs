@@ -17,7 +17,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _, Result};
-use clustermesh_tests::lab::{run, Lab};
+use clustermesh_tests::lab::{connectivity_passes, lab_cni, run, Lab};
 use serde_json::Value;
 
 /// `curl` of `url` from inside `ns`: the echo answer, if any.
@@ -44,7 +44,10 @@ fn lab_global_services_dns_affinity_failover_and_propagation() -> Result<()> {
         "2",
         "--pods",
         "2",
+        "--cni",
+        &lab_cni("clustermesh"),
     ]))?;
+    connectivity_passes(&lab)?;
     let state: Value = serde_json::from_slice(&std::fs::read(lab.dir.join("lab.json"))?)?;
     let id = state["id"].as_str().context("id")?.to_owned();
     let c1 = &state["clusters"][0];
