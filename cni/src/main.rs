@@ -18,14 +18,25 @@ fn write_config(args: &[String]) -> Result<(), String> {
     );
     let mut it = args.iter();
     while let Some(k) = it.next() {
-        let v = it.next().ok_or_else(|| format!("{k} needs a value"))?.clone();
+        let v = it
+            .next()
+            .ok_or_else(|| format!("{k} needs a value"))?
+            .clone();
         match k.as_str() {
             "--pod-cidr" => cidr = Some(v),
             "--state-dir" => state = v,
-            "--mtu" => mtu = v.parse().map_err(|_| format!("--mtu {v:?} is not a number"))?,
+            "--mtu" => {
+                mtu = v
+                    .parse()
+                    .map_err(|_| format!("--mtu {v:?} is not a number"))?
+            }
             "--route" => routes.push(v),
             "--out" => out = Some(v),
-            _ => return Err(format!("unknown flag {k} (--pod-cidr, --state-dir, --mtu, --route, --out)")),
+            _ => {
+                return Err(format!(
+                    "unknown flag {k} (--pod-cidr, --state-dir, --mtu, --route, --out)"
+                ))
+            }
         }
     }
     if routes.is_empty() {
@@ -33,15 +44,16 @@ fn write_config(args: &[String]) -> Result<(), String> {
     }
     let cidr = cidr.ok_or("--pod-cidr (the node's spec.podCIDR) is required")?;
     let out = out.ok_or("--out (e.g. /etc/cni/net.d/10-clustermesh.conf) is required")?;
-    let conf = clustermesh_cni::network_config(&cidr, &state, mtu, &routes)
-        .map_err(|e| e.to_string())?;
+    let conf =
+        clustermesh_cni::network_config(&cidr, &state, mtu, &routes).map_err(|e| e.to_string())?;
     let path = std::path::Path::new(&out);
     let dir = path.parent().unwrap_or(std::path::Path::new("."));
     let mut tmp = tempfile::NamedTempFile::new_in(dir)
         .map_err(|e| format!("creating a file in {}: {e}", dir.display()))?;
     writeln!(tmp, "{conf:#}").map_err(|e| format!("writing {out}: {e}"))?;
     // Runtimes read the directory as they like: the file appears whole or not at all.
-    tmp.persist(path).map_err(|e| format!("writing {out}: {}", e.error))?;
+    tmp.persist(path)
+        .map_err(|e| format!("writing {out}: {}", e.error))?;
     Ok(())
 }
 

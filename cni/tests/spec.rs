@@ -501,7 +501,14 @@ fn write_config_writes_a_config_add_accepts_and_refuses_a_bad_one() -> Result<()
     let dir = tempfile::tempdir()?;
     let out = dir.path().join("10-clustermesh.conf");
     let st = Command::new(BIN)
-        .args(["write-config", "--pod-cidr", "10.77.8.0/24", "--mtu", "1450", "--out"])
+        .args([
+            "write-config",
+            "--pod-cidr",
+            "10.77.8.0/24",
+            "--mtu",
+            "1450",
+            "--out",
+        ])
         .arg(&out)
         .status()?;
     assert!(st.success());

@@ -154,7 +154,11 @@ fn invoke(lab: &Lab, p: Plugin, command: &str, pod_ns: &str) -> anyhow::Result<V
         Plugin::Clustermesh => cni_dir(&lab.bin).join("clustermesh-cni"),
     };
     let mut child = Command::new("ip")
-        .args(["netns", "exec", &lab.s(&["clusters", "0", "nodes", "0", "ns"])?])
+        .args([
+            "netns",
+            "exec",
+            &lab.s(&["clusters", "0", "nodes", "0", "ns"])?,
+        ])
         .arg(&plugin)
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", pod_ns)
@@ -208,7 +212,10 @@ fn add_pod(lab: &Lab, p: Plugin, k: usize) -> anyhow::Result<Sample> {
         if done {
             break t0.elapsed();
         }
-        ensure!(t0.elapsed() < Duration::from_secs(20), "{ip} not attached after 20 s");
+        ensure!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{ip} not attached after 20 s"
+        );
         std::thread::sleep(Duration::from_millis(2));
     };
     let src = lab.s(&["clusters", "1", "nodes", "0", "pods", "0", "ns"])?;
@@ -220,7 +227,10 @@ fn add_pod(lab: &Lab, p: Plugin, k: usize) -> anyhow::Result<Sample> {
         if ok {
             break t0.elapsed();
         }
-        ensure!(t0.elapsed() < Duration::from_secs(20), "{ip} not routable after 20 s");
+        ensure!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{ip} not routable after 20 s"
+        );
     };
     Ok(Sample {
         plugin_exec,
@@ -258,7 +268,17 @@ fn main() -> anyhow::Result<()> {
     let root = tempfile::Builder::new().prefix("cm-bench-cni").tempdir()?;
     let dir = root.path().join("lab");
     run(Command::new(&bin)
-        .args(["lab", "up", "--clusters", "2", "--nodes", "1", "--pods", "1", "--dir"])
+        .args([
+            "lab",
+            "up",
+            "--clusters",
+            "2",
+            "--nodes",
+            "1",
+            "--pods",
+            "1",
+            "--dir",
+        ])
         .arg(&dir))?;
     let state: Value = serde_json::from_slice(&std::fs::read(dir.join("lab.json"))?)?;
     let lab = Lab { bin, dir, state };
@@ -275,10 +295,22 @@ fn main() -> anyhow::Result<()> {
         };
         samples.push((p, add_pod(&lab, p, k)?));
     }
-    let mut row = |p: Plugin| -> (Duration, String) {
-        let mut exec: Vec<Duration> = samples.iter().filter(|s| s.0 == p).map(|s| s.1.plugin_exec).collect();
-        let mut att: Vec<Duration> = samples.iter().filter(|s| s.0 == p).map(|s| s.1.attached).collect();
-        let mut rt: Vec<Duration> = samples.iter().filter(|s| s.0 == p).map(|s| s.1.routable).collect();
+    let row = |p: Plugin| -> (Duration, String) {
+        let mut exec: Vec<Duration> = samples
+            .iter()
+            .filter(|s| s.0 == p)
+            .map(|s| s.1.plugin_exec)
+            .collect();
+        let mut att: Vec<Duration> = samples
+            .iter()
+            .filter(|s| s.0 == p)
+            .map(|s| s.1.attached)
+            .collect();
+        let mut rt: Vec<Duration> = samples
+            .iter()
+            .filter(|s| s.0 == p)
+            .map(|s| s.1.routable)
+            .collect();
         let p50 = pct(&mut rt, 0.5);
         (
             p50,
@@ -296,7 +328,10 @@ fn main() -> anyhow::Result<()> {
     };
     let (ptp50, ptp_row) = row(Plugin::Ptp);
     let (cm50, cm_row) = row(Plugin::Clustermesh);
-    println!("pod ADD → attached and routable, {} pods per plugin:", a.pods);
+    println!(
+        "pod ADD → attached and routable, {} pods per plugin:",
+        a.pods
+    );
     println!("  {ptp_row}");
     println!("  {cm_row}");
     let ratio = cm50.as_secs_f64() / ptp50.as_secs_f64().max(1e-9);
@@ -313,7 +348,11 @@ fn main() -> anyhow::Result<()> {
     let ok = busy_cpu <= base_cpu * 1.5 + 2.0;
     println!(
         "agent CPU idle: {base_cpu:.2} ms/s with 1 pod, {busy_cpu:.2} ms/s with {pods} pods → {}",
-        if ok { "PASS (no periodic cost per pod)" } else { "FAIL" }
+        if ok {
+            "PASS (no periodic cost per pod)"
+        } else {
+            "FAIL"
+        }
     );
 
     let id = lab.s(&["id"])?;
