@@ -39,7 +39,6 @@ use netns_common::{in_netns, run};
 use anyhow::{bail, ensure, Context as _, Result};
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Map, MapData};
-use clustermesh_agent::ifaces;
 use clustermesh_agent::kernel;
 use clustermesh_ebpf_abi::{ipcache_flags, IpcacheKey, IpcacheValue};
 use clustermesh_syncer::etcd_client::Client;
@@ -244,11 +243,11 @@ impl Lab {
         for pod in PODS {
             let pns = lab.add_ns(pod.ns)?;
             let node = lab.ns(NODES[pod.node].ns);
-            let host_if = ifaces::host_veth_name("default", pod.name);
-            let pod_mac = ifaces::Mac(ifaces::pod_mac(pod.ip)).to_string();
+            // Any names and MACs: the agent finds the pod from its /32 route and the peer.
+            let host_if = format!("hv{}x{}", pod.ip.octets()[1], pod.ip.octets()[3]);
             run(&[
                 "ip", "-n", &node, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0",
-                "address", &pod_mac, "netns", &pns,
+                "netns", &pns,
             ])?;
             run(&["ip", "-n", &node, "link", "set", &host_if, "up"])?;
             let mac = run(&[
@@ -910,8 +909,8 @@ fn agents_program_the_mesh_follow_deletes_and_restart_hitlessly() -> Result<()> 
         "restart: stream survived ({got} bytes, {down} while the agent was down, {after} in the \
          second after ready); restarted agent ready after {took:?}"
     );
-    // Ready means every cluster synced; pod links are found by the interface poll (1 s) and
-    // /status is republished every second, so the swapped links may show a moment later.
+    // Ready means every cluster synced; pod links are found on the next kernel notification
+    // or cluster change, so the swapped links may show a moment later.
     let mut st = agents[0].status()?;
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while st["datapath"]["stats"]["attach-replaced"]
