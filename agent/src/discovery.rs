@@ -269,9 +269,35 @@ fn contains(net: Ipv4Addr, len: u8, ip: Ipv4Addr) -> bool {
 
 /// Follows link, route and neighbour notifications; sends one wake-up per burst on a
 /// channel of capacity 1 (a pending wake-up already covers later changes).
+///
+/// Neighbour entries change state all the time (reachable → stale → delay → probe, every
+/// few seconds per entry): only an entry that appears, disappears or changes its MAC wakes
+/// the loop, or an idle node with many pods would re-read the kernel over and over.
 #[derive(Debug)]
 pub struct Watcher {
     sock: AsyncFd<Socket>,
+    /// Usable neighbour and FDB entries seen: (family is bridge, ifindex, IP) → MAC.
+    neighbours: NeighbourSeen,
+}
+
+type NeighbourSeen = HashMap<(bool, u32, Option<Ipv4Addr>, Option<[u8; 6]>), Option<[u8; 6]>>;
+
+impl Watcher {
+    /// Whether `ev` can change what [`Snapshot::find`] answers (`seen`: the watcher's
+    /// neighbour entries).
+    fn relevant(seen: &mut NeighbourSeen, ev: &clustermesh_rtnl::Event) -> bool {
+        use clustermesh_rtnl::Event;
+        let key = |n: &Neighbour| {
+            // FDB entries have no IP: their MAC is their identity.
+            let fdb = n.ip.is_none();
+            (fdb, n.ifindex, n.ip, if fdb { n.mac } else { None })
+        };
+        match ev {
+            Event::NewNeighbour(n) if n.usable() => seen.insert(key(n), n.mac) != Some(n.mac),
+            Event::NewNeighbour(n) | Event::DelNeighbour(n) => seen.remove(&key(n)).is_some(),
+            _ => true,
+        }
+    }
 }
 
 impl Watcher {
@@ -284,7 +310,10 @@ impl Watcher {
         // for as long as it is registered: it stays open and is never replaced.
         let sock = unsafe { AsyncFd::register_with_interest(sock, tokio::io::Interest::READABLE) }
             .map_err(std::io::Error::from)?;
-        Ok(Self { sock })
+        Ok(Self {
+            sock,
+            neighbours: HashMap::new(),
+        })
     }
 
     /// Runs until cancelled, waking `tx` after every burst of changes (and after lost
@@ -304,7 +333,11 @@ impl Watcher {
             let mut any = false;
             loop {
                 match guard.get_inner_mut().recv_events() {
-                    Ok(Some(events)) => any |= !events.is_empty(),
+                    Ok(Some(events)) => {
+                        for ev in &events {
+                            any |= Self::relevant(&mut self.neighbours, ev);
+                        }
+                    }
                     Ok(None) => {
                         guard.clear_ready();
                         break;
@@ -326,6 +359,46 @@ impl Watcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn neighbour_state_churn_does_not_wake_the_loop() {
+        use clustermesh_rtnl::netlink_packet_route::neighbour::NeighbourState;
+        use clustermesh_rtnl::Event;
+        let n = |state, mac: [u8; 6]| Neighbour {
+            ifindex: 7,
+            ip: Some(Ipv4Addr::new(10, 1, 1, 11)),
+            mac: Some(mac),
+            master: None,
+            state,
+            local: false,
+        };
+        let mut seen = NeighbourSeen::new();
+        let a = [2, 0, 0, 0, 0, 1];
+        assert!(Watcher::relevant(
+            &mut seen,
+            &Event::NewNeighbour(n(NeighbourState::Reachable, a))
+        ));
+        assert!(!Watcher::relevant(
+            &mut seen,
+            &Event::NewNeighbour(n(NeighbourState::Stale, a))
+        ));
+        assert!(!Watcher::relevant(
+            &mut seen,
+            &Event::NewNeighbour(n(NeighbourState::Delay, a))
+        ));
+        assert!(Watcher::relevant(
+            &mut seen,
+            &Event::NewNeighbour(n(NeighbourState::Reachable, [2, 0, 0, 0, 0, 2]))
+        ));
+        assert!(Watcher::relevant(
+            &mut seen,
+            &Event::DelNeighbour(n(NeighbourState::Stale, a))
+        ));
+        assert!(!Watcher::relevant(
+            &mut seen,
+            &Event::DelNeighbour(n(NeighbourState::Stale, a))
+        ));
+    }
 
     #[test]
     fn prefix_containment() {
