@@ -833,7 +833,16 @@ fn agents_program_the_mesh_follow_deletes_and_restart_hitlessly() -> Result<()> 
         "c1 (GRO on) should decapsulate at the underlay: {}",
         st["programs"]
     );
-    let st2 = agents[1].status()?;
+    // Agent c2's /status is its own once-a-second snapshot: wait for one taken after the
+    // traffic above (reading it once raced with its publication).
+    let t = Instant::now();
+    let st2 = loop {
+        let st2 = agents[1].status()?;
+        if delivered(&st2, "from_overlay") > 0 || t.elapsed() > Duration::from_secs(3) {
+            break st2;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     ensure!(
         st2["receive-path"]
             .as_str()
