@@ -8,6 +8,7 @@ mod lab;
 mod manifests;
 mod observe;
 mod remotes;
+mod ui;
 
 use clap::{Parser, Subcommand};
 
@@ -45,6 +46,8 @@ enum Command {
     Observe(observe::ObserveArgs),
     /// The Kubernetes objects of a cluster's mesh install (YAML), or the deploy/kubernetes tree.
     Manifests(manifests::ManifestsArgs),
+    /// A web view of the mesh: clusters, service map, live flows (like Hubble UI).
+    Ui(ui::UiArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -85,6 +88,7 @@ fn main() -> std::process::ExitCode {
         Command::Connectivity(ConnectivityCommand::Test(a)) => connectivity::test(a),
         Command::Observe(a) => observe::run(a),
         Command::Manifests(a) => manifests::run(a),
+        Command::Ui(a) => ui::run(a),
     };
     match res {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -216,7 +216,7 @@ pub fn json(f: &api::Flow) -> serde_json::Value {
     })
 }
 
-fn verdict(f: &api::Flow) -> &'static str {
+pub(crate) fn verdict(f: &api::Flow) -> &'static str {
     match api::Verdict::try_from(f.verdict) {
         Ok(api::Verdict::Forwarded) => "FORWARDED",
         Ok(api::Verdict::Dropped) => "DROPPED",
@@ -224,7 +224,7 @@ fn verdict(f: &api::Flow) -> &'static str {
     }
 }
 
-fn time(nanos: i64, rfc3339: bool) -> String {
+pub(crate) fn time(nanos: i64, rfc3339: bool) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(nanos.max(0) as u64);
     let s = humantime::format_rfc3339_millis(t).to_string();
     if rfc3339 {
@@ -248,7 +248,7 @@ fn time(nanos: i64, rfc3339: bool) -> String {
     }
 }
 
-fn tcp_flags(bits: u32) -> Vec<&'static str> {
+pub(crate) fn tcp_flags(bits: u32) -> Vec<&'static str> {
     [
         (0x02, "SYN"),
         (0x10, "ACK"),
@@ -264,8 +264,8 @@ fn tcp_flags(bits: u32) -> Vec<&'static str> {
 }
 
 /// Labels worth showing: not the namespace/cluster ones (shown separately).
-fn short_labels(e: &api::Endpoint) -> Vec<&str> {
-    e.labels
+pub(crate) fn short_labels(labels: &[String]) -> Vec<&str> {
+    labels
         .iter()
         .map(String::as_str)
         .filter(|l| {
@@ -290,7 +290,7 @@ fn endpoint(e: Option<&api::Endpoint>) -> String {
         addr
     };
     let mut info = vec![format!("ID:{}", e.identity)];
-    info.extend(short_labels(e).into_iter().map(str::to_owned));
+    info.extend(short_labels(&e.labels).into_iter().map(str::to_owned));
     if !e.cluster.is_empty() {
         info.push(format!("cluster:{}", e.cluster));
     }

@@ -268,6 +268,10 @@ fn print_inspect(st: &LabState) {
         src.node.ns
     );
     println!("  {me} connectivity test --dir {d}");
+    println!(
+        "  {me} ui --dir {d}    # the web view on http://{}/",
+        crate::ui::DEFAULT_LISTEN
+    );
     println!("  {me} lab status --dir {d}");
     println!("Tear it down: {me} lab down --dir {d}");
 }
