@@ -16,6 +16,8 @@ command -v iptables-restore >/dev/null 2>&1 || need_apt+=(iptables)  # bench-lb:
 command -v dig >/dev/null 2>&1 || need_apt+=(dnsutils)  # lab: dig the clusterset.local names from a pod
 # lab --cni ptp|bridge: the CNI reference plugins (/usr/lib/cni/{ptp,bridge,host-local}).
 [ -x /usr/lib/cni/ptp ] || need_apt+=(containernetworking-plugins)
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)  # ui test: the page in a real headless browser
+command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)  # ui test: WebDriver
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "==> installing ${need_apt[*]} (apt)"

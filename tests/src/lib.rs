@@ -1,7 +1,9 @@
 //! Test support for clustermesh's end-to-end suites: a real etcd over mTLS (`etcd`), our
-//! binaries as processes (`process`), and the Cilium scenario runner (`scenario`), and
-//! a small honest Kubernetes API server for the real kube-rs client (`kubeapi`).
+//! binaries as processes (`process`), labs (`lab`), a headless Chromium over WebDriver
+//! (`browser`), the Cilium scenario runner (`scenario`), and a small honest Kubernetes API
+//! server for the real kube-rs client (`kubeapi`).
 
+pub mod browser;
 pub mod etcd;
 pub mod fixtures;
 pub mod kubeapi;

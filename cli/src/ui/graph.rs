@@ -617,7 +617,10 @@ mod tests {
         assert_eq!(edges[0]["from"], "c1/65536");
         assert_eq!(edges[0]["forwarded"], 5);
         assert_eq!(edges[0]["replies"], 3);
-        assert_eq!(edges[0]["ports"], serde_json::json!(["TCP/8080", "UDP/8080"]));
+        assert_eq!(
+            edges[0]["ports"],
+            serde_json::json!(["TCP/8080", "UDP/8080"])
+        );
         // A server's SYN-ACK seen first (the SYN was before the UI started) is a reply too.
         let mut g = Graph::default();
         g.observe(&syn_ack, "c2/n1", 1);
@@ -644,7 +647,10 @@ mod tests {
         let mut inv = Inventory::default();
         let ids = BTreeMap::from([(
             65537,
-            vec!["k8s:app=echo".to_owned(), "k8s:instance=echo-1-1".to_owned()],
+            vec![
+                "k8s:app=echo".to_owned(),
+                "k8s:instance=echo-1-1".to_owned(),
+            ],
         )]);
         inv.add_cluster(
             "c1",

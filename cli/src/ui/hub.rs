@@ -514,7 +514,11 @@ mod tests {
         let delivered = flows_in(&got) as u64;
         let dropped = client.dropped.load(Ordering::Relaxed);
         assert!(dropped > 0);
-        assert_eq!(delivered + dropped, (rounds * 10) as u64, "every flow is either sent or counted");
+        assert_eq!(
+            delivered + dropped,
+            (rounds * 10) as u64,
+            "every flow is either sent or counted"
+        );
         let stats = hub.stats();
         assert_eq!(stats["clients"][0]["dropped"], dropped);
         // A batch never exceeds BATCH flows; the excess is counted too.
@@ -534,9 +538,13 @@ mod tests {
         for i in 0..MAX_CLIENTS {
             keep.push(hub.subscribe(Filter::default(), 0, format!("{i}")).unwrap());
         }
-        assert!(hub.subscribe(Filter::default(), 0, "one too many".into()).is_err());
+        assert!(hub
+            .subscribe(Filter::default(), 0, "one too many".into())
+            .is_err());
         keep.pop();
-        assert!(hub.subscribe(Filter::default(), 0, "room again".into()).is_ok());
+        assert!(hub
+            .subscribe(Filter::default(), 0, "room again".into())
+            .is_ok());
     }
 
     #[test]
@@ -547,7 +555,11 @@ mod tests {
             hub.ingest(
                 feed,
                 "c1/n1",
-                &flow(("c1", &format!("p{i}"), 65537), ("c2", "b", 131073), i % 2 == 0),
+                &flow(
+                    ("c1", &format!("p{i}"), 65537),
+                    ("c2", "b", 131073),
+                    i % 2 == 0,
+                ),
             );
         }
         let (f, _) = Filter::parse("verdict=DROPPED").unwrap();

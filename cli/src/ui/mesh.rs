@@ -147,14 +147,20 @@ fn cluster_health(state_dir: &Path) -> ClusterHealth {
     }
 }
 
-/// Reads an agent's `/readyz` (blocking).
-fn agent_health(addr: std::net::SocketAddr) -> Agent {
+/// Reads an agent's `/readyz` (blocking); `log` is where to look when it fails.
+fn agent_health(addr: std::net::SocketAddr, log: &Path) -> Agent {
     let (state, detail) = match http::get(addr, "/readyz", HTTP_TIMEOUT) {
         Ok((200, body)) => ("ready", body.trim().to_owned()),
-        Ok((code, body)) => ("not-ready", format!("HTTP {code}: {}", body.trim())),
+        Ok((code, body)) => (
+            "not-ready",
+            format!("HTTP {code}: {} (its log: {})", body.trim(), log.display()),
+        ),
         Err(e) => (
             "not-answering",
-            format!("http://{addr}/readyz: {e}; is the agent running? (its log is in the lab dir)"),
+            format!(
+                "http://{addr}/readyz: {e}; is the agent running? Its log: {}",
+                log.display()
+            ),
         ),
     };
     Agent {
@@ -181,9 +187,9 @@ pub async fn poll_health(lab: Arc<LabState>, health: SharedHealth, token: Cancel
             for n in &c.nodes {
                 let Some(agent) = &n.agent else { continue };
                 let (key, addr) = (format!("{}/{}", c.name, n.name), agent.health_addr);
-                let h = health.clone();
+                let (h, log) = (health.clone(), agent.log.clone());
                 jobs.spawn_blocking(move || {
-                    let a = agent_health(addr);
+                    let a = agent_health(addr, &log);
                     h.lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .agents

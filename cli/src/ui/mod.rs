@@ -159,8 +159,13 @@ async fn serve(
                 .instrument(tracing::info_span!("health")),
         );
         tasks.spawn(
-            mesh::poll_inventory(lab.clone(), hub.clone(), health.clone(), token.child_token())
-                .instrument(tracing::info_span!("inventory")),
+            mesh::poll_inventory(
+                lab.clone(),
+                hub.clone(),
+                health.clone(),
+                token.child_token(),
+            )
+            .instrument(tracing::info_span!("inventory")),
         );
     }
     tasks.spawn(
@@ -200,7 +205,9 @@ async fn serve(
         Some(l) => format!("lab {} in {}", l.id, l.dir.display()),
         None => format!("{agents} observers"),
     };
-    println!("🖥️  clustermesh ui: http://{addr}/ ({what}, following {agents} agents; Ctrl-C stops it)");
+    println!(
+        "🖥️  clustermesh ui: http://{addr}/ ({what}, following {agents} agents; Ctrl-C stops it)"
+    );
     let server_token = token.clone();
     tasks.spawn(async move {
         let serve = axum::serve(

@@ -94,10 +94,14 @@ async fn stream(t: &Target, hub: &Hub, last_ns: &mut i64, backoff: &mut Duration
     let channel = match endpoint.connect().await {
         Ok(c) => c,
         Err(e) => {
-            let source = std::error::Error::source(&e)
-                .map(|s| format!(": {s}"))
-                .unwrap_or_default();
-            return format!("cannot connect ({e}{source}); is the agent running?");
+            // tonic's own message is generic ("transport error"); the cause is at the end.
+            let mut why = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                why = format!("{why}: {s}");
+                source = s.source();
+            }
+            return format!("cannot connect ({why}); is the agent running?");
         }
     };
     let req = api::GetFlowsRequest {

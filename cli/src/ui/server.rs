@@ -84,7 +84,7 @@ async fn guard(State(app): State<App>, req: Request, next: Next) -> Response {
         .and_then(|h| h.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    if !app.hosts.iter().any(|h| *h == host) {
+    if !app.hosts.contains(&host) {
         return error(
             StatusCode::MISDIRECTED_REQUEST,
             format!(
@@ -128,18 +128,22 @@ fn error(code: StatusCode, message: String) -> Response {
 
 /// The filter and `last` of a query string; anything else is an error.
 fn query(q: Option<String>) -> Result<(Filter, usize), Response> {
-    let (filter, rest) =
-        Filter::parse(q.as_deref().unwrap_or_default()).map_err(|e| error(StatusCode::BAD_REQUEST, e.0))?;
+    let (filter, rest) = Filter::parse(q.as_deref().unwrap_or_default())
+        .map_err(|e| error(StatusCode::BAD_REQUEST, e.0))?;
     let mut last = DEFAULT_LAST;
     for (k, v) in rest {
         match k.as_str() {
             "last" => {
-                last = v.parse::<usize>().ok().filter(|n| *n <= RING).ok_or_else(|| {
-                    error(
-                        StatusCode::BAD_REQUEST,
-                        format!("last={v:?}: give a number of flows from 0 to {RING}"),
-                    )
-                })?;
+                last = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| *n <= RING)
+                    .ok_or_else(|| {
+                        error(
+                            StatusCode::BAD_REQUEST,
+                            format!("last={v:?}: give a number of flows from 0 to {RING}"),
+                        )
+                    })?;
             }
             _ => {
                 return Err(error(

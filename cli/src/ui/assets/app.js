@@ -363,7 +363,7 @@
         // from the edges between groups.
         const left = p.col < (groups.length - 1) / 2;
         const x = left ? p.x : p.x + BOX_W, y1 = p.y + BOX_H / 2 - 5, y2 = q.y + BOX_H / 2 + 5;
-        const bulge = (left ? -1 : 1) * (24 + Math.min(30, Math.abs(y2 - y1) / 6));
+        const bulge = (left ? -1 : 1) * (24 + Math.min(24, Math.abs(y2 - y1) / 6));
         d = `M${x},${y1} C${x + bulge},${y1} ${x + bulge},${y2} ${x},${y2}`;
         mx = x + bulge * 0.75; my = (y1 + y2) / 2;
       } else {
