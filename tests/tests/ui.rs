@@ -284,7 +284,8 @@ fn check_page(state: &Value, ui: &Ui, b: &Browser) -> Result<()> {
          const inMap = [...document.querySelectorAll('#map g.node')].some(n => n.textContent.includes(arguments[0]));
          const injected = document.querySelectorAll('#app script, #app img, #clusters script').length;
          const filtered = location.hash.includes('pod=echo-2-2') && rows.length > 0
-           && rows.every(r => r.dataset.srcCluster === 'c1' && r.dataset.srcPod === 'echo-2-2' || r.dataset.dstCluster === 'c1' && r.dataset.dstPod === 'echo-2-2');
+           && rows.every(r => (r.dataset.srcCluster === 'c1' || r.dataset.dstCluster === 'c1')
+                              && (r.dataset.srcPod === 'echo-2-2' || r.dataset.dstPod === 'echo-2-2'));
          return {ok: filtered && inRow && inMap && injected === 0 && window.__cmXss === undefined,
                  rows: rows.length, inRow, inMap, injected, xss: String(window.__cmXss)};",
         json!([XSS]),
