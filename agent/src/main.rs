@@ -12,7 +12,6 @@ use anyhow::{bail, Context as _};
 use clap::{Parser, ValueEnum};
 use clustermesh_agent::{kernel, Config, RemoteMode, UnderlayDev};
 use clustermesh_types::cluster::{ClusterInfo, ClusterName, MaxConnectedClusters};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Remotes {
@@ -164,13 +163,7 @@ fn config(a: &Args) -> anyhow::Result<Config> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    clustermesh_runtime::init_tracing(&std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
     match real_main(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -196,20 +189,9 @@ fn real_main(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    runtime.block_on(async move {
-        let token = CancellationToken::new();
-        let mut agent = tokio::spawn(clustermesh_agent::run(config, token.clone()));
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("SIGTERM handler")?;
-        tokio::select! {
-            r = &mut agent => return Ok(r.context("agent task")??),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping (programs and maps stay)"),
-            _ = term.recv() => tracing::info!("SIGTERM: stopping (programs and maps stay)"),
-        }
-        token.cancel();
-        match tokio::time::timeout(args.shutdown_grace, agent).await {
-            Ok(r) => Ok(r.context("agent task")??),
-            Err(_) => bail!("did not stop within {:?}", args.shutdown_grace),
-        }
-    })
+    // Shutdown leaves programs attached and maps filled (hitless restarts).
+    runtime.block_on(clustermesh_runtime::run(args.shutdown_grace, |token| {
+        clustermesh_agent::run(config, token)
+    }))??;
+    Ok(())
 }
