@@ -1,14 +1,17 @@
 //! `clustermesh observe`: flows from every agent's observer (gRPC), merged by time and
 //! printed like `hubble observe`, or as JSON lines.
 //!
-//! Servers come from `--server` (repeatable) or, by default, from the lab: every agent's
-//! node address on port [`OBSERVER_PORT`] (Hubble's 4245).
+//! Servers come from `--server` (repeatable) or, by default, from the lab in `--dir` (the
+//! same default as `lab up`): every agent's node address on port [`OBSERVER_PORT`]
+//! (Hubble's 4245). With `--follow` it streams until SIGINT/SIGTERM, then stops its streams.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use api::observer_client::ObserverClient;
 use clustermesh_observer_api as api;
+use tokio_util::sync::CancellationToken;
 
 /// The agents' observer port (Hubble's).
 pub const OBSERVER_PORT: u16 = 4245;
@@ -44,8 +47,8 @@ pub struct ObserveArgs {
     #[arg(long)]
     server: Vec<String>,
     /// Lab directory (to find the agents).
-    #[arg(long, default_value = "/tmp/clustermesh-lab")]
-    lab_dir: PathBuf,
+    #[arg(long, alias = "lab-dir", default_value = crate::lab::DEFAULT_DIR)]
+    dir: PathBuf,
 }
 
 /// A verdict filter.
@@ -69,20 +72,15 @@ fn servers(args: &ObserveArgs) -> anyhow::Result<Vec<String>> {
     if !args.server.is_empty() {
         return Ok(args.server.clone());
     }
-    let path = args.lab_dir.join("lab.json");
-    let raw = std::fs::read(&path)
-        .with_context(|| format!("no --server given and no lab at {}", path.display()))?;
-    let lab: serde_json::Value = serde_json::from_slice(&raw).context("lab.json")?;
-    let mut out = Vec::new();
-    for c in lab["clusters"].as_array().into_iter().flatten() {
-        for n in c["nodes"].as_array().into_iter().flatten() {
-            if let Some(ip) = n["ip"].as_str() {
-                out.push(format!("{ip}:{OBSERVER_PORT}"));
-            }
-        }
-    }
+    let lab = crate::lab::state::load(&args.dir)?;
+    let out: Vec<String> = lab
+        .clusters
+        .iter()
+        .flat_map(|c| &c.nodes)
+        .map(|n| format!("{}:{OBSERVER_PORT}", n.ip))
+        .collect();
     if out.is_empty() {
-        bail!("the lab at {} has no nodes", args.lab_dir.display());
+        bail!("the lab at {} has no nodes", args.dir.display());
     }
     Ok(out)
 }
@@ -115,10 +113,18 @@ pub fn run(args: ObserveArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(observe(args, servers))
+    // Following ends with Ctrl-C (or SIGTERM): the streams are cancelled, what arrived is
+    // printed, and the command succeeds.
+    rt.block_on(clustermesh_runtime::run(Duration::from_secs(2), |token| {
+        observe(args, servers, token)
+    }))?
 }
 
-async fn observe(args: ObserveArgs, servers: Vec<String>) -> anyhow::Result<()> {
+async fn observe(
+    args: ObserveArgs,
+    servers: Vec<String>,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<api::Flow>(1024);
     let mut tasks = tokio::task::JoinSet::new();
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<(String, anyhow::Result<()>)>(16);
@@ -152,29 +158,29 @@ async fn observe(args: ObserveArgs, servers: Vec<String>) -> anyhow::Result<()> 
             eprintln!("warning: {s}: {e:#}");
         }
     };
-    if args.follow {
-        // Past flows arrive per server; after that, print as they come.
-        loop {
-            tokio::select! {
-                f = rx.recv() => match f {
-                    Some(f) => print(&f, args.output),
-                    None => break,
-                },
-                Some(d) = done_rx.recv() => report(d),
+    // Following: past flows arrive per server, then print as they come. Otherwise: collect
+    // everything, then print it merged by time.
+    let mut all = Vec::new();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                tasks.abort_all();
+                break;
             }
+            f = rx.recv() => match f {
+                Some(f) if args.follow => print(&f, args.output),
+                Some(f) => all.push(f),
+                None => break,
+            },
+            Some(d) = done_rx.recv() => report(d),
         }
-    } else {
-        let mut all = Vec::new();
-        while let Some(f) = rx.recv().await {
-            all.push(f);
-        }
-        while let Some(d) = done_rx.recv().await {
-            report(d);
-        }
-        all.sort_by_key(|f| f.time_unix_nanos);
-        for f in &all {
-            print(f, args.output);
-        }
+    }
+    while let Ok(d) = done_rx.try_recv() {
+        report(d);
+    }
+    all.sort_by_key(|f| f.time_unix_nanos);
+    for f in &all {
+        print(f, args.output);
     }
     while tasks.join_next().await.is_some() {}
     if failed == servers.len() {

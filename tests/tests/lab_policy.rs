@@ -111,7 +111,7 @@ fn policy_admits_only_the_frontend_of_c1(lab: &Lab, state: &Value) -> Result<()>
             "--last",
             "0",
         ])
-        .arg("--lab-dir")
+        .arg("--dir")
         .arg(&lab.dir))?;
     let flows: Vec<Value> = out
         .lines()

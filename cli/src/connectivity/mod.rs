@@ -28,7 +28,7 @@ use crate::lab::{netns, plan};
 #[derive(Debug, clap::Args)]
 pub struct TestArgs {
     /// Lab directory.
-    #[arg(long, default_value = ".lab")]
+    #[arg(long, default_value = crate::lab::DEFAULT_DIR)]
     pub dir: PathBuf,
     /// Output format: `summary` or `json`.
     #[arg(short = 'o', long, default_value = "summary")]

@@ -49,11 +49,16 @@ pub use network::netns_resolv_conf;
 pub use status::status;
 pub use up::{up, UpArgs};
 
+/// Where a lab lives unless `--dir` says otherwise: every command that builds or reads a lab
+/// (`lab up|status|down`, `connectivity test`, `observe`) takes `--dir` with this default, so
+/// each finds the lab the others made.
+pub const DEFAULT_DIR: &str = ".lab";
+
 /// Flags of `lab down` / `lab status`.
 #[derive(Debug, clap::Args)]
 pub struct DirArgs {
     /// Lab directory.
-    #[arg(long, default_value = ".lab")]
+    #[arg(long, default_value = DEFAULT_DIR)]
     pub dir: PathBuf,
     /// Output format: `summary` or `json`.
     #[arg(short = 'o', long, default_value = "summary")]

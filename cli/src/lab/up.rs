@@ -28,7 +28,7 @@ pub struct UpArgs {
     #[arg(long, default_value_t = 2)]
     pub pods: u32,
     /// Lab directory (all state: certificates, etcd data, logs, pins).
-    #[arg(long, default_value = ".lab")]
+    #[arg(long, default_value = super::DEFAULT_DIR)]
     pub dir: PathBuf,
     /// `ebpf`: agents program our datapath; `kernel`: plain kernel VXLAN with static
     /// forwarding entries, no agents (the benchmark baseline).

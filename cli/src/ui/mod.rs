@@ -88,13 +88,9 @@ pub fn run(a: UiArgs) -> anyhow::Result<()> {
             "⚠️  {addr} is not a loopback address: anyone who reaches it sees the mesh's flows (the page has no login)"
         );
     }
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CLUSTERMESH_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+    clustermesh_runtime::init_tracing(
+        &std::env::var("CLUSTERMESH_LOG").unwrap_or_else(|_| "warn".into()),
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
