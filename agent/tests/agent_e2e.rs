@@ -551,6 +551,39 @@ fn lookup(map: &LpmTrie<MapData, IpcacheKey, IpcacheValue>, ip: Ipv4Addr) -> Opt
     map.get(&Key::new(64, IpcacheKey::v4(ip.octets())), 0).ok()
 }
 
+/// How long a check of an agent's report waits for what it asserts: `/status` is
+/// republished every second, so one read can be a period behind what already happened (the
+/// c2 receive check once read every counter as 0, 1.7 s after the traffic).
+const REPORT_WAIT: Duration = Duration::from_secs(5);
+
+/// Reads until `holds` or `timeout`; then fails with `fail` of the last value read, so the
+/// message shows what the agent said, not only that it was wrong.
+fn wait_for<T>(
+    timeout: Duration,
+    mut read: impl FnMut() -> Result<T>,
+    holds: impl Fn(&T) -> bool,
+    fail: impl FnOnce(&T) -> String,
+) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        let value = read()?;
+        if holds(&value) {
+            return Ok(value);
+        }
+        if start.elapsed() > timeout {
+            bail!("{} (still so after {timeout:?})", fail(&value));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Packets `program` delivered to a local pod, from an agent's `/status`.
+fn delivered(st: &serde_json::Value, program: &str) -> u64 {
+    st["programs"][program]["delivered_local"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
 // ---------------------------------------------------------------------------------------
 // traffic
 
@@ -771,14 +804,26 @@ fn agents_program_the_mesh_follow_deletes_and_restart_hitlessly() -> Result<()> 
 
     // Maps as the rules say; hostile entries absent.
     let ipc1 = agents[0].ipcache()?;
-    let b1 = lookup(&ipc1, B1.ip).context("remote pod b1 missing from c1's ipcache")?;
+    let b1 = wait_for(
+        REPORT_WAIT,
+        || Ok(lookup(&ipc1, B1.ip)),
+        Option::is_some,
+        |_| "remote pod b1 missing from c1's ipcache".into(),
+    )?
+    .context("b1")?;
     ensure!(b1.sec_identity == B1.identity, "{b1:?}");
     ensure!(
         b1.flags == ipcache_flags::HAS_TUNNEL | ipcache_flags::REMOTE_CLUSTER,
         "{b1:?}"
     );
     ensure!(b1.tunnel_endpoint[..4] == NODES[1].ip.octets(), "{b1:?}");
-    let a1 = lookup(&ipc1, A1.ip).context("local pod a1 missing")?;
+    let a1 = wait_for(
+        REPORT_WAIT,
+        || Ok(lookup(&ipc1, A1.ip)),
+        Option::is_some,
+        |_| "local pod a1 missing from c1's ipcache".into(),
+    )?
+    .context("a1")?;
     ensure!(a1.flags == 0 && a1.sec_identity == A1.identity, "{a1:?}");
     for hostile in ["10.9.9.9", "10.9.9.8", "10.9.9.7"] {
         let ip: Ipv4Addr = hostile.parse()?;
@@ -787,12 +832,15 @@ fn agents_program_the_mesh_follow_deletes_and_restart_hitlessly() -> Result<()> 
             "hostile entry {hostile} reached the map"
         );
     }
-    let st = agents[0].status()?;
-    let pods = st["datapath"]["pods"].as_array().context("pods")?;
-    ensure!(
-        pods.len() == 2 && pods.iter().all(|p| p["attached"] == true),
-        "local pods: {pods:?}"
-    );
+    wait_for(
+        REPORT_WAIT,
+        || Ok(agents[0].status()?["datapath"]["pods"].clone()),
+        |pods| {
+            pods.as_array()
+                .is_some_and(|p| p.len() == 2 && p.iter().all(|p| p["attached"] == true))
+        },
+        |pods| format!("c1's two local pods should be attached: {pods}"),
+    )?;
 
     // Traffic: same node, and across clusters both ways.
     ensure!(ping(&lab, &A1, &A2, 2), "ping a1 → a2 (same node)");
@@ -800,49 +848,47 @@ fn agents_program_the_mesh_follow_deletes_and_restart_hitlessly() -> Result<()> 
     ensure!(ping(&lab, &B1, &A2, 2), "ping b1 → a2 (c2 → c1)");
     tcp_echo(&lab, &A1, &B1, 7001)?;
     tcp_echo(&lab, &B1, &A1, 7002)?;
-    // /status is republished every second: give the counters one period to show.
-    let t = Instant::now();
-    let st = loop {
-        let st = agents[0].status()?;
-        let tunnelled = st["programs"]["from_pod"]["tunnelled"]
-            .as_u64()
-            .unwrap_or(0);
-        if tunnelled > 0 || t.elapsed() > Duration::from_secs(3) {
-            break st;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let tunnelled = st["programs"]["from_pod"]["tunnelled"]
-        .as_u64()
-        .unwrap_or(0);
-    ensure!(tunnelled > 0, "from_pod counters: {}", st["programs"]);
-    // c1 received b1's packets through from_underlay (GRO on), c2 a1's through the VXLAN
+    // The counters of that traffic, once each agent has republished its /status. c1
+    // receives b1's packets through from_underlay (GRO on), c2 a1's through the VXLAN
     // device (GRO off).
-    let delivered = |st: &serde_json::Value, program: &str| {
-        st["programs"][program]["delivered_local"]
-            .as_u64()
-            .unwrap_or(0)
-    };
+    let st = wait_for(
+        REPORT_WAIT,
+        || agents[0].status(),
+        |st| {
+            st["programs"]["from_pod"]["tunnelled"]
+                .as_u64()
+                .unwrap_or(0)
+                > 0
+                && delivered(st, "from_underlay") > 0
+        },
+        |st| {
+            format!(
+                "c1 (GRO on) should tunnel from_pod and decapsulate at the underlay: {}",
+                st["programs"]
+            )
+        },
+    )?;
     ensure!(
         st["receive-path"] == "from_underlay on eth0",
         "c1 receive path: {}",
         st["receive-path"]
     );
     ensure!(
-        delivered(&st, "from_underlay") > 0 && delivered(&st, "from_overlay") == 0,
-        "c1 (GRO on) should decapsulate at the underlay: {}",
+        delivered(&st, "from_overlay") == 0,
+        "c1 (GRO on) received through the VXLAN device: {}",
         st["programs"]
     );
-    // Agent c2's /status is its own once-a-second snapshot: wait for one taken after the
-    // traffic above (reading it once raced with its publication).
-    let t = Instant::now();
-    let st2 = loop {
-        let st2 = agents[1].status()?;
-        if delivered(&st2, "from_overlay") > 0 || t.elapsed() > Duration::from_secs(3) {
-            break st2;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let st2 = wait_for(
+        REPORT_WAIT,
+        || agents[1].status(),
+        |st| delivered(st, "from_overlay") > 0,
+        |st| {
+            format!(
+                "c2 (GRO off) should receive through the VXLAN device: {}",
+                st["programs"]
+            )
+        },
+    )?;
     ensure!(
         st2["receive-path"]
             .as_str()
@@ -851,8 +897,8 @@ fn agents_program_the_mesh_follow_deletes_and_restart_hitlessly() -> Result<()> 
         st2["receive-path"]
     );
     ensure!(
-        delivered(&st2, "from_overlay") > 0 && delivered(&st2, "from_underlay") == 0,
-        "c2 (GRO off) should receive through the VXLAN device: {}",
+        delivered(&st2, "from_underlay") == 0,
+        "c2 (GRO off) decapsulated at the underlay: {}",
         st2["programs"]
     );
 
@@ -900,11 +946,18 @@ fn agents_program_the_mesh_follow_deletes_and_restart_hitlessly() -> Result<()> 
         stream.progress(Duration::from_millis(500)) > 0,
         "stream not flowing"
     );
-    let upserts_before = agents[0].status()?["datapath"]["stats"]["ipcache-upserts"]
-        .as_u64()
-        .unwrap_or(0);
-    ensure!(upserts_before > 0, "first agent wrote nothing?");
-    let decapped_before = delivered(&agents[0].status()?, "from_underlay");
+    let st = wait_for(
+        REPORT_WAIT,
+        || agents[0].status(),
+        |st| {
+            st["datapath"]["stats"]["ipcache-upserts"]
+                .as_u64()
+                .unwrap_or(0)
+                > 0
+        },
+        |st| format!("first agent wrote nothing? {}", st["datapath"]["stats"]),
+    )?;
+    let decapped_before = delivered(&st, "from_underlay");
     agents[0].stop()?;
     let down = stream.progress(Duration::from_millis(1000));
     ensure!(down > 0, "stream stalled while the agent was down");
@@ -919,18 +972,24 @@ fn agents_program_the_mesh_follow_deletes_and_restart_hitlessly() -> Result<()> 
          second after ready); restarted agent ready after {took:?}"
     );
     // Ready means every cluster synced; pod links are found on the next kernel notification
-    // or cluster change, so the swapped links may show a moment later.
-    let mut st = agents[0].status()?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while st["datapath"]["stats"]["attach-replaced"]
-        .as_u64()
-        .unwrap_or(0)
-        < 2
-        && std::time::Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(200));
-        st = agents[0].status()?;
-    }
+    // or cluster change and /status is republished every second, so the swapped links may
+    // show a moment later.
+    let st = wait_for(
+        REPORT_WAIT,
+        || agents[0].status(),
+        |st| {
+            st["datapath"]["stats"]["attach-replaced"]
+                .as_u64()
+                .unwrap_or(0)
+                >= 2
+        },
+        |st| {
+            format!(
+                "programs not swapped into the pinned links: {}",
+                st["datapath"]["stats"]
+            )
+        },
+    )?;
     let stats = &st["datapath"]["stats"];
     ensure!(
         stats["ipcache-upserts"] == 0,
@@ -940,25 +999,31 @@ fn agents_program_the_mesh_follow_deletes_and_restart_hitlessly() -> Result<()> 
         stats["adopted-ipcache"].as_u64().unwrap_or(0) >= 3,
         "{stats}"
     );
-    ensure!(
-        stats["attach-replaced"].as_u64().unwrap_or(0) >= 2,
-        "programs not swapped into the pinned links: {stats}"
-    );
     ensure!(ping(&lab, &A1, &B1, 1), "a1 → b1 after the restart");
-    ensure!(
-        delivered(&st, "from_underlay") > decapped_before,
-        "from_underlay (swapped into its pinned link) stopped decapsulating: {}",
-        st["programs"]
-    );
+    wait_for(
+        REPORT_WAIT,
+        || agents[0].status(),
+        |st| delivered(st, "from_underlay") > decapped_before,
+        |st| {
+            format!(
+                "from_underlay (swapped into its pinned link) stopped decapsulating: {} (before the restart: {decapped_before})",
+                st["programs"]
+            )
+        },
+    )?;
 
-    // /metrics carries the Cilium names.
-    let (_, metrics) = agents[0].http("/metrics")?;
+    // /metrics carries the Cilium names (the datapath's are filled on the status tick).
     for name in [
         "cilium_clustermesh_remote_cluster_readiness_status",
         "cilium_bpf_map_pressure{map_name=\"CM_IPCACHE\"}",
         "cilium_clustermesh_datapath_packets_total",
     ] {
-        ensure!(metrics.contains(name), "{name} missing from /metrics");
+        wait_for(
+            REPORT_WAIT,
+            || Ok(agents[0].http("/metrics")?.1),
+            |metrics| metrics.contains(name),
+            |metrics| format!("{name} missing from /metrics:\n{metrics}"),
+        )?;
     }
 
     // Cleanup for `lab down`: stop, then remove the pins.
