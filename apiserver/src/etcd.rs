@@ -6,14 +6,34 @@
 //! idempotent, so restarting etcd on a kept data dir goes through it again harmlessly.
 //! If etcd dies it is restarted (with backoff) on the same data dir and ports; clients see
 //! a short outage and resume, and leases survive because etcd persists them.
+//!
+//! # Never an orphan, never a loop
+//!
+//! * etcd dies with its apiserver: it is started through util-linux's `setpriv
+//!   --pdeathsig TERM`, so the kernel sends it SIGTERM when the thread that started it ends.
+//!   That thread is a dedicated one that lives exactly as long as the child (it waits for
+//!   it), so the signal comes when the apiserver exits by any means, SIGKILL and OOM kills
+//!   included, and never earlier. (`prctl` in a `pre_exec` hook would need `unsafe`, which
+//!   this crate does not allow.)
+//! * An etcd that still serves our data dir when we start (left by an apiserver from before
+//!   this rule, or started by hand) is stopped cleanly (SIGTERM, then SIGKILL after 10 s)
+//!   before ours starts, with a log line saying so. Adopting it would leave a process we
+//!   cannot wait for and that would outlive us again.
+//! * The restart backoff (200 ms doubling to 10 s) is only reset after an etcd that we
+//!   started served for [`STABLE`]; "healthy" means our child is alive and answers, so an
+//!   etcd that exits at once (a port taken by something else) backs off instead of looping,
+//!   and the log says why it exited (the last lines of its log).
+//!
+//! It must not touch an etcd that serves another data dir.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use clustermesh_syncer::EtcdConfig;
-use tokio::process::{Child, Command};
-use tokio::sync::watch;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -34,6 +54,23 @@ pub struct Embedded {
     pub cluster: String,
     /// Where etcd's own log goes.
     pub log_file: PathBuf,
+    /// util-linux's `setpriv`, which starts etcd with a parent-death signal; `None` starts
+    /// etcd directly (it then outlives a killed apiserver until the next one stops it).
+    pub pdeathsig_wrapper: Option<PathBuf>,
+}
+
+/// The smallest ping interval the embedded etcd accepts from clients.
+pub const KEEPALIVE_MIN_TIME: Duration = Duration::from_millis(500);
+
+/// An etcd that served this long resets the restart backoff.
+const STABLE: Duration = Duration::from_secs(10);
+
+/// `setpriv` on the usual paths (util-linux is essential on Debian).
+pub fn find_setpriv() -> Option<PathBuf> {
+    ["/usr/bin/setpriv", "/bin/setpriv", "/usr/sbin/setpriv"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
 }
 
 impl Embedded {
@@ -41,7 +78,14 @@ impl Embedded {
         let url = format!("https://{}", self.listen);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let c = |f: &str| self.certs_dir.join(f);
-        let mut cmd = Command::new(&self.binary);
+        let mut cmd = match &self.pdeathsig_wrapper {
+            Some(setpriv) => {
+                let mut cmd = Command::new(setpriv);
+                cmd.args(["--pdeathsig", "TERM", "--"]).arg(&self.binary);
+                cmd
+            }
+            None => Command::new(&self.binary),
+        };
         cmd.arg("--name")
             .arg("clustermesh-apiserver")
             .arg("--data-dir")
@@ -70,8 +114,14 @@ impl Embedded {
             .arg("--election-timeout=500")
             .arg("--listen-metrics-urls")
             .arg("http://127.0.0.1:0")
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
+            // Clients ping every second while they watch, to notice a dead peer within
+            // seconds (`clustermesh_syncer::client::KEEPALIVE_INTERVAL`); etcd's default
+            // (5 s) would answer those pings with GOAWAY "too_many_pings".
+            .arg(format!(
+                "--grpc-keepalive-min-time={}ms",
+                KEEPALIVE_MIN_TIME.as_millis()
+            ))
+            .stdin(Stdio::null());
         cmd
     }
 
@@ -86,7 +136,9 @@ impl Embedded {
         }
     }
 
-    fn spawn(&self) -> anyhow::Result<Child> {
+    /// Starts etcd from a dedicated thread that waits for it (see the module docs): the
+    /// child's PID, and a receiver for its exit status.
+    fn spawn(&self) -> anyhow::Result<(u32, oneshot::Receiver<std::io::Result<ExitStatus>>)> {
         std::fs::create_dir_all(&self.data_dir)?;
         set_mode(&self.data_dir, 0o700);
         let log = std::fs::OpenOptions::new()
@@ -98,13 +150,108 @@ impl Embedded {
             })?;
         let mut cmd = self.command();
         cmd.stdout(log.try_clone()?).stderr(log);
-        cmd.spawn().map_err(|e| {
-            anyhow::anyhow!(
-                "cannot start {}: {e}; install it with `apt-get install etcd-server` (the README's commands do this)",
-                self.binary.display()
-            )
-        })
+        let binary = self.binary.clone();
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (exit_tx, exit_rx) = oneshot::channel();
+        std::thread::Builder::new()
+            .name("etcd-parent".into())
+            .spawn(move || match cmd.spawn() {
+                Ok(mut child) => {
+                    let _ = started_tx.send(Ok(child.id()));
+                    let _ = exit_tx.send(child.wait());
+                }
+                Err(e) => {
+                    let _ = started_tx.send(Err(e));
+                }
+            })?;
+        let pid = started_rx
+            .recv()
+            .map_err(|_| anyhow::anyhow!("the thread starting etcd ended"))?
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot start {}: {e}; install it with `apt-get install etcd-server` (the README's commands do this)",
+                    binary.display()
+                )
+            })?;
+        Ok((pid, exit_rx))
     }
+
+    /// Stops an etcd that still serves our data dir (see the module docs).
+    async fn stop_leftover(&self) {
+        for pid in serving(&self.data_dir) {
+            warn!(pid, data_dir = %self.data_dir.display(),
+                "an etcd left by an earlier apiserver still serves our data dir: stopping it (SIGTERM) before starting ours");
+            let p = Pid::from_raw(pid as i32);
+            let _ = kill(p, Signal::SIGTERM);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while alive(pid) && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if alive(pid) {
+                warn!(
+                    pid,
+                    "the leftover etcd ignored SIGTERM for 10 s: killing it"
+                );
+                let _ = kill(p, Signal::SIGKILL);
+                while alive(pid) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            info!(pid, "leftover etcd stopped");
+        }
+    }
+}
+
+/// PIDs of etcd processes whose `--data-dir` is `data_dir` (from `/proc/*/cmdline`).
+pub fn serving(data_dir: &Path) -> Vec<u32> {
+    let want = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let argv: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_etcd = argv
+            .first()
+            .and_then(|a| Path::new(std::str::from_utf8(a).ok()?).file_name())
+            .is_some_and(|n| n.to_string_lossy().contains("etcd"));
+        if !is_etcd || !alive(pid) {
+            continue;
+        }
+        let dir = argv.iter().enumerate().find_map(|(i, a)| {
+            let a = std::str::from_utf8(a).ok()?;
+            match a.strip_prefix("--data-dir=") {
+                Some(v) => Some(v.to_owned()),
+                None if a == "--data-dir" => argv
+                    .get(i + 1)
+                    .and_then(|v| std::str::from_utf8(v).ok())
+                    .map(str::to_owned),
+                None => None,
+            }
+        });
+        let Some(dir) = dir else { continue };
+        let dir = Path::new(&dir);
+        let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+        if dir == want {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Whether `pid` exists and is not a zombie.
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
 }
 
 fn set_mode(p: &Path, mode: u32) {
@@ -144,45 +291,81 @@ async fn wait_healthy_and_init(e: &Embedded, cancel: &CancellationToken) -> anyh
     }
 }
 
+/// The last `n` lines of etcd's log, for a message about why it exited.
+fn log_tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(n).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+}
+
 /// Runs etcd until `cancel`, restarting it when it exits. `up` is true while it serves.
 pub async fn supervise(
     e: Embedded,
     up: watch::Sender<bool>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
+    if e.pdeathsig_wrapper.is_none() {
+        warn!("setpriv (util-linux) not found: the embedded etcd will outlive this apiserver if it is killed; the next apiserver stops it");
+    }
+    e.stop_leftover().await;
     let mut delay = Duration::from_millis(200);
     loop {
-        let mut child = e.spawn()?;
-        info!(pid = child.id(), listen = %e.listen, "embedded etcd started");
-        match wait_healthy_and_init(&e, &cancel).await {
-            Ok(()) => {
-                up.send_replace(true);
-                delay = Duration::from_millis(200);
+        let (pid, mut exited) = e.spawn()?;
+        let started = tokio::time::Instant::now();
+        info!(pid, listen = %e.listen, "embedded etcd started");
+        // Healthy only while our own child runs: an etcd that exits at once must not be
+        // mistaken for one that serves.
+        let mut healthy = Box::pin(wait_healthy_and_init(&e, &cancel));
+        let mut checked = false;
+        let status = loop {
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    stop(pid, &mut exited).await;
+                    up.send_replace(false);
+                    return Ok(());
+                }
+                r = &mut healthy, if !checked => {
+                    checked = true;
+                    match r {
+                        Ok(()) => {
+                            up.send_replace(true);
+                            info!(pid, ready_in = ?started.elapsed(), "embedded etcd serves");
+                        }
+                        Err(err) => warn!(error = %err, "embedded etcd not ready"),
+                    }
+                }
+                status = &mut exited => break status,
             }
-            Err(err) => warn!(error = %err, "embedded etcd not ready"),
+        };
+        up.send_replace(false);
+        let ran = started.elapsed();
+        if ran >= STABLE {
+            delay = Duration::from_millis(200);
         }
+        let status = match status {
+            Ok(Ok(s)) => s.to_string(),
+            Ok(Err(err)) => format!("wait failed: {err}"),
+            Err(_) => "unknown (the waiting thread ended)".into(),
+        };
+        warn!(pid, %status, ran = ?ran, restart_in = ?delay, log = %e.log_file.display(),
+            last_lines = %log_tail(&e.log_file, 3), "embedded etcd exited; restarting");
         tokio::select! {
-            _ = cancel.cancelled() => {
-                if let Some(pid) = child.id() {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid as i32),
-                        nix::sys::signal::Signal::SIGTERM,
-                    );
-                }
-                let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
-                let _ = child.kill().await;
-                up.send_replace(false);
-                return Ok(());
-            }
-            status = child.wait() => {
-                up.send_replace(false);
-                warn!(?status, restart_in = ?delay, log = %e.log_file.display(), "embedded etcd exited; restarting");
-                tokio::select! {
-                    _ = cancel.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(10));
-            }
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(delay) => {}
         }
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// SIGTERM, up to 5 s for a clean exit, then SIGKILL.
+async fn stop(pid: u32, exited: &mut oneshot::Receiver<std::io::Result<ExitStatus>>) {
+    let p = Pid::from_raw(pid as i32);
+    let _ = kill(p, Signal::SIGTERM);
+    if tokio::time::timeout(Duration::from_secs(5), exited)
+        .await
+        .is_err()
+    {
+        warn!(pid, "embedded etcd ignored SIGTERM for 5 s: killing it");
+        let _ = kill(p, Signal::SIGKILL);
     }
 }

@@ -170,6 +170,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
                 certs_dir: certs.clone(),
                 cluster: cfg.cluster.name.to_string(),
                 log_file: state.join("etcd.log"),
+                pdeathsig_wrapper: etcd::find_setpriv(),
             };
             let client_cfg = e.client_config(&format!("admin-{}", cfg.cluster.name));
             let token = cancel.child_token();

@@ -193,6 +193,15 @@ impl TestApiserver {
         bail!("apiserver ignored SIGTERM for 10 s:\n{}", self.log_tail(30))
     }
 
+    /// SIGKILL, as an OOM kill does, and reap it.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
     /// Starts it again with the same arguments.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.stop()?;

@@ -604,3 +604,112 @@ fn embedded_etcd_is_restarted_when_it_dies() {
     );
     api.stop().unwrap();
 }
+
+/// Lines the apiserver logged after byte `from` of its log.
+fn log_since(api: &TestApiserver, from: u64) -> String {
+    let text = std::fs::read(&api.log).unwrap_or_default();
+    String::from_utf8_lossy(text.get(from as usize..).unwrap_or_default()).into_owned()
+}
+
+fn log_len(api: &TestApiserver) -> u64 {
+    std::fs::metadata(&api.log).map(|m| m.len()).unwrap_or(0)
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().next())
+            .is_some_and(|st| st != "Z" && st != "X")
+    })
+}
+
+#[test]
+fn a_killed_apiserver_takes_its_etcd_along_and_restarts_cleanly() {
+    let (_dir, state, _port, mut api) = enabled_cluster();
+    let data = state.join("etcd");
+    let etcd = clustermesh_apiserver::etcd::serving(&data);
+    assert_eq!(etcd.len(), 1, "one etcd serves the data dir");
+    api.kill().unwrap();
+    let t = Instant::now();
+    while alive(etcd[0]) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the embedded etcd outlived its SIGKILLed apiserver (orphan)"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    println!(
+        "etcd {} exited {:?} after its apiserver was killed",
+        etcd[0],
+        t.elapsed()
+    );
+    let from = log_len(&api);
+    api.restart().unwrap();
+    let ready = api.wait_ready(Duration::from_secs(30)).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let log = log_since(&api, from);
+    println!("restarted apiserver ready after {ready:?}");
+    assert_eq!(clustermesh_apiserver::etcd::serving(&data).len(), 1);
+    assert!(
+        !log.contains("embedded etcd exited"),
+        "restart loop:\n{log}"
+    );
+    assert!(ready < Duration::from_secs(5), "ready after {ready:?}");
+    api.stop().unwrap();
+}
+
+/// The loop: an etcd left serving the data dir (an apiserver from before the
+/// parent-death signal, or one started by hand) made every restarted apiserver start a
+/// second etcd that exited at once, every 200 ms, forever. Now the leftover is stopped first.
+#[test]
+fn a_leftover_etcd_is_stopped_not_looped_on() {
+    let (dir, state, _port, mut api) = enabled_cluster();
+    let data = state.join("etcd");
+    let etcd = clustermesh_apiserver::etcd::serving(&data);
+    assert_eq!(etcd.len(), 1);
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", etcd[0])).unwrap();
+    let argv: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    api.stop().unwrap();
+    // The leftover: the same etcd, started without the apiserver (and without setpriv).
+    let log = std::fs::File::create(dir.path().join("leftover-etcd.log")).unwrap();
+    let mut leftover = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while clustermesh_apiserver::etcd::serving(&data) != [leftover.id()] {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "leftover etcd not up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let from = log_len(&api);
+    api.restart().unwrap();
+    let ready = api.wait_ready(Duration::from_secs(30)).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let log = log_since(&api, from);
+    println!("apiserver with a leftover etcd ready after {ready:?}");
+    assert!(
+        log.contains("an etcd left by an earlier apiserver still serves our data dir"),
+        "no log line says what happened to the leftover:\n{log}"
+    );
+    assert!(
+        leftover.try_wait().unwrap().is_some(),
+        "the leftover etcd still runs"
+    );
+    let serving = clustermesh_apiserver::etcd::serving(&data);
+    assert_eq!(serving.len(), 1, "{serving:?}");
+    assert_ne!(serving[0], leftover.id());
+    assert!(
+        log.matches("embedded etcd exited").count() == 0,
+        "restart loop:\n{log}"
+    );
+    api.stop().unwrap();
+}
