@@ -3,7 +3,8 @@
 //!
 //! Servers come from `--server` (repeatable) or, by default, from the lab in `--dir` (the
 //! same default as `lab up`): every agent's node address on port [`OBSERVER_PORT`]
-//! (Hubble's 4245). With `--follow` it streams until SIGINT/SIGTERM, then stops its streams.
+//! (Hubble's 4245), dialled from the lab's router namespace. With `--follow` it streams
+//! until SIGINT/SIGTERM, then stops its streams.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -68,9 +69,11 @@ enum Output {
     Json,
 }
 
-fn servers(args: &ObserveArgs) -> anyhow::Result<Vec<String>> {
+/// The observers to ask, and the lab's router namespace when they are the lab's agents
+/// (`--server` addresses are dialled from where the command runs).
+fn servers(args: &ObserveArgs) -> anyhow::Result<(Vec<String>, Option<String>)> {
     if !args.server.is_empty() {
-        return Ok(args.server.clone());
+        return Ok((args.server.clone(), None));
     }
     let lab = crate::lab::state::load(&args.dir)?;
     let out: Vec<String> = lab
@@ -82,7 +85,7 @@ fn servers(args: &ObserveArgs) -> anyhow::Result<Vec<String>> {
     if out.is_empty() {
         bail!("the lab at {} has no nodes", args.dir.display());
     }
-    Ok(out)
+    Ok((out, Some(lab.router_ns)))
 }
 
 fn request(args: &ObserveArgs) -> api::GetFlowsRequest {
@@ -109,7 +112,14 @@ fn request(args: &ObserveArgs) -> api::GetFlowsRequest {
 
 /// Runs `observe`.
 pub fn run(args: ObserveArgs) -> anyhow::Result<()> {
-    let servers = servers(&args)?;
+    let (servers, router_ns) = servers(&args)?;
+    if let Some(ns) = router_ns {
+        // The agents' addresses are reached from the router namespace, which has a leg in
+        // every cluster's underlay: the root namespace's one route into 198.18.0.0/15 may
+        // lead to another lab (or be absent). The runtime below is single-threaded, so
+        // every connection is opened from this thread.
+        crate::lab::netns::enter(&ns)?;
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

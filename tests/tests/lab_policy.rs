@@ -95,13 +95,11 @@ fn policy_admits_only_the_frontend_of_c1(lab: &Lab, state: &Value) -> Result<()>
     }
     println!("policed {target_ip} → other c1 pods: answered (replies pass the ingress policy)");
 
-    // The drops, as a user sees them; from the router namespace, which has a leg into
-    // every cluster's underlay (the root namespace's single veth into the underlay may
-    // belong to another lab running at the same time).
     let router = state["router_ns"].as_str().context("router")?;
-    let out = run(Command::new("ip")
-        .args(["netns", "exec", router])
-        .arg(&lab.bin)
+    // The drops, as a user sees them: the README's command, run from the root namespace
+    // (whose single veth into the underlay may belong to another lab running at the same
+    // time; observe reaches the agents through this lab's router namespace).
+    let out = run(Command::new(&lab.bin)
         .args([
             "observe",
             "--verdict",
