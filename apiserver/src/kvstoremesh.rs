@@ -43,7 +43,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use clustermesh_syncer::remote::{self, Change, Event, Mode, Resource, Snapshot};
+use clustermesh_syncer::remote::{self, Backoff, Change, Event, Mode, Resource, Snapshot};
 use clustermesh_syncer::{writer, EtcdConfig, Metrics as KvMetrics, Writer};
 use clustermesh_types::cluster::ClusterInfo;
 use clustermesh_types::kvstore::cluster_config_key;
@@ -372,14 +372,6 @@ impl Mirror {
     }
 }
 
-/// Jittered exponential backoff for local etcd sessions.
-fn backoff(attempt: u32) -> Duration {
-    let base = Duration::from_millis(100)
-        .saturating_mul(1u32 << attempt.min(7))
-        .min(Duration::from_secs(10));
-    base.mul_f64(rand::random_range(0.5..1.0))
-}
-
 async fn mirror_loop(
     opts: Options,
     mut events: mpsc::Receiver<Event>,
@@ -395,7 +387,8 @@ async fn mirror_loop(
         grace: opts.drain_grace,
     };
     let mut first = true;
-    let mut attempt = 0u32;
+    // Between local etcd sessions: 100 ms doubling to 10 s, jittered.
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     loop {
         let session = cancel.child_token();
         let res = session_loop(
@@ -406,7 +399,7 @@ async fn mirror_loop(
             &kv,
             &session,
             &mut first,
-            &mut attempt,
+            &mut backoff,
         )
         .await;
         session.cancel();
@@ -414,8 +407,7 @@ async fn mirror_loop(
             Ok(true) => return Ok(()),
             Ok(false) => {}
             Err(e) => {
-                let wait = backoff(attempt);
-                attempt += 1;
+                let wait = backoff.next_delay();
                 warn!(error = %e, retry_in = ?wait, "kvstoremesh lost the local etcd; reconnecting");
                 tokio::select! {
                     _ = cancel.cancelled() => return Ok(()),
@@ -436,7 +428,7 @@ async fn session_loop(
     kv: &Arc<KvMetrics>,
     session: &CancellationToken,
     first: &mut bool,
-    attempt: &mut u32,
+    backoff: &mut Backoff,
 ) -> anyhow::Result<bool> {
     let client = clustermesh_syncer::connect(&opts.local_etcd, &Default::default()).await?;
     let wcfg = writer::Config {
@@ -498,7 +490,7 @@ async fn session_loop(
     let snap = snapshots.borrow_and_update().clone();
     mirror.flush(&mut w, &snap).await?;
     mirror.drain(&mut w).await?;
-    *attempt = 0;
+    backoff.reset();
     info!(
         remotes = mirror.remotes.len(),
         keys = w.known_keys(),

@@ -21,6 +21,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use clustermesh_syncer::remote::Backoff;
 use clustermesh_syncer::{writer, EtcdConfig, Metrics as KvMetrics, Writer};
 use clustermesh_types::{kvstore, model::format_rfc3339};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -28,7 +29,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use rand::Rng;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -302,32 +302,6 @@ struct ExportCtx {
     started: Instant,
 }
 
-/// Jittered exponential backoff.
-struct Backoff {
-    next: Duration,
-    min: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    fn new(min: Duration, max: Duration) -> Self {
-        Self {
-            next: min,
-            min,
-            max,
-        }
-    }
-    fn reset(&mut self) {
-        self.next = self.min;
-    }
-    fn step(&mut self) -> Duration {
-        let base = self.next;
-        self.next = (self.next * 2).min(self.max);
-        let jitter = rand::rng().random_range(0.5..1.0);
-        base.mul_f64(jitter)
-    }
-}
-
 async fn export_loop(
     ctx: ExportCtx,
     mut exporter: Exporter,
@@ -363,7 +337,7 @@ async fn export_loop(
                     r.etcd_connected = false;
                     r.last_etcd_error = Some(e.to_string());
                 });
-                let wait = backoff.step();
+                let wait = backoff.next_delay();
                 warn!(error = %e, retry_in = ?wait, "etcd unreachable");
                 tokio::select! {
                     _ = cancel.cancelled() => return Ok(()),
@@ -392,7 +366,7 @@ async fn export_loop(
                 r.etcd_connected = false;
                 r.last_etcd_error = Some(e.to_string());
             });
-            let wait = backoff.step();
+            let wait = backoff.next_delay();
             warn!(error = %e, retry_in = ?wait, "etcd session ended; reconnecting");
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
