@@ -1,9 +1,14 @@
-//! `clustermesh-apiserver`: parse flags, set up logging, run until SIGINT/SIGTERM.
+//! `clustermesh-apiserver`: parse flags, set up logging, run until SIGINT/SIGTERM (the
+//! shutdown pattern of every long-running clustermesh binary: `clustermesh-runtime`).
+
+use std::time::Duration;
 
 use clap::Parser;
 use clustermesh_apiserver::config::{Args, Config};
-use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
+
+/// How long the apiserver gets to stop its tasks (sessions, embedded etcd) after a signal
+/// before they are aborted.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
@@ -14,12 +19,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_new(&cfg.log_level).unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    clustermesh_runtime::init_tracing(&cfg.log_level);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -30,24 +30,12 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let cancel = CancellationToken::new();
-    let result = rt.block_on(async {
-        let c = cancel.clone();
-        tokio::spawn(async move {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(_) => return,
-                };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            tracing::info!("shutting down");
-            c.cancel();
-        });
-        clustermesh_apiserver::run(cfg, cancel.clone()).await
-    });
+    let result = rt
+        .block_on(clustermesh_runtime::run(SHUTDOWN_GRACE, |token| {
+            clustermesh_apiserver::run(cfg, token)
+        }))
+        .map_err(anyhow::Error::from)
+        .and_then(|r| r);
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
