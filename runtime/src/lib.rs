@@ -1,5 +1,5 @@
 //! How every long-running clustermesh binary (the apiserver, the agent, `clustermesh
-//! observe --follow`) lives, so they all stop the same way: logs go to stderr through one
+//! observe --follow`, `clustermesh ui`) lives, so they all stop the same way: logs go to stderr through one
 //! `tracing` subscriber; the application runs under one root [`CancellationToken`] in a
 //! [`JoinSet`]; SIGINT or SIGTERM cancels the root token, and the application then has a
 //! grace period to drain before it is aborted.

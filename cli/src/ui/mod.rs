@@ -95,8 +95,17 @@ pub fn run(a: UiArgs) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(serve(lab, a.server, listener, addr))
+    // The one shutdown pattern of every long-running binary: SIGINT/SIGTERM cancel the
+    // token, `serve` drains its tasks (aborting what lingers past DRAIN), and the runtime
+    // aborts it if even that takes longer than its grace.
+    rt.block_on(clustermesh_runtime::run(DRAIN * 2, |token| {
+        serve(lab, a.server, listener, addr, token)
+    }))?
 }
+
+/// How long the UI's tasks get to finish after a signal (live event streams end when
+/// their queues close).
+const DRAIN: Duration = Duration::from_secs(3);
 
 fn hosts(addr: SocketAddr) -> Vec<String> {
     let mut h = vec![addr.to_string()];
@@ -111,10 +120,10 @@ async fn serve(
     servers: Vec<String>,
     listener: std::net::TcpListener,
     addr: SocketAddr,
+    token: CancellationToken,
 ) -> anyhow::Result<()> {
     let hub = Arc::new(hub::Hub::new());
     let health = Arc::new(Mutex::new(mesh::Health::default()));
-    let token = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
 
     let mut targets = Vec::new();
@@ -216,17 +225,9 @@ async fn serve(
         }
     });
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    token.cancel();
-    // Live event streams end when their queues close; give everything a moment.
-    let drained = tokio::time::timeout(Duration::from_secs(3), async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
+    token.cancelled().await;
+    let drained =
+        tokio::time::timeout(DRAIN, async { while tasks.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         tasks.abort_all();
     }
