@@ -1,13 +1,16 @@
-//! Reader of the agent's own cluster from its local etcd (user `local-<c>`): list each
-//! prefix, then watch it from the list's revision + 1, into a small cache of raw values; on
-//! compaction relist that prefix, on any other failure reconnect with jittered exponential
-//! backoff and relist everything. A relist emits upserts only for keys whose bytes changed
-//! and deletes for keys that disappeared meanwhile (the stale sweep), so a reconnect to
-//! unchanged data changes nothing downstream.
+//! Reader of the agent's own cluster from its local etcd (user `local-<c>`): each prefix runs
+//! the syncer's list → watch machine ([`clustermesh_syncer::watcher`], the one the remote
+//! sessions run) into a store of its own, over one connection whose watches share one watch
+//! stream. The machine relists a prefix after compaction or when its watch falls behind; any
+//! other failure reconnects with jittered exponential backoff and relists everything. A
+//! relist emits upserts only for keys whose bytes changed and deletes for keys that
+//! disappeared meanwhile (the stale sweep), so a reconnect to unchanged data changes nothing
+//! downstream.
 //!
 //! Entries are validated like a remote's ([`validate`]) against the local cluster's name,
 //! ID and identity range: the local etcd is written by our apiserver, but a bad entry must
-//! still never reach a map. ipcache entries feed the reconciler; the local services and
+//! still never reach a map. As for a remote, a bad value is counted (`num-rejected`) and
+//! the last good one stays. ipcache entries feed the reconciler; the local services and
 //! the local cluster's service exports go to the services loop ([`Reader::with_services`]);
 //! identities and the local policies (`clustermesh/local/v1/policies/`, not validated here:
 //! the policy engine parses them) go as inputs to the policy hook
@@ -15,20 +18,21 @@
 //!
 //! It never writes to etcd.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use clustermesh_syncer::etcd_client::{Client, EventType, WatchOptions};
+use bytes::Bytes;
 use clustermesh_syncer::remote::validate::{validate, Context};
 use clustermesh_syncer::remote::{Backoff, Resource, Value};
+use clustermesh_syncer::watcher::{self, Change, Conn, Reflector, Step, Store, Watcher};
 use clustermesh_syncer::{ConnectConfig, EtcdConfig};
 use clustermesh_types::cluster::ClusterInfo;
+use clustermesh_types::model::SmolStr;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn, Instrument as _};
+use tracing::{info, warn, Instrument as _};
 
 use crate::reconcile::Input;
 use crate::services;
@@ -177,41 +181,39 @@ impl Synced {
 /// Errors of one session.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// etcd failed.
+    /// Connecting to etcd failed.
     #[error(transparent)]
     Syncer(#[from] clustermesh_syncer::Error),
-    /// A watch ended or was cancelled by the server.
-    #[error("watch of {prefix} ended: {reason}")]
-    WatchEnded {
-        /// The prefix.
-        prefix: String,
-        /// Why.
-        reason: String,
-    },
+    /// Reading etcd failed (the connection, the etcd behind it, a watch).
+    #[error(transparent)]
+    Read(#[from] watcher::Error),
+    /// A prefix's task stopped unexpectedly.
+    #[error("reader task failed: {0}")]
+    Task(String),
     /// The consumer is gone.
     #[error("the reconciler stopped")]
     Closed,
 }
 
-/// Raw values per prefix, keyed by the key relative to the prefix.
-type Cache = HashMap<String, Vec<u8>>;
-
-/// Service inputs of one batch (see [`Reader::with_services`]).
-type ServiceOut = Vec<services::LocalInput>;
+/// What one step of a prefix hands on: inputs for the reconcile loop and for the services.
+#[derive(Default)]
+struct Out {
+    inputs: Vec<Input>,
+    services: Vec<services::LocalInput>,
+}
 
 /// The local cluster reader; see the module docs.
 pub struct Reader {
     config: Config,
     ctx: Context,
+    name: Arc<str>,
     tx: mpsc::Sender<Input>,
     status: watch::Sender<Status>,
-    caches: Mutex<[Cache; Prefix::ALL.len()]>,
+    /// Validated values of every prefix but the policies, indexed by [`Prefix::index`].
+    stores: [Store<Value>; 5],
+    /// The policies, as stored (the policy engine parses them).
+    policies: Store<Bytes>,
     services: Option<mpsc::Sender<services::LocalInput>>,
-}
-
-enum WatchEnd {
-    Cancelled,
-    Compacted,
 }
 
 impl Reader {
@@ -230,11 +232,13 @@ impl Reader {
         });
         (
             Self {
+                name: Arc::from(ctx.cluster.as_str()),
                 config,
                 ctx,
                 tx,
                 status,
-                caches: Mutex::new(Default::default()),
+                stores: Default::default(),
+                policies: Store::default(),
                 services: None,
             },
             rx,
@@ -296,384 +300,204 @@ impl Reader {
             s.connected = true;
             s.status = "connected, listing".into();
         });
+        // One watch stream for every prefix of the session.
+        let conn = Conn::new(client);
         let mut tasks = JoinSet::new();
         for p in Prefix::ALL {
             let me = self.clone();
-            let (client, token) = (client.clone(), token.clone());
+            let (conn, token) = (conn.clone(), token.clone());
             let span = tracing::info_span!("local_prefix", prefix = ?p);
-            tasks.spawn(async move { me.prefix(client, p, token).await }.instrument(span));
+            tasks.spawn(async move { me.prefix(conn, p, token).await }.instrument(span));
         }
         while let Some(done) = tasks.join_next().await {
             match done {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(e),
-                Err(e) => {
-                    return Err(Error::WatchEnded {
-                        prefix: "(task)".into(),
-                        reason: e.to_string(),
-                    })
-                }
+                Err(e) => return Err(Error::Task(e.to_string())),
             }
         }
         Ok(())
     }
 
+    /// Runs the list → watch machine of prefix `p` until `token` is cancelled.
     async fn prefix(
         &self,
-        client: Client,
+        conn: Arc<Conn>,
         p: Prefix,
         token: CancellationToken,
     ) -> Result<(), Error> {
-        let prefix = p.key(&self.ctx.cluster);
-        loop {
-            let (kvs, revision) = clustermesh_syncer::list::list_prefix(&client, &prefix).await?;
-            let listed: Vec<(String, Vec<u8>)> = kvs
-                .into_iter()
-                .filter_map(|kv| {
-                    let rel = kv.key.strip_prefix(&prefix)?.to_owned();
-                    (!rel.is_empty()).then_some((rel, kv.value))
-                })
-                .collect();
-            self.apply_list(p, &prefix, listed, &token).await?;
-            self.status.send_modify(|s| {
-                s.synced.set(p, true);
-                s.ready = s.synced.all();
-                if s.ready {
-                    s.status = "synced".into();
-                }
-            });
-            debug!(%prefix, revision, "listed");
-            match self
-                .watch(&client, p, &prefix, revision + 1, &token)
-                .await?
-            {
-                WatchEnd::Cancelled => return Ok(()),
-                WatchEnd::Compacted => {
-                    info!(%prefix, "watch start revision compacted: relisting");
-                }
+        let watcher = Watcher::new(conn, p.key(&self.ctx.cluster), None);
+        match p.resource() {
+            Some(resource) => {
+                let decode = |rel: &str, raw: &Bytes| self.validated(resource, rel, raw);
+                let store = &self.stores[p.index()];
+                self.reflect(p, watcher, store, decode, Self::value_input, &token)
+                    .await
+            }
+            // Policies are not validated here: the engine parses them and keeps a policy
+            // that fails out of the maps.
+            None => {
+                let decode = |_: &str, raw: &Bytes| Some(raw.clone());
+                self.reflect(
+                    p,
+                    watcher,
+                    &self.policies,
+                    decode,
+                    Self::policy_input,
+                    &token,
+                )
+                .await
             }
         }
     }
 
-    fn validated(&self, p: Prefix, rel: &str, raw: &[u8]) -> Option<Value> {
-        // Policies never get here: the policy engine parses them (see `policy_change`).
-        let resource = p.resource()?;
+    /// Applies the machine's events to `store` and hands what changed on as inputs.
+    async fn reflect<V: Clone>(
+        &self,
+        p: Prefix,
+        mut watcher: Watcher,
+        store: &Store<V>,
+        decode: impl Fn(&str, &Bytes) -> Option<V>,
+        input: fn(&Self, Prefix, SmolStr, Change<V>, &mut Out),
+        token: &CancellationToken,
+    ) -> Result<(), Error> {
+        let mut reflector = Reflector::default();
+        loop {
+            let event = tokio::select! {
+                e = watcher.next() => e?,
+                _ = token.cancelled() => return Ok(()),
+            };
+            let mut out = Out::default();
+            match reflector.apply(store, event, &decode) {
+                Step::Nothing => continue,
+                Step::Changed(rel, change) => input(self, p, rel, change, &mut out),
+                Step::Listed(changes) => {
+                    for (rel, change) in changes {
+                        input(self, p, rel, change, &mut out);
+                    }
+                    match p {
+                        Prefix::Endpoints => out.inputs.push(Input::Synced {
+                            cluster: self.name.clone(),
+                        }),
+                        Prefix::Services => out.services.push(services::LocalInput::Listed),
+                        _ => {}
+                    }
+                    self.status.send_modify(|s| {
+                        s.synced.set(p, true);
+                        s.ready = s.synced.all();
+                        if s.ready {
+                            s.status = "synced".into();
+                        }
+                    });
+                }
+            }
+            self.count();
+            self.send(out, token).await?;
+        }
+    }
+
+    fn validated(&self, resource: Resource, rel: &str, raw: &[u8]) -> Option<Value> {
         match validate(&self.ctx, resource, rel, raw) {
             Ok(v) => Some(v),
             Err(rej) => {
-                warn!(key = %rel, reason = rej.reason.as_str(), detail = %rej.detail, "local entry rejected");
+                warn!(key = %rel, reason = rej.reason.as_str(), detail = %rej.detail, "local entry rejected; the last good value stays");
                 self.status.send_modify(|s| s.num_rejected += 1);
                 None
             }
         }
     }
 
-    /// Applies a full list: changed keys are upserted, missing ones deleted.
-    async fn apply_list(
-        &self,
-        p: Prefix,
-        prefix: &str,
-        listed: Vec<(String, Vec<u8>)>,
-        token: &CancellationToken,
-    ) -> Result<(), Error> {
-        if p == Prefix::Policies {
-            return self.apply_policies(listed, token).await;
-        }
-        let mut out = Vec::new();
-        let mut svc: ServiceOut = Vec::new();
-        {
-            let mut caches = self.caches.lock().unwrap_or_else(PoisonError::into_inner);
-            let cache = &mut caches[p.index()];
-            let mut seen = std::collections::HashSet::with_capacity(listed.len());
-            for (rel, raw) in listed {
-                seen.insert(rel.clone());
-                if cache.get(&rel) == Some(&raw) {
-                    continue;
-                }
-                match self.validated(p, &rel, &raw) {
-                    Some(v) => {
-                        svc.extend(service_input(p, &rel, Some((&v, &raw))));
-                        out.push(self.upsert(p, prefix, &rel, v));
-                        cache.insert(rel, raw);
-                    }
-                    None => {
-                        if cache.remove(&rel).is_some() {
-                            svc.extend(service_input(p, &rel, None));
-                            out.push(self.delete(p, prefix, &rel));
-                        }
-                    }
+    /// The inputs for a validated value's change under prefix `p`.
+    fn value_input(&self, p: Prefix, rel: SmolStr, change: Change<Value>, out: &mut Out) {
+        let cluster = self.name.clone();
+        let (value, raw) = match change {
+            Change::Upsert { raw, value } => (value, Some(raw)),
+            Change::Delete { last } => (last, None),
+        };
+        let present = raw.is_some();
+        match (p, value) {
+            (Prefix::Endpoints, Value::Endpoint(pair)) => out.inputs.push(Input::Endpoint {
+                cluster,
+                key: format!("{}{rel}", p.key(&self.ctx.cluster)),
+                pair: present.then_some(pair),
+            }),
+            (Prefix::Identities, Value::Identity(labels)) => {
+                if let Ok(id) = rel.parse() {
+                    out.inputs.push(Input::Identity {
+                        cluster,
+                        id,
+                        labels: present.then_some(labels),
+                    });
                 }
             }
-            let stale: Vec<String> = cache
-                .keys()
-                .filter(|k| !seen.contains(*k))
-                .cloned()
-                .collect();
-            for rel in stale {
-                cache.remove(&rel);
-                svc.extend(service_input(p, &rel, None));
-                out.push(self.delete(p, prefix, &rel));
-            }
-        }
-        self.count();
-        if p == Prefix::Endpoints {
-            out.push(Some(Input::Synced {
-                cluster: self.name(),
-            }));
-        }
-        if p == Prefix::Services {
-            svc.push(services::LocalInput::Listed);
-        }
-        self.send(out, token).await?;
-        self.send_services(svc, token).await
-    }
-
-    fn name(&self) -> Arc<str> {
-        Arc::from(self.ctx.cluster.as_str())
-    }
-
-    /// Applies a full list of the policies prefix (see [`policy_change`]).
-    async fn apply_policies(
-        &self,
-        listed: Vec<(String, Vec<u8>)>,
-        token: &CancellationToken,
-    ) -> Result<(), Error> {
-        let mut out = Vec::new();
-        {
-            let mut caches = self.caches.lock().unwrap_or_else(PoisonError::into_inner);
-            let cache = &mut caches[Prefix::Policies.index()];
-            let seen: std::collections::HashSet<String> =
-                listed.iter().map(|(k, _)| k.clone()).collect();
-            for (rel, raw) in &listed {
-                out.push(policy_change(cache, rel, Some(raw)));
-            }
-            let stale: Vec<String> = cache
-                .keys()
-                .filter(|k| !seen.contains(*k))
-                .cloned()
-                .collect();
-            for rel in stale {
-                out.push(policy_change(cache, &rel, None));
-            }
-        }
-        self.send(out, token).await
-    }
-
-    fn upsert(&self, p: Prefix, prefix: &str, rel: &str, v: Value) -> Option<Input> {
-        match (p, v) {
-            (Prefix::Identities, Value::Identity(labels)) => Some(Input::Identity {
-                cluster: self.name(),
-                id: rel.parse().ok()?,
-                labels: Some(labels),
+            (Prefix::Services, _) => out.services.push(services::LocalInput::Service {
+                rel: rel.to_string(),
+                raw: raw.map(|r| r.to_vec()),
             }),
-            (Prefix::Endpoints, Value::Endpoint(pair)) => Some(Input::Endpoint {
-                cluster: self.name(),
-                key: format!("{prefix}{rel}"),
-                pair: Some(pair),
-            }),
-            _ => None,
+            (Prefix::ServiceExports, Value::ServiceExport(e)) => {
+                out.services.push(services::LocalInput::Export {
+                    name: services::Name::new(&e.namespace, &e.name),
+                    export: present.then_some(e),
+                })
+            }
+            _ => {}
         }
     }
 
-    fn delete(&self, p: Prefix, prefix: &str, rel: &str) -> Option<Input> {
-        if p == Prefix::Identities {
-            return Some(Input::Identity {
-                cluster: self.name(),
-                id: rel.parse().ok()?,
-                labels: None,
-            });
-        }
-        (p == Prefix::Endpoints).then(|| Input::Endpoint {
-            cluster: self.name(),
-            key: format!("{prefix}{rel}"),
-            pair: None,
-        })
+    /// The input for a policy's change.
+    fn policy_input(&self, _: Prefix, rel: SmolStr, change: Change<Bytes>, out: &mut Out) {
+        out.inputs.push(Input::Policy {
+            key: rel.to_string(),
+            raw: match change {
+                Change::Upsert { raw, .. } => Some(raw.to_vec()),
+                Change::Delete { .. } => None,
+            },
+        });
     }
 
     fn count(&self) {
-        let caches = self.caches.lock().unwrap_or_else(PoisonError::into_inner);
-        let n = |p: Prefix| caches[p.index()].len();
+        let n = |p: Prefix| self.stores[p.index()].len();
         let (e, no, i, se) = (
             n(Prefix::Endpoints),
             n(Prefix::Nodes),
             n(Prefix::Identities),
             n(Prefix::Services),
         );
-        drop(caches);
-        self.status.send_modify(|s| {
-            s.num_endpoints = e;
-            s.num_nodes = no;
-            s.num_identities = i;
-            s.num_services = se;
+        self.status.send_if_modified(|s| {
+            let new = (e, no, i, se);
+            let old = (
+                s.num_endpoints,
+                s.num_nodes,
+                s.num_identities,
+                s.num_services,
+            );
+            (
+                s.num_endpoints,
+                s.num_nodes,
+                s.num_identities,
+                s.num_services,
+            ) = new;
+            old != new
         });
     }
 
-    async fn send(
-        &self,
-        inputs: Vec<Option<Input>>,
-        token: &CancellationToken,
-    ) -> Result<(), Error> {
-        for input in inputs.into_iter().flatten() {
+    /// Sends the reconcile loop's inputs, then the services'. Cancellation ends it quietly.
+    async fn send(&self, out: Out, token: &CancellationToken) -> Result<(), Error> {
+        for input in out.inputs {
             tokio::select! {
                 r = self.tx.send(input) => r.map_err(|_| Error::Closed)?,
                 _ = token.cancelled() => return Ok(()),
             }
         }
-        Ok(())
-    }
-
-    async fn send_services(
-        &self,
-        inputs: ServiceOut,
-        token: &CancellationToken,
-    ) -> Result<(), Error> {
         let Some(tx) = &self.services else {
             return Ok(());
         };
-        for input in inputs {
+        for input in out.services {
             tokio::select! {
                 r = tx.send(input) => r.map_err(|_| Error::Closed)?,
                 _ = token.cancelled() => return Ok(()),
             }
         }
         Ok(())
-    }
-
-    async fn watch(
-        &self,
-        client: &Client,
-        p: Prefix,
-        prefix: &str,
-        start: i64,
-        token: &CancellationToken,
-    ) -> Result<WatchEnd, Error> {
-        let etcd = |source| {
-            Error::Syncer(clustermesh_syncer::Error::Etcd {
-                op: "watch",
-                key: prefix.to_owned(),
-                source,
-            })
-        };
-        let mut wc = client
-            .watch_client()
-            .max_decoding_message_size(clustermesh_syncer::client::MAX_MESSAGE_BYTES);
-        let opts = WatchOptions::new().with_prefix().with_start_revision(start);
-        let mut stream = wc.watch(prefix, Some(opts)).await.map_err(etcd)?;
-        loop {
-            let msg = tokio::select! {
-                m = stream.message() => m.map_err(etcd)?,
-                _ = token.cancelled() => return Ok(WatchEnd::Cancelled),
-            };
-            let resp = msg.ok_or_else(|| Error::WatchEnded {
-                prefix: prefix.to_owned(),
-                reason: "stream closed by the server".into(),
-            })?;
-            if resp.canceled() {
-                if resp.compact_revision() > 0 {
-                    return Ok(WatchEnd::Compacted);
-                }
-                return Err(Error::WatchEnded {
-                    prefix: prefix.to_owned(),
-                    reason: format!("canceled: {}", resp.cancel_reason()),
-                });
-            }
-            let mut out = Vec::new();
-            let mut svc: ServiceOut = Vec::new();
-            {
-                let mut caches = self.caches.lock().unwrap_or_else(PoisonError::into_inner);
-                let cache = &mut caches[p.index()];
-                for ev in resp.events() {
-                    let Some(kv) = ev.kv() else { continue };
-                    let Some(rel) = std::str::from_utf8(kv.key())
-                        .ok()
-                        .and_then(|k| k.strip_prefix(prefix))
-                        .filter(|r| !r.is_empty())
-                    else {
-                        continue;
-                    };
-                    if p == Prefix::Policies {
-                        let put = (ev.event_type() == EventType::Put).then(|| kv.value());
-                        out.push(policy_change(cache, rel, put));
-                        continue;
-                    }
-                    match ev.event_type() {
-                        EventType::Put => {
-                            if cache.get(rel).map(Vec::as_slice) == Some(kv.value()) {
-                                continue;
-                            }
-                            match self.validated(p, rel, kv.value()) {
-                                Some(v) => {
-                                    svc.extend(service_input(p, rel, Some((&v, kv.value()))));
-                                    out.push(self.upsert(p, prefix, rel, v));
-                                    cache.insert(rel.to_owned(), kv.value().to_vec());
-                                }
-                                // A bad new value replaces a good one: unprogram it.
-                                None => {
-                                    if cache.remove(rel).is_some() {
-                                        svc.extend(service_input(p, rel, None));
-                                        out.push(self.delete(p, prefix, rel));
-                                    }
-                                }
-                            }
-                        }
-                        EventType::Delete => {
-                            if cache.remove(rel).is_some() {
-                                svc.extend(service_input(p, rel, None));
-                                out.push(self.delete(p, prefix, rel));
-                            }
-                        }
-                    }
-                }
-            }
-            self.count();
-            self.send(out, token).await?;
-            self.send_services(svc, token).await?;
-        }
-    }
-}
-
-/// The services module's view of a local change under the services or exports prefix
-/// (`value: None` = deleted); other prefixes have none.
-fn service_input(
-    p: Prefix,
-    rel: &str,
-    value: Option<(&Value, &[u8])>,
-) -> Option<services::LocalInput> {
-    match (p, value) {
-        (Prefix::Services, v) => Some(services::LocalInput::Service {
-            rel: rel.to_owned(),
-            raw: v.map(|(_, raw)| raw.to_vec()),
-        }),
-        (Prefix::ServiceExports, Some((Value::ServiceExport(e), _))) => {
-            Some(services::LocalInput::Export {
-                name: services::Name::new(&e.namespace, &e.name),
-                export: Some(e.clone()),
-            })
-        }
-        (Prefix::ServiceExports, None) => services::Name::from_key_suffix(rel)
-            .map(|name| services::LocalInput::Export { name, export: None }),
-        _ => None,
-    }
-}
-
-/// A policy key's change (`put: None` = deleted) against the cache: the input for the policy
-/// engine, or `None` if nothing changed. Values are not validated here: the engine parses
-/// them and keeps a policy that fails out of the maps.
-fn policy_change(cache: &mut Cache, rel: &str, put: Option<&[u8]>) -> Option<Input> {
-    match put {
-        Some(raw) => {
-            if cache.get(rel).map(Vec::as_slice) == Some(raw) {
-                return None;
-            }
-            cache.insert(rel.to_owned(), raw.to_vec());
-            Some(Input::Policy {
-                key: rel.to_owned(),
-                raw: Some(raw.to_vec()),
-            })
-        }
-        None => cache.remove(rel).map(|_| Input::Policy {
-            key: rel.to_owned(),
-            raw: None,
-        }),
     }
 }

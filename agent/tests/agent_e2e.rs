@@ -41,8 +41,8 @@ use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Map, MapData};
 use clustermesh_agent::kernel;
 use clustermesh_ebpf_abi::{ipcache_flags, IpcacheKey, IpcacheValue};
-use clustermesh_syncer::etcd_client::Client;
 use clustermesh_tests::etcd::TestEtcd;
+use clustermesh_tests::etcd_client::Client;
 
 const GATEWAY: &str = "169.254.1.1";
 const AGENT: &str = env!("CARGO_BIN_EXE_clustermesh-agent");

@@ -382,7 +382,7 @@ async fn session_loop(
     ctx: &ExportCtx,
     exporter: &mut Exporter,
     src: &mut watch::Receiver<Published>,
-    client: clustermesh_syncer::etcd_client::Client,
+    client: clustermesh_syncer::Client,
     session: &CancellationToken,
     seeded: &mut bool,
     bootstrapped: &mut bool,
@@ -450,7 +450,7 @@ async fn session_loop(
     // etcd may vanish while we have nothing to write: probe it so /readyz tells the truth.
     let mut probe = tokio::time::interval(ETCD_PROBE_INTERVAL);
     probe.tick().await;
-    let mut probe_client = w.client().clone();
+    let probe_client = w.client().clone();
     let mut synced: BTreeMap<Store, bool> = BTreeMap::new();
     for store in Store::ALL {
         synced.insert(store, w.knows(&store.synced_key(&cluster)));
@@ -610,7 +610,7 @@ async fn session_loop(
                     }
                 }
                 _ = probe.tick() => {
-                    match tokio::time::timeout(ETCD_PROBE_INTERVAL, probe_client.status()).await {
+                    match tokio::time::timeout(ETCD_PROBE_INTERVAL, probe_client.probe()).await {
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) => anyhow::bail!("etcd health probe failed: {e}"),
                         Err(_) => anyhow::bail!("etcd health probe timed out after {ETCD_PROBE_INTERVAL:?}"),

@@ -338,7 +338,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 async fn with_root<T>(
     c: &Access,
-    f: impl AsyncFnOnce(&mut clustermesh_syncer::etcd_client::Client) -> clustermesh_syncer::Result<T>,
+    f: impl AsyncFnOnce(&mut clustermesh_syncer::Client) -> clustermesh_syncer::Result<T>,
 ) -> anyhow::Result<T> {
     let cfg = c.root_config();
     let mut client = clustermesh_syncer::connect(&cfg, &Default::default())
@@ -347,7 +347,9 @@ async fn with_root<T>(
     // A just-started apiserver may still be creating Cilium's roles: wait for them a little.
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        match client.role_get(clustermesh_syncer::auth::ROLE_REMOTE).await {
+        match clustermesh_syncer::auth::get_role(&mut client, clustermesh_syncer::auth::ROLE_REMOTE)
+            .await
+        {
             Ok(_) => break,
             Err(e) if Instant::now() < deadline => {
                 tracing::debug!(error = %e, "role remote not there yet");

@@ -9,11 +9,12 @@
 //! | `local-<c>` | local | `cilium/.heartbeat`, `cilium/cache/`, `cilium/cluster-config/`, `cilium/synced/`, and for our agents `cilium/state/` and `clustermesh/local/` |
 //! | `remote`, `remote-<peer>` | remote | `cilium/.heartbeat`, `cilium/state/`, `cilium/cluster-config/<c>`, `cilium/synced/<c>/` |
 
-use etcd_client::{Client, Permission};
+use etcd_client::Permission;
 use rand::distr::{Alphanumeric, SampleString};
 use tracing::info;
 
 use crate::list::prefix_range_end;
+use crate::Client;
 use crate::{Error, Result};
 
 /// Role of the local cluster's own agents.
@@ -58,6 +59,7 @@ pub fn role_permissions(role: &str, cluster: &str) -> Vec<(String, Vec<u8>)> {
 }
 
 async fn ensure_role(client: &mut Client, role: &str, cluster: &str) -> Result<()> {
+    let client = &mut client.0;
     if let Err(e) = client.role_add(role).await {
         if !already_exists(&e) {
             return Err(etcd_err("role add", role)(e));
@@ -78,6 +80,7 @@ async fn ensure_role(client: &mut Client, role: &str, cluster: &str) -> Result<(
 
 /// Creates `name` (if missing) with `role`.
 pub async fn ensure_user(client: &mut Client, name: &str, role: &str) -> Result<()> {
+    let client = &mut client.0;
     let password = Alphanumeric.sample_string(&mut rand::rng(), 32);
     if let Err(e) = client.user_add(name, password, None).await {
         if !already_exists(&e) {
@@ -91,8 +94,19 @@ pub async fn ensure_user(client: &mut Client, name: &str, role: &str) -> Result<
     Ok(())
 }
 
+/// Whether `role` exists (an error names what failed; a missing role is an error too).
+pub async fn get_role(client: &mut Client, role: &str) -> Result<()> {
+    client
+        .0
+        .role_get(role)
+        .await
+        .map(|_| ())
+        .map_err(etcd_err("role get", role))
+}
+
 /// Deletes a user if present.
 pub async fn remove_user(client: &mut Client, name: &str) -> Result<()> {
+    let client = &mut client.0;
     match client.user_delete(name).await {
         Ok(_) => Ok(()),
         Err(e) if e.to_string().contains("not found") => Ok(()),
@@ -102,6 +116,7 @@ pub async fn remove_user(client: &mut Client, name: &str) -> Result<()> {
 
 /// Whether auth is already on (any user with a root cert can ask).
 pub async fn auth_enabled(client: &mut Client) -> bool {
+    let client = &mut client.0;
     // With auth off, listing users succeeds for anyone; once on, only root may do it — we are
     // root either way, so ask for a user that must exist only after init instead.
     client.user_get("root").await.is_ok()
@@ -111,7 +126,7 @@ pub async fn auth_enabled(client: &mut Client) -> bool {
 /// restarted etcd with a kept data dir passes through it unchanged.
 pub async fn init_cluster_auth(client: &mut Client, cluster: &str) -> Result<()> {
     // The built-in role `root` exists implicitly in etcd 3.4 only once added.
-    if let Err(e) = client.role_add("root").await {
+    if let Err(e) = client.0.role_add("root").await {
         if !already_exists(&e) {
             return Err(etcd_err("role add", "root")(e));
         }
@@ -122,7 +137,7 @@ pub async fn init_cluster_auth(client: &mut Client, cluster: &str) -> Result<()>
     ensure_role(client, ROLE_REMOTE, cluster).await?;
     ensure_user(client, &format!("local-{cluster}"), ROLE_LOCAL).await?;
     ensure_user(client, "remote", ROLE_REMOTE).await?;
-    if let Err(e) = client.auth_enable().await {
+    if let Err(e) = client.0.auth_enable().await {
         if !e.to_string().contains("already") {
             return Err(etcd_err("auth enable", "")(e));
         }

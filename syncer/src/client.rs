@@ -2,13 +2,43 @@
 
 use std::time::Duration;
 
-use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
 
 use crate::config::{split_endpoint, split_host_port, EtcdConfig};
 use crate::{Error, Result};
 
 /// Largest response a list may return (250k keys are about 80 MB, see TOOLCHAIN.md).
 pub const MAX_MESSAGE_BYTES: usize = 512 * 1024 * 1024;
+
+/// A connection to one etcd cluster, from [`connect`] (clones share it).
+///
+/// The crates above hand it to this crate's functions ([`crate::Writer::new`],
+/// [`crate::list::list_prefix`], [`crate::auth`]) and never speak etcd's API themselves:
+/// `etcd-client` has its one home here, so a change of client or of etcd's API stays here.
+#[derive(Clone)]
+pub struct Client(pub(crate) etcd_client::Client);
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Client")
+    }
+}
+
+impl Client {
+    /// Asks etcd for its status: `Ok` if the cluster answers (a cheap liveness probe).
+    pub async fn probe(&self) -> Result<()> {
+        self.0
+            .clone()
+            .status()
+            .await
+            .map(|_| ())
+            .map_err(|source| Error::Etcd {
+                op: "status",
+                key: String::new(),
+                source,
+            })
+    }
+}
 
 /// Knobs for [`connect`].
 #[derive(Debug, Clone)]
@@ -126,7 +156,7 @@ pub async fn connect(cfg: &EtcdConfig, opts: &ConnectConfig) -> Result<Client> {
         .with_connect_timeout(opts.connect_timeout)
         .with_keep_alive(opts.keepalive.0, opts.keepalive.1)
         .with_keep_alive_while_idle(true);
-    let mut client = Client::connect(&endpoints, Some(options))
+    let mut client = etcd_client::Client::connect(&endpoints, Some(options))
         .await
         .map_err(|source| Error::Connect {
             endpoints: endpoints.join(","),
@@ -144,7 +174,7 @@ pub async fn connect(cfg: &EtcdConfig, opts: &ConnectConfig) -> Result<Client> {
             hint: hint_for(&source),
             source,
         })?;
-    Ok(client)
+    Ok(Client(client))
 }
 
 /// A short, actionable explanation for a connect failure.

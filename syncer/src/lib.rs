@@ -12,11 +12,11 @@ pub mod list;
 pub mod metrics;
 pub mod remote;
 pub mod resolve;
+pub mod watcher;
 pub mod writer;
 
-pub use client::{connect, ConnectConfig};
+pub use client::{connect, Client, ConnectConfig};
 pub use config::EtcdConfig;
-pub use etcd_client;
 pub use metrics::Metrics;
 pub use writer::Writer;
 
@@ -96,6 +96,16 @@ pub enum Error {
         /// Cause.
         #[source]
         source: etcd_client::Error,
+    },
+    /// An etcd request took longer than it may.
+    #[error("etcd {op} {key:?} timed out after {after:?}")]
+    RequestTimeout {
+        /// The operation.
+        op: &'static str,
+        /// The key or prefix involved.
+        key: String,
+        /// How long it was given.
+        after: std::time::Duration,
     },
     /// A setting is out of range.
     #[error("invalid syncer configuration: {0}")]

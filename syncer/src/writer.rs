@@ -19,14 +19,14 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, PutOptions, Txn, TxnOp};
+use etcd_client::{PutOptions, Txn, TxnOp};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::metrics::{scope_of, Metrics, ScopeLabels};
-use crate::{Error, Result};
+use crate::{Client, Error, Result};
 
 /// Writer settings.
 #[derive(Debug, Clone)]
@@ -237,6 +237,7 @@ impl Writer {
             } else {
                 let ttl = self
                     .client
+                    .0
                     .lease_client()
                     .time_to_live(lease, None)
                     .await
@@ -447,7 +448,7 @@ impl Writer {
     /// `UpdateIfDifferent`, used to re-enforce the cluster config).
     pub async fn enforce_key(&mut self, key: &str, value: Vec<u8>) -> Result<bool> {
         let started = Instant::now();
-        let res = self.client.get(key, None).await;
+        let res = self.client.0.get(key, None).await;
         self.metrics
             .observe("get", &scope_of(key), res.is_ok(), started.elapsed());
         let res = res.map_err(|source| Error::Etcd {
@@ -602,7 +603,7 @@ impl Writer {
             loop {
                 while set.len() < in_flight {
                     let Some(batch) = pending.next() else { break };
-                    let mut kv = client.kv_client();
+                    let mut kv = client.0.kv_client();
                     set.spawn(async move {
                         let started = Instant::now();
                         let txn_ops: Vec<TxnOp> = batch.iter().map(Op::to_txn_op).collect();
@@ -759,7 +760,11 @@ impl Op {
 
 async fn grant(client: &Client, ttl: Duration, metrics: &Metrics) -> Result<i64> {
     let started = Instant::now();
-    let res = client.clone().lease_grant(ttl.as_secs() as i64, None).await;
+    let res = client
+        .0
+        .clone()
+        .lease_grant(ttl.as_secs() as i64, None)
+        .await;
     metrics.observe("lease_grant", "lease", res.is_ok(), started.elapsed());
     Ok(res
         .map_err(|source| Error::Etcd {
@@ -820,7 +825,7 @@ async fn keep_alive_loop(
 }
 
 async fn refresh(client: &Client, id: i64) -> std::result::Result<i64, etcd_client::Error> {
-    let mut lc = client.lease_client();
+    let mut lc = client.0.lease_client();
     let (mut keeper, mut stream) = lc.keep_alive(id).await?;
     keeper.keep_alive().await?;
     let ttl = tokio::time::timeout(Duration::from_secs(10), stream.message())

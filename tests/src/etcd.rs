@@ -405,3 +405,16 @@ fn log_tail(path: &Path) -> String {
 fn yaml_str(path: &Path) -> String {
     serde_json::to_string(&path.display().to_string()).unwrap_or_default()
 }
+
+/// A raw etcd client for the etcd a client config file describes, with the syncer's
+/// endpoint resolution and mTLS settings: for tests that read or write keys the products
+/// never would (the products speak etcd only through `clustermesh_syncer`).
+pub async fn raw_client(cfg: &clustermesh_syncer::EtcdConfig) -> anyhow::Result<Client> {
+    let (endpoints, server_name) = clustermesh_syncer::client::dial_endpoints(cfg).await?;
+    let options = ConnectOptions::new()
+        .with_tls(clustermesh_syncer::client::tls_options(cfg, &server_name)?)
+        .with_connect_timeout(Duration::from_secs(5));
+    Client::connect(&endpoints, Some(options))
+        .await
+        .with_context(|| format!("connect to etcd {}", endpoints.join(",")))
+}

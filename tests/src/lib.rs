@@ -3,6 +3,9 @@
 //! (`browser`), the Cilium scenario runner (`scenario`), and a small honest Kubernetes API
 //! server for the real kube-rs client (`kubeapi`).
 
+/// The raw etcd client, for test code that must write what no product writes.
+pub use etcd_client;
+
 pub mod browser;
 pub mod etcd;
 pub mod fixtures;

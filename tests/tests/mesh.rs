@@ -126,9 +126,7 @@ impl Cluster {
             key_file: Some(certs.join(format!("{stem}.key"))),
             host_aliases: Vec::new(),
         };
-        clustermesh_syncer::connect(&cfg, &Default::default())
-            .await
-            .unwrap()
+        clustermesh_tests::etcd::raw_client(&cfg).await.unwrap()
     }
 
     fn log_tail(&self) -> String {

@@ -771,10 +771,7 @@ fn endpoints_are(
 ) -> bool {
     caches
         .with(cluster, |cache| {
-            let mut got: Vec<String> = cache
-                .iter(Resource::Endpoints)
-                .map(|(k, _)| k.to_owned())
-                .collect();
+            let mut got: Vec<String> = cache.keys(Resource::Endpoints);
             got.sort();
             let mut want = want.to_vec();
             want.sort();

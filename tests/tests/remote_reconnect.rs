@@ -27,9 +27,11 @@ fn cache_view(fx: &Fixture) -> BTreeMap<(Resource, String), [u8; 16]> {
         .with("cluster3", |c| {
             let mut out = BTreeMap::new();
             for r in Resource::ALL {
-                for (k, v) in c.iter(r) {
-                    out.insert((r, k.to_owned()), v.digest);
-                }
+                c.store(r).read(|m| {
+                    for (k, v) in m {
+                        out.insert((r, k.to_string()), v.digest);
+                    }
+                });
             }
             out
         })

@@ -211,7 +211,7 @@ pub async fn poll_health(lab: Arc<LabState>, health: SharedHealth, token: Cancel
 /// One cluster's identities, pod addresses and services, read from its etcd.
 #[allow(clippy::type_complexity)]
 async fn read_cluster(
-    client: &clustermesh_syncer::etcd_client::Client,
+    client: &clustermesh_syncer::Client,
     cluster: &str,
 ) -> anyhow::Result<(
     BTreeMap<u32, Vec<String>>,
@@ -271,7 +271,7 @@ pub async fn poll_inventory(
     health: SharedHealth,
     token: CancellationToken,
 ) {
-    let mut clients: BTreeMap<String, clustermesh_syncer::etcd_client::Client> = BTreeMap::new();
+    let mut clients: BTreeMap<String, clustermesh_syncer::Client> = BTreeMap::new();
     let mut last: BTreeMap<String, _> = BTreeMap::new();
     let opts = clustermesh_syncer::ConnectConfig {
         connect_timeout: Duration::from_secs(2),

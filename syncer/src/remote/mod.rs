@@ -3,6 +3,11 @@
 //!
 //! # What the etcd semantics force on this module
 //!
+//! Each resource of a session runs the crate's one list → watch machine,
+//! [`crate::watcher`] (shared with the agent's reader of its own cluster), into the remote's
+//! [`RemoteCache`]; this module adds what is particular to remotes: heartbeat, cluster
+//! config, canaries, validation, reconnects and status.
+//!
 //! * **List, then watch from `revision + 1`.** A consistent list (paged, all pages pinned to
 //!   the first page's revision) gives the state at revision `R`; a watch started at `R + 1`
 //!   delivers every change after it exactly once, so nothing is missed between the two.
@@ -23,13 +28,15 @@
 //!   not trusted (clocks differ); the local receive time of the last heartbeat write is
 //!   compared with [`Config::heartbeat_timeout`] (Cilium: 2 minutes).
 //! * **One watch stream per connection.** All watches of a connection (every remote's, in
-//!   KVStoreMesh mode) share one etcd watch stream (`mux`); a watch whose consumer falls
+//!   KVStoreMesh mode) share one etcd watch stream (`watcher::mux`); a watch whose consumer falls
 //!   behind is dropped and its resource relisted, like after compaction, so no watch waits
 //!   for another.
 //! * **Large values.** etcd accepts values up to `--max-request-bytes`; tonic refuses
 //!   messages above 4 MiB by default, which would turn one hostile value into an endless
 //!   reconnect loop. Watches and lists therefore accept big messages and each value above
 //!   [`MAX_VALUE_BYTES`] is rejected on its own, without breaking the stream.
+//! * **A bad value keeps the last good one.** An entry that fails validation is counted
+//!   (per reason, [`Metrics`]) and logged; it never replaces the value already applied.
 //!
 //! # What it must not do
 //!
@@ -42,7 +49,6 @@ mod cache;
 mod configured;
 mod manager;
 mod metrics;
-mod mux;
 mod session;
 mod status;
 pub mod validate;
@@ -51,13 +57,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use clustermesh_types::cluster::ClusterInfo;
 use clustermesh_types::identity::LabelArray;
 use clustermesh_types::model::{ClusterService, IpIdentityPair, Node, ServiceExport};
 
+pub use crate::watcher::{digest, Digest};
 pub use backoff::Backoff;
-pub use cache::{digest, Caches, Digest, RemoteCache, Stored};
+pub use cache::{Caches, RemoteCache};
 pub use configured::{configured_remotes, Configured, Refused, RemoteFile};
 pub use manager::Manager;
 pub use metrics::Metrics;
@@ -249,23 +255,12 @@ pub enum Value {
     ServiceExport(Arc<ServiceExport>),
 }
 
-/// What happened to a key.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Change {
-    /// The key was created or its value changed. `raw` is the remote's exact bytes (for
-    /// mirroring); `value` is the validated decode.
-    Upsert {
-        /// Bytes as stored in the remote etcd.
-        raw: Bytes,
-        /// The decoded value.
-        value: Value,
-    },
-    /// The key is gone (deleted remotely, swept after a relist, drained or revoked).
-    Delete {
-        /// The last value that was applied, for consumers that must undo it.
-        last: Value,
-    },
-}
+/// What happened to a key: [`Change::Upsert`] carries the remote's exact bytes (for
+/// mirroring) beside the validated decode, [`Change::Delete`] the last value applied.
+pub type Change = crate::watcher::Change<Value>;
+
+/// One cached entry: the validated value and the digest of the remote's bytes.
+pub type Stored = crate::watcher::Stored<Value>;
 
 /// One event for consumers (datapath programming, KVStoreMesh mirroring).
 #[derive(Debug, Clone, PartialEq)]
@@ -323,49 +318,12 @@ pub enum Error {
     /// The remote's cluster config is unusable.
     #[error("remote cluster configuration refused: {0}")]
     ConfigRefused(String),
-    /// The etcd cluster behind the connection changed.
-    #[error("etcd cluster ID changed from {locked:x} to {seen:x}: reconnecting for a full resync")]
-    ClusterIdChanged {
-        /// The ID locked in at the session's first response.
-        locked: u64,
-        /// The ID seen now.
-        seen: u64,
-    },
-    /// An etcd response carried no header.
-    #[error("invalid etcd response to {what}: no header")]
-    InvalidResponse {
-        /// The request.
-        what: String,
-    },
+    /// Reading the remote's etcd failed (the connection, the etcd behind it, a watch).
+    #[error(transparent)]
+    Read(#[from] crate::watcher::Error),
     /// The heartbeat stopped.
     #[error("remote heartbeat not seen for {0:?}: reconnecting")]
     HeartbeatStale(Duration),
-    /// A watch ended.
-    #[error("watch of {prefix} ended: {reason}")]
-    WatchEnded {
-        /// The prefix.
-        prefix: String,
-        /// Why.
-        reason: String,
-    },
-    /// A watch's consumer fell behind the watch stream it shares: relist.
-    #[error("watch of {prefix} fell behind the shared watch stream")]
-    WatchLagged {
-        /// The prefix.
-        prefix: String,
-    },
-    /// The watch start revision was compacted away: relist.
-    #[error("watch start revision compacted (now at {revision})")]
-    WatchCompacted {
-        /// The compaction revision.
-        revision: i64,
-    },
-    /// A request took too long.
-    #[error("{what} timed out")]
-    Timeout {
-        /// The request.
-        what: String,
-    },
     /// A host name in the file does not resolve.
     #[error("cannot resolve {host}: {source}")]
     Resolve {

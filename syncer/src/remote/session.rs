@@ -1,31 +1,28 @@
 //! One remote cluster: the reconnect loop and, inside it, one session per connection
-//! (heartbeat, cluster config, then a list-watch task per resource).
+//! (heartbeat, cluster config, then per resource a task running the list → watch machine,
+//! [`crate::watcher`], into the remote's cache).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use clustermesh_types::kvstore::{cluster_config_key, HEARTBEAT_KEY};
-use clustermesh_types::model::ClusterConfig;
-use etcd_client::{Client, EventType, GetOptions, ResponseHeader, WatchOptions};
-use tokio::sync::mpsc;
+use clustermesh_types::model::{ClusterConfig, SmolStr};
+use etcd_client::{EventType, WatchOptions};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument as _};
 
 use super::cache::RemoteCache;
-use super::mux::{Ended, Mux};
 use super::status::Shared;
 use super::validate::{validate, Context, Reason, Rejection};
-use super::{Backoff, Config, Error, Event, Metrics, Mode, Resource, Result, Value};
-use crate::client::MAX_MESSAGE_BYTES;
-use crate::list::{prefix_range_end, PAGE};
-use crate::EtcdConfig;
-
-/// Timeout of a single get / list page.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+use super::{Backoff, Change, Config, Error, Event, Metrics, Mode, Resource, Result};
+use crate::watcher::mux::Mux;
+use crate::watcher::{self, Conn, Reflector, Step, Watcher};
+use crate::{Client, EtcdConfig};
 
 /// State shared by the manager and every remote.
 pub(crate) struct Env {
@@ -40,7 +37,7 @@ pub(crate) struct Env {
     local: tokio::sync::Mutex<Option<(u64, Client, Arc<Mux>)>>,
     local_generation: AtomicU64,
     /// KVStoreMesh mode: bounds concurrent reads (see [`LOCAL_READS`]).
-    read_permits: Option<tokio::sync::Semaphore>,
+    read_permits: Option<Arc<Semaphore>>,
 }
 
 /// Concurrent reads (lists, and the gets of session set-up and canaries) against the local
@@ -54,7 +51,7 @@ impl Env {
     pub(crate) fn new(config: Config, metrics: Metrics, events: mpsc::Sender<Event>) -> Self {
         Self {
             read_permits: matches!(config.mode, Mode::KvstoreMesh { .. })
-                .then(|| tokio::sync::Semaphore::new(LOCAL_READS)),
+                .then(|| Arc::new(Semaphore::new(LOCAL_READS))),
             config,
             metrics,
             events,
@@ -65,9 +62,9 @@ impl Env {
     }
 
     /// A permit for one read of the local etcd in KVStoreMesh mode (`None` otherwise).
-    async fn read_permit(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+    async fn read_permit(&self) -> Option<OwnedSemaphorePermit> {
         match &self.read_permits {
-            Some(p) => p.acquire().await.ok(),
+            Some(p) => p.clone().acquire_owned().await.ok(),
             None => None,
         }
     }
@@ -93,48 +90,12 @@ impl Env {
     }
 }
 
-/// Locks the etcd cluster ID of a session's first response and checks every later one.
-#[derive(Debug, Default)]
-struct Guard(AtomicU64);
-
-impl Guard {
-    fn check(&self, header: Option<&ResponseHeader>, what: &str) -> Result<()> {
-        let id = header
-            .map(ResponseHeader::cluster_id)
-            .filter(|id| *id != 0)
-            .ok_or_else(|| Error::InvalidResponse {
-                what: what.to_owned(),
-            })?;
-        match self
-            .0
-            .compare_exchange(0, id, Ordering::SeqCst, Ordering::SeqCst)
-        {
-            Ok(_) => Ok(()),
-            Err(locked) if locked == id => Ok(()),
-            Err(locked) => Err(Error::ClusterIdChanged { locked, seen: id }),
-        }
-    }
-
-    fn id(&self) -> u64 {
-        self.0.load(Ordering::SeqCst)
-    }
-}
-
-/// What a session's tasks read through: the connection, the watch stream they share, and
-/// the session's etcd cluster ID lock. Shared behind an `Arc`: an etcd `Client` is ~3.7 KiB,
-/// and every task future holding one by value would be that much bigger.
-struct Conn {
-    client: Client,
-    mux: Arc<Mux>,
-    guard: Guard,
-}
-
 /// One configured remote cluster.
 pub(crate) struct Remote {
     pub(crate) name: Arc<str>,
     pub(crate) file: std::path::PathBuf,
     pub(crate) shared: Arc<Shared>,
-    pub(crate) cache: Arc<RwLock<RemoteCache>>,
+    pub(crate) cache: Arc<RemoteCache>,
     pub(crate) env: Arc<Env>,
     pub(crate) ever_connected: AtomicBool,
     /// Rejection kinds already logged at warn level.
@@ -152,7 +113,7 @@ impl Remote {
         name: Arc<str>,
         file: std::path::PathBuf,
         shared: Arc<Shared>,
-        cache: Arc<RwLock<RemoteCache>>,
+        cache: Arc<RemoteCache>,
         env: Arc<Env>,
     ) -> Self {
         Self {
@@ -242,9 +203,8 @@ impl Remote {
         if self.env.config.drain_deletes {
             self.clear_cache(token).await;
         } else {
-            let mut cache = self.cache.write().unwrap_or_else(PoisonError::into_inner);
             for r in Resource::ALL {
-                cache.take_all(r);
+                self.cache.store(r).take_all();
             }
         }
         if let Some(id) = self
@@ -258,23 +218,14 @@ impl Remote {
     }
 
     async fn clear_cache(&self, token: &CancellationToken) {
-        let events: Vec<Event> = {
-            let mut cache = self.cache.write().unwrap_or_else(PoisonError::into_inner);
-            let mut out = Vec::new();
-            for r in Resource::ALL {
-                let cached = self.shared.get().config.kvstoremesh;
-                let prefix = r.watch_prefix(&self.name, cached);
-                for (rel, change) in cache.take_all(r) {
-                    out.push(Event::Change {
-                        cluster: self.name.clone(),
-                        resource: r,
-                        key: format!("{prefix}{rel}"),
-                        change,
-                    });
-                }
+        let cached = self.shared.get().config.kvstoremesh;
+        let mut events = Vec::new();
+        for r in Resource::ALL {
+            let prefix = r.watch_prefix(&self.name, cached);
+            for (rel, change) in self.cache.store(r).take_all() {
+                events.push(self.event(r, &prefix, &rel, change));
             }
-            out
-        };
+        }
         self.shared.update(|s| s.synced = Default::default());
         self.emit(events, token).await;
     }
@@ -297,20 +248,13 @@ impl Remote {
     /// `Direct` mode, the one local etcd connection of every remote in `KvstoreMesh` mode.
     async fn client(&self) -> Result<(Arc<Conn>, String)> {
         let cfg = &self.env.config;
-        let conn = |client, mux| {
-            Arc::new(Conn {
-                client,
-                mux,
-                guard: Guard::default(),
-            })
-        };
+        let conn = Conn::shared;
         match &cfg.mode {
             Mode::Direct => {
                 let file = EtcdConfig::load(&self.file)?;
                 check_resolvable(&file).await?;
                 let client = crate::connect(&file, &cfg.connect).await?;
-                let mux = Mux::new(client.clone());
-                Ok((conn(client, mux), file.endpoints.join(",")))
+                Ok((Conn::new(client), file.endpoints.join(",")))
             }
             Mode::KvstoreMesh { local_etcd } => {
                 let mut local = self.env.local.lock().await;
@@ -319,7 +263,7 @@ impl Remote {
                 }
                 check_resolvable(local_etcd).await?;
                 let client = crate::connect(local_etcd, &cfg.connect).await?;
-                let mux = Mux::new(client.clone());
+                let mux = Mux::new(client.0.clone());
                 let generation = self.env.local_generation.fetch_add(1, Ordering::SeqCst) + 1;
                 *local = Some((generation, client.clone(), mux.clone()));
                 Ok((conn(client, mux), local_etcd.endpoints.join(",")))
@@ -336,7 +280,7 @@ impl Remote {
 
         // "Connected" = a read of the heartbeat key succeeded (Cilium).
         let permit = self.env.read_permit().await;
-        let hb = Box::pin(get(&conn.client, &conn.guard, HEARTBEAT_KEY)).await?;
+        let hb = Box::pin(conn.get(HEARTBEAT_KEY)).await?;
         drop(permit);
         let hb_rev = hb.1;
         let etcd_id = conn.guard.id();
@@ -355,7 +299,7 @@ impl Remote {
         // The cluster config is mandatory.
         let key = cluster_config_key(&self.name);
         let permit = self.env.read_permit().await;
-        let (value, _) = Box::pin(get(&conn.client, &conn.guard, &key)).await?;
+        let (value, _) = Box::pin(conn.get(&key)).await?;
         drop(permit);
         let raw = value.ok_or(Error::ConfigNotFound { key: key.clone() })?;
         let remote =
@@ -485,8 +429,9 @@ impl Remote {
         .await;
     }
 
-    /// Canary wait, then list → watch, relisting whenever the watch cannot go on from where
-    /// it is (compacted start revision, or its consumer fell behind the shared stream).
+    /// Canary wait, then the list → watch machine into the cache, emitting what changed;
+    /// the machine relists by itself whenever the watch cannot go on from where it is
+    /// (compacted start revision, or its consumer fell behind the shared stream).
     ///
     /// The etcd calls are boxed: their futures are several KiB each, and a task's size is
     /// that of its largest state, kept for as long as the task (the whole session) lives.
@@ -505,35 +450,44 @@ impl Remote {
             debug!(%key, "synced canary present");
         }
         let prefix = r.watch_prefix(&self.name, cached);
+        // KVStoreMesh mode: every list hits the one local etcd; listing all remotes at once
+        // gains nothing and holds every remote's listed bytes at the same time.
+        let mut watcher = Watcher::new(conn, prefix.as_str(), self.env.read_permits.clone());
+        let mut reflector = Reflector::default();
+        let store = self.cache.store(r);
         let mut first = true;
         loop {
-            // KVStoreMesh mode: every list hits the one local etcd; listing all remotes at
-            // once gains nothing and holds every remote's listed bytes at the same time.
-            let permit = self.env.read_permit().await;
-            let (kvs, revision) = Box::pin(list(&conn.client, &conn.guard, &prefix)).await?;
-            let events = self.apply_list(&ctx, r, &prefix, kvs);
-            drop(permit);
-            self.emit(events, &token).await;
-            if first {
-                first = false;
-                self.mark_synced(r, &token).await;
-            }
-            match self
-                .watch(&conn, &ctx, r, &prefix, revision + 1, &token)
-                .await
-            {
-                Err(Error::WatchCompacted { revision }) => {
-                    info!(%prefix, revision, "watch start revision compacted: relisting");
+            let event = Box::pin(watcher.next()).await?;
+            let decode = |rel: &str, raw: &Bytes| match validate(&ctx, r, rel, raw) {
+                Ok(v) => Some(v),
+                Err(rej) => {
+                    self.rejected(r, &prefix, rel, &rej);
+                    None
                 }
-                Err(Error::WatchLagged { .. }) => {
-                    info!(%prefix, "watch fell behind the shared watch stream: relisting");
+            };
+            match reflector.apply(store, event, decode) {
+                Step::Nothing => {}
+                Step::Changed(rel, change) => {
+                    let event = self.event(r, &prefix, &rel, change);
+                    self.emit(vec![event], &token).await;
                 }
-                other => return other,
+                Step::Listed(changes) => {
+                    let events = changes
+                        .into_iter()
+                        .map(|(rel, change)| self.event(r, &prefix, &rel, change))
+                        .collect();
+                    self.emit(events, &token).await;
+                    if first {
+                        first = false;
+                        self.mark_synced(r, &token).await;
+                    }
+                }
             }
         }
     }
 
-    fn rejected(&self, r: Resource, key: &str, rej: &Rejection) {
+    fn rejected(&self, r: Resource, prefix: &str, rel: &str, rej: &Rejection) {
+        let key = format!("{prefix}{rel}");
         self.env.metrics.reject(&self.name, rej.reason.as_str());
         let first = self
             .logged
@@ -549,153 +503,27 @@ impl Remote {
         }
     }
 
-    /// Validates entries whose bytes changed (outside the cache lock) and returns them.
-    fn validated(
-        &self,
-        ctx: &Context,
-        r: Resource,
-        prefix: &str,
-        kvs: Vec<(String, Bytes)>,
-    ) -> Vec<(String, Bytes, Value)> {
-        let mut out = Vec::with_capacity(kvs.len());
-        for (key, raw) in kvs {
-            let rel = &key[prefix.len()..];
-            match validate(ctx, r, rel, &raw) {
-                Ok(v) => out.push((key, raw, v)),
-                Err(rej) => self.rejected(r, &key, &rej),
-            }
-        }
-        out
-    }
-
-    /// Applies a full list: upserts what changed, deletes what is gone (stale sweep). A key
-    /// whose new value is rejected keeps its last good value. Returns the events to emit.
-    fn apply_list(
-        &self,
-        ctx: &Context,
-        r: Resource,
-        prefix: &str,
-        kvs: Vec<(String, Bytes)>,
-    ) -> Vec<Event> {
-        let (changed, stale) = {
-            let cache = self.cache.read().unwrap_or_else(PoisonError::into_inner);
-            let stale = cache.keys_not_in(r, kvs.iter().map(|(key, _)| &key[prefix.len()..]));
-            let changed: Vec<(String, Bytes)> = kvs
-                .into_iter()
-                .filter(|(key, raw)| !cache.unchanged(r, &key[prefix.len()..], raw))
-                .collect();
-            (changed, stale)
-        };
-        let valid = self.validated(ctx, r, prefix, changed);
-        let mut cache = self.cache.write().unwrap_or_else(PoisonError::into_inner);
-        let mut events: Vec<Event> = cache
-            .upsert_listed(r, prefix, valid)
-            .into_iter()
-            .map(|(key, change)| self.event(r, key, change))
-            .collect();
-        for rel in stale {
-            if let Some(change) = cache.delete(r, &rel) {
-                events.push(self.event(r, format!("{prefix}{rel}"), change));
-            }
-        }
-        events
-    }
-
-    fn event(&self, resource: Resource, key: String, change: super::Change) -> Event {
+    fn event(&self, resource: Resource, prefix: &str, rel: &SmolStr, change: Change) -> Event {
         Event::Change {
             cluster: self.name.clone(),
             resource,
-            key,
+            key: format!("{prefix}{rel}"),
             change,
-        }
-    }
-
-    async fn watch(
-        &self,
-        conn: &Conn,
-        ctx: &Context,
-        r: Resource,
-        prefix: &str,
-        start: i64,
-        token: &CancellationToken,
-    ) -> Result<()> {
-        let opts = WatchOptions::new().with_prefix().with_start_revision(start);
-        let mut watch = conn
-            .mux
-            .watch(prefix, opts)
-            .await
-            .map_err(|e| ended(prefix, e))?;
-        loop {
-            let resp = watch.message().await.map_err(|e| ended(prefix, e))?;
-            conn.guard.check(resp.header(), prefix)?;
-            if resp.canceled() {
-                if resp.compact_revision() > 0 {
-                    return Err(Error::WatchCompacted {
-                        revision: resp.compact_revision(),
-                    });
-                }
-                return Err(Error::WatchEnded {
-                    prefix: prefix.to_owned(),
-                    reason: format!("canceled: {}", resp.cancel_reason()),
-                });
-            }
-            // Validate outside the cache lock, then apply in etcd's order.
-            let mut ops: Vec<(String, Option<(Bytes, Value)>)> = Vec::new();
-            for ev in resp.events() {
-                let Some(kv) = ev.kv() else { continue };
-                let Ok(key) = std::str::from_utf8(kv.key()) else {
-                    continue;
-                };
-                if key.len() <= prefix.len() || !key.starts_with(prefix) {
-                    continue;
-                }
-                match ev.event_type() {
-                    EventType::Put => {
-                        let raw = Bytes::copy_from_slice(kv.value());
-                        match validate(ctx, r, &key[prefix.len()..], &raw) {
-                            Ok(v) => ops.push((key.to_owned(), Some((raw, v)))),
-                            Err(rej) => self.rejected(r, key, &rej),
-                        }
-                    }
-                    EventType::Delete => ops.push((key.to_owned(), None)),
-                }
-            }
-            let events = {
-                let mut cache = self.cache.write().unwrap_or_else(PoisonError::into_inner);
-                let mut events = Vec::with_capacity(ops.len());
-                for (key, op) in ops {
-                    let rel = &key[prefix.len()..];
-                    let change = match op {
-                        Some((raw, value)) => cache.upsert(r, rel, raw, value),
-                        None => cache.delete(r, rel),
-                    };
-                    if let Some(change) = change {
-                        events.push(self.event(r, key, change));
-                    }
-                }
-                events
-            };
-            self.emit(events, token).await;
         }
     }
 
     async fn heartbeat(&self, conn: Arc<Conn>, revision: i64) -> Result<()> {
         let timeout = self.env.config.heartbeat_timeout;
         let opts = WatchOptions::new().with_start_revision(revision + 1);
-        let mut watch = conn
-            .mux
-            .watch(HEARTBEAT_KEY, opts)
-            .await
-            .map_err(|e| ended(HEARTBEAT_KEY, e))?;
+        let mut watch = conn.watch(HEARTBEAT_KEY, opts).await?;
         let mut last = Instant::now();
         let mut tick = tokio::time::interval((timeout / 4).max(Duration::from_millis(50)));
         loop {
             tokio::select! {
-                msg = watch.message() => {
-                    let resp = msg.map_err(|e| ended(HEARTBEAT_KEY, e))?;
-                    conn.guard.check(resp.header(), HEARTBEAT_KEY)?;
+                msg = conn.message(&mut watch, HEARTBEAT_KEY) => {
+                    let resp = msg?;
                     if resp.canceled() {
-                        return Err(Error::WatchEnded { prefix: HEARTBEAT_KEY.into(), reason: format!("canceled: {}", resp.cancel_reason()) });
+                        return Err(canceled(HEARTBEAT_KEY, resp.cancel_reason()));
                     }
                     if resp.events().iter().any(|e| e.event_type() == EventType::Put) {
                         last = Instant::now();
@@ -711,16 +539,27 @@ impl Remote {
     }
 }
 
+/// Whether `e` says the connection (rather than the remote's content) failed: in KVStoreMesh
+/// mode the shared local connection is then replaced.
 fn is_transport(e: &Error) -> bool {
     matches!(
         e,
         Error::Syncer(_)
-            | Error::ClusterIdChanged { .. }
-            | Error::InvalidResponse { .. }
-            | Error::WatchEnded { .. }
-            | Error::Timeout { .. }
+            | Error::Read(
+                watcher::Error::Syncer(_)
+                    | watcher::Error::ClusterIdChanged { .. }
+                    | watcher::Error::InvalidResponse { .. }
+                    | watcher::Error::WatchEnded { .. }
+            )
             | Error::HeartbeatStale(_)
     )
+}
+
+fn canceled(key: &str, reason: &str) -> Error {
+    Error::Read(watcher::Error::WatchEnded {
+        prefix: key.to_owned(),
+        reason: format!("canceled: {reason}"),
+    })
 }
 
 impl Env {
@@ -732,59 +571,20 @@ impl Env {
     }
 }
 
-fn etcd_err(op: &'static str, key: &str, source: etcd_client::Error) -> Error {
-    Error::Syncer(crate::Error::Etcd {
-        op,
-        key: key.to_owned(),
-        source,
-    })
-}
-
-async fn timed<T>(
-    what: &str,
-    fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-    key: &str,
-) -> Result<T> {
-    tokio::time::timeout(REQUEST_TIMEOUT, fut)
-        .await
-        .map_err(|_| Error::Timeout {
-            what: format!("{what} {key}"),
-        })?
-        .map_err(|source| etcd_err("get", key, source))
-}
-
-/// Reads one key: (value, response revision).
-async fn get(client: &Client, guard: &Guard, key: &str) -> Result<(Option<Bytes>, i64)> {
-    let mut kv = client.kv_client();
-    let mut resp = timed("get", kv.get(key, None), key).await?;
-    guard.check(resp.header(), key)?;
-    let rev = resp.header().map(ResponseHeader::revision).unwrap_or(0);
-    let value = resp
-        .take_kvs()
-        .into_iter()
-        .next()
-        .map(|kv| Bytes::from(kv.into_key_value().1));
-    Ok((value, rev))
-}
-
 /// Waits until `key` exists (a synced canary).
 async fn wait_for_key(env: &Env, conn: &Conn, key: &str) -> Result<()> {
     let permit = env.read_permit().await;
-    let (value, rev) = get(&conn.client, &conn.guard, key).await?;
+    let (value, rev) = conn.get(key).await?;
     drop(permit);
     if value.is_some() {
         return Ok(());
     }
     let opts = WatchOptions::new().with_start_revision(rev + 1);
-    let mut watch = conn.mux.watch(key, opts).await.map_err(|e| ended(key, e))?;
+    let mut watch = conn.watch(key, opts).await?;
     loop {
-        let resp = watch.message().await.map_err(|e| ended(key, e))?;
-        conn.guard.check(resp.header(), key)?;
+        let resp = conn.message(&mut watch, key).await?;
         if resp.canceled() {
-            return Err(Error::WatchEnded {
-                prefix: key.to_owned(),
-                reason: format!("canceled: {}", resp.cancel_reason()),
-            });
+            return Err(canceled(key, resp.cancel_reason()));
         }
         if resp
             .events()
@@ -794,61 +594,6 @@ async fn wait_for_key(env: &Env, conn: &Conn, key: &str) -> Result<()> {
             return Ok(());
         }
     }
-}
-
-/// The error for a watch of `key` that ended.
-fn ended(key: &str, e: Ended) -> Error {
-    match e {
-        Ended::Lagged => Error::WatchLagged {
-            prefix: key.to_owned(),
-        },
-        Ended::Failed(reason) => Error::WatchEnded {
-            prefix: key.to_owned(),
-            reason,
-        },
-    }
-}
-
-/// Consistent paged list (pages pinned to the first page's revision, see [`crate::list`]),
-/// checking the cluster ID of every page. Keys that are not UTF-8 are skipped.
-async fn list(client: &Client, guard: &Guard, prefix: &str) -> Result<(Vec<(String, Bytes)>, i64)> {
-    let mut kv = client
-        .kv_client()
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let end = prefix_range_end(prefix);
-    let mut start = prefix.as_bytes().to_vec();
-    let mut revision = 0;
-    let mut out = Vec::new();
-    loop {
-        let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
-        if revision != 0 {
-            opts = opts.with_revision(revision);
-        }
-        let mut resp = timed("list", kv.get(start.clone(), Some(opts)), prefix).await?;
-        guard.check(resp.header(), prefix)?;
-        if revision == 0 {
-            revision = resp.header().map(ResponseHeader::revision).unwrap_or(0);
-        }
-        let more = resp.more();
-        let kvs = resp.take_kvs();
-        let last = kvs.last().map(|kv| kv.key().to_vec());
-        for item in kvs {
-            let (key, value) = item.into_key_value();
-            if let Ok(key) = String::from_utf8(key) {
-                if key.len() > prefix.len() {
-                    out.push((key, Bytes::from(value)));
-                }
-            }
-        }
-        match (more, last) {
-            (true, Some(mut last)) => {
-                last.push(0);
-                start = last;
-            }
-            _ => break,
-        }
-    }
-    Ok((out, revision))
 }
 
 /// Resolves endpoint host names that `cilium-host-aliases` does not cover, so a typo shows

@@ -470,7 +470,7 @@ async fn phase_reader(local_yaml: &str, remotes: usize) -> anyhow::Result<()> {
 /// keys and values.
 async fn phase_list(local_yaml: &str) -> anyhow::Result<()> {
     let cfg = clustermesh_syncer::EtcdConfig::load(std::path::Path::new(local_yaml))?;
-    let client = clustermesh_syncer::connect(&cfg, &Default::default()).await?;
+    let client = clustermesh_tests::etcd::raw_client(&cfg).await?;
     let rss_before = rss_bytes();
     let start = Instant::now();
     let mut kv = client
