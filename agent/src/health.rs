@@ -54,6 +54,9 @@ pub struct Report {
     pub dns: String,
     /// Policy: known identities, ipcache entries held for their identity, errors.
     pub policy: crate::policy::hook::Stats,
+    /// The certificates in use and a warning for each that expires within 30 days; read at
+    /// each request.
+    pub certificates: clustermesh_health::certificates::Report,
 }
 
 /// Shared between the agent's loop and the HTTP server.
@@ -87,6 +90,7 @@ impl Shared {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         r.ready = self.ready();
+        r.certificates = clustermesh_health::certificates::Extra::default().report();
         r
     }
 }
@@ -155,6 +159,7 @@ impl Metrics {
     pub fn registry(&self) -> Registry {
         let mut root = Registry::default();
         self.policy.register_hubble(&mut root);
+        clustermesh_health::certificates::register(&mut root, Default::default());
         let r = root.sub_registry_with_prefix("cilium");
         self.remote.register(r);
         r.register(

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use clustermesh_health::certificates::Extra;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -40,6 +41,9 @@ pub struct StatusReport {
     /// The Kubernetes source (absent with the manifest source).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<crate::source::kubernetes::Health>,
+    /// The certificates in use (the etcd clients', the embedded etcd's) and a warning for
+    /// each that expires within 30 days; read at each request.
+    pub certificates: clustermesh_certs::expiry::Report,
 }
 
 /// Shared state between the exporter and the HTTP server.
@@ -52,6 +56,8 @@ pub struct Status {
     source_unavailable: AtomicBool,
     report: Mutex<StatusReport>,
     reporters: clustermesh_health::Reporters,
+    /// Certificate files reported on top of the process's own TLS sets.
+    certificate_files: Mutex<Extra>,
 }
 
 impl Status {
@@ -86,11 +92,22 @@ impl Status {
             f(&mut r);
         }
     }
+    /// Certificate files to report besides the etcd clients' (the embedded etcd's).
+    pub fn set_certificate_files(&self, files: Extra) {
+        if let Ok(mut f) = self.certificate_files.lock() {
+            *f = files;
+        }
+    }
     /// A copy of the report.
     pub fn report(&self) -> StatusReport {
         let mut r = self.report.lock().map(|r| r.clone()).unwrap_or_default();
         r.ready = self.ready();
         r.health = self.reporters.reports();
+        r.certificates = self
+            .certificate_files
+            .lock()
+            .map(|f| f.report())
+            .unwrap_or_default();
         r
     }
     /// The health reporters of the process's components.

@@ -118,12 +118,22 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     if matches!(cfg.source, config::Source::Kubernetes(_)) {
         kube_metrics.register(registry.sub_registry_with_prefix("cilium_clustermesh_apiserver"));
     }
+    // The embedded etcd's certificates are ours to report: etcd reads them, not us.
+    let certificate_files = match (&cfg.etcd, &cfg.state_dir) {
+        (EtcdMode::Embedded { .. }, Some(state)) => clustermesh_health::certificates::Extra(vec![
+            (state.join("certs").join("server.crt"), "server"),
+            (state.join("certs").join("ca.crt"), "ca"),
+        ]),
+        _ => Default::default(),
+    };
+    clustermesh_health::certificates::register(&mut registry, certificate_files.clone());
     if cfg.kvstoremesh.is_some() {
         remote_metrics
             .register_kvstoremesh(registry.sub_registry_with_prefix("cilium_kvstoremesh"));
     }
     let registry = Arc::new(registry);
     status.update(|r| r.cluster = cfg.cluster.name.to_string());
+    status.set_certificate_files(certificate_files);
     let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
 
     let server = health::serve(

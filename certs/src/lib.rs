@@ -15,6 +15,7 @@
 
 mod describe;
 mod error;
+pub mod expiry;
 mod fs;
 mod issue;
 mod pem;

@@ -15,6 +15,10 @@
 //! previous set stays in use, the error is kept for [`Reloading::last_error`] and logged
 //! once, and the next handshake tries again.
 //!
+//! Every live [`Reloading`] is listed by [`in_use`], so a process can report the certificates
+//! it presents, when they expire, and which serial its last handshake presented, without
+//! each caller threading them through.
+//!
 //! This module must not watch directories or spawn tasks: checking at the handshake is what
 //! makes it correct for every process without a background job (a file that changes while no
 //! connection is made is simply read by the next one).
@@ -22,7 +26,8 @@
 use std::fmt;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::SystemTime;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -89,6 +94,66 @@ struct State {
     error: Option<String>,
     /// Reloads that replaced the set (0 = still the initial one).
     generation: u64,
+    /// Serial of the certificate the last handshake presented, with its place in the
+    /// process-wide order of handshakes.
+    presented: Option<(u64, String)>,
+}
+
+/// Orders handshakes across every [`Reloading`], so the latest presentation of a file wins.
+static HANDSHAKES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Every [`Reloading`] made in this process (dead ones are dropped when listed).
+static REGISTRY: Mutex<Vec<Weak<Reloading>>> = Mutex::new(Vec::new());
+
+/// A certificate in use by this process, as [`in_use`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InUse {
+    /// The certificate file.
+    pub cert: PathBuf,
+    /// The CA bundle that verifies peers.
+    pub ca: PathBuf,
+    /// The certificate in use (the last set that loaded).
+    pub info: CertInfo,
+    /// The CA of the bundle that expires first.
+    pub ca_not_after: Option<SystemTime>,
+    /// Serial of the certificate the last handshake presented (`None` before the first).
+    pub presented: Option<String>,
+    /// Why the files on disk are not the ones in use, if they are not.
+    pub reload_error: Option<String>,
+}
+
+/// The certificates this process presents, one entry per certificate file, sorted by file.
+/// Each is checked against its files first, so a rotation shows even before a handshake.
+pub fn in_use() -> Vec<InUse> {
+    let live: Vec<Arc<Reloading>> = {
+        let mut reg = REGISTRY.lock().unwrap_or_else(PoisonError::into_inner);
+        reg.retain(|w| w.strong_count() > 0);
+        reg.iter().filter_map(Weak::upgrade).collect()
+    };
+    let mut out: Vec<(u64, InUse)> = Vec::new();
+    for r in live {
+        let loaded = r.current();
+        let state = r.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let seq = state.presented.as_ref().map_or(0, |(n, _)| *n);
+        let entry = InUse {
+            cert: r.files.cert.clone(),
+            ca: r.files.ca.clone(),
+            info: loaded.cert.clone(),
+            ca_not_after: loaded.cas.iter().map(|c| c.not_after).min(),
+            presented: state.presented.as_ref().map(|(_, s)| s.clone()),
+            reload_error: state.error.clone(),
+        };
+        drop(state);
+        match out.iter_mut().find(|(_, e)| e.cert == entry.cert) {
+            // Several clients share a file: the latest handshake says what is presented now.
+            Some(e) if e.0 < seq => *e = (seq, entry),
+            Some(_) => {}
+            None => out.push((seq, entry)),
+        }
+    }
+    let mut out: Vec<InUse> = out.into_iter().map(|(_, e)| e).collect();
+    out.sort_by(|a, b| a.cert.cmp(&b.cert));
+    out
 }
 
 /// A certificate, key and CA bundle on disk, re-read when they change. See the module docs.
@@ -110,15 +175,34 @@ impl Reloading {
     pub fn new(files: CertFiles) -> Result<Arc<Self>> {
         let stamps = stamps(&files);
         let loaded = Arc::new(load(&files)?);
-        Ok(Arc::new(Self {
+        let me = Arc::new(Self {
             files,
             state: Mutex::new(State {
                 stamps,
                 loaded,
                 error: None,
                 generation: 0,
+                presented: None,
             }),
-        }))
+        });
+        REGISTRY
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Arc::downgrade(&me));
+        Ok(me)
+    }
+
+    /// The current set, recorded as presented by a handshake.
+    fn present(&self) -> Arc<CertifiedKey> {
+        let loaded = self.current();
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .presented = Some((
+            HANDSHAKES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
+            loaded.cert.serial.clone(),
+        ));
+        loaded.certified.clone()
     }
 
     /// The files this set is read from.
@@ -280,7 +364,7 @@ struct ClientCert(Arc<Reloading>);
 
 impl ResolvesClientCert for ClientCert {
     fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.current().certified.clone())
+        Some(self.0.present())
     }
 
     fn has_certs(&self) -> bool {
@@ -293,7 +377,7 @@ struct ServerCert(Arc<Reloading>);
 
 impl ResolvesServerCert for ServerCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.current().certified.clone())
+        Some(self.0.present())
     }
 }
 

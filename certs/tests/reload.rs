@@ -130,6 +130,61 @@ fn both_sides_use_rotated_files_at_the_next_handshake_and_keep_open_connections(
     assert_eq!(server_files.generation(), 1);
     // The connection made before the rotation keeps working.
     ping(&mut open).context("established connection after the rotation")?;
+    // The process reports the certificate it presented last.
+    let used = clustermesh_certs::reload::in_use();
+    let root = used
+        .iter()
+        .find(|u| u.cert == set.root.cert)
+        .context("root certificate listed in use")?;
+    assert_eq!(root.presented.as_deref(), Some(new_client.as_str()));
+    assert_eq!(root.info.serial, new_client);
+    Ok(())
+}
+
+#[test]
+fn certificates_expiring_within_30_days_are_warned_about_by_file() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let ca = Ca::generate("Cilium CA")?;
+    let set = issue_cluster_set(&ca, "c1", tmp.path(), &ServerSpec::default())?;
+    let soon = ca
+        .issue_client_until(
+            "local-c1",
+            SystemTime::now() + Duration::from_secs(12 * 86_400),
+        )?
+        .write(tmp.path(), "local-c1")?;
+    let _in_use = Reloading::new(soon.clone())?;
+    let report = clustermesh_certs::expiry::report(
+        &[(set.server.cert.as_path(), "server")],
+        SystemTime::now(),
+    );
+    let mine: Vec<&String> = report
+        .warnings
+        .iter()
+        .filter(|w| w.contains(&tmp.path().display().to_string()))
+        .collect();
+    assert_eq!(mine.len(), 1, "{:?}", report.warnings);
+    assert!(
+        mine[0].contains(&soon.cert.display().to_string()),
+        "{}",
+        mine[0]
+    );
+    assert!(
+        mine[0].contains("in 11 days") || mine[0].contains("in 12 days"),
+        "{}",
+        mine[0]
+    );
+    assert!(mine[0].contains("clustermesh certs rotate"), "{}", mine[0]);
+    let server = report
+        .certificates
+        .iter()
+        .find(|c| c.file == set.server.cert)
+        .context("the extra server certificate is listed")?;
+    assert_eq!(server.role, "server");
+    assert!(server.days_left > 1000);
+    assert!(report
+        .certificates
+        .iter()
+        .any(|c| c.file == soon.ca && c.role == "ca"));
     Ok(())
 }
 

@@ -621,6 +621,8 @@ pub fn status_json(c: &Access) -> Value {
             "not_ready": configured.len() - ready},
         "clusters": clusters,
         "errors": errors,
+        // Certificates the apiserver and its etcd use that expire within 30 days.
+        "certificate-warnings": report.as_ref().map(|r| r["certificates"]["warnings"].clone()).unwrap_or(json!([])),
     })
 }
 
@@ -662,6 +664,17 @@ pub fn print_summary(v: &Value) {
     );
     if v["kvstoremesh"]["enabled"].as_bool() == Some(true) {
         println!("ℹ️  KVStoreMesh is enabled");
+    }
+    // Before the connections: it matters also for a cluster without remotes.
+    if let Some(warnings) = v["certificate-warnings"]
+        .as_array()
+        .filter(|w| !w.is_empty())
+    {
+        println!();
+        println!("⚠️  {} certificate warnings:", warnings.len());
+        for w in warnings {
+            println!("  ⚠️  {}", w.as_str().unwrap_or_default());
+        }
     }
     let c = &v["connectivity"];
     let total = c["total"].as_u64().unwrap_or(0);

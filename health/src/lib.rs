@@ -4,9 +4,11 @@
 //! prometheus-client registry).
 //!
 //! What is ready and what the report holds is the caller's ([`Probe`]); this crate only
-//! serves them, and keeps the registry of named health reporters ([`reporter`]) a process
-//! puts into its report.
+//! serves them, keeps the registry of named health reporters ([`reporter`]) a process puts
+//! into its report, and the certificate expiry metrics every process shares
+//! ([`certificates`]).
 
+pub mod certificates;
 pub mod reporter;
 
 pub use reporter::{Reporter, Reporters};

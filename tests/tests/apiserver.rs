@@ -85,8 +85,10 @@ fn enabled_cluster() -> (tempfile::TempDir, std::path::PathBuf, u16, TestApiserv
     );
     std::fs::write(state.join("manifests/c1.yaml"), small_cluster()).unwrap();
     let config = state.join("apiserver.yaml");
-    let mut api = TestApiserver::start(
+    // At the address in apiserver.yaml, which `clustermesh status` reads.
+    let mut api = TestApiserver::start_at(
         &["--config", config.to_str().unwrap()],
+        std::net::SocketAddr::from(([127, 0, 0, 1], health)),
         &dir.path().join("api.log"),
     )
     .unwrap();
@@ -710,6 +712,79 @@ fn a_leftover_etcd_is_stopped_not_looped_on() {
     assert!(
         log.matches("embedded etcd exited").count() == 0,
         "restart loop:\n{log}"
+    );
+    api.stop().unwrap();
+}
+
+/// A certificate in use that expires within 30 days is named in `/status`, in the metrics and
+/// in `clustermesh status`, as soon as the file is rotated (no restart).
+#[test]
+fn certificates_expiring_within_30_days_are_named_in_status_and_metrics() {
+    let (dir, state, _port, mut api) = enabled_cluster();
+    let server = state.join("certs").join("server.crt");
+    let file = server.display().to_string();
+    let status = api.status().unwrap();
+    let listed = status["certificates"]["certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["file"] == file.as_str() && c["role"] == "server");
+    assert!(listed, "server.crt not listed: {}", status["certificates"]);
+    let warned = |v: &serde_json::Value| {
+        v["certificates"]["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|w| w.as_str())
+            .filter(|w| w.contains(&file))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert!(warned(&status).is_empty(), "{}", status["certificates"]);
+
+    let out = Command::new(find_binary("clustermesh").unwrap())
+        .args(["certs", "rotate", "--validity-days", "10", "--ca-dir"])
+        .arg(dir.path().join("ca"))
+        .arg("--dir")
+        .arg(state.join("certs"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = api.status().unwrap();
+    let w = warned(&status);
+    println!("after rotating to 10 days: {w:?}");
+    assert_eq!(w.len(), 1, "{}", status["certificates"]);
+    assert!(
+        w[0].contains("expires at") && w[0].contains("days)"),
+        "{}",
+        w[0]
+    );
+    let metrics = api.metrics().unwrap();
+    let expiring = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("clustermesh_tls_certificates_expiring "))
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .unwrap_or(0);
+    assert!(expiring >= 1, "{metrics}");
+    assert!(
+        metrics.contains("clustermesh_tls_certificate_expiry_timestamp_seconds{")
+            && metrics.contains(&file),
+        "{metrics}"
+    );
+    let out = Command::new(find_binary("clustermesh").unwrap())
+        .args(["status", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    assert!(
+        text.contains("certificate warnings") && text.contains(&file),
+        "clustermesh status does not warn: {text}"
     );
     api.stop().unwrap();
 }
