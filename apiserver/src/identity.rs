@@ -15,9 +15,28 @@ use clustermesh_types::cluster::IdentityRange;
 use clustermesh_types::identity::MIN_USER_IDENTITY;
 use serde::{Deserialize, Serialize};
 
-/// Allocation errors.
+/// Allocation and state file errors.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The state file exists but cannot be read.
+    #[error("cannot read state file {}: {error}", path.display())]
+    ReadState {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// The state file is not what this allocator wrote.
+    #[error("state file {} is corrupt ({error}); move it away to start over (identities will be re-read from etcd)", path.display())]
+    CorruptState {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        error: serde_json::Error,
+    },
+    /// The state file cannot be written (the message names the file and the cause).
+    #[error(transparent)]
+    WriteState(clustermesh_syncer::Error),
     /// Every identity of the range is in use.
     #[error("identity range {min}..={max} is exhausted ({used} identities in use): cannot allocate an identity for labels {labels}; reduce the number of distinct label sets or use --max-connected-clusters=255 for larger per-cluster ranges")]
     Exhausted {
@@ -57,7 +76,7 @@ pub struct Allocator {
 
 impl Allocator {
     /// An allocator for `range`, loading `path` if it exists.
-    pub fn new(range: IdentityRange, path: Option<PathBuf>) -> anyhow::Result<Self> {
+    pub fn new(range: IdentityRange, path: Option<PathBuf>) -> Result<Self, Error> {
         let mut a = Self {
             min: range.min.max(MIN_USER_IDENTITY),
             max: range.max,
@@ -71,9 +90,11 @@ impl Allocator {
         if let Some(p) = &a.path {
             match std::fs::read(p) {
                 Ok(bytes) => {
-                    let st: Persisted = serde_json::from_slice(&bytes).map_err(|e| {
-                        anyhow::anyhow!("state file {} is corrupt ({e}); move it away to start over (identities will be re-read from etcd)", p.display())
-                    })?;
+                    let st: Persisted =
+                        serde_json::from_slice(&bytes).map_err(|error| Error::CorruptState {
+                            path: p.clone(),
+                            error,
+                        })?;
                     for (labels, id) in st.identities {
                         a.seed(&labels, id);
                     }
@@ -83,7 +104,12 @@ impl Allocator {
                     a.export_times = st.export_times;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => anyhow::bail!("cannot read state file {}: {e}", p.display()),
+                Err(error) => {
+                    return Err(Error::ReadState {
+                        path: p.clone(),
+                        error,
+                    })
+                }
             }
         }
         a.dirty = false;
@@ -180,7 +206,7 @@ impl Allocator {
     }
 
     /// Writes the state file if anything changed.
-    pub fn save(&mut self) -> anyhow::Result<()> {
+    pub fn save(&mut self) -> Result<(), Error> {
         let Some(path) = &self.path else {
             return Ok(());
         };
@@ -196,8 +222,9 @@ impl Allocator {
             cursor: self.cursor,
             export_times: self.export_times.clone(),
         };
-        let bytes = serde_json::to_vec_pretty(&st)?;
-        clustermesh_syncer::config::write_private(path, &bytes)?;
+        // A map of strings and numbers always serialises.
+        let bytes = serde_json::to_vec_pretty(&st).unwrap_or_default();
+        clustermesh_syncer::config::write_private(path, &bytes).map_err(Error::WriteState)?;
         self.dirty = false;
         Ok(())
     }
