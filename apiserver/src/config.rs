@@ -11,6 +11,60 @@ use serde::{Deserialize, Serialize};
 
 use crate::export::ServiceV2Mode;
 
+/// What is wrong with the settings (flags, environment, `--config` file); each message names
+/// the flag or file to fix. The cause is part of the message (`main` prints it as is).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The `--config` file cannot be read.
+    #[error("cannot read config {}: {error}", path.display())]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// The `--config` file is not valid YAML for [`File`].
+    #[error("config {}{line}: {error}", path.display())]
+    ParseFile {
+        /// The file.
+        path: PathBuf,
+        /// `:<line>` where the parser knows it, else empty.
+        line: String,
+        /// Why.
+        error: serde_yaml::Error,
+    },
+    /// A required setting is missing.
+    #[error("{0} is required")]
+    Missing(&'static str),
+    /// A setting has a value that cannot be used.
+    #[error("{setting}: {reason}")]
+    Invalid {
+        /// The flag (or file key) and, where it helps, the value given.
+        setting: String,
+        /// Why, and what is accepted.
+        reason: String,
+    },
+    /// Settings that do not go together, or a combination that leaves something undecided.
+    #[error("{0}")]
+    Conflict(&'static str),
+    /// The manifest directory of the manifests source does not exist.
+    #[error("manifest directory {} does not exist: create it (mkdir -p) or point --manifests elsewhere", .0.display())]
+    NoManifestDir(PathBuf),
+    /// The Kubernetes source's kubeconfig or context is unusable.
+    #[error(transparent)]
+    Kubernetes(#[from] clustermesh_k8s::client::Error),
+}
+
+/// Result with the configuration's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn invalid(setting: impl Into<String>, reason: impl std::fmt::Display) -> Error {
+    Error::Invalid {
+        setting: setting.into(),
+        reason: reason.to_string(),
+    }
+}
+
 /// Command-line flags. Every flag may also come from `--config FILE` (same names, YAML,
 /// kebab-case); flags win. Cilium's flags also come from the environment, as Cilium binds
 /// them (upper case, `-` → `_`: `CLUSTERMESH_DEFAULT_GLOBAL_NAMESPACE=true` ≡
@@ -235,11 +289,11 @@ fn duration(
     file: Option<String>,
     name: &str,
     default: Duration,
-) -> anyhow::Result<Duration> {
+) -> Result<Duration> {
     match (flag, file) {
         (Some(d), _) => Ok(d),
         (None, Some(s)) => {
-            humantime::parse_duration(&s).map_err(|e| anyhow::anyhow!("{name} {s:?}: {e}"))
+            humantime::parse_duration(&s).map_err(|e| invalid(format!("{name} {s:?}"), e))
         }
         (None, None) => Ok(default),
     }
@@ -253,15 +307,15 @@ fn source(
     kubeconfig: Option<PathBuf>,
     context: Option<String>,
     state_dir: Option<&std::path::Path>,
-) -> anyhow::Result<Source> {
+) -> Result<Source> {
     use crate::source::kubernetes::ClientConfig;
     let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
     let kube_asked = kubeconfig.is_some() || context.is_some();
     let kind = match explicit.as_deref() {
         Some(k) => k,
-        None if manifests.is_some() && kube_asked => anyhow::bail!(
-            "both --manifests and --kubeconfig/--context are given: choose the source with --source kubernetes|manifests"
-        ),
+        None if manifests.is_some() && kube_asked => return Err(Error::Conflict(
+            "both --manifests and --kubeconfig/--context are given: choose the source with --source kubernetes|manifests",
+        )),
         None if manifests.is_some() => "manifests",
         None if kube_asked || in_pod => "kubernetes",
         None => "manifests",
@@ -282,16 +336,11 @@ fn source(
         _ => {
             let dir = manifests
                 .or_else(|| state_dir.map(|s| s.join("manifests")))
-                .ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "--manifests (or --state-dir), or --source kubernetes, is required"
-                    )
-                })?;
+                .ok_or(Error::Missing(
+                    "--manifests (or --state-dir), or --source kubernetes,",
+                ))?;
             if !dir.is_dir() {
-                anyhow::bail!(
-                    "manifest directory {} does not exist: create it (mkdir -p) or point --manifests elsewhere",
-                    dir.display()
-                );
+                return Err(Error::NoManifestDir(dir));
             }
             Ok(Source::Manifests(dir))
         }
@@ -300,17 +349,20 @@ fn source(
 
 impl Config {
     /// Merges flags over the config file and validates the result.
-    pub fn from_args(args: Args) -> anyhow::Result<Self> {
+    pub fn from_args(args: Args) -> Result<Self> {
         let file: File = match &args.config {
             Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", p.display()))?;
-                serde_yaml::from_str(&text).map_err(|e| {
-                    let line = e
+                let text = std::fs::read_to_string(p).map_err(|error| Error::ReadFile {
+                    path: p.clone(),
+                    error,
+                })?;
+                serde_yaml::from_str(&text).map_err(|error| Error::ParseFile {
+                    path: p.clone(),
+                    line: error
                         .location()
                         .map(|l| format!(":{}", l.line()))
-                        .unwrap_or_default();
-                    anyhow::anyhow!("config {}{line}: {e}", p.display())
+                        .unwrap_or_default(),
+                    error,
                 })?
             }
             None => File::default(),
@@ -318,26 +370,24 @@ impl Config {
         let name = args
             .cluster_name
             .or(file.cluster_name)
-            .ok_or_else(|| anyhow::anyhow!("--cluster-name is required"))?;
-        let name = ClusterName::new(name).map_err(|e| anyhow::anyhow!("--cluster-name: {e}"))?;
+            .ok_or(Error::Missing("--cluster-name"))?;
+        let name = ClusterName::new(name).map_err(|e| invalid("--cluster-name", e))?;
         let max = MaxConnectedClusters::from_u32(
             args.max_connected_clusters
                 .or(file.max_connected_clusters)
                 .unwrap_or(255),
         )
-        .map_err(|e| anyhow::anyhow!("--max-connected-clusters: {e}"))?;
+        .map_err(|e| invalid("--max-connected-clusters", e))?;
         let id = args
             .cluster_id
             .or(file.cluster_id)
-            .ok_or_else(|| anyhow::anyhow!("--cluster-id is required"))?;
+            .ok_or(Error::Missing("--cluster-id"))?;
         let cluster = ClusterInfo {
             name,
             id,
             max_connected_clusters: max,
         };
-        cluster
-            .validate()
-            .map_err(|e| anyhow::anyhow!("--cluster-id: {e}"))?;
+        cluster.validate().map_err(|e| invalid("--cluster-id", e))?;
         let state_dir = args.state_dir.or(file.state_dir);
         let source = source(
             args.source.or(file.source),
@@ -350,7 +400,9 @@ impl Config {
             Some(p) => EtcdMode::External(p),
             None => {
                 if state_dir.is_none() {
-                    anyhow::bail!("either --etcd-config (existing etcd) or --state-dir (embedded etcd) is required");
+                    return Err(Error::Missing(
+                        "either --etcd-config (existing etcd) or --state-dir (embedded etcd)",
+                    ));
                 }
                 EtcdMode::Embedded {
                     listen: args
@@ -368,12 +420,15 @@ impl Config {
             Some(d) => d,
             None => match file.kvstore_lease_ttl {
                 Some(s) => humantime::parse_duration(&s)
-                    .map_err(|e| anyhow::anyhow!("kvstore-lease-ttl {s:?}: {e}"))?,
+                    .map_err(|e| invalid(format!("kvstore-lease-ttl {s:?}"), e))?,
                 None => Duration::from_secs(15 * 60),
             },
         };
         if !(25..=86400).contains(&lease_ttl.as_secs()) {
-            anyhow::bail!("--kvstore-lease-ttl must be between 25s and 24h");
+            return Err(invalid(
+                "--kvstore-lease-ttl",
+                "must be between 25s and 24h",
+            ));
         }
         let kvstoremesh = if args
             .enable_kvstoremesh
@@ -383,7 +438,7 @@ impl Config {
             args.clustermesh_config
                 .or(file.clustermesh_config)
                 .or_else(|| state_dir.as_ref().map(|s| s.join("clustermesh")))
-                .map(|config_dir| -> anyhow::Result<KvstoreMesh> {
+                .map(|config_dir| -> Result<KvstoreMesh> {
                     Ok(KvstoreMesh {
                         config_dir,
                         drain_grace: duration(
@@ -414,7 +469,7 @@ impl Config {
             (Some(mode), _) => mode,
             (None, Some(text)) => text
                 .parse()
-                .map_err(|e| anyhow::anyhow!("clustermesh-service-v2: {e}"))?,
+                .map_err(|e| invalid("clustermesh-service-v2", e))?,
             (None, None) => ServiceV2Mode::default(),
         };
         Ok(Config {
@@ -460,7 +515,7 @@ mod tests {
         v.push(dir.path().display().to_string());
         v.push("--etcd-config".into());
         v.push("/nonexistent".into());
-        Config::from_args(Args::try_parse_from(v)?)
+        Ok(Config::from_args(Args::try_parse_from(v)?)?)
     }
 
     #[test]
