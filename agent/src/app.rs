@@ -24,8 +24,10 @@ use tracing::{error, info, warn, Instrument as _};
 use crate::datapath::{self, Datapath, Program};
 use crate::flows::{FlowMaps, SharedDirectory};
 use crate::health::{self, Metrics, Shared};
+use crate::input::Input;
+use crate::nodes::NodeTable;
 use crate::policy::{hook::Hook, maps::PolicyMaps};
-use crate::reconcile::{Input, Reconciler};
+use crate::reconcile::Reconciler;
 use crate::services::{self, LbMaps, ServiceMerger};
 use crate::{discovery, dns, ifaces, kernel, local, Error, Result};
 use crate::{flows, observer, policy};
@@ -408,6 +410,7 @@ pub async fn run(config: Config, token: CancellationToken) -> Result<()> {
                 directory,
             ),
             fed: Vec::new(),
+            nodes: NodeTable::new(),
             flows_lost,
         };
         let t = token.child_token();
@@ -456,6 +459,8 @@ struct Loop {
     policy: Hook,
     /// Reused buffer of what the policy hook passes on to the reconciler.
     fed: Vec<Input>,
+    /// Every node of every cluster, for `/status`.
+    nodes: NodeTable,
     /// The kernel's lost flow events, for the observer's status.
     flows_lost: Arc<AtomicU64>,
 }
@@ -681,6 +686,7 @@ impl Loop {
         report.datapath = self.rec.report();
         report.services = self.svc.services.status();
         report.policy = self.policy.stats();
+        report.nodes = self.nodes.report();
         let maps = &self.rec.datapath_ref().maps;
         for program in Program::ALL {
             if let Ok(values) = maps.counters(program).read() {
@@ -704,9 +710,21 @@ impl Loop {
 }
 
 impl Loop {
-    /// Every input passes the policy hook (identities, policies, the identity gate) before
-    /// the reconciler sees what it lets through.
+    /// Nodes go to the node table; every other input passes the policy hook (identities,
+    /// policies, the identity gate) before the reconciler sees what it lets through.
     fn feed(&mut self, input: Input) {
+        match &input {
+            Input::Node {
+                cluster,
+                name,
+                node,
+            } => {
+                self.nodes.apply(cluster, name, node.clone());
+                return;
+            }
+            Input::Drained { cluster } => self.nodes.remove_cluster(cluster),
+            _ => {}
+        }
         let mut out = std::mem::take(&mut self.fed);
         self.policy.input(input, &mut out);
         for i in out.drain(..) {

@@ -57,6 +57,8 @@ pub struct Report {
     /// The certificates in use and a warning for each that expires within 30 days; read at
     /// each request.
     pub certificates: clustermesh_health::certificates::Report,
+    /// Every node of every cluster read (the node table), by cluster then name.
+    pub nodes: Vec<crate::nodes::NodeReport>,
 }
 
 /// Shared between the agent's loop and the HTTP server.

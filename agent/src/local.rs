@@ -14,7 +14,7 @@
 //! the local cluster's service exports go to the services loop ([`Reader::with_services`]);
 //! identities and the local policies (`clustermesh/local/v1/policies/`, not validated here:
 //! the policy engine parses them) go as inputs to the policy hook
-//! ([`crate::policy::hook`]); nodes are counted for status.
+//! ([`crate::policy::hook`]); nodes go as inputs to the node table ([`crate::nodes`]).
 //!
 //! It never writes to etcd.
 
@@ -34,7 +34,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument as _};
 
-use crate::reconcile::Input;
+use crate::input::Input;
 use crate::services;
 
 /// The prefixes read from the local etcd.
@@ -420,6 +420,11 @@ impl Reader {
                 cluster,
                 key: format!("{}{rel}", p.key(&self.ctx.cluster)),
                 pair: present.then_some(pair),
+            }),
+            (Prefix::Nodes, Value::Node(node)) => out.inputs.push(Input::Node {
+                cluster,
+                name: Arc::from(rel.as_str()),
+                node: present.then_some(node),
             }),
             (Prefix::Identities, Value::Identity(labels)) => {
                 if let Ok(id) = rel.parse() {

@@ -46,104 +46,14 @@ use std::time::Instant;
 use clustermesh_ebpf_abi::{
     family, ipcache_flags, EndpointInfo, IpcacheKey, IpcacheLpmKey, IpcacheValue,
 };
-use clustermesh_syncer::remote::{self, Change, Resource, Value};
-use clustermesh_types::identity::LabelArray;
 use clustermesh_types::model::IpIdentityPair;
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
 use crate::datapath::{self, Attached, Datapath, Program};
 use crate::discovery::{self, How, MacFrom};
+use crate::input::Input;
 use crate::ifaces::Mac;
-
-/// One unit of work for the reconciler.
-#[derive(Debug, Clone)]
-pub enum Input {
-    /// An ipcache entry of `cluster` changed (`pair: None` = deleted).
-    Endpoint {
-        /// The cluster that published it.
-        cluster: Arc<str>,
-        /// Its etcd key (unique per cluster).
-        key: String,
-        /// The validated entry.
-        pair: Option<Arc<IpIdentityPair>>,
-    },
-    /// `cluster`'s ipcache has been listed completely (every entry before this input).
-    Synced {
-        /// The cluster.
-        cluster: Arc<str>,
-    },
-    /// A removed remote's entries have all been deleted.
-    Drained {
-        /// The cluster.
-        cluster: Arc<str>,
-    },
-    /// An identity of `cluster` changed (`labels: None` = deleted): for policy and flow
-    /// enrichment ([`crate::policy::hook`]); the reconciler ignores it.
-    Identity {
-        /// The cluster that published it.
-        cluster: Arc<str>,
-        /// Numeric identity.
-        id: u32,
-        /// Its labels.
-        labels: Option<Arc<LabelArray>>,
-    },
-    /// A local policy changed (`raw: None` = deleted); the reconciler ignores it.
-    Policy {
-        /// Key below `clustermesh/local/v1/policies/`: `<kind>/<namespace>/<name>`.
-        key: String,
-        /// The exported policy (JSON).
-        raw: Option<Vec<u8>>,
-    },
-}
-
-impl Input {
-    /// The reconciler's view of a remote reader event (only ipcache entries matter).
-    pub fn from_remote(ev: remote::Event) -> Option<Input> {
-        match ev {
-            remote::Event::Change {
-                cluster,
-                resource: Resource::Endpoints,
-                key,
-                change,
-            } => Some(Input::Endpoint {
-                cluster,
-                key,
-                pair: match change {
-                    Change::Upsert {
-                        value: Value::Endpoint(p),
-                        ..
-                    } => Some(p),
-                    Change::Upsert { .. } => return None,
-                    Change::Delete { .. } => None,
-                },
-            }),
-            remote::Event::Synced {
-                cluster,
-                resource: Resource::Endpoints,
-            } => Some(Input::Synced { cluster }),
-            remote::Event::Drained { cluster } => Some(Input::Drained { cluster }),
-            remote::Event::Change {
-                cluster,
-                resource: Resource::Identities,
-                key,
-                change,
-            } => Some(Input::Identity {
-                cluster,
-                id: key.rsplit('/').next()?.parse().ok()?,
-                labels: match change {
-                    Change::Upsert {
-                        value: Value::Identity(l),
-                        ..
-                    } => Some(l),
-                    Change::Upsert { .. } => return None,
-                    Change::Delete { .. } => None,
-                },
-            }),
-            _ => None,
-        }
-    }
-}
 
 /// An IPv4 prefix (the ipcache key without cluster ID).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -1064,7 +974,7 @@ impl Reconciler {
             Input::Drained { cluster } => {
                 self.synced.remove(&cluster);
             }
-            Input::Identity { .. } | Input::Policy { .. } => {}
+            Input::Identity { .. } | Input::Policy { .. } | Input::Node { .. } => {}
         }
     }
 

@@ -81,7 +81,8 @@ fn capture_one_vxlan(dir: &Path, node_ns: &str, node_ip: &str, f: impl FnOnce())
 /// A pod added by hand to the running lab, as a runtime would with any CNI: Debian's `ptp`
 /// with its own `host-local` range wires it on c1/n1, a Pod manifest with the returned IP
 /// goes into c1's source. A pod of c2 reaches it within 2 s; after DEL it is unreachable
-/// within 1 s, and c1/n1's agent has detached it and withdrawn its local endpoint.
+/// within 1 s, and c1/n1's agent has detached it and withdrawn its local endpoint. The
+/// agent's node table (`/status` `nodes`) lists every node of the lab.
 fn hand_added_pod(lab: &Lab, state: &Value) -> Result<()> {
     let id = state["id"].as_str().context("id")?;
     let c1 = &state["clusters"][0];
@@ -178,6 +179,44 @@ fn hand_added_pod(lab: &Lab, state: &Value) -> Result<()> {
             .unwrap_or(Value::Null)
     };
     let before = status()?;
+    // The node table: every node of both clusters (c1's from its own etcd, c2's through
+    // KVStoreMesh), each tunnelled to through its underlay address and owning its pod CIDR.
+    let node_row = |c: &Value, n: &Value| {
+        [&c["name"], &n["name"], &n["ip"], &n["pod_cidr"]].map(|v| v.as_str().map(str::to_owned))
+    };
+    let lab_nodes: Vec<_> = state["clusters"]
+        .as_array()
+        .context("clusters")?
+        .iter()
+        .flat_map(|c| {
+            let nodes = c["nodes"].as_array().cloned().unwrap_or_default();
+            nodes.into_iter().map(move |n| node_row(c, &n))
+        })
+        .collect();
+    let node_table = |s: &Value| -> Vec<_> {
+        let rows = s["nodes"].as_array().cloned().unwrap_or_default();
+        rows.iter()
+            .map(|n| {
+                [
+                    &n["cluster"],
+                    &n["name"],
+                    &n["tunnel-endpoint"],
+                    &n["pod-cidrs"][0],
+                ]
+                .map(|v| v.as_str().map(str::to_owned))
+            })
+            .collect()
+    };
+    let t = Instant::now();
+    let mut seen = node_table(&before);
+    while seen != lab_nodes && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(100));
+        seen = node_table(&status()?);
+    }
+    ensure!(
+        lab_nodes.len() >= 2 && seen == lab_nodes,
+        "c1/n1's node table {seen:?}, the lab's nodes {lab_nodes:?}"
+    );
     let p = pod_status(&before);
     ensure!(
         p["found-by"] == "route" && p["attached"] == true,

@@ -16,7 +16,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use crate::reconcile::Input;
+use crate::input::Input;
 
 /// Identities below this are reserved (Cilium's `MinimalNumericIdentity`): always known.
 pub const MIN_ALLOCATED_IDENTITY: u32 = 256;

@@ -19,7 +19,7 @@ use super::gate::Gate;
 use super::maps::{PolicyMaps, Verdicts};
 use super::{Config, Engine};
 use crate::flows::{PodRef, SharedDirectory};
-use crate::reconcile::Input;
+use crate::input::Input;
 
 /// Counters of the hook, for status and metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]

@@ -5,7 +5,8 @@ use clustermesh_types::model::IpIdentityPair;
 
 use super::gate::Gate;
 use super::*;
-use crate::reconcile::{Desired, Input, Prefix};
+use crate::input::Input;
+use crate::reconcile::{Desired, Prefix};
 
 fn labels(app: &str, ns: &str, cluster: &str) -> LabelArray {
     LabelArray::parse_kvstore(&format!(

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context as _};
 use clustermesh_agent::datapath::{self, batch, Config, Datapath, Program};
 use clustermesh_agent::kernel;
-use clustermesh_agent::reconcile::{claim, Input, Reconciler};
+use clustermesh_agent::input::Input;
+use clustermesh_agent::reconcile::{claim, Reconciler};
 use clustermesh_ebpf_abi::{defaults, EndpointInfo, IpcacheLpmKey, IpcacheValue};
 use clustermesh_types::model::IpIdentityPair;
 
