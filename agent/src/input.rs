@@ -10,25 +10,30 @@
 //! keep their own vocabulary ([`crate::services::LocalInput`] and the remote event), as
 //! the services loop runs beside this one.
 //!
+//! Inputs carry what validation parsed ([`clustermesh_syncer::remote::validate`]): an
+//! endpoint's prefix and host address typed (IPv4 or IPv6), an identity's number, a node's
+//! name. No consumer parses a key or an address string.
+//!
 //! It must not hold state or do I/O: it names and translates, nothing else.
 
 use std::sync::Arc;
 
 use clustermesh_syncer::remote::{self, Change, Resource, Value};
-use clustermesh_types::identity::LabelArray;
-use clustermesh_types::model::{IpIdentityPair, Node};
+use clustermesh_types::identity::Identity;
+use clustermesh_types::model::{Cidr, IpcacheEntry, Node};
 
 /// One unit of work for the reconcile loop.
 #[derive(Debug, Clone)]
 pub enum Input {
-    /// An ipcache entry of `cluster` changed (`pair: None` = deleted).
+    /// An ipcache entry of `cluster` changed (`entry: None` = deleted).
     Endpoint {
         /// The cluster that published it.
         cluster: Arc<str>,
-        /// Its etcd key (unique per cluster).
-        key: String,
+        /// The prefix its key names (a host entry is a `/32` or `/128`); on a delete, the
+        /// last value's.
+        prefix: Cidr,
         /// The validated entry.
-        pair: Option<Arc<IpIdentityPair>>,
+        entry: Option<Arc<IpcacheEntry>>,
     },
     /// `cluster`'s ipcache has been listed completely (every entry before this input).
     Synced {
@@ -47,8 +52,8 @@ pub enum Input {
         cluster: Arc<str>,
         /// Numeric identity.
         id: u32,
-        /// Its labels.
-        labels: Option<Arc<LabelArray>>,
+        /// The validated identity (derefs to its labels).
+        labels: Option<Arc<Identity>>,
     },
     /// A local policy changed (`raw: None` = deleted); the reconciler ignores it.
     Policy {
@@ -79,19 +84,25 @@ impl Input {
             remote::Event::Change {
                 cluster,
                 resource: Resource::Endpoints,
-                key,
                 change,
-            } => Some(Input::Endpoint {
-                cluster,
-                key,
-                pair: match change {
-                    Change::Upsert {
-                        value: Value::Endpoint(p),
-                        ..
-                    } => Some(p),
-                    Change::Upsert { .. } => return None,
-                    Change::Delete { .. } => None,
+                ..
+            } => Some(match change {
+                Change::Upsert {
+                    value: Value::Endpoint(e),
+                    ..
+                } => Input::Endpoint {
+                    cluster,
+                    prefix: e.prefix,
+                    entry: Some(e),
                 },
+                Change::Delete {
+                    last: Value::Endpoint(e),
+                } => Input::Endpoint {
+                    cluster,
+                    prefix: e.prefix,
+                    entry: None,
+                },
+                _ => return None,
             }),
             remote::Event::Synced {
                 cluster,
@@ -101,19 +112,25 @@ impl Input {
             remote::Event::Change {
                 cluster,
                 resource: Resource::Identities,
-                key,
                 change,
-            } => Some(Input::Identity {
-                cluster,
-                id: key.rsplit('/').next()?.parse().ok()?,
-                labels: match change {
-                    Change::Upsert {
-                        value: Value::Identity(l),
-                        ..
-                    } => Some(l),
-                    Change::Upsert { .. } => return None,
-                    Change::Delete { .. } => None,
+                ..
+            } => Some(match change {
+                Change::Upsert {
+                    value: Value::Identity(i),
+                    ..
+                } => Input::Identity {
+                    cluster,
+                    id: i.id,
+                    labels: Some(i),
                 },
+                Change::Delete {
+                    last: Value::Identity(i),
+                } => Input::Identity {
+                    cluster,
+                    id: i.id,
+                    labels: None,
+                },
+                _ => return None,
             }),
             remote::Event::Change {
                 cluster,
@@ -154,6 +171,61 @@ mod tests {
             cluster_id: 3,
             ..Node::default()
         })
+    }
+
+    #[test]
+    fn remote_endpoints_and_identities_carry_what_validation_parsed() {
+        use clustermesh_types::model::IpIdentityPair;
+        let cluster: Arc<str> = Arc::from("c3");
+        let pair = IpIdentityPair {
+            ip: "fd00::7".into(),
+            host_ip: "fd00::2".into(),
+            id: 70000,
+            ..IpIdentityPair::default()
+        };
+        let e = Arc::new(IpcacheEntry::new(pair).expect("entry"));
+        let change = |change| remote::Event::Change {
+            cluster: cluster.clone(),
+            resource: Resource::Endpoints,
+            key: "cilium/cache/ip/v1/c3/fd00::7".into(),
+            change,
+        };
+        let up = change(Change::Upsert {
+            raw: Bytes::from_static(b"{}"),
+            value: Value::Endpoint(e.clone()),
+        });
+        assert!(matches!(
+            Input::from_remote(up),
+            Some(Input::Endpoint { prefix, entry: Some(_), .. }) if prefix == e.prefix
+        ));
+        // A delete names the prefix of the last value (nothing parses the key).
+        let down = change(Change::Delete {
+            last: Value::Endpoint(e.clone()),
+        });
+        assert!(matches!(
+            Input::from_remote(down),
+            Some(Input::Endpoint { prefix, entry: None, .. }) if prefix.to_string() == "fd00::7/128"
+        ));
+        let id = Arc::new(Identity {
+            id: 196915,
+            ..Identity::default()
+        });
+        let down = remote::Event::Change {
+            cluster: cluster.clone(),
+            resource: Resource::Identities,
+            key: "not/a/number".into(),
+            change: Change::Delete {
+                last: Value::Identity(id),
+            },
+        };
+        assert!(matches!(
+            Input::from_remote(down),
+            Some(Input::Identity {
+                id: 196915,
+                labels: None,
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -416,25 +416,21 @@ impl Reader {
         };
         let present = raw.is_some();
         match (p, value) {
-            (Prefix::Endpoints, Value::Endpoint(pair)) => out.inputs.push(Input::Endpoint {
+            (Prefix::Endpoints, Value::Endpoint(entry)) => out.inputs.push(Input::Endpoint {
                 cluster,
-                key: format!("{}{rel}", p.key(&self.ctx.cluster)),
-                pair: present.then_some(pair),
+                prefix: entry.prefix,
+                entry: present.then_some(entry),
             }),
             (Prefix::Nodes, Value::Node(node)) => out.inputs.push(Input::Node {
                 cluster,
                 name: Arc::from(rel.as_str()),
                 node: present.then_some(node),
             }),
-            (Prefix::Identities, Value::Identity(labels)) => {
-                if let Ok(id) = rel.parse() {
-                    out.inputs.push(Input::Identity {
-                        cluster,
-                        id,
-                        labels: present.then_some(labels),
-                    });
-                }
-            }
+            (Prefix::Identities, Value::Identity(identity)) => out.inputs.push(Input::Identity {
+                cluster,
+                id: identity.id,
+                labels: present.then_some(identity),
+            }),
             (Prefix::Services, _) => out.services.push(services::LocalInput::Service {
                 rel: rel.to_string(),
                 raw: raw.map(|r| r.to_vec()),

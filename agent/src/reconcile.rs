@@ -31,22 +31,22 @@
 //! addresses of an aligned block in one bucket group, so consecutive pod IPs reuse cache
 //! lines, and spreads the blocks with a folded 128-bit product (plain FxHash had put 250k
 //! consecutive pod IPs into 128 buckets). Clusters are interned to small
-//! IDs (no `Arc` clone or string compare per claim), IP strings take a strict fast parser,
-//! and only prefixes that have or had a local pod are passed on to the pod bookkeeping.
+//! IDs (no `Arc` clone or string compare per claim), addresses arrive parsed (validation
+//! parsed them once, [`crate::input`]), and only prefixes that have or had a local pod are passed on to the pod bookkeeping.
 //! Start-up reads the pinned map with `BPF_MAP_LOOKUP_BATCH` instead of two syscalls per
 //! element.
 //!
 //! It must not read etcd or change interfaces beyond attaching programs.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Instant;
 
 use clustermesh_ebpf_abi::{
     family, ipcache_flags, EndpointInfo, IpcacheKey, IpcacheLpmKey, IpcacheValue,
 };
-use clustermesh_types::model::IpIdentityPair;
+use clustermesh_types::model::{Cidr, IpcacheEntry};
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
@@ -70,6 +70,17 @@ impl Prefix {
         IpcacheLpmKey {
             prefixlen: IpcacheKey::prefixlen(u32::from(self.bits)),
             key: IpcacheKey::v4(self.addr.octets()),
+        }
+    }
+
+    /// The prefix `cidr` names; `None` for IPv6 (not programmed yet).
+    pub fn from_cidr(cidr: &Cidr) -> Option<Self> {
+        match cidr.addr {
+            IpAddr::V4(addr) => Some(Self {
+                addr,
+                bits: cidr.prefix_len,
+            }),
+            IpAddr::V6(_) => None,
         }
     }
 
@@ -124,33 +135,31 @@ pub struct Claim {
     pub pod: Option<Arc<LocalPod>>,
 }
 
-/// The prefix and claim for `pair` published by `cluster`; `None` for entries this datapath
-/// cannot program (IPv6, unparsable).
+/// The prefix and claim for `entry` published by `cluster`; `None` for entries this
+/// datapath cannot program (IPv6, for now).
 pub fn claim(
     local: &str,
     node_ip: Ipv4Addr,
     cluster: &str,
-    pair: &IpIdentityPair,
+    entry: &IpcacheEntry,
 ) -> Option<(Prefix, Claim)> {
-    claim_of(cluster == local, node_ip, pair)
+    claim_of(cluster == local, node_ip, entry)
 }
 
 /// [`claim`] with the cluster comparison already made.
 fn claim_of(
     is_local_cluster: bool,
     node_ip: Ipv4Addr,
-    pair: &IpIdentityPair,
+    entry: &IpcacheEntry,
 ) -> Option<(Prefix, Claim)> {
-    let addr = parse_v4(&pair.ip)?;
-    let bits = pair.prefix_len().unwrap_or(32);
-    if bits > 32 {
-        return None;
-    }
-    let prefix = Prefix { addr, bits };
-    let host = if pair.host_ip.is_empty() {
-        None
-    } else {
-        parse_v4(&pair.host_ip)
+    let prefix = Prefix::from_cidr(&entry.prefix)?;
+    let (addr, bits) = (prefix.addr, prefix.bits);
+    let pair = &entry.pair;
+    // An IPv6 tunnel endpoint is not usable by the IPv4 underlay: the entry is programmed
+    // without a tunnel, as if it named none.
+    let host = match entry.host {
+        Some(IpAddr::V4(h)) => Some(h),
+        _ => None,
     };
     let claim = match host {
         Some(h) if h == node_ip && is_local_cluster => Claim {
@@ -189,38 +198,6 @@ fn claim_of(
         },
     };
     Some((prefix, claim))
-}
-
-/// `s.parse::<Ipv4Addr>()`, with a fast path for the canonical dotted quad (what the
-/// readers pass on): 1–3 digits per octet, no leading zero, at most 255. Anything else goes
-/// to the standard parser, so the two accept exactly the same strings.
-fn parse_v4(s: &str) -> Option<Ipv4Addr> {
-    let b = s.as_bytes();
-    let mut octets = [0u8; 4];
-    let mut i = 0;
-    for (n, octet) in octets.iter_mut().enumerate() {
-        if n > 0 {
-            if b.get(i) != Some(&b'.') {
-                return s.parse().ok();
-            }
-            i += 1;
-        }
-        let start = i;
-        let mut v = 0u32;
-        while i < b.len() && i - start < 3 && b[i].is_ascii_digit() {
-            v = v * 10 + u32::from(b[i] - b'0');
-            i += 1;
-        }
-        let len = i - start;
-        if len == 0 || v > 255 || (len > 1 && b[start] == b'0') {
-            return s.parse().ok();
-        }
-        *octet = v as u8;
-    }
-    if i != b.len() {
-        return s.parse().ok();
-    }
-    Some(Ipv4Addr::from(octets))
 }
 
 /// FxHash (rustc's hasher) with a folding finish: the maps here are keyed by prefixes and
@@ -412,19 +389,6 @@ impl Slot {
 
 /// The part of an etcd ipcache key after `cilium/{state,cache}/ip/v1/<default|cluster>/`:
 /// the entry's prefix string (the readers reject entries whose key does not match it).
-fn key_prefix(key: &str) -> Option<Prefix> {
-    let rel = key.splitn(6, '/').nth(5)?;
-    let (ip, bits) = match rel.split_once('/') {
-        Some((ip, bits)) => (ip, bits.parse().ok()?),
-        None => (rel, 32),
-    };
-    (bits <= 32).then_some(())?;
-    Some(Prefix {
-        addr: parse_v4(ip)?,
-        bits,
-    })
-}
-
 /// The map writes one flush needs, built by [`Desired::plan`]: keys and values side by side,
 /// ready for `BPF_MAP_UPDATE_BATCH` / `BPF_MAP_DELETE_BATCH` without another copy.
 #[derive(Debug, Default)]
@@ -559,16 +523,11 @@ impl Desired {
         }
     }
 
-    /// Applies an entry change (`key` is its etcd key); the prefixes it touches become
-    /// dirty.
-    pub fn apply(
-        &mut self,
-        cluster: &Arc<str>,
-        key: impl AsRef<str>,
-        pair: Option<&IpIdentityPair>,
-    ) {
+    /// Applies a change of `cluster`'s entry for `prefix` (`None`: deleted); the prefixes
+    /// it touches become dirty.
+    pub fn apply(&mut self, cluster: &Arc<str>, prefix: &Cidr, entry: Option<&IpcacheEntry>) {
         let id = self.cluster_id(cluster);
-        match pair.and_then(|p| claim_of(id == self.local, self.node_ip, p)) {
+        match entry.and_then(|e| claim_of(id == self.local, self.node_ip, e)) {
             Some((prefix, c)) => {
                 let i = self.slot_of(prefix);
                 let slot = &mut self.slots[i as usize];
@@ -587,8 +546,8 @@ impl Desired {
             }
             // Deleted, or now unprogrammable: drop whatever this cluster claimed there.
             None => {
-                let Some(prefix) = key_prefix(key.as_ref()) else {
-                    if pair.is_some() {
+                let Some(prefix) = Prefix::from_cidr(prefix) else {
+                    if entry.is_some() {
                         self.unsupported += 1;
                     }
                     return;
@@ -967,8 +926,12 @@ impl Reconciler {
     /// Records one input (maps change on the next [`Self::flush`]).
     pub fn handle(&mut self, input: Input) {
         match input {
-            Input::Endpoint { cluster, key, pair } => {
-                self.desired.apply(&cluster, &key, pair.as_deref());
+            Input::Endpoint {
+                cluster,
+                prefix,
+                entry,
+            } => {
+                self.desired.apply(&cluster, &prefix, entry.as_deref());
             }
             Input::Synced { cluster } => self.pending_synced.push(cluster),
             Input::Drained { cluster } => {
@@ -1309,14 +1272,24 @@ impl Reconciler {
 mod tests {
     use super::*;
 
-    fn pair(ip: &str, host: &str, id: u32, pod: &str) -> IpIdentityPair {
-        IpIdentityPair::decode(
-            format!(
-                r#"{{"IP":"{ip}","HostIP":"{host}","ID":{id},"Key":0,"Metadata":"","K8sNamespace":"default","K8sPodName":"{pod}"}}"#
+    use clustermesh_types::model::IpIdentityPair;
+
+    fn pair(ip: &str, host: &str, id: u32, pod: &str) -> IpcacheEntry {
+        IpcacheEntry::new(
+            IpIdentityPair::decode(
+                format!(
+                    r#"{{"IP":"{ip}","HostIP":"{host}","ID":{id},"Key":0,"Metadata":"","K8sNamespace":"default","K8sPodName":"{pod}"}}"#
+                )
+                .as_bytes(),
             )
-            .as_bytes(),
+            .expect("valid entry"),
         )
         .expect("valid entry")
+    }
+
+    /// The prefix of a host entry's key.
+    fn host(ip: &str) -> Cidr {
+        format!("{ip}/32").parse().expect("ip")
     }
 
     const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 11);
@@ -1396,8 +1369,8 @@ mod tests {
             addr: Ipv4Addr::new(10, 9, 9, 9),
             bits: 32,
         };
-        let k1 = "cilium/state/ip/v1/default/10.9.9.9";
-        let k2 = "cilium/cache/ip/v1/c2/10.9.9.9";
+        let k1 = &host("10.9.9.9");
+        let k2 = &host("10.9.9.9");
         d.apply(&c2, k2, Some(&pair("10.9.9.9", "198.18.2.11", 131073, "x")));
         d.apply(&c1, k1, Some(&pair("10.9.9.9", "198.18.1.12", 70000, "y")));
         assert_eq!(d.winner(&p).unwrap().value.sec_identity, 70000);
@@ -1410,14 +1383,14 @@ mod tests {
         d.apply(&c2, k2, None);
         assert!(d.winner(&p).is_none());
         assert!(d.is_empty());
-        assert_eq!(
-            key_prefix("cilium/state/ip/v1/default/10.0.0.0/8"),
-            Some(Prefix {
-                addr: Ipv4Addr::new(10, 0, 0, 0),
-                bits: 8
-            })
-        );
-        assert_eq!(key_prefix("cilium/cache/ip/v1/c2/fd00::1"), None);
+        // IPv6 is carried but not programmed: counted, nothing to write.
+        let v6: Cidr = "fd00::1/128".parse().expect("ip");
+        let dirty = d.dirty_len();
+        d.apply(&c2, &v6, Some(&pair("fd00::1", "198.18.2.11", 131073, "x")));
+        d.apply(&c2, &v6, None);
+        assert_eq!(d.unsupported(), 1);
+        assert!(d.is_empty());
+        assert_eq!(d.dirty_len(), dirty);
     }
 
     fn planned(d: &mut Desired) -> Plan {
@@ -1434,18 +1407,17 @@ mod tests {
             addr: Ipv4Addr::new(10, 9, 9, 9),
             bits: 32,
         };
-        let key = |c: &str| format!("cilium/cache/ip/v1/{c}/10.9.9.9");
-        for (c, id) in [("c4", 4), ("c3", 3), ("c2", 2)] {
+                for (c, id) in [("c4", 4), ("c3", 3), ("c2", 2)] {
             let c: Arc<str> = Arc::from(c);
-            d.apply(&c, key(&c), Some(&pair("10.9.9.9", "198.18.2.11", id, "x")));
+            d.apply(&c, &host("10.9.9.9"), Some(&pair("10.9.9.9", "198.18.2.11", id, "x")));
         }
         assert_eq!(d.winner(&p).unwrap().value.sec_identity, 2);
         // Another Arc of the same name is the same cluster.
-        d.apply(&Arc::from("c2"), key("c2"), None);
+        d.apply(&Arc::from("c2"), &host("10.9.9.9"), None);
         assert_eq!(d.winner(&p).unwrap().value.sec_identity, 3);
         d.apply(
             &c1,
-            "cilium/state/ip/v1/default/10.9.9.9",
+            &host("10.9.9.9"),
             Some(&pair("10.9.9.9", "198.18.1.12", 1, "y")),
         );
         assert_eq!(d.winner(&p).unwrap().value.sec_identity, 1);
@@ -1460,9 +1432,8 @@ mod tests {
         let c2: Arc<str> = Arc::from("c2");
         let mut d = Desired::new(c1.clone(), NODE);
         let ips = ["10.2.0.1", "10.2.0.2", "10.2.0.3"];
-        let key = |ip: &str| format!("cilium/cache/ip/v1/c2/{ip}");
-        for ip in ips {
-            d.apply(&c2, key(ip), Some(&pair(ip, "198.18.2.11", 5, "x")));
+                for ip in ips {
+            d.apply(&c2, &host(ip), Some(&pair(ip, "198.18.2.11", 5, "x")));
         }
         let plan = planned(&mut d);
         assert_eq!(plan.upsert_keys.len(), 3);
@@ -1470,15 +1441,15 @@ mod tests {
         assert_eq!(d.applied_len(), 3);
         // A relist of the same data changes nothing.
         for ip in ips {
-            d.apply(&c2, key(ip), Some(&pair(ip, "198.18.2.11", 5, "x")));
+            d.apply(&c2, &host(ip), Some(&pair(ip, "198.18.2.11", 5, "x")));
         }
         assert_eq!(d.dirty_len(), 0);
         // A change and back again before the flush: nothing to write.
-        d.apply(&c2, key(ips[0]), Some(&pair(ips[0], "198.18.2.11", 6, "x")));
-        d.apply(&c2, key(ips[0]), Some(&pair(ips[0], "198.18.2.11", 5, "x")));
+        d.apply(&c2, &host(ips[0]), Some(&pair(ips[0], "198.18.2.11", 6, "x")));
+        d.apply(&c2, &host(ips[0]), Some(&pair(ips[0], "198.18.2.11", 5, "x")));
         assert!(planned(&mut d).is_empty());
         // A delete removes the element and frees the slot for the next prefix.
-        d.apply(&c2, key(ips[1]), None);
+        d.apply(&c2, &host(ips[1]), None);
         let plan = planned(&mut d);
         assert_eq!(plan.delete_keys.len(), 1);
         assert_eq!(plan.deleted[0].sec_identity, 5);
@@ -1486,7 +1457,7 @@ mod tests {
         let slots = d.slots.len();
         d.apply(
             &c2,
-            key("10.2.0.9"),
+            &host("10.2.0.9"),
             Some(&pair("10.2.0.9", "198.18.2.11", 5, "x")),
         );
         assert_eq!(d.slots.len(), slots, "freed slot reused");
@@ -1505,7 +1476,7 @@ mod tests {
     fn local_pods_are_passed_on_when_they_change() {
         let c1: Arc<str> = Arc::from("c1");
         let mut d = Desired::new(c1.clone(), NODE);
-        let key = "cilium/state/ip/v1/default/10.1.1.11";
+        let key = &host("10.1.1.11");
         d.apply(
             &c1,
             key,
@@ -1521,7 +1492,7 @@ mod tests {
         // Nothing else about it later.
         d.apply(
             &c1,
-            "cilium/state/ip/v1/default/10.1.1.12",
+            &host("10.1.1.12"),
             Some(&pair("10.1.1.12", "198.18.1.12", 70000, "p2")),
         );
         assert!(planned(&mut d).pods.is_empty());
@@ -1554,7 +1525,7 @@ mod tests {
         // Claimed again with the same value: no longer stale, and nothing to write.
         d.apply(
             &c1,
-            "cilium/state/ip/v1/default/10.1.0.1",
+            &host("10.1.0.1"),
             Some(&pair("10.1.0.1", "", 7, "")),
         );
         assert_eq!(d.stale(false), vec![]);
@@ -1562,36 +1533,6 @@ mod tests {
         d.set_applied(remote, None);
         assert_eq!(d.stale(true), vec![]);
         assert_eq!(d.applied_len(), 1);
-    }
-
-    #[test]
-    fn fast_ipv4_parser_agrees_with_std() {
-        for s in [
-            "0.0.0.0",
-            "10.1.2.3",
-            "255.255.255.255",
-            "256.1.1.1",
-            "01.1.1.1",
-            "1.1.1.01",
-            "1.1.1.1.",
-            ".1.1.1",
-            "1.1.1",
-            "1.1.1.1.1",
-            "1..1.1",
-            "1.1.1.1 ",
-            " 1.1.1.1",
-            "1.1.1.1000",
-            "1000.1.1.1",
-            "a.b.c.d",
-            "",
-            "1.1.1.+1",
-            "fd00::1",
-            "0.00.0.0",
-            "199.18.2.10",
-            "1.2.3.4/32",
-        ] {
-            assert_eq!(parse_v4(s), s.parse::<Ipv4Addr>().ok(), "{s:?}");
-        }
     }
 
     #[test]

@@ -563,7 +563,6 @@ async fn session_loop(
 mod tests {
     use super::*;
     use clustermesh_syncer::remote::Value;
-    use clustermesh_types::identity::LabelArray;
 
     fn mirror() -> Mirror {
         Mirror {
@@ -584,7 +583,7 @@ mod tests {
             key: key.into(),
             change: Change::Upsert {
                 raw: b"v".to_vec().into(),
-                value: Value::Identity(Arc::new(LabelArray::default())),
+                value: Value::Identity(Arc::default()),
             },
         };
         m.apply(upsert(

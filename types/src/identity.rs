@@ -160,6 +160,24 @@ impl FromStr for Label {
     }
 }
 
+/// A numeric identity with its labels, as read from `cilium/state/identities/v1/id/<id>`:
+/// the number from the key, parsed once where the entry is validated. Derefs to its labels.
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+pub struct Identity {
+    /// The numeric identity.
+    pub id: u32,
+    /// Its labels.
+    pub labels: LabelArray,
+}
+
+impl std::ops::Deref for Identity {
+    type Target = LabelArray;
+
+    fn deref(&self) -> &LabelArray {
+        &self.labels
+    }
+}
+
 /// A set of labels, always sorted (see [`Label`]'s ordering).
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
 pub struct LabelArray(Vec<Label>);

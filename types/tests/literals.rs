@@ -306,6 +306,48 @@ fn ipcache_key_check_and_prefixes() {
 }
 
 #[test]
+fn ipcache_entries_are_parsed_once_with_their_key() {
+    use clustermesh_types::model::IpcacheEntry;
+    let entry = |json: &str| IpcacheEntry::new(IpIdentityPair::decode(json.as_bytes()).unwrap());
+    let host = entry(IP_NEW_V4).unwrap();
+    assert_eq!(host.prefix, "10.244.2.74/32".parse::<Cidr>().unwrap());
+    assert_eq!(host.host, Some("172.18.0.2".parse().unwrap()));
+    assert_eq!(host.k8s_pod_name, "cep-002");
+    assert!(host.is_keyed_by("10.244.2.74"));
+    for other in ["10.244.2.74/32", "10.244.2.7", "10.244.2.744", ""] {
+        assert!(!host.is_keyed_by(other), "{other}");
+    }
+
+    let world =
+        entry(r#"{"IP":"10.0.0.0","Mask":"/wAAAA==","HostIP":"","ID":2,"Key":0,"Metadata":""}"#)
+            .unwrap();
+    assert_eq!(world.prefix, "10.0.0.0/8".parse::<Cidr>().unwrap());
+    assert_eq!(world.host, None);
+    assert!(world.is_keyed_by("10.0.0.0/8"));
+    for other in [
+        "10.0.0.0",
+        "10.0.0.0/08",
+        "10.0.0.0/+8",
+        "10.0.0.0/80",
+        "10.0.0.0/",
+    ] {
+        assert!(!world.is_keyed_by(other), "{other}");
+    }
+
+    let v6 = entry(r#"{"IP":"fd00:10:244:1::d643","HostIP":"fd00::2","ID":7}"#).unwrap();
+    assert_eq!(
+        v6.prefix,
+        "fd00:10:244:1::d643/128".parse::<Cidr>().unwrap()
+    );
+    assert_eq!(v6.host, Some("fd00::2".parse().unwrap()));
+    assert!(v6.is_keyed_by("fd00:10:244:1::d643"));
+
+    // A 16-byte mask on an IPv4 address (Go keys it `/120`) names no programmable prefix.
+    let err = entry(r#"{"IP":"10.0.0.0","Mask":"////////////////////AA==","ID":2}"#).unwrap_err();
+    assert!(err.to_string().contains("10.0.0.0/120"), "{err}");
+}
+
+#[test]
 fn identity_label_strings() {
     for literal in [IDENTITY_1, IDENTITY_2, IDENTITY_1_V2] {
         let arr = LabelArray::parse_kvstore(literal).unwrap();

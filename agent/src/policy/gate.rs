@@ -16,6 +16,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use clustermesh_types::model::Cidr;
+
 use crate::input::Input;
 
 /// Identities below this are reserved (Cilium's `MinimalNumericIdentity`): always known.
@@ -25,10 +27,10 @@ pub const MIN_ALLOCATED_IDENTITY: u32 = 256;
 #[derive(Default)]
 pub struct Gate {
     known: HashSet<u32>,
-    /// Held upserts: identity → (cluster, key) → input.
-    held: HashMap<u32, HashMap<(Arc<str>, String), Input>>,
-    /// (cluster, key) → the identity it waits for.
-    waiting: HashMap<(Arc<str>, String), u32>,
+    /// Held upserts: identity → (cluster, prefix) → input.
+    held: HashMap<u32, HashMap<(Arc<str>, Cidr), Input>>,
+    /// (cluster, prefix) → the identity it waits for.
+    waiting: HashMap<(Arc<str>, Cidr), u32>,
 }
 
 impl Gate {
@@ -48,13 +50,18 @@ impl Gate {
     }
 
     /// Passes `input` on, or holds it (an endpoint upsert whose identity is unknown). A
-    /// newer input for a held key replaces it; a delete drops it (and is passed on, which
-    /// is harmless if the entry never reached the maps).
+    /// newer input for a held prefix replaces it; a delete drops it (and is passed on,
+    /// which is harmless if the entry never reached the maps).
     pub fn admit(&mut self, input: Input) -> Option<Input> {
-        let Input::Endpoint { cluster, key, pair } = &input else {
+        let Input::Endpoint {
+            cluster,
+            prefix,
+            entry,
+        } = &input
+        else {
             return Some(input);
         };
-        let k = (cluster.clone(), key.clone());
+        let k = (cluster.clone(), *prefix);
         if let Some(old) = self.waiting.remove(&k) {
             if let Some(h) = self.held.get_mut(&old) {
                 h.remove(&k);
@@ -63,7 +70,7 @@ impl Gate {
                 }
             }
         }
-        match pair {
+        match entry {
             Some(p) if !self.knows(p.id) => {
                 self.waiting.insert(k.clone(), p.id);
                 self.held.entry(p.id).or_default().insert(k, input);

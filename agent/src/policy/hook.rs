@@ -10,7 +10,7 @@
 //!
 //! It must not write the ipcache: released entries go back to the caller.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::PoisonError;
 
 use tracing::warn;
@@ -47,12 +47,6 @@ pub struct Hook {
     stats: Stats,
 }
 
-/// The address of an ipcache key (its last segment, `<ip>` or `<ip>/<bits>`).
-fn key_addr(key: &str) -> Option<Ipv4Addr> {
-    let last = key.rsplit('/').next()?;
-    last.parse().ok()
-}
-
 impl Hook {
     /// A hook writing to `maps` (`None`: compute only, for tests) and filling `directory`.
     pub fn new(config: Config, maps: Option<PolicyMaps>, directory: SharedDirectory) -> Self {
@@ -78,7 +72,8 @@ impl Hook {
                 id,
                 labels,
             } => {
-                self.engine.on_identity(&cluster, id, labels.as_deref());
+                self.engine
+                    .on_identity(&cluster, id, labels.as_ref().map(|i| &i.labels));
                 self.directory
                     .write()
                     .unwrap_or_else(PoisonError::into_inner)
@@ -123,15 +118,19 @@ impl Hook {
     }
 
     fn pod(&self, input: &Input) {
-        let Input::Endpoint { cluster, key, pair } = input else {
+        let Input::Endpoint {
+            cluster,
+            prefix,
+            entry,
+        } = input
+        else {
             return;
         };
-        let addr = pair
-            .as_ref()
-            .and_then(|p| p.ip.parse().ok())
-            .or_else(|| key_addr(key));
-        let Some(addr) = addr else { return };
-        let pod = pair
+        // The flow directory knows IPv4 pods only (flow events carry IPv4 addresses).
+        let IpAddr::V4(addr) = prefix.addr else {
+            return;
+        };
+        let pod = entry
             .as_ref()
             .filter(|p| !p.k8s_pod_name.is_empty())
             .map(|p| PodRef {

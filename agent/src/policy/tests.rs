@@ -1,7 +1,7 @@
 use std::sync::Arc;
 
-use clustermesh_types::identity::LabelArray;
-use clustermesh_types::model::IpIdentityPair;
+use clustermesh_types::identity::{Identity, LabelArray};
+use clustermesh_types::model::{IpIdentityPair, IpcacheEntry};
 
 use super::gate::Gate;
 use super::*;
@@ -230,16 +230,28 @@ fn overlapping_policies_are_reference_counted() {
     assert_eq!(e.take_changes().delete.len(), 1);
 }
 
-fn pair(ip: &str, host: &str, id: u32, pod: &str) -> Arc<IpIdentityPair> {
-    Arc::new(
-        IpIdentityPair::decode(
-            format!(
-                r#"{{"IP":"{ip}","HostIP":"{host}","ID":{id},"Key":0,"Metadata":"","K8sNamespace":"default","K8sPodName":"{pod}"}}"#
-            )
-            .as_bytes(),
+fn pair(ip: &str, host: &str, id: u32, pod: &str) -> Arc<IpcacheEntry> {
+    let pair = IpIdentityPair::decode(
+        format!(
+            r#"{{"IP":"{ip}","HostIP":"{host}","ID":{id},"Key":0,"Metadata":"","K8sNamespace":"default","K8sPodName":"{pod}"}}"#
         )
-        .expect("valid entry"),
+        .as_bytes(),
     )
+    .expect("valid entry");
+    Arc::new(IpcacheEntry::new(pair).expect("valid entry"))
+}
+
+/// The upsert of `entry` by `cluster`.
+fn endpoint(cluster: &Arc<str>, entry: Arc<IpcacheEntry>) -> Input {
+    Input::Endpoint {
+        cluster: cluster.clone(),
+        prefix: entry.prefix,
+        entry: Some(entry),
+    }
+}
+
+fn identity(id: u32, labels: LabelArray) -> Option<Arc<Identity>> {
+    Some(Arc::new(Identity { id, labels }))
 }
 
 /// The ordering guarantee: an ipcache entry delivered before its identity never reaches
@@ -259,11 +271,10 @@ fn ipcache_entry_before_its_identity_is_held_until_the_policy_knows_it() {
     e.take_changes();
 
     // The remote endpoint arrives first.
-    let input = Input::Endpoint {
-        cluster: c1.clone(),
-        key: "cilium/cache/ip/v1/c1/default/10.1.1.11".into(),
-        pair: Some(pair("10.1.1.11", "198.18.1.11", FRONTEND_C1, "frontend")),
-    };
+    let input = endpoint(
+        &c1,
+        pair("10.1.1.11", "198.18.1.11", FRONTEND_C1, "frontend"),
+    );
     assert!(gate.admit(input).is_none(), "held: identity unknown");
     assert_eq!(gate.held(), 1);
     // Nothing reaches the desired ipcache, and no policy entry exists yet.
@@ -275,11 +286,7 @@ fn ipcache_entry_before_its_identity_is_held_until_the_policy_knows_it() {
     assert!(!e.allows(BACKEND_C2, FRONTEND_C1, Direction::Ingress, 6, 8080));
 
     // A reserved identity (world, host) is never held.
-    let world = Input::Endpoint {
-        cluster: c1.clone(),
-        key: "cilium/cache/ip/v1/c1/default/0.0.0.0".into(),
-        pair: Some(pair("192.0.2.1", "", 2, "")),
-    };
+    let world = endpoint(&c1, pair("192.0.2.1", "", 2, ""));
     assert!(gate.admit(world).is_some());
 
     // The identity arrives: engine first, then the released entry.
@@ -293,8 +300,13 @@ fn ipcache_entry_before_its_identity_is_held_until_the_policy_knows_it() {
     let released = gate.identity_added(FRONTEND_C1);
     assert_eq!(released.len(), 1);
     for i in released {
-        if let Input::Endpoint { cluster, key, pair } = i {
-            desired.apply(&cluster, key, pair.as_deref());
+        if let Input::Endpoint {
+            cluster,
+            prefix,
+            entry,
+        } = i
+        {
+            desired.apply(&cluster, &prefix, entry.as_deref());
         }
     }
     assert!(desired.contains(&prefix));
@@ -306,17 +318,14 @@ fn ipcache_entry_before_its_identity_is_held_until_the_policy_knows_it() {
     assert_eq!(gate.held(), 0);
 
     // A held entry deleted before its identity arrives is forgotten.
-    let late = Input::Endpoint {
-        cluster: c1.clone(),
-        key: "k2".into(),
-        pair: Some(pair("10.1.1.12", "198.18.1.11", 1009, "x")),
-    };
-    assert!(gate.admit(late).is_none());
+    let late = pair("10.1.1.12", "198.18.1.11", 1009, "x");
+    let prefix = late.prefix;
+    assert!(gate.admit(endpoint(&c1, late)).is_none());
     assert!(gate
         .admit(Input::Endpoint {
             cluster: c1,
-            key: "k2".into(),
-            pair: None
+            prefix,
+            entry: None
         })
         .is_some());
     assert_eq!(gate.held(), 0);
@@ -344,7 +353,7 @@ fn hook_releases_an_early_endpoint_after_its_identity_and_fills_the_directory() 
         Input::Identity {
             cluster: c2,
             id: BACKEND_C2,
-            labels: Some(Arc::new(labels("backend", "default", "c2"))),
+            labels: identity(BACKEND_C2, labels("backend", "default", "c2")),
         },
         &mut out,
     );
@@ -357,11 +366,10 @@ fn hook_releases_an_early_endpoint_after_its_identity_and_fills_the_directory() 
     );
     hook.flush();
     hook.input(
-        Input::Endpoint {
-            cluster: c1.clone(),
-            key: "cilium/cache/ip/v1/c1/default/10.1.1.11".into(),
-            pair: Some(pair("10.1.1.11", "198.18.1.11", FRONTEND_C1, "frontend")),
-        },
+        endpoint(
+            &c1,
+            pair("10.1.1.11", "198.18.1.11", FRONTEND_C1, "frontend"),
+        ),
         &mut out,
     );
     assert!(out.is_empty(), "held until the identity is known");
@@ -374,12 +382,12 @@ fn hook_releases_an_early_endpoint_after_its_identity_and_fills_the_directory() 
         Input::Identity {
             cluster: c1.clone(),
             id: FRONTEND_C1,
-            labels: Some(Arc::new(labels("frontend", "default", "c1"))),
+            labels: identity(FRONTEND_C1, labels("frontend", "default", "c1")),
         },
         &mut out,
     );
     assert_eq!(out.len(), 1, "released with the identity");
-    assert!(matches!(&out[0], Input::Endpoint { pair: Some(p), .. } if p.id == FRONTEND_C1));
+    assert!(matches!(&out[0], Input::Endpoint { entry: Some(p), .. } if p.id == FRONTEND_C1));
     assert!(hook
         .engine()
         .allows(BACKEND_C2, FRONTEND_C1, Direction::Ingress, 6, 8080));

@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
-use clustermesh_types::identity::LabelArray;
-use clustermesh_types::model::{ClusterService, IpIdentityPair, Node, ServiceExport};
+use clustermesh_types::identity::Identity;
+use clustermesh_types::model::{ClusterService, IpcacheEntry, Node, ServiceExport};
 
 use super::{Resource, Stored, Value};
 use crate::watcher::Store;
@@ -54,15 +54,15 @@ impl RemoteCache {
     }
 
     /// An ipcache entry by key suffix (`10.0.0.1`, `10.0.0.0/8`).
-    pub fn endpoint(&self, ip: &str) -> Option<Arc<IpIdentityPair>> {
+    pub fn endpoint(&self, ip: &str) -> Option<Arc<IpcacheEntry>> {
         match self.store(Resource::Endpoints).value(ip) {
             Some(Value::Endpoint(e)) => Some(e),
             _ => None,
         }
     }
 
-    /// An identity's labels.
-    pub fn identity(&self, id: u32) -> Option<Arc<LabelArray>> {
+    /// An identity (derefs to its labels).
+    pub fn identity(&self, id: u32) -> Option<Arc<Identity>> {
         match self.store(Resource::Identities).value(&id.to_string()) {
             Some(Value::Identity(l)) => Some(l),
             _ => None,

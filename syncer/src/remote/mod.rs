@@ -58,8 +58,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clustermesh_types::cluster::ClusterInfo;
-use clustermesh_types::identity::LabelArray;
-use clustermesh_types::model::{ClusterService, IpIdentityPair, Node, ServiceExport};
+use clustermesh_types::identity::Identity;
+use clustermesh_types::model::{ClusterService, IpcacheEntry, Node, ServiceExport};
 
 pub use crate::watcher::{digest, Digest};
 pub use backoff::Backoff;
@@ -245,10 +245,11 @@ impl Resource {
 pub enum Value {
     /// A node.
     Node(Arc<Node>),
-    /// An ipcache entry; identity 1 (host) already rewritten to 6 (remote-node).
-    Endpoint(Arc<IpIdentityPair>),
-    /// An identity's labels.
-    Identity(Arc<LabelArray>),
+    /// An ipcache entry, its prefix and host address parsed; identity 1 (host) already
+    /// rewritten to 6 (remote-node).
+    Endpoint(Arc<IpcacheEntry>),
+    /// An identity: its number (from the key) and labels.
+    Identity(Arc<Identity>),
     /// A global/shared service.
     Service(Arc<ClusterService>),
     /// An MCS-API service export.

@@ -2,14 +2,18 @@
 //! checks its unmarshal functions make). A remote is untrusted input: an entry is applied
 //! only if it decodes, passes its type's `validate()`, and belongs to the remote that
 //! served it (name, cluster ID, identity range, cluster label, key matching the value).
+//!
+//! It is also where keys and addresses are parsed, once: an accepted ipcache entry carries
+//! its prefix and host address typed ([`IpcacheEntry`], IPv4 and IPv6), an identity its
+//! number ([`Identity`]); nothing downstream parses a key or an address string again.
 
 use std::sync::Arc;
 
 use clustermesh_types::cluster::IdentityRange;
 use clustermesh_types::identity::{
-    reserved, LabelArray, CLUSTER_LABEL, MIN_USER_IDENTITY, SOURCE_K8S,
+    reserved, Identity, LabelArray, CLUSTER_LABEL, MIN_USER_IDENTITY, SOURCE_K8S,
 };
-use clustermesh_types::model::{ClusterService, IpIdentityPair, Node, ServiceExport};
+use clustermesh_types::model::{ClusterService, IpIdentityPair, IpcacheEntry, Node, ServiceExport};
 
 use super::{Resource, Value, MAX_VALUE_BYTES};
 
@@ -178,15 +182,14 @@ fn service_export(ctx: &Context, rel: &str, raw: &[u8]) -> Result<ServiceExport,
     Ok(s)
 }
 
-fn endpoint(ctx: &Context, rel: &str, raw: &[u8]) -> Result<IpIdentityPair, Rejection> {
+fn endpoint(ctx: &Context, rel: &str, raw: &[u8]) -> Result<IpcacheEntry, Rejection> {
     // Decode first so malformed JSON is counted as such, then match the key (Cilium checks
     // the key against `PrefixString()` in its unmarshal).
     let mut p = decoded(IpIdentityPair::decode(raw))?;
-    let want = p.prefix_string();
-    if want != rel {
+    if !p.is_keyed_by(rel) {
         return reject(
             Reason::KeyMismatch,
-            format!("key {rel:?} holds entry for {want:?}"),
+            format!("key {rel:?} holds entry for {:?}", p.prefix_string()),
         );
     }
     if p.id >= MIN_USER_IDENTITY && !ctx.range.contains(p.id) {
@@ -202,10 +205,13 @@ fn endpoint(ctx: &Context, rel: &str, raw: &[u8]) -> Result<IpIdentityPair, Reje
         // The remote's host is a remote node here (Cilium `pkg/ipcache/kvstore.go`).
         p.id = reserved::REMOTE_NODE;
     }
-    Ok(p)
+    IpcacheEntry::new(p).map_err(|e| Rejection {
+        reason: Reason::Invalid,
+        detail: e.to_string(),
+    })
 }
 
-fn identity(ctx: &Context, rel: &str, raw: &[u8]) -> Result<LabelArray, Rejection> {
+fn identity(ctx: &Context, rel: &str, raw: &[u8]) -> Result<Identity, Rejection> {
     let id = match rel.parse::<u32>() {
         Ok(id) if rel.bytes().all(|b| b.is_ascii_digit()) && id.to_string() == rel => id,
         _ => {
@@ -245,7 +251,7 @@ fn identity(ctx: &Context, rel: &str, raw: &[u8]) -> Result<LabelArray, Rejectio
             format!("identity {id} lacks k8s:{CLUSTER_LABEL}={}", ctx.cluster),
         );
     }
-    Ok(labels)
+    Ok(Identity { id, labels })
 }
 
 #[cfg(test)]
@@ -342,9 +348,32 @@ mod tests {
         );
         let host = br#"{"IP":"172.18.0.2","HostIP":"","ID":1,"Key":0,"Metadata":""}"#;
         match validate(&ctx(), Resource::Endpoints, "172.18.0.2", host) {
-            Ok(Value::Endpoint(p)) => assert_eq!(p.id, 6),
+            Ok(Value::Endpoint(p)) => {
+                assert_eq!(p.id, 6);
+                assert_eq!(p.prefix.to_string(), "172.18.0.2/32");
+                assert_eq!(p.host, None);
+            }
             other => panic!("{other:?}"),
         }
+        match validate(&ctx(), Resource::Endpoints, "10.244.2.74", v) {
+            Ok(Value::Endpoint(p)) => {
+                assert_eq!(p.prefix.to_string(), "10.244.2.74/32");
+                assert_eq!(p.host, Some("172.18.0.2".parse().expect("ip")));
+            }
+            other => panic!("{other:?}"),
+        }
+        // IPv6 is representable (the datapath may still skip it).
+        let v6 = br#"{"IP":"fd00:10:244:1::d643","HostIP":"fd00::2","ID":199475}"#;
+        match validate(&ctx(), Resource::Endpoints, "fd00:10:244:1::d643", v6) {
+            Ok(Value::Endpoint(p)) => assert_eq!(p.prefix.to_string(), "fd00:10:244:1::d643/128"),
+            other => panic!("{other:?}"),
+        }
+        // A 16-byte mask on an IPv4 address has no programmable prefix.
+        let v4in6 = br#"{"IP":"10.0.0.0","Mask":"////////////////////AA==","HostIP":"","ID":2}"#;
+        assert_eq!(
+            reason(validate(&ctx(), Resource::Endpoints, "10.0.0.0/120", v4in6)),
+            Reason::Invalid
+        );
         let world =
             br#"{"IP":"10.0.0.0","Mask":"/wAAAA==","HostIP":"","ID":2,"Key":0,"Metadata":""}"#;
         assert!(validate(&ctx(), Resource::Endpoints, "10.0.0.0/8", world).is_ok());
@@ -353,7 +382,13 @@ mod tests {
     #[test]
     fn identities() {
         let l = b"k8s:app=baz;k8s:io.cilium.k8s.policy.cluster=cluster3;k8s:io.kubernetes.pod.namespace=bar;";
-        assert!(validate(&ctx(), Resource::Identities, "196915", l).is_ok());
+        match validate(&ctx(), Resource::Identities, "196915", l) {
+            Ok(Value::Identity(i)) => {
+                assert_eq!(i.id, 196915);
+                assert_eq!(i.get("app").map(|l| l.value.as_str()), Some("baz"));
+            }
+            other => panic!("{other:?}"),
+        }
         assert_eq!(
             reason(validate(&ctx(), Resource::Identities, "65536", l)),
             Reason::IdentityOutOfRange

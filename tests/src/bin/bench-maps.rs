@@ -10,27 +10,29 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _};
 use clustermesh_agent::datapath::{self, batch, Config, Datapath, Program};
-use clustermesh_agent::kernel;
 use clustermesh_agent::input::Input;
+use clustermesh_agent::kernel;
 use clustermesh_agent::reconcile::{claim, Reconciler};
 use clustermesh_ebpf_abi::{defaults, EndpointInfo, IpcacheLpmKey, IpcacheValue};
-use clustermesh_types::model::IpIdentityPair;
+use clustermesh_types::model::{IpIdentityPair, IpcacheEntry};
 
 const LOCAL: &str = "c1";
 const REMOTE: &str = "c2";
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 11);
 const TARGET: f64 = 500_000.0;
 
-fn pair(i: u32, id_shift: u32) -> IpIdentityPair {
+/// Entry `i` as validation hands it on (addresses parsed).
+fn pair(i: u32, id_shift: u32) -> IpcacheEntry {
     let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 16, 0, 0)) + i);
-    IpIdentityPair {
+    let pair = IpIdentityPair {
         ip: ip.to_string(),
         host_ip: format!("198.18.2.{}", 10 + i % 200),
         id: (2 << 16) + 1 + (i + id_shift) % 60_000,
         k8s_namespace: "default".into(),
         k8s_pod_name: format!("pod-{i}"),
         ..IpIdentityPair::default()
-    }
+    };
+    IpcacheEntry::new(pair).expect("a valid entry")
 }
 
 fn rate(n: usize, d: Duration) -> f64 {
@@ -103,14 +105,14 @@ fn main() -> anyhow::Result<()> {
 
 fn run(n: u32, bpffs: &std::path::Path) -> anyhow::Result<()> {
     let cluster: Arc<str> = Arc::from(REMOTE);
-    let pairs: Vec<Arc<IpIdentityPair>> = (0..n).map(|i| Arc::new(pair(i, 0))).collect();
-    let inputs = |pairs: &[Arc<IpIdentityPair>]| -> Vec<Input> {
+    let pairs: Vec<Arc<IpcacheEntry>> = (0..n).map(|i| Arc::new(pair(i, 0))).collect();
+    let inputs = |pairs: &[Arc<IpcacheEntry>]| -> Vec<Input> {
         pairs
             .iter()
             .map(|p| Input::Endpoint {
                 cluster: cluster.clone(),
-                key: format!("cilium/cache/ip/v1/{REMOTE}/{}", p.ip),
-                pair: Some(p.clone()),
+                prefix: p.prefix,
+                entry: Some(p.clone()),
             })
             .collect()
     };
@@ -218,8 +220,7 @@ fn run(n: u32, bpffs: &std::path::Path) -> anyhow::Result<()> {
     );
 
     // 1% churn: identities change.
-    let churn: Vec<Arc<IpIdentityPair>> =
-        (0..n).step_by(100).map(|i| Arc::new(pair(i, 7))).collect();
+    let churn: Vec<Arc<IpcacheEntry>> = (0..n).step_by(100).map(|i| Arc::new(pair(i, 7))).collect();
     let changes = churn.len();
     let t = Timer::start();
     for i in inputs(&churn) {

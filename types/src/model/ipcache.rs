@@ -169,6 +169,24 @@ impl IpIdentityPair {
         Ok(v)
     }
 
+    /// Whether `key_suffix` (the key after `cilium/state/ip/v1/default/`) is this entry's
+    /// [`Self::prefix_string`], compared without building the string.
+    pub fn is_keyed_by(&self, key_suffix: &str) -> bool {
+        let Some(rest) = key_suffix.strip_prefix(self.ip.as_str()) else {
+            return false;
+        };
+        match (self.prefix_len(), rest.strip_prefix('/')) {
+            (None, None) => rest.is_empty(),
+            (Some(len), Some(bits)) => {
+                // Canonical decimal, as `format!` writes it: digits only, no leading zero.
+                bits.bytes().all(|b| b.is_ascii_digit())
+                    && (bits.len() == 1 || !bits.starts_with('0'))
+                    && bits.parse() == Ok(len)
+            }
+            _ => false,
+        }
+    }
+
     fn check_mask(&self) -> Result<()> {
         let Some(mask) = &self.mask else {
             return Ok(());
@@ -182,5 +200,56 @@ impl IpIdentityPair {
             reason: e.to_string(),
         })?;
         Ok(())
+    }
+}
+
+/// An ipcache entry with its addresses parsed, once, where it is validated: the prefix it
+/// claims (a host entry is a `/32` or `/128`) and the node it is tunnelled to. Consumers read
+/// [`Self::prefix`] and [`Self::host`] and never parse the pair's strings again; the pair
+/// itself (what the publisher wrote, for mirroring and display) is reachable through
+/// `Deref`.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct IpcacheEntry {
+    /// `IP` and `Mask` as a prefix, the address as published (host bits not cleared).
+    pub prefix: Cidr,
+    /// `HostIP`, `None` if empty.
+    pub host: Option<IpAddr>,
+    /// The entry as published.
+    pub pair: IpIdentityPair,
+}
+
+impl IpcacheEntry {
+    /// Parses `pair`'s address, mask and host address. A mask longer than the address
+    /// family (a 16-byte mask on an IPv4 address, `/120` in Go's `PrefixString`) is refused:
+    /// no datapath could program its key.
+    pub fn new(pair: IpIdentityPair) -> Result<Self> {
+        let invalid = |reason: String| Error::InvalidValue {
+            kind: "IpIdentityPair",
+            reason,
+        };
+        let addr: IpAddr = pair
+            .ip
+            .parse()
+            .map_err(|_| invalid(format!("invalid ip {:?}", pair.ip)))?;
+        let bits = pair
+            .prefix_len()
+            .unwrap_or(if addr.is_ipv4() { 32 } else { 128 });
+        let prefix = Cidr::new(addr, bits).map_err(|e| invalid(e.to_string()))?;
+        let host = match pair.host_ip.as_str() {
+            "" => None,
+            h => Some(
+                h.parse()
+                    .map_err(|_| invalid(format!("invalid HostIP {h:?}")))?,
+            ),
+        };
+        Ok(Self { prefix, host, pair })
+    }
+}
+
+impl std::ops::Deref for IpcacheEntry {
+    type Target = IpIdentityPair;
+
+    fn deref(&self) -> &IpIdentityPair {
+        &self.pair
     }
 }

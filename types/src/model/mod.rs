@@ -22,7 +22,7 @@ mod time;
 pub use cidr::Cidr;
 pub use cluster_config::{Capabilities, ClusterConfig, EndpointSlicesExportMode};
 pub use endpoint_slice::EndpointSlice;
-pub use ipcache::{IpIdentityPair, NamedPort};
+pub use ipcache::{IpIdentityPair, IpcacheEntry, NamedPort};
 pub use node::{Node, NodeAddress};
 pub use service::{
     AddrMap, BackendZone, ClusterService, ForZone, L4Addr, PortConfiguration, SmolStr,
