@@ -1,0 +1,629 @@
+//! [`Desired`], the pure part of the reconciler: every cluster's claims per prefix, the
+//! winner of each (the local cluster, then the lowest cluster name), and what the map holds
+//! (`applied`), side by side in one slab; [`Plan`], the writes one flush needs.
+//!
+//! It must not write maps: the [`Reconciler`](super::Reconciler) writes and then records
+//! what it wrote.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use clustermesh_ebpf_abi::{ipcache_flags, IpcacheLpmKey, IpcacheValue};
+use clustermesh_types::model::{Cidr, IpcacheEntry};
+
+use super::claim::{claim_of, Claim, LocalPod};
+use super::prefix::{FxMap, Prefix, PrefixMap};
+
+/// A cluster name, interned by [`Desired`] (index into its `clusters`).
+type ClusterId = u32;
+
+/// The claims on one prefix: almost always exactly one cluster's.
+#[derive(Debug)]
+enum Claims {
+    One(ClusterId, Claim),
+    /// Two or more, sorted by cluster name.
+    Many(Vec<(ClusterId, Claim)>),
+}
+
+impl Claims {
+    /// Sets `cluster`'s claim; `false` if it was already exactly that.
+    fn insert(&mut self, cluster: ClusterId, c: Claim, names: &[Arc<str>]) -> bool {
+        match self {
+            Claims::One(k, v) if *k == cluster => {
+                if *v == c {
+                    return false;
+                }
+                *v = c;
+            }
+            Claims::One(k, v) => {
+                let mut m = vec![(*k, v.clone())];
+                Self::insert_sorted(&mut m, cluster, c, names);
+                *self = Claims::Many(m);
+            }
+            Claims::Many(m) => match m.iter_mut().find(|(k, _)| *k == cluster) {
+                Some((_, v)) if *v == c => return false,
+                Some((_, v)) => *v = c,
+                None => Self::insert_sorted(m, cluster, c, names),
+            },
+        }
+        true
+    }
+
+    fn insert_sorted(
+        m: &mut Vec<(ClusterId, Claim)>,
+        cluster: ClusterId,
+        c: Claim,
+        names: &[Arc<str>],
+    ) {
+        let name = &names[cluster as usize];
+        let at = m.partition_point(|(k, _)| names[*k as usize] < *name);
+        m.insert(at, (cluster, c));
+    }
+
+    /// Removes `cluster`'s claim; `true` if none is left.
+    fn remove(&mut self, cluster: ClusterId) -> bool {
+        match self {
+            Claims::One(k, _) => *k == cluster,
+            Claims::Many(m) => {
+                m.retain(|(k, _)| *k != cluster);
+                if m.len() == 1 {
+                    if let Some((k, v)) = m.pop() {
+                        *self = Claims::One(k, v);
+                    }
+                    return false;
+                }
+                m.is_empty()
+            }
+        }
+    }
+
+    fn winner(&self, local: ClusterId) -> Option<&Claim> {
+        match self {
+            Claims::One(_, v) => Some(v),
+            Claims::Many(m) => m
+                .iter()
+                .find(|(k, _)| *k == local)
+                .or_else(|| m.first())
+                .map(|(_, v)| v),
+        }
+    }
+}
+
+/// One prefix: what the clusters claim and what the map holds.
+#[derive(Debug)]
+struct Slot {
+    prefix: Prefix,
+    claims: Option<Claims>,
+    applied: Option<IpcacheValue>,
+    /// Listed in [`Desired::dirty`] (at most once).
+    dirty: bool,
+    /// The last plan passed this prefix's local pod on (so a change must be passed on too).
+    pod: bool,
+}
+
+impl Slot {
+    fn new(prefix: Prefix) -> Self {
+        Self {
+            prefix,
+            claims: None,
+            applied: None,
+            dirty: false,
+            pod: false,
+        }
+    }
+
+    /// Holds nothing and is not waiting for a plan: its index can be reused.
+    fn vacant(&self) -> bool {
+        self.claims.is_none() && self.applied.is_none() && !self.dirty
+    }
+}
+
+/// The map writes one flush needs, built by [`Desired::plan`]: keys and values side by side,
+/// ready for `BPF_MAP_UPDATE_BATCH` / `BPF_MAP_DELETE_BATCH` without another copy.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// Keys to insert or replace.
+    pub upsert_keys: Vec<IpcacheLpmKey>,
+    /// Their values (`upsert_values[i]` for `upsert_keys[i]`).
+    pub upsert_values: Vec<IpcacheValue>,
+    /// Keys to delete.
+    pub delete_keys: Vec<IpcacheLpmKey>,
+    /// What each deleted key held (`deleted[i]` for `delete_keys[i]`), to restore on failure.
+    pub deleted: Vec<IpcacheValue>,
+    /// /32 prefixes whose local pod may have changed: address and the winner's pod now.
+    pub pods: Vec<(Ipv4Addr, Option<Arc<LocalPod>>)>,
+}
+
+impl Plan {
+    /// No map write.
+    pub fn is_empty(&self) -> bool {
+        self.upsert_keys.is_empty() && self.delete_keys.is_empty()
+    }
+}
+
+/// Desired and applied state per prefix (see the module docs for why it is shaped so).
+/// Pure (no maps): the [`Reconciler`] writes and then records what it wrote.
+#[derive(Debug)]
+pub struct Desired {
+    local: ClusterId,
+    node_ip: Ipv4Addr,
+    /// Interned cluster names (`local` first); never shrinks (a handful of clusters).
+    clusters: Vec<Arc<str>>,
+    cluster_ids: FxMap<Arc<str>, ClusterId>,
+    /// The last cluster looked up: inputs come in runs of one cluster sharing one `Arc`.
+    last_cluster: Option<(Arc<str>, ClusterId)>,
+    /// Prefix → index in `slots`.
+    index: PrefixMap<u32>,
+    slots: Vec<Slot>,
+    /// Indices of vacant slots.
+    free: Vec<u32>,
+    /// Slots changed since the last plan, in the order they first changed.
+    dirty: Vec<u32>,
+    claimed: usize,
+    applied: usize,
+    unsupported: u64,
+}
+
+impl Desired {
+    /// Empty state for the agent of `local` on `node_ip`.
+    pub fn new(local: Arc<str>, node_ip: Ipv4Addr) -> Self {
+        let mut cluster_ids = FxMap::default();
+        cluster_ids.insert(local.clone(), 0);
+        Self {
+            local: 0,
+            node_ip,
+            clusters: vec![local],
+            cluster_ids,
+            last_cluster: None,
+            index: PrefixMap::default(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            dirty: Vec::new(),
+            claimed: 0,
+            applied: 0,
+            unsupported: 0,
+        }
+    }
+
+    /// The local cluster's name.
+    pub fn local(&self) -> &Arc<str> {
+        &self.clusters[self.local as usize]
+    }
+
+    /// Makes room for `additional` more prefixes (before adopting a map or a large list).
+    pub fn reserve(&mut self, additional: usize) {
+        self.index.reserve(additional);
+        self.slots.reserve(additional);
+    }
+
+    fn cluster_id(&mut self, cluster: &Arc<str>) -> ClusterId {
+        if let Some((c, id)) = &self.last_cluster {
+            if Arc::ptr_eq(c, cluster) {
+                return *id;
+            }
+        }
+        let id = match self.cluster_ids.get(cluster) {
+            Some(id) => *id,
+            None => {
+                let id = self.clusters.len() as ClusterId;
+                self.clusters.push(cluster.clone());
+                self.cluster_ids.insert(cluster.clone(), id);
+                id
+            }
+        };
+        self.last_cluster = Some((cluster.clone(), id));
+        id
+    }
+
+    /// The slot of `prefix`, created if missing.
+    fn slot_of(&mut self, prefix: Prefix) -> u32 {
+        match self.index.entry(prefix) {
+            std::collections::hash_map::Entry::Occupied(e) => *e.get(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let i = match self.free.pop() {
+                    Some(i) => {
+                        self.slots[i as usize] = Slot::new(prefix);
+                        i
+                    }
+                    None => {
+                        self.slots.push(Slot::new(prefix));
+                        (self.slots.len() - 1) as u32
+                    }
+                };
+                *e.insert(i)
+            }
+        }
+    }
+
+    /// Frees slot `i` if it holds nothing any more.
+    fn release_if_vacant(&mut self, i: u32) {
+        let slot = &self.slots[i as usize];
+        if slot.vacant() {
+            self.index.remove(&slot.prefix);
+            self.free.push(i);
+        }
+    }
+
+    fn mark_dirty(&mut self, i: u32) {
+        let slot = &mut self.slots[i as usize];
+        if !slot.dirty {
+            slot.dirty = true;
+            self.dirty.push(i);
+        }
+    }
+
+    /// Applies a change of `cluster`'s entry for `prefix` (`None`: deleted); the prefixes
+    /// it touches become dirty.
+    pub fn apply(&mut self, cluster: &Arc<str>, prefix: &Cidr, entry: Option<&IpcacheEntry>) {
+        let id = self.cluster_id(cluster);
+        match entry.and_then(|e| claim_of(id == self.local, self.node_ip, e)) {
+            Some((prefix, c)) => {
+                let i = self.slot_of(prefix);
+                let slot = &mut self.slots[i as usize];
+                match &mut slot.claims {
+                    Some(claims) => {
+                        if !claims.insert(id, c, &self.clusters) {
+                            return; // unchanged (a relist of the same data)
+                        }
+                    }
+                    none @ None => {
+                        *none = Some(Claims::One(id, c));
+                        self.claimed += 1;
+                    }
+                }
+                self.mark_dirty(i);
+            }
+            // Deleted, or now unprogrammable: drop whatever this cluster claimed there.
+            None => {
+                let Some(prefix) = Prefix::from_cidr(prefix) else {
+                    if entry.is_some() {
+                        self.unsupported += 1;
+                    }
+                    return;
+                };
+                let Some(&i) = self.index.get(&prefix) else {
+                    return;
+                };
+                let slot = &mut self.slots[i as usize];
+                let Some(claims) = &mut slot.claims else {
+                    return;
+                };
+                if claims.remove(id) {
+                    slot.claims = None;
+                    self.claimed -= 1;
+                }
+                self.mark_dirty(i);
+            }
+        }
+    }
+
+    /// The winning claim for `prefix`: the local cluster's, else the lowest cluster name's.
+    pub fn winner(&self, prefix: &Prefix) -> Option<&Claim> {
+        let i = *self.index.get(prefix)?;
+        self.slots[i as usize].claims.as_ref()?.winner(self.local)
+    }
+
+    /// `true` if some cluster claims `prefix`.
+    pub fn contains(&self, prefix: &Prefix) -> bool {
+        self.index
+            .get(prefix)
+            .is_some_and(|i| self.slots[*i as usize].claims.is_some())
+    }
+
+    /// Decides the map writes for every prefix changed since the last plan (each once, in
+    /// the order they first changed) into `out`, and records them as applied right away: a
+    /// failed write is undone with [`Self::set_applied`] and [`Self::redirty`].
+    pub fn plan(&mut self, out: &mut Plan) {
+        let dirty = std::mem::take(&mut self.dirty);
+        out.upsert_keys.reserve(dirty.len());
+        out.upsert_values.reserve(dirty.len());
+        for &i in &dirty {
+            let slot = &mut self.slots[i as usize];
+            slot.dirty = false;
+            let winner = slot.claims.as_ref().and_then(|c| c.winner(self.local));
+            if let Some(pod) = winner.and_then(|c| c.pod.as_ref()) {
+                slot.pod = true;
+                out.pods.push((slot.prefix.addr, Some(pod.clone())));
+            } else if std::mem::take(&mut slot.pod) {
+                out.pods.push((slot.prefix.addr, None));
+            }
+            match (winner.map(|c| c.value), slot.applied) {
+                (Some(v), Some(a)) if v == a => {}
+                (Some(v), old) => {
+                    slot.applied = Some(v);
+                    if old.is_none() {
+                        self.applied += 1;
+                    }
+                    out.upsert_keys.push(slot.prefix.lpm_key());
+                    out.upsert_values.push(v);
+                }
+                (None, Some(old)) => {
+                    slot.applied = None;
+                    self.applied -= 1;
+                    out.delete_keys.push(slot.prefix.lpm_key());
+                    out.deleted.push(old);
+                    self.release_if_vacant(i);
+                }
+                (None, None) => self.release_if_vacant(i),
+            }
+        }
+        // Keep the buffer for the next changes.
+        self.dirty = dirty;
+        self.dirty.clear();
+    }
+
+    /// Records what the map holds for `prefix` (after a write, or found at start).
+    pub fn set_applied(&mut self, prefix: Prefix, value: Option<IpcacheValue>) {
+        let i = match value {
+            Some(_) => self.slot_of(prefix),
+            None => match self.index.get(&prefix) {
+                Some(i) => *i,
+                None => return,
+            },
+        };
+        let slot = &mut self.slots[i as usize];
+        match (slot.applied.is_some(), value.is_some()) {
+            (false, true) => self.applied += 1,
+            (true, false) => self.applied -= 1,
+            _ => {}
+        }
+        slot.applied = value;
+        self.release_if_vacant(i);
+    }
+
+    /// Prefixes in the map that no cluster claims; with `remote: false` only those without
+    /// the `REMOTE_CLUSTER` flag.
+    pub fn stale(&self, remote: bool) -> Vec<Prefix> {
+        self.slots
+            .iter()
+            .filter(|s| {
+                s.claims.is_none()
+                    && s.applied
+                        .is_some_and(|v| remote || v.flags & ipcache_flags::REMOTE_CLUSTER == 0)
+            })
+            .map(|s| s.prefix)
+            .collect()
+    }
+
+    /// Marks prefixes dirty again (after a failed flush).
+    pub fn redirty(&mut self, prefixes: impl IntoIterator<Item = Prefix>) {
+        for p in prefixes {
+            if let Some(&i) = self.index.get(&p) {
+                self.mark_dirty(i);
+            }
+        }
+    }
+
+    /// Prefixes changed since the last plan.
+    pub fn dirty_len(&self) -> usize {
+        self.dirty.len()
+    }
+
+    /// Prefixes claimed.
+    pub fn len(&self) -> usize {
+        self.claimed
+    }
+
+    /// No prefix claimed.
+    pub fn is_empty(&self) -> bool {
+        self.claimed == 0
+    }
+
+    /// Prefixes the map holds (as far as this agent wrote or adopted them).
+    pub fn applied_len(&self) -> usize {
+        self.applied
+    }
+
+    /// Entries that could not be programmed so far.
+    pub fn unsupported(&self) -> u64 {
+        self.unsupported
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clustermesh_types::model::IpIdentityPair;
+
+    fn pair(ip: &str, host: &str, id: u32, pod: &str) -> IpcacheEntry {
+        IpcacheEntry::new(
+            IpIdentityPair::decode(
+                format!(
+                    r#"{{"IP":"{ip}","HostIP":"{host}","ID":{id},"Key":0,"Metadata":"","K8sNamespace":"default","K8sPodName":"{pod}"}}"#
+                )
+                .as_bytes(),
+            )
+            .expect("valid entry"),
+        )
+        .expect("valid entry")
+    }
+
+    /// The prefix of a host entry's key.
+    fn host(ip: &str) -> Cidr {
+        format!("{ip}/32").parse().expect("ip")
+    }
+
+    const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 11);
+    #[test]
+    fn local_cluster_wins_a_shared_ip_and_deletes_fall_back() {
+        let c1: Arc<str> = Arc::from("c1");
+        let c2: Arc<str> = Arc::from("c2");
+        let mut d = Desired::new(c1.clone(), NODE);
+        let p = Prefix {
+            addr: Ipv4Addr::new(10, 9, 9, 9),
+            bits: 32,
+        };
+        let k1 = &host("10.9.9.9");
+        let k2 = &host("10.9.9.9");
+        d.apply(&c2, k2, Some(&pair("10.9.9.9", "198.18.2.11", 131073, "x")));
+        d.apply(&c1, k1, Some(&pair("10.9.9.9", "198.18.1.12", 70000, "y")));
+        assert_eq!(d.winner(&p).unwrap().value.sec_identity, 70000);
+        let mut plan = Plan::default();
+        d.plan(&mut plan);
+        assert_eq!(plan.upsert_keys, vec![p.lpm_key()], "one write per prefix");
+        assert_eq!(plan.upsert_values[0].sec_identity, 70000);
+        d.apply(&c1, k1, None);
+        assert_eq!(d.winner(&p).unwrap().value.sec_identity, 131073);
+        d.apply(&c2, k2, None);
+        assert!(d.winner(&p).is_none());
+        assert!(d.is_empty());
+        // IPv6 is carried but not programmed: counted, nothing to write.
+        let v6: Cidr = "fd00::1/128".parse().expect("ip");
+        let dirty = d.dirty_len();
+        d.apply(&c2, &v6, Some(&pair("fd00::1", "198.18.2.11", 131073, "x")));
+        d.apply(&c2, &v6, None);
+        assert_eq!(d.unsupported(), 1);
+        assert!(d.is_empty());
+        assert_eq!(d.dirty_len(), dirty);
+    }
+
+    fn planned(d: &mut Desired) -> Plan {
+        let mut plan = Plan::default();
+        d.plan(&mut plan);
+        plan
+    }
+
+    #[test]
+    fn lowest_cluster_name_wins_whatever_the_arrival_order() {
+        let c1: Arc<str> = Arc::from("c1");
+        let mut d = Desired::new(c1.clone(), NODE);
+        let p = Prefix {
+            addr: Ipv4Addr::new(10, 9, 9, 9),
+            bits: 32,
+        };
+        for (c, id) in [("c4", 4), ("c3", 3), ("c2", 2)] {
+            let c: Arc<str> = Arc::from(c);
+            d.apply(
+                &c,
+                &host("10.9.9.9"),
+                Some(&pair("10.9.9.9", "198.18.2.11", id, "x")),
+            );
+        }
+        assert_eq!(d.winner(&p).unwrap().value.sec_identity, 2);
+        // Another Arc of the same name is the same cluster.
+        d.apply(&Arc::from("c2"), &host("10.9.9.9"), None);
+        assert_eq!(d.winner(&p).unwrap().value.sec_identity, 3);
+        d.apply(
+            &c1,
+            &host("10.9.9.9"),
+            Some(&pair("10.9.9.9", "198.18.1.12", 1, "y")),
+        );
+        assert_eq!(d.winner(&p).unwrap().value.sec_identity, 1);
+        let plan = planned(&mut d);
+        assert_eq!(plan.upsert_values.len(), 1);
+        assert_eq!(plan.upsert_values[0].sec_identity, 1);
+    }
+
+    #[test]
+    fn plans_write_only_differences_and_reuse_freed_slots() {
+        let c1: Arc<str> = Arc::from("c1");
+        let c2: Arc<str> = Arc::from("c2");
+        let mut d = Desired::new(c1.clone(), NODE);
+        let ips = ["10.2.0.1", "10.2.0.2", "10.2.0.3"];
+        for ip in ips {
+            d.apply(&c2, &host(ip), Some(&pair(ip, "198.18.2.11", 5, "x")));
+        }
+        let plan = planned(&mut d);
+        assert_eq!(plan.upsert_keys.len(), 3);
+        assert!(plan.delete_keys.is_empty() && plan.pods.is_empty());
+        assert_eq!(d.applied_len(), 3);
+        // A relist of the same data changes nothing.
+        for ip in ips {
+            d.apply(&c2, &host(ip), Some(&pair(ip, "198.18.2.11", 5, "x")));
+        }
+        assert_eq!(d.dirty_len(), 0);
+        // A change and back again before the flush: nothing to write.
+        d.apply(
+            &c2,
+            &host(ips[0]),
+            Some(&pair(ips[0], "198.18.2.11", 6, "x")),
+        );
+        d.apply(
+            &c2,
+            &host(ips[0]),
+            Some(&pair(ips[0], "198.18.2.11", 5, "x")),
+        );
+        assert!(planned(&mut d).is_empty());
+        // A delete removes the element and frees the slot for the next prefix.
+        d.apply(&c2, &host(ips[1]), None);
+        let plan = planned(&mut d);
+        assert_eq!(plan.delete_keys.len(), 1);
+        assert_eq!(plan.deleted[0].sec_identity, 5);
+        assert_eq!((d.len(), d.applied_len()), (2, 2));
+        let slots = d.slots.len();
+        d.apply(
+            &c2,
+            &host("10.2.0.9"),
+            Some(&pair("10.2.0.9", "198.18.2.11", 5, "x")),
+        );
+        assert_eq!(d.slots.len(), slots, "freed slot reused");
+        assert_eq!(planned(&mut d).upsert_keys.len(), 1);
+        // A failed write: forget it and plan it again.
+        let p = Prefix {
+            addr: Ipv4Addr::new(10, 2, 0, 9),
+            bits: 32,
+        };
+        d.set_applied(p, None);
+        d.redirty([p]);
+        assert_eq!(planned(&mut d).upsert_keys, vec![p.lpm_key()]);
+    }
+
+    #[test]
+    fn local_pods_are_passed_on_when_they_change() {
+        let c1: Arc<str> = Arc::from("c1");
+        let mut d = Desired::new(c1.clone(), NODE);
+        let key = &host("10.1.1.11");
+        d.apply(
+            &c1,
+            key,
+            Some(&pair("10.1.1.11", "198.18.1.11", 70000, "p1")),
+        );
+        let plan = planned(&mut d);
+        assert_eq!(plan.pods.len(), 1);
+        assert_eq!(plan.pods[0].1.as_ref().unwrap().name, "p1");
+        d.apply(&c1, key, None);
+        let plan = planned(&mut d);
+        assert_eq!(plan.pods, vec![(Ipv4Addr::new(10, 1, 1, 11), None)]);
+        assert_eq!(plan.delete_keys.len(), 1);
+        // Nothing else about it later.
+        d.apply(
+            &c1,
+            &host("10.1.1.12"),
+            Some(&pair("10.1.1.12", "198.18.1.12", 70000, "p2")),
+        );
+        assert!(planned(&mut d).pods.is_empty());
+    }
+
+    #[test]
+    fn stale_prefixes_are_unclaimed_applied_ones() {
+        let c1: Arc<str> = Arc::from("c1");
+        let mut d = Desired::new(c1.clone(), NODE);
+        let local = Prefix {
+            addr: Ipv4Addr::new(10, 1, 0, 1),
+            bits: 32,
+        };
+        let remote = Prefix {
+            addr: Ipv4Addr::new(10, 2, 0, 0),
+            bits: 16,
+        };
+        d.set_applied(local, Some(IpcacheValue::local(7)));
+        d.set_applied(
+            remote,
+            Some(IpcacheValue {
+                flags: ipcache_flags::REMOTE_CLUSTER,
+                ..IpcacheValue::local(8)
+            }),
+        );
+        assert_eq!(d.stale(false), vec![local]);
+        let mut all = d.stale(true);
+        all.sort();
+        assert_eq!(all, vec![local, remote]);
+        // Claimed again with the same value: no longer stale, and nothing to write.
+        d.apply(&c1, &host("10.1.0.1"), Some(&pair("10.1.0.1", "", 7, "")));
+        assert_eq!(d.stale(false), vec![]);
+        assert!(planned(&mut d).is_empty());
+        d.set_applied(remote, None);
+        assert_eq!(d.stale(true), vec![]);
+        assert_eq!(d.applied_len(), 1);
+    }
+}
