@@ -1,5 +1,6 @@
-//! The agent: start-up checks, datapath load and attach, the local and remote readers, the
-//! reconcile loop and the health server, as tasks under one cancellation token.
+//! The agent: start-up checks, the datapath bring-up ([`datapath::bring_up`]), the local and
+//! remote readers, the reconcile loop and the health server, as tasks under one
+//! cancellation token.
 //!
 //! Shutdown (the token is cancelled) stops the readers and the server and drops the
 //! datapath handles. It never detaches programs and never clears maps: the pinned links and
@@ -21,7 +22,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn, Instrument as _};
 
-use crate::datapath::{self, Datapath, Program};
+pub use crate::datapath::UnderlayDev;
+use crate::datapath::{self, Program};
 use crate::flows::{FlowMaps, SharedDirectory};
 use crate::health::{self, Metrics, Shared};
 use crate::input::Input;
@@ -39,17 +41,6 @@ pub enum RemoteMode {
     KvstoreMesh,
     /// From each remote's etcd, with the endpoints and certificates of its file.
     Direct,
-}
-
-/// The device `from_underlay` is attached to.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum UnderlayDev {
-    /// The interface holding the node's underlay address (`--node-ip`).
-    Auto,
-    /// This interface.
-    Named(String),
-    /// None: every tunnelled packet is received through the VXLAN device.
-    Off,
 }
 
 /// Settings of the agent (validated by [`Config::validate`]).
@@ -141,68 +132,22 @@ pub async fn run(config: Config, token: CancellationToken) -> Result<()> {
             "mounted bpffs myself: if this process runs in its own mount namespace (ip netns exec), \
              the pins disappear with it and restarts are not hitless; mount bpffs there beforehand");
     }
-    let dp_config = datapath::Config {
-        pin_dir: Some(config.bpffs_dir.clone()),
+    let datapath::Up {
+        mut dp,
+        underlay,
+        receive_path,
+    } = datapath::bring_up(&datapath::BringUp {
+        bpffs_dir: config.bpffs_dir.clone(),
+        attach: report.attach_mode,
         ipcache_max_entries: config.ipcache_max_entries,
         local_endpoints_max_entries: config.local_endpoints_max_entries,
-        attach: report.attach_mode,
-    };
-    let mut dp = Datapath::load(&dp_config)?;
+        vxlan_dev: config.vxlan_dev.clone(),
+        vxlan_port: config.vxlan_port,
+        underlay_dev: config.underlay_dev.clone(),
+        node_ip: config.node_ip,
+    })?;
     // The LB maps belong to the services loop, not to the reconciler.
     let lb = LbMaps::take(&mut dp)?;
-    let vx = ifaces::lookup(&config.vxlan_dev).ok_or_else(|| Error::NoVxlanDevice {
-        dev: config.vxlan_dev.clone(),
-    })?;
-    let how = dp.attach(Program::FromOverlay, &config.vxlan_dev)?;
-    info!(dev = %config.vxlan_dev, ?how, "from_overlay attached");
-    // Where VXLAN is received, and why: for the log and /status.
-    let (underlay, receive_path) = match &config.underlay_dev {
-        UnderlayDev::Off => (None, "VXLAN device (--underlay-dev off)".to_owned()),
-        UnderlayDev::Named(dev) => (Some(dev.clone()), format!("from_underlay on {dev}")),
-        UnderlayDev::Auto => match ifaces::with_ipv4(config.node_ip) {
-            None => (
-                None,
-                format!(
-                    "VXLAN device: no interface holds {} (name the underlay device with \
-                     --underlay-dev to decapsulate there)",
-                    config.node_ip
-                ),
-            ),
-            // Decapsulating before GRO would hand the pods one packet per wire segment,
-            // where the VXLAN device aggregates the inner packets itself (gro_cells).
-            Some(dev) if ifaces::gro_enabled(&dev) != Some(true) => (
-                None,
-                format!(
-                    "VXLAN device: GRO is off on {dev} (`ethtool -K {dev} gro on`, then \
-                     restart the agent, to decapsulate there)"
-                ),
-            ),
-            Some(dev) => {
-                let path = format!("from_underlay on {dev}");
-                (Some(dev), path)
-            }
-        },
-    };
-    // Decapsulation needs the port in the tunnel settings; 0 there turns it off (a pinned
-    // from_underlay link left by an earlier agent then passes everything on).
-    let port = if underlay.is_some() {
-        config.vxlan_port
-    } else {
-        0
-    };
-    if let Some(dev) = &underlay {
-        if ifaces::lookup(dev).is_none() {
-            return Err(Error::NoUnderlayDevice { dev: dev.clone() });
-        }
-        let how = dp.attach(Program::FromUnderlay, dev)?;
-        info!(%dev, port, ?how, "from_underlay attached");
-    }
-    info!(%receive_path, "VXLAN receive path");
-    let want = (vx.ifindex, config.node_ip.octets(), port.to_be_bytes());
-    let have = dp.maps.tunnel.get()?;
-    if (have.vxlan_ifindex, have.local_ipv4, have.vxlan_port) != want {
-        dp.maps.tunnel.set(vx.ifindex, config.node_ip, port)?;
-    }
     // Policy and flows own their maps; the reconciler keeps the ipcache and endpoints.
     let policy_maps = PolicyMaps::take(&mut dp)?;
     let flow_maps = FlowMaps::take(&mut dp)?;

@@ -17,10 +17,14 @@
 //! does. The clsact path (kernels < 6.6) keeps filters owned by the process: restarts there
 //! are not hitless.
 //!
-//! What it must not do: decide what goes into the maps (that is the reconciler's job) or
-//! touch interfaces other than attaching programs to them.
+//! The agent's start-up sequence over it (load, attach `from_overlay` and `from_underlay`,
+//! the tunnel settings) is [`bring_up`].
+//!
+//! What it must not do: decide what goes into the maps beyond the tunnel settings (that is
+//! the reconciler's job) or touch interfaces other than attaching programs to them.
 
 pub mod batch;
+mod bringup;
 mod maps;
 
 use std::collections::BTreeMap;
@@ -40,6 +44,7 @@ use clustermesh_ebpf_abi::{
     IpcacheValue, PolicyCtKey, PolicyCtValue, TraceSlot, TunnelConfig, TunnelTrace,
 };
 
+pub use bringup::{bring_up, BringUp, UnderlayDev, Up};
 pub use maps::{
     CounterValues, Counters, Ipcache, IpcacheEntry, LocalEndpoints, TunnelSettings, TunnelTraces,
 };

@@ -1,0 +1,129 @@
+//! The agent's datapath bring-up at start: load (or take over the pinned) datapath, attach
+//! `from_overlay` to the VXLAN device, decide where VXLAN for local pods is received
+//! (`from_underlay` on the underlay device when GRO is on there, else the VXLAN device) and
+//! attach it, and write the tunnel settings if they differ.
+//!
+//! It must not divide the maps between their owners (the caller hands the LB, policy and
+//! flow maps out) or decide what goes into any map but the tunnel settings.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use tracing::info;
+
+use super::{AttachMode, Config, Datapath, Program};
+use crate::{ifaces, Error, Result};
+
+/// The device `from_underlay` is attached to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UnderlayDev {
+    /// The interface holding the node's underlay address (`--node-ip`).
+    Auto,
+    /// This interface.
+    Named(String),
+    /// None: every tunnelled packet is received through the VXLAN device.
+    Off,
+}
+
+/// What the bring-up needs (from the agent's validated settings).
+#[derive(Clone, Debug)]
+pub struct BringUp {
+    /// Pin directory on bpffs.
+    pub bpffs_dir: PathBuf,
+    /// How programs attach (the kernel check's answer).
+    pub attach: AttachMode,
+    /// ipcache capacity.
+    pub ipcache_max_entries: u32,
+    /// Local endpoints capacity.
+    pub local_endpoints_max_entries: u32,
+    /// The VXLAN device (external mode).
+    pub vxlan_dev: String,
+    /// Its UDP port (what `from_underlay` decapsulates).
+    pub vxlan_port: u16,
+    /// Where `from_underlay` goes.
+    pub underlay_dev: UnderlayDev,
+    /// This node's underlay address.
+    pub node_ip: Ipv4Addr,
+}
+
+/// The datapath, up.
+pub struct Up {
+    /// The datapath with every map still in it.
+    pub dp: Datapath,
+    /// The device `from_underlay` is attached to, if any.
+    pub underlay: Option<String>,
+    /// Where VXLAN is received, and why (for the log and `/status`).
+    pub receive_path: String,
+}
+
+/// Brings the datapath up; see the module docs.
+pub fn bring_up(cfg: &BringUp) -> Result<Up> {
+    let mut dp = Datapath::load(&Config {
+        pin_dir: Some(cfg.bpffs_dir.clone()),
+        ipcache_max_entries: cfg.ipcache_max_entries,
+        local_endpoints_max_entries: cfg.local_endpoints_max_entries,
+        attach: cfg.attach,
+    })?;
+    let vx = ifaces::lookup(&cfg.vxlan_dev).ok_or_else(|| Error::NoVxlanDevice {
+        dev: cfg.vxlan_dev.clone(),
+    })?;
+    let how = dp.attach(Program::FromOverlay, &cfg.vxlan_dev)?;
+    info!(dev = %cfg.vxlan_dev, ?how, "from_overlay attached");
+    let (underlay, receive_path) = receive_path(&cfg.underlay_dev, cfg.node_ip);
+    // Decapsulation needs the port in the tunnel settings; 0 there turns it off (a pinned
+    // from_underlay link left by an earlier agent then passes everything on).
+    let port = if underlay.is_some() {
+        cfg.vxlan_port
+    } else {
+        0
+    };
+    if let Some(dev) = &underlay {
+        if ifaces::lookup(dev).is_none() {
+            return Err(Error::NoUnderlayDevice { dev: dev.clone() });
+        }
+        let how = dp.attach(Program::FromUnderlay, dev)?;
+        info!(%dev, port, ?how, "from_underlay attached");
+    }
+    info!(%receive_path, "VXLAN receive path");
+    let want = (vx.ifindex, cfg.node_ip.octets(), port.to_be_bytes());
+    let have = dp.maps.tunnel.get()?;
+    if (have.vxlan_ifindex, have.local_ipv4, have.vxlan_port) != want {
+        dp.maps.tunnel.set(vx.ifindex, cfg.node_ip, port)?;
+    }
+    Ok(Up {
+        dp,
+        underlay,
+        receive_path,
+    })
+}
+
+/// Where VXLAN for local pods is received: the device `from_underlay` goes on (if any), and
+/// the reason, for the log and `/status`.
+fn receive_path(underlay: &UnderlayDev, node_ip: Ipv4Addr) -> (Option<String>, String) {
+    match underlay {
+        UnderlayDev::Off => (None, "VXLAN device (--underlay-dev off)".to_owned()),
+        UnderlayDev::Named(dev) => (Some(dev.clone()), format!("from_underlay on {dev}")),
+        UnderlayDev::Auto => match ifaces::with_ipv4(node_ip) {
+            None => (
+                None,
+                format!(
+                    "VXLAN device: no interface holds {node_ip} (name the underlay device with \
+                     --underlay-dev to decapsulate there)"
+                ),
+            ),
+            // Decapsulating before GRO would hand the pods one packet per wire segment,
+            // where the VXLAN device aggregates the inner packets itself (gro_cells).
+            Some(dev) if ifaces::gro_enabled(&dev) != Some(true) => (
+                None,
+                format!(
+                    "VXLAN device: GRO is off on {dev} (`ethtool -K {dev} gro on`, then \
+                     restart the agent, to decapsulate there)"
+                ),
+            ),
+            Some(dev) => {
+                let path = format!("from_underlay on {dev}");
+                (Some(dev), path)
+            }
+        },
+    }
+}
