@@ -160,6 +160,15 @@ pub struct Args {
     /// Readiness stops waiting for remotes after this (Cilium: 10m).
     #[arg(long, env = "GLOBAL_READY_TIMEOUT", value_parser = humantime::parse_duration)]
     pub global_ready_timeout: Option<Duration>,
+    /// With --etcd-config: if that etcd has no users yet (a fresh sidecar), create Cilium's
+    /// users and roles and enable auth, as Cilium's `etcd-init` container does.
+    #[arg(long, action = ArgAction::SetTrue)]
+    pub etcd_init: bool,
+    /// Cilium's users file (`users: [{name: remote-<peer>, role: remote}]`, the
+    /// `clustermesh-remote-users` ConfigMap): those etcd users are kept present, and
+    /// `remote-*` users it no longer names are removed.
+    #[arg(long)]
+    pub cluster_users_config_path: Option<PathBuf>,
 }
 
 /// The same settings as a file.
@@ -214,6 +223,10 @@ pub struct File {
     pub per_cluster_ready_timeout: Option<String>,
     /// See [`Args`] (humantime).
     pub global_ready_timeout: Option<String>,
+    /// See [`Args`].
+    pub etcd_init: Option<bool>,
+    /// See [`Args`].
+    pub cluster_users_config_path: Option<PathBuf>,
 }
 
 /// KVStoreMesh settings (see [`crate::kvstoremesh`]).
@@ -282,6 +295,10 @@ pub struct Config {
     /// KVStoreMesh; `None` when disabled (or when there is neither `--clustermesh-config`
     /// nor a state dir to default it from).
     pub kvstoremesh: Option<KvstoreMesh>,
+    /// Initialise users, roles and auth on the external etcd if it has none.
+    pub etcd_init: bool,
+    /// Cilium's users file, enforced in etcd.
+    pub cluster_users: Option<PathBuf>,
 }
 
 fn duration(
@@ -472,7 +489,13 @@ impl Config {
                 .map_err(|e| invalid("clustermesh-service-v2", e))?,
             (None, None) => ServiceV2Mode::default(),
         };
+        let etcd_init = args.etcd_init || file.etcd_init.unwrap_or(false);
+        let cluster_users = args
+            .cluster_users_config_path
+            .or(file.cluster_users_config_path);
         Ok(Config {
+            etcd_init,
+            cluster_users,
             service_v2,
             enable_cilium_endpoint_slice: args
                 .enable_cilium_endpoint_slice

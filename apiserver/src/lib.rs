@@ -16,6 +16,7 @@ pub mod health;
 pub mod identity;
 pub mod kvstoremesh;
 pub mod source;
+pub mod users;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -152,9 +153,24 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
 
     // etcd. `etcd_up` turns true once the embedded etcd serves with its users and roles in
     // place (always true for an external etcd), so readiness never precedes RBAC.
-    let (up_tx, etcd_up) = watch::channel(matches!(cfg.etcd, EtcdMode::External(_)));
+    let (up_tx, etcd_up) =
+        watch::channel(matches!(cfg.etcd, EtcdMode::External(_)) && !cfg.etcd_init);
     let etcd_cfg = match &cfg.etcd {
-        EtcdMode::External(path) => EtcdConfig::load(path)?,
+        EtcdMode::External(path) => {
+            let c = EtcdConfig::load(path)?;
+            if cfg.etcd_init {
+                tasks.spawn(
+                    users::etcd_init(
+                        c.clone(),
+                        cfg.cluster.name.to_string(),
+                        up_tx,
+                        cancel.child_token(),
+                    )
+                    .instrument(info_span!("etcd-init")),
+                );
+            }
+            c
+        }
         EtcdMode::Embedded { listen, peer_port } => {
             let state = cfg
                 .state_dir
@@ -188,6 +204,20 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
             client_cfg
         }
     };
+
+    // Cilium's cluster users: the peers `clustermesh connect` let in.
+    if let Some(path) = &cfg.cluster_users {
+        tasks.spawn(
+            users::run(
+                path.clone(),
+                etcd_cfg.clone(),
+                cfg.cluster.name.to_string(),
+                etcd_up.clone(),
+                cancel.child_token(),
+            )
+            .instrument(info_span!("cluster-users")),
+        );
+    }
 
     // KVStoreMesh: remote clusters mirrored into the local etcd.
     if let Some(km) = &cfg.kvstoremesh {

@@ -149,6 +149,12 @@ impl Ca {
         &self.cert_pem
     }
 
+    /// The CA private key in PEM (PKCS#8). Secret: only for storing the CA where the mesh's
+    /// CA lives (a 0600 file, the `cilium-ca` Secret), never for logs.
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
     /// The subject key identifier of the CA certificate (the AKI of every leaf it issues);
     /// empty if an imported certificate has no SKI extension.
     pub fn subject_key_id(&self) -> Vec<u8> {

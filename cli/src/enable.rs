@@ -21,50 +21,130 @@ use clustermesh_certs::{issue_cluster_set, Ca, ServerSpec};
 use clustermesh_syncer::EtcdConfig;
 use clustermesh_types::cluster::{ClusterInfo, ClusterName, MaxConnectedClusters};
 
-/// Flags of `clustermesh enable`.
+/// Flags of `clustermesh enable`: a Kubernetes cluster by kubeconfig context (the default),
+/// or a state directory (`--state-dir`, the lab's form).
 #[derive(Debug, clap::Args)]
-pub struct EnableArgs {
-    /// Cluster name.
+pub struct EnableCmd {
+    /// Cluster name (default: what the cluster's cilium-config or clustermesh-config says).
     #[arg(long)]
-    pub cluster_name: String,
+    pub cluster_name: Option<String>,
     /// Cluster ID (1..=max-connected-clusters), unique in the mesh.
     #[arg(long)]
-    pub cluster_id: u32,
+    pub cluster_id: Option<u32>,
     /// 255 or 511; must be the same in every cluster of the mesh.
-    #[arg(long, default_value_t = 255)]
-    pub max_connected_clusters: u32,
-    /// State directory for this cluster.
     #[arg(long)]
-    pub state_dir: PathBuf,
-    /// Directory holding the mesh's shared CA (`ca.crt`, `ca.key`); created if empty.
+    pub max_connected_clusters: Option<u32>,
+    /// The mesh's shared CA (`ca.crt`, `ca.key`) on this machine; created if empty. With
+    /// --context, the cluster's own `cilium-ca` Secret wins when it exists.
     #[arg(long)]
-    pub ca_dir: PathBuf,
-    /// Address the embedded etcd serves clients on.
+    pub ca_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub kube: crate::contexts::KubeArgs,
+    #[command(flatten)]
+    pub install: crate::manifests::InstallArgs,
+    /// Write nothing; say (or with -o yaml print) what would be sent.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// `yaml`: print every object that would be applied (with --dry-run).
+    #[arg(short = 'o', long)]
+    pub output: Option<String>,
+    /// State directory for this cluster (instead of a Kubernetes cluster).
+    #[arg(long, conflicts_with_all = ["context", "kubeconfig", "dry_run", "service_type"])]
+    pub state_dir: Option<PathBuf>,
+    /// (--state-dir) Address the embedded etcd serves clients on.
     #[arg(long, default_value = "127.0.0.1:2379")]
     pub etcd_listen: SocketAddr,
-    /// Peer port of the embedded etcd (127.0.0.1).
+    /// (--state-dir) Peer port of the embedded etcd (127.0.0.1).
     #[arg(long, default_value_t = 2380)]
     pub etcd_peer_port: u16,
-    /// Address for /readyz, /healthz, /status and /metrics.
+    /// (--state-dir) Address for /readyz, /healthz, /status and /metrics.
     #[arg(long, default_value = "127.0.0.1:9880")]
     pub health_addr: SocketAddr,
-    /// Manifest directory (default: <state-dir>/manifests).
+    /// (--state-dir) Manifest directory (default: <state-dir>/manifests).
     #[arg(long)]
     pub manifests: Option<PathBuf>,
-    /// Extra DNS names for the server certificate.
+    /// (--state-dir) Extra DNS names for the server certificate.
     #[arg(long = "extra-dns")]
     pub extra_dns: Vec<String>,
-    /// Extra IPs for the server certificate (the etcd listen IP is added automatically).
+    /// (--state-dir) Extra IPs for the server certificate (the etcd listen IP is added).
     #[arg(long = "extra-ip")]
     pub extra_ips: Vec<IpAddr>,
-    /// Export MCS-API ServiceExports.
-    #[arg(long)]
-    pub enable_mcs_api: bool,
-    /// Re-issue certificates even if they exist.
+    /// (--state-dir) Re-issue certificates even if they exist.
     #[arg(long)]
     pub force: bool,
-    /// Run the apiserver in the foreground once prepared.
+    /// (--state-dir) Run the apiserver in the foreground once prepared.
     #[arg(long)]
+    pub start: bool,
+}
+
+/// `clustermesh enable`, either form.
+pub fn run_cmd(c: EnableCmd) -> anyhow::Result<()> {
+    let Some(state_dir) = c.state_dir else {
+        let yaml = crate::contexts::yaml_output(&c.output, c.dry_run)?;
+        let r = crate::contexts::enable::Request {
+            kube: c.kube,
+            install: c.install,
+            cluster_name: c.cluster_name,
+            cluster_id: c.cluster_id,
+            max_connected_clusters: c.max_connected_clusters,
+            ca_dir: c.ca_dir,
+            dry_run: c.dry_run,
+            yaml,
+        };
+        return crate::contexts::runtime()?.block_on(crate::contexts::enable::run(r));
+    };
+    run(EnableArgs {
+        cluster_name: c
+            .cluster_name
+            .context("--cluster-name is required with --state-dir")?,
+        cluster_id: c
+            .cluster_id
+            .context("--cluster-id is required with --state-dir")?,
+        max_connected_clusters: c.max_connected_clusters.unwrap_or(255),
+        state_dir,
+        ca_dir: c.ca_dir.context("--ca-dir is required with --state-dir")?,
+        etcd_listen: c.etcd_listen,
+        etcd_peer_port: c.etcd_peer_port,
+        health_addr: c.health_addr,
+        manifests: c.manifests,
+        extra_dns: c.extra_dns,
+        extra_ips: c.extra_ips,
+        enable_mcs_api: c.install.enable_mcs_api,
+        force: c.force,
+        start: c.start,
+    })
+}
+
+/// What `enable --state-dir` prepares.
+#[derive(Debug, Clone)]
+pub struct EnableArgs {
+    /// Cluster name.
+    pub cluster_name: String,
+    /// Cluster ID (1..=max-connected-clusters), unique in the mesh.
+    pub cluster_id: u32,
+    /// 255 or 511; must be the same in every cluster of the mesh.
+    pub max_connected_clusters: u32,
+    /// State directory for this cluster.
+    pub state_dir: PathBuf,
+    /// Directory holding the mesh's shared CA (`ca.crt`, `ca.key`); created if empty.
+    pub ca_dir: PathBuf,
+    /// Address the embedded etcd serves clients on.
+    pub etcd_listen: SocketAddr,
+    /// Peer port of the embedded etcd (127.0.0.1).
+    pub etcd_peer_port: u16,
+    /// Address for /readyz, /healthz, /status and /metrics.
+    pub health_addr: SocketAddr,
+    /// Manifest directory (default: <state-dir>/manifests).
+    pub manifests: Option<PathBuf>,
+    /// Extra DNS names for the server certificate.
+    pub extra_dns: Vec<String>,
+    /// Extra IPs for the server certificate (the etcd listen IP is added automatically).
+    pub extra_ips: Vec<IpAddr>,
+    /// Export MCS-API ServiceExports.
+    pub enable_mcs_api: bool,
+    /// Re-issue certificates even if they exist.
+    pub force: bool,
+    /// Run the apiserver in the foreground once prepared.
     pub start: bool,
 }
 

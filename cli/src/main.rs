@@ -2,6 +2,7 @@
 
 mod certs;
 mod connectivity;
+mod contexts;
 mod enable;
 mod http;
 mod lab;
@@ -28,8 +29,8 @@ enum Command {
     /// Certificates: create or import the CA, issue cluster certificates, show them.
     #[command(subcommand)]
     Certs(certs::CertsCommand),
-    /// Prepare a cluster for the mesh (certificates, apiserver config, state dir).
-    Enable(enable::EnableArgs),
+    /// Install the mesh in a cluster (--context; certificates, objects) or prepare a state dir.
+    Enable(enable::EnableCmd),
     /// Connect two clusters in both directions (remote configs, CA, etcd users).
     Connect(remotes::ConnectArgs),
     /// Undo `connect`.
@@ -76,7 +77,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Certs(c) => certs::run(c),
-        Command::Enable(a) => enable::run(a),
+        Command::Enable(a) => enable::run_cmd(a),
         Command::Connect(a) => remotes::connect(a),
         Command::Disconnect(a) => remotes::disconnect(a),
         Command::Status(a) => remotes::status(a),
@@ -96,5 +97,14 @@ fn main() -> std::process::ExitCode {
             eprintln!("❌ {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn flags_are_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

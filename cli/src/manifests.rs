@@ -32,18 +32,15 @@ impl From<ServiceTypeArg> for ServiceType {
 /// Settings shared by `manifests` and `enable --context`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct InstallArgs {
-    /// Namespace of the install.
-    #[arg(short = 'n', long, default_value = objects::DEFAULT_NAMESPACE)]
-    pub namespace: String,
     /// Image of every container.
     #[arg(long, default_value_t = objects::default_image())]
     pub image: String,
     /// How peers reach this cluster's etcd.
     #[arg(long, value_enum)]
     pub service_type: Option<ServiceTypeArg>,
-    /// nodePort of the etcd Service (NodePort only).
-    #[arg(long, default_value_t = objects::DEFAULT_NODE_PORT)]
-    pub node_port: i32,
+    /// nodePort of the etcd Service (NodePort only; default 32379).
+    #[arg(long)]
+    pub node_port: Option<i32>,
     /// etcd's data on the node's disk instead of memory.
     #[arg(long)]
     pub etcd_on_disk: bool,
@@ -54,9 +51,9 @@ pub struct InstallArgs {
 
 impl InstallArgs {
     /// The objects' values for a cluster.
-    pub fn values(&self, name: &str, id: u32, max: u32) -> Values {
+    pub fn values(&self, namespace: &str, name: &str, id: u32, max: u32) -> Values {
         Values {
-            namespace: self.namespace.clone(),
+            namespace: namespace.to_string(),
             image: self.image.clone(),
             cluster_name: name.into(),
             cluster_id: id,
@@ -65,7 +62,7 @@ impl InstallArgs {
                 .service_type
                 .map(Into::into)
                 .unwrap_or(ServiceType::NodePort),
-            node_port: self.node_port,
+            node_port: self.node_port.unwrap_or(objects::DEFAULT_NODE_PORT),
             etcd_storage: if self.etcd_on_disk {
                 StorageMedium::Disk
             } else {
@@ -92,6 +89,9 @@ pub struct ManifestsArgs {
     /// 255 or 511.
     #[arg(long, default_value_t = 255)]
     pub max_connected_clusters: u32,
+    /// Namespace of the install.
+    #[arg(short = 'n', long, default_value = objects::DEFAULT_NAMESPACE)]
+    pub namespace: String,
     #[command(flatten)]
     pub install: InstallArgs,
 }
@@ -99,9 +99,12 @@ pub struct ManifestsArgs {
 /// `clustermesh manifests`.
 pub fn run(a: ManifestsArgs) -> anyhow::Result<()> {
     let Some(out) = a.out else {
-        let v = a
-            .install
-            .values(&a.cluster_name, a.cluster_id, a.max_connected_clusters);
+        let v = a.install.values(
+            &a.namespace,
+            &a.cluster_name,
+            a.cluster_id,
+            a.max_connected_clusters,
+        );
         print!("{}", objects::to_yaml(&objects::install(&v)));
         return Ok(());
     };

@@ -34,34 +34,66 @@ use crate::http;
 /// Flags of `clustermesh connect`.
 #[derive(Debug, clap::Args)]
 pub struct ConnectArgs {
-    /// State directory of the local cluster.
-    #[arg(long)]
-    pub state_dir: PathBuf,
+    /// State directory of the local cluster (the lab's form; without it, --context is used).
+    #[arg(long, requires = "destination_state_dir", conflicts_with_all = ["destination_context", "dry_run"])]
+    pub state_dir: Option<PathBuf>,
     /// State directory of the cluster to connect to.
+    #[arg(long, requires = "state_dir")]
+    pub destination_state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub kube: crate::contexts::KubeArgs,
+    /// kubeconfig context of the cluster to connect to.
     #[arg(long)]
-    pub destination_state_dir: PathBuf,
+    pub destination_context: Option<String>,
+    /// The address (IP:PORT) the other cluster reaches this cluster's etcd on, instead of
+    /// the one read from its Service.
+    #[arg(long)]
+    pub source_endpoint: Option<SocketAddr>,
+    /// The address (IP:PORT) of the destination cluster's etcd, instead of the one read from
+    /// its Service.
+    #[arg(long)]
+    pub destination_endpoint: Option<SocketAddr>,
     /// Connect even though the clusters use different CAs (each side then trusts both).
     #[arg(long)]
     pub allow_mismatching_ca: bool,
+    /// Write nothing; say (or with -o yaml print) what would be sent.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// `yaml`: print every object that would be applied (with --dry-run).
+    #[arg(short = 'o', long)]
+    pub output: Option<String>,
 }
 
 /// Flags of `clustermesh disconnect`.
 #[derive(Debug, clap::Args)]
 pub struct DisconnectArgs {
-    /// State directory of the local cluster.
-    #[arg(long)]
-    pub state_dir: PathBuf,
+    /// State directory of the local cluster (the lab's form; without it, --context is used).
+    #[arg(long, requires = "destination_state_dir", conflicts_with_all = ["destination_context", "dry_run"])]
+    pub state_dir: Option<PathBuf>,
     /// State directory of the cluster to disconnect from.
+    #[arg(long, requires = "state_dir")]
+    pub destination_state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub kube: crate::contexts::KubeArgs,
+    /// kubeconfig context of the cluster to disconnect from.
     #[arg(long)]
-    pub destination_state_dir: PathBuf,
+    pub destination_context: Option<String>,
+    /// Write nothing; say (or with -o yaml print) what would be sent.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// `yaml`: print every object that would be applied (with --dry-run).
+    #[arg(short = 'o', long)]
+    pub output: Option<String>,
 }
 
 /// Flags of `clustermesh status`.
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
-    /// State directory of the cluster.
+    /// State directory of the cluster (the lab's form; without it, --context is used).
     #[arg(long)]
-    pub state_dir: PathBuf,
+    pub state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub kube: crate::contexts::KubeArgs,
     /// Wait until every configured remote cluster is ready.
     #[arg(long)]
     pub wait: bool,
@@ -216,13 +248,42 @@ fn hex(b: &[u8]) -> String {
         .join(":")
 }
 
+/// One side of a connection, as [`check_pair`] sees it.
+#[derive(Debug, Clone)]
+pub struct PairSide<'a> {
+    /// Cluster name.
+    pub name: &'a str,
+    /// Cluster ID.
+    pub id: u32,
+    /// 255 or 511.
+    pub max_connected_clusters: u32,
+    /// The cluster's CA (PEM).
+    pub ca_pem: &'a str,
+    /// Where the cluster was read (a state dir, a context), for messages.
+    pub origin: String,
+}
+
 /// Refuses pairs Cilium refuses; `Ok(true)` when the CAs differ (and that is allowed).
 pub fn validate_pair(a: &Access, b: &Access, allow_mismatching_ca: bool) -> anyhow::Result<bool> {
+    fn side(c: &Access) -> PairSide<'_> {
+        PairSide {
+            name: &c.name,
+            id: c.id,
+            max_connected_clusters: c.max_connected_clusters,
+            ca_pem: &c.ca_pem,
+            origin: c.state_dir.display().to_string(),
+        }
+    }
+    check_pair(&side(a), &side(b), allow_mismatching_ca)
+}
+
+/// [`validate_pair`] for any two sides.
+pub fn check_pair(a: &PairSide, b: &PairSide, allow_mismatching_ca: bool) -> anyhow::Result<bool> {
     for c in [a, b] {
         if c.name == "default" {
             bail!(
                 "cluster name \"default\" cannot be meshed: give {} a unique --cluster-name",
-                c.state_dir.display()
+                c.origin
             );
         }
         if c.id == 0 || c.id > c.max_connected_clusters {
@@ -257,7 +318,7 @@ pub fn validate_pair(a: &Access, b: &Access, allow_mismatching_ca: bool) -> anyh
             b.max_connected_clusters
         );
     }
-    let (ka, kb) = (subject_key_id(&a.ca_pem)?, subject_key_id(&b.ca_pem)?);
+    let (ka, kb) = (subject_key_id(a.ca_pem)?, subject_key_id(b.ca_pem)?);
     if ka != kb {
         if !allow_mismatching_ca {
             bail!(
@@ -429,8 +490,24 @@ pub fn connect_pair(a: &Access, b: &Access, allow_mismatching_ca: bool) -> anyho
 
 /// `clustermesh connect`.
 pub fn connect(a: ConnectArgs) -> anyhow::Result<()> {
-    let local = Access::load(&a.state_dir)?;
-    let remote = Access::load(&a.destination_state_dir)?;
+    let (Some(state_dir), Some(destination_state_dir)) = (&a.state_dir, &a.destination_state_dir)
+    else {
+        let yaml = crate::contexts::yaml_output(&a.output, a.dry_run)?;
+        let r = crate::contexts::connect::Request {
+            destination_context: a.destination_context.clone().context(
+                "--destination-context (or --state-dir and --destination-state-dir) is required",
+            )?,
+            kube: a.kube,
+            source_endpoint: a.source_endpoint,
+            destination_endpoint: a.destination_endpoint,
+            allow_mismatching_ca: a.allow_mismatching_ca,
+            dry_run: a.dry_run,
+            yaml,
+        };
+        return crate::contexts::runtime()?.block_on(crate::contexts::connect::connect(r));
+    };
+    let local = Access::load(state_dir)?;
+    let remote = Access::load(destination_state_dir)?;
     println!(
         "✨ Extracting access information of cluster {}...",
         local.name
@@ -483,8 +560,24 @@ pub fn disconnect_pair(a: &Access, b: &Access) -> anyhow::Result<()> {
 
 /// `clustermesh disconnect`.
 pub fn disconnect(a: DisconnectArgs) -> anyhow::Result<()> {
-    let local = Access::load(&a.state_dir)?;
-    let remote = Access::load(&a.destination_state_dir)?;
+    let (Some(state_dir), Some(destination_state_dir)) = (&a.state_dir, &a.destination_state_dir)
+    else {
+        let yaml = crate::contexts::yaml_output(&a.output, a.dry_run)?;
+        let r = crate::contexts::connect::Request {
+            destination_context: a.destination_context.clone().context(
+                "--destination-context (or --state-dir and --destination-state-dir) is required",
+            )?,
+            kube: a.kube,
+            source_endpoint: None,
+            destination_endpoint: None,
+            allow_mismatching_ca: false,
+            dry_run: a.dry_run,
+            yaml,
+        };
+        return crate::contexts::runtime()?.block_on(crate::contexts::connect::disconnect(r));
+    };
+    let local = Access::load(state_dir)?;
+    let remote = Access::load(destination_state_dir)?;
     if local.name == remote.name {
         bail!("both state dirs belong to cluster {}", local.name);
     }
@@ -564,6 +657,44 @@ pub fn status_json(c: &Access) -> Value {
         Ok((200, body)) => serde_json::from_str::<Value>(&body).ok(),
         _ => None,
     };
+    status_doc(&StatusInput {
+        name: c.name.clone(),
+        id: c.id,
+        max_connected_clusters: c.max_connected_clusters,
+        endpoints: c.endpoints.clone(),
+        configured,
+        report,
+        health: c.health_addr.to_string(),
+        kvstoremesh: c.kvstoremesh,
+    })
+}
+
+/// What a status document is made of, wherever it was read (a state dir, a context).
+#[derive(Debug, Clone)]
+pub struct StatusInput {
+    /// Cluster name.
+    pub name: String,
+    /// Cluster ID.
+    pub id: u32,
+    /// 255 or 511.
+    pub max_connected_clusters: u32,
+    /// How peers reach the cluster's etcd.
+    pub endpoints: Vec<String>,
+    /// Remote clusters configured for KVStoreMesh.
+    pub configured: Vec<String>,
+    /// The apiserver's `/status`, if it answered.
+    pub report: Option<Value>,
+    /// Where `/status` was asked (an address, a pod through the API server's proxy).
+    pub health: String,
+    /// Whether KVStoreMesh runs.
+    pub kvstoremesh: bool,
+}
+
+/// The status document (see [`status_json`]).
+pub fn status_doc(input: &StatusInput) -> Value {
+    let c = input;
+    let configured = &c.configured;
+    let report = &c.report;
     let empty = Vec::new();
     let remotes = report
         .as_ref()
@@ -572,7 +703,7 @@ pub fn status_json(c: &Access) -> Value {
     let mut clusters = serde_json::Map::new();
     let mut errors = serde_json::Map::new();
     let (mut connected, mut ready) = (0, 0);
-    for name in &configured {
+    for name in configured {
         let r = remotes.iter().find(|r| r["name"].as_str() == Some(name));
         let entry = match r {
             Some(r) => {
@@ -595,7 +726,7 @@ pub fn status_json(c: &Access) -> Value {
                 let h = if report.is_none() {
                     format!(
                         "the clustermesh-apiserver of {} does not answer on {}: is it running?",
-                        c.name, c.health_addr
+                        c.name, c.health
                     )
                 } else if !c.kvstoremesh {
                     "KVStoreMesh is disabled in this cluster: enable it (enable-kvstoremesh: true)"
@@ -615,7 +746,7 @@ pub fn status_json(c: &Access) -> Value {
         "access_information": {"endpoints": c.endpoints, "cluster_name": c.name, "cluster_id": c.id,
             "max_connected_clusters": c.max_connected_clusters},
         "apiserver": {"reachable": report.is_some(), "ready": report.as_ref().map(|r| r["ready"].clone()).unwrap_or(json!(false)),
-            "health": c.health_addr.to_string()},
+            "health": c.health},
         "kvstoremesh": {"enabled": c.kvstoremesh},
         "connectivity": {"total": configured.len(), "connected": connected, "ready": ready,
             "not_ready": configured.len() - ready},
@@ -733,22 +864,33 @@ fn all_ready(v: &Value) -> bool {
 
 /// `clustermesh status`.
 pub fn status(a: StatusArgs) -> anyhow::Result<()> {
-    let c = Access::load(&a.state_dir)?;
+    let Some(state_dir) = &a.state_dir else {
+        return crate::contexts::status::run(&a);
+    };
+    let c = Access::load(state_dir)?;
+    report_status(&a, &c.name, || Ok(status_json(&c)))
+}
+
+/// Polls `doc` until every remote is ready (with `--wait`), then prints the report.
+pub fn report_status(
+    a: &StatusArgs,
+    name: &str,
+    mut doc: impl FnMut() -> anyhow::Result<Value>,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + a.wait_duration;
-    let mut v = status_json(&c);
+    let mut v = doc()?;
     if a.wait {
         let mut announced = false;
         while !all_ready(&v) && Instant::now() < deadline {
             if !announced && a.output != "json" {
                 println!(
-                    "⌛ Waiting (max {}) for the mesh of {} to be ready…",
+                    "⌛ Waiting (max {}) for the mesh of {name} to be ready…",
                     humantime::format_duration(a.wait_duration),
-                    c.name
                 );
                 announced = true;
             }
             std::thread::sleep(Duration::from_millis(250));
-            v = status_json(&c);
+            v = doc()?;
         }
     }
     if a.output == "json" {
@@ -758,9 +900,8 @@ pub fn status(a: StatusArgs) -> anyhow::Result<()> {
     }
     if a.wait && !all_ready(&v) {
         bail!(
-            "timed out after {} waiting for every remote cluster of {} to be ready",
+            "timed out after {} waiting for every remote cluster of {name} to be ready",
             humantime::format_duration(a.wait_duration),
-            c.name
         );
     }
     Ok(())

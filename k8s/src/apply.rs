@@ -15,7 +15,7 @@ use crate::objects::{Object, FIELD_MANAGER};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// No connection to the API server.
-    #[error("context {context}: cannot reach the Kubernetes API server at {server} ({source}): check that the cluster is up and that the kubeconfig's server address is right")]
+    #[error("context {context}: cannot reach the Kubernetes API server at {server}: check that the cluster is up and that the kubeconfig's server address is right")]
     Unreachable {
         /// kubeconfig context.
         context: String,
@@ -42,7 +42,7 @@ pub enum Error {
         message: String,
     },
     /// Any other API error.
-    #[error("context {context}: {verb} {what}: {source}")]
+    #[error("context {context}: {verb} {what}")]
     Api {
         /// kubeconfig context.
         context: String,
@@ -243,6 +243,12 @@ where
 /// Server-side apply of `obj` (field manager `clustermesh`, forcing ownership of the fields
 /// it sets); says whether it was created, changed or left as it was.
 pub async fn apply(t: &Target, obj: &Object) -> Result<Change> {
+    apply_with(t, obj, false).await
+}
+
+/// [`apply`], or with `dry_run` the server's dry run of it (`dryRun=All`: checked by the
+/// API server — RBAC included — and nothing stored).
+pub async fn apply_with(t: &Target, obj: &Object, dry_run: bool) -> Result<Change> {
     let r = Ref::from(obj);
     let a = api(t, &r);
     let before = a
@@ -253,7 +259,14 @@ pub async fn apply(t: &Target, obj: &Object) -> Result<Change> {
     let after = a
         .patch(
             &r.name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
+            &{
+                let p = PatchParams::apply(FIELD_MANAGER).force();
+                if dry_run {
+                    p.dry_run()
+                } else {
+                    p
+                }
+            },
             &Patch::Apply(&obj.value),
         )
         .await
@@ -267,7 +280,16 @@ pub async fn apply(t: &Target, obj: &Object) -> Result<Change> {
 
 /// Deletes an object; [`Change::Absent`] if it was not there.
 pub async fn delete(t: &Target, r: &Ref) -> Result<Change> {
-    match api(t, r).delete(&r.name, &DeleteParams::default()).await {
+    delete_with(t, r, false).await
+}
+
+/// [`delete`], or with `dry_run` the server's dry run of it.
+pub async fn delete_with(t: &Target, r: &Ref, dry_run: bool) -> Result<Change> {
+    let params = DeleteParams {
+        dry_run,
+        ..Default::default()
+    };
+    match api(t, r).delete(&r.name, &params).await {
         Ok(_) => Ok(Change::Deleted),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(Change::Absent),
         Err(e) => Err(explain(t, "delete", r, e)),

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 pub enum Error {
     /// The kubeconfig file cannot be read or parsed.
     #[error(
-        "kubeconfig {path}: {source}: check the path given with --kubeconfig (or $KUBECONFIG)"
+        "kubeconfig {path} cannot be read: check the path given with --kubeconfig (or $KUBECONFIG)"
     )]
     Kubeconfig {
         /// The file.
@@ -31,7 +31,7 @@ pub enum Error {
         available: String,
     },
     /// The kubeconfig (or in-cluster config) cannot be turned into a client config.
-    #[error("kubernetes client config from {from}: {source}")]
+    #[error("kubernetes client config from {from}")]
     Config {
         /// Where the config came from.
         from: String,
@@ -40,7 +40,7 @@ pub enum Error {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The client cannot be built.
-    #[error("kubernetes client: {source}")]
+    #[error("kubernetes client")]
     Client {
         /// Why.
         #[source]

@@ -923,6 +923,36 @@ pub fn agent_remote_config(v: &Values) -> String {
     )
 }
 
+/// A remote-config Secret (`cilium-kvstoremesh` or `cilium-clustermesh`) holding `data`.
+pub fn remote_config_secret(v: &Values, name: &str, data: &BTreeMap<String, String>) -> Secret {
+    Secret {
+        metadata: meta(name, Some(&v.namespace), APISERVER),
+        type_: Some("Opaque".into()),
+        data: Some(
+            data.iter()
+                .map(|(k, v)| (k.clone(), ByteString(v.clone().into_bytes())))
+                .collect(),
+        ),
+        ..Default::default()
+    }
+}
+
+/// The `cilium-kvstoremesh` entries for one peer: its config file, and its CA bundle when the
+/// peer has another CA (`bundle`).
+pub fn kvstoremesh_entries(peer: &PeerAddress, bundle: Option<&str>) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let ca_file = match bundle {
+        Some(b) => {
+            let f = format!("{}.etcd-client-ca.crt", peer.name);
+            out.insert(f.clone(), b.to_string());
+            f
+        }
+        None => "common-etcd-client-ca.crt".to_string(),
+    };
+    out.insert(peer.name.clone(), kvstoremesh_remote_config(peer, &ca_file));
+    out
+}
+
 /// The two remote-config Secrets of a cluster connected to `peers`: `cilium-kvstoremesh`
 /// (how KVStoreMesh reads each peer; with `ca_bundles[peer]` when the peer has another CA)
 /// and `cilium-clustermesh` (the agents' files).
@@ -934,32 +964,15 @@ pub fn remote_secrets(
     let mut kvs = BTreeMap::new();
     let mut agents = BTreeMap::new();
     for p in peers {
-        let ca_file = if ca_bundles.contains_key(&p.name) {
-            format!("{}.etcd-client-ca.crt", p.name)
-        } else {
-            "common-etcd-client-ca.crt".to_string()
-        };
-        kvs.insert(
-            p.name.clone(),
-            ByteString(kvstoremesh_remote_config(p, &ca_file).into_bytes()),
-        );
-        if let Some(bundle) = ca_bundles.get(&p.name) {
-            kvs.insert(ca_file, ByteString(bundle.clone().into_bytes()));
-        }
-        agents.insert(
-            p.name.clone(),
-            ByteString(agent_remote_config(v).into_bytes()),
-        );
+        kvs.extend(kvstoremesh_entries(
+            p,
+            ca_bundles.get(&p.name).map(String::as_str),
+        ));
+        agents.insert(p.name.clone(), agent_remote_config(v));
     }
-    let secret = |name: &str, data: BTreeMap<String, ByteString>| Secret {
-        metadata: meta(name, Some(&v.namespace), APISERVER),
-        type_: Some("Opaque".into()),
-        data: Some(data),
-        ..Default::default()
-    };
     vec![
-        Object::new(&secret(KVSTOREMESH_SECRET, kvs)),
-        Object::new(&secret(AGENT_REMOTES_SECRET, agents)),
+        Object::new(&remote_config_secret(v, KVSTOREMESH_SECRET, &kvs)),
+        Object::new(&remote_config_secret(v, AGENT_REMOTES_SECRET, &agents)),
     ]
 }
 

@@ -114,6 +114,17 @@ pub async fn remove_user(client: &mut Client, name: &str) -> Result<()> {
     }
 }
 
+/// The names of every etcd user.
+pub async fn list_users(client: &mut Client) -> Result<Vec<String>> {
+    Ok(client
+        .0
+        .user_list()
+        .await
+        .map_err(etcd_err("user list", ""))?
+        .users()
+        .to_vec())
+}
+
 /// Whether auth is already on (any user with a root cert can ask).
 pub async fn auth_enabled(client: &mut Client) -> bool {
     let client = &mut client.0;

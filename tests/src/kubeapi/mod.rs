@@ -19,10 +19,21 @@
 //! - `Accept: …;as=PartialObjectMetadataList` gets metadata-only lists and watch events;
 //! - `sendInitialEvents` is refused as a server without the WatchList feature does.
 //!
-//! It must not grow into a general fake: no writes over HTTP (tests change objects through
-//! [`KubeApi`]), no field or label selectors, no protobuf.
+//! - writes over HTTP are server-side apply (`PATCH` with `application/apply-patch+yaml`,
+//!   `fieldManager`, `force`, `dryRun=All`) and `DELETE`, as `clustermesh enable/connect
+//!   --context` send them: apply creates or merges (maps merge, lists and scalars replace) and
+//!   drops the fields the same manager applied before and no longer applies, recorded in
+//!   `managedFields` (FieldsV1); an apply that changes nothing is a no-op; every write is
+//!   logged ([`KubeApi::writes`]); RBAC may forbid single verbs ([`KubeApi::forbid_verbs`]);
+//! - lists take equality label selectors (`labelSelector=k=v,k2=v2`);
+//! - `GET …/pods/<name>:<port>/proxy/<path>` forwards to the pod's `status.podIP` over plain
+//!   HTTP (the API server's pod proxy), `503` when nothing answers there.
+//!
+//! It must not grow into a general fake: no POST/PUT, no conflict detection between field
+//! managers, no set-based selectors, no field selectors, no protobuf.
 
 mod serve;
+mod write;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::Path;
@@ -158,6 +169,28 @@ pub const KINDS: &[Kind] = &[
         false,
         true,
     ),
+    // What `clustermesh enable/connect --context` writes.
+    k("", "v1", "ConfigMap", "configmaps", true, false),
+    k("", "v1", "Secret", "secrets", true, false),
+    k("", "v1", "ServiceAccount", "serviceaccounts", true, false),
+    k(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "ClusterRole",
+        "clusterroles",
+        false,
+        false,
+    ),
+    k(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "ClusterRoleBinding",
+        "clusterrolebindings",
+        false,
+        false,
+    ),
+    k("apps", "v1", "Deployment", "deployments", true, false),
+    k("apps", "v1", "DaemonSet", "daemonsets", true, false),
 ];
 
 /// The kind named `kind` (e.g. `Pod`).
@@ -196,6 +229,36 @@ pub struct Stats {
     pub forbidden: u64,
 }
 
+/// One write request over HTTP and its effect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Write {
+    /// `created`, `configured`, `unchanged` (server-side apply) or `deleted`, `absent`.
+    pub op: &'static str,
+    /// Kind.
+    pub kind: String,
+    /// Namespace ("" for cluster-scoped).
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// `dryRun=All`: checked and computed, not stored.
+    pub dry_run: bool,
+}
+
+impl Write {
+    /// `op Kind ns/name` (or `op Kind name`), for assertions.
+    pub fn line(&self) -> String {
+        let dry = if self.dry_run { " (dry run)" } else { "" };
+        if self.namespace.is_empty() {
+            format!("{} {} {}{dry}", self.op, self.kind, self.name)
+        } else {
+            format!(
+                "{} {} {}/{}{dry}",
+                self.op, self.kind, self.namespace, self.name
+            )
+        }
+    }
+}
+
 /// A paged list's snapshot: its resourceVersion and items.
 type Page = (u64, Arc<Vec<Arc<Value>>>);
 
@@ -206,7 +269,10 @@ pub(crate) struct State {
     history: VecDeque<Change>,
     /// Watches and continue tokens older than this are gone.
     compacted: u64,
-    forbidden: BTreeSet<(String, String)>,
+    /// Forbidden (group, resource) → verbs (`None`: every verb).
+    pub(crate) forbidden: BTreeMap<(String, String), Option<BTreeSet<String>>>,
+    /// Every write request over HTTP and what it did.
+    pub(crate) writes: Vec<Write>,
     /// Paged list snapshots by token id.
     pages: BTreeMap<u64, Page>,
     next_page: u64,
@@ -273,7 +339,8 @@ impl KubeApi {
                 objects: vec![BTreeMap::new(); KINDS.len()],
                 history: VecDeque::new(),
                 compacted: 0,
-                forbidden: BTreeSet::new(),
+                forbidden: BTreeMap::new(),
+                writes: Vec::new(),
                 pages: BTreeMap::new(),
                 next_page: 1,
                 stats: Stats::default(),
@@ -340,6 +407,44 @@ impl KubeApi {
         Ok(())
     }
 
+    /// Writes one kubeconfig with a context per server (`(server, context name)`), each with its
+    /// own cluster and user entry, as a user with two clusters has (0600: it holds keys).
+    pub fn write_kubeconfig_multi(path: &Path, servers: &[(&KubeApi, &str)]) -> anyhow::Result<()> {
+        use base64::Engine;
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s.as_bytes());
+        let current = servers.first().map(|(_, c)| *c).unwrap_or("default");
+        let (mut clusters, mut users, mut contexts) = (String::new(), String::new(), String::new());
+        for (api, ctx) in servers {
+            clusters.push_str(&format!(
+                "- name: {ctx}\n  cluster:\n    server: {}\n    certificate-authority-data: {}\n",
+                api.url(),
+                b64(&api.ca_pem)
+            ));
+            users.push_str(&format!(
+                "- name: {ctx}-admin\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\n",
+                b64(&api.client.cert_pem),
+                b64(&api.client.key_pem)
+            ));
+            contexts.push_str(&format!(
+                "- name: {ctx}\n  context:\n    cluster: {ctx}\n    user: {ctx}-admin\n"
+            ));
+        }
+        let text = format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: {current}\nclusters:\n{clusters}users:\n{users}contexts:\n{contexts}"
+        );
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        f.write_all(text.as_bytes())?;
+        Ok(())
+    }
+
     /// Creates or replaces an object (its `kind` must be one of [`KINDS`]); returns its new
     /// resourceVersion. Replacing with identical content is a no-op, as on a real server.
     pub fn apply(&self, obj: Value) -> anyhow::Result<u64> {
@@ -351,7 +456,7 @@ impl KubeApi {
         let mut st = self.lock();
         let mut out = Vec::with_capacity(objs.len());
         for obj in objs {
-            out.push(self.apply_locked(&mut st, obj)?);
+            out.push(self.shared.apply_locked(&mut st, obj)?);
         }
         Ok(out)
     }
@@ -377,7 +482,145 @@ impl KubeApi {
         Ok(n)
     }
 
-    fn apply_locked(&self, st: &mut State, mut obj: Value) -> anyhow::Result<u64> {
+    /// Deletes an object; whether it existed.
+    pub fn delete(&self, kind_name: &str, namespace: &str, name: &str) -> anyhow::Result<bool> {
+        let ki = KINDS
+            .iter()
+            .position(|k| k.kind == kind_name)
+            .with_context(|| format!("unknown kind {kind_name}"))?;
+        let mut st = self.lock();
+        Ok(self.shared.delete_locked(&mut st, ki, namespace, name))
+    }
+
+    /// Adds the CRD of `kind` (e.g. `CiliumNode`).
+    pub fn add_crd(&self, kind_name: &str) -> anyhow::Result<()> {
+        let kd = kind(kind_name)
+            .filter(|k| k.crd)
+            .with_context(|| format!("{kind_name} is not a custom resource"))?;
+        self.apply(json!({
+            "apiVersion": "apiextensions.k8s.io/v1",
+            "kind": "CustomResourceDefinition",
+            "metadata": {"name": kd.crd_name()},
+            "spec": {
+                "group": kd.group,
+                "names": {"kind": kd.kind, "plural": kd.plural},
+                "scope": if kd.namespaced { "Namespaced" } else { "Cluster" },
+                "versions": [{"name": kd.version, "served": true, "storage": true}],
+            }
+        }))?;
+        Ok(())
+    }
+
+    /// Removes the CRD of `kind` and every object of it.
+    pub fn remove_crd(&self, kind_name: &str) -> anyhow::Result<bool> {
+        let kd = kind(kind_name)
+            .filter(|k| k.crd)
+            .with_context(|| format!("{kind_name} is not a custom resource"))?;
+        self.delete("CustomResourceDefinition", "", &kd.crd_name())
+    }
+
+    /// Adds every CRD a Cilium cluster with the MCS API has.
+    pub fn add_all_crds(&self) -> anyhow::Result<()> {
+        for kd in KINDS.iter().filter(|k| k.crd) {
+            self.add_crd(kd.kind)?;
+        }
+        Ok(())
+    }
+
+    /// Whether objects created without a uid get one (default true, as on a real server).
+    /// The scenario runner turns it off so that both sources export exactly the objects a
+    /// scenario wrote (the exporter publishes a pod's uid).
+    pub fn set_assign_uids(&self, assign: bool) {
+        self.lock().assign_uids = assign;
+    }
+
+    /// Forbids (or allows again) every verb on `resource` of `group` for the test user.
+    pub fn set_forbidden(&self, group: &str, resource: &str, forbidden: bool) {
+        let key = (group.to_string(), resource.to_string());
+        let mut st = self.lock();
+        if forbidden {
+            st.forbidden.insert(key, None);
+        } else {
+            st.forbidden.remove(&key);
+        }
+    }
+
+    /// Forbids only `verbs` (e.g. `create`, `patch`) on `resource` of `group`, as an RBAC
+    /// role that may read but not write would.
+    pub fn forbid_verbs(&self, group: &str, resource: &str, verbs: &[&str]) {
+        let key = (group.to_string(), resource.to_string());
+        self.lock()
+            .forbidden
+            .insert(key, Some(verbs.iter().map(|v| v.to_string()).collect()));
+    }
+
+    /// Every write request received over HTTP (server-side apply, delete), in order, with
+    /// what it did; dry runs included and marked.
+    pub fn writes(&self) -> Vec<Write> {
+        self.lock().writes.clone()
+    }
+
+    /// [`writes`](Self::writes), then forgets them.
+    pub fn take_writes(&self) -> Vec<Write> {
+        std::mem::take(&mut self.lock().writes)
+    }
+
+    /// The stored object (`kind` e.g. `Secret`), as the server holds it.
+    pub fn get(&self, kind_name: &str, namespace: &str, name: &str) -> Option<Value> {
+        let ki = KINDS.iter().position(|k| k.kind == kind_name)?;
+        let ns = if KINDS[ki].namespaced { namespace } else { "" };
+        self.lock().objects[ki]
+            .get(&(ns.to_string(), name.to_string()))
+            .map(|o| (**o).clone())
+    }
+
+    /// Compacts the history: every version up to now is gone, every open watch ends with an
+    /// `ERROR` 410 event, and a watch or continue token from before now gets `410 Gone`.
+    pub fn expire_watches(&self) {
+        {
+            let mut st = self.lock();
+            st.compacted = st.rv;
+            st.history.clear();
+            st.pages.clear();
+        }
+        let mut t = self.shared.expire.lock().unwrap_or_else(|e| e.into_inner());
+        t.cancel();
+        *t = CancellationToken::new();
+    }
+
+    /// Starts (`Some`) or ends (`None`) an outage. Starting one also drops every open
+    /// connection, watches included.
+    pub fn set_outage(&self, outage: Option<Outage>) {
+        self.shared.outage.send_replace(outage);
+    }
+
+    /// The current resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        self.lock().rv
+    }
+
+    /// Request counters.
+    pub fn stats(&self) -> Stats {
+        self.lock().stats.clone()
+    }
+
+    /// How many objects of `kind` exist.
+    pub fn count(&self, kind_name: &str) -> usize {
+        let st = self.lock();
+        KINDS
+            .iter()
+            .position(|k| k.kind == kind_name)
+            .map(|i| st.objects[i].len())
+            .unwrap_or(0)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Shared {
+    pub(crate) fn apply_locked(&self, st: &mut State, mut obj: Value) -> anyhow::Result<u64> {
         let kname = obj
             .get("kind")
             .and_then(Value::as_str)
@@ -457,17 +700,13 @@ impl KubeApi {
         Ok(rv)
     }
 
-    /// Deletes an object; whether it existed.
-    pub fn delete(&self, kind_name: &str, namespace: &str, name: &str) -> anyhow::Result<bool> {
-        let ki = KINDS
-            .iter()
-            .position(|k| k.kind == kind_name)
-            .with_context(|| format!("unknown kind {kind_name}"))?;
-        let mut st = self.lock();
-        Ok(self.delete_locked(&mut st, ki, namespace, name))
-    }
-
-    fn delete_locked(&self, st: &mut State, ki: usize, namespace: &str, name: &str) -> bool {
+    pub(crate) fn delete_locked(
+        &self,
+        st: &mut State,
+        ki: usize,
+        namespace: &str,
+        name: &str,
+    ) -> bool {
         let ns = if KINDS[ki].namespaced {
             if namespace.is_empty() {
                 "default"
@@ -509,114 +748,7 @@ impl KubeApi {
                 st.compacted = c.rv;
             }
         }
-        let _ = self.shared.changes.send(change);
-    }
-
-    /// Adds the CRD of `kind` (e.g. `CiliumNode`).
-    pub fn add_crd(&self, kind_name: &str) -> anyhow::Result<()> {
-        let kd = kind(kind_name)
-            .filter(|k| k.crd)
-            .with_context(|| format!("{kind_name} is not a custom resource"))?;
-        self.apply(json!({
-            "apiVersion": "apiextensions.k8s.io/v1",
-            "kind": "CustomResourceDefinition",
-            "metadata": {"name": kd.crd_name()},
-            "spec": {
-                "group": kd.group,
-                "names": {"kind": kd.kind, "plural": kd.plural},
-                "scope": if kd.namespaced { "Namespaced" } else { "Cluster" },
-                "versions": [{"name": kd.version, "served": true, "storage": true}],
-            }
-        }))?;
-        Ok(())
-    }
-
-    /// Removes the CRD of `kind` and every object of it.
-    pub fn remove_crd(&self, kind_name: &str) -> anyhow::Result<bool> {
-        let kd = kind(kind_name)
-            .filter(|k| k.crd)
-            .with_context(|| format!("{kind_name} is not a custom resource"))?;
-        self.delete("CustomResourceDefinition", "", &kd.crd_name())
-    }
-
-    /// Adds every CRD a Cilium cluster with the MCS API has.
-    pub fn add_all_crds(&self) -> anyhow::Result<()> {
-        for kd in KINDS.iter().filter(|k| k.crd) {
-            self.add_crd(kd.kind)?;
-        }
-        Ok(())
-    }
-
-    /// Whether objects created without a uid get one (default true, as on a real server).
-    /// The scenario runner turns it off so that both sources export exactly the objects a
-    /// scenario wrote (the exporter publishes a pod's uid).
-    pub fn set_assign_uids(&self, assign: bool) {
-        self.lock().assign_uids = assign;
-    }
-
-    /// Forbids (or allows again) every verb on `resource` of `group` for the test user.
-    pub fn set_forbidden(&self, group: &str, resource: &str, forbidden: bool) {
-        let key = (group.to_string(), resource.to_string());
-        let mut st = self.lock();
-        if forbidden {
-            st.forbidden.insert(key);
-        } else {
-            st.forbidden.remove(&key);
-        }
-    }
-
-    /// Compacts the history: every version up to now is gone, every open watch ends with an
-    /// `ERROR` 410 event, and a watch or continue token from before now gets `410 Gone`.
-    pub fn expire_watches(&self) {
-        {
-            let mut st = self.lock();
-            st.compacted = st.rv;
-            st.history.clear();
-            st.pages.clear();
-        }
-        let mut t = self.shared.expire.lock().unwrap_or_else(|e| e.into_inner());
-        t.cancel();
-        *t = CancellationToken::new();
-    }
-
-    /// Starts (`Some`) or ends (`None`) an outage. Starting one also drops every open
-    /// connection, watches included.
-    pub fn set_outage(&self, outage: Option<Outage>) {
-        self.shared.outage.send_replace(outage);
-    }
-
-    /// The current resourceVersion.
-    pub fn resource_version(&self) -> u64 {
-        self.lock().rv
-    }
-
-    /// Request counters.
-    pub fn stats(&self) -> Stats {
-        self.lock().stats.clone()
-    }
-
-    /// An object, if it exists.
-    pub fn get(&self, kind_name: &str, namespace: &str, name: &str) -> Option<Value> {
-        let st = self.lock();
-        let ki = KINDS.iter().position(|k| k.kind == kind_name)?;
-        let ns = if KINDS[ki].namespaced { namespace } else { "" };
-        st.objects[ki]
-            .get(&(ns.to_string(), name.to_string()))
-            .map(|o| (**o).clone())
-    }
-
-    /// How many objects of `kind` exist.
-    pub fn count(&self, kind_name: &str) -> usize {
-        let st = self.lock();
-        KINDS
-            .iter()
-            .position(|k| k.kind == kind_name)
-            .map(|i| st.objects[i].len())
-            .unwrap_or(0)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
+        let _ = self.changes.send(change);
     }
 }
 

@@ -55,7 +55,7 @@ pub(super) async fn accept_loop(
                     let s = shared.clone();
                     let svc = hyper::service::service_fn(move |req| {
                         let s = s.clone();
-                        async move { Ok::<_, Infallible>(handle(req, &s)) }
+                        async move { Ok::<_, Infallible>(handle(req, &s).await) }
                     });
                     let conn = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
@@ -147,9 +147,25 @@ struct Target {
     name: Option<String>,
 }
 
-fn handle(req: Request<hyper::body::Incoming>, shared: &Arc<Shared>) -> Response<Body> {
+async fn handle(req: Request<hyper::body::Incoming>, shared: &Arc<Shared>) -> Response<Body> {
     let path = req.uri().path().trim_end_matches('/').to_string();
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    if let ["api", "v1", "namespaces", ns, "pods", pod, "proxy", rest @ ..] = segs.as_slice() {
+        if req.method() != hyper::Method::GET {
+            return status(
+                405,
+                "MethodNotAllowed",
+                "the test API server proxies only GET".into(),
+                json!({}),
+            );
+        }
+        let query = req
+            .uri()
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
+        return pod_proxy(shared, ns, pod, &format!("/{}{query}", rest.join("/"))).await;
+    }
     match segs.as_slice() {
         ["version"] => {
             return json_response(
@@ -217,24 +233,24 @@ fn handle(req: Request<hyper::body::Incoming>, shared: &Arc<Shared>) -> Response
     let kd = KINDS[target.kind];
     let q = query(&req);
     let watch = matches!(q.get("watch").map(String::as_str), Some("1" | "true"));
-    let verb = if watch {
-        "watch"
-    } else if target.name.is_some() {
-        "get"
-    } else {
-        "list"
+    let method = req.method().clone();
+    let verb = match method {
+        hyper::Method::GET if watch => "watch",
+        hyper::Method::GET if target.name.is_some() => "get",
+        hyper::Method::GET => "list",
+        hyper::Method::PATCH if target.name.is_some() => "patch",
+        hyper::Method::DELETE if target.name.is_some() => "delete",
+        _ => {
+            return status(
+                405,
+                "MethodNotAllowed",
+                format!(
+                    "the test API server does not accept {method} requests on {path} (only GET, server-side apply PATCH and DELETE of one object)"
+                ),
+                json!({}),
+            )
+        }
     };
-    if req.method() != hyper::Method::GET {
-        return status(
-            405,
-            "MethodNotAllowed",
-            format!(
-                "the test API server does not accept {} requests",
-                req.method()
-            ),
-            json!({}),
-        );
-    }
     let metadata_only = req
         .headers()
         .get("accept")
@@ -246,30 +262,26 @@ fn handle(req: Request<hyper::body::Incoming>, shared: &Arc<Shared>) -> Response
             drop(st);
             return not_found(&path);
         }
-        if st
-            .forbidden
-            .contains(&(kd.group.to_string(), kd.plural.to_string()))
-        {
-            st.stats.forbidden += 1;
-            let scope = match &target.namespace {
-                Some(ns) => format!("in the namespace \"{ns}\""),
-                None => "at the cluster scope".to_string(),
-            };
-            let resource = if kd.group.is_empty() {
-                kd.plural.to_string()
-            } else {
-                format!("{}.{}", kd.plural, kd.group)
-            };
-            return status(
-                403,
-                "Forbidden",
-                format!(
-                    "{resource} is forbidden: User \"{USER}\" cannot {verb} resource \"{}\" in API group \"{}\" {scope}",
-                    kd.plural, kd.group
-                ),
-                json!({"group": kd.group, "kind": kd.plural}),
+        // Creating through an apply also needs `create`, as on a real server.
+        let creates = verb == "patch" && {
+            let key = (
+                target.namespace.clone().unwrap_or_default(),
+                target.name.clone().unwrap_or_default(),
             );
+            !st.objects[target.kind].contains_key(&key)
+        };
+        let denied = creates
+            .then_some("create")
+            .into_iter()
+            .chain([verb])
+            .find(|v| super::write::forbidden(&st, kd.group, kd.plural, v));
+        if let Some(denied) = denied {
+            st.stats.forbidden += 1;
+            return forbidden_response(&kd, denied, &target.namespace);
         }
+    }
+    if verb == "patch" || verb == "delete" {
+        return write_response(req, shared, target, &q, verb).await;
     }
     if q.get("sendInitialEvents").is_some_and(|v| v == "true") {
         // What a server without the WatchList feature says; kube-rs then falls back to
@@ -352,6 +364,41 @@ fn list_response(
         .and_then(|l| l.parse().ok())
         .filter(|&l| l > 0)
         .unwrap_or(usize::MAX);
+    let mut selector = Vec::new();
+    for term in q
+        .get("labelSelector")
+        .map(String::as_str)
+        .unwrap_or("")
+        .split(',')
+        .filter(|t| !t.is_empty())
+    {
+        let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) else {
+            return status(
+                400,
+                "BadRequest",
+                format!(
+                    "the test API server takes only equality label selectors (k=v), not {term:?}"
+                ),
+                json!({}),
+            );
+        };
+        if k.ends_with('!') {
+            return status(
+                400,
+                "BadRequest",
+                format!(
+                    "the test API server takes only equality label selectors (k=v), not {term:?}"
+                ),
+                json!({}),
+            );
+        }
+        selector.push((k.to_string(), v.to_string()));
+    }
+    let matches = |o: &Value| {
+        selector
+            .iter()
+            .all(|(k, v)| o["metadata"]["labels"][k].as_str() == Some(v.as_str()))
+    };
     let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
     let (id, offset, rv, items) = match q.get("continue").filter(|c| !c.is_empty()) {
         Some(token) => {
@@ -383,7 +430,7 @@ fn list_response(
             *st.stats.lists.entry(kd.plural.to_string()).or_default() += 1;
             let items: Vec<Arc<Value>> = st.objects[target.kind]
                 .values()
-                .filter(|o| in_namespace(o, &target.namespace))
+                .filter(|o| in_namespace(o, &target.namespace) && matches(o))
                 .cloned()
                 .collect();
             let id = st.next_page;
@@ -629,4 +676,198 @@ fn resource_list(shared: &Arc<Shared>, group: &str, version: &str) -> Value {
         format!("{group}/{version}")
     };
     json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources})
+}
+
+fn forbidden_response(kd: &Kind, verb: &str, namespace: &Option<String>) -> Response<Body> {
+    let scope = match namespace {
+        Some(ns) => format!("in the namespace \"{ns}\""),
+        None => "at the cluster scope".to_string(),
+    };
+    let resource = if kd.group.is_empty() {
+        kd.plural.to_string()
+    } else {
+        format!("{}.{}", kd.plural, kd.group)
+    };
+    status(
+        403,
+        "Forbidden",
+        format!(
+            "{resource} is forbidden: User \"{USER}\" cannot {verb} resource \"{}\" in API group \"{}\" {scope}",
+            kd.plural, kd.group
+        ),
+        json!({"group": kd.group, "kind": kd.plural}),
+    )
+}
+
+/// Server-side apply (`PATCH`, `application/apply-patch+yaml`) and `DELETE` of one object.
+async fn write_response(
+    req: Request<hyper::body::Incoming>,
+    shared: &Arc<Shared>,
+    target: Target,
+    q: &BTreeMap<String, String>,
+    verb: &str,
+) -> Response<Body> {
+    let kd = KINDS[target.kind];
+    let ns = target.namespace.clone().unwrap_or_default();
+    let name = target.name.clone().unwrap_or_default();
+    let mut dry_run = q.get("dryRun").is_some_and(|v| v == "All");
+    if verb == "delete" {
+        // DeleteOptions may come as the body too (kube-rs sends them so).
+        if let Ok(body) = axum::body::to_bytes(Body::new(req.into_body()), 1 << 20).await {
+            if let Ok(opts) = serde_json::from_slice::<Value>(&body) {
+                dry_run |= opts["dryRun"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|v| v == "All"));
+            }
+        }
+        return match shared.delete_over_http(target.kind, &ns, &name, dry_run) {
+            Some(o) => json_response(StatusCode::OK, &render(&o, &kd, false, true)),
+            None => status(
+                404,
+                "NotFound",
+                format!("{} \"{name}\" not found", kd.plural),
+                json!({"name": name, "group": kd.group, "kind": kd.plural}),
+            ),
+        };
+    }
+    let content_type = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    if !content_type.starts_with("application/apply-patch+yaml") {
+        return status(
+            415,
+            "UnsupportedMediaType",
+            format!("the test API server accepts only server-side apply patches (application/apply-patch+yaml), not {content_type:?}"),
+            json!({}),
+        );
+    }
+    let Some(manager) = q.get("fieldManager").filter(|m| !m.is_empty()) else {
+        return status(
+            400,
+            "BadRequest",
+            "PATCH /apply requires a non-empty fieldManager".into(),
+            json!({}),
+        );
+    };
+    let body = match axum::body::to_bytes(Body::new(req.into_body()), 16 << 20).await {
+        Ok(b) => b,
+        Err(e) => {
+            return status(
+                400,
+                "BadRequest",
+                format!("reading the body: {e}"),
+                json!({}),
+            )
+        }
+    };
+    let applied: Value = match serde_yaml::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return status(
+                400,
+                "BadRequest",
+                format!("error decoding YAML: {e}"),
+                json!({}),
+            )
+        }
+    };
+    match shared.server_side_apply(target.kind, &ns, &name, applied, manager, dry_run) {
+        Ok(o) => json_response(StatusCode::OK, &render(&o, &kd, false, true)),
+        Err((code, reason, message)) => status(code, reason, message, json!({})),
+    }
+}
+
+/// The API server's pod proxy: `GET` on the pod's `status.podIP` and port, plain HTTP.
+async fn pod_proxy(
+    shared: &Arc<Shared>,
+    ns: &str,
+    pod: &str,
+    path_and_query: &str,
+) -> Response<Body> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (name, port) = match pod.split_once(':') {
+        Some((n, p)) => (n, p.parse::<u16>().unwrap_or(0)),
+        None => (pod, 80),
+    };
+    let pod_ip = {
+        let st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(ki) = KINDS.iter().position(|k| k.kind == "Pod") else {
+            return not_found(pod);
+        };
+        if super::write::forbidden(&st, "", "pods/proxy", "get") {
+            drop(st);
+            return forbidden_response(&KINDS[ki], "get", &Some(ns.to_string()));
+        }
+        match st.objects[ki].get(&(ns.to_string(), name.to_string())) {
+            None => {
+                return status(
+                    404,
+                    "NotFound",
+                    format!("pods \"{name}\" not found"),
+                    json!({"name": name, "kind": "pods"}),
+                )
+            }
+            Some(o) => o["status"]["podIP"].as_str().map(String::from),
+        }
+    };
+    let Some(ip) = pod_ip else {
+        return status(
+            503,
+            "ServiceUnavailable",
+            format!("pod {name} has no IP address yet"),
+            json!({}),
+        );
+    };
+    let addr = format!("{ip}:{port}");
+    let unavailable = |e: String| {
+        status(
+            503,
+            "ServiceUnavailable",
+            format!("error trying to reach service: dial tcp {addr}: {e}"),
+            json!({}),
+        )
+    };
+    let mut tcp = match tokio::time::timeout(
+        Duration::from_secs(3),
+        tokio::net::TcpStream::connect(&addr),
+    )
+    .await
+    {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => return unavailable(e.to_string()),
+        Err(_) => return unavailable("i/o timeout".into()),
+    };
+    let req = format!("GET {path_and_query} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    if let Err(e) = tcp.write_all(req.as_bytes()).await {
+        return unavailable(e.to_string());
+    }
+    let mut buf = Vec::new();
+    match tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut buf)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return unavailable(e.to_string()),
+        Err(_) => return unavailable("i/o timeout".into()),
+    }
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse::<u16>().ok())
+        .unwrap_or(502);
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-type:")
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "text/plain".into());
+    Response::builder()
+        .status(StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY))
+        .header("content-type", content_type)
+        .body(Body::from(body.to_string()))
+        .unwrap_or_default()
 }
