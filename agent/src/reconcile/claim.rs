@@ -101,11 +101,12 @@ pub(super) fn claim_of(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use clustermesh_types::model::IpIdentityPair;
 
-    fn pair(ip: &str, host: &str, id: u32, pod: &str) -> IpcacheEntry {
+    /// A validated entry (the reconcile tests' one constructor).
+    pub(crate) fn pair(ip: &str, host: &str, id: u32, pod: &str) -> IpcacheEntry {
         IpcacheEntry::new(
             IpIdentityPair::decode(
                 format!(
@@ -118,7 +119,8 @@ mod tests {
         .expect("valid entry")
     }
 
-    const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 11);
+    /// This node's underlay address in the reconcile tests.
+    pub(crate) const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 11);
     #[test]
     fn local_pod_on_this_node_has_no_tunnel_and_an_endpoint() {
         let (p, c) = claim(

@@ -423,27 +423,13 @@ impl Desired {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clustermesh_types::model::IpIdentityPair;
-
-    fn pair(ip: &str, host: &str, id: u32, pod: &str) -> IpcacheEntry {
-        IpcacheEntry::new(
-            IpIdentityPair::decode(
-                format!(
-                    r#"{{"IP":"{ip}","HostIP":"{host}","ID":{id},"Key":0,"Metadata":"","K8sNamespace":"default","K8sPodName":"{pod}"}}"#
-                )
-                .as_bytes(),
-            )
-            .expect("valid entry"),
-        )
-        .expect("valid entry")
-    }
+    use crate::reconcile::claim::tests::{pair, NODE};
 
     /// The prefix of a host entry's key.
     fn host(ip: &str) -> Cidr {
         format!("{ip}/32").parse().expect("ip")
     }
 
-    const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 11);
     #[test]
     fn local_cluster_wins_a_shared_ip_and_deletes_fall_back() {
         let c1: Arc<str> = Arc::from("c1");
