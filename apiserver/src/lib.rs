@@ -246,14 +246,15 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     let (src_tx, src_rx) = watch::channel(Published::default());
     match &cfg.source {
         config::Source::Manifests(dir) => {
+            let run = manifests::run(
+                dir.clone(),
+                Duration::from_millis(20),
+                src_tx,
+                cancel.child_token(),
+            );
             tasks.spawn(
-                manifests::run(
-                    dir.clone(),
-                    Duration::from_millis(20),
-                    src_tx,
-                    cancel.child_token(),
-                )
-                .instrument(info_span!("source", dir = %dir.display())),
+                async move { Ok(run.await?) }
+                    .instrument(info_span!("source", dir = %dir.display())),
             );
         }
         config::Source::Kubernetes(client_cfg) => {

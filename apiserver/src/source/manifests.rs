@@ -19,6 +19,31 @@ use tracing::{debug, info, warn};
 
 use super::{Object, Snapshot};
 
+/// Why the source cannot run at all (a bad file is not one: it is reported in
+/// [`Published::errors`] and the source keeps serving).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No file watcher can be created (inotify).
+    #[error("cannot create a file watcher (inotify): {0}; check fs.inotify.max_user_instances")]
+    Watcher(notify::Error),
+    /// The first scan of the directory failed.
+    #[error("cannot read manifest directory {}: {error}", dir.display())]
+    Scan {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// The directory cannot be watched.
+    #[error("cannot watch manifest directory {}: {error}", dir.display())]
+    Watch {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        error: notify::Error,
+    },
+}
+
 /// A parse problem in one file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileError {
@@ -346,16 +371,20 @@ pub async fn run(
     debounce: Duration,
     tx: watch::Sender<Published>,
     cancel: CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), Error> {
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<()>();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if res.is_ok() {
             let _ = ev_tx.send(());
         }
-    })?;
+    })
+    .map_err(Error::Watcher)?;
     watcher
         .watch(&dir, RecursiveMode::Recursive)
-        .map_err(|e| anyhow::anyhow!("cannot watch manifest directory {}: {e}", dir.display()))?;
+        .map_err(|error| Error::Watch {
+            dir: dir.clone(),
+            error,
+        })?;
     let mut source = ManifestDir::new(dir.clone());
     let mut generation = 0u64;
     let publish = |source: &ManifestDir, errors: Vec<FileError>, generation: u64| {
@@ -365,7 +394,10 @@ pub async fn run(
             generation,
         });
     };
-    let scan = source.scan()?;
+    let scan = source.scan().map_err(|error| Error::Scan {
+        dir: dir.clone(),
+        error,
+    })?;
     generation += 1;
     info!(dir = %dir.display(), objects = source.snapshot().len(), errors = scan.errors.len(), "manifest directory read");
     publish(&source, scan.errors, generation);
