@@ -1,6 +1,7 @@
 //! `clustermesh`: the command line of the mesh, in the style of `cilium clustermesh`.
 
 mod certs;
+mod cni;
 mod connectivity;
 mod contexts;
 mod enable;
@@ -49,6 +50,9 @@ enum Command {
     Manifests(manifests::ManifestsArgs),
     /// A web view of the mesh: clusters, service map, live flows (like Hubble UI).
     Ui(ui::UiArgs),
+    /// Install clustermesh-cni on a node (the agent DaemonSet's init step).
+    #[command(subcommand)]
+    Cni(cni::CniCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -90,6 +94,7 @@ fn main() -> std::process::ExitCode {
         Command::Observe(a) => observe::run(a),
         Command::Manifests(a) => manifests::run(a),
         Command::Ui(a) => ui::run(a),
+        Command::Cni(c) => cni::run(c),
     };
     match res {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -20,6 +20,12 @@
 //!   read links, routes and neighbours over netlink;
 //! - `NET_BIND_SERVICE`: the clusterset.local DNS server listens on port 53.
 //!
+//! Its init step (`install-cni`, no capabilities) installs `clustermesh-cni`: it reads the
+//! node's `spec.podCIDR` (which the downward API does not offer) with a token of its own
+//! (ServiceAccount `clustermesh-agent`, allowed to `get` nodes and nothing else; the agent's
+//! container gets no token), copies the plugin into `/opt/cni/bin` and runs `clustermesh-cni
+//! write-config` into `/etc/cni/net.d/10-clustermesh.conf`.
+//!
 //! It must not talk to a cluster: it only builds values.
 
 use std::collections::BTreeMap;
@@ -30,18 +36,30 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapKeySelector, ConfigMapProjection, ConfigMapVolumeSource,
-    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
-    HostPathVolumeSource, KeyToPath, ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe,
-    ProjectedVolumeSource, Secret, SecretProjection, SecretVolumeSource, SecurityContext, Service,
-    ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeProjection,
+    Container, ContainerPort, DownwardAPIProjection, DownwardAPIVolumeFile, EmptyDirVolumeSource,
+    EnvVar, EnvVarSource, HTTPGetAction, HostPathVolumeSource, KeyToPath, ObjectFieldSelector,
+    PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, Secret, SecretProjection,
+    SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServiceAccountTokenProjection,
+    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeProjection,
 };
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleRef, Subject};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::ByteString;
 use serde::Serialize;
 use serde_json::Value;
+
+/// The host's CNI network configuration directory (the init step writes into it).
+pub const CNI_CONF_DIR: &str = "/etc/cni/net.d";
+/// The file `clustermesh-cni write-config` writes there.
+pub const CNI_CONF_FILE: &str = "10-clustermesh.conf";
+/// The host's CNI plugin directory (the init step copies `clustermesh-cni` into it).
+pub const CNI_BIN_DIR: &str = "/opt/cni/bin";
+/// The plugin's state on the host (address allocations), as `clustermesh-cni` is told.
+pub const CNI_STATE_DIR: &str = "/var/run/clustermesh";
+/// Where kube-rs's in-cluster config reads the token, CA and namespace.
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
 /// The field manager of every server-side apply.
 pub const FIELD_MANAGER: &str = "clustermesh";
@@ -355,6 +373,49 @@ fn remotes_volume(name: &str, configs_secret: &str, cert_secret: &str, prefix: &
     }
 }
 
+/// What a pod with `automountServiceAccountToken: true` gets, for one container only: a
+/// bound token, the cluster's CA and the namespace (what kube-rs's in-cluster config reads).
+fn token_volume(name: &str) -> Volume {
+    Volume {
+        name: name.into(),
+        projected: Some(ProjectedVolumeSource {
+            default_mode: Some(0o444),
+            sources: Some(vec![
+                VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        path: "token".into(),
+                        expiration_seconds: Some(3607),
+                        audience: None,
+                    }),
+                    ..Default::default()
+                },
+                VolumeProjection {
+                    config_map: Some(ConfigMapProjection {
+                        name: "kube-root-ca.crt".into(),
+                        items: Some(vec![key_to_path("ca.crt", "ca.crt")]),
+                        optional: None,
+                    }),
+                    ..Default::default()
+                },
+                VolumeProjection {
+                    downward_api: Some(DownwardAPIProjection {
+                        items: Some(vec![DownwardAPIVolumeFile {
+                            path: "namespace".into(),
+                            field_ref: Some(ObjectFieldSelector {
+                                api_version: Some("v1".into()),
+                                field_path: "metadata.namespace".into(),
+                            }),
+                            ..Default::default()
+                        }]),
+                    }),
+                    ..Default::default()
+                },
+            ]),
+        }),
+        ..Default::default()
+    }
+}
+
 fn http_probe(path: &str, port: i32, period: i32, failures: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
@@ -431,20 +492,43 @@ fn cluster_role(v: &Values) -> ClusterRole {
     }
 }
 
-fn cluster_role_binding(v: &Values) -> ClusterRoleBinding {
+fn cluster_role_binding(v: &Values, component: &str) -> ClusterRoleBinding {
     ClusterRoleBinding {
-        metadata: meta(APISERVER, None, APISERVER),
+        metadata: meta(component, None, component),
         role_ref: RoleRef {
             api_group: "rbac.authorization.k8s.io".into(),
             kind: "ClusterRole".into(),
-            name: APISERVER.into(),
+            name: component.into(),
         },
         subjects: Some(vec![Subject {
             kind: "ServiceAccount".into(),
-            name: APISERVER.into(),
+            name: component.into(),
             namespace: Some(v.namespace.clone()),
             ..Default::default()
         }]),
+    }
+}
+
+/// The agent's ServiceAccount: only its CNI init step mounts a token.
+fn agent_service_account(v: &Values) -> ServiceAccount {
+    ServiceAccount {
+        metadata: meta(AGENT, Some(&v.namespace), AGENT),
+        automount_service_account_token: Some(false),
+        ..Default::default()
+    }
+}
+
+/// `get` on nodes: the CNI init step reads its own Node's `spec.podCIDR`, nothing else.
+fn agent_cluster_role() -> ClusterRole {
+    ClusterRole {
+        metadata: meta(AGENT, None, AGENT),
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["nodes".into()]),
+            verbs: vec!["get".into()],
+            ..Default::default()
+        }]),
+        ..Default::default()
     }
 }
 
@@ -745,6 +829,44 @@ fn daemon_set(v: &Values) -> DaemonSet {
         ]),
         ..Default::default()
     };
+    let install_cni = Container {
+        name: "install-cni".into(),
+        image: Some(v.image.clone()),
+        image_pull_policy: Some("IfNotPresent".into()),
+        command: Some(vec!["clustermesh".into()]),
+        args: Some(
+            [
+                "cni",
+                "install",
+                "--in-cluster",
+                "--node=$(NODE_NAME)",
+                &format!("--state-dir={CNI_STATE_DIR}"),
+                &format!("--out={CNI_CONF_DIR}/{CNI_CONF_FILE}"),
+                &format!("--bin-dir={CNI_BIN_DIR}"),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        ),
+        env: Some(vec![env_field("NODE_NAME", "spec.nodeName")]),
+        // Root only to write the host's root-owned CNI directories, as their owner.
+        security_context: Some(SecurityContext {
+            privileged: Some(false),
+            allow_privilege_escalation: Some(false),
+            run_as_user: Some(0),
+            capabilities: Some(Capabilities {
+                add: None,
+                drop: Some(vec!["ALL".into()]),
+            }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![
+            mount("cni-conf", CNI_CONF_DIR, false),
+            mount("cni-bin", CNI_BIN_DIR, false),
+            mount("agent-token", SERVICE_ACCOUNT_DIR, true),
+        ]),
+        ..Default::default()
+    };
     DaemonSet {
         metadata: meta(AGENT, Some(&v.namespace), AGENT),
         spec: Some(DaemonSetSpec {
@@ -763,11 +885,14 @@ fn daemon_set(v: &Values) -> DaemonSet {
                 }),
                 spec: Some(PodSpec {
                     // The datapath lives in the node's network namespace; the agent never
-                    // talks to the Kubernetes API, so it gets no token.
+                    // talks to the Kubernetes API, so it gets no token (only the init step
+                    // mounts one, to read its Node's pod CIDR).
                     host_network: Some(true),
                     dns_policy: Some("ClusterFirstWithHostNet".into()),
+                    service_account_name: Some(AGENT.into()),
                     automount_service_account_token: Some(false),
                     priority_class_name: Some("system-node-critical".into()),
+                    init_containers: Some(vec![install_cni]),
                     containers: vec![agent],
                     tolerations: Some(vec![k8s_openapi::api::core::v1::Toleration {
                         operator: Some("Exists".into()),
@@ -776,6 +901,9 @@ fn daemon_set(v: &Values) -> DaemonSet {
                     volumes: Some(vec![
                         host_path("bpf-maps", "/sys/fs/bpf", "DirectoryOrCreate"),
                         host_path("state", "/var/lib/clustermesh", "DirectoryOrCreate"),
+                        host_path("cni-conf", CNI_CONF_DIR, "DirectoryOrCreate"),
+                        host_path("cni-bin", CNI_BIN_DIR, "DirectoryOrCreate"),
+                        token_volume("agent-token"),
                         Volume {
                             name: "cluster-config".into(),
                             config_map: Some(ConfigMapVolumeSource {
@@ -806,7 +934,10 @@ pub fn install(v: &Values) -> Vec<Object> {
     vec![
         Object::new(&service_account(v)),
         Object::new(&cluster_role(v)),
-        Object::new(&cluster_role_binding(v)),
+        Object::new(&cluster_role_binding(v, APISERVER)),
+        Object::new(&agent_service_account(v)),
+        Object::new(&agent_cluster_role()),
+        Object::new(&cluster_role_binding(v, AGENT)),
         Object::new(&cluster_config(v)),
         Object::new(&service(v)),
         Object::new(&deployment(v)),
@@ -983,6 +1114,10 @@ pub const EXAMPLE_OVERLAYS: &[(&str, u32, ServiceType)] = &[
 ];
 
 fn file_name(o: &Object) -> String {
+    // The agent's RBAC sits beside the apiserver's: same kinds, so a prefix.
+    if o.name == AGENT && o.kind != "DaemonSet" {
+        return format!("agent-{}.yaml", o.kind.to_lowercase());
+    }
     format!("{}.yaml", o.kind.to_lowercase())
 }
 

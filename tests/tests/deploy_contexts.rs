@@ -80,6 +80,9 @@ fn enable_objects(op: &str) -> Vec<String> {
         &format!("{op} ServiceAccount {NS}/clustermesh-apiserver"),
         &format!("{op} ClusterRole clustermesh-apiserver"),
         &format!("{op} ClusterRoleBinding clustermesh-apiserver"),
+        &format!("{op} ServiceAccount {NS}/clustermesh-agent"),
+        &format!("{op} ClusterRole clustermesh-agent"),
+        &format!("{op} ClusterRoleBinding clustermesh-agent"),
         &format!("{op} ConfigMap {NS}/clustermesh-config"),
         &format!("{op} Service {NS}/clustermesh-apiserver"),
         &format!("{op} Deployment {NS}/clustermesh-apiserver"),
@@ -365,7 +368,7 @@ async fn enable_connect_status_disconnect_on_two_clusters() {
             np,
         ];
         let out = cli.ok(&args);
-        assert!(out.contains("12 changes"), "{out}");
+        assert!(out.contains("15 changes"), "{out}");
         assert_eq!(writes(api), enable_objects("created"));
         // The server's dry run of every object came first.
         let out = cli.ok(&args);
@@ -390,7 +393,7 @@ async fn enable_connect_status_disconnect_on_two_clusters() {
         .map(|d| serde::Deserialize::deserialize(d).unwrap())
         .filter(|v: &Value| !v.is_null())
         .collect();
-    assert_eq!(docs.len(), 12, "{yaml}");
+    assert_eq!(docs.len(), 15, "{yaml}");
     assert!(east.take_writes().is_empty(), "a dry run sent writes");
 
     // The control planes, from what the API servers hold.
@@ -611,4 +614,94 @@ async fn bad_contexts_unreachable_servers_and_weak_rbac_are_one_clear_line() {
     let err = cli2.fails(&["connect", "--context", "ok", "--destination-context", "c2"]);
     assert!(err.contains("both clusters are named \"same\""), "{err}");
     assert!(ok.take_writes().is_empty() && c2.take_writes().is_empty());
+}
+
+/// The agent DaemonSet's init step, `clustermesh cni install`, against the test API server:
+/// it reads the Node's pod CIDR, installs the plugin (which then answers VERSION) and has it
+/// write the network configuration; a node without a pod CIDR, a missing node and RBAC that
+/// may not get nodes are each one line, with nothing written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cni_install_writes_the_plugin_and_the_nodes_network_config() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let api = KubeApi::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    KubeApi::write_kubeconfig_multi(&kubeconfig, &[(&api, "c1")]).unwrap();
+    let cli = Cli { kubeconfig };
+    let mut n1 = node("n1", "127.0.0.1");
+    n1["spec"] = json!({"podCIDR": "10.244.3.0/24", "podCIDRs": ["10.244.3.0/24", "fd00:3::/64"]});
+    api.apply(n1).unwrap();
+    api.apply(node("n2", "127.0.0.2")).unwrap();
+    let bin = dir.path().join("opt/cni/bin");
+    let state = dir.path().join("run/clustermesh");
+    let conf = |n: &str| {
+        dir.path()
+            .join(format!("etc/cni/net.d/{n}/10-clustermesh.conf"))
+    };
+    let install = |n: &str| -> Vec<String> {
+        [
+            "cni",
+            "install",
+            "--context",
+            "c1",
+            "--node",
+            n,
+            "--state-dir",
+            &state.display().to_string(),
+            "--out",
+            &conf(n).display().to_string(),
+            "--bin-dir",
+            &bin.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+
+    let out = cli.ok(&strs(&install("n1")));
+    assert!(out.contains("pod CIDR 10.244.3.0/24"), "{out}");
+    let c: Value = serde_json::from_str(&std::fs::read_to_string(conf("n1")).unwrap()).unwrap();
+    assert_eq!(c["type"], "clustermesh-cni", "{c}");
+    assert_eq!(c["podCIDR"], "10.244.3.0/24", "{c}");
+    assert_eq!(c["stateDir"], state.display().to_string(), "{c}");
+    let plugin = bin.join("clustermesh-cni");
+    let mode = std::fs::metadata(&plugin).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o755, "{}", plugin.display());
+    let v = Command::new(&plugin)
+        .env("CNI_COMMAND", "VERSION")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&v.stdout).unwrap();
+    assert!(
+        v["supportedVersions"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty()),
+        "{v}"
+    );
+    // A restarted pod runs it again: the same file.
+    let first = std::fs::read_to_string(conf("n1")).unwrap();
+    cli.ok(&strs(&install("n1")));
+    assert_eq!(std::fs::read_to_string(conf("n1")).unwrap(), first);
+
+    let err = cli.fails(&strs(&install("n2")));
+    assert!(
+        err.contains("node \"n2\" has no IPv4 spec.podCIDR")
+            && err.contains("--allocate-node-cidrs"),
+        "{err}"
+    );
+    assert_one_error_line(&err);
+    assert!(!conf("n2").exists());
+
+    let err = cli.fails(&strs(&install("n9")));
+    assert!(err.contains("node \"n9\" does not exist"), "{err}");
+    assert_one_error_line(&err);
+
+    api.forbid_verbs("", "nodes", &["get"]);
+    let err = cli.fails(&strs(&install("n1")));
+    assert!(
+        err.contains("context c1: not allowed to get") && err.contains("nodes"),
+        "{err}"
+    );
+    assert_one_error_line(&err);
 }
