@@ -302,6 +302,8 @@ fn bad_packets() -> Vec<(&'static str, Vec<u8>, u32, Counter)> {
     ipv6.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
     ipv6.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
     ipv6.extend_from_slice(&[128, 0, 0, 0, 0, 1, 0, 1]);
+    let mut v4_in_v6 = ipv6;
+    v4_in_v6[14] = 0x40; // version 4 under ethertype IPv6
     let eth_only = {
         let mut p = good[..14].to_vec();
         p[12..14].copy_from_slice(&0x88b5u16.to_be_bytes()); // local experimental ethertype
@@ -327,14 +329,14 @@ fn bad_packets() -> Vec<(&'static str, Vec<u8>, u32, Counter)> {
             TC_ACT_SHOT,
             Counter::DropTruncated,
         ),
-        ("ARP", arp, TC_ACT_OK, Counter::NotIpv4),
-        ("IPv6", ipv6, TC_ACT_OK, Counter::NotIpv4),
+        ("ARP", arp, TC_ACT_OK, Counter::NotIp),
         (
-            "Ethernet header only",
-            eth_only,
-            TC_ACT_OK,
-            Counter::NotIpv4,
+            "version 4 in an IPv6 frame",
+            v4_in_v6,
+            TC_ACT_SHOT,
+            Counter::DropMalformed,
         ),
+        ("Ethernet header only", eth_only, TC_ACT_OK, Counter::NotIp),
     ]
 }
 
@@ -363,12 +365,12 @@ fn check_bad_packets(program: Program) {
 }
 
 #[test]
-fn from_pod_drops_malformed_and_truncated_and_passes_non_ipv4() {
+fn from_pod_drops_malformed_and_truncated_and_passes_non_ip() {
     check_bad_packets(Program::FromPod);
 }
 
 #[test]
-fn from_overlay_drops_malformed_and_truncated_and_passes_non_ipv4() {
+fn from_overlay_drops_malformed_and_truncated_and_passes_non_ip() {
     check_bad_packets(Program::FromOverlay);
 }
 
@@ -582,7 +584,7 @@ fn from_underlay_passes_everything_else_on_unchanged() {
         (
             "an inner ARP frame",
             with(&|v| v.inner = arp.clone()),
-            Counter::NotIpv4,
+            Counter::NotIp,
         ),
         (
             "an inner frame for a pod not on this node",

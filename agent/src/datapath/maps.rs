@@ -1,7 +1,7 @@
 //! Typed handles on the datapath maps. Each owns its map's file descriptor, so handles can
 //! be moved to whatever task reconciles that map, independently of the programs.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use std::os::fd::AsFd as _;
 
@@ -189,6 +189,23 @@ impl Ipcache {
             .map_err(map_err(map::IPCACHE, "update"))
     }
 
+    /// Inserts or replaces the entry for `addr/prefix_bits` (IPv6; Cilium's key with
+    /// family 2, prefixlen 32 + `prefix_bits`).
+    pub fn upsert_v6(
+        &mut self,
+        addr: Ipv6Addr,
+        prefix_bits: u8,
+        value: IpcacheValue,
+    ) -> Result<()> {
+        let key = Key::new(
+            IpcacheKey::prefixlen(u32::from(prefix_bits.min(128))),
+            IpcacheKey::v6(addr.octets()),
+        );
+        self.map
+            .insert(&key, value, 0)
+            .map_err(map_err(map::IPCACHE, "update"))
+    }
+
     /// Removes the entry for `addr/prefix_bits`; `Ok(false)` if there was none.
     pub fn remove_v4(&mut self, addr: Ipv4Addr, prefix_bits: u8) -> Result<bool> {
         let key = Key::new(
@@ -244,6 +261,13 @@ impl LocalEndpoints {
             .map_err(map_err(map::LOCAL_ENDPOINTS, "update"))
     }
 
+    /// Inserts or replaces the endpoint for an IPv6 pod address.
+    pub fn upsert_v6(&mut self, addr: Ipv6Addr, info: EndpointInfo) -> Result<()> {
+        self.map
+            .insert(EndpointKey::v6(addr.octets()), info, 0)
+            .map_err(map_err(map::LOCAL_ENDPOINTS, "update"))
+    }
+
     /// Removes the endpoint; `Ok(false)` if there was none.
     pub fn remove_v4(&mut self, addr: Ipv4Addr) -> Result<bool> {
         match self.map.remove(&EndpointKey::v4(addr.octets())) {
@@ -286,12 +310,26 @@ impl TunnelSettings {
     /// `local`; `vxlan_port` is the device's UDP port, which `from_underlay` decapsulates
     /// (0: it decapsulates nothing and every tunnelled packet goes through the device).
     pub fn set(&mut self, vxlan_ifindex: u32, local: Ipv4Addr, vxlan_port: u16) -> Result<()> {
+        self.set_dual(vxlan_ifindex, Some(local), None, vxlan_port)
+    }
+
+    /// [`TunnelSettings::set`] for a node with an underlay address of either family or
+    /// both: ipcache entries whose tunnel endpoint is one of them are this node's, and
+    /// `from_underlay` decapsulates datagrams to either.
+    pub fn set_dual(
+        &mut self,
+        vxlan_ifindex: u32,
+        local_v4: Option<Ipv4Addr>,
+        local_v6: Option<Ipv6Addr>,
+        vxlan_port: u16,
+    ) -> Result<()> {
         let cfg = TunnelConfig {
             vxlan_ifindex,
-            local_ipv4: local.octets(),
+            local_ipv4: local_v4.map_or([0; 4], |a| a.octets()),
             flags: tunnel_flags::ENABLED,
             vxlan_port: vxlan_port.to_be_bytes(),
             pad: 0,
+            local_ipv6: local_v6.map_or([0; 16], |a| a.octets()),
         };
         self.map
             .set(0, cfg, 0)

@@ -32,7 +32,7 @@ use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use aya::maps::{MapError, MapInfo, MapType};
+use aya::maps::{MapData, MapError, MapInfo, MapType, ProgramArray};
 use aya::programs::links::{FdLink, LinkOrder, PinnedLink};
 use aya::programs::tc::{
     self, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcAttachType,
@@ -41,7 +41,7 @@ use aya::programs::{ProgramError, SchedClassifier, TestRun as _, TestRunOptions}
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use clustermesh_ebpf_abi::{
     defaults, map, policy_map, program, Counter, EndpointInfo, EndpointKey, IpcacheLpmKey,
-    IpcacheValue, PolicyCtKey, PolicyCtValue, TraceSlot, TunnelConfig, TunnelTrace,
+    IpcacheValue, PolicyCt6Key, PolicyCtKey, PolicyCtValue, TraceSlot, TunnelConfig, TunnelTrace,
 };
 
 pub use bringup::{bring_up, BringUp, UnderlayDev, Up};
@@ -300,6 +300,8 @@ pub struct Datapath {
     attach: AttachMode,
     link_dir: Option<PathBuf>,
     links: BTreeMap<String, Attachment>,
+    /// Held only so that the kernel keeps the prog array's entries (see `load_v6_halves`).
+    _v6_progs: ProgramArray<MapData>,
     /// Typed map handles.
     pub maps: Maps,
 }
@@ -337,6 +339,13 @@ fn expected(name: &str, config: &Config) -> Option<(MapType, u32, u32, u32)> {
             s(size_of::<PolicyCtValue>()),
             policy_map::CT_MAX_ENTRIES,
         ),
+        map::POLICY_CT6 => (
+            MapType::LruHash,
+            s(size_of::<PolicyCt6Key>()),
+            s(size_of::<PolicyCtValue>()),
+            policy_map::CT6_MAX_ENTRIES,
+        ),
+        map::V6_PROGS => (MapType::ProgramArray, 4, 4, program::V6_SLOTS),
         _ => return None,
     })
 }
@@ -423,6 +432,7 @@ impl Datapath {
                 .load()
                 .map_err(|e| program_err(program, "load (verifier)", e))?;
         }
+        let v6_progs = load_v6_halves(&mut ebpf)?;
         let mut take = |name: &'static str| ebpf.take_map(name).ok_or(Error::MissingMap(name));
         let maps = Maps {
             ipcache: Ipcache::new(take(map::IPCACHE)?)?,
@@ -447,6 +457,7 @@ impl Datapath {
             attach: config.attach,
             link_dir,
             links: BTreeMap::new(),
+            _v6_progs: v6_progs,
             maps,
         })
     }
@@ -762,6 +773,56 @@ pub fn cleanup(pin_dir: &Path) -> Result<usize> {
 fn program_err(program: Program, op: &'static str, source: ProgramError) -> Error {
     Error::Program {
         program: program.name(),
+        op,
+        source: Box::new(source),
+    }
+}
+
+/// Loads the IPv6 halves (`program::V6`) and puts them into `CM_V6_PROGS`, from where the
+/// attached programs tail-call them. The kernel empties a prog array as soon as no file
+/// descriptor and no pin refers to it (the programs' own reference does not count): the
+/// returned handle is kept in [`Datapath`] for that reason, and with a pin directory the
+/// array is pinned with the other maps, so the pinned links keep their IPv6 halves after
+/// the agent exits. Without a pin directory IPv6 goes to the stack once the agent is gone
+/// (`ipv6_unavailable`).
+fn load_v6_halves(ebpf: &mut Ebpf) -> Result<ProgramArray<MapData>> {
+    for (_, name) in program::V6 {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or(ProgramError::UnexpectedProgramType)
+            .and_then(|p| p.try_into())
+            .map_err(|e| v6_err(name, "find", e))?;
+        prog.load()
+            .map_err(|e| v6_err(name, "load (verifier)", e))?;
+    }
+    let mut array = ProgramArray::try_from(
+        ebpf.take_map(map::V6_PROGS)
+            .ok_or(Error::MissingMap(map::V6_PROGS))?,
+    )
+    .map_err(|source| Error::Map {
+        map: map::V6_PROGS,
+        op: "open",
+        source,
+    })?;
+    for (slot, name) in program::V6 {
+        let prog: &SchedClassifier = ebpf
+            .program(name)
+            .ok_or(ProgramError::UnexpectedProgramType)
+            .and_then(|p| p.try_into())
+            .map_err(|e| v6_err(name, "find", e))?;
+        let fd = prog.fd().map_err(|e| v6_err(name, "fd", e))?;
+        array.set(slot, fd, 0).map_err(|source| Error::Map {
+            map: map::V6_PROGS,
+            op: "update",
+            source,
+        })?;
+    }
+    Ok(array)
+}
+
+fn v6_err(name: &'static str, op: &'static str, source: ProgramError) -> Error {
+    Error::Program {
+        program: name,
         op,
         source: Box::new(source),
     }

@@ -9,7 +9,7 @@
 //! It must not decide verdicts or touch any map but the ring buffer and the flow settings.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
@@ -72,8 +72,7 @@ impl Directory {
         }
     }
 
-    fn endpoint(&self, ip: [u8; 4], port: u16, identity: u32) -> api::Endpoint {
-        let addr = Ipv4Addr::from(ip);
+    fn endpoint(&self, addr: IpAddr, port: u16, identity: u32) -> api::Endpoint {
         let mut e = api::Endpoint {
             ip: addr.to_string(),
             port: u32::from(u16::from_be(port)),
@@ -86,7 +85,11 @@ impl Directory {
         } else if let Some(name) = reserved_name(identity) {
             e.labels = vec![format!("reserved:{name}")];
         }
-        if let Some(p) = self.pods.get(&addr) {
+        let pod = match addr {
+            IpAddr::V4(a) => self.pods.get(&a),
+            IpAddr::V6(_) => None,
+        };
+        if let Some(p) = pod {
             e.namespace.clone_from(&p.namespace);
             e.pod_name.clone_from(&p.name);
             if e.cluster.is_empty() {
@@ -143,6 +146,15 @@ pub fn drop_reason_desc(code: u8) -> &'static str {
     }
 }
 
+/// An event's address: IPv6 when the event says so, else IPv4 in the first 4 bytes.
+pub fn event_addr(family: u8, a: [u8; 16]) -> IpAddr {
+    if family == clustermesh_ebpf_abi::family::IPV6 {
+        IpAddr::V6(Ipv6Addr::from(a))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))
+    }
+}
+
 /// Turns a kernel event into an API flow. `mono_offset_ns` = realtime − monotonic.
 pub fn enrich(ev: &FlowEvent, dir: &Directory, mono_offset_ns: i64, node: &str) -> api::Flow {
     let verdict = match ev.verdict {
@@ -152,8 +164,8 @@ pub fn enrich(ev: &FlowEvent, dir: &Directory, mono_offset_ns: i64, node: &str) 
     };
     api::Flow {
         time_unix_nanos: (ev.ktime_ns as i64).saturating_add(mono_offset_ns),
-        source: Some(dir.endpoint(ev.saddr, ev.sport, ev.src_identity)),
-        destination: Some(dir.endpoint(ev.daddr, ev.dport, ev.dst_identity)),
+        source: Some(dir.endpoint(event_addr(ev.family, ev.saddr), ev.sport, ev.src_identity)),
+        destination: Some(dir.endpoint(event_addr(ev.family, ev.daddr), ev.dport, ev.dst_identity)),
         protocol: protocol(ev.proto),
         tcp_flags: u32::from(ev.tcp_flags),
         verdict: verdict as i32,

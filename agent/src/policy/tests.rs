@@ -395,7 +395,8 @@ fn hook_releases_an_early_endpoint_after_its_identity_and_fills_the_directory() 
 
     // Flows from that address are enriched with cluster, labels and pod.
     let ev = clustermesh_ebpf_abi::FlowEvent {
-        saddr: [10, 1, 1, 11],
+        saddr: [10, 1, 1, 11, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        family: clustermesh_ebpf_abi::family::IPV4,
         src_identity: FRONTEND_C1,
         ..Default::default()
     };

@@ -13,8 +13,9 @@ pub enum Counter {
     Tunnelled = 2,
     /// Handed to the kernel stack (`TC_ACT_OK`); the more specific reason is counted too.
     ToStack = 3,
-    /// Not IPv4 (ARP, IPv6, ...): to the stack.
-    NotIpv4 = 4,
+    /// Neither IPv4 nor IPv6 (ARP, ...), or (`from_underlay`) an inner frame that is
+    /// neither: to the stack.
+    NotIp = 4,
     /// `from_pod`: the destination is not in the ipcache: to the stack.
     IpcacheMiss = 5,
     /// `from_pod`: the ipcache entry has no usable tunnel endpoint (world, this node, an
@@ -32,20 +33,39 @@ pub enum Counter {
     EndpointMiss = 10,
     /// `from_overlay`: no tunnel metadata on the packet (source identity taken as 0).
     NoTunnelKey = 11,
-    /// Dropped: IPv4 header invalid (version, IHL < 5, total length < IHL).
+    /// Dropped: IP header invalid (IPv4: version, IHL < 5, total length < IHL; IPv6: version,
+    /// or a frame too short for the 40-byte fixed header).
     DropMalformed = 12,
-    /// Dropped: frame shorter than the headers it announces.
+    /// Dropped: frame shorter than the headers it announces (IPv4 options, an IPv6
+    /// extension header, the transport header a service or policy reads).
     DropTruncated = 13,
     /// Dropped: a helper failed (set tunnel key, redirect).
     DropHelper = 14,
     /// `from_underlay`: not a VXLAN datagram to this node's tunnel port (the node's own
-    /// traffic, fragments, IPv4 options): to the stack unchanged.
+    /// traffic, fragments, IPv4 options, IPv6 extension headers): to the stack unchanged.
     NotTunnelled = 15,
+    /// An IPv6 packet whose transport header follows extension headers (hop-by-hop,
+    /// routing, fragment, destination options, AH): walked to the transport header and
+    /// forwarded like any other packet.
+    Ipv6ExtHeaders = 16,
+    /// An IPv6 packet with more extension headers than the programs walk
+    /// ([`IPV6_MAX_EXT_HEADERS`]): `from_pod` and `from_overlay` hand it to the stack
+    /// unchanged (`to_stack` too); `from_underlay`, which finds out only after
+    /// decapsulating, delivers it with its transport unknown (no ports: policy matches it
+    /// only by L3-only or allow-all rules).
+    Ipv6ExtUnparsed = 17,
+    /// An IPv6 packet whose program half could not be tail-called (`CM_V6_PROGS` slot
+    /// empty: an agent that did not fill it): to the stack.
+    Ipv6Unavailable = 18,
 }
+
+/// Extension headers the programs walk before they give up on finding the transport header
+/// (Cilium walks 4 and drops beyond; 8 covers every chain a host stack sends).
+pub const IPV6_MAX_EXT_HEADERS: usize = 8;
 
 impl Counter {
     /// Number of counters (the counters maps' `max_entries`).
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 19;
 
     /// Every counter in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -53,7 +73,7 @@ impl Counter {
         Counter::DeliveredLocal,
         Counter::Tunnelled,
         Counter::ToStack,
-        Counter::NotIpv4,
+        Counter::NotIp,
         Counter::IpcacheMiss,
         Counter::NoTunnel,
         Counter::SourceUnknown,
@@ -65,6 +85,9 @@ impl Counter {
         Counter::DropTruncated,
         Counter::DropHelper,
         Counter::NotTunnelled,
+        Counter::Ipv6ExtHeaders,
+        Counter::Ipv6ExtUnparsed,
+        Counter::Ipv6Unavailable,
     ];
 
     /// Stable snake_case name (metrics label).
@@ -74,7 +97,7 @@ impl Counter {
             Counter::DeliveredLocal => "delivered_local",
             Counter::Tunnelled => "tunnelled",
             Counter::ToStack => "to_stack",
-            Counter::NotIpv4 => "not_ipv4",
+            Counter::NotIp => "not_ip",
             Counter::IpcacheMiss => "ipcache_miss",
             Counter::NoTunnel => "no_tunnel",
             Counter::SourceUnknown => "source_unknown",
@@ -86,6 +109,9 @@ impl Counter {
             Counter::DropTruncated => "drop_truncated",
             Counter::DropHelper => "drop_helper",
             Counter::NotTunnelled => "not_tunnelled",
+            Counter::Ipv6ExtHeaders => "ipv6_ext_headers",
+            Counter::Ipv6ExtUnparsed => "ipv6_ext_unparsed",
+            Counter::Ipv6Unavailable => "ipv6_unavailable",
         }
     }
 }

@@ -35,6 +35,16 @@ impl EndpointKey {
             pad2: 0,
         }
     }
+
+    /// Key for an IPv6 pod address (network order).
+    pub const fn v6(octets: [u8; 16]) -> Self {
+        Self {
+            addr: octets,
+            family: family::IPV6,
+            pad1: 0,
+            pad2: 0,
+        }
+    }
 }
 
 /// Value of the local endpoints map: how to deliver to a pod on this node.

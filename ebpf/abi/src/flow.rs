@@ -32,10 +32,10 @@ pub mod observation {
 pub struct FlowEvent {
     /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC), host order.
     pub ktime_ns: u64,
-    /// Source IPv4, network order.
-    pub saddr: [u8; 4],
-    /// Destination IPv4, network order.
-    pub daddr: [u8; 4],
+    /// Source address, network order; IPv4 in the first 4 bytes (per `family`).
+    pub saddr: [u8; 16],
+    /// Destination address, network order; IPv4 in the first 4 bytes.
+    pub daddr: [u8; 16],
     /// Source port, network order (0 without one).
     pub sport: u16,
     /// Destination port, network order.
@@ -60,16 +60,18 @@ pub struct FlowEvent {
     pub observation: u8,
     /// [`PolicyMatch`](crate::PolicyMatch) of the decisive lookup.
     pub policy_match: u8,
-    /// Zero.
-    pub pad: u8,
+    /// [`family::IPV4`](crate::family::IPV4) or [`family::IPV6`](crate::family::IPV6).
+    pub family: u8,
     /// Packet length in bytes, host order.
     pub len: u32,
     /// Zero.
     pub pad2: u32,
 }
-const _: () = assert!(size_of::<FlowEvent>() == 48);
-const _: () = assert!(offset_of!(FlowEvent, proto) == 32);
-const _: () = assert!(offset_of!(FlowEvent, len) == 40);
+const _: () = assert!(size_of::<FlowEvent>() == 72);
+const _: () = assert!(offset_of!(FlowEvent, sport) == 40);
+const _: () = assert!(offset_of!(FlowEvent, proto) == 56);
+const _: () = assert!(offset_of!(FlowEvent, family) == 63);
+const _: () = assert!(offset_of!(FlowEvent, len) == 64);
 
 /// Flow settings: index 0 of [`policy_map::FLOW_CONFIG`](crate::policy_map::FLOW_CONFIG). All zero (the initial state):
 /// drops always, forwarded TCP packets only with SYN, FIN or RST (Hubble's "medium"

@@ -81,8 +81,8 @@ pub mod ipcache_flags {
     pub const SKIP_TUNNEL: u8 = 1 << 0;
     /// `tunnel_endpoint` is set.
     pub const HAS_TUNNEL: u8 = 1 << 1;
-    /// `tunnel_endpoint` is IPv6 (not supported by the programs yet: such entries go to the
-    /// kernel stack).
+    /// `tunnel_endpoint` is IPv6: `from_pod` encapsulates in VXLAN over IPv6
+    /// (`bpf_skb_set_tunnel_key` with `BPF_F_TUNINFO_IPV6`).
     pub const IPV6_TUNNEL: u8 = 1 << 2;
     /// Cilium's `flag_remote_cluster` bit; carried for compatibility, not read by the
     /// programs.
@@ -123,6 +123,17 @@ impl IpcacheValue {
             pad: 0,
             key: 0,
             flags: ipcache_flags::HAS_TUNNEL,
+        }
+    }
+
+    /// An entry tunnelled to the IPv6 node `node` (network order).
+    pub const fn tunnel_v6(sec_identity: u32, node: [u8; 16]) -> Self {
+        Self {
+            sec_identity,
+            tunnel_endpoint: node,
+            pad: 0,
+            key: 0,
+            flags: ipcache_flags::HAS_TUNNEL | ipcache_flags::IPV6_TUNNEL,
         }
     }
 
@@ -169,5 +180,26 @@ mod tests {
         want[7] = 1;
         want[8..12].copy_from_slice(&[10, 1, 2, 3]);
         assert_eq!(bytes, want);
+    }
+
+    #[test]
+    fn ipv6_ipcache_key_bytes_match_cilium() {
+        let addr = [0xfd, 0, 0, 0x10, 0, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0x11];
+        let k = IpcacheLpmKey {
+            prefixlen: IpcacheKey::prefixlen(128),
+            key: IpcacheKey::v6(addr),
+        };
+        // SAFETY: IpcacheLpmKey is repr(C) without padding (asserted above).
+        let bytes: [u8; 24] = unsafe { core::mem::transmute(k) };
+        let mut want = [0u8; 24];
+        want[..4].copy_from_slice(&160u32.to_ne_bytes());
+        want[7] = 2;
+        want[8..].copy_from_slice(&addr);
+        assert_eq!(bytes, want);
+        let v = IpcacheValue::tunnel_v6(7, addr);
+        assert_eq!(
+            v.flags, 0b110,
+            "hastunnel + ipv6tunnel, as Cilium sets them"
+        );
     }
 }

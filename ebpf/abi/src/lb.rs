@@ -1,5 +1,6 @@
-//! Service load balancing (IPv4), after Cilium's LB maps (`bpf/lib/common.h`): services,
-//! backends, reverse NAT, connection tracking and the LB step's counters.
+//! Service load balancing (IPv4 and IPv6), after Cilium's LB maps (`bpf/lib/common.h`):
+//! services, backends, reverse NAT, connection tracking and the LB step's counters. The
+//! IPv6 maps (`CM_LB6_*`) have Cilium's lb6 layouts and the same semantics as the IPv4 ones.
 
 use core::mem::{offset_of, size_of};
 
@@ -7,6 +8,8 @@ use core::mem::{offset_of, size_of};
 pub const IPPROTO_TCP: u8 = 6;
 /// `IPPROTO_UDP`.
 pub const IPPROTO_UDP: u8 = 17;
+/// `IPPROTO_ICMPV6`.
+pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// Key of [`map::LB4_SERVICES`](crate::map::LB4_SERVICES): Cilium's 12-byte `lb4_key`. Slot 0 is the service
 /// (frontend) entry; slots `1..=count` point at the backends.
@@ -170,6 +173,114 @@ const _: () = assert!(size_of::<Ct4Entry>() == 16);
 /// `from_pod` on the same veth.
 pub const LB_LOOPBACK_IPV4: [u8; 4] = [169, 254, 1, 1];
 
+/// Key of [`map::LB6_SERVICES`](crate::map::LB6_SERVICES): Cilium's 24-byte `lb6_key`, the
+/// same fields as [`Lb4Key`] with a 16-byte address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Lb6Key {
+    /// Frontend (VIP), network order.
+    pub address: [u8; 16],
+    /// Frontend port, network order (`u16::to_be`).
+    pub dport: u16,
+    /// 0 = the service entry, `1..=count` = backend slots; host order.
+    pub backend_slot: u16,
+    /// [`IPPROTO_TCP`] or [`IPPROTO_UDP`].
+    pub proto: u8,
+    /// Cilium's `LB_LOOKUP_SCOPE_EXT` (0); the only scope used.
+    pub scope: u8,
+    /// Zero.
+    pub pad: [u8; 2],
+}
+const _: () = assert!(size_of::<Lb6Key>() == 24);
+const _: () = assert!(offset_of!(Lb6Key, proto) == 20);
+
+impl Lb6Key {
+    /// The key of `slot` of the frontend `vip:port` (port in host order).
+    pub const fn new(vip: [u8; 16], port: u16, proto: u8, slot: u16) -> Self {
+        Self {
+            address: vip,
+            dport: port.to_be(),
+            backend_slot: slot,
+            proto,
+            scope: 0,
+            pad: [0; 2],
+        }
+    }
+}
+
+/// Value of [`map::LB6_SERVICES`](crate::map::LB6_SERVICES): Cilium's `lb6_service` has the
+/// layout of `lb4_service`.
+pub type Lb6Service = Lb4Service;
+
+/// Value of [`map::LB6_BACKENDS`](crate::map::LB6_BACKENDS) (key: `u32` backend ID, from the
+/// same ID space as the IPv4 backends): Cilium's 24-byte `lb6_backend`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Lb6Backend {
+    /// Backend address, network order.
+    pub address: [u8; 16],
+    /// Backend port, network order.
+    pub port: u16,
+    /// [`IPPROTO_TCP`] or [`IPPROTO_UDP`].
+    pub proto: u8,
+    /// [`backend_state`].
+    pub flags: u8,
+    /// Cluster of the backend, host order.
+    pub cluster_id: u16,
+    /// Zone index (0 = unknown).
+    pub zone: u8,
+    /// Zero.
+    pub pad: u8,
+}
+const _: () = assert!(size_of::<Lb6Backend>() == 24);
+const _: () = assert!(offset_of!(Lb6Backend, cluster_id) == 20);
+
+/// Value of [`map::LB6_REVERSE_NAT`](crate::map::LB6_REVERSE_NAT) (key: `u16` rev-NAT
+/// index): Cilium's `lb6_reverse_nat` with its tail padding made explicit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Lb6RevNat {
+    /// Frontend (VIP), network order.
+    pub address: [u8; 16],
+    /// Frontend port, network order.
+    pub port: u16,
+    /// Zero.
+    pub pad: u16,
+}
+const _: () = assert!(size_of::<Lb6RevNat>() == 20);
+
+/// Key of [`map::LB6_CT`](crate::map::LB6_CT): [`Ct4Key`] with IPv6 addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Ct6Key {
+    /// Source address, network order.
+    pub saddr: [u8; 16],
+    /// Destination address, network order.
+    pub daddr: [u8; 16],
+    /// Source port, network order.
+    pub sport: u16,
+    /// Destination port, network order.
+    pub dport: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// [`ct_dir`].
+    pub flags: u8,
+    /// Zero.
+    pub pad: u16,
+}
+const _: () = assert!(size_of::<Ct6Key>() == 40);
+
+/// Value of [`map::LB6_CT`](crate::map::LB6_CT): the same as the IPv4 table's.
+pub type Ct6Entry = Ct4Entry;
+
+/// Source address of IPv6 hairpin service connections, the counterpart of
+/// [`LB_LOOPBACK_IPV4`]: `fd00:169:254::1`, a ULA address every node holds on `lo` and every
+/// pod routes through its gateway (the lab's contract, `docs/lab-datapath-contract.md`), so
+/// replies to it enter `from_pod` on the pod's own veth.
+pub const LB_LOOPBACK_IPV6: [u8; 16] = [
+    0xfd, 0x00, 0x01, 0x69, 0x02, 0x54, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+];
+
 /// Index into [`map::LB_COUNTERS`](crate::map::LB_COUNTERS) (per-CPU `u64` packet counts of the LB step, shared
 /// by `from_pod` and `from_overlay`).
 #[repr(u32)]
@@ -262,4 +373,25 @@ mod pod {
     unsafe impl aya::Pod for Ct4Key {}
     // SAFETY: see above.
     unsafe impl aya::Pod for Ct4Entry {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for Lb6Key {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for Lb6Backend {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for Lb6RevNat {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for Ct6Key {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ipv6_loopback_is_fd00_169_254_then_1() {
+        assert_eq!(
+            core::net::Ipv6Addr::from(LB_LOOPBACK_IPV6),
+            core::net::Ipv6Addr::new(0xfd00, 0x169, 0x254, 0, 0, 0, 0, 1)
+        );
+    }
 }

@@ -39,6 +39,16 @@ pub mod map {
     /// [`Ct4Key`](crate::Ct4Key) → [`Ct4Entry`](crate::Ct4Entry), LRU hash: service
     /// connections (forward and reply tuple).
     pub const LB4_CT: &str = "CM_LB4_CT";
+    /// [`Lb6Key`](crate::Lb6Key) → [`Lb6Service`](crate::Lb6Service), hash
+    /// (`cilium_lb6_services_v2`).
+    pub const LB6_SERVICES: &str = "CM_LB6_SERVICES";
+    /// `u32` backend ID → [`Lb6Backend`](crate::Lb6Backend), hash (`cilium_lb6_backends_v3`).
+    pub const LB6_BACKENDS: &str = "CM_LB6_BACKENDS";
+    /// `u16` rev-NAT index → [`Lb6RevNat`](crate::Lb6RevNat), hash (`cilium_lb6_reverse_nat`).
+    pub const LB6_REVERSE_NAT: &str = "CM_LB6_REVNAT";
+    /// [`Ct6Key`](crate::Ct6Key) → [`Ct6Entry`](crate::Ct6Entry), LRU hash: IPv6 service
+    /// connections.
+    pub const LB6_CT: &str = "CM_LB6_CT";
     /// [`LbCounter`](crate::LbCounter) → `u64`, per-CPU array, counters of the LB step.
     pub const LB_COUNTERS: &str = "CM_LB_CNT";
     /// [`PolicyCtKey`](crate::PolicyCtKey) → [`PolicyCtValue`](crate::PolicyCtValue), LRU
@@ -46,8 +56,15 @@ pub mod map {
     /// Pinned (unlike the other policy maps, which the agent rebuilds from its engine):
     /// connections survive an agent restart.
     pub const POLICY_CT: &str = "CM_POLICY_CT";
+    /// [`PolicyCt6Key`](crate::PolicyCt6Key) → [`PolicyCtValue`](crate::PolicyCtValue), LRU
+    /// hash: [`POLICY_CT`] for IPv6 connections.
+    pub const POLICY_CT6: &str = "CM_POLICY_CT6";
+    /// [`program::V6_SLOTS`](crate::program::V6_SLOTS) → program, prog array: the IPv6
+    /// halves the three programs tail-call. Pinned: the kernel empties a prog array when
+    /// its last user reference goes, and the pinned links outlive the agent.
+    pub const V6_PROGS: &str = "CM_V6_PROGS";
     /// Every map, for pinning and compatibility checks.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 19] = [
         IPCACHE,
         LOCAL_ENDPOINTS,
         TUNNEL,
@@ -61,6 +78,12 @@ pub mod map {
         LB4_CT,
         LB_COUNTERS,
         POLICY_CT,
+        LB6_SERVICES,
+        LB6_BACKENDS,
+        LB6_REVERSE_NAT,
+        LB6_CT,
+        POLICY_CT6,
+        V6_PROGS,
     ];
 }
 
@@ -73,6 +96,26 @@ pub mod program {
     /// TCX ingress of the node's underlay device: decapsulates VXLAN for local pods itself,
     /// so those packets skip the VXLAN device.
     pub const FROM_UNDERLAY: &str = "from_underlay";
+    /// The IPv6 half of `from_pod`, tail-called from it (slot [`V6_FROM_POD`]).
+    pub const FROM_POD_V6: &str = "from_pod_v6";
+    /// The IPv6 half of `from_overlay` (slot [`V6_FROM_OVERLAY`]).
+    pub const FROM_OVERLAY_V6: &str = "from_overlay_v6";
+    /// The inner-IPv6 half of `from_underlay` (slot [`V6_FROM_UNDERLAY`]).
+    pub const FROM_UNDERLAY_V6: &str = "from_underlay_v6";
+    /// Slot of [`FROM_POD_V6`] in [`map::V6_PROGS`](crate::map::V6_PROGS).
+    pub const V6_FROM_POD: u32 = 0;
+    /// Slot of [`FROM_OVERLAY_V6`].
+    pub const V6_FROM_OVERLAY: u32 = 1;
+    /// Slot of [`FROM_UNDERLAY_V6`].
+    pub const V6_FROM_UNDERLAY: u32 = 2;
+    /// Capacity of [`map::V6_PROGS`](crate::map::V6_PROGS).
+    pub const V6_SLOTS: u32 = 3;
+    /// `(slot, program)` of every IPv6 half, for filling the prog array.
+    pub const V6: [(u32, &str); 3] = [
+        (V6_FROM_POD, FROM_POD_V6),
+        (V6_FROM_OVERLAY, FROM_OVERLAY_V6),
+        (V6_FROM_UNDERLAY, FROM_UNDERLAY_V6),
+    ];
 }
 
 /// Default map sizes; the agent may override them at load time.
@@ -90,6 +133,16 @@ pub mod defaults {
     pub const LB4_REVERSE_NAT_MAX_ENTRIES: u32 = 65_536;
     /// Service connection tracking entries (two per connection).
     pub const LB4_CT_MAX_ENTRIES: u32 = 262_144;
+    /// IPv6 service entries (no prealloc, like the IPv4 table).
+    pub const LB6_SERVICES_MAX_ENTRIES: u32 = 262_144;
+    /// IPv6 backends.
+    pub const LB6_BACKENDS_MAX_ENTRIES: u32 = 131_072;
+    /// IPv6 reverse-NAT entries.
+    pub const LB6_REVERSE_NAT_MAX_ENTRIES: u32 = 65_536;
+    /// IPv6 service connection tracking entries. LRU maps are preallocated: at 40-byte keys a
+    /// quarter of the IPv4 table (~6 MiB per node instead of ~27 MiB) until IPv6 service
+    /// traffic is the bulk of a node's.
+    pub const LB6_CT_MAX_ENTRIES: u32 = 65_536;
 }
 
 /// Address family as stored in [`IpcacheKey::family`] and [`EndpointKey::family`]

@@ -26,6 +26,9 @@ pub mod policy_map {
     /// Capacity of [`map::POLICY_CT`](crate::map::POLICY_CT) (LRU: the least recently used
     /// connection is evicted when full).
     pub const CT_MAX_ENTRIES: u32 = 262_144;
+    /// Capacity of [`map::POLICY_CT6`](crate::map::POLICY_CT6): preallocated like every LRU
+    /// map, a quarter of the IPv4 table (~6 MiB per node).
+    pub const CT6_MAX_ENTRIES: u32 = 65_536;
     /// Size of the flow ring buffer in bytes (power of two, multiple of the page size).
     pub const FLOWS_BYTES: u32 = 4 << 20;
 }
@@ -164,7 +167,34 @@ pub struct PolicyCtKey {
 const _: () = assert!(size_of::<PolicyCtKey>() == 16);
 const _: () = assert!(offset_of!(PolicyCtKey, proto) == 12);
 
-/// Value of [`map::POLICY_CT`](crate::map::POLICY_CT).
+/// Key of [`map::POLICY_CT6`](crate::map::POLICY_CT6): [`PolicyCtKey`] with IPv6 addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PolicyCt6Key {
+    /// Source IPv6, network order.
+    pub saddr: [u8; 16],
+    /// Destination IPv6, network order.
+    pub daddr: [u8; 16],
+    /// Source port, network order (0 for protocols without ports).
+    pub sport: u16,
+    /// Destination port, network order (0 for protocols without ports).
+    pub dport: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// Zero.
+    pub pad: [u8; 3],
+}
+const _: () = assert!(size_of::<PolicyCt6Key>() == 40);
+const _: () = assert!(offset_of!(PolicyCt6Key, proto) == 36);
+
+/// ICMPv6 types that policy never drops (Cilium lets neighbour discovery through before
+/// policy): router solicitation/advertisement, neighbour solicitation/advertisement,
+/// redirect (133..=137). Without them a pod with egress policy could not resolve its
+/// gateway.
+pub const ICMPV6_ND_TYPES: core::ops::RangeInclusive<u8> = 133..=137;
+
+/// Value of [`map::POLICY_CT`](crate::map::POLICY_CT) and
+/// [`map::POLICY_CT6`](crate::map::POLICY_CT6).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct PolicyCtValue {
@@ -208,4 +238,6 @@ mod pod {
     unsafe impl aya::Pod for PolicyCtKey {}
     // SAFETY: see above.
     unsafe impl aya::Pod for PolicyCtValue {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for PolicyCt6Key {}
 }

@@ -1,7 +1,7 @@
 //! Node-wide VXLAN tunnel settings (`CM_TUNNEL`) and the last tunnel key per direction
 //! (`CM_TUNNEL_TRACE`).
 
-use core::mem::size_of;
+use core::mem::{offset_of, size_of};
 
 /// Node-wide tunnel settings: index 0 of the one-entry array map [`map::TUNNEL`](crate::map::TUNNEL).
 /// All zero (the array's initial state) means "not configured": `from_pod` then hands
@@ -11,18 +11,24 @@ use core::mem::size_of;
 pub struct TunnelConfig {
     /// Interface index of the node's VXLAN device (external mode), host order.
     pub vxlan_ifindex: u32,
-    /// This node's underlay IPv4, network order. Ipcache entries whose tunnel endpoint is
-    /// this address are local and are never tunnelled.
+    /// This node's underlay IPv4, network order (zero: the node has no IPv4 underlay
+    /// address). Ipcache entries whose tunnel endpoint is this address are local and are
+    /// never tunnelled.
     pub local_ipv4: [u8; 4],
     /// [`tunnel_flags`], host order.
     pub flags: u32,
     /// UDP port of the VXLAN device, network order (`from_underlay` decapsulates datagrams
-    /// to `local_ipv4` and this port). Zero: `from_underlay` decapsulates nothing.
+    /// to `local_ipv4` or `local_ipv6` and this port). Zero: `from_underlay` decapsulates
+    /// nothing.
     pub vxlan_port: [u8; 2],
     /// Zero.
     pub pad: u16,
+    /// This node's underlay IPv6, network order (all zero: none). The same role as
+    /// `local_ipv4` for tunnel endpoints of the IPv6 family.
+    pub local_ipv6: [u8; 16],
 }
-const _: () = assert!(size_of::<TunnelConfig>() == 16);
+const _: () = assert!(size_of::<TunnelConfig>() == 32);
+const _: () = assert!(offset_of!(TunnelConfig, local_ipv6) == 16);
 
 /// Bits of [`TunnelConfig::flags`].
 pub mod tunnel_flags {
@@ -53,7 +59,8 @@ impl TraceSlot {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct TunnelTrace {
-    /// Remote node (egress: destination, ingress: source), network order.
+    /// Remote node (egress: destination, ingress: source) when the tunnel runs over IPv4,
+    /// network order; zero over IPv6.
     pub remote_ipv4: [u8; 4],
     /// VNI = source security identity, host order.
     pub vni: u32,
@@ -61,8 +68,11 @@ pub struct TunnelTrace {
     pub ifindex: u32,
     /// Number of packets this slot has recorded on this CPU.
     pub packets: u32,
+    /// Remote node when the tunnel runs over IPv6, network order; zero over IPv4.
+    pub remote_ipv6: [u8; 16],
 }
-const _: () = assert!(size_of::<TunnelTrace>() == 16);
+const _: () = assert!(size_of::<TunnelTrace>() == 32);
+const _: () = assert!(offset_of!(TunnelTrace, remote_ipv6) == 16);
 
 #[cfg(feature = "user")]
 mod pod {

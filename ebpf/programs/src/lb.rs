@@ -1,4 +1,6 @@
-//! Service load balancing (IPv4 TCP/UDP) at the source pod's egress, before netfilter.
+//! Service load balancing (TCP/UDP over IPv4 and IPv6) at the source pod's egress, before
+//! netfilter. Written once over [`Lb`], implemented per family: `CM_LB4_*` for IPv4,
+//! `CM_LB6_*` (Cilium's lb6 layouts) for IPv6, with the same semantics.
 //!
 //! * [`egress`] runs first in `from_pod`: a packet to a frontend (`VIP:port/proto` in
 //!   `CM_LB4_SERVICES`, slot 0) is bound to a backend — the one its connection already uses
@@ -29,20 +31,24 @@
 //!
 //! Failover needs no restart: when the agent deletes a backend, the next packet of a
 //! connection bound to it misses in `CM_LB4_BACKENDS` and is bound to a new backend.
-//! Not handled yet: later IPv4 fragments (counted, passed untranslated), ClientIP
-//! session affinity, IPv6.
+//! IPv6 differences: no header checksum (only the L4 pseudo-header sum is fixed, by a
+//! `bpf_csum_diff` of the 16-byte addresses); the transport header may follow extension
+//! headers (the parser found it); hairpin connections use [`LB_LOOPBACK_IPV6`].
+//! Not handled yet: later fragments (counted, passed untranslated), ClientIP session
+//! affinity.
 
-use aya_ebpf::bindings::{BPF_F_MARK_MANGLED_0, BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR};
-use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use aya_ebpf::bindings::{__sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR};
+use aya_ebpf::helpers::{bpf_csum_diff, bpf_get_prandom_u32, bpf_ktime_get_ns};
 use aya_ebpf::macros::map;
 use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::TcContext;
 use clustermesh_ebpf_abi::{
-    ct_dir, defaults, Ct4Entry, Ct4Key, Lb4Backend, Lb4Key, Lb4RevNat, Lb4Service, LbCounter,
-    IPPROTO_TCP, IPPROTO_UDP, LB_LOOPBACK_IPV4,
+    ct_dir, defaults, Ct4Entry, Ct4Key, Ct6Key, Lb4Backend, Lb4Key, Lb4RevNat, Lb4Service,
+    Lb6Backend, Lb6Key, Lb6RevNat, LbCounter, IPPROTO_TCP, IPPROTO_UDP, LB_LOOPBACK_IPV4,
+    LB_LOOPBACK_IPV6,
 };
 
-use crate::packet::{ensure, read, Error, Ipv4, ETH_HLEN};
+use crate::packet::{ensure, read, Error, Ip, Ipv4, Ipv6, Transport, ETH_HLEN};
 
 /// Frontends (slot 0) and their backend slots. No prealloc: an update replaces the element
 /// (RCU) instead of rewriting it under a reader.
@@ -65,17 +71,31 @@ static CM_LB4_REVNAT: HashMap<u16, Lb4RevNat> =
 static CM_LB4_CT: LruHashMap<Ct4Key, Ct4Entry> =
     LruHashMap::with_max_entries(defaults::LB4_CT_MAX_ENTRIES, 0);
 
+/// The IPv6 frontends and backend slots.
+#[map]
+static CM_LB6_SERVICES: HashMap<Lb6Key, Lb4Service> =
+    HashMap::with_max_entries(defaults::LB6_SERVICES_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// IPv6 backends (IDs from the same space as the IPv4 ones).
+#[map]
+static CM_LB6_BACKENDS: HashMap<u32, Lb6Backend> =
+    HashMap::with_max_entries(defaults::LB6_BACKENDS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// IPv6 rev-NAT index → frontend.
+#[map]
+static CM_LB6_REVNAT: HashMap<u16, Lb6RevNat> =
+    HashMap::with_max_entries(defaults::LB6_REVERSE_NAT_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// IPv6 service connections.
+#[map]
+static CM_LB6_CT: LruHashMap<Ct6Key, Ct4Entry> =
+    LruHashMap::with_max_entries(defaults::LB6_CT_MAX_ENTRIES, 0);
+
 #[map]
 static CM_LB_CNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(LbCounter::COUNT, 0);
 
 /// Offset of the IPv4 header checksum.
 const IP_CSUM_OFF: usize = ETH_HLEN + 10;
-/// Offset of the IPv4 source address.
-const IP_SRC_OFF: usize = ETH_HLEN + 12;
-/// Offset of the IPv4 destination address.
-const IP_DST_OFF: usize = ETH_HLEN + 16;
-/// Fragment offset bits of the IPv4 `frag_off` field (host order).
-const IP_OFFSET_MASK: u16 = 0x1fff;
 
 #[inline(always)]
 fn count(counter: LbCounter) {
@@ -85,11 +105,284 @@ fn count(counter: LbCounter) {
     }
 }
 
+/// The per-family half of the LB step: its maps, keys and the address rewrite.
+pub trait Lb: Ip {
+    /// Service map key.
+    type Key: Copy + 'static;
+    /// Backend map value.
+    type Backend: Copy + Default + 'static;
+    /// Reverse-NAT map value.
+    type RevNat: Copy + 'static;
+    /// Connection tracking key.
+    type CtKey: Copy + 'static;
+    /// Source of hairpin connections.
+    const LOOPBACK: Self::Addr;
+    fn services() -> &'static HashMap<Self::Key, Lb4Service>;
+    fn backends() -> &'static HashMap<u32, Self::Backend>;
+    fn rev_nats() -> &'static HashMap<u16, Self::RevNat>;
+    fn ct() -> &'static LruHashMap<Self::CtKey, Ct4Entry>;
+    fn key(address: Self::Addr, dport: u16, proto: u8, slot: u16) -> Self::Key;
+    fn set_slot(key: &mut Self::Key, slot: u16);
+    #[allow(clippy::too_many_arguments)]
+    fn ct_key(
+        saddr: Self::Addr,
+        daddr: Self::Addr,
+        sport: u16,
+        dport: u16,
+        proto: u8,
+        dir: u8,
+    ) -> Self::CtKey;
+    /// Address and port (network order) of a backend.
+    fn backend(b: &Self::Backend) -> (Self::Addr, u16);
+    /// Address and port of a frontend.
+    fn rev_nat(r: &Self::RevNat) -> (Self::Addr, u16);
+    /// The parts of [`egress`] and [`reverse`], inlined (IPv4) or as subprograms (IPv6).
+    #[inline(always)]
+    fn lb_lookup(
+        ctx: &TcContext,
+        ip: &mut Self,
+        st: &mut LbState<Self::Backend>,
+    ) -> Result<Step, Error> {
+        lookup(ctx, ip, st)
+    }
+    #[inline(always)]
+    fn lb_select(ip: &Self, l4: &L4, svc: &Lb4Service, out: &mut Bound<Self::Backend>) -> bool {
+        select(ip, l4, svc, out)
+    }
+    #[inline(always)]
+    fn lb_track(ip: &Self, l4: &L4, svc: &Lb4Service, b: &Bound<Self::Backend>) {
+        track(ip, l4, svc, b)
+    }
+    #[inline(always)]
+    fn lb_translate(
+        ctx: &TcContext,
+        ip: &mut Self,
+        st: &LbState<Self::Backend>,
+    ) -> Result<(), Error> {
+        translate(ctx, ip, st)
+    }
+    #[inline(always)]
+    fn lb_reverse(ctx: &TcContext, ip: &mut Self) -> Result<(), Error> {
+        reverse_inline(ctx, ip)
+    }
+    /// Rewrites the address at `addr_off` from `old` to `new`, fixing the checksums it is
+    /// part of (`csum_off` is the L4 checksum, `flags` its helper flags).
+    fn rewrite_addr(
+        ctx: &TcContext,
+        csum_off: usize,
+        flags: u64,
+        addr_off: usize,
+        old: Self::Addr,
+        new: Self::Addr,
+    ) -> Result<(), Error>;
+}
+
+impl Lb for Ipv4 {
+    type Key = Lb4Key;
+    type Backend = Lb4Backend;
+    type RevNat = Lb4RevNat;
+    type CtKey = Ct4Key;
+    const LOOPBACK: [u8; 4] = LB_LOOPBACK_IPV4;
+    #[inline(always)]
+    fn services() -> &'static HashMap<Lb4Key, Lb4Service> {
+        &CM_LB4_SERVICES
+    }
+    #[inline(always)]
+    fn backends() -> &'static HashMap<u32, Lb4Backend> {
+        &CM_LB4_BACKENDS
+    }
+    #[inline(always)]
+    fn rev_nats() -> &'static HashMap<u16, Lb4RevNat> {
+        &CM_LB4_REVNAT
+    }
+    #[inline(always)]
+    fn ct() -> &'static LruHashMap<Ct4Key, Ct4Entry> {
+        &CM_LB4_CT
+    }
+    #[inline(always)]
+    fn key(address: [u8; 4], dport: u16, proto: u8, slot: u16) -> Lb4Key {
+        Lb4Key {
+            address,
+            dport,
+            backend_slot: slot,
+            proto,
+            scope: 0,
+            pad: [0; 2],
+        }
+    }
+    #[inline(always)]
+    fn set_slot(key: &mut Lb4Key, slot: u16) {
+        key.backend_slot = slot;
+    }
+    #[inline(always)]
+    fn ct_key(
+        saddr: [u8; 4],
+        daddr: [u8; 4],
+        sport: u16,
+        dport: u16,
+        proto: u8,
+        dir: u8,
+    ) -> Ct4Key {
+        Ct4Key {
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto,
+            flags: dir,
+            pad: 0,
+        }
+    }
+    #[inline(always)]
+    fn backend(b: &Lb4Backend) -> ([u8; 4], u16) {
+        (b.address, b.port)
+    }
+    #[inline(always)]
+    fn rev_nat(r: &Lb4RevNat) -> ([u8; 4], u16) {
+        (r.address, r.port)
+    }
+    #[inline(always)]
+    fn rewrite_addr(
+        ctx: &TcContext,
+        csum_off: usize,
+        flags: u64,
+        addr_off: usize,
+        old: [u8; 4],
+        new: [u8; 4],
+    ) -> Result<(), Error> {
+        // The helpers take the values as they sit in memory (network order).
+        let from = u64::from(u32::from_ne_bytes(old));
+        let to = u64::from(u32::from_ne_bytes(new));
+        ctx.l4_csum_replace(csum_off, from, to, flags | u64::from(BPF_F_PSEUDO_HDR) | 4)
+            .map_err(|_| Error::Helper)?;
+        ctx.l3_csum_replace(IP_CSUM_OFF, from, to, 4)
+            .map_err(|_| Error::Helper)?;
+        ctx.store(addr_off, &new, 0).map_err(|_| Error::Helper)
+    }
+}
+
+/// 16 bytes as the four big-endian words `bpf_csum_diff` sums.
+#[inline(always)]
+fn words(a: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
+}
+
+impl Lb for Ipv6 {
+    type Key = Lb6Key;
+    type Backend = Lb6Backend;
+    type RevNat = Lb6RevNat;
+    type CtKey = Ct6Key;
+    const LOOPBACK: [u8; 16] = LB_LOOPBACK_IPV6;
+    #[inline(always)]
+    fn services() -> &'static HashMap<Lb6Key, Lb4Service> {
+        &CM_LB6_SERVICES
+    }
+    #[inline(always)]
+    fn backends() -> &'static HashMap<u32, Lb6Backend> {
+        &CM_LB6_BACKENDS
+    }
+    #[inline(always)]
+    fn rev_nats() -> &'static HashMap<u16, Lb6RevNat> {
+        &CM_LB6_REVNAT
+    }
+    #[inline(always)]
+    fn ct() -> &'static LruHashMap<Ct6Key, Ct4Entry> {
+        &CM_LB6_CT
+    }
+    #[inline(always)]
+    fn key(address: [u8; 16], dport: u16, proto: u8, slot: u16) -> Lb6Key {
+        Lb6Key {
+            address,
+            dport,
+            backend_slot: slot,
+            proto,
+            scope: 0,
+            pad: [0; 2],
+        }
+    }
+    #[inline(always)]
+    fn set_slot(key: &mut Lb6Key, slot: u16) {
+        key.backend_slot = slot;
+    }
+    #[inline(always)]
+    fn ct_key(
+        saddr: [u8; 16],
+        daddr: [u8; 16],
+        sport: u16,
+        dport: u16,
+        proto: u8,
+        dir: u8,
+    ) -> Ct6Key {
+        Ct6Key {
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto,
+            flags: dir,
+            pad: 0,
+        }
+    }
+    #[inline(always)]
+    fn backend(b: &Lb6Backend) -> ([u8; 16], u16) {
+        (b.address, b.port)
+    }
+    #[inline(always)]
+    fn rev_nat(r: &Lb6RevNat) -> ([u8; 16], u16) {
+        (r.address, r.port)
+    }
+    #[inline(always)]
+    fn rewrite_addr(
+        ctx: &TcContext,
+        csum_off: usize,
+        flags: u64,
+        addr_off: usize,
+        old: [u8; 16],
+        new: [u8; 16],
+    ) -> Result<(), Error> {
+        // A bool, not a Result: a subprogram returns one register (no stack arguments).
+        if rewrite_addr_v6(ctx.skb.skb, csum_off, flags, addr_off, &[old, new]) {
+            Ok(())
+        } else {
+            Err(Error::Helper)
+        }
+    }
+    #[inline(always)]
+    fn lb_lookup(
+        ctx: &TcContext,
+        ip: &mut Self,
+        st: &mut LbState<Lb6Backend>,
+    ) -> Result<Step, Error> {
+        v6::lookup(ctx.skb.skb, ip, st)
+    }
+    #[inline(always)]
+    fn lb_select(ip: &Self, l4: &L4, svc: &Lb4Service, out: &mut Bound<Lb6Backend>) -> bool {
+        v6::select(ip, l4, svc, out)
+    }
+    #[inline(always)]
+    fn lb_track(ip: &Self, l4: &L4, svc: &Lb4Service, b: &Bound<Lb6Backend>) {
+        v6::track(ip, l4, svc, b)
+    }
+    #[inline(always)]
+    fn lb_translate(ctx: &TcContext, ip: &mut Self, st: &LbState<Lb6Backend>) -> Result<(), Error> {
+        v6::translate(ctx.skb.skb, ip, st)
+    }
+    #[inline(always)]
+    fn lb_reverse(ctx: &TcContext, ip: &mut Self) -> Result<(), Error> {
+        v6::reverse(ctx.skb.skb, ip)
+    }
+}
+
 /// The L4 part of a TCP/UDP packet.
 #[derive(Default)]
-struct L4 {
+pub struct L4 {
     proto: u8,
-    /// Offset of the L4 header (Ethernet + IPv4 header with options).
+    /// Offset of the L4 header (Ethernet + IP header with options / extension headers).
     off: usize,
     /// Ports as on the wire (network order).
     sport: u16,
@@ -117,40 +410,40 @@ impl L4 {
 
 /// Fills `out` for a TCP or UDP packet whose ports are present (first fragment or not a
 /// fragment). `Ok(false)` for other protocols and for later fragments. The caller has
-/// parsed Ethernet + IPv4 (the first 34 bytes are linear and the header is valid).
+/// parsed the IP header (it is linear and valid).
 #[inline(always)]
-fn parse_l4(ctx: &TcContext, out: &mut L4) -> Result<bool, Error> {
-    let proto: u8 = read(ctx, ETH_HLEN + 9)?;
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+fn parse_l4<P: Ip>(ctx: &TcContext, ip: &P, out: &mut L4) -> Result<bool, Error> {
+    let mut t = Transport::default();
+    if !ip.transport(ctx, &mut t) {
         return Ok(false);
     }
-    let frag = u16::from_be(read::<u16>(ctx, ETH_HLEN + 6)?);
-    if frag & IP_OFFSET_MASK != 0 {
+    if t.proto != IPPROTO_TCP && t.proto != IPPROTO_UDP {
+        return Ok(false);
+    }
+    if t.no_ports {
         count(LbCounter::Fragment);
         return Ok(false);
     }
-    let version_ihl: u8 = read(ctx, ETH_HLEN)?;
-    let off = ETH_HLEN + ((version_ihl & 0x0f) as usize) * 4;
     // Ports, and the checksum field the rewrite touches.
-    let need = if proto == IPPROTO_TCP { 18 } else { 8 };
-    ensure(ctx, off + need)?;
-    out.proto = proto;
-    out.off = off;
-    out.sport = read(ctx, off)?;
-    out.dport = read(ctx, off + 2)?;
+    let need = if t.proto == IPPROTO_TCP { 18 } else { 8 };
+    ensure(ctx, t.off + need)?;
+    out.proto = t.proto;
+    out.off = t.off;
+    out.sport = read(ctx, t.off)?;
+    out.dport = read(ctx, t.off + 2)?;
     Ok(true)
 }
 
 /// Rewrites one address (at `addr_off`) and the matching port (at `port_off`), fixing the
-/// IPv4 header checksum and the L4 checksum (pseudo-header for the address).
+/// checksums (IPv4 header, L4 with its pseudo-header).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn rewrite(
+fn rewrite<P: Lb>(
     ctx: &TcContext,
     l4: &L4,
     addr_off: usize,
-    old_addr: [u8; 4],
-    new_addr: [u8; 4],
+    old_addr: P::Addr,
+    new_addr: P::Addr,
     port_off: usize,
     old_port: u16,
     new_port: u16,
@@ -158,15 +451,7 @@ fn rewrite(
     let csum_off = l4.csum_off();
     let flags = l4.csum_flags();
     if old_addr != new_addr {
-        // The helpers take the values as they sit in memory (network order).
-        let from = u64::from(u32::from_ne_bytes(old_addr));
-        let to = u64::from(u32::from_ne_bytes(new_addr));
-        ctx.l4_csum_replace(csum_off, from, to, flags | u64::from(BPF_F_PSEUDO_HDR) | 4)
-            .map_err(|_| Error::Helper)?;
-        ctx.l3_csum_replace(IP_CSUM_OFF, from, to, 4)
-            .map_err(|_| Error::Helper)?;
-        ctx.store(addr_off, &new_addr, 0)
-            .map_err(|_| Error::Helper)?;
+        P::rewrite_addr(ctx, csum_off, flags, addr_off, old_addr, new_addr)?;
     }
     if old_port != new_port {
         ctx.l4_csum_replace(
@@ -182,17 +467,17 @@ fn rewrite(
     Ok(())
 }
 
-/// Reads backend slot `slot` (1-based) of the service `key` names, and its backend.
+/// Reads backend slot `slot` (1-based) of the service whose key is `key` (its slot field is
+/// overwritten), and its backend.
 #[inline(always)]
-fn slot_backend(key: &Lb4Key, slot: u32, id: &mut u32, be: &mut Lb4Backend) -> bool {
-    let mut slot_key = *key;
-    slot_key.backend_slot = slot as u16;
-    let Some(s) = CM_LB4_SERVICES.get_ptr(slot_key) else {
+fn slot_backend<P: Lb>(key: &mut P::Key, slot: u32, id: &mut u32, be: &mut P::Backend) -> bool {
+    P::set_slot(key, slot as u16);
+    let Some(s) = P::services().get_ptr(&*key) else {
         return false;
     };
     // SAFETY: pointer from a successful lookup in a NO_PREALLOC hash (RCU-protected).
     let backend_id = unsafe { (*s).backend_id };
-    let Some(b) = CM_LB4_BACKENDS.get_ptr(backend_id) else {
+    let Some(b) = P::backends().get_ptr(backend_id) else {
         return false;
     };
     // SAFETY: as above.
@@ -201,211 +486,329 @@ fn slot_backend(key: &Lb4Key, slot: u32, id: &mut u32, be: &mut Lb4Backend) -> b
     true
 }
 
-/// Picks a backend for a new connection from `client`: a uniformly random slot of `svc`,
+/// Picks a backend for a new connection (`ip`, `l4`): a uniformly random slot of `svc`,
 /// then the backend it names. If that is the client itself and there are other slots, one
 /// of the others instead (uniform offset from the first pick, never back to it). Writes the
-/// backend and its ID; `false` if a slot or backend is missing.
+/// backend and its ID; `false` if a slot or backend is missing. Addresses are read from
+/// `ip` where they are used, not held across helper calls (IPv6: 16-byte values spilled
+/// around every call cost stack the subprogram does not have).
 #[inline(always)]
-fn select(
-    key: &Lb4Key,
-    svc: &Lb4Service,
-    client: [u8; 4],
-    id: &mut u32,
-    be: &mut Lb4Backend,
-) -> bool {
+fn select<P: Lb>(ip: &P, l4: &L4, svc: &Lb4Service, out: &mut Bound<P::Backend>) -> bool {
+    let mut key = P::key(ip.daddr(), l4.dport, l4.proto, 0);
     // SAFETY: plain helper call.
     let rnd = unsafe { bpf_get_prandom_u32() };
     let slots = u32::from(svc.count);
-    let first = rnd % slots;
-    if !slot_backend(key, first + 1, id, be) {
+    if slots == 0 {
+        // The caller checked; repeated for the IPv6 subprogram, which cannot know.
         return false;
     }
-    if be.address != client || slots < 2 {
+    let first = rnd % slots;
+    if !slot_backend::<P>(&mut key, first + 1, &mut out.id, &mut out.backend) {
+        return false;
+    }
+    if P::backend(&out.backend).0 != ip.saddr() || slots < 2 {
         return true;
     }
     // Offset 1..count-1 from the first pick (high bits: the low ones chose `first`).
     let offset = 1 + (rnd >> 16) % (slots - 1);
     let slot = (first + offset) % slots;
-    let mut other_id = 0u32;
-    let mut other = Lb4Backend::default();
-    if slot_backend(key, slot + 1, &mut other_id, &mut other) {
-        if other.address != client {
+    let mut other = Bound {
+        id: 0,
+        backend: P::Backend::default(),
+    };
+    if slot_backend::<P>(&mut key, slot + 1, &mut other.id, &mut other.backend) {
+        if P::backend(&other.backend).0 != ip.saddr() {
             count(LbCounter::SelfAvoided);
         }
-        *id = other_id;
-        *be = other;
+        *out = other;
     }
     // A missing slot (agent mid-update) keeps the first pick: hairpin below.
     true
 }
 
-/// Translates a packet to a frontend (see the module docs); `ip.daddr` becomes the
-/// backend's. `Ok(false)`: the packet must be dropped (a frontend without a usable backend).
+/// The backend a new connection was bound to.
+#[derive(Clone, Copy, Default)]
+pub struct Bound<B> {
+    id: u32,
+    backend: B,
+}
+
+/// Stores both CT entries of a connection just bound to `b` (see the module docs).
 #[inline(always)]
-pub fn egress(ctx: &TcContext, ip: &mut Ipv4) -> Result<bool, Error> {
-    let mut l4 = L4::default();
-    if !parse_l4(ctx, &mut l4)? {
-        return Ok(true);
-    }
-    if ip.daddr == LB_LOOPBACK_IPV4 {
-        hairpin_reply(ctx, ip, &l4)?;
-        return Ok(true);
-    }
-    let key = Lb4Key {
-        address: ip.daddr,
-        dport: l4.dport,
-        backend_slot: 0,
-        proto: l4.proto,
-        scope: 0,
-        pad: [0; 2],
+fn track<P: Lb>(ip: &P, l4: &L4, svc: &Lb4Service, b: &Bound<P::Backend>) {
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut entry = Ct4Entry {
+        backend_id: b.id,
+        rev_nat_index: svc.rev_nat_index,
+        pad: 0,
+        created_ns: now,
     };
-    let Some(svc) = CM_LB4_SERVICES.get_ptr(key) else {
-        return Ok(true);
+    let fwd = P::ct_key(
+        ip.saddr(),
+        ip.daddr(),
+        l4.sport,
+        l4.dport,
+        l4.proto,
+        ct_dir::FORWARD,
+    );
+    // LRU maps evict rather than fail; an error here only loses stickiness.
+    let _ = P::ct().insert(&fwd, &entry, 0);
+    let (be_addr, be_port) = P::backend(&b.backend);
+    // A hairpin connection's replies are addressed to the loopback source.
+    let reply = P::ct_key(
+        be_addr,
+        if be_addr == ip.saddr() {
+            P::LOOPBACK
+        } else {
+            ip.saddr()
+        },
+        be_port,
+        l4.sport,
+        l4.proto,
+        ct_dir::REPLY,
+    );
+    entry.backend_id = 0;
+    let _ = P::ct().insert(&reply, &entry, 0);
+    count(LbCounter::CtNew);
+}
+
+/// [`Lb::rewrite_addr`] for IPv6 as a subprogram.
+#[inline(never)]
+fn rewrite_addr_v6(
+    skb: *mut __sk_buff,
+    csum_off: usize,
+    flags: u64,
+    addr_off: usize,
+    addrs: &[[u8; 16]; 2],
+) -> bool {
+    let ctx = TcContext::new(skb);
+    let [old, new] = addrs;
+    // No IPv6 header checksum; the L4 checksum covers the addresses through the
+    // pseudo-header: apply the difference of the old and new 16 bytes (size 0 in the
+    // flags = `to` is a checksum difference, as Cilium's `csum_l4_replace` does).
+    let mut from = words(old);
+    let mut to = words(new);
+    // SAFETY: both pointers are to 16-byte stack arrays and the sizes say so.
+    let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
+    if diff < 0 {
+        return false;
+    }
+    ctx.l4_csum_replace(
+        csum_off,
+        0,
+        diff as u64 & 0xffff_ffff,
+        flags | u64::from(BPF_F_PSEUDO_HDR),
+    )
+    .is_ok()
+        && ctx.store(addr_off, new, 0).is_ok()
+}
+
+/// What [`lookup`] decided for a packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Step {
+    /// Not service traffic (or a hairpin reply, already rewritten): forward as it is.
+    Pass = 0,
+    /// A frontend without backends: drop.
+    Drop = 1,
+    /// A connection bound to a backend that still exists: translate.
+    Bound = 2,
+    /// A new connection (or its backend is gone): bind it, then translate.
+    New = 3,
+}
+
+/// The LB step's state between its parts.
+pub struct LbState<B> {
+    l4: L4,
+    svc: Lb4Service,
+    bound: Bound<B>,
+}
+
+/// Translates a packet to a frontend (see the module docs); `ip`'s destination becomes the
+/// backend's. `Ok(false)`: the packet must be dropped (a frontend without a usable backend).
+///
+/// Four parts, each an [`Lb`] method: IPv4 inlines them (one function, as before IPv6);
+/// IPv6 calls them as sibling subprograms from here, so no two of their frames are on the
+/// stack at once (BPF's 512 bytes are for the whole call chain).
+#[inline(always)]
+pub fn egress<P: Lb>(ctx: &TcContext, ip: &mut P) -> Result<bool, Error> {
+    let mut st = LbState {
+        l4: L4::default(),
+        svc: Lb4Service::default(),
+        bound: Bound {
+            id: 0,
+            backend: P::Backend::default(),
+        },
+    };
+    match P::lb_lookup(ctx, ip, &mut st)? {
+        Step::Pass => return Ok(true),
+        Step::Drop => return Ok(false),
+        Step::Bound => {}
+        Step::New => {
+            if !P::lb_select(ip, &st.l4, &st.svc, &mut st.bound) {
+                count(LbCounter::DropBackendMissing);
+                return Ok(false);
+            }
+            P::lb_track(ip, &st.l4, &st.svc, &st.bound);
+        }
+    }
+    P::lb_translate(ctx, ip, &st)?;
+    Ok(true)
+}
+
+/// First part of [`egress`]: transport header, hairpin reply, frontend and CT lookups.
+#[inline(always)]
+fn lookup<P: Lb>(ctx: &TcContext, ip: &mut P, st: &mut LbState<P::Backend>) -> Result<Step, Error> {
+    if !parse_l4(ctx, ip, &mut st.l4)? {
+        return Ok(Step::Pass);
+    }
+    if ip.daddr() == P::LOOPBACK {
+        hairpin_reply(ctx, ip, &st.l4)?;
+        return Ok(Step::Pass);
+    }
+    let l4 = &st.l4;
+    let key = P::key(ip.daddr(), l4.dport, l4.proto, 0);
+    let Some(svc) = P::services().get_ptr(&key) else {
+        return Ok(Step::Pass);
     };
     // SAFETY: pointer from a successful lookup in a NO_PREALLOC hash (RCU-protected).
-    let svc = unsafe { *svc };
-
-    let fwd = Ct4Key {
-        saddr: ip.saddr,
-        daddr: ip.daddr,
-        sport: l4.sport,
-        dport: l4.dport,
-        proto: l4.proto,
-        flags: ct_dir::FORWARD,
-        pad: 0,
-    };
-    let mut be = Lb4Backend::default();
-    let mut backend_id = 0u32;
-    if let Some(ct) = CM_LB4_CT.get_ptr(fwd) {
+    st.svc = unsafe { *svc };
+    let fwd = P::ct_key(
+        ip.saddr(),
+        ip.daddr(),
+        l4.sport,
+        l4.dport,
+        l4.proto,
+        ct_dir::FORWARD,
+    );
+    if let Some(ct) = P::ct().get_ptr(&fwd) {
         // SAFETY: pointer from a successful lookup; entries are only ever replaced whole.
         let id = unsafe { (*ct).backend_id };
-        if let Some(b) = CM_LB4_BACKENDS.get_ptr(id) {
+        if let Some(b) = P::backends().get_ptr(id) {
             // SAFETY: as above.
-            be = unsafe { *b };
-            backend_id = id;
+            st.bound.backend = unsafe { *b };
+            st.bound.id = id;
             count(LbCounter::CtHit);
-        } else {
-            count(LbCounter::Reselected);
+            return Ok(Step::Bound);
         }
+        count(LbCounter::Reselected);
     }
-    if backend_id == 0 {
-        if svc.count == 0 {
-            count(LbCounter::DropNoBackend);
-            return Ok(false);
-        }
-        if !select(&key, &svc, ip.saddr, &mut backend_id, &mut be) {
-            count(LbCounter::DropBackendMissing);
-            return Ok(false);
-        }
-        // SAFETY: plain helper call.
-        let now = unsafe { bpf_ktime_get_ns() };
-        let entry = Ct4Entry {
-            backend_id,
-            rev_nat_index: svc.rev_nat_index,
-            pad: 0,
-            created_ns: now,
-        };
-        // LRU maps evict rather than fail; an error here only loses stickiness.
-        let _ = CM_LB4_CT.insert(fwd, entry, 0);
-        // A hairpin connection's replies are addressed to the loopback source.
-        let reply = Ct4Key {
-            saddr: be.address,
-            daddr: if be.address == ip.saddr {
-                LB_LOOPBACK_IPV4
-            } else {
-                ip.saddr
-            },
-            sport: be.port,
-            dport: l4.sport,
-            proto: l4.proto,
-            flags: ct_dir::REPLY,
-            pad: 0,
-        };
-        let reply_entry = Ct4Entry {
-            backend_id: 0,
-            ..entry
-        };
-        let _ = CM_LB4_CT.insert(reply, reply_entry, 0);
-        count(LbCounter::CtNew);
+    if st.svc.count == 0 {
+        count(LbCounter::DropNoBackend);
+        return Ok(Step::Drop);
     }
+    Ok(Step::New)
+}
 
-    rewrite(
+/// Last part of [`egress`]: destination → backend, and for a hairpin source → loopback.
+#[inline(always)]
+fn translate<P: Lb>(ctx: &TcContext, ip: &mut P, st: &LbState<P::Backend>) -> Result<(), Error> {
+    let l4 = &st.l4;
+    let (be_addr, be_port) = P::backend(&st.bound.backend);
+    rewrite::<P>(
         ctx,
-        &l4,
-        IP_DST_OFF,
-        ip.daddr,
-        be.address,
+        l4,
+        P::DST_OFF,
+        ip.daddr(),
+        be_addr,
         l4.off + 2,
         l4.dport,
-        be.port,
+        be_port,
     )?;
-    ip.daddr = be.address;
-    if be.address == ip.saddr {
+    ip.set_daddr(be_addr);
+    if be_addr == ip.saddr() {
         // Hairpin: the client is its own backend; source → loopback (port unchanged).
-        rewrite(
+        rewrite::<P>(
             ctx,
-            &l4,
-            IP_SRC_OFF,
-            ip.saddr,
-            LB_LOOPBACK_IPV4,
+            l4,
+            P::SRC_OFF,
+            ip.saddr(),
+            P::LOOPBACK,
             l4.off,
             l4.sport,
             l4.sport,
         )?;
-        ip.saddr = LB_LOOPBACK_IPV4;
+        ip.set_saddr(P::LOOPBACK);
         count(LbCounter::Hairpin);
     }
     count(LbCounter::Translated);
-    Ok(true)
+    Ok(())
 }
 
-/// A packet from a pod to [`LB_LOOPBACK_IPV4`]: if it is the reply of a hairpin connection
+/// The IPv6 parts of [`egress`] as subprograms (`#[inline(never)]`: each its own frame).
+mod v6 {
+    use aya_ebpf::bindings::__sk_buff;
+    use aya_ebpf::programs::TcContext;
+    use clustermesh_ebpf_abi::{Lb4Service, Lb6Backend};
+
+    use super::{Bound, LbState, Step, L4};
+    use crate::packet::{Error, Ipv6};
+
+    #[inline(never)]
+    pub fn lookup(
+        skb: *mut __sk_buff,
+        ip: &mut Ipv6,
+        st: &mut LbState<Lb6Backend>,
+    ) -> Result<Step, Error> {
+        super::lookup(&TcContext::new(skb), ip, st)
+    }
+
+    #[inline(never)]
+    pub fn select(ip: &Ipv6, l4: &L4, svc: &Lb4Service, out: &mut Bound<Lb6Backend>) -> bool {
+        super::select(ip, l4, svc, out)
+    }
+
+    #[inline(never)]
+    pub fn track(ip: &Ipv6, l4: &L4, svc: &Lb4Service, b: &Bound<Lb6Backend>) {
+        super::track(ip, l4, svc, b)
+    }
+
+    #[inline(never)]
+    pub fn translate(
+        skb: *mut __sk_buff,
+        ip: &mut Ipv6,
+        st: &LbState<Lb6Backend>,
+    ) -> Result<(), Error> {
+        super::translate(&TcContext::new(skb), ip, st)
+    }
+
+    #[inline(never)]
+    pub fn reverse(skb: *mut __sk_buff, ip: &mut Ipv6) -> Result<(), Error> {
+        super::reverse_inline(&TcContext::new(skb), ip)
+    }
+}
+
+/// A packet from a pod to the loopback address: if it is the reply of a hairpin connection
 /// (`pod:backend-port → loopback:client-port`), rewrites it to `VIP:port → pod:client-port`
 /// so that `from_pod` delivers it back into the pod. Anything else is left untouched.
 #[inline(always)]
-fn hairpin_reply(ctx: &TcContext, ip: &mut Ipv4, l4: &L4) -> Result<(), Error> {
-    let key = Ct4Key {
-        saddr: ip.saddr,
-        daddr: ip.daddr,
-        sport: l4.sport,
-        dport: l4.dport,
-        proto: l4.proto,
-        flags: ct_dir::REPLY,
-        pad: 0,
-    };
-    let Some(ct) = CM_LB4_CT.get_ptr(key) else {
+fn hairpin_reply<P: Lb>(ctx: &TcContext, ip: &mut P, l4: &L4) -> Result<(), Error> {
+    let pod = ip.saddr();
+    let key = P::ct_key(pod, ip.daddr(), l4.sport, l4.dport, l4.proto, ct_dir::REPLY);
+    let Some(ct) = P::ct().get_ptr(&key) else {
         return Ok(());
     };
     // SAFETY: pointer from a successful lookup; entries are only ever replaced whole.
     let index = unsafe { (*ct).rev_nat_index };
-    let Some(rev) = CM_LB4_REVNAT.get_ptr(index) else {
+    let Some(rev) = P::rev_nats().get_ptr(index) else {
         return Ok(());
     };
     // SAFETY: pointer from a successful lookup in a NO_PREALLOC hash (RCU-protected).
-    let rev = unsafe { *rev };
-    let pod = ip.saddr;
-    rewrite(
+    let (vip, vport) = P::rev_nat(unsafe { &*rev });
+    rewrite::<P>(ctx, l4, P::SRC_OFF, pod, vip, l4.off, l4.sport, vport)?;
+    rewrite::<P>(
         ctx,
         l4,
-        IP_SRC_OFF,
-        pod,
-        rev.address,
-        l4.off,
-        l4.sport,
-        rev.port,
-    )?;
-    rewrite(
-        ctx,
-        l4,
-        IP_DST_OFF,
-        LB_LOOPBACK_IPV4,
+        P::DST_OFF,
+        P::LOOPBACK,
         pod,
         l4.off + 2,
         l4.dport,
         l4.dport,
     )?;
-    ip.saddr = rev.address;
-    ip.daddr = pod;
+    ip.set_saddr(vip);
+    ip.set_daddr(pod);
     count(LbCounter::Hairpin);
     count(LbCounter::RevNat);
     Ok(())
@@ -414,41 +817,37 @@ fn hairpin_reply(ctx: &TcContext, ip: &mut Ipv4, l4: &L4) -> Result<(), Error> {
 /// Reverse translation of a reply about to be delivered to a local pod (see the module
 /// docs): source back to the frontend when the packet matches a reply tuple.
 #[inline(always)]
-pub fn reverse(ctx: &TcContext, ip: &mut Ipv4) -> Result<(), Error> {
+pub fn reverse<P: Lb>(ctx: &TcContext, ip: &mut P) -> Result<(), Error> {
+    P::lb_reverse(ctx, ip)
+}
+
+#[inline(always)]
+fn reverse_inline<P: Lb>(ctx: &TcContext, ip: &mut P) -> Result<(), Error> {
     let mut l4 = L4::default();
-    if !parse_l4(ctx, &mut l4)? {
+    if !parse_l4(ctx, ip, &mut l4)? {
         return Ok(());
     }
-    let key = Ct4Key {
-        saddr: ip.saddr,
-        daddr: ip.daddr,
-        sport: l4.sport,
-        dport: l4.dport,
-        proto: l4.proto,
-        flags: ct_dir::REPLY,
-        pad: 0,
-    };
-    let Some(ct) = CM_LB4_CT.get_ptr(key) else {
+    let saddr = ip.saddr();
+    let key = P::ct_key(
+        saddr,
+        ip.daddr(),
+        l4.sport,
+        l4.dport,
+        l4.proto,
+        ct_dir::REPLY,
+    );
+    let Some(ct) = P::ct().get_ptr(&key) else {
         return Ok(());
     };
     // SAFETY: pointer from a successful lookup; entries are only ever replaced whole.
     let index = unsafe { (*ct).rev_nat_index };
-    let Some(rev) = CM_LB4_REVNAT.get_ptr(index) else {
+    let Some(rev) = P::rev_nats().get_ptr(index) else {
         return Ok(());
     };
     // SAFETY: pointer from a successful lookup in a NO_PREALLOC hash (RCU-protected).
-    let rev = unsafe { *rev };
-    rewrite(
-        ctx,
-        &l4,
-        IP_SRC_OFF,
-        ip.saddr,
-        rev.address,
-        l4.off,
-        l4.sport,
-        rev.port,
-    )?;
-    ip.saddr = rev.address;
+    let (vip, vport) = P::rev_nat(unsafe { &*rev });
+    rewrite::<P>(ctx, &l4, P::SRC_OFF, saddr, vip, l4.off, l4.sport, vport)?;
+    ip.set_saddr(vip);
     count(LbCounter::RevNat);
     Ok(())
 }

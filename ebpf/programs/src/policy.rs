@@ -1,4 +1,6 @@
-//! Policy enforcement and flow events, called from `from_pod` and `from_overlay`.
+//! Policy enforcement and flow events, called from `from_pod` and `from_overlay` /
+//! `from_underlay`, for IPv4 and IPv6 alike (generic over [`Ip`]; each family has its own
+//! connection tracking map, `CM_POLICY_CT` / `CM_POLICY_CT6`).
 //!
 //! Policy is per subject identity (the local endpoint's): `CM_POLICY_MODE` says in which
 //! directions an identity is default-deny; `CM_POLICY` holds the allowed
@@ -14,22 +16,25 @@
 //! for enforced endpoints, at most once a second per connection: endpoints without policy
 //! never touch it.
 //!
+//! ICMPv6 neighbour discovery (types 133..=137) is never subject to policy, as in Cilium:
+//! a pod with egress policy must still resolve its gateway and answer its neighbours.
+//!
 //! Every drop, and forwarded packets per `CM_FLOW_CFG`, become a [`FlowEvent`] in the
 //! `CM_FLOWS` ring buffer; a full ring counts `FlowsLost` instead of blocking.
 
 use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use aya_ebpf::macros::map;
-use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::TcContext;
 use clustermesh_ebpf_abi::{
-    direction, drop_reason, flow_flags, observation, policy_ct, policy_flags, policy_map, verdict,
-    EndpointInfo, EndpointKey, FlowConfig, FlowEvent, IpcacheKey, PolicyCounter, PolicyCtKey,
-    PolicyCtValue, PolicyKey, PolicyMatch, PolicyValue, IDENTITY_WORLD,
+    direction, drop_reason, family, flow_flags, observation, policy_ct, policy_flags, policy_map,
+    verdict, EndpointInfo, FlowConfig, FlowEvent, PolicyCounter, PolicyCt6Key, PolicyCtKey,
+    PolicyCtValue, PolicyKey, PolicyMatch, PolicyValue, ICMPV6_ND_TYPES, IDENTITY_WORLD,
+    IPPROTO_ICMPV6,
 };
 
-use crate::packet::{Ipv4, ETH_HLEN};
+use crate::packet::{Ip, Ipv4, Ipv6, Transport};
 
 #[map]
 static CM_POLICY: HashMap<PolicyKey, PolicyValue> =
@@ -47,6 +52,10 @@ static CM_POLICY_CT: LruHashMap<PolicyCtKey, PolicyCtValue> =
     LruHashMap::with_max_entries(policy_map::CT_MAX_ENTRIES, 0);
 
 #[map]
+static CM_POLICY_CT6: LruHashMap<PolicyCt6Key, PolicyCtValue> =
+    LruHashMap::with_max_entries(policy_map::CT6_MAX_ENTRIES, 0);
+
+#[map]
 static CM_FLOWS: RingBuf = RingBuf::with_byte_size(policy_map::FLOWS_BYTES, 0);
 
 #[map]
@@ -62,6 +71,8 @@ const TCP_SYN_FIN_RST: u8 = 0x07;
 struct L4 {
     proto: u8,
     tcp_flags: u8,
+    /// An ICMPv6 neighbour discovery message: not subject to policy.
+    nd: bool,
     sport: u16,
     dport: u16,
 }
@@ -76,28 +87,84 @@ fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
     Some(unsafe { core::ptr::read_unaligned(start as *const T) })
 }
 
-/// Protocol, ports and TCP flags; ports stay 0 for non-first fragments and headers that
-/// are not in the linear area after a pull (a policy with ports then does not match).
+/// The per-family half of policy: the connection tracking map and its key.
+pub trait PolicyIp: Ip {
+    /// Key of the family's connection tracking map.
+    type CtKey: Copy + 'static;
+    fn ct_map() -> &'static LruHashMap<Self::CtKey, PolicyCtValue>;
+    fn ct_key(
+        saddr: Self::Addr,
+        daddr: Self::Addr,
+        sport: u16,
+        dport: u16,
+        proto: u8,
+    ) -> Self::CtKey;
+}
+
+impl PolicyIp for Ipv4 {
+    type CtKey = PolicyCtKey;
+    #[inline(always)]
+    fn ct_map() -> &'static LruHashMap<PolicyCtKey, PolicyCtValue> {
+        &CM_POLICY_CT
+    }
+    #[inline(always)]
+    fn ct_key(saddr: [u8; 4], daddr: [u8; 4], sport: u16, dport: u16, proto: u8) -> PolicyCtKey {
+        PolicyCtKey {
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto,
+            pad: [0; 3],
+        }
+    }
+}
+
+impl PolicyIp for Ipv6 {
+    type CtKey = PolicyCt6Key;
+    #[inline(always)]
+    fn ct_map() -> &'static LruHashMap<PolicyCt6Key, PolicyCtValue> {
+        &CM_POLICY_CT6
+    }
+    #[inline(always)]
+    fn ct_key(saddr: [u8; 16], daddr: [u8; 16], sport: u16, dport: u16, proto: u8) -> PolicyCt6Key {
+        PolicyCt6Key {
+            saddr,
+            daddr,
+            sport,
+            dport,
+            proto,
+            pad: [0; 3],
+        }
+    }
+}
+
+/// Protocol, ports and TCP flags; ports stay 0 for later fragments, IPv6 chains too long
+/// to walk and headers that are not in the linear area after a pull (a policy with ports
+/// then does not match).
 #[inline(always)]
-fn parse_l4(ctx: &TcContext, out: &mut L4) {
-    let Some(vihl) = read::<u8>(ctx, ETH_HLEN) else {
-        return;
-    };
-    let Some(proto) = read::<u8>(ctx, ETH_HLEN + 9) else {
-        return;
-    };
-    let Some(frag) = read::<u16>(ctx, ETH_HLEN + 6) else {
-        return;
-    };
-    out.proto = proto;
-    if u16::from_be(frag) & 0x1fff != 0 {
+fn parse_l4<P: Ip>(ctx: &TcContext, ip: &P, out: &mut L4) {
+    let mut t = Transport::default();
+    if !ip.transport(ctx, &mut t) {
         return;
     }
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_SCTP {
+    out.proto = t.proto;
+    if t.no_ports {
         return;
     }
-    let ihl = ((vihl & 0x0f) as usize) * 4;
-    let l4 = ETH_HLEN + ihl;
+    let l4 = t.off;
+    if P::FAMILY == family::IPV6 && t.proto == IPPROTO_ICMPV6 {
+        if ctx.data() + l4 + 1 > ctx.data_end() && (ctx.len() as usize) > l4 {
+            let _ = ctx.pull_data((l4 + 1) as u32);
+        }
+        if let Some(ty) = read::<u8>(ctx, l4) {
+            out.nd = ICMPV6_ND_TYPES.contains(&ty);
+        }
+        return;
+    }
+    if t.proto != IPPROTO_TCP && t.proto != IPPROTO_UDP && t.proto != IPPROTO_SCTP {
+        return;
+    }
     if ctx.data() + l4 + 14 > ctx.data_end() && (ctx.len() as usize) >= l4 + 14 {
         // Headers outside the linear area (GRO): pull them in; pointers are re-derived.
         let _ = ctx.pull_data((l4 + 14) as u32);
@@ -106,7 +173,7 @@ fn parse_l4(ctx: &TcContext, out: &mut L4) {
         out.sport = ports[0];
         out.dport = ports[1];
     }
-    if proto == IPPROTO_TCP {
+    if t.proto == IPPROTO_TCP {
         if let Some(flags) = read::<u8>(ctx, l4 + 13) {
             out.tcp_flags = flags;
         }
@@ -139,10 +206,14 @@ fn mode_of(subject: u32) -> u32 {
 /// The policy verdict for `subject` (whose [`policy_flags`] are `mode`) talking to `peer`
 /// in direction `dir`, as a [`PolicyMatch`] (`Denied` = drop). A packet policy denies that
 /// is a reply of a tracked connection is `None` and counted as `CtReply`; everything else
-/// is counted as its verdict.
+/// is counted as its verdict. Neighbour discovery is `None` (not subject to policy).
 #[inline(always)]
-fn check(subject: u32, mode: u32, peer: u32, dir: u8, ip: &Ipv4, l4: &L4) -> PolicyMatch {
-    let m = check_inner(subject, mode, peer, dir, l4);
+fn check<P: PolicyIp>(subject: u32, mode: u32, peer: u32, dir: u8, ip: &P, l4: &L4) -> PolicyMatch {
+    let m = if l4.nd {
+        PolicyMatch::None
+    } else {
+        check_inner(subject, mode, peer, dir, l4)
+    };
     if m == PolicyMatch::Denied && ct_reply(ip, l4) {
         count(PolicyCounter::CtReply as u32);
         return PolicyMatch::None;
@@ -243,16 +314,9 @@ unsafe fn ct_touch(entry: *mut PolicyCtValue, l4: &L4, now: u64) {
 /// `CM_POLICY_CT` and not expired. Updates the entry (`ct_touch`), so a connection in which
 /// only the replying side keeps sending does not expire, and a reply's FIN or RST closes it.
 #[inline(always)]
-fn ct_reply(ip: &Ipv4, l4: &L4) -> bool {
-    let key = PolicyCtKey {
-        saddr: ip.daddr,
-        daddr: ip.saddr,
-        sport: l4.dport,
-        dport: l4.sport,
-        proto: l4.proto,
-        pad: [0; 3],
-    };
-    let Some(entry) = CM_POLICY_CT.get_ptr_mut(key) else {
+fn ct_reply<P: PolicyIp>(ip: &P, l4: &L4) -> bool {
+    let key = P::ct_key(ip.daddr(), ip.saddr(), l4.dport, l4.sport, l4.proto);
+    let Some(entry) = P::ct_map().get_ptr_mut(&key) else {
         return false;
     };
     // SAFETY: plain helper call.
@@ -270,18 +334,11 @@ fn ct_reply(ip: &Ipv4, l4: &L4) -> bool {
 /// Tracks the packet's connection (its forward tuple) so that replies pass a default-deny
 /// direction: a write only for a new entry or when `ct_touch` has something to change.
 #[inline(always)]
-fn ct_track(ip: &Ipv4, l4: &L4) {
-    let key = PolicyCtKey {
-        saddr: ip.saddr,
-        daddr: ip.daddr,
-        sport: l4.sport,
-        dport: l4.dport,
-        proto: l4.proto,
-        pad: [0; 3],
-    };
+fn ct_track<P: PolicyIp>(ip: &P, l4: &L4) {
+    let key = P::ct_key(ip.saddr(), ip.daddr(), l4.sport, l4.dport, l4.proto);
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if let Some(entry) = CM_POLICY_CT.get_ptr_mut(key) {
+    if let Some(entry) = P::ct_map().get_ptr_mut(&key) {
         // SAFETY: pointer from a successful lookup (see `ct_touch`).
         unsafe { ct_touch(entry, l4, now) };
         return;
@@ -292,7 +349,7 @@ fn ct_track(ip: &Ipv4, l4: &L4) {
     };
     // A full map evicts its least recently used entry; an error leaves the connection
     // untracked (its replies are then policed like any packet).
-    let _ = CM_POLICY_CT.insert(key, value, 0);
+    let _ = P::ct_map().insert(&key, &value, 0);
 }
 
 /// Everything a flow event needs besides the packet.
@@ -307,7 +364,7 @@ struct Flow {
 }
 
 #[inline(always)]
-fn emit(ctx: &TcContext, ip: &Ipv4, l4: &L4, f: &Flow) {
+fn emit<P: Ip>(ctx: &TcContext, ip: &P, l4: &L4, f: &Flow) {
     if f.verdict == verdict::FORWARDED {
         let flags = match CM_FLOW_CFG.get(0) {
             Some(c) => c.flags,
@@ -331,8 +388,8 @@ fn emit(ctx: &TcContext, ip: &Ipv4, l4: &L4, f: &Flow) {
     let (now, ifindex) = unsafe { (bpf_ktime_get_ns(), (*ctx.skb.skb).ifindex) };
     entry.write(FlowEvent {
         ktime_ns: now,
-        saddr: ip.saddr,
-        daddr: ip.daddr,
+        saddr: P::wide(ip.saddr()),
+        daddr: P::wide(ip.daddr()),
         sport: l4.sport,
         dport: l4.dport,
         src_identity: f.src_identity,
@@ -345,7 +402,7 @@ fn emit(ctx: &TcContext, ip: &Ipv4, l4: &L4, f: &Flow) {
         drop_reason: f.drop_reason,
         observation: f.observation,
         policy_match: f.policy_match,
-        pad: 0,
+        family: P::FAMILY,
         len: ctx.len(),
         pad2: 0,
     });
@@ -354,17 +411,16 @@ fn emit(ctx: &TcContext, ip: &Ipv4, l4: &L4, f: &Flow) {
 }
 
 #[inline(always)]
-fn identity_of(addr: [u8; 4]) -> u32 {
-    let key = Key::new(IpcacheKey::prefixlen(32), IpcacheKey::v4(addr));
-    match crate::CM_IPCACHE.get(&key) {
+fn identity_of<P: Ip>(addr: P::Addr) -> u32 {
+    match crate::CM_IPCACHE.get(&P::ipcache_key(addr)) {
         Some(v) => v.sec_identity,
         None => IDENTITY_WORLD,
     }
 }
 
 #[inline(always)]
-fn local_endpoint(addr: [u8; 4]) -> Option<EndpointInfo> {
-    let ep = crate::CM_LOCAL_EPS.get_ptr(EndpointKey::v4(addr))?;
+fn local_endpoint<P: Ip>(addr: P::Addr) -> Option<EndpointInfo> {
+    let ep = crate::CM_LOCAL_EPS.get_ptr(P::endpoint_key(addr))?;
     // SAFETY: pointer from a successful lookup (NO_PREALLOC: RCU-protected element).
     Some(unsafe { *ep })
 }
@@ -372,18 +428,18 @@ fn local_endpoint(addr: [u8; 4]) -> Option<EndpointInfo> {
 /// `from_pod`: egress policy of the source pod and, for a destination on this node, its
 /// ingress policy. Emits the flow event. `true` = drop the packet.
 #[inline(always)]
-pub fn denied_from_pod(ctx: &TcContext, ip: &Ipv4) -> bool {
+pub fn denied_from_pod<P: PolicyIp>(ctx: &TcContext, ip: &P) -> bool {
     let mut l4 = L4::default();
-    parse_l4(ctx, &mut l4);
-    let src = local_endpoint(ip.saddr);
-    let dst = local_endpoint(ip.daddr);
+    parse_l4(ctx, ip, &mut l4);
+    let src = local_endpoint::<P>(ip.saddr());
+    let dst = local_endpoint::<P>(ip.daddr());
     let src_identity = match &src {
         Some(ep) => ep.identity,
-        None => identity_of(ip.saddr),
+        None => identity_of::<P>(ip.saddr()),
     };
     let dst_identity = match &dst {
         Some(ep) => ep.identity,
-        None => identity_of(ip.daddr),
+        None => identity_of::<P>(ip.daddr()),
     };
     let mut flow = Flow {
         src_identity,
@@ -454,14 +510,14 @@ pub fn denied_from_pod(ctx: &TcContext, ip: &Ipv4) -> bool {
 /// `from_overlay`: ingress policy of the local destination `ep` for a packet from
 /// `src_identity` (the VNI). Emits the flow event. `true` = drop the packet.
 #[inline(always)]
-pub fn denied_from_overlay(
+pub fn denied_from_overlay<P: PolicyIp>(
     ctx: &TcContext,
-    ip: &Ipv4,
+    ip: &P,
     src_identity: u32,
     ep: &EndpointInfo,
 ) -> bool {
     let mut l4 = L4::default();
-    parse_l4(ctx, &mut l4);
+    parse_l4(ctx, ip, &mut l4);
     let mode = mode_of(ep.identity);
     let m = check(ep.identity, mode, src_identity, direction::INGRESS, ip, &l4);
     let denied = m == PolicyMatch::Denied;
