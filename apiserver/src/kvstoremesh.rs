@@ -93,6 +93,9 @@ pub async fn run(
     let mut config = remote::Config::new(opts.local.clone(), opts.config_dir.clone(), Mode::Direct);
     config.per_remote_ready_timeout = opts.per_cluster_ready_timeout;
     config.drain_deletes = false;
+    // Mirror every store a remote writes (both of service v2's); the agents reading the
+    // cache choose by the export mode mirrored in the cluster config.
+    config.service_backends = remote::ServiceBackends::AsExported;
     config.event_capacity = 64 * 1024;
     let (manager, events) = remote::Manager::new(config, metrics)?;
     let snapshots = manager.status();
@@ -194,7 +197,7 @@ struct Store {
 
 #[derive(Debug, Default)]
 struct Mirrored {
-    stores: [Store; 5],
+    stores: [Store; Resource::ALL.len()],
 }
 
 fn slot(r: Resource) -> usize {
@@ -271,7 +274,7 @@ impl Mirror {
                     cached: true,
                     max_connected_clusters: self.max_connected_clusters,
                     service_exports_enabled: s.config.service_exports_enabled,
-                    ..Default::default()
+                    endpoint_slices_export_mode: s.config.endpoint_slices_export_mode.clone(),
                 },
             }
             .encode(),
@@ -575,6 +578,30 @@ mod tests {
     }
 
     #[test]
+    fn cached_cluster_config_keeps_the_export_mode() {
+        let status = clustermesh_syncer::remote::Status {
+            name: "c2".into(),
+            config: clustermesh_syncer::remote::StatusConfig {
+                cluster_id: 2,
+                retrieved: true,
+                service_exports_enabled: Some(false),
+                endpoint_slices_export_mode: "endpointslices-only".into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let snap = Snapshot {
+            ready: true,
+            clusters: vec![status],
+        };
+        let config = mirror().cluster_config(&snap, "c2").unwrap();
+        assert_eq!(
+            String::from_utf8(config).unwrap(),
+            r#"{"id":2,"capabilities":{"syncedCanaries":true,"cached":true,"maxConnectedClusters":255,"serviceExportsEnabled":false,"endpointSlicesExportMode":"endpointslices-only"}}"#
+        );
+    }
+
+    #[test]
     fn keys_are_rekeyed_into_the_cache() {
         let mut m = mirror();
         let upsert = |key: &str, r: Resource| Event::Change {
@@ -599,6 +626,10 @@ mod tests {
             "cilium/cache/services/v1/c2/ns/s",
             Resource::Services,
         ));
+        m.apply(upsert(
+            "cilium/state/endpointslices/v1/c2/ns/s-abcde",
+            Resource::EndpointSlices,
+        ));
         let r = &m.remotes["c2"];
         let keys: Vec<&String> = r.stores.iter().flat_map(|s| s.desired.keys()).collect();
         assert_eq!(
@@ -608,6 +639,7 @@ mod tests {
                 "cilium/cache/nodes/v1/c2/n1",
                 "cilium/cache/ip/v1/c2/10.0.0.1",
                 "cilium/cache/services/v1/c2/ns/s",
+                "cilium/cache/endpointslices/v1/c2/ns/s-abcde",
             ]
         );
         assert!(r.stores.iter().all(|s| !s.listed));

@@ -718,6 +718,7 @@ pub fn status_doc(input: &StatusInput) -> Value {
                     "num-nodes": r["num-nodes"], "num-endpoints": r["num-endpoints"],
                     "num-identities": r["num-identities"], "num-shared-services": r["num-shared-services"],
                     "num-service-exports": r["num-service-exports"],
+                    "num-endpoint-slices": r["num-endpoint-slices"],
                     "num-failures": r["num-failures"], "last-failure": r["last-failure"],
                     "config": r["config"], "synced": r["synced"],
                 })
@@ -841,6 +842,10 @@ pub fn print_summary(v: &Value) {
                     r["num-shared-services"],
                     r["num-failures"]
                 );
+                // A remote exporting services as EndpointSlices (service v2).
+                if let Some(n) = r["num-endpoint-slices"].as_u64().filter(|n| *n > 0) {
+                    print!(", {n} endpoint slices");
+                }
             }
             println!();
         }

@@ -4,6 +4,8 @@
 //! `cached: true` configs, canaries), an agent reading the whole mesh through the cache with
 //! its `local-<c>` certificate, the drain after `disconnect` (cluster config first, cache
 //! after the grace period), and the refusals of `connect` (different CA, equal IDs/names).
+//! c3 exports its services as EndpointSlices only (`--clustermesh-service-v2=only-endpointslice`):
+//! they are cached under `cilium/cache/endpointslices/v1/c3/` and read from there.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -27,6 +29,8 @@ struct Cluster {
     id: u32,
     state: PathBuf,
     api: Option<TestApiserver>,
+    /// Extra apiserver flags.
+    flags: Vec<&'static str>,
 }
 
 fn cli(args: &[&str]) -> (bool, String) {
@@ -81,6 +85,7 @@ fn prepare(root: &Path, ca: &str, name: &str, id: u32, nodes: u32, pods: u32) ->
         id,
         state,
         api: None,
+        flags: Vec::new(),
     }
 }
 
@@ -93,17 +98,15 @@ impl Cluster {
 
     fn start(&mut self) {
         let config = self.state.join("apiserver.yaml");
-        let mut api = TestApiserver::start_at(
-            &[
-                "--config",
-                config.to_str().unwrap(),
-                "--kvstoremesh-drain-grace",
-                GRACE,
-            ],
-            self.health(),
-            &self.state.join("api.log"),
-        )
-        .unwrap();
+        let mut args = vec![
+            "--config",
+            config.to_str().unwrap(),
+            "--kvstoremesh-drain-grace",
+            GRACE,
+        ];
+        args.extend(self.flags.iter().copied());
+        let mut api =
+            TestApiserver::start_at(&args, self.health(), &self.state.join("api.log")).unwrap();
         api.wait_ready(Duration::from_secs(30)).unwrap();
         self.api = Some(api);
     }
@@ -153,17 +156,29 @@ async fn list(c: &mut Client, prefix: &str) -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
-/// What `c` exports for its peers: cache-relative key → bytes, per resource.
+/// What `c` exports for its peers: cache-relative key → bytes, per resource. EndpointSlices
+/// count only from a cluster that announces them (`endpointSlicesExportMode`); the default
+/// `prefer-legacy` writes them without telling, and readers then keep to `services/v1`.
 async fn exported(c: &Cluster) -> BTreeMap<&'static str, BTreeMap<String, Vec<u8>>> {
     let mut e = c.etcd("root").await;
     let n = &c.name;
     let mut out = BTreeMap::new();
-    for (res, prefix) in [
+    let announced = c.flags.iter().any(|f| f.contains("endpointslice"));
+    let mut stores = vec![
         ("nodes", format!("cilium/state/nodes/v1/{n}/")),
         ("endpoints", "cilium/state/ip/v1/default/".to_string()),
         ("identities", "cilium/state/identities/v1/id/".to_string()),
         ("services", format!("cilium/state/services/v1/{n}/")),
-    ] {
+    ];
+    if announced {
+        stores.push((
+            "endpointslices",
+            format!("cilium/state/endpointslices/v1/{n}/"),
+        ));
+    } else {
+        out.insert("endpointslices", BTreeMap::new());
+    }
+    for (res, prefix) in stores {
         let m = list(&mut e, &prefix)
             .await
             .into_iter()
@@ -226,6 +241,7 @@ async fn three_clusters_connected_with_the_cli() {
     let mut c1 = prepare(root, "ca", "c1", 1, 2, 4);
     let mut c2 = prepare(root, "ca", "c2", 2, 3, 6);
     let mut c3 = prepare(root, "ca", "c3", 3, 4, 8);
+    c3.flags = vec!["--clustermesh-service-v2=only-endpointslice"];
     for c in [&mut c1, &mut c2, &mut c3] {
         c.start();
     }
@@ -264,6 +280,11 @@ async fn three_clusters_connected_with_the_cli() {
             assert_eq!(r["num-endpoints"], want["endpoints"].len(), "{text}");
             assert_eq!(r["num-identities"], want["identities"].len(), "{text}");
             assert_eq!(r["num-shared-services"], want["services"].len(), "{text}");
+            assert_eq!(
+                r["num-endpoint-slices"],
+                want["endpointslices"].len(),
+                "{text}"
+            );
             assert_eq!(r["config"]["cluster-id"], peer.id, "{text}");
             assert!(want["nodes"].len() >= 2 && !want["endpoints"].is_empty());
         }
@@ -289,6 +310,7 @@ async fn three_clusters_connected_with_the_cli() {
                 "nodes" => format!("cilium/cache/nodes/v1/{n}/"),
                 "endpoints" => format!("cilium/cache/ip/v1/{n}/"),
                 "identities" => format!("cilium/cache/identities/v1/{n}/id/"),
+                "endpointslices" => format!("cilium/cache/endpointslices/v1/{n}/"),
                 _ => format!("cilium/cache/services/v1/{n}/"),
             };
             for (k, v) in entries {
@@ -310,6 +332,18 @@ async fn three_clusters_connected_with_the_cli() {
         assert_eq!(v["id"], peer.id);
         assert_eq!(v["capabilities"]["cached"], true, "{v}");
         assert_eq!(v["capabilities"]["syncedCanaries"], true, "{v}");
+        let mode = if peer.name == "c3" {
+            "endpointslices-only"
+        } else {
+            ""
+        };
+        assert_eq!(
+            v["capabilities"]["endpointSlicesExportMode"]
+                .as_str()
+                .unwrap_or(""),
+            mode,
+            "{v}"
+        );
         let synced = list(&mut e1, &format!("cilium/synced/{}/", peer.name)).await;
         for s in [
             "nodes/v1",
@@ -317,6 +351,7 @@ async fn three_clusters_connected_with_the_cli() {
             "serviceexports/v1",
             "identities/v1",
             "ip/v1",
+            "endpointslices/v1",
         ] {
             let key = format!("cilium/synced/{}/cilium/cache/{s}", peer.name);
             assert!(
@@ -382,6 +417,7 @@ async fn three_clusters_connected_with_the_cli() {
             assert_eq!(s.num_endpoints, want["endpoints"].len());
             assert_eq!(s.num_identities, want["identities"].len());
             assert_eq!(s.num_shared_services, want["services"].len());
+            assert_eq!(s.num_endpoint_slices, want["endpointslices"].len());
             let n = caches.with(&peer.name, |c| c.len(Resource::Nodes)).unwrap();
             assert_eq!(n, want["nodes"].len());
         }

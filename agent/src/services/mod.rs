@@ -1,5 +1,6 @@
 //! Services: local services merged with the global services of remote clusters
-//! ([`merger`]), turned into LB map entries by diff ([`table`], written by [`maps`]), and
+//! ([`merger`]; a remote that exports EndpointSlices instead is folded into the same shape
+//! by [`slices`]), turned into LB map entries by diff ([`table`], written by [`maps`]), and
 //! MCS-API imports ([`mcs`]) for `clusterset.local` DNS (`crate::dns`).
 //!
 //! [`ServiceMerger`] is the entry point the reconcile loop drives: every change returns the
@@ -12,6 +13,7 @@
 pub mod maps;
 pub mod mcs;
 pub mod merger;
+pub mod slices;
 pub mod table;
 
 use std::collections::BTreeMap;
@@ -94,6 +96,7 @@ pub struct ServiceMerger {
     merger: Merger,
     table: Table,
     imports: Imports,
+    slices: slices::RemoteSlices,
     conflicts: BTreeMap<Name, Vec<BackendConflict>>,
 }
 
@@ -106,6 +109,7 @@ impl ServiceMerger {
             local_cluster,
             table: Table::new(),
             imports: Imports::new(),
+            slices: slices::RemoteSlices::default(),
             conflicts: BTreeMap::new(),
         }
     }
@@ -165,6 +169,7 @@ impl ServiceMerger {
 
     /// A remote cluster left the mesh: its services are gone.
     pub fn on_cluster_removed(&mut self, cluster: &str) -> Diff {
+        self.slices.drop_cluster(cluster);
         let mut diff = Diff::default();
         for name in self.merger.drop_cluster(cluster) {
             diff.extend(self.resync(&name));
@@ -176,13 +181,15 @@ impl ServiceMerger {
         diff
     }
 
-    /// Handles a remote reader event (services and service exports; anything else is
-    /// ignored). Returns the diff to apply, if any.
+    /// Handles a remote reader event (services, EndpointSlices and service exports; anything
+    /// else is ignored). Returns the diff to apply, if any.
     pub fn on_remote_event(&mut self, ev: &remote::Event) -> Option<Diff> {
         match ev {
             remote::Event::Change {
                 cluster,
-                resource: resource @ (Resource::Services | Resource::ServiceExports),
+                resource:
+                    resource
+                    @ (Resource::Services | Resource::ServiceExports | Resource::EndpointSlices),
                 change,
                 ..
             } => {
@@ -199,6 +206,13 @@ impl ServiceMerger {
                         let name = Name::new(&e.namespace, &e.name);
                         self.on_export(cluster, name, present.then(|| e.clone()));
                         None
+                    }
+                    (Resource::EndpointSlices, Value::EndpointSlice(s)) => {
+                        let mut diff = Diff::default();
+                        for (name, svc) in self.slices.set(cluster, s, present) {
+                            diff.extend(self.on_remote(cluster, name, svc));
+                        }
+                        Some(diff)
                     }
                     _ => None,
                 }

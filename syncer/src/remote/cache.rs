@@ -15,7 +15,7 @@ use crate::watcher::Store;
 /// Everything currently known about one remote cluster.
 #[derive(Debug, Default)]
 pub struct RemoteCache {
-    stores: [Store<Value>; 5],
+    stores: [Store<Value>; Resource::ALL.len()],
 }
 
 impl RemoteCache {

@@ -317,6 +317,7 @@ impl Publisher {
                     c.len(Resource::Identities),
                     c.len(Resource::Services),
                     c.len(Resource::ServiceExports),
+                    c.len(Resource::EndpointSlices),
                 ]
             }) {
                 [
@@ -325,6 +326,7 @@ impl Publisher {
                     s.num_identities,
                     s.num_shared_services,
                     s.num_service_exports,
+                    s.num_endpoint_slices,
                 ] = counts;
             }
             s.ready = s.connected && s.config.retrieved && s.synced.all();

@@ -59,7 +59,7 @@ use std::time::Duration;
 
 use clustermesh_types::cluster::ClusterInfo;
 use clustermesh_types::identity::Identity;
-use clustermesh_types::model::{ClusterService, IpcacheEntry, Node, ServiceExport};
+use clustermesh_types::model::{ClusterService, EndpointSlice, IpcacheEntry, Node, ServiceExport};
 
 pub use crate::watcher::{digest, Digest};
 pub use backoff::Backoff;
@@ -116,6 +116,9 @@ pub struct Config {
     pub event_capacity: usize,
     /// TCP + TLS connect timeout and keepalives.
     pub connect: crate::ConnectConfig,
+    /// Which stores carry a remote's service backends: [`ServiceBackends::Preferred`]
+    /// (default; agents) or [`ServiceBackends::AsExported`] (KVStoreMesh mirrors both).
+    pub service_backends: ServiceBackends,
     /// Whether draining a removed remote emits a [`Change::Delete`] per cached key before
     /// [`Event::Drained`]. Default true (an agent must unprogram every entry). KVStoreMesh
     /// turns it off: it removes the mirrored copy itself, cluster config first and the
@@ -138,6 +141,7 @@ impl Config {
             rescan_interval: Duration::from_secs(5),
             event_capacity: 4096,
             connect: crate::ConnectConfig::default(),
+            service_backends: ServiceBackends::Preferred,
             drain_deletes: true,
         }
     }
@@ -159,6 +163,20 @@ impl Config {
     }
 }
 
+/// Which of a remote's two stores of service backends ("service v2", announced in its
+/// cluster config as `endpointSlicesExportMode`) are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceBackends {
+    /// One store per remote, the one it wants read: `services/v1` when it announces no mode
+    /// (older clusters, or `prefer-legacy`), `endpointslices/v1` when it announces
+    /// `services-and-endpointslices` or `endpointslices-only`. A consumer then never sees one
+    /// service twice.
+    Preferred,
+    /// Every store the remote writes (a mirror such as KVStoreMesh, whose own readers
+    /// choose).
+    AsExported,
+}
+
 /// The kinds of remote state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Resource {
@@ -172,16 +190,19 @@ pub enum Resource {
     Services,
     /// `serviceexports/v1`.
     ServiceExports,
+    /// `endpointslices/v1` (service v2).
+    EndpointSlices,
 }
 
 impl Resource {
     /// Every resource, in the order they are started.
-    pub const ALL: [Resource; 5] = [
+    pub const ALL: [Resource; 6] = [
         Resource::Identities,
         Resource::Nodes,
         Resource::Endpoints,
         Resource::Services,
         Resource::ServiceExports,
+        Resource::EndpointSlices,
     ];
 
     /// Name used in status, logs and metrics.
@@ -192,6 +213,7 @@ impl Resource {
             Resource::Identities => "identities",
             Resource::Services => "services",
             Resource::ServiceExports => "service-exports",
+            Resource::EndpointSlices => "endpoint-slices",
         }
     }
 
@@ -202,6 +224,7 @@ impl Resource {
             Resource::Identities => 2,
             Resource::Services => 3,
             Resource::ServiceExports => 4,
+            Resource::EndpointSlices => 5,
         }
     }
 
@@ -213,6 +236,7 @@ impl Resource {
             Resource::Identities => "identities/v1",
             Resource::Services => "services/v1",
             Resource::ServiceExports => "serviceexports/v1",
+            Resource::EndpointSlices => "endpointslices/v1",
         }
     }
 
@@ -254,6 +278,8 @@ pub enum Value {
     Service(Arc<ClusterService>),
     /// An MCS-API service export.
     ServiceExport(Arc<ServiceExport>),
+    /// An EndpointSlice of a global, shared service.
+    EndpointSlice(Arc<EndpointSlice>),
 }
 
 /// What happened to a key: [`Change::Upsert`] carries the remote's exact bytes (for
@@ -359,6 +385,18 @@ mod tests {
         assert_eq!(
             p(Resource::ServiceExports, false),
             "cilium/state/serviceexports/v1/cluster3/"
+        );
+        assert_eq!(
+            p(Resource::EndpointSlices, false),
+            "cilium/state/endpointslices/v1/cluster3/"
+        );
+        assert_eq!(
+            p(Resource::EndpointSlices, true),
+            "cilium/cache/endpointslices/v1/cluster3/"
+        );
+        assert_eq!(
+            Resource::EndpointSlices.synced_key("cluster3", false),
+            "cilium/synced/cluster3/cilium/state/endpointslices/v1"
         );
         assert_eq!(p(Resource::Nodes, true), "cilium/cache/nodes/v1/cluster3/");
         assert_eq!(p(Resource::Endpoints, true), "cilium/cache/ip/v1/cluster3/");

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use clustermesh_types::kvstore::{cluster_config_key, HEARTBEAT_KEY};
-use clustermesh_types::model::{ClusterConfig, SmolStr};
+use clustermesh_types::model::{ClusterConfig, EndpointSlicesExportMode, SmolStr};
 use etcd_client::{EventType, WatchOptions};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -19,7 +19,9 @@ use tracing::{debug, info, warn, Instrument as _};
 use super::cache::RemoteCache;
 use super::status::Shared;
 use super::validate::{validate, Context, Reason, Rejection};
-use super::{Backoff, Change, Config, Error, Event, Metrics, Mode, Resource, Result};
+use super::{
+    Backoff, Change, Config, Error, Event, Metrics, Mode, Resource, Result, ServiceBackends,
+};
 use crate::watcher::mux::Mux;
 use crate::watcher::{self, Conn, Reflector, Step, Watcher};
 use crate::{Client, EtcdConfig};
@@ -230,6 +232,16 @@ impl Remote {
         self.emit(events, token).await;
     }
 
+    /// Deletes (and emits the deletes of) everything cached of `r`: a store the remote no
+    /// longer writes, so nothing read from it in an earlier session outlives the switch.
+    async fn forget(&self, r: Resource, cached: bool, token: &CancellationToken) {
+        let prefix = r.watch_prefix(&self.name, cached);
+        let events = (self.cache.store(r).take_all().into_iter())
+            .map(|(rel, change)| self.event(r, &prefix, &rel, change))
+            .collect();
+        self.emit(events, token).await;
+    }
+
     async fn emit(&self, events: Vec<Event>, token: &CancellationToken) {
         if events.is_empty() {
             return;
@@ -307,6 +319,8 @@ impl Remote {
         self.accept_config(&remote, token).await?;
         let cached = remote.capabilities.cached;
         let canaries = remote.capabilities.synced_canaries;
+        // `accept_config` refused unknown modes.
+        let mode = remote.capabilities.export_mode().unwrap_or_default();
         let ctx = Arc::new(Context {
             cluster: self.name.to_string(),
             cluster_id: remote.id,
@@ -320,6 +334,8 @@ impl Remote {
             s.config.kvstoremesh = cached;
             s.config.retrieved = true;
             s.config.service_exports_enabled = remote.capabilities.service_exports_enabled;
+            s.config.endpoint_slices_export_mode =
+                remote.capabilities.endpoint_slices_export_mode.clone();
             s.config.sync_canaries = canaries;
             s.synced = Default::default();
         });
@@ -329,9 +345,13 @@ impl Remote {
             // MCS-API exports are read only from remotes that export them (Cilium reads the
             // prefix when the capability is present at all; a remote announcing `false` has
             // nothing there, and may never write its canary).
-            if r == Resource::ServiceExports
-                && remote.capabilities.service_exports_enabled != Some(true)
-            {
+            let exports_off = r == Resource::ServiceExports
+                && remote.capabilities.service_exports_enabled != Some(true);
+            // Service backends come from the store(s) the remote's export mode says (service
+            // v2): a store it does not write has no canary to wait for.
+            if exports_off || !reads(self.env.config.service_backends, mode, r) {
+                // What an earlier session read there (the remote switched modes) is gone.
+                self.forget(r, cached, token).await;
                 self.mark_synced(r, token).await;
                 continue;
             }
@@ -387,15 +407,10 @@ impl Remote {
                 "remote max-connected-clusters is {theirs}, local is {max}: every cluster of a mesh must use the same value"
             )));
         }
-        let mode = remote.capabilities.endpoint_slices_export_mode.as_str();
-        if !matches!(
-            mode,
-            "" | "services-and-endpointslices" | "endpointslices-only"
-        ) {
-            return Err(Error::ConfigRefused(format!(
-                "unknown endpointSlicesExportMode {mode:?}"
-            )));
-        }
+        remote
+            .capabilities
+            .export_mode()
+            .map_err(|e| Error::ConfigRefused(e.to_string()))?;
         let previous = *self.reserved.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(old) = previous.filter(|old| *old != id) {
             warn!(cluster = %self.name, old, new = id,
@@ -536,6 +551,20 @@ impl Remote {
                 }
             }
         }
+    }
+}
+
+/// Whether resource `r` is read from a remote announcing `mode` (service v2). Both stores
+/// hold the same backends: with [`ServiceBackends::Preferred`] a remote that writes both is
+/// read from its EndpointSlices only, so a consumer never sees one service twice.
+fn reads(policy: ServiceBackends, mode: EndpointSlicesExportMode, r: Resource) -> bool {
+    match r {
+        Resource::Services => {
+            mode.exports_services()
+                && !(policy == ServiceBackends::Preferred && mode.exports_endpoint_slices())
+        }
+        Resource::EndpointSlices => mode.exports_endpoint_slices(),
+        _ => true,
     }
 }
 

@@ -52,6 +52,8 @@ pub struct Status {
     pub num_shared_services: usize,
     /// MCS-API service exports cached.
     pub num_service_exports: usize,
+    /// EndpointSlices cached.
+    pub num_endpoint_slices: usize,
     /// The remote's cluster config.
     pub config: StatusConfig,
     /// Initial sync state per resource in the current session.
@@ -74,6 +76,8 @@ pub struct StatusConfig {
     pub service_exports_enabled: Option<bool>,
     /// The remote writes synced canaries.
     pub sync_canaries: bool,
+    /// `endpointSlicesExportMode` as announced (`""` = not announced).
+    pub endpoint_slices_export_mode: String,
 }
 
 /// `synced` of [`Status`].
@@ -90,6 +94,8 @@ pub struct StatusSynced {
     pub services: bool,
     /// Service exports listed (true when the remote does not export them).
     pub service_exports: bool,
+    /// EndpointSlices listed (true when they are not read from this remote).
+    pub endpoint_slices: bool,
 }
 
 impl StatusSynced {
@@ -100,12 +106,18 @@ impl StatusSynced {
             Resource::Identities => self.identities = v,
             Resource::Services => self.services = v,
             Resource::ServiceExports => self.service_exports = v,
+            Resource::EndpointSlices => self.endpoint_slices = v,
         }
     }
 
     /// Every resource synced.
     pub fn all(&self) -> bool {
-        self.nodes && self.endpoints && self.identities && self.services && self.service_exports
+        self.nodes
+            && self.endpoints
+            && self.identities
+            && self.services
+            && self.service_exports
+            && self.endpoint_slices
     }
 }
 
@@ -183,6 +195,7 @@ mod tests {
             "num-identities",
             "num-shared-services",
             "num-service-exports",
+            "num-endpoint-slices",
         ] {
             assert!(v.get(k).is_some(), "{k} missing in {v}");
         }
@@ -190,5 +203,7 @@ mod tests {
         assert!(v["config"].get("service-exports-enabled").is_some());
         assert!(v["config"].get("sync-canaries").is_some());
         assert!(v["synced"].get("service-exports").is_some());
+        assert!(v["synced"].get("endpoint-slices").is_some());
+        assert!(v["config"].get("endpoint-slices-export-mode").is_some());
     }
 }

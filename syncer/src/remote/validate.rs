@@ -13,7 +13,9 @@ use clustermesh_types::cluster::IdentityRange;
 use clustermesh_types::identity::{
     reserved, Identity, LabelArray, CLUSTER_LABEL, MIN_USER_IDENTITY, SOURCE_K8S,
 };
-use clustermesh_types::model::{ClusterService, IpIdentityPair, IpcacheEntry, Node, ServiceExport};
+use clustermesh_types::model::{
+    ClusterService, EndpointSlice, IpIdentityPair, IpcacheEntry, Node, ServiceExport,
+};
 
 use super::{Resource, Value, MAX_VALUE_BYTES};
 
@@ -117,6 +119,9 @@ pub fn validate(
         Resource::ServiceExports => {
             service_export(ctx, rel, raw).map(|v| Value::ServiceExport(Arc::new(v)))
         }
+        Resource::EndpointSlices => {
+            endpoint_slice(ctx, rel, raw).map(|v| Value::EndpointSlice(Arc::new(v)))
+        }
     }
 }
 
@@ -177,6 +182,29 @@ fn service_export(ctx: &Context, rel: &str, raw: &[u8]) -> Result<ServiceExport,
         return reject(
             Reason::KeyMismatch,
             format!("key {rel:?} holds export {want:?}"),
+        );
+    }
+    Ok(s)
+}
+
+/// Cilium's EndpointSlice rules (cluster, namespace, name set; IPv4 or IPv6; every address of
+/// that family), and like a service it must claim the serving remote's name and ID and sit
+/// under `<ns>/<name>`.
+fn endpoint_slice(ctx: &Context, rel: &str, raw: &[u8]) -> Result<EndpointSlice, Rejection> {
+    let s = decoded(EndpointSlice::decode(raw))?;
+    valid(s.validate())?;
+    check_cluster(ctx, &s.cluster, Some(s.cluster_id))?;
+    let want = format!("{}/{}", s.namespace, s.name);
+    if want != rel {
+        return reject(
+            Reason::KeyMismatch,
+            format!("key {rel:?} holds endpoint slice {want:?}"),
+        );
+    }
+    if s.service_name().is_none_or(str::is_empty) {
+        return reject(
+            Reason::Invalid,
+            format!("endpoint slice {want:?} names no service (label kubernetes.io/service-name)"),
         );
     }
     Ok(s)
@@ -273,6 +301,59 @@ mod tests {
         match r {
             Ok(v) => panic!("accepted {v:?}"),
             Err(e) => e.reason,
+        }
+    }
+
+    /// `endpointslices-1.expected` of Cilium's `endpointslices.txtar`, compact.
+    const SLICE: &str = r#"{"cluster":"cluster3","clusterID":3,"namespace":"test","name":"echo-kvlm2","labels":{"kubernetes.io/service-name":"echo"},"addressType":"IPv4","endpoints":[{"addresses":["10.244.1.1"],"conditions":{"ready":true,"serving":true,"terminating":false},"nodeName":"nodeport-worker","zone":"zone1","hints":{"forZones":[{"name":"zone1"}]}},{"addresses":["10.244.1.2"],"conditions":{"ready":false,"serving":false,"terminating":false},"nodeName":"nodeport-worker"}],"ports":[{"name":"http","protocol":"TCP","port":8080}]}"#;
+
+    #[test]
+    fn endpoint_slices_are_as_strict_as_services() {
+        let check =
+            |rel: &str, raw: &str| validate(&ctx(), Resource::EndpointSlices, rel, raw.as_bytes());
+        match check("test/echo-kvlm2", SLICE) {
+            Ok(Value::EndpointSlice(s)) => assert_eq!(s.service_name(), Some("echo")),
+            other => panic!("{other:?}"),
+        }
+        for (rel, raw, want) in [
+            ("test/other", SLICE.to_string(), Reason::KeyMismatch),
+            (
+                "test/echo-kvlm2",
+                SLICE.replace(r#""cluster":"cluster3""#, r#""cluster":"cluster4""#),
+                Reason::ClusterMismatch,
+            ),
+            (
+                "test/echo-kvlm2",
+                SLICE.replace(r#""clusterID":3"#, r#""clusterID":4"#),
+                Reason::ClusterIdMismatch,
+            ),
+            (
+                "test/echo-kvlm2",
+                SLICE.replace("10.244.1.2", "10.244.1.300"),
+                Reason::Invalid,
+            ),
+            (
+                "test/echo-kvlm2",
+                SLICE.replace("10.244.1.2", "fd00::2"),
+                Reason::Invalid,
+            ),
+            (
+                "test/echo-kvlm2",
+                SLICE.replace(r#""IPv4""#, r#""FQDN""#),
+                Reason::Invalid,
+            ),
+            (
+                "test/echo-kvlm2",
+                SLICE.replace("kubernetes.io/service-name", "app"),
+                Reason::Invalid,
+            ),
+            (
+                "test/echo-kvlm2",
+                SLICE[..40].to_string(),
+                Reason::Malformed,
+            ),
+        ] {
+            assert_eq!(reason(check(rel, &raw)), want, "{rel} {raw}");
         }
     }
 

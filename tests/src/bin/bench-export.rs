@@ -6,7 +6,11 @@
 //! RSS, and two raw baselines on the same etcd: the issue's plain etcd-client loop (one put
 //! after the other; the target is export >= 0.7x its rate) and, stricter, a tuned pipeline
 //! (transactions of 128 puts, 8 in flight — the fastest raw method measured in TOOLCHAIN.md,
-//! and how the apiserver itself writes). Run with `./scripts/bench.sh export` (release build).
+//! and how the apiserver itself writes). Then the cost of EndpointSlice export (service v2):
+//! time to the synced canaries and keys/s with it (default `prefer-legacy` writes both
+//! stores) and without it (`--clustermesh-service-v2=disabled`), alternating on fresh etcds in
+//! the same run; the target is <= 1.3x the time without. Run with `./scripts/bench.sh export`
+//! (release build).
 //!
 //! `--source kubernetes` (issue 13): the same cluster served by the test Kubernetes API
 //! server to `--source kubernetes`, start → synced canaries beside the manifest source (target
@@ -137,11 +141,12 @@ fn in_process(
     ))
 }
 
-/// Starts the apiserver with `args` against `etcd` and waits for all seven synced canaries
+/// Starts the apiserver with `args` against `etcd` and waits for `want` synced canaries
 /// (with a watch, not by polling); returns the time from process start.
 async fn time_to_canaries(
     etcd: &TestEtcd,
     args: &[&str],
+    want: usize,
     log: &std::path::Path,
 ) -> anyhow::Result<(Duration, TestApiserver)> {
     let mut client = etcd.client("root").await?;
@@ -151,7 +156,7 @@ async fn time_to_canaries(
     let t = Instant::now();
     let api = TestApiserver::start(args, log)?;
     let mut canaries = std::collections::BTreeSet::new();
-    while canaries.len() < 7 {
+    while canaries.len() < want {
         let resp = match tokio::time::timeout(Duration::from_secs(120), watch.message()).await {
             Ok(r) => r?,
             Err(_) => anyhow::bail!("no synced canaries after 120 s:\n{}", api.log_tail(20)),
@@ -169,6 +174,99 @@ async fn time_to_canaries(
         }
     }
     Ok((t.elapsed(), api))
+}
+
+/// EndpointSlice export on (default `prefer-legacy`: both stores) against off
+/// (`--clustermesh-service-v2=disabled`), each on a fresh etcd, alternating for `rounds`
+/// rounds; prints the medians of time to every synced canary and keys/s, and the ratio.
+async fn endpoint_slices_cost(
+    manifests: &std::path::Path,
+    dir: &std::path::Path,
+    rounds: usize,
+) -> anyhow::Result<()> {
+    let mut off = Vec::new();
+    let mut on = Vec::new();
+    for round in 0..rounds {
+        for (slices, results) in [(false, &mut off), (true, &mut on)] {
+            let etcd = TestEtcd::start()?;
+            let cfg = dir.join(format!("etcd-es{round}-{slices}.yaml"));
+            etcd.write_client_config("admin-c1", &cfg)?;
+            let mut args = vec![
+                "--cluster-name",
+                "c1",
+                "--cluster-id",
+                "1",
+                "--etcd-config",
+                cfg.to_str().unwrap_or_default(),
+                "--manifests",
+                manifests.to_str().unwrap_or_default(),
+            ];
+            if !slices {
+                args.push("--clustermesh-service-v2=disabled");
+            }
+            let log = dir.join(format!("api-es{round}-{slices}.log"));
+            // Every store writes its canary, also an empty one (disabled: no slices).
+            let want = clustermesh_apiserver::export::Store::ALL.len();
+            let (took, mut api) = time_to_canaries(&etcd, &args, want, &log).await?;
+            let mut client = etcd.client("root").await?;
+            let count = |r: etcd_client::GetResponse| r.count() as f64;
+            let keys = count(
+                client
+                    .get(
+                        "",
+                        Some(GetOptions::new().with_all_keys().with_count_only()),
+                    )
+                    .await?,
+            );
+            let slices_exported = count(
+                client
+                    .get(
+                        "cilium/state/endpointslices/v1/",
+                        Some(GetOptions::new().with_prefix().with_count_only()),
+                    )
+                    .await?,
+            );
+            api.stop()?;
+            anyhow::ensure!(
+                (slices_exported > 0.0) == slices,
+                "EndpointSlice export {} but {slices_exported} slices in etcd",
+                if slices { "on" } else { "off" }
+            );
+            results.push((took, keys, slices_exported));
+        }
+    }
+    let median = |v: &mut Vec<(Duration, f64, f64)>| {
+        v.sort_by_key(|r| r.0);
+        v[v.len() / 2]
+    };
+    let (off_t, off_k, _) = median(&mut off);
+    let (on_t, on_k, on_slices) = median(&mut on);
+    println!();
+    println!(
+        "EndpointSlice export: on (prefer-legacy, both stores) vs off (--clustermesh-service-v2=disabled), fresh etcd each, median of {rounds} alternating rounds"
+    );
+    println!(
+        "{:<46} {:>10.0}ms {:>10.0}/s {:>8} keys",
+        "off: time to all synced canaries, keys/s",
+        off_t.as_secs_f64() * 1e3,
+        off_k / off_t.as_secs_f64(),
+        off_k
+    );
+    println!(
+        "{:<46} {:>10.0}ms {:>10.0}/s {:>8} keys ({on_slices} slices)",
+        "on: time to all synced canaries, keys/s",
+        on_t.as_secs_f64() * 1e3,
+        on_k / on_t.as_secs_f64(),
+        on_k
+    );
+    let ratio = on_t.as_secs_f64() / off_t.as_secs_f64();
+    println!(
+        "{:<46} {:>11.2}x  {}",
+        "on / off, time to canaries (target <= 1.30)",
+        ratio,
+        if ratio <= 1.3 { "PASS" } else { "FAIL" }
+    );
+    Ok(())
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -230,6 +328,7 @@ async fn kubernetes_mode() -> anyhow::Result<()> {
                 "--manifests",
                 manifests.to_str().unwrap_or_default(),
             ],
+            7,
             &dir.path().join(format!("api-m{round}.log")),
         )
         .await?;
@@ -253,6 +352,7 @@ async fn kubernetes_mode() -> anyhow::Result<()> {
                 "--kubeconfig",
                 kubeconfig.to_str().unwrap_or_default(),
             ],
+            7,
             &dir.path().join(format!("api-k{round}.log")),
         )
         .await?;
@@ -651,5 +751,6 @@ async fn main() -> anyhow::Result<()> {
             wr / raw_best
         );
     }
+    endpoint_slices_cost(&manifests, dir.path(), 3).await?;
     Ok(())
 }
