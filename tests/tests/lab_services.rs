@@ -1,4 +1,6 @@
-//! Issue 5 acceptance over the real lab (2 clusters × 2 nodes × 2 pods, eBPF datapath):
+//! Issue 5 acceptance over the real lab (2 clusters × 2 nodes × 2 pods, eBPF datapath), with
+//! c2 exporting its global services as EndpointSlices only (`lab up --service-v2
+//! c2=only-endpointslice`, issue 20): c1's agents take c2's backends from its slices.
 //!
 //! * `curl` by name from a c1 pod: `echo.default.svc.clusterset.local` resolves through the
 //!   pod's own resolver (`/etc/netns/<pod>/resolv.conf` → the agent's DNS on the node) and
@@ -46,11 +48,39 @@ fn lab_global_services_dns_affinity_failover_and_propagation() -> Result<()> {
         "2",
         "--cni",
         &lab_cni("clustermesh"),
+        "--service-v2",
+        "c2=only-endpointslice",
     ]))?;
     connectivity_passes(&lab)?;
     let state: Value = serde_json::from_slice(&std::fs::read(lab.dir.join("lab.json"))?)?;
     let id = state["id"].as_str().context("id")?.to_owned();
     let c1 = &state["clusters"][0];
+    ensure!(
+        state["clusters"][1]["service_v2"] == "only-endpointslice",
+        "lab.json does not record c2's mode: {}",
+        state["clusters"][1]
+    );
+
+    // c1's agent reads c2 in endpointslices-only mode: its services from slices, none from
+    // services/v1 (so everything below runs on backends folded from EndpointSlices).
+    let health = c1["nodes"][0]["agent"]["health_addr"]
+        .as_str()
+        .context("agent health")?;
+    let router = state["router_ns"].as_str().context("router")?;
+    let out = run(Command::new("ip")
+        .args(["netns", "exec", router, "curl", "-sf", "--max-time", "1"])
+        .arg(format!("http://{health}/status")))?;
+    let status: Value = serde_json::from_str(&out)?;
+    let c2 = status["remote-clusters"]
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["name"] == "c2"))
+        .with_context(|| format!("c2 not in c1's agent status: {out}"))?;
+    ensure!(
+        c2["config"]["endpoint-slices-export-mode"] == "endpointslices-only"
+            && c2["num-shared-services"] == 0
+            && c2["num-endpoint-slices"].as_u64().unwrap_or(0) > 0,
+        "c1's agent does not read c2 from EndpointSlices only: {c2}"
+    );
     // A c1 pod that is not the echo-local backend (the last pod of the last node).
     let src_ns = c1["nodes"][0]["pods"][0]["ns"]
         .as_str()

@@ -117,7 +117,10 @@ pub(super) fn start_control_planes(st: &mut LabState) -> anyhow::Result<()> {
             std::fs::write(prepared.manifests.join(&file), text)
                 .with_context(|| format!("writing {file} into {}", prepared.manifests.display()))?;
         }
-        let args = vec!["--config".into(), prepared.config.display().to_string()];
+        let mut args = vec!["--config".into(), prepared.config.display().to_string()];
+        if let Some(mode) = &c.service_v2 {
+            args.push(format!("--clustermesh-service-v2={mode}"));
+        }
         c.apiserver_pid = Some(netns::spawn(
             &c.ns,
             &enable::apiserver_binary(),

@@ -63,6 +63,10 @@ pub struct Cluster {
     pub health_addr: SocketAddr,
     /// apiserver PID (its etcd is its child, same process group).
     pub apiserver_pid: Option<u32>,
+    /// The apiserver's `--clustermesh-service-v2` mode, when `lab up --service-v2` set one
+    /// (absent: the apiserver's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_v2: Option<String>,
     /// Nodes.
     pub nodes: Vec<Node>,
 }

@@ -44,9 +44,25 @@ pub struct UpArgs {
     /// is `clustermesh-cni`.
     #[arg(long, value_enum, default_value_t = Cni::Ptp)]
     pub cni: Cni,
+    /// The `--clustermesh-service-v2` mode of one cluster's apiserver, as `CLUSTER=MODE`
+    /// (repeatable), e.g. `c2=only-endpointslice`: c2 exports its global services as
+    /// EndpointSlices only, and the other clusters' agents read them from there.
+    #[arg(long = "service-v2", value_name = "CLUSTER=MODE", value_parser = parse_service_v2)]
+    pub service_v2: Vec<(String, String)>,
     /// How long to wait for control planes, mesh and agents.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+}
+
+/// `CLUSTER=MODE` of `--service-v2` (the mode itself is checked by the apiserver, whose
+/// refusal `lab up` shows with its log).
+fn parse_service_v2(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((c, m)) if !c.is_empty() && !m.is_empty() => Ok((c.to_owned(), m.to_owned())),
+        _ => Err(format!(
+            "{s:?} is not CLUSTER=MODE (e.g. c2=only-endpointslice)"
+        )),
+    }
 }
 
 /// `lab up`.
@@ -60,6 +76,16 @@ pub fn up(a: UpArgs) -> anyhow::Result<()> {
             plan::MAX_CLUSTERS,
             plan::MAX_NODES,
             plan::MAX_PODS
+        );
+    }
+    if let Some((c, _)) = a
+        .service_v2
+        .iter()
+        .find(|(c, _)| !(1..=a.clusters).any(|i| plan::cluster_name(i) == *c))
+    {
+        bail!(
+            "--service-v2 names cluster {c:?}, which this lab does not have (c1..=c{})",
+            a.clusters
         );
     }
     if state::state_file(&a.dir).exists() {
@@ -120,7 +146,6 @@ pub fn up(a: UpArgs) -> anyhow::Result<()> {
             })
             .collect();
         st.clusters.push(Cluster {
-            name,
             id: i,
             ns: plan::cp_ns(&id, i),
             ip: plan::cp_ip(i),
@@ -129,7 +154,12 @@ pub fn up(a: UpArgs) -> anyhow::Result<()> {
             etcd_endpoint: format!("https://{}", plan::etcd_listen(i)),
             health_addr: plan::apiserver_health(i),
             apiserver_pid: None,
+            // The last one given for a cluster wins, as with any repeated flag.
+            service_v2: (a.service_v2.iter().rev())
+                .find(|(c, _)| *c == name)
+                .map(|(_, m)| m.clone()),
             nodes,
+            name,
         });
     }
     st.save()?;
@@ -228,8 +258,15 @@ fn print_summary(st: &LabState) {
     }
     for c in &st.clusters {
         println!(
-            "  {:<7} {:<24} etcd {}  health http://{}",
-            c.name, c.ns, c.etcd_endpoint, c.health_addr
+            "  {:<7} {:<24} etcd {}  health http://{}{}",
+            c.name,
+            c.ns,
+            c.etcd_endpoint,
+            c.health_addr,
+            c.service_v2
+                .as_ref()
+                .map(|m| format!("  service-v2 {m}"))
+                .unwrap_or_default()
         );
         for node in &c.nodes {
             println!("    {:<5} {:<24} {}", node.name, node.ns, node.ip);
