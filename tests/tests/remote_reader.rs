@@ -67,7 +67,11 @@ async fn reads_cilium_format_and_follows_changes() -> anyhow::Result<()> {
             _ => None,
         })
         .collect();
-    assert_eq!(synced.len(), 5, "{synced:?}");
+    assert_eq!(
+        synced.len(),
+        Resource::ALL.len(),
+        "one per resource: {synced:?}"
+    );
 
     // Updates and deletes propagate; full keys are reported.
     fx.clear_events();
