@@ -81,6 +81,10 @@ pub struct Config {
     /// Cilium's `policy-default-local-cluster`: a peer selector without the cluster label
     /// matches only the local cluster (default true, as in Cilium ≥ 1.19).
     pub policy_default_local_cluster: bool,
+    /// Withdraw a disconnected remote's routes after this; `None` keeps them.
+    pub cache_ttl: Option<Duration>,
+    /// Connect timeout and keepalives of every etcd connection.
+    pub connect: ConnectConfig,
 }
 
 impl Config {
@@ -112,6 +116,11 @@ impl Config {
         }
         if self.ipcache_max_entries == 0 || self.local_endpoints_max_entries == 0 {
             return bad("map sizes must be > 0".into());
+        }
+        if self.connect.keepalive.0.is_zero() || self.connect.keepalive.1.is_zero() {
+            return bad(
+                "--etcd-keepalive-interval and --etcd-keepalive-timeout must be > 0".into(),
+            );
         }
         Ok(())
     }
@@ -176,7 +185,7 @@ pub async fn run(config: Config, token: CancellationToken) -> Result<()> {
         local::Config {
             cluster: config.cluster.clone(),
             etcd: etcd.clone(),
-            connect: ConnectConfig::default(),
+            connect: config.connect.clone(),
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_secs(10),
         },
@@ -189,11 +198,13 @@ pub async fn run(config: Config, token: CancellationToken) -> Result<()> {
         RemoteMode::KvstoreMesh => Mode::KvstoreMesh { local_etcd: etcd },
         RemoteMode::Direct => Mode::Direct,
     };
-    let rconfig = remote::Config::new(
+    let mut rconfig = remote::Config::new(
         config.cluster.clone(),
         config.clustermesh_config.clone(),
         mode,
     );
+    rconfig.cache_ttl = config.cache_ttl;
+    rconfig.connect = config.connect.clone();
     let (manager, remote_rx) = Manager::new(rconfig, metrics.remote.clone())?;
     let remote_status = manager.status();
 

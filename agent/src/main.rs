@@ -86,6 +86,18 @@ struct Args {
     /// `io.cilium.k8s.policy.cluster` label matches only endpoints of this cluster.
     #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     policy_default_local_cluster: bool,
+    /// Withdraw a disconnected remote's routes after this long (Cilium's
+    /// clustermesh-cache-ttl); 0 keeps them until it comes back.
+    #[arg(long, visible_alias = "cache-ttl", default_value = "0s", value_parser = humantime::parse_duration)]
+    clustermesh_cache_ttl: Duration,
+    /// HTTP/2 keepalive interval of every etcd connection while it streams; a dead etcd is
+    /// noticed after interval + timeout. The etcd must accept pings that often
+    /// (`--grpc-keepalive-min-time`; the embedded one does).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    etcd_keepalive_interval: Duration,
+    /// HTTP/2 keepalive timeout of every etcd connection.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    etcd_keepalive_timeout: Duration,
     /// Grace period for draining on SIGINT/SIGTERM.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
@@ -156,6 +168,11 @@ fn config(a: &Args) -> anyhow::Result<Config> {
         local_endpoints_max_entries: a.local_endpoints_max_entries,
         dns_addr: a.dns_addr.0,
         policy_default_local_cluster: a.policy_default_local_cluster,
+        cache_ttl: Some(a.clustermesh_cache_ttl).filter(|d| !d.is_zero()),
+        connect: clustermesh_syncer::ConnectConfig {
+            keepalive: (a.etcd_keepalive_interval, a.etcd_keepalive_timeout),
+            ..Default::default()
+        },
     };
     config.validate()?;
     Ok(config)

@@ -169,6 +169,18 @@ pub struct Args {
     /// `remote-*` users it no longer names are removed.
     #[arg(long)]
     pub cluster_users_config_path: Option<PathBuf>,
+    /// KVStoreMesh: withdraw a disconnected remote's entries after this long (Cilium's
+    /// clustermesh-cache-ttl); 0 (the default) keeps them until it comes back.
+    #[arg(long, visible_alias = "cache-ttl", value_parser = humantime::parse_duration)]
+    pub clustermesh_cache_ttl: Option<Duration>,
+    /// HTTP/2 keepalive interval of every etcd connection while it streams (default 1s); a
+    /// dead peer is noticed after interval + timeout. An external etcd must accept pings
+    /// that often (`--grpc-keepalive-min-time`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub etcd_keepalive_interval: Option<Duration>,
+    /// HTTP/2 keepalive timeout of every etcd connection (default 2s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub etcd_keepalive_timeout: Option<Duration>,
 }
 
 /// The same settings as a file.
@@ -227,6 +239,12 @@ pub struct File {
     pub etcd_init: Option<bool>,
     /// See [`Args`].
     pub cluster_users_config_path: Option<PathBuf>,
+    /// See [`Args`] (humantime).
+    pub clustermesh_cache_ttl: Option<String>,
+    /// See [`Args`] (humantime).
+    pub etcd_keepalive_interval: Option<String>,
+    /// See [`Args`] (humantime).
+    pub etcd_keepalive_timeout: Option<String>,
 }
 
 /// KVStoreMesh settings (see [`crate::kvstoremesh`]).
@@ -240,6 +258,8 @@ pub struct KvstoreMesh {
     pub per_cluster_ready_timeout: Duration,
     /// Readiness stops waiting for remotes after this.
     pub global_ready_timeout: Duration,
+    /// Withdraw a disconnected remote's entries after this; `None` keeps them.
+    pub cache_ttl: Option<Duration>,
 }
 
 /// Where etcd comes from.
@@ -299,6 +319,8 @@ pub struct Config {
     pub etcd_init: bool,
     /// Cilium's users file, enforced in etcd.
     pub cluster_users: Option<PathBuf>,
+    /// Connect timeout and keepalives of every etcd connection.
+    pub connect: clustermesh_syncer::ConnectConfig,
 }
 
 fn duration(
@@ -476,6 +498,13 @@ impl Config {
                             "--global-ready-timeout",
                             Duration::from_secs(600),
                         )?,
+                        cache_ttl: Some(duration(
+                            args.clustermesh_cache_ttl,
+                            file.clustermesh_cache_ttl.clone(),
+                            "--clustermesh-cache-ttl",
+                            Duration::ZERO,
+                        )?)
+                        .filter(|d| !d.is_zero()),
                     })
                 })
                 .transpose()?
@@ -493,6 +522,29 @@ impl Config {
         let cluster_users = args
             .cluster_users_config_path
             .or(file.cluster_users_config_path);
+        let connect = clustermesh_syncer::ConnectConfig {
+            keepalive: (
+                duration(
+                    args.etcd_keepalive_interval,
+                    file.etcd_keepalive_interval,
+                    "--etcd-keepalive-interval",
+                    clustermesh_syncer::client::KEEPALIVE_INTERVAL,
+                )?,
+                duration(
+                    args.etcd_keepalive_timeout,
+                    file.etcd_keepalive_timeout,
+                    "--etcd-keepalive-timeout",
+                    clustermesh_syncer::client::KEEPALIVE_TIMEOUT,
+                )?,
+            ),
+            ..Default::default()
+        };
+        if connect.keepalive.0.is_zero() || connect.keepalive.1.is_zero() {
+            return Err(Error::Invalid {
+                setting: "--etcd-keepalive-interval/--etcd-keepalive-timeout".into(),
+                reason: "must be > 0".into(),
+            });
+        }
         Ok(Config {
             etcd_init,
             cluster_users,
@@ -502,6 +554,7 @@ impl Config {
                 .or(file.enable_cilium_endpoint_slice)
                 .unwrap_or(false),
             kvstoremesh,
+            connect,
             cluster,
             source,
             etcd,
@@ -644,6 +697,44 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.source, Source::Manifests(dir.path().to_path_buf()));
+    }
+
+    #[test]
+    fn cache_ttl_and_keepalives() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |extra: &[&str]| {
+            let mut v = vec![
+                "clustermesh-apiserver".to_string(),
+                "--cluster-id=3".into(),
+                "--cluster-name=cluster3".into(),
+                "--state-dir".into(),
+                dir.path().display().to_string(),
+                "--manifests".into(),
+                dir.path().display().to_string(),
+            ];
+            v.extend(extra.iter().map(|s| s.to_string()));
+            Config::from_args(Args::try_parse_from(v).unwrap())
+        };
+        let c = with(&[]).unwrap();
+        assert_eq!(
+            c.kvstoremesh.as_ref().unwrap().cache_ttl,
+            None,
+            "keep forever"
+        );
+        assert_eq!(
+            c.connect.keepalive,
+            (Duration::from_secs(1), Duration::from_secs(2))
+        );
+        let c = with(&["--cache-ttl=5m", "--etcd-keepalive-interval=3s"]).unwrap();
+        assert_eq!(
+            c.kvstoremesh.as_ref().unwrap().cache_ttl,
+            Some(Duration::from_secs(300))
+        );
+        assert_eq!(c.connect.keepalive.0, Duration::from_secs(3));
+        let c = with(&["--clustermesh-cache-ttl=0s"]).unwrap();
+        assert_eq!(c.kvstoremesh.as_ref().unwrap().cache_ttl, None);
+        let e = with(&["--etcd-keepalive-timeout=0s"]).unwrap_err();
+        assert!(e.to_string().contains("--etcd-keepalive"), "{e}");
     }
 
     #[test]

@@ -79,6 +79,10 @@ pub struct Options {
     pub per_cluster_ready_timeout: Duration,
     /// Remotes stop holding back readiness after this.
     pub global_ready_timeout: Duration,
+    /// Withdraw a disconnected remote's entries after this; `None` keeps them.
+    pub cache_ttl: Option<Duration>,
+    /// Connect timeout and keepalives, to the remotes and to the local etcd.
+    pub connect: clustermesh_syncer::ConnectConfig,
 }
 
 /// Runs KVStoreMesh until `cancel`: the remote reader, the mirror into the local etcd, and
@@ -92,6 +96,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut config = remote::Config::new(opts.local.clone(), opts.config_dir.clone(), Mode::Direct);
     config.per_remote_ready_timeout = opts.per_cluster_ready_timeout;
+    config.cache_ttl = opts.cache_ttl;
+    config.connect = opts.connect.clone();
     config.drain_deletes = false;
     // Mirror every store a remote writes (both of service v2's); the agents reading the
     // cache choose by the export mode mirrored in the cluster config.
@@ -433,7 +439,7 @@ async fn session_loop(
     first: &mut bool,
     backoff: &mut Backoff,
 ) -> anyhow::Result<bool> {
-    let client = clustermesh_syncer::connect(&opts.local_etcd, &Default::default()).await?;
+    let client = clustermesh_syncer::connect(&opts.local_etcd, &opts.connect).await?;
     let wcfg = writer::Config {
         lease_ttl: opts.lease_ttl,
         ..Default::default()

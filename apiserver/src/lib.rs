@@ -229,6 +229,8 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
             drain_grace: km.drain_grace,
             per_cluster_ready_timeout: km.per_cluster_ready_timeout,
             global_ready_timeout: km.global_ready_timeout,
+            cache_ttl: km.cache_ttl,
+            connect: cfg.connect.clone(),
         };
         tasks.spawn(
             kvstoremesh::run(
@@ -302,6 +304,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         etcd_up: etcd_up.clone(),
         cfg: cfg.clone(),
         etcd: etcd_cfg,
+        connect: cfg.connect.clone(),
         status: status.clone(),
         components,
         metrics: metrics.clone(),
@@ -337,6 +340,7 @@ struct ExportCtx {
     etcd_up: watch::Receiver<bool>,
     cfg: Config,
     etcd: EtcdConfig,
+    connect: clustermesh_syncer::ConnectConfig,
     status: Arc<Status>,
     components: components::Components,
     metrics: Metrics,
@@ -368,7 +372,7 @@ async fn export_loop(
                 r = etcd_up.changed() => if r.is_err() { return Ok(()) },
             }
         }
-        let connected = clustermesh_syncer::connect(&ctx.etcd, &Default::default()).await;
+        let connected = clustermesh_syncer::connect(&ctx.etcd, &ctx.connect).await;
         let client = match connected {
             Ok(c) => c,
             Err(e) => {

@@ -598,8 +598,17 @@ pub fn hint(local: &str, remote: &Value) -> Option<String> {
     let status = remote["status"].as_str().unwrap_or_default();
     let lower = status.to_lowercase();
     if remote["connected"].as_bool() != Some(true) {
-        let what = if lower.contains("chain")
-            || lower.contains("tls")
+        // The reader classified the failure by its cause (syncer::failure): trust that.
+        if let (Some(class), Some(h)) = (remote["failure-class"].as_str(), remote["hint"].as_str())
+        {
+            return Some(format!("{class}: {h}"));
+        }
+        let what = if lower.contains("not reachable")
+            || lower.contains("timed out")
+            || lower.contains("connection refused")
+        {
+            format!("the etcd of {name} is not reachable: is its clustermesh-apiserver running, and is the endpoint right?")
+        } else if lower.contains("chain")
             || lower.contains("certificate")
             || lower.contains("issuer")
         {
@@ -720,6 +729,7 @@ pub fn status_doc(input: &StatusInput) -> Value {
                     "num-service-exports": r["num-service-exports"],
                     "num-endpoint-slices": r["num-endpoint-slices"],
                     "num-failures": r["num-failures"], "last-failure": r["last-failure"],
+                    "failure-class": r["failure-class"], "hint": r["hint"],
                     "config": r["config"], "synced": r["synced"],
                 })
             }
@@ -931,6 +941,12 @@ mod tests {
             "synchronization in progress for endpoints, identities"
         );
         assert!(hint("c1", &json!({"ready": true})).is_none());
+        // The reader's classification wins over the words of the status.
+        let h = h(json!({"name":"c2","connected":false,
+            "status":"watch of cilium/state/nodes/v1/c2/ ended: h2 protocol error: keep-alive timed out",
+            "failure-class":"unreachable","hint":"etcd at https://198.18.2.1:2379 is not reachable (no answer to keepalive pings)"}));
+        assert!(h.starts_with("unreachable: etcd at"), "{h}");
+        assert!(!h.contains("CA"), "{h}");
     }
 
     #[test]

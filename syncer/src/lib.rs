@@ -8,10 +8,12 @@
 pub mod auth;
 pub mod client;
 pub mod config;
+pub mod failure;
 pub mod list;
 pub mod metrics;
 pub mod remote;
 pub mod resolve;
+pub mod transport;
 pub mod watcher;
 pub mod writer;
 
@@ -72,11 +74,22 @@ pub enum Error {
     Connect {
         /// The endpoints dialled.
         endpoints: String,
+        /// The kind of failure.
+        class: failure::Class,
         /// What to do about it.
         hint: String,
         /// Cause.
         #[source]
         source: etcd_client::Error,
+    },
+    /// The certificate files named by a config do not load.
+    #[error("cannot use the TLS files of {}: {source}", cert.display())]
+    Tls {
+        /// The certificate file.
+        cert: PathBuf,
+        /// Cause.
+        #[source]
+        source: clustermesh_certs::Error,
     },
     /// An operation timed out.
     #[error("{what} timed out talking to etcd at {endpoints}")]

@@ -281,6 +281,9 @@ impl TestEtcd {
             .arg("--heartbeat-interval=10")
             .arg("--election-timeout=100")
             .arg("--auto-compaction-retention=1")
+            // The clients' keepalive pings (1 s) must not count as abuse (see the apiserver's
+            // embedded etcd).
+            .arg("--grpc-keepalive-min-time=500ms")
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("clone log file handle")?)
             .stderr(log)

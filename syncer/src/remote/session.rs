@@ -26,6 +26,9 @@ use crate::watcher::mux::Mux;
 use crate::watcher::{self, Conn, Reflector, Step, Watcher};
 use crate::{Client, EtcdConfig};
 
+/// How often an unreachable remote's endpoints are probed with a TCP connect.
+const REACHABLE_PROBE: Duration = Duration::from_millis(250);
+
 /// State shared by the manager and every remote.
 pub(crate) struct Env {
     pub(crate) config: Config,
@@ -165,11 +168,16 @@ impl Remote {
                 Ok(()) => return,
                 Err(e) => e,
             };
-            warn!(cluster = %self.name, %error, "remote cluster session failed");
+            let etcd = self.etcd_config();
+            let failure = crate::failure::classify_remote(&error, etcd.as_ref());
+            warn!(cluster = %self.name, %error, class = failure.class.as_str(), hint = %failure.hint,
+                "remote cluster session failed");
             self.shared.update(|s| {
                 s.connected = false;
                 s.ready = false;
                 s.status = error.to_string();
+                s.failure_class = Some(failure.class);
+                s.hint = Some(failure.hint.clone());
                 s.num_failures += 1;
                 s.last_failure = Some(SystemTime::now());
                 s.synced = Default::default();
@@ -177,25 +185,66 @@ impl Remote {
             if is_transport(&error) {
                 self.env.invalidate_local().await;
             }
-            let mut delay = backoff.next_delay();
+            let delay = backoff.next_delay();
+            // Unreachable: also watch for the network to come back, so the backoff that grew
+            // during an outage does not delay the resync after it.
+            let endpoints = match (failure.class, &etcd) {
+                (crate::failure::Class::Unreachable, Some(c)) => {
+                    crate::client::dial_endpoints(c).await.ok().map(|(eps, _)| {
+                        eps.into_iter()
+                            .map(|e| e.trim_start_matches("https://").to_owned())
+                            .collect::<Vec<_>>()
+                    })
+                }
+                _ => None,
+            };
+            let mut back = std::pin::pin!(async {
+                match &endpoints {
+                    Some(eps) => {
+                        tokio::time::sleep(cfg.backoff_min.min(delay)).await;
+                        crate::transport::wait_reachable(eps, REACHABLE_PROBE).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            });
+            // While the probe says unreachable, a session could only hang in its TCP connect:
+            // retry by the timer only at the backoff's cap then.
+            let mut wait = if endpoints.is_some() {
+                cfg.backoff_max.max(delay)
+            } else {
+                delay
+            };
             if let (Some(ttl), Some(since), false) = (cfg.cache_ttl, disconnected_since, revoked) {
                 let left = (since + ttl).saturating_duration_since(Instant::now());
-                if left <= delay {
+                if left <= wait {
                     tokio::select! {
                         _ = token.cancelled() => return,
                         _ = tokio::time::sleep(left) => {}
+                        _ = &mut back => {
+                            info!(cluster = %self.name, "remote etcd reachable again: reconnecting now");
+                            continue;
+                        }
                     }
                     info!(cluster = %self.name, ttl = ?ttl, "remote disconnected longer than the cache TTL: revoking its state");
                     self.clear_cache(&token).await;
                     revoked = true;
-                    delay -= left;
+                    wait -= left;
                 }
             }
-            debug!(cluster = %self.name, ?delay, "reconnecting after backoff");
+            debug!(cluster = %self.name, ?wait, "reconnecting after backoff");
             tokio::select! {
                 _ = token.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = &mut back => info!(cluster = %self.name, "remote etcd reachable again: reconnecting now"),
             }
+        }
+    }
+
+    /// The etcd config this remote connects with (for classifying its failures).
+    fn etcd_config(&self) -> Option<EtcdConfig> {
+        match &self.env.config.mode {
+            Mode::Direct => EtcdConfig::load(&self.file).ok(),
+            Mode::KvstoreMesh { local_etcd } => Some(local_etcd.clone()),
         }
     }
 
@@ -305,6 +354,8 @@ impl Remote {
         self.ever_connected.store(true, Ordering::SeqCst);
         self.shared.update(|s| {
             s.connected = true;
+            s.failure_class = None;
+            s.hint = None;
             s.status = format!("connected to {endpoints}, ID: {etcd_id:x}");
         });
 

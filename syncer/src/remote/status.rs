@@ -37,6 +37,13 @@ pub struct Status {
     pub ready: bool,
     /// What is happening or, after a failure, what went wrong and how to fix it.
     pub status: String,
+    /// The kind of the last failure (`unreachable`, `tls`, `auth`, `etcd`, `config`,
+    /// `other`; see [`crate::failure`]), until the next connection succeeds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure_class: Option<crate::failure::Class>,
+    /// What to do about the last failure, naming the file or endpoint at fault.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
     /// Failed sessions so far.
     pub num_failures: u64,
     /// When the last session failed.
