@@ -194,9 +194,9 @@ pub async fn connect(cfg: &EtcdConfig, opts: &ConnectConfig) -> Result<Client> {
             keepalive_timeout: opts.keepalive.1,
         },
     )?;
-    let failed = |source: etcd_client::Error| {
+    let failed = |source: etcd_client::Error, tls: Option<clustermesh_certs::rustls::Error>| {
         // A refused client certificate shows only as "connection closed" to the request.
-        let failure = match tls_errors.last_tls_error() {
+        let failure = match tls {
             Some(tls) => crate::failure::classify_tls(&tls, &endpoints.join(","), Some(cfg)),
             None => crate::failure::classify(&source, Some(cfg)),
         };
@@ -210,14 +210,23 @@ pub async fn connect(cfg: &EtcdConfig, opts: &ConnectConfig) -> Result<Client> {
     let mut client =
         etcd_client::Client::from_channel(Channel::Tonic(channel), Some(ConnectOptions::new()))
             .await
-            .map_err(failed)?;
-    tokio::time::timeout(opts.connect_timeout * 2, client.status())
+            .map_err(|source| failed(source, tls_errors.last_tls_error()))?;
+    let status = tokio::time::timeout(opts.connect_timeout * 2, client.status())
         .await
         .map_err(|_| Error::Timeout {
             what: "etcd status",
             endpoints: endpoints.join(","),
-        })?
-        .map_err(failed)?;
+        })?;
+    if let Err(source) = status {
+        let tls = match tls_errors.last_tls_error() {
+            Some(tls) => Some(tls),
+            None => {
+                tls_errors.diagnose().await;
+                tls_errors.last_tls_error()
+            }
+        };
+        return Err(failed(source, tls));
+    }
     Ok(Client(client))
 }
 

@@ -34,7 +34,7 @@ use std::time::Duration;
 use clustermesh_certs::rustls::{self, pki_types::ServerName};
 use clustermesh_certs::Reloading;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
@@ -151,6 +151,26 @@ impl Dialer {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take()
+    }
+
+    /// Asks the server once more, outside hyper, why a connection was cut: dials, sends the
+    /// HTTP/2 client preface and reads the server's first frame. A refused client certificate
+    /// shows as the TLS alert on that read and is kept for [`Dialer::last_tls_error`]: hyper
+    /// may have met a broken pipe on its own write first and never read the alert.
+    pub(crate) async fn diagnose(&self) {
+        const PREFACE: &[u8] =
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+        let Ok(io) = self.clone().dial().await else {
+            return;
+        };
+        let mut stream = io.into_inner();
+        let _ = tokio::time::timeout(self.connect_timeout, async {
+            stream.write_all(PREFACE).await?;
+            stream.flush().await?;
+            let mut frame = [0u8; 9];
+            stream.read_exact(&mut frame).await.map(|_| ())
+        })
+        .await;
     }
 
     async fn dial(self) -> Result<TokioIo<Recorded>, DialError> {

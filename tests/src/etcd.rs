@@ -224,7 +224,29 @@ impl TestEtcd {
     /// Freezes etcd with SIGSTOP: connections stay open but nothing is answered, like a hung
     /// or partitioned server. Undo with [`continue_process`](Self::continue_process).
     pub fn stop_process(&self) -> anyhow::Result<()> {
-        self.signal(nix::sys::signal::Signal::SIGSTOP)
+        self.signal(nix::sys::signal::Signal::SIGSTOP)?;
+        // kill() returns once the signal is queued; a thread busy on another core can still
+        // answer a request before it stops. Wait until every thread is in state T.
+        let pid = self.pid().context("etcd is not running")?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+                .with_context(|| format!("list the threads of etcd {pid}"))?;
+            let all_stopped = tasks.flatten().all(|t| {
+                std::fs::read_to_string(t.path().join("stat"))
+                    .ok()
+                    .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('T')))
+                    .unwrap_or(true)
+            });
+            if all_stopped {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "etcd {pid} did not stop within 2 s of SIGSTOP"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Resumes a process frozen by [`stop_process`](Self::stop_process) (SIGCONT).
