@@ -661,10 +661,33 @@ async fn main() -> anyhow::Result<()> {
     }
 
     // Average value size of what was exported, for a like-for-like raw baseline.
-    let all = client
-        .get("cilium/state/", Some(GetOptions::new().with_prefix()))
-        .await?;
-    let avg = all.kvs().iter().map(|kv| kv.value().len()).sum::<usize>() / all.kvs().len().max(1);
+    // Paged: with EndpointSlices exported too, one range is larger than a gRPC message (4 MiB).
+    let (mut bytes, mut count) = (0usize, 0usize);
+    let mut from = b"cilium/state/".to_vec();
+    loop {
+        let page = client
+            .get(
+                from.clone(),
+                Some(
+                    GetOptions::new()
+                        .with_range("cilium/state0")
+                        .with_limit(1000),
+                ),
+            )
+            .await?;
+        for kv in page.kvs() {
+            bytes += kv.value().len();
+            count += 1;
+        }
+        match page.kvs().last() {
+            Some(last) if page.more() => {
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            _ => break,
+        }
+    }
+    let avg = bytes / count.max(1);
     let mut raw = Vec::new();
     for round in 0..3 {
         raw.push(raw_rate(&etcd, &format!("bench/raw{round}/"), keys as usize, avg).await?);
