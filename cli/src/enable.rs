@@ -7,6 +7,8 @@
 //! <state>/apiserver.yaml    clustermesh-apiserver --config
 //! <state>/manifests/        the cluster's source (Kubernetes-shaped YAML)
 //! <state>/clustermesh/      remote cluster config files, one per peer (`clustermesh connect`)
+//! <state>/cluster-users.yaml  the peers' etcd users (`remote-<peer>`, written by `connect`),
+//!                           which the apiserver keeps in its etcd, also after a data loss
 //! <state>/etcd/             embedded etcd data (0700)
 //! <state>/etcd-config.yaml  admin-<c> client config (the apiserver's)
 //! <state>/local-etcd-config.yaml   local-<c> client config (the cluster's agents)
@@ -220,7 +222,7 @@ pub fn prepare(a: &EnableArgs) -> anyhow::Result<Prepared> {
     client("remote").save(&state.join("remote-etcd-config.yaml"))?;
     let config = state.join("apiserver.yaml");
     let text = format!(
-        "# written by `clustermesh enable`\ncluster-name: {name}\ncluster-id: {id}\nmax-connected-clusters: {max}\nstate-dir: {state}\nmanifests: {manifests}\nembedded-etcd-listen: \"{listen}\"\nembedded-etcd-peer-port: {peer}\nhealth-addr: \"{health}\"\nclustermesh-enable-mcs-api: {mcs}\n",
+        "# written by `clustermesh enable`\ncluster-name: {name}\ncluster-id: {id}\nmax-connected-clusters: {max}\nstate-dir: {state}\nmanifests: {manifests}\nembedded-etcd-listen: \"{listen}\"\nembedded-etcd-peer-port: {peer}\nhealth-addr: \"{health}\"\nclustermesh-enable-mcs-api: {mcs}\ncluster-users-config-path: {users}\n",
         id = a.cluster_id,
         max = max.as_u32(),
         state = state.display(),
@@ -229,6 +231,7 @@ pub fn prepare(a: &EnableArgs) -> anyhow::Result<Prepared> {
         peer = a.etcd_peer_port,
         health = a.health_addr,
         mcs = a.enable_mcs_api,
+        users = state.join("cluster-users.yaml").display(),
     );
     clustermesh_syncer::config::write_private(&config, text.as_bytes())?;
     Ok(Prepared {

@@ -9,7 +9,9 @@
 //!   client certificate, and the CA that B's server certificate chains to (A's own `ca.crt`
 //!   when the CA is shared; a bundle `<B>.etcd-client-ca.crt` of both CAs otherwise);
 //! * the etcd user `remote-<A>` (role `remote`) in B's etcd, created with B's root
-//!   certificate (Cilium's `users.yaml`);
+//!   certificate, and named in B's users file (`cluster-users-config-path`, Cilium's
+//!   `users.yaml`; `enable` sets `<B>/cluster-users.yaml`) so that B's apiserver creates it
+//!   again in an etcd that lost its data (a wiped or replaced member);
 //! * and the same for B reading A.
 //!
 //! With `--allow-mismatching-ca` each side's `certs/ca.crt`, which its etcd trusts for
@@ -116,6 +118,7 @@ struct ApiserverFile {
     health_addr: Option<SocketAddr>,
     clustermesh_config: Option<PathBuf>,
     enable_kvstoremesh: Option<bool>,
+    cluster_users_config_path: Option<PathBuf>,
 }
 
 /// What one cluster tells its peers (Cilium's `accessInformation`) plus local paths.
@@ -139,6 +142,8 @@ pub struct Access {
     pub health_addr: SocketAddr,
     /// Whether KVStoreMesh runs.
     pub kvstoremesh: bool,
+    /// The apiserver's users file (`cluster-users-config-path`), when it has one.
+    pub users_file: Option<PathBuf>,
 }
 
 impl Access {
@@ -190,6 +195,7 @@ impl Access {
                 .health_addr
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9880))),
             kvstoremesh: file.enable_kvstoremesh.unwrap_or(true),
+            users_file: file.cluster_users_config_path,
             state_dir,
         })
     }
@@ -369,6 +375,62 @@ fn write_atomic(
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
+#[derive(Debug, Default, Deserialize)]
+struct UsersFile {
+    #[serde(default)]
+    users: Option<Vec<UserEntry>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct UserEntry {
+    name: String,
+    role: String,
+}
+
+/// Names (`add`) or no longer names `user` (role `remote`) in `c`'s users file, which its
+/// apiserver keeps its etcd's `remote-*` users to; nothing when `c` has no users file.
+fn update_users_file(c: &Access, user: &str, add: bool) -> anyhow::Result<()> {
+    let Some(path) = &c.users_file else {
+        return Ok(());
+    };
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let file: UsersFile = serde_yaml::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a users file (users: [{{name, role}}]): fix or remove it",
+            path.display()
+        )
+    })?;
+    let mut users: std::collections::BTreeMap<String, String> = file
+        .users
+        .unwrap_or_default()
+        .into_iter()
+        .map(|u| (u.name, u.role))
+        .collect();
+    let changed = if add {
+        users.insert(user.to_owned(), "remote".into()).as_deref() != Some("remote")
+    } else {
+        users.remove(user).is_some()
+    };
+    if !changed {
+        return Ok(());
+    }
+    let mut out = String::from(if users.is_empty() {
+        "users: []\n"
+    } else {
+        "users:\n"
+    });
+    for (name, role) in &users {
+        out.push_str(&format!("- name: {name}\n  role: {role}\n"));
+    }
+    write_atomic(path, |p| {
+        std::fs::write(p, &out).with_context(|| format!("writing {}", p.display()))
+    })
+}
+
 fn mkdir_private(p: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
@@ -450,9 +512,11 @@ pub fn connect_pair(a: &Access, b: &Access, allow_mismatching_ca: bool) -> anyho
         }
     }
     let rt = runtime()?;
-    // Users first: a config file whose user does not exist yet would only show errors.
+    // Users first: a config file whose user does not exist yet would only show errors. The
+    // users file first of all: its apiserver removes `remote-*` users the file does not name.
     for (reader, peer) in [(a, b), (b, a)] {
         let user = format!("remote-{}", reader.name);
+        update_users_file(peer, &user, true)?;
         rt.block_on(with_root(peer, async |c| {
             clustermesh_syncer::auth::ensure_user(c, &user, clustermesh_syncer::auth::ROLE_REMOTE)
                 .await
@@ -546,6 +610,7 @@ pub fn disconnect_pair(a: &Access, b: &Access) -> anyhow::Result<()> {
     let rt = runtime()?;
     for (reader, peer) in [(a, b), (b, a)] {
         let user = format!("remote-{}", reader.name);
+        update_users_file(peer, &user, false)?;
         if let Err(e) = rt.block_on(with_root(peer, async |c| {
             clustermesh_syncer::auth::remove_user(c, &user).await
         })) {

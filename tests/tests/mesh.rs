@@ -491,9 +491,14 @@ async fn three_clusters_connected_with_the_cli() {
     let (_, v, text) = status_json(&c1, false);
     assert_eq!(v["connectivity"]["total"], 1, "{text}");
     assert!(v["clusters"].get("c3").is_none(), "{text}");
-    // The users are gone too: c3's etcd no longer knows remote-c1.
+    // The users are gone too: c3's etcd no longer knows remote-c1, and c3's users file (which
+    // its apiserver keeps the etcd's users to) no longer names it; remote-c2 left it too.
     let mut root3 = c3.etcd("root").await;
     assert!(root3.user_get("remote-c1").await.is_err());
+    let users3 = std::fs::read_to_string(c3.state.join("cluster-users.yaml")).unwrap();
+    assert_eq!(users3, "users: []\n");
+    let users1 = std::fs::read_to_string(c1.state.join("cluster-users.yaml")).unwrap();
+    assert_eq!(users1, "users:\n- name: remote-c2\n  role: remote\n");
     drop(c3.api.take());
 
     // A cluster with another CA is refused, then accepted with --allow-mismatching-ca.
