@@ -8,7 +8,7 @@
 //! agent does not drain on shutdown either). `clustermesh-agent --cleanup` removes them.
 
 use std::collections::BTreeSet;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -52,6 +52,8 @@ pub struct Config {
     pub node_name: String,
     /// This node's underlay IPv4 (pods with this `HostIP` are local).
     pub node_ip: Ipv4Addr,
+    /// This node's underlay IPv6, if any (IPv6 tunnel endpoints; `HostIP` of local pods).
+    pub node_ip6: Option<Ipv6Addr>,
     /// Client config of the local etcd (user `local-<c>`).
     pub etcd_config: PathBuf,
     /// Directory with one file per remote cluster (may be empty or missing).
@@ -99,6 +101,13 @@ impl Config {
         }
         if self.node_ip.is_unspecified() {
             return bad("--node-ip must be this node's underlay address".into());
+        }
+        if let Some(ip6) = self.node_ip6 {
+            if ip6.is_unspecified() || ip6.is_loopback() || ip6.is_multicast() {
+                return bad(format!(
+                    "--node-ip6 {ip6} must be this node's unicast IPv6 underlay address"
+                ));
+            }
         }
         if self.vxlan_dev.is_empty() || self.vxlan_dev.len() > ifaces::IFNAME_MAX {
             return bad(format!(
@@ -154,6 +163,7 @@ pub async fn run(config: Config, token: CancellationToken) -> Result<()> {
         vxlan_port: config.vxlan_port,
         underlay_dev: config.underlay_dev.clone(),
         node_ip: config.node_ip,
+        node_ip6: config.node_ip6,
     })?;
     // The LB maps belong to the services loop, not to the reconciler.
     let lb = LbMaps::take(&mut dp)?;
@@ -169,6 +179,7 @@ pub async fn run(config: Config, token: CancellationToken) -> Result<()> {
         config.local_endpoints_max_entries,
     )?;
     let mut reconciler = reconciler;
+    reconciler.set_node_ip6(config.node_ip6);
     reconciler.set_own_devices(
         [
             Some(config.vxlan_dev.clone()),

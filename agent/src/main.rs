@@ -3,7 +3,7 @@
 //! Shutdown leaves programs attached and maps filled (hitless restarts); `--cleanup`
 //! removes them. `--check` only runs the kernel check.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -40,6 +40,10 @@ struct Args {
     /// This node's underlay IPv4 (pods whose HostIP is this address are local).
     #[arg(long)]
     node_ip: Option<Ipv4Addr>,
+    /// This node's underlay IPv6, if it has one: IPv6 tunnel endpoints (VXLAN over IPv6)
+    /// and pods whose HostIP is this address are local.
+    #[arg(long)]
+    node_ip6: Option<Ipv6Addr>,
     /// Client config of the local etcd (user local-<cluster>).
     #[arg(long)]
     etcd_config: Option<PathBuf>,
@@ -144,6 +148,7 @@ fn config(a: &Args) -> anyhow::Result<Config> {
         cluster,
         node_name: need(&a.node_name, "--node-name")?,
         node_ip: need(&a.node_ip, "--node-ip")?,
+        node_ip6: a.node_ip6,
         etcd_config: need(&a.etcd_config, "--etcd-config")?,
         clustermesh_config: need(&a.clustermesh_config, "--clustermesh-config")?,
         remote_mode: match a.remotes {

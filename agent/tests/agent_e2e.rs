@@ -13,6 +13,12 @@
 //!   flowing with no reset, the restarted agent adopts the maps (no rewrite) and swaps its
 //!   programs into the pinned links (pods, VXLAN device, underlay).
 //! * `--cleanup` removes the pins.
+//! * IPv6 (dual-stack pods over the IPv4 underlay): every pod also has an IPv6 address and
+//!   entry; remote IPv6 entries land in the pinned ipcache tunnelled to the IPv4 `HostIP`
+//!   (or to an IPv6 `HostIP` on c1, which has `--node-ip6`), local pods get IPv6 local
+//!   endpoints on their IPv4 sibling's interface, hostile IPv6 entries never land, a /128
+//!   claimed by both clusters is programmed for the local cluster and named in `/status`,
+//!   ping over IPv6 crosses the clusters, and a deleted IPv6 entry leaves the map within 1 s.
 //!
 //! Layout: namespaces `cmae<pid>-{n1,n2,a1,a2,b1}`; node n1 is cluster c1 (ID 1), node n2
 //! cluster c2 (ID 2); underlay `eth0` 198.18.1.11/16 and 198.18.2.11/16 on one veth (the
@@ -26,7 +32,7 @@
 
 use std::ffi::CString;
 use std::io::{Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,7 +46,7 @@ use anyhow::{bail, ensure, Context as _, Result};
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Map, MapData};
 use clustermesh_agent::kernel;
-use clustermesh_ebpf_abi::{ipcache_flags, IpcacheKey, IpcacheValue};
+use clustermesh_ebpf_abi::{ipcache_flags, EndpointInfo, EndpointKey, IpcacheKey, IpcacheValue};
 use clustermesh_tests::etcd::TestEtcd;
 use clustermesh_tests::etcd_client::Client;
 
@@ -52,6 +58,7 @@ struct Pod {
     name: &'static str,
     node: usize,
     ip: Ipv4Addr,
+    ip6: Ipv6Addr,
     identity: u32,
 }
 
@@ -83,6 +90,7 @@ const A1: Pod = Pod {
     name: "a1",
     node: 0,
     ip: Ipv4Addr::new(10, 1, 1, 11),
+    ip6: Ipv6Addr::new(0xfd00, 0x10, 1, 1, 0, 0, 0, 0x11),
     identity: 65_537,
 };
 const A2: Pod = Pod {
@@ -90,6 +98,7 @@ const A2: Pod = Pod {
     name: "a2",
     node: 0,
     ip: Ipv4Addr::new(10, 1, 1, 12),
+    ip6: Ipv6Addr::new(0xfd00, 0x10, 1, 1, 0, 0, 0, 0x12),
     identity: 65_538,
 };
 const B1: Pod = Pod {
@@ -97,9 +106,18 @@ const B1: Pod = Pod {
     name: "b1",
     node: 1,
     ip: Ipv4Addr::new(10, 2, 1, 11),
+    ip6: Ipv6Addr::new(0xfd00, 0x10, 2, 1, 0, 0, 0, 0x11),
     identity: 131_073,
 };
 const PODS: [&Pod; 3] = [&A1, &A2, &B1];
+
+/// c1's IPv6 underlay address (`--node-ip6`; on eth0 too) and c2's.
+const NODE6: [Ipv6Addr; 2] = [
+    Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 0x11),
+    Ipv6Addr::new(0x2001, 2, 0, 2, 0, 0, 0, 0x11),
+];
+/// The pods' IPv6 gateway (a permanent neighbour, the host veth's MAC).
+const GATEWAY6: &str = "fe80::1";
 
 /// A private bpffs under a temporary directory, unmounted on drop.
 struct Bpffs {
@@ -224,6 +242,11 @@ impl Lab {
         for (ns, node) in [(&n1, &NODES[0]), (&n2, &NODES[1])] {
             let addr = format!("{}/16", node.ip);
             run(&["ip", "-n", ns, "addr", "add", &addr, "dev", "eth0"])?;
+            let i = usize::from(node.cluster_id as u8 - 1);
+            let addr6 = format!("{}/48", NODE6[i]);
+            run(&[
+                "ip", "-n", ns, "addr", "add", &addr6, "dev", "eth0", "nodad",
+            ])?;
             run(&["ip", "-n", ns, "link", "set", "eth0", "up"])?;
             run(&[
                 "ip", "-n", ns, "link", "add", "cmvx0", "type", "vxlan", "dstport", "4789",
@@ -282,6 +305,44 @@ impl Lab {
                 "eth0",
             ])?;
             run(&[
+                "ip",
+                "-n",
+                &pns,
+                "addr",
+                "add",
+                &format!("{}/128", pod.ip6),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            run(&[
+                "ip",
+                "-n",
+                &node,
+                "route",
+                "add",
+                &format!("{}/128", pod.ip6),
+                "dev",
+                &host_if,
+            ])?;
+            run(&[
+                "ip", "-n", &pns, "route", "add", "fd00::/8", "via", GATEWAY6, "dev", "eth0",
+            ])?;
+            run(&[
+                "ip",
+                "-n",
+                &pns,
+                "neigh",
+                "add",
+                GATEWAY6,
+                "lladdr",
+                &mac,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ])?;
+            run(&[
                 "ip", "-n", &pns, "route", "add", GATEWAY, "dev", "eth0", "scope", "link",
             ])?;
             for cidr in ["10.0.0.0/8", "172.20.0.0/16"] {
@@ -335,7 +396,7 @@ fn node_json(cluster: &str, id: u32, name: &str, ip: Ipv4Addr) -> String {
     )
 }
 
-fn ip_json(ip: &str, host: Ipv4Addr, id: u32, pod: &str) -> String {
+fn ip_json(ip: &str, host: impl std::fmt::Display, id: u32, pod: &str) -> String {
     format!(
         r#"{{"IP":"{ip}","HostIP":"{host}","ID":{id},"Key":0,"Metadata":"","K8sNamespace":"default","K8sPodName":"{pod}","K8sServiceAccount":"default"}}"#
     )
@@ -389,6 +450,12 @@ async fn seed(c: &mut Client, me: &NodeSpec, other: &NodeSpec) -> Result<()> {
             )
             .await?;
             c.put(
+                format!("{ip_key}{}", pod.ip6),
+                ip_json(&pod.ip6.to_string(), spec.ip, pod.identity, pod.name),
+                None,
+            )
+            .await?;
+            c.put(
                 format!("{id_key}{}", pod.identity),
                 labels(n, pod.name),
                 None,
@@ -416,6 +483,25 @@ async fn seed(c: &mut Client, me: &NodeSpec, other: &NodeSpec) -> Result<()> {
             c.put(
                 format!("{ip_key}10.9.9.8"),
                 ip_json("10.9.9.7", spec.ip, spec.cluster_id << 16 | 5, "evil"),
+                None,
+            )
+            .await?;
+            // The same for IPv6, and an address that does not parse.
+            c.put(
+                format!("{ip_key}fd00:9::9"),
+                ip_json("fd00:9::9", spec.ip, 65_539, "evil"),
+                None,
+            )
+            .await?;
+            c.put(
+                format!("{ip_key}fd00:9::8"),
+                ip_json("fd00:9::7", spec.ip, spec.cluster_id << 16 | 5, "evil"),
+                None,
+            )
+            .await?;
+            c.put(
+                format!("{ip_key}fd00:9::zz"),
+                ip_json("fd00:9::zz", spec.ip, spec.cluster_id << 16 | 5, "evil"),
                 None,
             )
             .await?;
@@ -531,6 +617,15 @@ impl Agent {
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
+    /// The agent's pinned local endpoints map.
+    fn endpoints(&self) -> Result<aya::maps::HashMap<MapData, EndpointKey, EndpointInfo>> {
+        let data = MapData::from_pin(
+            self.pin_dir
+                .join(clustermesh_ebpf_abi::map::LOCAL_ENDPOINTS),
+        )?;
+        Ok(aya::maps::HashMap::try_from(Map::HashMap(data))?)
+    }
+
     /// The agent's pinned ipcache, opened from the root namespace.
     fn ipcache(&self) -> Result<LpmTrie<MapData, IpcacheKey, IpcacheValue>> {
         let data = MapData::from_pin(self.pin_dir.join(clustermesh_ebpf_abi::map::IPCACHE))?;
@@ -549,6 +644,11 @@ impl Drop for Agent {
 
 fn lookup(map: &LpmTrie<MapData, IpcacheKey, IpcacheValue>, ip: Ipv4Addr) -> Option<IpcacheValue> {
     map.get(&Key::new(64, IpcacheKey::v4(ip.octets())), 0).ok()
+}
+
+/// The exact /128 entry of `ip` (Cilium's IPv6 key: prefixlen 32 + 128).
+fn lookup6(map: &LpmTrie<MapData, IpcacheKey, IpcacheValue>, ip: Ipv6Addr) -> Option<IpcacheValue> {
+    map.get(&Key::new(160, IpcacheKey::v6(ip.octets())), 0).ok()
 }
 
 /// How long a check of an agent's report waits for what it asserts: `/status` is
@@ -593,6 +693,19 @@ fn ping(lab: &Lab, from: &Pod, to: &Pod, count: u32) -> bool {
         .arg(count.to_string())
         .args(["-i", "0.2", "-W", "1", "-q"])
         .arg(to.ip.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn ping6(lab: &Lab, from: &Pod, to: &Pod, count: u32) -> bool {
+    Command::new("ip")
+        .args(["netns", "exec", &lab.ns(from.ns), "ping", "-6", "-c"])
+        .arg(count.to_string())
+        .args(["-i", "0.2", "-W", "1", "-q"])
+        .arg(to.ip6.to_string())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
@@ -712,6 +825,139 @@ impl Drop for Stream {
     }
 }
 
+/// The IPv6 half of the control plane on c1 (see the module docs).
+fn ipv6_checks(
+    rt: &tokio::runtime::Runtime,
+    clients: &mut [Client],
+    agents: &[Agent],
+    lab: &Lab,
+) -> Result<()> {
+    // A remote entry tunnelled to an IPv6 HostIP, and c2 claiming c1's pod a2's /128.
+    let via6 = Ipv6Addr::new(0xfd00, 0x10, 2, 1, 0, 0, 0, 0x99);
+    rt.block_on(clients[0].put(
+        format!("cilium/cache/ip/v1/c2/{via6}"),
+        ip_json(&via6.to_string(), NODE6[1], B1.identity, "b9"),
+        None,
+    ))?;
+    rt.block_on(clients[0].put(
+        format!("cilium/cache/ip/v1/c2/{}", A2.ip6),
+        ip_json(&A2.ip6.to_string(), NODES[1].ip, B1.identity, "thief"),
+        None,
+    ))?;
+    let ipc1 = agents[0].ipcache()?;
+    let b1 = wait_for(
+        REPORT_WAIT,
+        || Ok(lookup6(&ipc1, B1.ip6)),
+        Option::is_some,
+        |_| "remote pod b1's IPv6 entry missing from c1's ipcache".into(),
+    )?
+    .context("b1 v6")?;
+    ensure!(b1.sec_identity == B1.identity, "{b1:?}");
+    ensure!(
+        b1.flags == ipcache_flags::HAS_TUNNEL | ipcache_flags::REMOTE_CLUSTER
+            && b1.tunnel_endpoint[..4] == NODES[1].ip.octets(),
+        "b1's IPv6 entry should be tunnelled to c2's IPv4 underlay: {b1:?}"
+    );
+    let v = wait_for(
+        REPORT_WAIT,
+        || Ok(lookup6(&ipc1, via6)),
+        Option::is_some,
+        |_| format!("{via6} (IPv6 HostIP) missing from c1's ipcache"),
+    )?
+    .context("via6")?;
+    ensure!(
+        v.flags
+            == ipcache_flags::HAS_TUNNEL
+                | ipcache_flags::IPV6_TUNNEL
+                | ipcache_flags::REMOTE_CLUSTER
+            && Ipv6Addr::from(v.tunnel_endpoint) == NODE6[1],
+        "an IPv6 HostIP should give an IPv6 tunnel: {v:?}"
+    );
+    for pod in [&A1, &A2] {
+        let e = lookup6(&ipc1, pod.ip6).with_context(|| format!("local {} v6", pod.name))?;
+        ensure!(
+            e.flags == 0 && e.sec_identity == pod.identity,
+            "local pod {}'s IPv6 entry (c2's claim on a2 must lose): {e:?}",
+            pod.name
+        );
+    }
+    for hostile in ["fd00:9::9", "fd00:9::8", "fd00:9::7"] {
+        ensure!(
+            lookup6(&ipc1, hostile.parse()?).is_none(),
+            "hostile IPv6 entry {hostile} reached the map"
+        );
+    }
+    // The conflict is named; local endpoints follow the IPv4 sibling's interface.
+    let st = wait_for(
+        REPORT_WAIT,
+        || agents[0].status(),
+        |st| {
+            let v6 = &st["datapath"]["ipv6"];
+            v6["conflicting-prefixes"] == 1
+                && v6["pods"]
+                    .as_array()
+                    .is_some_and(|p| p.len() == 2 && p.iter().all(|p| p["state"] == "programmed"))
+        },
+        |st| format!("c1's IPv6 status: {}", st["datapath"]["ipv6"]),
+    )?;
+    let c = &st["datapath"]["ipv6"]["conflicts"][0];
+    ensure!(
+        c["prefix"] == format!("{}/128", A2.ip6).as_str()
+            && c["clusters"] == serde_json::json!(["c1", "c2"])
+            && c["programmed"] == "c1",
+        "conflict not named: {c}"
+    );
+    let eps = agents[0].endpoints()?;
+    for pod in [&A1, &A2] {
+        let v4 = eps.get(&EndpointKey::v4(pod.ip.octets()), 0)?;
+        let v6 = eps.get(&EndpointKey::v6(pod.ip6.octets()), 0)?;
+        ensure!(
+            v6.ifindex == v4.ifindex && v6.pod_mac == v4.pod_mac && v6.identity == pod.identity,
+            "{}'s IPv6 endpoint {v6:?} vs IPv4 {v4:?}",
+            pod.name
+        );
+    }
+    // Traffic over IPv6, same node and across clusters (IPv4 underlay).
+    ensure!(ping6(lab, &A1, &A2, 2), "ping -6 a1 → a2 (same node)");
+    ensure!(ping6(lab, &A1, &B1, 2), "ping -6 a1 → b1 (c1 → c2)");
+    // Delete b1's IPv6 entry: out of the map within 1 s; back when put back.
+    let key = format!("cilium/cache/ip/v1/c2/{}", B1.ip6);
+    let t0 = Instant::now();
+    rt.block_on(clients[0].delete(key.clone(), None))?;
+    while lookup6(&ipc1, B1.ip6).is_some() {
+        ensure!(
+            t0.elapsed() < Duration::from_secs(1),
+            "b1's IPv6 entry still in the ipcache 1 s after its delete"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    eprintln!("IPv6 delete → unrouted: {:?}", t0.elapsed());
+    ensure!(
+        lookup(&ipc1, B1.ip).is_some(),
+        "deleting b1's IPv6 entry took its IPv4 one too"
+    );
+    rt.block_on(clients[0].put(
+        key,
+        ip_json(&B1.ip6.to_string(), NODES[1].ip, B1.identity, B1.name),
+        None,
+    ))?;
+    wait_for(
+        Duration::from_secs(1),
+        || Ok(lookup6(&ipc1, B1.ip6)),
+        Option::is_some,
+        |_| "b1's IPv6 entry not back within 1 s".into(),
+    )?;
+    // The thief's claim withdrawn: the conflict is gone.
+    rt.block_on(clients[0].delete(format!("cilium/cache/ip/v1/c2/{}", A2.ip6), None))?;
+    wait_for(
+        REPORT_WAIT,
+        || agents[0].status(),
+        |st| st["datapath"]["ipv6"]["conflicting-prefixes"] == 0,
+        |st| format!("conflict still reported: {}", st["datapath"]["ipv6"]),
+    )?;
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------
 
 #[test]
@@ -766,6 +1012,8 @@ fn agents_program_the_mesh_follow_deletes_and_restart_hitlessly() -> Result<()> 
             "n1",
             "--node-ip",
             &node.ip.to_string(),
+            "--node-ip6",
+            &NODE6[i].to_string(),
             "--etcd-config",
             cfg.to_str().context("utf-8")?,
             "--clustermesh-config",
@@ -841,6 +1089,8 @@ fn agents_program_the_mesh_follow_deletes_and_restart_hitlessly() -> Result<()> 
         },
         |pods| format!("c1's two local pods should be attached: {pods}"),
     )?;
+
+    ipv6_checks(&rt, &mut clients, &agents, &lab)?;
 
     // Traffic: same node, and across clusters both ways.
     ensure!(ping(&lab, &A1, &A2, 2), "ping a1 → a2 (same node)");

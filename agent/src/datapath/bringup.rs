@@ -6,7 +6,7 @@
 //! It must not divide the maps between their owners (the caller hands the LB, policy and
 //! flow maps out) or decide what goes into any map but the tunnel settings.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
 use tracing::info;
@@ -44,6 +44,9 @@ pub struct BringUp {
     pub underlay_dev: UnderlayDev,
     /// This node's underlay address.
     pub node_ip: Ipv4Addr,
+    /// This node's IPv6 underlay address, if any (`from_underlay` decapsulates VXLAN to it;
+    /// the source of VXLAN over IPv6).
+    pub node_ip6: Option<Ipv6Addr>,
 }
 
 /// The datapath, up.
@@ -85,10 +88,23 @@ pub fn bring_up(cfg: &BringUp) -> Result<Up> {
         info!(%dev, port, ?how, "from_underlay attached");
     }
     info!(%receive_path, "VXLAN receive path");
-    let want = (vx.ifindex, cfg.node_ip.octets(), port.to_be_bytes());
+    let want = (
+        vx.ifindex,
+        cfg.node_ip.octets(),
+        port.to_be_bytes(),
+        cfg.node_ip6.map_or([0; 16], |a| a.octets()),
+    );
     let have = dp.maps.tunnel.get()?;
-    if (have.vxlan_ifindex, have.local_ipv4, have.vxlan_port) != want {
-        dp.maps.tunnel.set(vx.ifindex, cfg.node_ip, port)?;
+    if (
+        have.vxlan_ifindex,
+        have.local_ipv4,
+        have.vxlan_port,
+        have.local_ipv6,
+    ) != want
+    {
+        dp.maps
+            .tunnel
+            .set_dual(vx.ifindex, Some(cfg.node_ip), cfg.node_ip6, port)?;
     }
     Ok(Up {
         dp,

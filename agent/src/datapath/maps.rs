@@ -232,6 +232,19 @@ impl Ipcache {
         }
     }
 
+    /// The entry stored for exactly `addr/prefix_bits` (IPv6; not a longest-prefix match).
+    pub fn get_v6(&self, addr: Ipv6Addr, prefix_bits: u8) -> Result<Option<IpcacheValue>> {
+        let key = Key::new(
+            IpcacheKey::prefixlen(u32::from(prefix_bits.min(128))),
+            IpcacheKey::v6(addr.octets()),
+        );
+        match self.map.get(&key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(map_err(map::IPCACHE, "lookup")(e)),
+        }
+    }
+
     /// Number of entries (walks the trie; for status, not for hot paths).
     pub fn len(&self) -> usize {
         self.map.keys().filter(Result::is_ok).count()
@@ -274,6 +287,24 @@ impl LocalEndpoints {
             Ok(()) => Ok(true),
             Err(e) if is_not_found(&e) => Ok(false),
             Err(e) => Err(map_err(map::LOCAL_ENDPOINTS, "delete")(e)),
+        }
+    }
+
+    /// Removes the endpoint of an IPv6 pod address; `Ok(false)` if there was none.
+    pub fn remove_v6(&mut self, addr: Ipv6Addr) -> Result<bool> {
+        match self.map.remove(&EndpointKey::v6(addr.octets())) {
+            Ok(()) => Ok(true),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(map_err(map::LOCAL_ENDPOINTS, "delete")(e)),
+        }
+    }
+
+    /// The endpoint stored for an IPv6 pod address.
+    pub fn get_v6(&self, addr: Ipv6Addr) -> Result<Option<EndpointInfo>> {
+        match self.map.get(&EndpointKey::v6(addr.octets()), 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(map_err(map::LOCAL_ENDPOINTS, "lookup")(e)),
         }
     }
 

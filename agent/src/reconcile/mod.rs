@@ -13,7 +13,8 @@
 //!   attached to that interface;
 //! * any other pod → ipcache entry tunnelled to `HostIP` (`HAS_TUNNEL`, plus
 //!   `REMOTE_CLUSTER` for other clusters); no `HostIP` → entry without tunnel;
-//! * IPv6 entries are not programmed yet (counted as unsupported).
+//! * IPv6 entries follow the same rules in their own table ([`v6`]): tunnelled to an IPv4
+//!   or IPv6 `HostIP`, local endpoints for dual-stack pods of this node.
 //!
 //! Start-up adopts the maps' contents as `applied`, so an unchanged entry is never written
 //! again and nothing is cleared: entries that no cluster claims any more are removed only
@@ -39,7 +40,7 @@
 //!
 //! By concept: [`prefix`] (the key and its hashers), [`claim`] (one entry's claim),
 //! [`desired`] (claims per prefix, winners, plans), [`pods`] (local pods: discovery,
-//! endpoints, `from_pod`), [`report`] (`/status`), and the [`Reconciler`] here, which owns
+//! endpoints, `from_pod`), [`report`] (`/status`), [`v6`] (IPv6 prefixes and endpoints), and the [`Reconciler`] here, which owns
 //! the datapath and writes.
 //!
 //! It must not read etcd or change interfaces beyond attaching programs.
@@ -49,6 +50,7 @@ mod desired;
 mod pods;
 mod prefix;
 mod report;
+mod v6;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
@@ -62,6 +64,7 @@ pub use claim::{claim, Claim, LocalPod};
 pub use desired::{Desired, Plan};
 pub use prefix::{FxHasher, Prefix};
 pub use report::{MapFill, PodReport, Report, Skipped, Stats};
+pub use v6::{claim6, Claim6, Conflict6, Desired6, LocalPod6, Plan6, Prefix6, Report6, Underlay};
 
 use crate::datapath::{self, Datapath};
 use crate::ifaces::Mac;
@@ -74,8 +77,10 @@ pub struct Reconciler {
     desired: Desired,
     max_ipcache: u32,
     max_endpoints: u32,
-    /// Elements in the ipcache this agent never writes (IPv6, cluster ID ≠ 0): swept.
+    /// Elements in the ipcache this agent never writes (cluster ID ≠ 0): swept.
     foreign: Vec<IpcacheLpmKey>,
+    /// IPv6 prefixes and endpoints ([`v6`]).
+    v6: v6::State6,
     pods: BTreeMap<Ipv4Addr, Arc<LocalPod>>,
     pods_dirty: bool,
     pod_state: BTreeMap<Ipv4Addr, PodState>,
@@ -106,25 +111,37 @@ impl Reconciler {
         max_ipcache: u32,
         max_endpoints: u32,
     ) -> datapath::Result<Self> {
-        let mut desired = Desired::new(local, node_ip);
+        let mut desired = Desired::new(local.clone(), node_ip);
+        let mut v6 = v6::State6::new(
+            local,
+            Underlay {
+                v4: node_ip,
+                v6: None,
+            },
+        );
         let mut foreign = Vec::new();
         let adopted = dp.maps.ipcache.entries()?;
         desired.reserve(adopted.len());
         for (k, v) in adopted {
             match Prefix::from_lpm_key(&k) {
                 Some(p) => desired.set_applied(p, Some(v)),
-                None => foreign.push(k),
+                None => match Prefix6::from_lpm_key(&k) {
+                    Some(p) => v6.desired.set_applied(p, Some(v)),
+                    None => foreign.push(k),
+                },
             }
         }
         let mut applied_eps = HashMap::new();
         for (k, v) in dp.maps.local_endpoints.entries()? {
             if k.family == family::IPV4 {
                 applied_eps.insert(Ipv4Addr::new(k.addr[0], k.addr[1], k.addr[2], k.addr[3]), v);
+            } else if k.family == family::IPV6 {
+                v6.applied_eps.insert(k.addr.into(), v);
             }
         }
         let stats = Stats {
-            adopted_ipcache: desired.applied_len() + foreign.len(),
-            adopted_endpoints: applied_eps.len(),
+            adopted_ipcache: desired.applied_len() + v6.desired.applied_len() + foreign.len(),
+            adopted_endpoints: applied_eps.len() + v6.applied_eps.len(),
             ..Stats::default()
         };
         info!(
@@ -138,6 +155,7 @@ impl Reconciler {
             max_ipcache,
             max_endpoints,
             foreign,
+            v6,
             pods: BTreeMap::new(),
             pods_dirty: false,
             pod_state: BTreeMap::new(),
@@ -185,7 +203,11 @@ impl Reconciler {
                 prefix,
                 entry,
             } => {
-                self.desired.apply(&cluster, &prefix, entry.as_deref());
+                if prefix.addr.is_ipv6() {
+                    self.v6.desired.apply(&cluster, &prefix, entry.as_deref());
+                } else {
+                    self.desired.apply(&cluster, &prefix, entry.as_deref());
+                }
             }
             Input::Synced { cluster } => self.pending_synced.push(cluster),
             Input::Drained { cluster } => {
@@ -260,6 +282,7 @@ impl Reconciler {
                 );
             }
         }
+        self.flush6();
         self.stats.unsupported = self.desired.unsupported();
         for cluster in std::mem::take(&mut self.pending_synced) {
             // The local list is complete: endpoints and links of vanished pods can go.
@@ -295,7 +318,9 @@ impl Reconciler {
     /// agent never writes. Call only after the clusters concerned have synced.
     pub fn sweep(&mut self, remote: bool) -> usize {
         let stale = self.desired.stale(remote);
+        let stale6 = self.v6.desired.stale(remote);
         let mut keys: Vec<IpcacheLpmKey> = stale.iter().map(|p| p.lpm_key()).collect();
+        keys.extend(stale6.iter().map(|p| p.lpm_key()));
         if remote {
             keys.append(&mut self.foreign);
         }
@@ -303,6 +328,9 @@ impl Reconciler {
             Ok(n) => {
                 for p in &stale {
                     self.desired.set_applied(*p, None);
+                }
+                for p in &stale6 {
+                    self.v6.desired.set_applied(*p, None);
                 }
                 n
             }
@@ -332,10 +360,13 @@ impl Reconciler {
     pub fn report(&self) -> Report {
         Report {
             ipcache: MapFill::new(
-                self.desired.applied_len() + self.foreign.len(),
+                self.desired.applied_len() + self.v6.desired.applied_len() + self.foreign.len(),
                 self.max_ipcache,
             ),
-            local_endpoints: MapFill::new(self.applied_eps.len(), self.max_endpoints),
+            local_endpoints: MapFill::new(
+                self.applied_eps.len() + self.v6.applied_eps.len(),
+                self.max_endpoints,
+            ),
             batched_updates: self.dp.maps.ipcache.batched(),
             pods: self
                 .pods
@@ -360,6 +391,7 @@ impl Reconciler {
             swept_local: self.swept_local,
             swept_remote: self.swept_remote,
             stats: self.stats.clone(),
+            ipv6: self.v6.report(),
         }
     }
 }

@@ -179,5 +179,6 @@ impl Reconciler {
         };
         self.pods_changed |= summary(&self.pod_state) != summary(&states);
         self.pod_state = states;
+        self.sync_pods6();
     }
 }

@@ -32,7 +32,7 @@ pub struct Stats {
     pub errors: u64,
     /// Duration of the last flush that wrote something, microseconds.
     pub last_flush_micros: u64,
-    /// Entries that cannot be programmed (IPv6).
+    /// Entries that cannot be programmed.
     pub unsupported: u64,
     /// Attachments that swapped the program into a link left by an earlier agent.
     pub attach_replaced: u64,
@@ -122,4 +122,6 @@ pub struct Report {
     pub swept_remote: bool,
     /// Counters.
     pub stats: Stats,
+    /// IPv6 prefixes, pods and conflicts.
+    pub ipv6: super::Report6,
 }
