@@ -102,6 +102,13 @@ fn facts<'a>(err: &'a (dyn StdError + 'static)) -> Facts<'a> {
                 }
             }
         }
+        // etcd-client's error has no `source`: go on into the Status it wraps, whose source
+        // chain holds the DialError of a failed connect (a TCP connect or TLS handshake that
+        // timed out during a partition was classed `other` without it).
+        if let Some(etcd_client::Error::GRpcStatus(s)) = e.downcast_ref::<etcd_client::Error>() {
+            next = Some(s);
+            continue;
+        }
         next = e.source();
     }
     f
@@ -257,6 +264,8 @@ fn classify_text(
         ("no route to host", "no route to it"),
         ("network is unreachable", "no route to it"),
         ("timed out", "timed out"),
+        // The dialer's own timeout (`transport::Dialer`), when only its text survives.
+        ("no answer within", "timed out"),
         ("deadline", "timed out"),
         ("connection reset", "the connection was cut"),
         ("broken pipe", "the connection was cut"),
@@ -464,6 +473,20 @@ mod tests {
         );
         assert_eq!(f.class, Class::Unreachable);
         assert!(f.hint.contains("keepalive"), "{}", f.hint);
+        // Seen in the fault suite: a reconnect during a partition, as etcd-client returns it
+        // (its error has no `source`; the Status's text is all that is read without help).
+        let f = classify_message(
+            "grpc request error: status: Unavailable, message: \"TCP connect to 198.18.2.2:2379 failed: no answer within 5s\"",
+            None,
+        );
+        assert_eq!(f.class, Class::Unreachable, "{}", f.hint);
+        let status = tonic::Status::from_error(Box::new(dial(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the dialer's words",
+        ))));
+        let f = classify(&etcd_client::Error::GRpcStatus(status), None);
+        assert_eq!(f.class, Class::Unreachable, "{}", f.hint);
+        assert!(f.hint.contains("198.18.2.1:2379"), "{}", f.hint);
     }
 
     #[test]

@@ -154,6 +154,22 @@ async fn failures_are_classified_by_cause() -> Result<()> {
         "{hint}"
     );
 
+    // A frozen etcd (or a link that drops everything) answers nothing: unreachable, timed
+    // out, and not a word about certificates (a partition's reconnect attempts meet this).
+    etcd.stop_process()?;
+    let frozen = connect_err(&good).await;
+    etcd.continue_process()?;
+    let (class, hint) = frozen?;
+    println!("frozen etcd: {class:?}: {hint}");
+    ensure!(
+        class == Class::Unreachable && hint.contains("timed out"),
+        "{hint}"
+    );
+    ensure!(
+        !hint.contains("CA") && !hint.contains("certificate"),
+        "{hint}"
+    );
+
     // We do not trust the server's CA.
     let other = clustermesh_certs::Ca::generate("Other CA")?;
     let ca_file = tmp.path().join("other-ca.crt");
