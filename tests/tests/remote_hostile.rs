@@ -1,5 +1,6 @@
 //! Hostile and broken entries from a remote are rejected one by one, counted per reason, and
 //! never applied; valid entries around them are served and the reader keeps following.
+//! IPv6 keys get the same checks, plus a non-canonical address (a second key for a prefix).
 //!
 //! Own test binary: it raises etcd's request limit (via `ETCD_MAX_REQUEST_BYTES`, read by the
 //! etcd the harness starts) so that a real 10 MB value can be stored.
@@ -69,6 +70,33 @@ async fn hostile_entries_are_rejected_and_counted() -> anyhow::Result<()> {
     )
     .await?;
 
+    // IPv6: the same checks (key mismatch, identity out of range) and a non-canonical
+    // address (a second key for one prefix), beside a valid IPv6 entry.
+    c.put(
+        "cilium/state/ip/v1/default/fd00:10:244:2::99",
+        ip_entry("fd00:10:244:2::98", 199476),
+        None,
+    )
+    .await?;
+    c.put(
+        "cilium/state/ip/v1/default/fd00:10::1",
+        ip_entry("fd00:10::1", 65600),
+        None,
+    )
+    .await?;
+    c.put(
+        "cilium/state/ip/v1/default/FD00:10:244:2::75",
+        ip_entry("FD00:10:244:2::75", 199476),
+        None,
+    )
+    .await?;
+    c.put(
+        "cilium/state/ip/v1/default/fd00:10:244:2::75",
+        ip_entry("fd00:10:244:2::75", 199476),
+        None,
+    )
+    .await?;
+
     let mut fx = Fixture::start(|_| {})?;
     fx.connect("cluster3", &etcd)?;
     let s = fx.wait_ready("cluster3").await?;
@@ -79,7 +107,7 @@ async fn hostile_entries_are_rejected_and_counted() -> anyhow::Result<()> {
             s.num_endpoints,
             s.num_shared_services
         ),
-        (1, 1, 2, 1),
+        (1, 1, 3, 1),
         "only the valid entries are served: {s:?}"
     );
     fx.caches
@@ -88,6 +116,8 @@ async fn hostile_entries_are_rejected_and_counted() -> anyhow::Result<()> {
             assert!(cache.identity(196915).is_some());
             assert!(cache.endpoint("172.18.0.2").is_some());
             assert!(cache.endpoint("10.244.2.75").is_some());
+            assert!(cache.endpoint("fd00:10:244:2::75").is_some());
+            assert!(cache.endpoint("FD00:10:244:2::75").is_none());
             assert!(
                 cache.endpoint("10.244.2.74").is_none(),
                 "10 MB value applied"
@@ -98,10 +128,10 @@ async fn hostile_entries_are_rejected_and_counted() -> anyhow::Result<()> {
     for (reason, n) in [
         ("cluster-mismatch", 1),
         ("cluster-id-mismatch", 1),
-        ("key-mismatch", 2),
-        ("identity-out-of-range", 2),
+        ("key-mismatch", 3),
+        ("identity-out-of-range", 3),
         ("missing-cluster-label", 1),
-        ("malformed", 1),
+        ("malformed", 2),
         ("too-large", 1),
     ] {
         assert_eq!(m.rejected_count("cluster3", reason), n, "{reason}");

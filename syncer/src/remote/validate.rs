@@ -233,10 +233,38 @@ fn endpoint(ctx: &Context, rel: &str, raw: &[u8]) -> Result<IpcacheEntry, Reject
         // The remote's host is a remote node here (Cilium `pkg/ipcache/kvstore.go`).
         p.id = reserved::REMOTE_NODE;
     }
-    IpcacheEntry::new(p).map_err(|e| Rejection {
+    let entry = IpcacheEntry::new(p).map_err(|e| Rejection {
         reason: Reason::Invalid,
         detail: e.to_string(),
-    })
+    })?;
+    if let std::net::IpAddr::V6(addr) = entry.prefix.addr {
+        ipv6_form(addr, &entry.pair.ip)?;
+    }
+    Ok(entry)
+}
+
+/// An IPv6 entry's address as Cilium writes it (Go's `net.IP.String`, RFC 5952): the key
+/// is compared as a string, so `FD00::1` and `fd00:0::1` would be two keys of one prefix,
+/// and deleting one would withdraw what the other still claims. An IPv4-mapped address is
+/// never written by Cilium (Go prints it as IPv4) and no IPv6 lookup could match it.
+fn ipv6_form(addr: std::net::Ipv6Addr, written: &str) -> Result<(), Rejection> {
+    if let Some(v4) = addr.to_ipv4_mapped() {
+        return reject(
+            Reason::Invalid,
+            format!("IPv4-mapped address {written:?}: publish the IPv4 address {v4} instead"),
+        );
+    }
+    let canonical = addr.to_string();
+    if written != canonical {
+        return reject(
+            Reason::Malformed,
+            format!(
+                "IPv6 address {written:?} is not in canonical form (RFC 5952: {canonical:?}); \
+                 another key could name the same prefix"
+            ),
+        );
+    }
+    Ok(())
 }
 
 fn identity(ctx: &Context, rel: &str, raw: &[u8]) -> Result<Identity, Rejection> {
@@ -443,12 +471,85 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        // IPv6 is representable (the datapath may still skip it).
+        // IPv6, typed like IPv4.
         let v6 = br#"{"IP":"fd00:10:244:1::d643","HostIP":"fd00::2","ID":199475}"#;
         match validate(&ctx(), Resource::Endpoints, "fd00:10:244:1::d643", v6) {
-            Ok(Value::Endpoint(p)) => assert_eq!(p.prefix.to_string(), "fd00:10:244:1::d643/128"),
+            Ok(Value::Endpoint(p)) => {
+                assert_eq!(p.prefix.to_string(), "fd00:10:244:1::d643/128");
+                assert_eq!(p.host, Some("fd00::2".parse().expect("ip")));
+            }
             other => panic!("{other:?}"),
         }
+        let v6net =
+            br#"{"IP":"fd00:10:244::","Mask":"//////////8AAAAAAAAAAA==","HostIP":"","ID":2}"#;
+        match validate(&ctx(), Resource::Endpoints, "fd00:10:244::/64", v6net) {
+            Ok(Value::Endpoint(p)) => assert_eq!(p.prefix.to_string(), "fd00:10:244::/64"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            reason(validate(
+                &ctx(),
+                Resource::Endpoints,
+                "fd00:10:244::/65",
+                v6net
+            )),
+            Reason::KeyMismatch
+        );
+    }
+
+    /// The IPv4 hostile-input checks, for IPv6 keys, and the IPv6-only ones.
+    #[test]
+    fn hostile_ipv6_endpoints() {
+        let v6 = br#"{"IP":"fd00:10:244:1::d643","HostIP":"fd00::2","ID":199475}"#;
+        // Key and value disagree (another address; the same address written otherwise).
+        for key in [
+            "fd00:10:244:1::d644",
+            "fd00:10:244:1:0::d643",
+            "fd00:10:244:1::d643/128",
+        ] {
+            assert_eq!(
+                reason(validate(&ctx(), Resource::Endpoints, key, v6)),
+                Reason::KeyMismatch,
+                "{key}"
+            );
+        }
+        // Malformed addresses: not an address, not canonical (two keys for one prefix).
+        let rejected = |ip: &str| {
+            let raw = format!(r#"{{"IP":"{ip}","HostIP":"","ID":199475}}"#);
+            validate(&ctx(), Resource::Endpoints, ip, raw.as_bytes())
+                .err()
+                .unwrap_or_else(|| panic!("{ip} accepted"))
+        };
+        // Named like the IPv4 one.
+        assert_eq!(rejected("10.0.0.zz").reason, Reason::Malformed);
+        assert_eq!(rejected("fd00::zz").reason, Reason::Malformed);
+        assert_eq!(rejected("fd00:::1").reason, Reason::Malformed);
+        let r = rejected("FD00::1");
+        assert_eq!(r.reason, Reason::Malformed);
+        assert!(r.detail.contains(r#""fd00::1""#), "{}", r.detail);
+        assert_eq!(rejected("fd00:0:0::1").reason, Reason::Malformed);
+        assert_eq!(rejected("fd00::0001").reason, Reason::Malformed);
+        let r = rejected("::ffff:10.0.0.1");
+        assert_eq!(r.reason, Reason::Invalid);
+        assert!(r.detail.contains("10.0.0.1"), "{}", r.detail);
+        // A malformed HostIP, as for IPv4.
+        for (ip, host) in [("fd00::1", "fd00::2::3"), ("10.0.0.1", "10.0.0.300")] {
+            let raw = format!(r#"{{"IP":"{ip}","HostIP":"{host}","ID":199475}}"#);
+            assert_eq!(
+                reason(validate(&ctx(), Resource::Endpoints, ip, raw.as_bytes())),
+                Reason::Malformed,
+                "{host}"
+            );
+        }
+        // An identity of another cluster's range.
+        let other = br#"{"IP":"fd00::1","HostIP":"","ID":70000}"#;
+        assert_eq!(
+            reason(validate(&ctx(), Resource::Endpoints, "fd00::1", other)),
+            Reason::IdentityOutOfRange
+        );
+        // A 4-byte mask on an IPv6 address: no programmable prefix.
+        let v6in4 = br#"{"IP":"fd00::","Mask":"/wAAAA==","HostIP":"","ID":2}"#;
+        assert!(validate(&ctx(), Resource::Endpoints, "fd00::/8", v6in4).is_err());
         // A 16-byte mask on an IPv4 address has no programmable prefix.
         let v4in6 = br#"{"IP":"10.0.0.0","Mask":"////////////////////AA==","HostIP":"","ID":2}"#;
         assert_eq!(
