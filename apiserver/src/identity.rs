@@ -130,6 +130,11 @@ impl Allocator {
         self.dirty = true;
     }
 
+    /// The identity allocated to `labels`, if any (allocates nothing).
+    pub fn id_of(&self, labels: &str) -> Option<u32> {
+        self.by_labels.get(labels).copied()
+    }
+
     /// The identity for `labels`, allocating one if needed. `taken` holds numbers that are
     /// in use by someone else (CiliumIdentity objects); `in_use` the label sets current pods
     /// use (their allocations are never recycled).

@@ -501,138 +501,89 @@ async fn session_loop(
         synced.insert(store, w.knows(&store.synced_key(&cluster)));
     }
 
+    // The snapshot of the last pass, what the next incremental pass starts from.
+    let mut last: Option<Arc<source::Snapshot>> = None;
+    let mut force_full = true;
+    let mut problems: Vec<export::Problem> = Vec::new();
     loop {
         let published = src.borrow_and_update().clone();
-        let t = Instant::now();
-        // Endpoint stores first; while they are written, compute the service stores.
         let snapshot = published.snapshot.clone();
-        let (mut desired, mut problems) = exporter.compute_endpoints(&snapshot);
-        let computed = t.elapsed();
-        let services_compute;
-        let empty = BTreeMap::new();
-        let prefixes: Vec<String> = Store::ALL.iter().map(|s| s.prefix(&cluster)).collect();
-        let first = [Store::Nodes, Store::Identities, Store::Ip];
-        let part = |stores: &[Store]| -> Vec<(usize, Store)> {
-            Store::ALL
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| stores.contains(s))
-                .map(|(i, s)| (i, *s))
-                .collect()
+        // One watch event changes a few keys: compute and write only those (see
+        // `export::incremental`); a full pass when there is no earlier pass in this etcd
+        // session to start from, or when the change is not local.
+        let incremental = match last.as_ref().filter(|_| !force_full) {
+            Some(prev) => export::Delta::between(prev, &snapshot, exporter.options())
+                .and_then(|d| exporter.compute_incremental(prev, &snapshot, &d)),
+            None => Err("first pass of this etcd session"),
         };
-        let stats_a = {
-            let batch_a: Vec<(&str, &BTreeMap<String, Vec<u8>>)> = part(&first)
-                .into_iter()
-                .map(|(i, s)| (prefixes[i].as_str(), desired.get(&s).unwrap_or(&empty)))
-                .collect();
-            // The endpoint stores' transactions run in a task of their own while the
-            // service stores are computed here.
-            let pending = w.begin_sync(&batch_a).await?;
-            let ts = Instant::now();
-            let (services, more) = exporter.compute_services(&snapshot);
-            services_compute = ts.elapsed();
-            let res = w.finish(pending).await;
-            desired.extend(services);
-            problems.extend(more);
-            res?
-        };
-        let rest: Vec<Store> = Store::ALL
-            .iter()
-            .copied()
-            .filter(|s| !first.contains(s))
-            .collect();
-        let batch_b: Vec<(&str, &BTreeMap<String, Vec<u8>>)> = part(&rest)
-            .into_iter()
-            .map(|(i, s)| (prefixes[i].as_str(), desired.get(&s).unwrap_or(&empty)))
-            .collect();
-        let stats_b = w.sync_prefixes(&batch_b).await?;
-        let batch: Vec<(&str, &BTreeMap<String, Vec<u8>>)> = Store::ALL
-            .iter()
-            .zip(&prefixes)
-            .map(|(store, prefix)| (prefix.as_str(), desired.get(store).unwrap_or(&empty)))
-            .collect();
-        let mut stats = vec![writer::Stats::default(); Store::ALL.len()];
-        for ((i, _), st) in part(&first).into_iter().zip(stats_a) {
-            stats[i] = st;
-        }
-        for ((i, _), st) in part(&rest).into_iter().zip(stats_b) {
-            stats[i] = st;
-        }
-        let mut counts = BTreeMap::new();
-        for ((store, (_, want)), st) in Store::ALL.iter().zip(&batch).zip(&stats) {
-            counts.insert(store.name().to_string(), want.len());
-            ctx.metrics
-                .exported_keys
-                .get_or_create(&StoreLabel {
-                    scope: store.name().into(),
-                })
-                .set(want.len() as i64);
-            if st.put + st.deleted > 0 {
-                tracing::debug!(
-                    store = store.name(),
-                    put = st.put,
-                    deleted = st.deleted,
-                    "synced"
-                );
+        force_full = false;
+        match incremental {
+            Ok(inc) => {
+                let t = Instant::now();
+                let keys = inc.changes.len();
+                let st = w.apply_changes(inc.changes.into_vec()).await?;
+                problems.retain(|p| !inc.recomputed.contains(&p.object));
+                for p in &inc.problems {
+                    warn!(object = %p.object, problem = %p.message, "not exported");
+                }
+                ctx.metrics
+                    .export_problems
+                    .inc_by(inc.problems.len() as u64);
+                problems.extend(inc.problems);
+                let mut counts = BTreeMap::new();
+                for store in Store::ALL {
+                    let n = w.count_prefix(&store.prefix(&cluster));
+                    counts.insert(store.name().to_string(), n);
+                    ctx.metrics
+                        .exported_keys
+                        .get_or_create(&StoreLabel {
+                            scope: store.name().into(),
+                        })
+                        .set(n as i64);
+                }
+                if let Err(e) = exporter.allocator_mut().save() {
+                    warn!(error = %e, "cannot save identity allocations");
+                }
+                ctx.metrics.syncs.inc();
+                ctx.metrics
+                    .manifest_errors
+                    .set(published.errors.len() as i64);
+                let source_errors: Vec<String> =
+                    published.errors.iter().map(|e| e.to_string()).collect();
+                ctx.components
+                    .exported(&source_errors, exporter.service_export_crd(&snapshot));
+                ctx.status.update(|r| {
+                    r.stores = counts;
+                    r.manifest_errors = source_errors;
+                    r.export_problems = problems
+                        .iter()
+                        .map(|p| format!("{}: {}", p.object, p.message))
+                        .collect();
+                    r.source_objects = published.snapshot.len();
+                });
+                tracing::debug!(took = ?t.elapsed(), keys, put = st.put, deleted = st.deleted, generation = published.generation, "incremental export pass");
+            }
+            Err(why) => {
+                if last.is_some() {
+                    tracing::debug!(reason = why, "full export pass");
+                }
+                problems = full_pass(
+                    ctx,
+                    exporter,
+                    &mut w,
+                    &published,
+                    &mut synced,
+                    bootstrapped,
+                    etcd_setup,
+                    source_ready,
+                )
+                .await?;
+                // For the incremental passes that follow.
+                exporter.build_index(&snapshot);
             }
         }
-        // Every store's initial write is complete: publish the canaries still missing.
-        let now = format_rfc3339(std::time::SystemTime::now());
-        let missing: Vec<(String, Vec<u8>)> = Store::ALL
-            .iter()
-            .filter(|s| !synced.get(s).copied().unwrap_or(false))
-            .map(|s| (s.synced_key(&cluster), now.clone().into_bytes()))
-            .collect();
-        if !missing.is_empty() {
-            w.put_keys(missing).await?;
-            for store in Store::ALL {
-                synced.insert(store, true);
-            }
-        }
-        if let Err(e) = exporter.allocator_mut().save() {
-            warn!(error = %e, "cannot save identity allocations");
-        }
+        last = Some(snapshot);
         backoff.reset();
-        ctx.metrics.syncs.inc();
-        ctx.metrics.export_problems.inc_by(problems.len() as u64);
-        ctx.metrics
-            .manifest_errors
-            .set(published.errors.len() as i64);
-        let source_errors: Vec<String> = published.errors.iter().map(|e| e.to_string()).collect();
-        ctx.components
-            .exported(&source_errors, exporter.service_export_crd(&snapshot));
-        ctx.status.update(|r| {
-            r.stores = counts;
-            r.manifest_errors = published.errors.iter().map(|e| e.to_string()).collect();
-            r.export_problems = problems
-                .iter()
-                .map(|p| format!("{}: {}", p.object, p.message))
-                .collect();
-            r.source_objects = published.snapshot.len();
-        });
-        if !*bootstrapped {
-            let secs = ctx.started.elapsed().as_secs_f64();
-            ctx.metrics
-                .bootstrap_seconds
-                .get_or_create(&ClusterLabel {
-                    source_cluster: cluster.clone(),
-                })
-                .set(secs);
-            info!(
-                seconds = secs,
-                etcd_setup = etcd_setup.as_secs_f64(),
-                source_read = source_ready.as_secs_f64(),
-                compute = computed.as_secs_f64(),
-                services_compute_overlapped = services_compute.as_secs_f64(),
-                write = (t.elapsed() - computed).as_secs_f64(),
-                keys = w.known_keys(),
-                leases = w.lease_count(),
-                "initial sync complete"
-            );
-            *bootstrapped = true;
-        }
-        ctx.status.set_ready(true);
-        info!(took = ?t.elapsed(), compute = ?computed, generation = published.generation, objects = published.snapshot.len(), "export pass");
 
         // Wait for something that needs a new export pass; periodic work happens in place.
         loop {
@@ -644,6 +595,7 @@ async fn session_loop(
                 }
                 _ = lease_lost.notified() => {
                     info!("re-writing keys of lost leases");
+                    force_full = true;
                     break;
                 }
                 _ = heartbeat.tick() => {
@@ -669,4 +621,150 @@ async fn session_loop(
             }
         }
     }
+}
+
+/// One full export pass: every store computed from `published` and synced by diff against
+/// what the writer knows is in etcd; then the canaries still missing. Returns the problems.
+#[allow(clippy::too_many_arguments)]
+async fn full_pass(
+    ctx: &ExportCtx,
+    exporter: &mut Exporter,
+    w: &mut Writer,
+    published: &Published,
+    synced: &mut BTreeMap<Store, bool>,
+    bootstrapped: &mut bool,
+    etcd_setup: Duration,
+    source_ready: Duration,
+) -> anyhow::Result<Vec<export::Problem>> {
+    let cluster = ctx.cfg.cluster.name.to_string();
+    let t = Instant::now();
+    // Endpoint stores first; while they are written, compute the service stores.
+    let snapshot = published.snapshot.clone();
+    let (mut desired, mut problems) = exporter.compute_endpoints(&snapshot);
+    let computed = t.elapsed();
+    let services_compute;
+    let empty = BTreeMap::new();
+    let prefixes: Vec<String> = Store::ALL.iter().map(|s| s.prefix(&cluster)).collect();
+    let first = [Store::Nodes, Store::Identities, Store::Ip];
+    let part = |stores: &[Store]| -> Vec<(usize, Store)> {
+        Store::ALL
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| stores.contains(s))
+            .map(|(i, s)| (i, *s))
+            .collect()
+    };
+    let stats_a = {
+        let batch_a: Vec<(&str, &BTreeMap<String, Vec<u8>>)> = part(&first)
+            .into_iter()
+            .map(|(i, s)| (prefixes[i].as_str(), desired.get(&s).unwrap_or(&empty)))
+            .collect();
+        // The endpoint stores' transactions run in a task of their own while the
+        // service stores are computed here.
+        let pending = w.begin_sync(&batch_a).await?;
+        let ts = Instant::now();
+        let (services, more) = exporter.compute_services(&snapshot);
+        services_compute = ts.elapsed();
+        let res = w.finish(pending).await;
+        desired.extend(services);
+        problems.extend(more);
+        res?
+    };
+    let rest: Vec<Store> = Store::ALL
+        .iter()
+        .copied()
+        .filter(|s| !first.contains(s))
+        .collect();
+    let batch_b: Vec<(&str, &BTreeMap<String, Vec<u8>>)> = part(&rest)
+        .into_iter()
+        .map(|(i, s)| (prefixes[i].as_str(), desired.get(&s).unwrap_or(&empty)))
+        .collect();
+    let stats_b = w.sync_prefixes(&batch_b).await?;
+    let batch: Vec<(&str, &BTreeMap<String, Vec<u8>>)> = Store::ALL
+        .iter()
+        .zip(&prefixes)
+        .map(|(store, prefix)| (prefix.as_str(), desired.get(store).unwrap_or(&empty)))
+        .collect();
+    let mut stats = vec![writer::Stats::default(); Store::ALL.len()];
+    for ((i, _), st) in part(&first).into_iter().zip(stats_a) {
+        stats[i] = st;
+    }
+    for ((i, _), st) in part(&rest).into_iter().zip(stats_b) {
+        stats[i] = st;
+    }
+    let mut counts = BTreeMap::new();
+    for ((store, (_, want)), st) in Store::ALL.iter().zip(&batch).zip(&stats) {
+        counts.insert(store.name().to_string(), want.len());
+        ctx.metrics
+            .exported_keys
+            .get_or_create(&StoreLabel {
+                scope: store.name().into(),
+            })
+            .set(want.len() as i64);
+        if st.put + st.deleted > 0 {
+            tracing::debug!(
+                store = store.name(),
+                put = st.put,
+                deleted = st.deleted,
+                "synced"
+            );
+        }
+    }
+    // Every store's initial write is complete: publish the canaries still missing.
+    let now = format_rfc3339(std::time::SystemTime::now());
+    let missing: Vec<(String, Vec<u8>)> = Store::ALL
+        .iter()
+        .filter(|s| !synced.get(s).copied().unwrap_or(false))
+        .map(|s| (s.synced_key(&cluster), now.clone().into_bytes()))
+        .collect();
+    if !missing.is_empty() {
+        w.put_keys(missing).await?;
+        for store in Store::ALL {
+            synced.insert(store, true);
+        }
+    }
+    if let Err(e) = exporter.allocator_mut().save() {
+        warn!(error = %e, "cannot save identity allocations");
+    }
+    ctx.metrics.syncs.inc();
+    ctx.metrics.export_problems.inc_by(problems.len() as u64);
+    ctx.metrics
+        .manifest_errors
+        .set(published.errors.len() as i64);
+    let source_errors: Vec<String> = published.errors.iter().map(|e| e.to_string()).collect();
+    ctx.components
+        .exported(&source_errors, exporter.service_export_crd(&snapshot));
+    ctx.status.update(|r| {
+        r.stores = counts;
+        r.manifest_errors = published.errors.iter().map(|e| e.to_string()).collect();
+        r.export_problems = problems
+            .iter()
+            .map(|p| format!("{}: {}", p.object, p.message))
+            .collect();
+        r.source_objects = published.snapshot.len();
+    });
+    if !*bootstrapped {
+        let secs = ctx.started.elapsed().as_secs_f64();
+        ctx.metrics
+            .bootstrap_seconds
+            .get_or_create(&ClusterLabel {
+                source_cluster: cluster.clone(),
+            })
+            .set(secs);
+        info!(
+            seconds = secs,
+            etcd_setup = etcd_setup.as_secs_f64(),
+            source_read = source_ready.as_secs_f64(),
+            compute = computed.as_secs_f64(),
+            services_compute_overlapped = services_compute.as_secs_f64(),
+            write = (t.elapsed() - computed).as_secs_f64(),
+            keys = w.known_keys(),
+            leases = w.lease_count(),
+            "initial sync complete"
+        );
+        *bootstrapped = true;
+    }
+    ctx.status.set_ready(true);
+    info!(took = ?t.elapsed(), compute = ?computed, generation = published.generation, objects = published.snapshot.len(), "export pass");
+    Ok(problems)
 }

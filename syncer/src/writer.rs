@@ -399,6 +399,45 @@ impl Writer {
         Ok(std::mem::take(&mut pending.stats))
     }
 
+    /// Applies key-level changes in one pipeline (one transaction for up to
+    /// [`Config::txn_ops`] of them): `Some(value)` puts the key unless the writer already
+    /// holds that value, `None` deletes it if the writer owns it. The incremental export's
+    /// write: the known keys stay the mirror a later [`Writer::sync_prefixes`] diffs against.
+    pub async fn apply_changes(
+        &mut self,
+        changes: Vec<(String, Option<Vec<u8>>)>,
+    ) -> Result<Stats> {
+        self.drain_lost();
+        let mut stats = Stats::default();
+        let mut puts = Vec::new();
+        let mut deletes = Vec::new();
+        for (k, v) in changes {
+            match v {
+                Some(v) => match self.known.get(&k) {
+                    Some(known) if known.value == v && known.lease != 0 => stats.unchanged += 1,
+                    _ => puts.push((k, v)),
+                },
+                None if self.known.contains_key(&k) => deletes.push(k),
+                None => {}
+            }
+        }
+        let scope = puts
+            .first()
+            .map(|(k, _)| k.clone())
+            .or_else(|| deletes.first().cloned())
+            .unwrap_or_default();
+        self.apply(&scope, puts, deletes, &mut stats).await?;
+        Ok(stats)
+    }
+
+    /// How many keys the writer holds under `prefix`.
+    pub fn count_prefix(&self, prefix: &str) -> usize {
+        self.known
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .count()
+    }
+
     /// Writes several single keys (leased) in one pipeline, skipping those already current.
     pub async fn put_keys(&mut self, keys: Vec<(String, Vec<u8>)>) -> Result<usize> {
         self.drain_lost();

@@ -207,6 +207,74 @@ async fn large_cluster_410_outage_and_restart_write_nothing() -> anyhow::Result<
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // 1b. Watch events are exported incrementally (only the keys they affect); a relist
+    // after them is a full pass over the same objects and must write nothing: both paths
+    // leave the same etcd contents.
+    let pod = |i: u32, app: u32| {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("inc{i}"), "namespace": "default", "labels": {"app": format!("app{app}")}},
+            "spec": {"nodeName": "node2"},
+            "status": {"phase": "Running", "podIP": format!("10.1.201.{}", i + 1), "hostIP": "198.18.1.2"}
+        })
+    };
+    for i in 0..20 {
+        // Some share a new label set (a new identity), most join existing services.
+        env.kube
+            .apply(pod(i, if i % 4 == 0 { 5000 } else { i % 7 }))?;
+    }
+    env.kube.delete("Pod", "default", "inc3")?;
+    env.kube.delete("Pod", "default", "late")?;
+    env.kube.apply(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "svc998", "namespace": "default",
+            "annotations": {"service.cilium.io/global": "false"}},
+        "spec": {"clusterIP": "172.20.0.4", "ports": [{"name": "http", "port": 80, "targetPort": "http"}],
+            "selector": {"app": "app998"}}
+    }))?;
+    let t = Instant::now();
+    loop {
+        let done = count_keys(etcd, "cilium/state/ip/v1/default/10.1.201.20").await? == 1
+            && count_keys(etcd, "cilium/state/ip/v1/default/10.1.201.4").await? == 0
+            && count_keys(etcd, "cilium/state/ip/v1/default/10.1.200.1").await? == 0
+            && count_keys(etcd, "cilium/state/services/v1/c1/default/svc998").await? == 0;
+        if done {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the watch events did not reach etcd; log:\n{}",
+            env.log()
+                .lines()
+                .rev()
+                .take(30)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rev = revision(&env.etcd).await?;
+    let before = env.kube.stats().lists;
+    env.kube.expire_watches();
+    wait_for(
+        "every resource relisted after the events",
+        Duration::from_secs(30),
+        async || {
+            let now = kube.stats().lists;
+            before
+                .iter()
+                .all(|(res, n)| now.get(res).copied().unwrap_or(0) > *n)
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (puts, deletes) = state_events(&env.etcd, rev).await?;
+    assert!(
+        puts.is_empty() && deletes.is_empty(),
+        "a full pass after incremental ones wrote {puts:?} and deleted {deletes:?}"
+    );
+
     // 2. An outage: readiness drops, nothing is deleted, readiness comes back after it.
     let outage = Duration::from_secs(
         std::env::var("KUBE_OUTAGE_SECS")

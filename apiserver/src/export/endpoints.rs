@@ -19,6 +19,8 @@ use super::{Desired, Exporter, Problem, Store};
 impl Exporter {
     /// The stores that depend on endpoints: nodes, identities and ipcache entries.
     pub fn compute_endpoints(&mut self, snap: &Snapshot) -> (Desired, Vec<Problem>) {
+        // A full pass: the incremental index must be rebuilt from its snapshot.
+        self.index = None;
         let mut problems = Vec::new();
         let mut desired: Desired = [Store::Nodes, Store::Identities, Store::Ip]
             .iter()
@@ -30,13 +32,7 @@ impl Exporter {
         let nodes = self.nodes(snap, &mut problems);
         let node_ips: HashMap<String, String> = nodes
             .iter()
-            .filter_map(|n| {
-                n.ip_addresses
-                    .iter()
-                    .find(|a| a.type_ == "InternalIP" && a.ip.parse::<std::net::Ipv4Addr>().is_ok())
-                    .or_else(|| n.ip_addresses.iter().find(|a| a.type_ == "InternalIP"))
-                    .map(|a| (n.name.clone(), a.ip.clone()))
-            })
+            .filter_map(|n| node_internal_ip(n).map(|ip| (n.name.clone(), ip)))
             .collect();
         let out = desired.entry(Store::Nodes).or_default();
         for n in &nodes {
@@ -142,13 +138,18 @@ impl Exporter {
                         .map(String::as_str)
                 })
                 .unwrap_or_default();
+            let host_ip = std::borrow::Cow::Borrowed(host_ip);
             for ip in pod_ips(pod) {
                 endpoints.push(Ep {
                     kind: "Pod",
                     ns,
                     name,
                     ip,
-                    src: EpSrc::Pod { pod, id, host_ip },
+                    src: EpSrc::Pod {
+                        pod,
+                        id,
+                        host_ip: host_ip.clone(),
+                    },
                 });
             }
         }
@@ -160,47 +161,7 @@ impl Exporter {
             objects::CoreEndpoint::from_endpoints(&snap.cilium_endpoints)
         };
         for cep in &ceps {
-            let (ns, name, net) = (cep.namespace, cep.name, cep.networking);
-            let pod_uid = cep.pod_uid.unwrap_or_default().to_string();
-            let named_ports: Vec<NamedPort> = cep
-                .named_ports
-                .iter()
-                .map(|p| NamedPort {
-                    name: p.name.clone(),
-                    port: p.port,
-                    protocol: p.protocol.clone(),
-                })
-                .collect();
-            for pair in &net.addressing {
-                for ip in [&pair.ipv4, &pair.ipv6].into_iter().flatten() {
-                    if ip.parse::<IpAddr>().is_err() {
-                        problems.push(Problem {
-                            object: format!("CiliumEndpoint/{ns}/{name}"),
-                            message: format!("address {ip:?} is not an IP"),
-                        });
-                        continue;
-                    }
-                    endpoints.push(Ep {
-                        kind: "CiliumEndpoint",
-                        ns,
-                        name,
-                        ip,
-                        src: EpSrc::Pair(Box::new(IpIdentityPair {
-                            ip: ip.clone(),
-                            mask: None,
-                            host_ip: net.node.clone(),
-                            id: cep.identity,
-                            key: cep.encryption_key,
-                            metadata: String::new(),
-                            k8s_namespace: ns.to_string(),
-                            k8s_pod_name: name.to_string(),
-                            k8s_pod_uid: pod_uid.clone(),
-                            k8s_service_account: cep.service_account.unwrap_or_default().into(),
-                            named_ports: named_ports.clone(),
-                        })),
-                    });
-                }
-            }
+            endpoints.extend(cep_claims(cep, &mut problems));
         }
 
         // Shared IPs: the current owner keeps an IP while it still claims it; otherwise the
@@ -298,28 +259,87 @@ pub(super) fn pod_ips(pod: &objects::Pod) -> impl Iterator<Item = &str> {
         .filter(|ip| ip.parse::<IpAddr>().is_ok())
 }
 
-/// One endpoint's claim on an IP (borrowing from the snapshot; the ipcache value is built
-/// only for the claim that wins).
-struct Ep<'a> {
-    /// `Pod` or `CiliumEndpoint`.
-    kind: &'static str,
-    ns: &'a str,
-    name: &'a str,
-    ip: &'a str,
-    src: EpSrc<'a>,
+/// A node's InternalIP (IPv4 first): the host IP of its pods that do not report one.
+pub(super) fn node_internal_ip(n: &clustermesh_types::model::Node) -> Option<String> {
+    n.ip_addresses
+        .iter()
+        .find(|a| a.type_ == "InternalIP" && a.ip.parse::<std::net::Ipv4Addr>().is_ok())
+        .or_else(|| n.ip_addresses.iter().find(|a| a.type_ == "InternalIP"))
+        .map(|a| a.ip.clone())
 }
 
-enum EpSrc<'a> {
+/// A CiliumEndpoint's claims, one per valid address (an invalid one is a problem).
+pub(super) fn cep_claims<'a>(
+    cep: &objects::CoreEndpoint<'a>,
+    problems: &mut Vec<Problem>,
+) -> Vec<Ep<'a>> {
+    let (ns, name, net) = (cep.namespace, cep.name, cep.networking);
+    let pod_uid = cep.pod_uid.unwrap_or_default().to_string();
+    let named_ports: Vec<NamedPort> = cep
+        .named_ports
+        .iter()
+        .map(|p| NamedPort {
+            name: p.name.clone(),
+            port: p.port,
+            protocol: p.protocol.clone(),
+        })
+        .collect();
+    let mut out = Vec::new();
+    for pair in &net.addressing {
+        for ip in [&pair.ipv4, &pair.ipv6].into_iter().flatten() {
+            if ip.parse::<IpAddr>().is_err() {
+                problems.push(Problem {
+                    object: format!("CiliumEndpoint/{ns}/{name}"),
+                    message: format!("address {ip:?} is not an IP"),
+                });
+                continue;
+            }
+            out.push(Ep {
+                kind: "CiliumEndpoint",
+                ns,
+                name,
+                ip,
+                src: EpSrc::Pair(Box::new(IpIdentityPair {
+                    ip: ip.clone(),
+                    mask: None,
+                    host_ip: net.node.clone(),
+                    id: cep.identity,
+                    key: cep.encryption_key,
+                    metadata: String::new(),
+                    k8s_namespace: ns.to_string(),
+                    k8s_pod_name: name.to_string(),
+                    k8s_pod_uid: pod_uid.clone(),
+                    k8s_service_account: cep.service_account.unwrap_or_default().into(),
+                    named_ports: named_ports.clone(),
+                })),
+            });
+        }
+    }
+    out
+}
+
+/// One endpoint's claim on an IP (borrowing from the snapshot; the ipcache value is built
+/// only for the claim that wins).
+pub(super) struct Ep<'a> {
+    /// `Pod` or `CiliumEndpoint`.
+    pub(super) kind: &'static str,
+    pub(super) ns: &'a str,
+    pub(super) name: &'a str,
+    pub(super) ip: &'a str,
+    pub(super) src: EpSrc<'a>,
+}
+
+pub(super) enum EpSrc<'a> {
     Pod {
         pod: &'a objects::Pod,
         id: u32,
-        host_ip: &'a str,
+        host_ip: std::borrow::Cow<'a, str>,
     },
     Pair(Box<IpIdentityPair>),
 }
 
 impl Ep<'_> {
-    fn pair(&self) -> IpIdentityPair {
+    pub(super) fn pair(&self) -> IpIdentityPair {
         match &self.src {
             EpSrc::Pair(p) => (**p).clone(),
             EpSrc::Pod { pod, id, host_ip } => IpIdentityPair {

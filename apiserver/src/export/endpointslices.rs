@@ -77,22 +77,57 @@ impl Exporter {
                 continue;
             };
             with_slices.insert((ns.as_str(), service.as_str()));
-            let Some(svc) = snap.services.get(&(ns.clone(), service.clone())) else {
+            if let Some(v) = self.real_slice_value(snap, ns, name, slice, problems) {
+                out.insert(kvstore::endpoint_slice_key(cluster, ns, name), v);
+            }
+        }
+        // Selector services without a slice: the slices an EndpointSlice controller would
+        // create. A real slice of the same name wins.
+        for ((ns, name), svc) in &snap.services {
+            if with_slices.contains(&(ns.as_str(), name.as_str()))
+                || !self.service_exported(snap, ns, svc)
+            {
                 continue;
-            };
+            }
+            for slice in self.pod_slices(snap, index, ns, name, svc) {
+                out.entry(kvstore::endpoint_slice_key(cluster, ns, &slice.name))
+                    .or_insert_with(|| slice.encode());
+            }
+        }
+        out
+    }
+
+    /// The value of a real EndpointSlice: `None` unless its service (label
+    /// `kubernetes.io/service-name`) exists and is exported and the slice is IPv4 or IPv6.
+    pub(super) fn real_slice_value(
+        &self,
+        snap: &Snapshot,
+        ns: &str,
+        name: &str,
+        slice: &objects::EndpointSlice,
+        problems: &mut Vec<Problem>,
+    ) -> Option<Vec<u8>> {
+        let cluster = self.opts.cluster.name.as_str();
+        {
+            let service = slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL))?;
+            let svc = snap.services.get(&(ns.to_string(), service.clone()))?;
             if !self.service_exported(snap, ns, svc) {
-                continue;
+                return None;
             }
             let v4 = match slice.address_type.as_str() {
                 "IPv4" => true,
                 "IPv6" => false,
-                _ => continue,
+                _ => return None,
             };
             let value = EndpointSlice {
                 cluster: cluster.into(),
                 cluster_id: self.opts.cluster.id,
-                namespace: ns.clone(),
-                name: name.clone(),
+                namespace: ns.to_string(),
+                name: name.to_string(),
                 labels: slice.metadata.labels(),
                 address_type: slice.address_type.clone(),
                 endpoints: slice
@@ -152,29 +187,12 @@ impl Exporter {
                     })
                     .collect(),
             };
-            out.insert(
-                kvstore::endpoint_slice_key(cluster, ns, name),
-                value.encode(),
-            );
+            Some(value.encode())
         }
-        // Selector services without a slice: the slices an EndpointSlice controller would
-        // create. A real slice of the same name wins.
-        for ((ns, name), svc) in &snap.services {
-            if with_slices.contains(&(ns.as_str(), name.as_str()))
-                || !self.service_exported(snap, ns, svc)
-            {
-                continue;
-            }
-            for slice in self.pod_slices(snap, index, ns, name, svc) {
-                out.entry(kvstore::endpoint_slice_key(cluster, ns, &slice.name))
-                    .or_insert_with(|| slice.encode());
-            }
-        }
-        out
     }
 
     /// The slices of a selector service, built from the pods it selects.
-    fn pod_slices(
+    pub(super) fn pod_slices(
         &self,
         snap: &Snapshot,
         index: &LabelIndex,

@@ -30,9 +30,11 @@ use crate::source::Snapshot;
 mod endpoints;
 mod endpointslices;
 mod identities;
+mod incremental;
 mod nodes;
 mod services;
 
+pub use incremental::{Changes, Delta, FullPass, Incremental, MAX_INCREMENTAL};
 pub use services::LocalService;
 
 /// Annotation marking a namespace global or not.
@@ -224,6 +226,9 @@ pub struct Exporter {
     seq: u64,
     /// Export passes so far (marks the entries of the two maps above seen in a pass).
     generation: u64,
+    /// What incremental passes need to know of the last full pass (see `incremental`);
+    /// `None` until [`Exporter::build_index`] after a full pass.
+    index: Option<incremental::Index>,
 }
 
 impl Exporter {
@@ -236,6 +241,7 @@ impl Exporter {
             first_seen: HashMap::new(),
             seq: 0,
             generation: 0,
+            index: None,
         }
     }
 

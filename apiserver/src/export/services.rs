@@ -57,8 +57,67 @@ impl Exporter {
         // Services.
         let index = label_index(snap);
         for ((ns, name), svc) in &snap.services {
-            let Some(cs) = self.cluster_service(snap, &index, ns, name, svc) else {
-                continue;
+            let (global, local) = self.service_values(snap, &index, ns, name, svc, &mut problems);
+            if let Some(v) = global {
+                desired
+                    .entry(Store::Services)
+                    .or_default()
+                    .insert(kvstore::service_key(&cluster, ns, name), v);
+            }
+            if let Some(v) = local {
+                desired
+                    .entry(Store::LocalServices)
+                    .or_default()
+                    .insert(kvstore::local_service_key(ns, name), v);
+            }
+        }
+
+        // EndpointSlices of the exported services (service v2).
+        if self.opts.service_v2.exports_endpoint_slices() {
+            let slices = self.endpoint_slices(snap, &index, &mut problems);
+            desired.insert(Store::EndpointSlices, slices);
+        }
+
+        // MCS-API service exports: only while the ServiceExport CRD exists (as in a cluster,
+        // where none can exist without it), and only of global namespaces.
+        for ((ns, name), se) in &snap.service_exports {
+            if let Some(v) = self.service_export_value(snap, ns, name, se) {
+                desired
+                    .entry(Store::ServiceExports)
+                    .or_default()
+                    .insert(kvstore::service_export_key(&cluster, ns, name), v);
+            }
+        }
+
+        // Policies, whole, for the local agents.
+        for ((kind, ns, name), p) in &snap.policies {
+            if let Ok(bytes) = serde_json::to_vec(&p.raw) {
+                desired
+                    .entry(Store::LocalPolicies)
+                    .or_default()
+                    .insert(kvstore::local_policy_key(kind, ns, name), bytes);
+            }
+        }
+
+        for p in &problems {
+            warn!(object = %p.object, problem = %p.message, "not exported");
+        }
+        (desired, problems)
+    }
+
+    /// One service's values: `services/v1` (when exported) and `clustermesh/local`.
+    pub(super) fn service_values(
+        &self,
+        snap: &Snapshot,
+        index: &LabelIndex,
+        ns: &str,
+        name: &str,
+        svc: &objects::Service,
+        problems: &mut Vec<Problem>,
+    ) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+        {
+            let Some(cs) = self.cluster_service(snap, index, ns, name, svc) else {
+                return (None, None);
             };
             let ann = |a: &str, b: &str| {
                 svc.metadata
@@ -79,12 +138,9 @@ impl Exporter {
                         "none"
                     }
                 };
-            if self.opts.service_v2.exports_services() && self.service_exported(snap, ns, svc) {
-                desired
-                    .entry(Store::Services)
-                    .or_default()
-                    .insert(kvstore::service_key(&cluster, ns, name), cs.encode());
-            }
+            let global = (self.opts.service_v2.exports_services()
+                && self.service_exported(snap, ns, svc))
+            .then(|| cs.encode());
             let local = LocalService {
                 headless: is_headless(svc),
                 type_: svc.spec.type_.clone().unwrap_or_else(|| "ClusterIP".into()),
@@ -92,31 +148,31 @@ impl Exporter {
                 affinity: affinity.into(),
                 service: cs,
             };
-            if let Ok(bytes) = serde_json::to_vec(&local) {
-                desired
-                    .entry(Store::LocalServices)
-                    .or_default()
-                    .insert(kvstore::local_service_key(ns, name), bytes);
-            }
+            (global, serde_json::to_vec(&local).ok())
         }
+    }
 
-        // EndpointSlices of the exported services (service v2).
-        if self.opts.service_v2.exports_endpoint_slices() {
-            let slices = self.endpoint_slices(snap, &index, &mut problems);
-            desired.insert(Store::EndpointSlices, slices);
+    /// One MCS-API ServiceExport's value: only while the ServiceExport CRD exists (as in a
+    /// cluster, where none can exist without it), of a service that exists and is not
+    /// ExternalName, in a global namespace.
+    pub(super) fn service_export_value(
+        &mut self,
+        snap: &Snapshot,
+        ns: &str,
+        name: &str,
+        se: &objects::ServiceExport,
+    ) -> Option<Vec<u8>> {
+        let cluster = self.opts.cluster.name.as_str().to_string();
+        if !(self.opts.enable_mcs_api && self.service_export_crd(snap)) {
+            return None;
         }
-
-        // MCS-API service exports: only while the ServiceExport CRD exists (as in a cluster,
-        // where none can exist without it), and only of global namespaces.
-        if self.opts.enable_mcs_api && self.service_export_crd(snap) {
-            for ((ns, name), se) in &snap.service_exports {
-                let Some(svc) = snap.services.get(&(ns.clone(), name.clone())) else {
-                    continue;
-                };
+        {
+            {
+                let svc = snap.services.get(&(ns.to_string(), name.to_string()))?;
                 if svc.spec.type_.as_deref() == Some("ExternalName")
                     || !self.namespace_global(snap, ns)
                 {
-                    continue;
+                    return None;
                 }
                 let ts = match &se.metadata.creation_timestamp {
                     Some(t) => t.clone(),
@@ -126,8 +182,8 @@ impl Exporter {
                 };
                 let value = ServiceExport {
                     cluster: cluster.clone(),
-                    name: name.clone(),
-                    namespace: ns.clone(),
+                    name: name.to_string(),
+                    namespace: ns.to_string(),
                     annotations: se.spec.exported_annotations.clone().unwrap_or_default(),
                     labels: se.spec.exported_labels.clone().unwrap_or_default(),
                     export_creation_timestamp: ts,
@@ -158,27 +214,9 @@ impl Exporter {
                     internal_traffic_policy: svc.spec.internal_traffic_policy.clone(),
                     traffic_distribution: svc.spec.traffic_distribution.clone(),
                 };
-                desired.entry(Store::ServiceExports).or_default().insert(
-                    kvstore::service_export_key(&cluster, ns, name),
-                    value.encode(),
-                );
+                Some(value.encode())
             }
         }
-
-        // Policies, whole, for the local agents.
-        for ((kind, ns, name), p) in &snap.policies {
-            if let Ok(bytes) = serde_json::to_vec(&p.raw) {
-                desired
-                    .entry(Store::LocalPolicies)
-                    .or_default()
-                    .insert(kvstore::local_policy_key(kind, ns, name), bytes);
-            }
-        }
-
-        for p in &problems {
-            warn!(object = %p.object, problem = %p.message, "not exported");
-        }
-        (desired, problems)
     }
 
     pub(super) fn cluster_service(

@@ -554,26 +554,29 @@ impl<'a> CoreEndpoint<'a> {
     /// an endpoint (Cilium skips it too).
     pub fn from_endpoints(ceps: &'a BTreeMap<(String, String), Arc<CiliumEndpoint>>) -> Vec<Self> {
         ceps.iter()
-            .filter_map(|((ns, name), cep)| {
-                let st = &cep.status;
-                Some(CoreEndpoint {
-                    namespace: ns,
-                    name,
-                    identity: st.identity.as_ref()?.id,
-                    encryption_key: st.encryption.as_ref().map_or(0, |e| e.key),
-                    pod_uid: cep
-                        .metadata
-                        .owner_references
-                        .iter()
-                        .flatten()
-                        .find(|o| o.kind == "Pod")
-                        .map(|o| o.uid.as_str()),
-                    service_account: st.service_account.as_deref(),
-                    named_ports: st.named_ports.as_deref().unwrap_or_default(),
-                    networking: st.networking.as_ref()?,
-                })
-            })
+            .filter_map(|((ns, name), cep)| Self::from_endpoint(ns, name, cep))
             .collect()
+    }
+
+    /// The endpoint of one CiliumEndpoint (see [`CoreEndpoint::from_endpoints`]).
+    pub fn from_endpoint(ns: &'a str, name: &'a str, cep: &'a CiliumEndpoint) -> Option<Self> {
+        let st = &cep.status;
+        Some(CoreEndpoint {
+            namespace: ns,
+            name,
+            identity: st.identity.as_ref()?.id,
+            encryption_key: st.encryption.as_ref().map_or(0, |e| e.key),
+            pod_uid: cep
+                .metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .find(|o| o.kind == "Pod")
+                .map(|o| o.uid.as_str()),
+            service_account: st.service_account.as_deref(),
+            named_ports: st.named_ports.as_deref().unwrap_or_default(),
+            networking: st.networking.as_ref()?,
+        })
     }
 
     /// The endpoints of CiliumEndpointSlices, in slice-name order then slice order.
