@@ -9,6 +9,8 @@
 //!   etcd sidecar, the etcd Service, RBAC, the agent DaemonSet, ConfigMaps, certificate
 //!   Secrets) as typed k8s-openapi values — the same code renders `deploy/kubernetes/` and
 //!   is what `clustermesh enable --context` applies;
+//! - [`kubelet`]: one container of those objects materialised off-cluster (its ConfigMap and
+//!   Secret volumes as files, its command line expanded), which is how the lab runs them;
 //! - [`apply`]: server-side apply (field manager `clustermesh`) and deletes that report what
 //!   changed, and the one-line explanations of API errors.
 //!
@@ -17,6 +19,7 @@
 
 pub mod apply;
 pub mod client;
+pub mod kubelet;
 pub mod objects;
 pub mod resources;
 

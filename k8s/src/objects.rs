@@ -999,6 +999,16 @@ pub fn cert_secrets(v: &Values, p: &CertPems) -> Vec<Object> {
     ]
 }
 
+/// Everything `clustermesh enable --context` sends to a cluster, in apply order: the base
+/// [`install`], then the certificate Secrets. The lab renders a cluster with the same
+/// function and runs its processes from these objects ([`crate::kubelet`]), so what the lab
+/// exercises is what a cluster receives.
+pub fn cluster_install(v: &Values, pems: &CertPems) -> Vec<Object> {
+    let mut out = install(v);
+    out.extend(cert_secrets(v, pems));
+    out
+}
+
 /// Cilium's `clustermesh-remote-users` (`users.yaml`): one `remote-<peer>` user with role
 /// `remote` per connected peer, which the apiserver creates in its etcd (and removes when it
 /// leaves the list).

@@ -422,6 +422,60 @@ async fn enable_connect_status_disconnect_on_two_clusters() {
     );
     assert!(!users.iter().any(|u| u.starts_with("remote-")), "{users:?}");
 
+    // connect --dry-run -o yaml: every object of both sides, and nothing sent to either API
+    // server (not even the server-side dry runs).
+    let yaml = cli.ok(&[
+        "connect",
+        "--context",
+        "east",
+        "--destination-context",
+        "west",
+        "--dry-run",
+        "-o",
+        "yaml",
+    ]);
+    let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&yaml)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|v: &Value| !v.is_null())
+        .collect();
+    let mut names: Vec<String> = docs
+        .iter()
+        .map(|d| {
+            format!(
+                "{} {}",
+                d["kind"].as_str().unwrap(),
+                d["metadata"]["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "ConfigMap clustermesh-remote-users",
+            "ConfigMap clustermesh-remote-users",
+            "Secret cilium-clustermesh",
+            "Secret cilium-clustermesh",
+            "Secret cilium-kvstoremesh",
+            "Secret cilium-kvstoremesh",
+        ],
+        "{yaml}"
+    );
+    assert!(
+        yaml.contains("# context east") && yaml.contains("# context west"),
+        "{yaml}"
+    );
+    for api in [&east, &west] {
+        assert!(
+            api.take_writes().is_empty(),
+            "a connect dry run sent writes"
+        );
+        assert!(api.get("Secret", NS, "cilium-kvstoremesh").is_none());
+        assert!(api
+            .get("ConfigMap", NS, "clustermesh-remote-users")
+            .is_none());
+    }
+
     // connect, twice.
     let out = cli.ok(&[
         "connect",
@@ -485,6 +539,37 @@ async fn enable_connect_status_disconnect_on_two_clusters() {
         "90s",
     ]);
     assert!(summary.contains("east: configured, ready"), "{summary}");
+
+    // disconnect --dry-run names every delete and sends nothing; the objects stay.
+    let out = cli.ok(&[
+        "disconnect",
+        "--context",
+        "east",
+        "--destination-context",
+        "west",
+        "--dry-run",
+        "-o",
+        "yaml",
+    ]);
+    for ctx in ["east", "west"] {
+        for what in [
+            "Secret kube-system/cilium-kvstoremesh",
+            "Secret kube-system/cilium-clustermesh",
+            "ConfigMap kube-system/clustermesh-remote-users",
+        ] {
+            assert!(
+                out.contains(&format!("# delete {what} (context {ctx})")),
+                "{out}"
+            );
+        }
+    }
+    for api in [&east, &west] {
+        assert!(
+            api.take_writes().is_empty(),
+            "a disconnect dry run sent writes"
+        );
+        assert!(api.get("Secret", NS, "cilium-kvstoremesh").is_some());
+    }
 
     // disconnect, twice: exactly what connect wrote goes.
     let out = cli.ok(&[

@@ -1,7 +1,8 @@
 //! `clustermesh enable --context C`: the cluster's name and ID (from `cilium-config`, our
 //! `clustermesh-config`, or the flags), the mesh CA (the cluster's `cilium-ca`, else
 //! `--ca-dir`, else a new one), certificates issued into Cilium's Secrets (kept while valid),
-//! and the objects of `clustermesh_k8s::objects::install`, all applied server-side.
+//! and the objects of `clustermesh_k8s::objects::cluster_install`, all applied server-side
+//! (the lab runs its clusters from the same function).
 
 use std::path::PathBuf;
 
@@ -214,8 +215,7 @@ pub async fn run(r: Request) -> anyhow::Result<()> {
         }
     }
     let values: Values = install.values(&ns, &name, info.id, info.max_connected_clusters.as_u32());
-    let mut applies = objects::install(&values);
-    applies.extend(objects::cert_secrets(&values, &pems));
+    let applies = objects::cluster_install(&values, &pems);
     let plan = Plan {
         target: t.clone(),
         applies,

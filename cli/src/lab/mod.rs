@@ -27,6 +27,7 @@ pub mod plan;
 pub mod state;
 
 mod down;
+mod install;
 mod manifests;
 mod network;
 mod processes;

@@ -11,7 +11,7 @@ use anyhow::{bail, Context as _};
 use super::manifests::manifests;
 use super::network::DNS_SERVER;
 use super::state::{Agent, LabState};
-use super::{http_get, netns, plan};
+use super::{http_get, install, netns, plan};
 use crate::enable::{self, EnableArgs};
 use crate::remotes::{connect_pair, status_json, Access};
 
@@ -224,43 +224,41 @@ pub(super) fn start_agents(
     }
     st.bpffs = Some(bpffs.clone());
     st.save()?;
+    let ca_dir = st.dir.join("ca");
     for c in &mut st.clusters {
-        for (j, node) in (1u32..).zip(&mut c.nodes) {
+        // The cluster's install objects: each agent runs from the DaemonSet's container.
+        let objs = install::render(c, &ca_dir)?;
+        let state_dir = c.state_dir.clone();
+        for j in 1..=c.nodes.len() as u32 {
+            let m = install::agent(&objs, c, &c.nodes[j as usize - 1])?;
+            let node = &mut c.nodes[j as usize - 1];
             let pins = bpffs.join(format!("{}-{}", c.name, node.name));
             let health = plan::agent_health(c.id, j);
-            let log = c.state_dir.join(format!("agent-{}.log", node.name));
-            let args: Vec<String> = [
-                "--cluster-name",
-                &c.name,
-                "--cluster-id",
-                &c.id.to_string(),
-                "--node-name",
-                &node.name,
-                "--node-ip",
-                &node.ip.to_string(),
-                "--etcd-config",
-                &c.state_dir
-                    .join("local-etcd-config.yaml")
-                    .display()
-                    .to_string(),
-                "--clustermesh-config",
-                &c.state_dir.join("clustermesh").display().to_string(),
-                "--bpffs-dir",
-                &pins.display().to_string(),
-                "--vxlan-dev",
-                plan::VXLAN_DEV,
-                "--observer-addr",
-                &SocketAddr::new(node.ip.into(), crate::observe::OBSERVER_PORT).to_string(),
-                "--health-addr",
-                &health.to_string(),
-                "--dns-addr",
-                &SocketAddr::new(DNS_SERVER.into(), 53).to_string(),
-                "--underlay-dev",
-                if underlay_decap { "auto" } else { "off" },
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+            let log = state_dir.join(format!("agent-{}.log", node.name));
+            let args = install::with_flags(
+                m.args,
+                &[
+                    (
+                        "clustermesh-config",
+                        state_dir.join("clustermesh").display().to_string(),
+                    ),
+                    ("bpffs-dir", pins.display().to_string()),
+                    ("health-addr", health.to_string()),
+                    ("vxlan-dev", plan::VXLAN_DEV.to_string()),
+                    (
+                        "observer-addr",
+                        SocketAddr::new(node.ip.into(), crate::observe::OBSERVER_PORT).to_string(),
+                    ),
+                    (
+                        "dns-addr",
+                        SocketAddr::new(DNS_SERVER.into(), 53).to_string(),
+                    ),
+                    (
+                        "underlay-dev",
+                        if underlay_decap { "auto" } else { "off" }.to_string(),
+                    ),
+                ],
+            );
             let pid = netns::spawn(&node.ns, bin, &args, &log)?;
             node.agent = Some(Agent {
                 pid,

@@ -1,0 +1,142 @@
+//! A lab cluster as a cluster install receives it: its objects rendered by
+//! `clustermesh_k8s::objects::cluster_install` (the `clustermesh-config` ConfigMap with its
+//! name, ID and mesh size, the agent DaemonSet, the certificate Secrets), and its agents run
+//! from the DaemonSet's `agent` container, materialised by `clustermesh_k8s::kubelet` into
+//! `<state>/pods/agent-<node>/` the way the kubelet mounts the ConfigMap and Secrets. An
+//! agent flag, a ConfigMap key or a Secret file that drifts from what the agent needs fails
+//! `lab up`, and with it the lab tests.
+//!
+//! The certificate Secrets hold the files of the cluster's `certs/` (issued by `enable
+//! --state-dir`), as the overlays' `secretGenerator` reads the files of `certs issue`.
+//!
+//! What the lab sets itself, and why:
+//! - the Service name in the ConfigMap's `local-etcd-config.yaml` resolves to the control
+//!   plane's address through a `cilium-host-aliases` entry (a cluster's DNS and kube-proxy
+//!   do that; the server certificate is checked against the Service name all the same);
+//! - the agent's bpffs pins (one directory per node on one bpffs), health address (the
+//!   node's underlay address, so the lab reaches it) and remote cluster configs (the
+//!   directory of the state-dir `connect`, which KVStoreMesh reads too) replace the
+//!   DaemonSet's hostPath-based values, and the lab's datapath flags (VXLAN device,
+//!   observer, DNS, underlay decapsulation) are added;
+//! - the control plane stays the apiserver with its embedded etcd on the state-dir layout
+//!   (`certs/`, `etcd/`), which `connect --state-dir`, `certs rotate` and the fault suite
+//!   work on; it is started with the same name, ID and mesh size the ConfigMap holds.
+//!
+//! It must not start processes (that is [`super::processes`]).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use clustermesh_k8s::kubelet::{self, Materialised};
+use clustermesh_k8s::objects::{self, CertPems, Object, Values};
+
+use super::state::{Cluster, Node};
+
+/// The Values of a lab cluster (Cilium's defaults but for its name and ID; MCS-API on, as
+/// the lab's apiservers run it).
+pub fn values(c: &Cluster) -> Values {
+    Values {
+        cluster_name: c.name.clone(),
+        cluster_id: c.id,
+        max_connected_clusters: 255,
+        enable_mcs_api: true,
+        ..Values::default()
+    }
+}
+
+fn read(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn pair(certs: &Path, stem: &str) -> anyhow::Result<(String, String)> {
+    Ok((
+        read(&certs.join(format!("{stem}.crt")))?,
+        read(&certs.join(format!("{stem}.key")))?,
+    ))
+}
+
+/// Cluster `c`'s install objects, certificates from its `certs/` and the CA key from
+/// `ca_dir`.
+pub fn render(c: &Cluster, ca_dir: &Path) -> anyhow::Result<Vec<Object>> {
+    let certs = &c.certs_dir;
+    let pems = CertPems {
+        ca_cert: read(&certs.join("ca.crt"))?,
+        ca_key: read(&ca_dir.join("ca.key"))?,
+        server: pair(certs, "server")?,
+        admin: pair(certs, &format!("admin-{}", c.name))?,
+        local: pair(certs, &format!("local-{}", c.name))?,
+        remote: pair(certs, &format!("remote-{}", c.name))?,
+    };
+    Ok(objects::cluster_install(&values(c), &pems))
+}
+
+/// Where node `node`'s agent pod is materialised.
+pub fn agent_root(c: &Cluster, node: &Node) -> PathBuf {
+    c.state_dir
+        .join("pods")
+        .join(format!("agent-{}", node.name))
+}
+
+/// The etcd Service's DNS name, as the ConfigMap's client configs name it.
+fn service_host(v: &Values) -> String {
+    format!("{}.{}.svc", objects::APISERVER, v.namespace)
+}
+
+/// Node `node`'s agent container materialised from `objs` (its files written under
+/// [`agent_root`]) with the Service name resolving to the control plane; the command line
+/// is the DaemonSet's, expanded (the caller applies the lab's flags).
+pub fn agent(objs: &[Object], c: &Cluster, node: &Node) -> anyhow::Result<Materialised> {
+    let ip = node.ip.to_string();
+    let fields = BTreeMap::from([
+        ("spec.nodeName".to_string(), node.name.clone()),
+        ("status.hostIP".to_string(), ip.clone()),
+        // hostNetwork: the pod's address is the node's.
+        ("status.podIP".to_string(), ip),
+    ]);
+    let root = agent_root(c, node);
+    let m = kubelet::materialise(objs, "DaemonSet", objects::AGENT, "agent", &fields, &root)
+        .with_context(|| format!("materialising the agent of {}/{}", c.name, node.name))?;
+    let cfg = m
+        .flag("etcd-config")
+        .map(PathBuf::from)
+        .context("the agent DaemonSet has no --etcd-config")?;
+    let host = service_host(&values(c));
+    let text = read(&cfg)?;
+    if text.contains(&host) && !text.contains("cilium-host-aliases") {
+        let text = format!(
+            "{text}# The lab's cluster DNS: the Service name is the control plane's address.\ncilium-host-aliases:\n- hostname: {host}\n  ips:\n  - {}\n",
+            c.ip
+        );
+        clustermesh_syncer::config::write_private(&cfg, text.as_bytes())
+            .with_context(|| format!("writing {}", cfg.display()))?;
+    }
+    Ok(m)
+}
+
+/// `args` with each `--flag=value` of `set` replacing the same flag (or appended).
+pub fn with_flags(mut args: Vec<String>, set: &[(&str, String)]) -> Vec<String> {
+    for (flag, value) in set {
+        let prefix = format!("--{flag}=");
+        let new = format!("{prefix}{value}");
+        match args.iter_mut().find(|a| a.starts_with(&prefix)) {
+            Some(a) => *a = new,
+            None => args.push(new),
+        }
+    }
+    args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lab_flags_replace_the_daemonsets_or_are_added() {
+        let args = vec!["--a=1".to_string(), "--b=2".to_string()];
+        assert_eq!(
+            with_flags(args, &[("b", "3".into()), ("c", "4".into())]),
+            vec!["--a=1", "--b=3", "--c=4"]
+        );
+    }
+}
