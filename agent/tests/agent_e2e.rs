@@ -32,7 +32,7 @@
 
 use std::ffi::CString;
 use std::io::{Read as _, Write as _};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -713,6 +713,57 @@ fn ping6(lab: &Lab, from: &Pod, to: &Pod, count: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// The dual-stack service of [`ipv6_checks`].
+const VIP4: &str = "172.20.0.10";
+const VIP6: &str = "fd00:172:20::10";
+
+/// TCP from `from` to `vip:80`, which the LB must send to `backend:port` in pod `to`: the
+/// echo proves the connection went there and the replies came back from the VIP.
+fn tcp_via(lab: &Lab, from: &Pod, vip: IpAddr, to: &Pod, backend: IpAddr, port: u16) -> Result<()> {
+    let listener = in_netns(&lab.ns(to.ns), || {
+        Ok(TcpListener::bind(SocketAddr::new(backend, port))?)
+    })?;
+    listener.set_nonblocking(true)?;
+    let server = std::thread::spawn(move || -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut conn = loop {
+            match listener.accept() {
+                Ok((c, _)) => break c,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    ensure!(
+                        Instant::now() < deadline,
+                        "no connection reached the backend"
+                    );
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        conn.set_nonblocking(false)?;
+        let mut buf = [0u8; 64];
+        let n = conn.read(&mut buf)?;
+        conn.write_all(&buf[..n])?;
+        Ok(())
+    });
+    let addr = SocketAddr::new(vip, 80);
+    let result = (|| -> Result<()> {
+        let mut conn = in_netns(&lab.ns(from.ns), || {
+            Ok(TcpStream::connect_timeout(&addr, Duration::from_secs(2))?)
+        })
+        .with_context(|| format!("tcp connect {} → {addr}", from.name))?;
+        conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+        conn.write_all(b"hello through the VIP")?;
+        let mut buf = [0u8; 64];
+        let n = conn.read(&mut buf)?;
+        ensure!(&buf[..n] == b"hello through the VIP", "echo mismatch");
+        Ok(())
+    })();
+    let served = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("echo server panicked"))?;
+    result.and(served)
+}
+
 fn tcp_echo(lab: &Lab, from: &Pod, to: &Pod, port: u16) -> Result<()> {
     let addr = SocketAddr::from((to.ip, port));
     let listener = in_netns(&lab.ns(to.ns), || Ok(TcpListener::bind(addr)?))?;
@@ -920,6 +971,41 @@ fn ipv6_checks(
     // Traffic over IPv6, same node and across clusters (IPv4 underlay).
     ensure!(ping6(lab, &A1, &A2, 2), "ping -6 a1 → a2 (same node)");
     ensure!(ping6(lab, &A1, &B1, 2), "ping -6 a1 → b1 (c1 → c2)");
+    // A dual-stack global service of c1 whose only backend is c2's pod b1: TCP to the IPv6
+    // VIP is balanced to b1's IPv6 address (lb6 maps), and to the IPv4 VIP as before.
+    let frontends = format!(
+        r#"{{"{VIP4}":{{"http":{{"Protocol":"TCP","Port":80}}}},"{VIP6}":{{"http":{{"Protocol":"TCP","Port":80}}}}}}"#
+    );
+    rt.block_on(clients[0].put(
+        "clustermesh/local/v1/services/default/echo",
+        format!(
+            r#"{{"cluster":"c1","namespace":"default","name":"echo","frontends":{frontends},"backends":{{}},"labels":{{}},"selector":{{"app":"echo"}},"includeExternal":true,"shared":true,"clusterID":1}}"#
+        ),
+        None,
+    ))?;
+    rt.block_on(clients[0].put(
+        "cilium/cache/services/v1/c2/default/echo",
+        format!(
+            r#"{{"cluster":"c2","namespace":"default","name":"echo","frontends":{frontends},"backends":{{"{}":{{"http":{{"Protocol":"TCP","Port":8080}}}},"{}":{{"http":{{"Protocol":"TCP","Port":8080}}}}}},"labels":{{}},"selector":{{"app":"echo"}},"includeExternal":true,"shared":true,"clusterID":2}}"#,
+            B1.ip, B1.ip6
+        ),
+        None,
+    ))?;
+    let vip6: IpAddr = VIP6.parse()?;
+    let vip4: IpAddr = VIP4.parse()?;
+    wait_for(
+        REPORT_WAIT,
+        || Ok(tcp_via(lab, &A1, vip6, &B1, B1.ip6.into(), 8080).is_ok()),
+        |ok| *ok,
+        |_| {
+            format!(
+                "a1 → [{VIP6}]:80 never reached b1 [{}]:8080: {:?}",
+                B1.ip6,
+                tcp_via(lab, &A1, vip6, &B1, B1.ip6.into(), 8080).err()
+            )
+        },
+    )?;
+    tcp_via(lab, &A1, vip4, &B1, B1.ip.into(), 8080).context("IPv4 VIP of the same service")?;
     // Delete b1's IPv6 entry: out of the map within 1 s; back when put back.
     let key = format!("cilium/cache/ip/v1/c2/{}", B1.ip6);
     let t0 = Instant::now();

@@ -1,8 +1,10 @@
-//! Typed handles on the LB maps (`CM_LB4_*`), writing a [`Diff`] in its order.
+//! Typed handles on the LB maps (`CM_LB4_*`, `CM_LB6_*`), writing a [`Diff`] in its order
+//! (the IPv4 operations, then the IPv6 ones).
 
 use aya::maps::{HashMap, MapData, MapError, PerCpuArray};
 use clustermesh_ebpf_abi::{
-    map, Ct4Entry, Ct4Key, Lb4Backend, Lb4Key, Lb4RevNat, Lb4Service, LbCounter,
+    map, Ct4Entry, Ct4Key, Ct6Entry, Ct6Key, Lb4Backend, Lb4Key, Lb4RevNat, Lb4Service, Lb6Backend,
+    Lb6Key, Lb6RevNat, Lb6Service, LbCounter,
 };
 
 use super::table::Diff;
@@ -25,6 +27,79 @@ pub struct LbMaps {
     rev_nat: HashMap<MapData, u16, Lb4RevNat>,
     ct: HashMap<MapData, Ct4Key, Ct4Entry>,
     counters: PerCpuArray<MapData, u64>,
+    v6: Lb6Maps,
+}
+
+/// The `lb6` maps.
+struct Lb6Maps {
+    services: HashMap<MapData, Lb6Key, Lb6Service>,
+    backends: HashMap<MapData, u32, Lb6Backend>,
+    rev_nat: HashMap<MapData, u16, Lb6RevNat>,
+    ct: HashMap<MapData, Ct6Key, Ct6Entry>,
+}
+
+/// Removes `k` from `m`; an absent key is not an error.
+fn remove<K: aya::Pod, V: aya::Pod>(
+    m: &mut HashMap<MapData, K, V>,
+    k: &K,
+    name: &'static str,
+) -> Result<()> {
+    match m.remove(k) {
+        Ok(()) => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(e) => Err(map_err(name, "delete")(e)),
+    }
+}
+
+/// Every key of `m` not in `keep`, removed; how many went.
+fn remove_all_but<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
+    m: &mut HashMap<MapData, K, V>,
+    keep: &std::collections::HashSet<K>,
+) -> usize {
+    let keys: Vec<K> = m.keys().filter_map(|k| k.ok()).collect();
+    keys.into_iter()
+        .filter(|k| !keep.contains(k))
+        .map(|k| usize::from(m.remove(&k).is_ok()))
+        .sum()
+}
+
+impl Lb6Maps {
+    fn apply(&mut self, d: &super::table::Diff6) -> Result<()> {
+        for (id, b) in &d.backends {
+            self.backends
+                .insert(id, b, 0)
+                .map_err(map_err(map::LB6_BACKENDS, "update"))?;
+        }
+        for (i, r) in &d.rev_nat {
+            self.rev_nat
+                .insert(i, r, 0)
+                .map_err(map_err(map::LB6_REVERSE_NAT, "update"))?;
+        }
+        for (k, v) in &d.services {
+            self.services
+                .insert(k, v, 0)
+                .map_err(map_err(map::LB6_SERVICES, "update"))?;
+        }
+        for k in &d.delete_services {
+            remove(&mut self.services, k, map::LB6_SERVICES)?;
+        }
+        for id in &d.delete_backends {
+            remove(&mut self.backends, id, map::LB6_BACKENDS)?;
+        }
+        for i in &d.delete_rev_nat {
+            remove(&mut self.rev_nat, i, map::LB6_REVERSE_NAT)?;
+        }
+        Ok(())
+    }
+
+    fn sweep(&mut self, d: &super::table::Diff6) -> usize {
+        let keep_s = d.services.iter().map(|(k, _)| *k).collect();
+        let keep_b = d.backends.iter().map(|(k, _)| *k).collect();
+        let keep_r = d.rev_nat.iter().map(|(k, _)| *k).collect();
+        remove_all_but(&mut self.services, &keep_s)
+            + remove_all_but(&mut self.backends, &keep_b)
+            + remove_all_but(&mut self.rev_nat, &keep_r)
+    }
 }
 
 impl LbMaps {
@@ -41,6 +116,15 @@ impl LbMaps {
             ct: HashMap::try_from(take(map::LB4_CT)?).map_err(map_err(map::LB4_CT, "open"))?,
             counters: PerCpuArray::try_from(take(map::LB_COUNTERS)?)
                 .map_err(map_err(map::LB_COUNTERS, "open"))?,
+            v6: Lb6Maps {
+                services: HashMap::try_from(take(map::LB6_SERVICES)?)
+                    .map_err(map_err(map::LB6_SERVICES, "open"))?,
+                backends: HashMap::try_from(take(map::LB6_BACKENDS)?)
+                    .map_err(map_err(map::LB6_BACKENDS, "open"))?,
+                rev_nat: HashMap::try_from(take(map::LB6_REVERSE_NAT)?)
+                    .map_err(map_err(map::LB6_REVERSE_NAT, "open"))?,
+                ct: HashMap::try_from(take(map::LB6_CT)?).map_err(map_err(map::LB6_CT, "open"))?,
+            },
         })
     }
 
@@ -83,7 +167,7 @@ impl LbMaps {
                 Err(e) => return Err(map_err(map::LB4_REVERSE_NAT, "delete")(e)),
             }
         }
-        Ok(())
+        self.v6.apply(&diff.v6)
     }
 
     /// Removes every entry of the service, backend and reverse-NAT maps (start-up with
@@ -102,6 +186,7 @@ impl LbMaps {
         for r in rs {
             let _ = self.rev_nat.remove(&r);
         }
+        self.v6.sweep(&super::table::Diff6::default());
         Ok(())
     }
 
@@ -127,7 +212,7 @@ impl LbMaps {
         for r in rs.into_iter().filter(|k| !keep_r.contains(k)) {
             n += usize::from(self.rev_nat.remove(&r).is_ok());
         }
-        Ok(n)
+        Ok(n + self.v6.sweep(&full.v6))
     }
 
     /// A service entry (slot 0 = the frontend).
@@ -136,6 +221,24 @@ impl LbMaps {
             Ok(v) => Ok(Some(v)),
             Err(e) if is_not_found(&e) => Ok(None),
             Err(e) => Err(map_err(map::LB4_SERVICES, "lookup")(e)),
+        }
+    }
+
+    /// An IPv6 service entry (slot 0 = the frontend).
+    pub fn service6(&self, key: &Lb6Key) -> Result<Option<Lb6Service>> {
+        match self.v6.services.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(map_err(map::LB6_SERVICES, "lookup")(e)),
+        }
+    }
+
+    /// An IPv6 backend.
+    pub fn backend6(&self, id: u32) -> Result<Option<Lb6Backend>> {
+        match self.v6.backends.get(&id, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(map_err(map::LB6_BACKENDS, "lookup")(e)),
         }
     }
 
@@ -162,6 +265,7 @@ impl LbMaps {
         for k in keys {
             let _ = self.ct.remove(&k);
         }
+        remove_all_but(&mut self.v6.ct, &std::collections::HashSet::new());
         Ok(())
     }
 

@@ -10,12 +10,19 @@
 //! deletion of slots beyond the count, and backends last, once nothing points at them.
 //! Backend IDs are never reused: a connection-tracking entry that still names a deleted
 //! backend misses and picks a new one, instead of landing on an unrelated backend.
+//!
+//! IPv6 frontends go to the `lb6` maps (Cilium's layout) by the same rules: a frontend
+//! takes the backends of its own family (a dual-stack service has a VIP and backends of
+//! each), backend IDs and rev-NAT indexes come from one space shared by both families, and
+//! the IPv6 operations of a diff are in their own lists, applied after the IPv4 ones in the
+//! same order.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use clustermesh_ebpf_abi::{
-    backend_state, Lb4Backend, Lb4Key, Lb4RevNat, Lb4Service, IPPROTO_TCP, IPPROTO_UDP,
+    backend_state, Lb4Backend, Lb4Key, Lb4RevNat, Lb4Service, Lb6Backend, Lb6Key, Lb6RevNat,
+    IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use super::merger::{Merged, Name};
@@ -35,6 +42,45 @@ pub struct Diff {
     pub delete_backends: Vec<u32>,
     /// Reverse-NAT entries of removed frontends.
     pub delete_rev_nat: Vec<u16>,
+    /// The same six lists for IPv6 frontends (`lb6` maps), applied after the IPv4 ones.
+    pub v6: Diff6,
+}
+
+/// The IPv6 operations of a [`Diff`], in the same order as the IPv4 ones.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Diff6 {
+    /// New backends.
+    pub backends: Vec<(u32, Lb6Backend)>,
+    /// New or changed reverse-NAT entries.
+    pub rev_nat: Vec<(u16, Lb6RevNat)>,
+    /// Service entries to write: backend slots before their service entry.
+    pub services: Vec<(Lb6Key, Lb4Service)>,
+    /// Service entries to delete: a service entry before its slots.
+    pub delete_services: Vec<Lb6Key>,
+    /// Backends no frontend uses any more.
+    pub delete_backends: Vec<u32>,
+    /// Reverse-NAT entries of removed frontends.
+    pub delete_rev_nat: Vec<u16>,
+}
+
+impl Diff6 {
+    fn len(&self) -> usize {
+        self.backends.len()
+            + self.rev_nat.len()
+            + self.services.len()
+            + self.delete_services.len()
+            + self.delete_backends.len()
+            + self.delete_rev_nat.len()
+    }
+
+    fn extend(&mut self, other: Diff6) {
+        self.backends.extend(other.backends);
+        self.rev_nat.extend(other.rev_nat);
+        self.services.extend(other.services);
+        self.delete_services.extend(other.delete_services);
+        self.delete_backends.extend(other.delete_backends);
+        self.delete_rev_nat.extend(other.delete_rev_nat);
+    }
 }
 
 impl Diff {
@@ -46,6 +92,7 @@ impl Diff {
             && self.delete_services.is_empty()
             && self.delete_backends.is_empty()
             && self.delete_rev_nat.is_empty()
+            && self.v6.len() == 0
     }
 
     /// Appends `other` (applied after `self`).
@@ -56,6 +103,7 @@ impl Diff {
         self.delete_services.extend(other.delete_services);
         self.delete_backends.extend(other.delete_backends);
         self.delete_rev_nat.extend(other.delete_rev_nat);
+        self.v6.extend(other.v6);
     }
 
     /// Number of map operations.
@@ -66,13 +114,49 @@ impl Diff {
             + self.delete_services.len()
             + self.delete_backends.len()
             + self.delete_rev_nat.len()
+            + self.v6.len()
     }
+
+    /// Writes slot `slot` of frontend `key` (slot 0: the service entry).
+    fn write(&mut self, key: FeKey, slot: u16, svc: Lb4Service) {
+        match key {
+            FeKey::V4(mut k) => {
+                k.backend_slot = slot;
+                self.services.push((k, svc));
+            }
+            FeKey::V6(mut k) => {
+                k.backend_slot = slot;
+                self.v6.services.push((k, svc));
+            }
+        }
+    }
+
+    /// Deletes slot `slot` of frontend `key`.
+    fn delete(&mut self, key: FeKey, slot: u16) {
+        match key {
+            FeKey::V4(mut k) => {
+                k.backend_slot = slot;
+                self.delete_services.push(k);
+            }
+            FeKey::V6(mut k) => {
+                k.backend_slot = slot;
+                self.v6.delete_services.push(k);
+            }
+        }
+    }
+}
+
+/// A frontend's service key (slot 0), of either family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum FeKey {
+    V4(Lb4Key),
+    V6(Lb6Key),
 }
 
 /// What identifies a backend entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct BackendKey {
-    ip: Ipv4Addr,
+    ip: IpAddr,
     port: u16,
     proto: u8,
     cluster_id: u16,
@@ -81,7 +165,7 @@ struct BackendKey {
 /// One frontend as programmed.
 #[derive(Clone, Debug, PartialEq)]
 struct FrontendState {
-    key: Lb4Key,
+    key: FeKey,
     rev_nat_index: u16,
     backends: Vec<u32>,
 }
@@ -103,10 +187,10 @@ pub struct Table {
     backends: HashMap<BackendKey, (u32, usize)>,
     by_id: HashMap<u32, BackendKey>,
     next_backend_id: u32,
-    rev_nat: HashMap<Lb4Key, u16>,
+    rev_nat: HashMap<FeKey, u16>,
     rev_nat_used: std::collections::HashSet<u16>,
     next_rev_nat: u16,
-    /// Frontends or backends skipped (IPv6, SCTP, cluster ID > 65535).
+    /// Frontends or backends skipped (SCTP, cluster ID > 65535).
     pub unsupported: u64,
 }
 
@@ -126,13 +210,29 @@ impl Table {
         self.backends.len()
     }
 
-    /// Backend IDs of `name`'s frontends (frontend key, IDs), for status and tests.
+    /// Backend IDs of `name`'s IPv4 frontends (frontend key, IDs), for status and tests.
     pub fn slots(&self, name: &Name) -> Vec<(Lb4Key, Vec<u32>)> {
         self.services
             .get(name)
             .into_iter()
             .flatten()
-            .map(|f| (f.key, f.backends.clone()))
+            .filter_map(|f| match f.key {
+                FeKey::V4(k) => Some((k, f.backends.clone())),
+                FeKey::V6(_) => None,
+            })
+            .collect()
+    }
+
+    /// Backend IDs of `name`'s IPv6 frontends.
+    pub fn slots6(&self, name: &Name) -> Vec<(Lb6Key, Vec<u32>)> {
+        self.services
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter_map(|f| match f.key {
+                FeKey::V6(k) => Some((k, f.backends.clone())),
+                FeKey::V4(_) => None,
+            })
             .collect()
     }
 
@@ -145,18 +245,32 @@ impl Table {
         let id = self.next_backend_id;
         self.backends.insert(key, (id, 1));
         self.by_id.insert(id, key);
-        diff.backends.push((
-            id,
-            Lb4Backend {
-                address: key.ip.octets(),
-                port: key.port.to_be(),
-                proto: key.proto,
-                flags: backend_state::ACTIVE,
-                cluster_id: key.cluster_id,
-                zone: 0,
-                pad: 0,
-            },
-        ));
+        match key.ip {
+            IpAddr::V4(ip) => diff.backends.push((
+                id,
+                Lb4Backend {
+                    address: ip.octets(),
+                    port: key.port.to_be(),
+                    proto: key.proto,
+                    flags: backend_state::ACTIVE,
+                    cluster_id: key.cluster_id,
+                    zone: 0,
+                    pad: 0,
+                },
+            )),
+            IpAddr::V6(ip) => diff.v6.backends.push((
+                id,
+                Lb6Backend {
+                    address: ip.octets(),
+                    port: key.port.to_be(),
+                    proto: key.proto,
+                    flags: backend_state::ACTIVE,
+                    cluster_id: key.cluster_id,
+                    zone: 0,
+                    pad: 0,
+                },
+            )),
+        }
         Some(id)
     }
 
@@ -169,12 +283,15 @@ impl Table {
             if *refs == 0 {
                 self.backends.remove(&key);
                 self.by_id.remove(&id);
-                diff.delete_backends.push(id);
+                match key.ip {
+                    IpAddr::V4(_) => diff.delete_backends.push(id),
+                    IpAddr::V6(_) => diff.v6.delete_backends.push(id),
+                }
             }
         }
     }
 
-    fn rev_nat_index(&mut self, key: &Lb4Key, diff: &mut Diff) -> Option<u16> {
+    fn rev_nat_index(&mut self, key: &FeKey, diff: &mut Diff) -> Option<u16> {
         if let Some(i) = self.rev_nat.get(key) {
             return Some(*i);
         }
@@ -187,14 +304,24 @@ impl Table {
                 self.next_rev_nat = i;
                 self.rev_nat.insert(*key, i);
                 self.rev_nat_used.insert(i);
-                diff.rev_nat.push((
-                    i,
-                    Lb4RevNat {
-                        address: key.address,
-                        port: key.dport,
-                        pad: 0,
-                    },
-                ));
+                match key {
+                    FeKey::V4(k) => diff.rev_nat.push((
+                        i,
+                        Lb4RevNat {
+                            address: k.address,
+                            port: k.dport,
+                            pad: 0,
+                        },
+                    )),
+                    FeKey::V6(k) => diff.v6.rev_nat.push((
+                        i,
+                        Lb6RevNat {
+                            address: k.address,
+                            port: k.dport,
+                            pad: 0,
+                        },
+                    )),
+                }
                 return Some(i);
             }
         }
@@ -207,11 +334,14 @@ impl Table {
         let old = self.services.remove(name).unwrap_or_default();
         let mut new = Vec::new();
         for fe in merged.map(|m| m.frontends.as_slice()).unwrap_or_default() {
-            let (IpAddr::V4(vip), Some(proto)) = (fe.ip, proto_number(&fe.protocol)) else {
+            let Some(proto) = proto_number(&fe.protocol) else {
                 self.unsupported += 1;
                 continue;
             };
-            let key = Lb4Key::new(vip.octets(), fe.port, proto, 0);
+            let key = match fe.ip {
+                IpAddr::V4(vip) => FeKey::V4(Lb4Key::new(vip.octets(), fe.port, proto, 0)),
+                IpAddr::V6(vip) => FeKey::V6(Lb6Key::new(vip.octets(), fe.port, proto, 0)),
+            };
             if new.iter().any(|f: &FrontendState| f.key == key) {
                 continue;
             }
@@ -220,8 +350,13 @@ impl Table {
                 let Some((bproto, bport)) = b.ports.get(&fe.port_name) else {
                     continue;
                 };
-                let (IpAddr::V4(ip), Some(bproto), Ok(cluster_id)) =
-                    (b.ip, proto_number(bproto), u16::try_from(b.cluster_id))
+                // The other family's backends serve the other VIP of a dual-stack service.
+                if b.ip.is_ipv4() != fe.ip.is_ipv4() {
+                    continue;
+                }
+                let ip = b.ip;
+                let (Some(bproto), Ok(cluster_id)) =
+                    (proto_number(bproto), u16::try_from(b.cluster_id))
                 else {
                     self.unsupported += 1;
                     continue;
@@ -258,51 +393,50 @@ impl Table {
             let prev_backends = prev.map(|p| p.backends.as_slice()).unwrap_or_default();
             for (i, id) in f.backends.iter().enumerate() {
                 if prev_backends.get(i) != Some(id) {
-                    let mut k = f.key;
-                    k.backend_slot = (i + 1) as u16;
-                    diff.services.push((
-                        k,
+                    diff.write(
+                        f.key,
+                        (i + 1) as u16,
                         Lb4Service {
                             backend_id: *id,
                             rev_nat_index: f.rev_nat_index,
                             ..Default::default()
                         },
-                    ));
+                    );
                 }
             }
             let count = f.backends.len() as u16;
             if prev.map(|p| (p.backends.len(), p.rev_nat_index))
                 != Some((f.backends.len(), f.rev_nat_index))
             {
-                diff.services.push((
+                diff.write(
                     f.key,
+                    0,
                     Lb4Service {
                         backend_id: 0,
                         count,
                         rev_nat_index: f.rev_nat_index,
                         ..Default::default()
                     },
-                ));
+                );
             }
             for slot in f.backends.len()..prev_backends.len() {
-                let mut k = f.key;
-                k.backend_slot = (slot + 1) as u16;
-                diff.delete_services.push(k);
+                diff.delete(f.key, (slot + 1) as u16);
             }
         }
         for o in &old {
             if new.iter().any(|f| f.key == o.key) {
                 continue;
             }
-            diff.delete_services.push(o.key);
+            diff.delete(o.key, 0);
             for slot in 0..o.backends.len() {
-                let mut k = o.key;
-                k.backend_slot = (slot + 1) as u16;
-                diff.delete_services.push(k);
+                diff.delete(o.key, (slot + 1) as u16);
             }
             if let Some(i) = self.rev_nat.remove(&o.key) {
                 self.rev_nat_used.remove(&i);
-                diff.delete_rev_nat.push(i);
+                match o.key {
+                    FeKey::V4(_) => diff.delete_rev_nat.push(i),
+                    FeKey::V6(_) => diff.v6.delete_rev_nat.push(i),
+                }
             }
         }
         for o in &old {
@@ -379,6 +513,60 @@ mod tests {
         assert_eq!(d.delete_services.len(), 2);
         assert_eq!(d.delete_backends, vec![2]);
         assert_eq!(d.delete_rev_nat.len(), 1);
+        assert_eq!((t.frontends(), t.backends()), (0, 0));
+    }
+
+    #[test]
+    fn dual_stack_frontends_take_their_familys_backends() {
+        let mut t = Table::new();
+        let n = Name::new("default", "echo");
+        let mut m = merged(&[("10.1.1.10", 1), ("fd00:10:1::10", 1), ("fd00:10:2::10", 2)]);
+        m.frontends.push(Frontend {
+            ip: "fd00:172:20::10".parse().unwrap(),
+            port_name: "http".into(),
+            protocol: "TCP".into(),
+            port: 80,
+        });
+        let d = t.set(&n, Some(&m));
+        // IPv4: one backend, its slot and service entry.
+        assert_eq!(d.backends.len(), 1);
+        assert_eq!(d.services.len(), 2);
+        assert_eq!(d.rev_nat.len(), 1);
+        // IPv6: two backends (IDs from the same space), two slots, then the service entry.
+        let v6 = &d.v6;
+        assert_eq!(v6.backends.len(), 2);
+        assert!(v6.backends.iter().all(|(id, _)| *id > 1));
+        assert_eq!(
+            std::net::Ipv6Addr::from(v6.backends[1].1.address),
+            "fd00:10:2::10".parse::<std::net::Ipv6Addr>().unwrap()
+        );
+        assert_eq!(v6.backends[1].1.cluster_id, 2);
+        assert_eq!(v6.backends[0].1.port, 8080u16.to_be());
+        assert_eq!(v6.services.len(), 3);
+        assert_eq!(v6.services[2].0.backend_slot, 0);
+        assert_eq!(v6.services[2].0.dport, 80u16.to_be());
+        assert_eq!(v6.services[2].1.count, 2);
+        assert_eq!(v6.rev_nat.len(), 1);
+        assert_ne!(v6.rev_nat[0].0, d.rev_nat[0].0, "one rev-NAT index space");
+        assert_eq!(v6.services[2].1.rev_nat_index, v6.rev_nat[0].0);
+        assert_eq!(t.slots6(&n)[0].1.len(), 2);
+        assert_eq!(
+            t.unsupported, 0,
+            "the other family's backends are not unsupported"
+        );
+        // A remote IPv6 backend goes: IPv6 only changes.
+        let mut m2 = merged(&[("10.1.1.10", 1), ("fd00:10:1::10", 1)]);
+        m2.frontends.push(m.frontends[1].clone());
+        let d = t.set(&n, Some(&m2));
+        assert!(d.backends.is_empty() && d.services.is_empty() && d.delete_backends.is_empty());
+        assert_eq!(d.v6.delete_services.len(), 1);
+        assert_eq!(d.v6.delete_backends.len(), 1);
+        // Removed: every IPv6 entry deleted, service entry before its slots.
+        let d = t.set(&n, None);
+        assert_eq!(d.v6.delete_services[0].backend_slot, 0);
+        assert_eq!(d.v6.delete_services.len(), 2);
+        assert_eq!(d.v6.delete_rev_nat.len(), 1);
+        assert_eq!(d.v6.delete_backends.len(), 1);
         assert_eq!((t.frontends(), t.backends()), (0, 0));
     }
 
