@@ -33,7 +33,7 @@ pub const DEFAULT_CAPACITY: usize = 16 * 1024;
 #[derive(Debug, Default)]
 pub struct Directory {
     identities: HashMap<u32, (Arc<str>, Arc<[String]>)>,
-    pods: HashMap<Ipv4Addr, PodRef>,
+    pods: HashMap<IpAddr, PodRef>,
 }
 
 /// A pod behind an address.
@@ -61,7 +61,7 @@ impl Directory {
     }
 
     /// The pod at `ip` (`None`: gone).
-    pub fn set_pod(&mut self, ip: Ipv4Addr, pod: Option<PodRef>) {
+    pub fn set_pod(&mut self, ip: IpAddr, pod: Option<PodRef>) {
         match pod {
             Some(p) => {
                 self.pods.insert(ip, p);
@@ -85,11 +85,7 @@ impl Directory {
         } else if let Some(name) = reserved_name(identity) {
             e.labels = vec![format!("reserved:{name}")];
         }
-        let pod = match addr {
-            IpAddr::V4(a) => self.pods.get(&a),
-            IpAddr::V6(_) => None,
-        };
-        if let Some(p) = pod {
+        if let Some(p) = self.pods.get(&addr) {
             e.namespace.clone_from(&p.namespace);
             e.pod_name.clone_from(&p.name);
             if e.cluster.is_empty() {
@@ -386,5 +382,34 @@ impl std::os::fd::AsRawFd for FlowMaps {
 pub fn log_reader_exit(r: std::io::Result<FlowMaps>) {
     if let Err(error) = r {
         warn!(%error, "flow reader stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pods_of_either_family_are_named() {
+        let mut dir = Directory::default();
+        let c: Arc<str> = "c2".into();
+        let pod = |name: &str| PodRef {
+            cluster: c.clone(),
+            namespace: "default".into(),
+            name: name.into(),
+        };
+        let v4: IpAddr = "10.2.1.11".parse().unwrap();
+        let v6: IpAddr = "fd00:10:2:1::11".parse().unwrap();
+        dir.set_pod(v4, Some(pod("b1")));
+        dir.set_pod(v6, Some(pod("b1")));
+        for addr in [v4, v6] {
+            let e = dir.endpoint(addr, 80u16.to_be(), 131_073);
+            assert_eq!((e.pod_name.as_str(), e.cluster.as_str()), ("b1", "c2"));
+            assert_eq!(e.ip, addr.to_string());
+            assert_eq!(e.port, 80);
+        }
+        dir.set_pod(v6, None);
+        assert!(dir.endpoint(v6, 0, 131_073).pod_name.is_empty());
+        assert_eq!(dir.endpoint(v4, 0, 131_073).pod_name, "b1");
     }
 }

@@ -10,7 +10,6 @@
 //!
 //! It must not write the ipcache: released entries go back to the caller.
 
-use std::net::IpAddr;
 use std::sync::PoisonError;
 
 use tracing::warn;
@@ -126,10 +125,8 @@ impl Hook {
         else {
             return;
         };
-        // The flow directory knows IPv4 pods only (flow events carry IPv4 addresses).
-        let IpAddr::V4(addr) = prefix.addr else {
-            return;
-        };
+        // A pod's entry of either family (flow events carry IPv4 or IPv6 addresses).
+        let addr = prefix.addr;
         let pod = entry
             .as_ref()
             .filter(|p| !p.k8s_pod_name.is_empty())
