@@ -88,6 +88,51 @@ impl Snapshot {
         }
     }
 
+    /// Removes the object `kind` `namespace`/`name` (`namespace` empty when cluster-scoped),
+    /// if present.
+    pub fn remove(&mut self, kind: &str, namespace: &str, name: &str) {
+        let nn = (namespace.to_string(), name.to_string());
+        match kind {
+            "Namespace" => {
+                self.namespaces.remove(name);
+            }
+            "Node" => {
+                self.nodes.remove(name);
+            }
+            "CiliumNode" => {
+                self.cilium_nodes.remove(name);
+            }
+            "CiliumIdentity" => {
+                self.cilium_identities.remove(name);
+            }
+            "Pod" => {
+                self.pods.remove(&nn);
+            }
+            "Service" => {
+                self.services.remove(&nn);
+            }
+            "EndpointSlice" => {
+                self.endpoint_slices.remove(&nn);
+            }
+            "ServiceExport" => {
+                self.service_exports.remove(&nn);
+            }
+            "CiliumEndpoint" => {
+                self.cilium_endpoints.remove(&nn);
+            }
+            "CiliumEndpointSlice" => {
+                self.cilium_endpoint_slices.remove(name);
+            }
+            "CustomResourceDefinition" => {
+                self.crds.remove(name);
+            }
+            "CiliumNetworkPolicy" | "NetworkPolicy" => {
+                self.policies.remove(&(kind.to_string(), nn.0, nn.1));
+            }
+            _ => {}
+        }
+    }
+
     /// Total number of objects.
     pub fn len(&self) -> usize {
         self.namespaces.len()

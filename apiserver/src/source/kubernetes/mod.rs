@@ -22,6 +22,11 @@
 //!   CustomResourceDefinitions: a CRD that appears later gets its watch without a restart; a
 //!   CRD that goes away stops its watch and its objects leave the snapshot.
 //!
+//! - **One event, one object.** A watch event replaces (or removes) its object in the last
+//!   published snapshot instead of rebuilding it from every store; only a completed list
+//!   (first list, relist after 410 or an outage) or a CRD change rebuilds it, and the
+//!   exporter then diffs it (`export::incremental`).
+//!
 //! It must not write to the Kubernetes API, and it does not export: it only fills snapshots.
 
 /// Where the client comes from (kubeconfig + context, or in-cluster).
@@ -285,11 +290,16 @@ struct Watched {
     cancel: CancellationToken,
 }
 
+/// Objects changed since the last published snapshot, per resource: `None` = all of them
+/// (a completed list), else (namespace, name) of each object a watch event touched.
+type Dirty = BTreeMap<Resource, Option<BTreeSet<(Option<String>, String)>>>;
+
 /// Shared between the resource tasks and the publishing loop.
 struct Shared {
     watched: Mutex<BTreeMap<Resource, Watched>>,
     changed: Notify,
     metrics: Metrics,
+    dirty: Mutex<Dirty>,
 }
 
 impl Shared {
@@ -298,7 +308,25 @@ impl Shared {
         w.get_mut(res).map(f)
     }
 
+    /// Records what an event changed in the reflector store: one object, or (a list
+    /// completed) all of the resource's.
+    fn mark_dirty(&self, res: &Resource, ev: &watcher::Event<Decoded>) {
+        let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        match ev {
+            watcher::Event::Apply(o) | watcher::Event::Delete(o) => {
+                if let Some(keys) = dirty.entry(*res).or_insert_with(|| Some(BTreeSet::new())) {
+                    keys.insert((o.namespace.clone(), o.name.clone()));
+                }
+            }
+            watcher::Event::InitDone => {
+                dirty.insert(*res, None);
+            }
+            watcher::Event::Init | watcher::Event::InitApply(_) => {}
+        }
+    }
+
     fn on_event(&self, res: &Resource, ev: &watcher::Event<Decoded>) {
+        self.mark_dirty(res, ev);
         let label = ResourceLabel {
             resource: res.name(),
         };
@@ -436,6 +464,7 @@ pub async fn run(
         watched: Mutex::new(BTreeMap::new()),
         changed: Notify::new(),
         metrics,
+        dirty: Mutex::new(BTreeMap::new()),
     });
     let mut tasks = JoinSet::new();
     let start = |res: Resource, tasks: &mut JoinSet<()>| {
@@ -508,6 +537,11 @@ pub async fn run(
                                 }
                                 succeeded.store(true, std::sync::atomic::Ordering::SeqCst);
                                 let done = matches!(ev, watcher::Event::InitDone);
+                                shared
+                                    .dirty
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .insert(CRDS, None);
                                 shared.with(&CRDS, |w| {
                                     w.failing = None;
                                     w.forbidden = None;
@@ -533,6 +567,10 @@ pub async fn run(
     let mut generation = 0u64;
     let mut last_health = Health::default();
     let mut last_fingerprint: BTreeMap<Resource, u64> = BTreeMap::new();
+    // The last published snapshot: a watch event on one object changes only that object
+    // in it, instead of rebuilding it from every store.
+    let mut current: Option<Arc<Snapshot>> = None;
+    let mut undecodable: BTreeMap<Resource, usize> = BTreeMap::new();
     // While a watch fails, the API server is probed: a watch that resumes from its
     // resourceVersion yields no event until something changes, so its recovery would go
     // unnoticed (kube-rs does not pass bookmarks on).
@@ -591,6 +629,11 @@ pub async fn run(
                     start(*res, &mut tasks);
                 } else if !exists && watching {
                     info!(resource = %res.name(), "CRD removed; stopping its watch and withdrawing its objects");
+                    shared
+                        .dirty
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(*res, None);
                     if let Some(w) = shared
                         .watched
                         .lock()
@@ -630,7 +673,45 @@ pub async fn run(
             health.synced = health.waiting_for.is_empty();
             let mut snap = None;
             // During an outage the last snapshot stays (nothing is built or published).
-            if health.synced && (health.connected || generation == 0) {
+            let dirty = if health.synced && (health.connected || generation == 0) {
+                std::mem::take(&mut *shared.dirty.lock().unwrap_or_else(|e| e.into_inner()))
+            } else {
+                Dirty::new()
+            };
+            let local = current.is_some() && generation > 0 && dirty.values().all(Option::is_some);
+            if health.synced && (health.connected || generation == 0) && local {
+                if !dirty.is_empty() {
+                    let mut s = current.as_deref().cloned().unwrap_or_default();
+                    for (res, keys) in dirty.iter() {
+                        let Some(w) = watched.get(res) else { continue };
+                        // A relist of the same objects may follow; it must be compared anew.
+                        last_fingerprint.remove(res);
+                        for (ns, name) in keys.iter().flatten() {
+                            s.remove(res.kind, ns.as_deref().unwrap_or_default(), name);
+                            let mut at =
+                                reflector::ObjectRef::<Decoded>::new_with(name, res.api_resource());
+                            if let Some(ns) = ns {
+                                at = at.within(ns);
+                            }
+                            if let Some(obj) = w.store.get(&at) {
+                                if let Ok(o) = &obj.object {
+                                    s.insert(o.clone());
+                                }
+                            }
+                        }
+                        let bad = w.store.state().iter().filter(|o| o.object.is_err()).count();
+                        undecodable.insert(*res, bad);
+                        shared
+                            .metrics
+                            .undecodable
+                            .get_or_create(&ResourceLabel {
+                                resource: res.name(),
+                            })
+                            .set(bad as i64);
+                    }
+                    snap = Some(s);
+                }
+            } else if health.synced && (health.connected || generation == 0) {
                 // What each resource holds now, as a fingerprint of (namespace, name,
                 // resourceVersion): a relist after 410 or an outage that brings back the
                 // same objects changes nothing, and costs no export pass.
@@ -645,9 +726,7 @@ pub async fn run(
                         bad += usize::from(obj.object.is_err());
                     }
                     fingerprint.insert(*res, fp);
-                    if bad > 0 {
-                        health.undecodable.insert(res.name(), bad);
-                    }
+                    undecodable.insert(*res, bad);
                     shared
                         .metrics
                         .undecodable
@@ -694,6 +773,12 @@ pub async fn run(
                     last_fingerprint = fingerprint;
                 }
             }
+            undecodable.retain(|res, _| watched.contains_key(res));
+            for (res, n) in &undecodable {
+                if *n > 0 {
+                    health.undecodable.insert(res.name(), *n);
+                }
+            }
             (health, snap)
         };
         shared.metrics.connected.set(i64::from(health.connected));
@@ -724,8 +809,10 @@ pub async fn run(
                 "every resource listed; first export"
             );
         }
+        let snapshot = Arc::new(snapshot);
+        current = Some(snapshot.clone());
         tx.send_replace(Published {
-            snapshot: Arc::new(snapshot),
+            snapshot,
             errors: Arc::new(Vec::new()),
             generation,
         });
