@@ -69,6 +69,8 @@ impl InstallArgs {
                 StorageMedium::Memory
             },
             enable_mcs_api: self.enable_mcs_api,
+            // A CA bundle exists only once `connect --allow-mismatching-ca` wrote one.
+            ca_bundle: None,
         }
     }
 }

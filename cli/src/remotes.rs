@@ -214,7 +214,7 @@ impl Access {
 }
 
 /// The PEM blocks of a bundle, each normalised to end with a newline.
-fn pem_blocks(text: &str) -> Vec<String> {
+pub(crate) fn pem_blocks(text: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::new();
     for line in text.lines() {

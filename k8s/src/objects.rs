@@ -84,6 +84,13 @@ pub const KVSTOREMESH_SECRET: &str = "cilium-kvstoremesh";
 pub const AGENT_REMOTES_SECRET: &str = "cilium-clustermesh";
 /// The mesh CA (`ca.crt`, `ca.key`).
 pub const CA_SECRET: &str = "cilium-ca";
+/// Cilium's `tls.caBundle` ConfigMap (key `ca.crt`): every CA this cluster's etcd trusts for
+/// client certificates, when `connect --allow-mismatching-ca` joined a cluster of another CA.
+pub const CA_BUNDLE: &str = "cilium-root-ca.crt";
+/// Pod-template annotation of the apiserver Deployment: the SHA-256 of its CA bundle, so a
+/// changed bundle rolls the pod (etcd reads its trusted CAs at start; Cilium restarts the
+/// pod with `cilium.io/caBundleChangeRestartedAt` for the same reason).
+pub const CA_BUNDLE_ANNOTATION: &str = "clustermesh.io/ca-bundle-sha256";
 /// etcd's server certificate.
 pub const SERVER_CERT: &str = "clustermesh-apiserver-server-cert";
 /// `admin-<cluster>`: the apiserver and KVStoreMesh writing their own etcd.
@@ -161,6 +168,9 @@ pub struct Values {
     pub etcd_storage: StorageMedium,
     /// Watch ServiceExports (and grant reading them).
     pub enable_mcs_api: bool,
+    /// The CAs (PEM) etcd trusts for client certificates when they are more than the
+    /// cluster's own ([`CA_BUNDLE`]); `None`: the server certificate Secret's `ca.crt`.
+    pub ca_bundle: Option<String>,
 }
 
 impl Default for Values {
@@ -175,6 +185,7 @@ impl Default for Values {
             node_port: DEFAULT_NODE_PORT,
             etcd_storage: StorageMedium::Memory,
             enable_mcs_api: false,
+            ca_bundle: None,
         }
     }
 }
@@ -553,6 +564,68 @@ pub fn service(v: &Values) -> Service {
     }
 }
 
+/// Lower-case hex SHA-256 of `text`.
+fn sha256_hex(text: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, text.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// etcd's certificate and the CAs it trusts for clients: the server certificate Secret, with
+/// its `ca.crt` taken from the [`CA_BUNDLE`] ConfigMap when the cluster has one (Cilium's
+/// `tls.caBundle.enabled`).
+fn etcd_server_volume(v: &Values) -> Volume {
+    if v.ca_bundle.is_none() {
+        return secret_volume("etcd-server-secrets", SERVER_CERT);
+    }
+    Volume {
+        name: "etcd-server-secrets".into(),
+        projected: Some(ProjectedVolumeSource {
+            default_mode: Some(0o400),
+            sources: Some(vec![
+                VolumeProjection {
+                    secret: Some(SecretProjection {
+                        name: SERVER_CERT.into(),
+                        optional: Some(false),
+                        items: Some(vec![
+                            key_to_path("tls.crt", "tls.crt"),
+                            key_to_path("tls.key", "tls.key"),
+                        ]),
+                    }),
+                    ..Default::default()
+                },
+                VolumeProjection {
+                    config_map: Some(ConfigMapProjection {
+                        name: CA_BUNDLE.into(),
+                        optional: Some(false),
+                        items: Some(vec![key_to_path("ca.crt", "ca.crt")]),
+                    }),
+                    ..Default::default()
+                },
+            ]),
+        }),
+        ..Default::default()
+    }
+}
+
+/// The [`CA_BUNDLE`] ConfigMap, when the cluster trusts more than its own CA.
+pub fn ca_bundle(v: &Values) -> Option<ConfigMap> {
+    let b = v.ca_bundle.as_ref()?;
+    Some(ConfigMap {
+        metadata: meta(CA_BUNDLE, Some(&v.namespace), APISERVER),
+        data: Some(BTreeMap::from([("ca.crt".into(), b.clone())])),
+        ..Default::default()
+    })
+}
+
+/// The apiserver Deployment alone (what `connect --allow-mismatching-ca` re-applies with
+/// the cluster's CA bundle).
+pub fn apiserver_deployment(v: &Values) -> Object {
+    Object::new(&deployment(v))
+}
+
 fn deployment(v: &Values) -> Deployment {
     let etcd_certs = "/var/lib/etcd-secrets";
     let etcd = Container {
@@ -681,6 +754,9 @@ fn deployment(v: &Values) -> Deployment {
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels(APISERVER)),
+                    annotations: v.ca_bundle.as_ref().map(|b| {
+                        BTreeMap::from([(CA_BUNDLE_ANNOTATION.to_string(), sha256_hex(b))])
+                    }),
                     ..Default::default()
                 }),
                 spec: Some(PodSpec {
@@ -695,7 +771,7 @@ fn deployment(v: &Values) -> Deployment {
                             }),
                             ..Default::default()
                         },
-                        secret_volume("etcd-server-secrets", SERVER_CERT),
+                        etcd_server_volume(v),
                         secret_volume("etcd-admin-secrets", ADMIN_CERT),
                         Volume {
                             name: "cluster-config".into(),
@@ -1006,6 +1082,7 @@ pub fn cert_secrets(v: &Values, p: &CertPems) -> Vec<Object> {
 pub fn cluster_install(v: &Values, pems: &CertPems) -> Vec<Object> {
     let mut out = install(v);
     out.extend(cert_secrets(v, pems));
+    out.extend(ca_bundle(v).map(|c| Object::new(&c)));
     out
 }
 

@@ -95,10 +95,13 @@ fn every_object() -> Vec<Object> {
             } else {
                 "clustermesh".into()
             },
+            // The second cluster has a CA bundle (connect --allow-mismatching-ca).
+            ca_bundle: (i == 1).then(|| "PEM A\nPEM B\n".to_string()),
             ..Values::default()
         };
         out.extend(objects::install(&v));
         out.extend(issue_secrets(&v));
+        out.extend(objects::ca_bundle(&v).map(|c| Object::new(&c)));
         out.push(Object::new(&objects::remote_users(&v, &[])));
         out.push(Object::new(&objects::remote_users(
             &v,

@@ -164,6 +164,13 @@ impl Pod {
         for k in ["ca.crt", "tls.crt", "tls.key"] {
             Self::write(&self.dir.join("etcd-secrets").join(k), &b64(&server[k]));
         }
+        // With a CA bundle (--allow-mismatching-ca), etcd's ca.crt is the bundle's.
+        if let Some(bundle) = api.get("ConfigMap", NS, "cilium-root-ca.crt") {
+            Self::write(
+                &self.dir.join("etcd-secrets/ca.crt"),
+                bundle["data"]["ca.crt"].as_str().unwrap().as_bytes(),
+            );
+        }
         let admin = secret("clustermesh-apiserver-admin-cert").expect("admin cert Secret");
         for k in ["ca.crt", "tls.crt", "tls.key"] {
             Self::write(&self.etc().join("etcd-secrets").join(k), &b64(&admin[k]));
@@ -600,6 +607,181 @@ async fn enable_connect_status_disconnect_on_two_clusters() {
     let out = cli.ok(&["status", "--context", "east", "-o", "json"]);
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["connectivity"]["total"], 0, "{v:#}");
+}
+
+/// Two clusters with different CAs: `connect` refuses them with the hint, and with
+/// `--allow-mismatching-ca` does what Cilium's does — each side's etcd trusts both CAs (the
+/// CA bundle ConfigMap `cilium-root-ca.crt`, mounted as its `ca.crt`, and a Deployment
+/// rollout through the bundle's checksum annotation), each KVStoreMesh verifies the peer with
+/// both CAs (`<peer>.etcd-client-ca.crt`) — and the two control planes then sync each other.
+/// `disconnect` takes the peer's CA out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_with_mismatching_cas_trusts_both_and_syncs() {
+    let east = KubeApi::start().await.unwrap();
+    let west = KubeApi::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    KubeApi::write_kubeconfig_multi(&kubeconfig, &[(&east, "east"), (&west, "west")]).unwrap();
+    let cli = Cli { kubeconfig };
+    let block = 100 + ((std::process::id() + 37) % 100) as u8;
+    east.apply(node("east-n1", &format!("127.{block}.1.1")))
+        .unwrap();
+    west.apply(node("west-n1", &format!("127.{block}.2.1")))
+        .unwrap();
+    for (ctx, id) in [("east", "1"), ("west", "2")] {
+        let ca = dir.path().join(format!("ca-{ctx}")).display().to_string();
+        let np = free_port().to_string();
+        cli.ok(&[
+            "enable",
+            "--context",
+            ctx,
+            "--cluster-name",
+            ctx,
+            "--cluster-id",
+            id,
+            "--ca-dir",
+            &ca,
+            "--node-port",
+            &np,
+        ]);
+    }
+    let ca_of = |api: &KubeApi| {
+        String::from_utf8(b64(
+            &api.get("Secret", NS, "cilium-ca").unwrap()["data"]["ca.crt"]
+        ))
+        .unwrap()
+    };
+    let (ca_east, ca_west) = (ca_of(&east), ca_of(&west));
+    assert_ne!(ca_east, ca_west);
+    east.take_writes();
+    west.take_writes();
+
+    let connect = [
+        "connect",
+        "--context",
+        "east",
+        "--destination-context",
+        "west",
+    ];
+    let err = cli.fails(&connect);
+    assert!(
+        err.contains("use different CAs") && err.contains("--allow-mismatching-ca"),
+        "{err}"
+    );
+    assert!(east.take_writes().is_empty() && west.take_writes().is_empty());
+
+    let mut allow = connect.to_vec();
+    allow.push("--allow-mismatching-ca");
+    let out = cli.ok(&allow);
+    assert!(out.contains("Connected cluster east <=> west"), "{out}");
+    let mut want = connect_objects("created");
+    want.push(format!("created ConfigMap {NS}/cilium-root-ca.crt"));
+    want.push(format!("configured Deployment {NS}/clustermesh-apiserver"));
+    want.sort();
+    assert_eq!(writes(&east), want);
+    assert_eq!(writes(&west), want);
+    for (api, own, peer, peer_name) in [
+        (&east, &ca_east, &ca_west, "west"),
+        (&west, &ca_west, &ca_east, "east"),
+    ] {
+        // The etcd trusts both CAs, and restarts for it (the checksum of its bundle).
+        let bundle = api.get("ConfigMap", NS, "cilium-root-ca.crt").unwrap();
+        let bundle = bundle["data"]["ca.crt"].as_str().unwrap().to_string();
+        assert!(
+            bundle.contains(own.trim()) && bundle.contains(peer.trim()),
+            "{bundle}"
+        );
+        let dep = api.get("Deployment", NS, "clustermesh-apiserver").unwrap();
+        assert!(
+            dep["spec"]["template"]["metadata"]["annotations"]["clustermesh.io/ca-bundle-sha256"]
+                .is_string(),
+            "{dep:#}"
+        );
+        // KVStoreMesh verifies the peer with both.
+        let kvs = api.get("Secret", NS, "cilium-kvstoremesh").unwrap();
+        let cfg = String::from_utf8(b64(&kvs["data"][peer_name])).unwrap();
+        assert!(
+            cfg.contains(&format!("{peer_name}.etcd-client-ca.crt")),
+            "{cfg}"
+        );
+        let peer_bundle =
+            String::from_utf8(b64(&kvs["data"][format!("{peer_name}.etcd-client-ca.crt")]))
+                .unwrap();
+        assert!(peer_bundle.contains(peer.trim()), "{peer_bundle}");
+    }
+    // Again: nothing changes.
+    assert!(cli.ok(&allow).contains("0 changes"));
+    for api in [&east, &west] {
+        assert!(writes(api).iter().all(|w| w.starts_with("unchanged")));
+    }
+    // enable keeps the bundle (and with it the Deployment).
+    assert!(cli
+        .ok(&["enable", "--context", "east"])
+        .contains("0 changes"));
+    writes(&east);
+
+    // The control planes, as the kubelet runs them after the rollout: they sync each other.
+    let mut pods = Vec::new();
+    for (api, name, i) in [(&east, "east", 1), (&west, "west", 2)] {
+        let d = dir.path().join(format!("pod-{name}"));
+        std::fs::create_dir_all(&d).unwrap();
+        let mut p = Pod {
+            dir: d,
+            name: name.into(),
+            node_ip: format!("127.{block}.{i}.1"),
+            pod_ip: format!("127.{block}.{i}.2"),
+            etcd_port: free_port(),
+            etcd: None,
+            apiserver: None,
+        };
+        p.project(api);
+        p.start(api);
+        pods.push(p);
+    }
+    for ctx in ["east", "west"] {
+        let out = cli.ok(&[
+            "status",
+            "--context",
+            ctx,
+            "--wait",
+            "--wait-duration",
+            "90s",
+            "-o",
+            "json",
+        ]);
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["connectivity"]["ready"], 1, "{v:#}");
+    }
+
+    // disconnect: the peer's CA leaves; with only its own CA left, the bundle goes.
+    cli.ok(&[
+        "disconnect",
+        "--context",
+        "east",
+        "--destination-context",
+        "west",
+    ]);
+    let mut want = connect_objects("deleted");
+    want.push(format!("deleted ConfigMap {NS}/cilium-root-ca.crt"));
+    want.push(format!("configured Deployment {NS}/clustermesh-apiserver"));
+    want.sort();
+    assert_eq!(writes(&east), want);
+    assert_eq!(writes(&west), want);
+    let dep = east.get("Deployment", NS, "clustermesh-apiserver").unwrap();
+    assert!(
+        dep["spec"]["template"]["metadata"]["annotations"]["clustermesh.io/ca-bundle-sha256"]
+            .is_null(),
+        "{dep:#}"
+    );
+    assert!(cli
+        .ok(&[
+            "disconnect",
+            "--context",
+            "east",
+            "--destination-context",
+            "west"
+        ])
+        .contains("0 changes"));
 }
 
 /// The failure is one line (`❌ …`), the last thing printed.

@@ -6,6 +6,15 @@
 //! and `remote-<peer>` in `clustermesh-remote-users`, which the apiserver turns into an etcd
 //! user (Cilium's mechanism). `disconnect` removes exactly those entries, and deletes an
 //! object that is left empty.
+//!
+//! With `--allow-mismatching-ca` (clusters of different CAs) it does what Cilium's does with
+//! `tls.caBundle`: each KVStoreMesh verifies the peer with both CAs (`<peer>.etcd-client-ca.crt`
+//! in `cilium-kvstoremesh`), and each etcd trusts the peer's CA for client certificates: the
+//! CAs of every such peer, with the cluster's own, go into the `cilium-root-ca.crt` ConfigMap
+//! that the apiserver Deployment then mounts as etcd's `ca.crt`; the Deployment is re-applied
+//! (its other settings read from the cluster) with the bundle's checksum in its pod template,
+//! which restarts the pod, as etcd reads its CAs at start. `disconnect` recomputes the bundle
+//! from the peers left, and removes it (and restores the Deployment) when none needs it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -13,13 +22,14 @@ use std::net::SocketAddr;
 use anyhow::{bail, Context as _};
 use clustermesh_k8s::apply::{self, Ref};
 use clustermesh_k8s::client::Target;
+use clustermesh_k8s::k8s_openapi::api::apps::v1::Deployment;
 use clustermesh_k8s::k8s_openapi::api::core::v1::{ConfigMap, Node, Secret, Service};
 use clustermesh_k8s::kube::api::{Api, ListParams};
 use clustermesh_k8s::objects::{self, Object, PeerAddress, Values};
 use serde::Deserialize;
 
 use super::{execute, read_identity, secret_data, Identity, KubeArgs, Plan};
-use crate::remotes::{check_pair, PairSide};
+use crate::remotes::{check_pair, pem_blocks, PairSide};
 
 /// What `connect`/`disconnect --context` needs.
 #[derive(Debug, Clone)]
@@ -53,6 +63,10 @@ struct Side {
     kvstoremesh_exists: bool,
     agents_exists: bool,
     users_exists: bool,
+    /// The `cilium-root-ca.crt` bundle's `ca.crt`, if the cluster has one.
+    ca_bundle: Option<String>,
+    /// The live apiserver Deployment (its image and settings, kept when it is re-applied).
+    deployment: Option<Deployment>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -98,7 +112,13 @@ async fn read_side(t: Target, ns: &str) -> anyhow::Result<Side> {
                 .filter_map(|u| u.name.strip_prefix("remote-").map(String::from)),
         );
     }
+    let ca_bundle = apply::get::<ConfigMap>(&t, Some(ns), objects::CA_BUNDLE)
+        .await?
+        .and_then(|c| c.data?.get("ca.crt").cloned());
+    let deployment = apply::get::<Deployment>(&t, Some(ns), objects::APISERVER).await?;
     Ok(Side {
+        ca_bundle,
+        deployment,
         ns: ns.to_string(),
         id,
         ca_pem: ca,
@@ -215,14 +235,65 @@ pub async fn access_address(
     }
 }
 
+/// The cluster's Values as its live objects say (image, MCS-API, etcd storage of the
+/// Deployment; its CA bundle), so a re-applied Deployment changes nothing else.
 fn values(s: &Side) -> Values {
-    Values {
+    let mut v = Values {
         namespace: s.ns.clone(),
         cluster_name: s.id.name.clone(),
         cluster_id: s.id.id,
         max_connected_clusters: s.id.max_connected_clusters,
+        ca_bundle: s.ca_bundle.clone(),
         ..Values::default()
+    };
+    let pod = s
+        .deployment
+        .as_ref()
+        .and_then(|d| d.spec.as_ref())
+        .and_then(|d| d.template.spec.as_ref());
+    if let Some(pod) = pod {
+        if let Some(c) = pod.containers.iter().find(|c| c.name == "apiserver") {
+            if let Some(image) = &c.image {
+                v.image = image.clone();
+            }
+            v.enable_mcs_api = c
+                .args
+                .iter()
+                .flatten()
+                .any(|a| a == "--clustermesh-enable-mcs-api");
+        }
+        if let Some(vol) = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "etcd-data-dir")
+        {
+            let memory = vol.empty_dir.as_ref().and_then(|e| e.medium.as_deref()) == Some("Memory");
+            v.etcd_storage = if memory {
+                objects::StorageMedium::Memory
+            } else {
+                objects::StorageMedium::Disk
+            };
+        }
     }
+    v
+}
+
+/// The CAs `s`'s etcd must trust when its KVStoreMesh reads peers of other CAs: its own and
+/// those of the `<peer>.etcd-client-ca.crt` bundles in `kvs`; `None` if that is only its own.
+fn server_bundle(s: &Side, kvs: &BTreeMap<String, String>) -> Option<String> {
+    let own = pem_blocks(&s.ca_pem);
+    let mut all = own.clone();
+    for (k, v) in kvs {
+        if k.ends_with(".etcd-client-ca.crt") {
+            for b in pem_blocks(v) {
+                if !all.contains(&b) {
+                    all.push(b);
+                }
+            }
+        }
+    }
+    (all.len() > own.len()).then(|| all.concat())
 }
 
 /// The writes that make `s`'s remote-config objects say `kvs`, `agents`, `users`; an object
@@ -233,9 +304,10 @@ fn plan_for(
     agents: BTreeMap<String, String>,
     users: BTreeSet<String>,
 ) -> Plan {
-    let v = values(s);
+    let mut v = values(s);
     let mut applies = Vec::new();
     let mut deletes = Vec::new();
+    let bundle = server_bundle(s, &kvs);
     for (name, data, exists) in [
         (objects::KVSTOREMESH_SECRET, kvs, s.kvstoremesh_exists),
         (objects::AGENT_REMOTES_SECRET, agents, s.agents_exists),
@@ -251,6 +323,17 @@ fn plan_for(
         applies.push(Object::new(&objects::remote_users(&v, &peers)));
     } else if s.users_exists {
         deletes.push(Ref::of::<ConfigMap>(Some(&s.ns), objects::REMOTE_USERS));
+    }
+    // The etcd's trusted CAs: the bundle before the Deployment that mounts it; without one,
+    // the Deployment back on the server Secret's CA first, then the bundle deleted.
+    if bundle.is_some() || s.ca_bundle.is_some() {
+        v.ca_bundle = bundle;
+        if let Some(cm) = objects::ca_bundle(&v) {
+            applies.push(Object::new(&cm));
+        } else {
+            deletes.push(Ref::of::<ConfigMap>(Some(&s.ns), objects::CA_BUNDLE));
+        }
+        applies.push(objects::apiserver_deployment(&v));
     }
     Plan {
         target: s.t.clone(),
@@ -292,11 +375,6 @@ pub async fn connect(r: Request) -> anyhow::Result<()> {
         }
     }
     let mismatched = check_pair(&side(&a), &side(&b), r.allow_mismatching_ca)?;
-    if mismatched {
-        bail!(
-            "--allow-mismatching-ca is not supported with --context yet (the peer's etcd would need the other CA too): enable both clusters with the same --ca-dir"
-        );
-    }
     let addr_a = address(&a, r.source_endpoint).await?;
     let addr_b = address(&b, r.destination_endpoint).await?;
     for (s, peer) in [(&a, &addr_a), (&b, &addr_b)] {
@@ -309,8 +387,14 @@ pub async fn connect(r: Request) -> anyhow::Result<()> {
         );
     }
     let mut plans = Vec::new();
-    for (reader, peer) in [(&a, &addr_b), (&b, &addr_a)] {
-        let entries = objects::kvstoremesh_entries(peer, None);
+    for (reader, other, peer) in [(&a, &b, &addr_b), (&b, &a, &addr_a)] {
+        // Another CA: the reader verifies the peer with both (as the state-dir form does).
+        let client_bundle = mismatched.then(|| {
+            let mut blocks = pem_blocks(&reader.ca_pem);
+            blocks.extend(pem_blocks(&other.ca_pem));
+            blocks.concat()
+        });
+        let entries = objects::kvstoremesh_entries(peer, client_bundle.as_deref());
         if let Some(old) = reader.kvstoremesh.get(&peer.name) {
             if Some(old) != entries.get(&peer.name) {
                 bail!(
@@ -335,6 +419,14 @@ pub async fn connect(r: Request) -> anyhow::Result<()> {
     let n = execute(&plans, r.dry_run, r.yaml).await?;
     if r.dry_run {
         return Ok(());
+    }
+    if mismatched && n > 0 {
+        println!(
+            "⚠️  Clusters {} and {} use different CAs: each etcd now trusts both (ConfigMap {}; its clustermesh-apiserver pod restarts for it)",
+            a.id.name,
+            b.id.name,
+            objects::CA_BUNDLE
+        );
     }
     if n == 0 {
         println!(

@@ -10,7 +10,7 @@ use anyhow::{bail, Context as _};
 use clustermesh_certs::{describe, Ca, ServerSpec, DEFAULT_CA_COMMON_NAME, DEFAULT_VALIDITY_DAYS};
 use clustermesh_k8s::apply;
 use clustermesh_k8s::client::Target;
-use clustermesh_k8s::k8s_openapi::api::core::v1::{Secret, Service};
+use clustermesh_k8s::k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use clustermesh_k8s::objects::{self, CertPems, Values};
 use clustermesh_types::cluster::{ClusterInfo, ClusterName, MaxConnectedClusters};
 
@@ -214,7 +214,13 @@ pub async fn run(r: Request) -> anyhow::Result<()> {
                 .and_then(|p| p.node_port);
         }
     }
-    let values: Values = install.values(&ns, &name, info.id, info.max_connected_clusters.as_u32());
+    let mut values: Values =
+        install.values(&ns, &name, info.id, info.max_connected_clusters.as_u32());
+    // The CA bundle `connect --allow-mismatching-ca` wrote stays, and with it the Deployment
+    // that mounts it.
+    values.ca_bundle = apply::get::<ConfigMap>(&t, Some(&ns), objects::CA_BUNDLE)
+        .await?
+        .and_then(|c| c.data?.get("ca.crt").cloned());
     let applies = objects::cluster_install(&values, &pems);
     let plan = Plan {
         target: t.clone(),
