@@ -14,6 +14,7 @@ command -v tcpdump >/dev/null 2>&1 || need_apt+=(tcpdump)  # datapath test: VNI 
 command -v ethtool >/dev/null 2>&1 || need_apt+=(ethtool)  # lab: GRO on the underlay, like a NIC
 command -v iptables-restore >/dev/null 2>&1 || need_apt+=(iptables)  # bench-lb: kube-proxy-style baseline
 command -v dig >/dev/null 2>&1 || need_apt+=(dnsutils)  # lab: dig the clusterset.local names from a pod
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)  # fault suite: the serial etcd presents
 command -v setpriv >/dev/null 2>&1 || need_apt+=(util-linux)  # apiserver: its etcd dies with it
 # lab --cni ptp|bridge: the CNI reference plugins (/usr/lib/cni/{ptp,bridge,host-local}).
 [ -x /usr/lib/cni/ptp ] || need_apt+=(containernetworking-plugins)

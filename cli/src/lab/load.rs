@@ -114,6 +114,8 @@ fn rr(target: Ipv4Addr, duration: Duration) -> anyhow::Result<serde_json::Value>
     Ok(serde_json::json!({
         "mode": "rr", "target": target, "requests": samples.len(),
         "p50_us": pct(0.50), "p99_us": pct(0.99), "mean_us": mean,
+        // The longest wait for an answer: the gap a fault (an agent restart) left.
+        "max_us": samples.last().copied().unwrap_or(0) as f64 / 1000.0,
         "per_s": samples.len() as f64 / duration.as_secs_f64(),
     }))
 }
