@@ -209,3 +209,100 @@ fn every_object_validates_strictly_against_the_kubernetes_schemas() {
     std::fs::write(&p, serde_yaml::to_string(&bad).unwrap()).unwrap();
     assert!(!kubernetes_validate(&[p]).status.success());
 }
+
+/// The ClusterRole a cluster receives grants exactly what the apiserver's Kubernetes source
+/// asks for: the source (the real binary, run as the Deployment runs it, with every CRD of a
+/// Cilium cluster present) against the test API server, its lists and watches counted per
+/// resource, compared with the rules of the checked-in `base/clusterrole.yaml` (and, with
+/// `--clustermesh-enable-mcs-api`, of the objects rendered with MCS-API on). A watch added
+/// outside `clustermesh_k8s::resources`, or a rule the source no longer needs, fails here.
+/// (The test API server counts lists and watches, not gets: `get` in the rules is not
+/// checked.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_role_rules_are_exactly_what_the_kubernetes_source_requests() {
+    use std::collections::BTreeSet;
+    use std::time::Duration;
+
+    use clustermesh_tests::etcd::TestEtcd;
+    use clustermesh_tests::kubeapi::KubeApi;
+    use clustermesh_tests::process::TestApiserver;
+
+    let checked_in: ClusterRole = serde_yaml::from_str(
+        &std::fs::read_to_string(deploy_dir().join("base/clusterrole.yaml")).unwrap(),
+    )
+    .unwrap();
+    let with_mcs = objects::install(&Values {
+        enable_mcs_api: true,
+        ..Values::default()
+    })
+    .into_iter()
+    .find(|o| o.kind == "ClusterRole" && o.name == objects::APISERVER)
+    .unwrap();
+    let with_mcs: ClusterRole = serde_json::from_value(with_mcs.value).unwrap();
+
+    for (role, mcs) in [(checked_in, false), (with_mcs, true)] {
+        let granted = |verb: &str| -> BTreeSet<String> {
+            role.rules
+                .iter()
+                .flatten()
+                .filter(|r| r.verbs.iter().any(|v| v == verb))
+                .flat_map(|r| r.resources.iter().flatten().cloned())
+                .collect()
+        };
+        let kube = KubeApi::start().await.unwrap();
+        kube.add_all_crds().unwrap();
+        let etcd = TestEtcd::start().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("etcd.yaml");
+        etcd.write_client_config("admin-c1", &cfg).unwrap();
+        let kc = dir.path().join("kubeconfig");
+        kube.write_kubeconfig(&kc, "test").unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        let (cfg, kc, state) = (
+            cfg.display().to_string(),
+            kc.display().to_string(),
+            state.display().to_string(),
+        );
+        let mut args = vec![
+            "--source=kubernetes",
+            "--cluster-name=c1",
+            "--cluster-id=1",
+            "--etcd-config",
+            &cfg,
+            "--state-dir",
+            &state,
+            "--kubeconfig",
+            &kc,
+            "--context",
+            "test",
+        ];
+        if mcs {
+            args.push("--clustermesh-enable-mcs-api");
+        }
+        let mut api = TestApiserver::start(&args, &dir.path().join("api.log")).unwrap();
+        api.wait_ready(Duration::from_secs(30)).unwrap();
+        // Every watch is open once the source is ready; give a straggler a moment.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let stats = kube.stats();
+        let listed: BTreeSet<String> = stats.lists.keys().cloned().collect();
+        let watched: BTreeSet<String> = stats.watches.keys().cloned().collect();
+        println!("MCS-API {mcs}: listed {listed:?}, watched {watched:?}");
+        assert_eq!(stats.forbidden, 0, "mcs {mcs}: {stats:?}");
+        assert_eq!(
+            listed,
+            granted("list"),
+            "mcs {mcs}: resources listed by the source vs. the ClusterRole's list rules"
+        );
+        assert_eq!(
+            watched,
+            granted("watch"),
+            "mcs {mcs}: resources watched by the source vs. the ClusterRole's watch rules"
+        );
+        assert_eq!(
+            granted("list").contains("serviceexports"),
+            mcs,
+            "ServiceExports are read only with MCS-API"
+        );
+    }
+}
