@@ -8,7 +8,7 @@
 //! encryption key) lands here next. It must not program maps or read etcd.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 
 use clustermesh_types::model::Node;
@@ -27,6 +27,9 @@ pub struct NodeReport {
     /// Where tunnelled traffic for its pods goes: its first `InternalIP`, else its first
     /// `ExternalIP` (Cilium's `GetNodeIP`); `None` if it announces neither.
     pub tunnel_endpoint: Option<IpAddr>,
+    /// Its IPv6 tunnel endpoint, by the same rule among its IPv6 addresses (where VXLAN over
+    /// IPv6 for its pods goes; pods of an IPv6-only node announce it as their `HostIP`).
+    pub tunnel_endpoint_v6: Option<Ipv6Addr>,
     /// Its pod CIDRs (IPv4 and IPv6, primary first).
     pub pod_cidrs: Vec<String>,
 }
@@ -93,6 +96,7 @@ impl NodeTable {
                     .map(|a| format!("{} {}", a.type_, a.ip))
                     .collect(),
                 tunnel_endpoint: tunnel_endpoint(n),
+                tunnel_endpoint_v6: tunnel_endpoint_v6(n),
                 pod_cidrs: n
                     .ipv4_alloc_cidr
                     .iter()
@@ -109,6 +113,16 @@ impl NodeTable {
 /// The node's first `InternalIP`, else its first `ExternalIP` (validation has checked the
 /// addresses are IPs or empty).
 fn tunnel_endpoint(n: &Node) -> Option<IpAddr> {
+    ["InternalIP", "ExternalIP"].iter().find_map(|t| {
+        n.ip_addresses
+            .iter()
+            .filter(|a| a.type_ == *t)
+            .find_map(|a| a.ip.parse().ok())
+    })
+}
+
+/// [`tunnel_endpoint`] among the node's IPv6 addresses.
+fn tunnel_endpoint_v6(n: &Node) -> Option<Ipv6Addr> {
     ["InternalIP", "ExternalIP"].iter().find_map(|t| {
         n.ip_addresses
             .iter()
@@ -167,6 +181,33 @@ mod tests {
         // No InternalIP: the ExternalIP; no address at all: none.
         assert_eq!(r[1].tunnel_endpoint, Some("192.0.2.1".parse().expect("ip")));
         assert_eq!(r[2].tunnel_endpoint, None);
+        assert_eq!(r[0].tunnel_endpoint_v6, None);
+
+        // A dual-stack node: the first address of each family (InternalIP first).
+        let c4: Arc<str> = Arc::from("c4");
+        t.apply(
+            &c4,
+            &n1,
+            Some(node(
+                "c4",
+                "n1",
+                &[
+                    ("ExternalIP", "2001:db8::9"),
+                    ("InternalIP", "198.18.4.11"),
+                    ("InternalIP", "2001:2:0:4::11"),
+                ],
+            )),
+        );
+        let r = t.report();
+        assert_eq!(
+            r[3].tunnel_endpoint,
+            Some("198.18.4.11".parse().expect("ip"))
+        );
+        assert_eq!(
+            r[3].tunnel_endpoint_v6,
+            Some("2001:2:0:4::11".parse().expect("ip"))
+        );
+        t.remove_cluster("c4");
 
         // An update replaces, a delete removes only that node.
         t.apply(
