@@ -423,6 +423,12 @@ fn rotation(m: &Mesh) -> Result<String> {
     let before = m.stable_entries()?;
     let ca_dir = m.lab.dir.join("ca");
     let old: Vec<String> = (0..2).map(|i| m.etcd_serial(i)).collect::<Result<_>>()?;
+    // The client certificates in use and their serials before the rotation.
+    let mut old_client = BTreeMap::new();
+    for (file, _) in client_certs(m) {
+        let serial = clustermesh_certs::describe_file(Path::new(&file))?.serial;
+        old_client.insert(file, serial);
+    }
     let sampler = Sampler::start(m);
     for i in 0..2 {
         run(m
@@ -431,6 +437,10 @@ fn rotation(m: &Mesh) -> Result<String> {
             .arg("--dir")
             .arg(m.certs_dir(i)))?;
     }
+    // The agents read their client certificate from the Secret as `lab up` materialised it
+    // (`<state>/pods/agent-<node>/`); in a cluster the Secret's update reaches those files
+    // through the kubelet, which the lab has not: do its part, atomically per file.
+    let agent_copies = sync_agent_secrets(m, &old_client)?;
     // etcd reads its certificate at each handshake: a new one shows the new serial.
     let mut figures = Vec::new();
     for i in 0..2 {
@@ -457,40 +467,31 @@ fn rotation(m: &Mesh) -> Result<String> {
     }
     let back = m.wait_whole(Duration::from_secs(60))?;
     let samples = sampler.finish();
-    // Every client certificate now presented is the rotated one.
-    let mut checked = 0;
+    // Every client certificate is now the rotated one, and the one presented.
+    let mut rotated = 0;
+    let mut unchanged = Vec::new();
     let mut wrong = Vec::new();
-    let reports: Vec<Value> = (0..2)
-        .filter_map(|i| m.status_of(m.cluster(i)["health_addr"].as_str()?))
-        .chain(m.agents().iter().filter_map(|a| m.status_of(&a.health)))
-        .collect();
-    for r in &reports {
-        for c in r["certificates"]["certificates"]
-            .as_array()
-            .into_iter()
-            .flatten()
-        {
-            if c["role"] != "client" {
-                continue;
-            }
-            let file = Path::new(c["file"].as_str().unwrap_or_default());
-            let on_disk = clustermesh_certs::describe_file(file)?.serial;
-            match c["presented-serial"].as_str() {
-                Some(p) if p == on_disk => checked += 1,
-                p => wrong.push(format!(
-                    "{}: presented {p:?}, file has {on_disk}",
-                    file.display()
-                )),
-            }
+    for (file, presented) in client_certs(m) {
+        let on_disk = clustermesh_certs::describe_file(Path::new(&file))?.serial;
+        if old_client.get(&file) == Some(&on_disk) {
+            unchanged.push(file);
+            continue;
+        }
+        match presented {
+            Some(p) if p == on_disk => rotated += 1,
+            p => wrong.push(format!("{file}: presented {p:?}, file has {on_disk}")),
         }
     }
     ensure!(
         wrong.is_empty(),
         "old certificates still presented: {wrong:?}"
     );
+    ensure!(unchanged.is_empty(), "not rotated: {unchanged:?}");
+    // Both apiservers: admin-<c> (their etcd) and remote-<c> (KVStoreMesh reading the peer),
+    // and each agent's local-<c>.
     ensure!(
-        checked >= 6,
-        "only {checked} client certificates reported a handshake"
+        rotated >= 4 + m.agents().len(),
+        "only {rotated} rotated client certificates reported a handshake with the new serial"
     );
     let lost = deficits(&before, &samples, 0);
     ensure!(
@@ -498,11 +499,75 @@ fn rotation(m: &Mesh) -> Result<String> {
         "routes dropped during the rotation: {lost:?}"
     );
     Ok(format!(
-        "{}; {checked} client handshakes with the new serial; 0 dropped routes in {} samples; whole again {:.1}s after the etcd restarts",
+        "{}; {rotated} client certificates (apiservers, KVStoreMesh, {agent_copies} agents' Secret files) presented with their new serial; 0 dropped routes in {} samples; whole again {:.1}s after the etcd restarts",
         figures.join(", "),
         samples.len(),
         back.as_secs_f64()
     ))
+}
+
+/// What the kubelet does when a certificate Secret changes, for the lab's agents: each
+/// agent client certificate under `<state>/pods/` (as `/status` reports it, with its key
+/// beside it) gets the content of the cluster's rotated `certs/local-<c>.{crt,key}`, written
+/// to a temporary file and renamed. Returns how many certificates were updated.
+fn sync_agent_secrets(m: &Mesh, in_use: &BTreeMap<String, String>) -> Result<usize> {
+    let mut n = 0;
+    for i in 0..2 {
+        let pods = m.state_dir(i).join("pods");
+        let name = m.cluster(i)["name"].as_str().context("name")?;
+        let certs = m.certs_dir(i);
+        for file in in_use
+            .keys()
+            .map(Path::new)
+            .filter(|f| f.starts_with(&pods))
+        {
+            for (src, dst) in [
+                (
+                    certs.join(format!("local-{name}.key")),
+                    file.with_extension("key"),
+                ),
+                (certs.join(format!("local-{name}.crt")), file.to_path_buf()),
+            ] {
+                ensure!(
+                    dst.exists(),
+                    "{} is not beside {}",
+                    dst.display(),
+                    file.display()
+                );
+                let tmp = dst.with_extension("tmp");
+                std::fs::copy(&src, &tmp)
+                    .with_context(|| format!("{} → {}", src.display(), tmp.display()))?;
+                std::fs::rename(&tmp, &dst)?;
+            }
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Every client certificate the apiservers and agents report (`/status` certificates of
+/// role client): its file and the serial its last handshake presented.
+fn client_certs(m: &Mesh) -> Vec<(String, Option<String>)> {
+    let reports: Vec<Value> = (0..2)
+        .filter_map(|i| m.status_of(m.cluster(i)["health_addr"].as_str()?))
+        .chain(m.agents().iter().filter_map(|a| m.status_of(&a.health)))
+        .collect();
+    let mut out = Vec::new();
+    for r in &reports {
+        for c in r["certificates"]["certificates"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            if c["role"] == "client" {
+                out.push((
+                    c["file"].as_str().unwrap_or_default().to_owned(),
+                    c["presented-serial"].as_str().map(str::to_owned),
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// An expired remote certificate: c1's certificate for reading c2 expired yesterday.
