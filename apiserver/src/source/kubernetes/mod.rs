@@ -14,10 +14,11 @@
 //!   atomically; the export's diff writes only what changed.
 //! - **410 Gone → relist**, done by kube-rs' watcher; unchanged objects produce no etcd
 //!   write because the exporter diffs against what etcd holds.
-//! - **Bad objects are skipped, not fatal.** Objects are decoded by kube-rs as
-//!   `DynamicObject` and then into the exporter's own types; one that does not fit (a wrong
-//!   type in a field, a foreign kind in a list) is kept out of the snapshot and counted per
-//!   resource. (Decoding straight into k8s-openapi types would fail the whole list instead.)
+//! - **Bad objects are skipped, not fatal.** kube-rs reads each object as a [`RawObject`]
+//!   (kind, metadata and its JSON text), which is then decoded straight into the exporter's
+//!   own types; one that does not fit (a wrong type in a field, a foreign kind in a list) is
+//!   kept out of the snapshot and counted per resource. (Decoding into k8s-openapi types
+//!   would fail the whole list instead.)
 //! - **CRDs are detected**, as Cilium does, from a metadata-only list/watch of
 //!   CustomResourceDefinitions: a CRD that appears later gets its watch without a restart; a
 //!   CRD that goes away stops its watch and its objects leave the snapshot.
@@ -41,7 +42,7 @@ use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DynamicObject};
+use kube::api::Api;
 use kube::core::{ApiResource, PartialObjectMeta};
 use kube::runtime::reflector::{self, store::Writer, Lookup, Store};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -189,29 +190,120 @@ impl Lookup for Decoded {
     }
 }
 
+/// A watched object as kube-rs receives it: its kind and metadata (what the watcher needs),
+/// and its JSON text, decoded once into the exporter's type by [`decode`].
+///
+/// Why not `DynamicObject`: that builds a `serde_json::Value` tree of every object, which
+/// then had to be converted into the exporter's type: most of the first list's CPU time on
+/// a 10k-pod cluster (the manifest source decodes straight from text, and so does this now).
+#[derive(Debug, Clone)]
+pub struct RawObject {
+    kind: Option<String>,
+    metadata: kube::core::ObjectMeta,
+    /// The object's JSON text (valid JSON: serde_json produced or checked it).
+    raw: String,
+}
+
+impl<'de> serde::Deserialize<'de> for RawObject {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        struct Head {
+            #[serde(default)]
+            kind: Option<String>,
+            #[serde(default)]
+            metadata: kube::core::ObjectMeta,
+        }
+        let text = d.deserialize_newtype_struct(RAW_VALUE_TOKEN, TextVisitor)?;
+        let head: Head = serde_json::from_str(&text).map_err(serde::de::Error::custom)?;
+        Ok(RawObject {
+            kind: head.kind,
+            metadata: head.metadata,
+            raw: text,
+        })
+    }
+}
+
+/// The newtype name by which serde_json hands out a value's text unparsed (what
+/// `Box<RawValue>` asks for; serde_json's `raw::TOKEN`, stable since 1.0.42).
+const RAW_VALUE_TOKEN: &str = "$serde_json::private::RawValue";
+
+/// An object's JSON text, from whatever deserializer kube-rs uses: serde_json itself hands
+/// it out as text (a list, a watch line with `type` first); a value serde buffered first (a
+/// watch line with `object` before `type`, as a sorted map writes it) is written back out.
+/// `Box<RawValue>` alone works only in the first case.
+struct TextVisitor;
+
+impl<'de> serde::de::Visitor<'de> for TextVisitor {
+    type Value = String;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<String, A::Error> {
+        match map.next_key::<String>()? {
+            Some(k) if k == RAW_VALUE_TOKEN => map.next_value::<String>(),
+            _ => Err(serde::de::Error::custom(
+                "expected serde_json's raw value (a JSON object)",
+            )),
+        }
+    }
+
+    fn visit_newtype_struct<D: serde::Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
+        let value = <serde_json::Value as serde::Deserialize>::deserialize(d)?;
+        serde_json::to_string(&value).map_err(serde::de::Error::custom)
+    }
+}
+
+impl kube::Resource for RawObject {
+    type DynamicType = ApiResource;
+    type Scope = kube::core::DynamicResourceScope;
+
+    fn kind(dt: &ApiResource) -> Cow<'_, str> {
+        Cow::Borrowed(&dt.kind)
+    }
+    fn group(dt: &ApiResource) -> Cow<'_, str> {
+        Cow::Borrowed(&dt.group)
+    }
+    fn version(dt: &ApiResource) -> Cow<'_, str> {
+        Cow::Borrowed(&dt.version)
+    }
+    fn api_version(dt: &ApiResource) -> Cow<'_, str> {
+        Cow::Borrowed(&dt.api_version)
+    }
+    fn plural(dt: &ApiResource) -> Cow<'_, str> {
+        Cow::Borrowed(&dt.plural)
+    }
+    fn meta(&self) -> &kube::core::ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut kube::core::ObjectMeta {
+        &mut self.metadata
+    }
+}
+
 /// Decodes one object of `res` into the exporter's type.
-pub fn decode(obj: DynamicObject, res: &Resource) -> Decoded {
+pub fn decode(obj: RawObject, res: &Resource) -> Decoded {
     let object = (|| {
-        if let Some(t) = &obj.types {
-            if !t.kind.is_empty() && t.kind != res.kind {
-                return Err(format!(
-                    "a {} in the list of {}: skipped",
-                    t.kind,
-                    res.name()
-                ));
+        if let Some(kind) = &obj.kind {
+            if !kind.is_empty() && kind != res.kind {
+                return Err(format!("a {kind} in the list of {}: skipped", res.name()));
             }
         }
-        let mut data = obj.data;
-        let map = data
-            .as_object_mut()
-            .ok_or_else(|| "object is not a JSON object".to_string())?;
-        map.insert("kind".into(), res.kind.into());
-        map.insert("apiVersion".into(), res.api_version().into());
-        map.insert(
-            "metadata".into(),
-            serde_json::to_value(&obj.metadata).map_err(|e| e.to_string())?,
-        );
-        Object::from_value(data)
+        match res.kind {
+            // Policies keep their whole JSON, which needs the kind (list items have none).
+            "CiliumNetworkPolicy" | "NetworkPolicy" => {
+                let mut data: serde_json::Value =
+                    serde_json::from_str(&obj.raw).map_err(|e| e.to_string())?;
+                let map = data
+                    .as_object_mut()
+                    .ok_or_else(|| "object is not a JSON object".to_string())?;
+                map.insert("kind".into(), res.kind.into());
+                map.insert("apiVersion".into(), res.api_version().into());
+                Object::from_value(data)
+            }
+            kind => Object::from_json_str(Some(kind), &obj.raw),
+        }
     })();
     Decoded {
         name: obj.metadata.name.unwrap_or_default(),
@@ -420,7 +512,7 @@ async fn watch_resource(
     cancel: CancellationToken,
 ) {
     let ar = res.api_resource();
-    let api: Api<DynamicObject> = Api::all_with(client, &ar);
+    let api: Api<RawObject> = Api::all_with(client, &ar);
     let (backoff, succeeded) = Backoff::new(max_backoff);
     let stream = watcher(api, watcher::Config::default())
         .backoff(backoff)
@@ -816,5 +908,48 @@ pub async fn run(
             errors: Arc::new(Vec::new()),
             generation,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_objects_decode_from_lists_and_from_watch_lines_in_either_order() {
+        let pods = RESOURCES.iter().find(|r| r.kind == "Pod").unwrap();
+        let obj = r#"{"metadata":{"name":"p","namespace":"n","resourceVersion":"7"},"spec":{"nodeName":"x"},"status":{"podIP":"10.0.0.1"}}"#;
+        let check = |o: RawObject| {
+            let d = decode(o, pods);
+            assert_eq!(d.resource_version.as_deref(), Some("7"));
+            match d.object {
+                Ok(Object::Pod(p)) => assert_eq!(p.status.pod_ip.as_deref(), Some("10.0.0.1")),
+                other => panic!("not a pod: {other:?}"),
+            }
+        };
+        // The API server writes `type` first; a sorted map writes `object` first (serde
+        // then buffers the object before it reaches RawObject).
+        for line in [
+            format!(r#"{{"type":"ADDED","object":{obj}}}"#),
+            format!(r#"{{"object":{obj},"type":"MODIFIED"}}"#),
+        ] {
+            match serde_json::from_str::<kube::core::WatchEvent<RawObject>>(&line).unwrap() {
+                kube::core::WatchEvent::Added(o) | kube::core::WatchEvent::Modified(o) => check(o),
+                other => panic!("{other:?}"),
+            }
+        }
+        let list = format!(
+            r#"{{"apiVersion":"v1","kind":"PodList","metadata":{{"resourceVersion":"9"}},"items":[{obj}]}}"#
+        );
+        let list: kube::core::ObjectList<RawObject> = serde_json::from_str(&list).unwrap();
+        assert_eq!(list.items.len(), 1);
+        check(list.items.into_iter().next().unwrap());
+        // A foreign kind in the list is skipped with a reason, not decoded as a pod.
+        let foreign: RawObject =
+            serde_json::from_str(r#"{"kind":"Service","metadata":{"name":"s"}}"#).unwrap();
+        assert!(decode(foreign, pods)
+            .object
+            .unwrap_err()
+            .contains("Service"));
     }
 }
