@@ -4,6 +4,7 @@
 //! | component | ok when | degraded when |
 //! |---|---|---|
 //! | `source` | the source was read and every object decodes | objects are broken (last good kept) |
+//! | `source/kubernetes` (Kubernetes source; reported by `source::kubernetes`) | every resource listed and watched, every object decodes | the API server is unreachable (last export kept), a resource is not listed yet or forbidden (the rule to add), objects are skipped |
 //! | `etcd` | the etcd session is up | etcd is unreachable (reconnecting) |
 //! | `export/<store>` (`export/nodes/v1`, `export/endpointslices/v1`, …) | the store is in sync | before its initial sync; etcd is gone |
 //! | `export/serviceexports/v1` (with MCS-API) | as above, and the ServiceExport CRD exists | the CRD is missing: nothing to export until it appears (no restart needed) |

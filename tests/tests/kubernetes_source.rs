@@ -128,6 +128,22 @@ async fn wait_for(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> boo
     }
 }
 
+/// The `source/kubernetes` health component in `/status`: (level, reason).
+fn source_component(api: &TestApiserver) -> (String, String) {
+    let status = api.status().unwrap_or_default();
+    let c = status["health"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"] == "source/kubernetes")
+        .cloned()
+        .unwrap_or_default();
+    (
+        c["level"].as_str().unwrap_or("missing").to_string(),
+        c["reason"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
 fn status_kubernetes(api: &TestApiserver) -> serde_json::Value {
     api.status()
         .map(|s| s["kubernetes"].clone())
@@ -291,6 +307,11 @@ async fn large_cluster_410_outage_and_restart_write_nothing() -> anyhow::Result<
     })
     .await;
     assert_eq!(status_kubernetes(api)["connected"], false);
+    let (level, reason) = source_component(api);
+    assert!(
+        level == "degraded" && reason.contains("unreachable"),
+        "source/kubernetes during the outage: {level}: {reason}"
+    );
     tokio::time::sleep(outage.saturating_sub(t.elapsed())).await;
     assert!(!api.ready(), "still unready at the end of the outage");
     let (puts, deletes) = state_events(&env.etcd, rev).await?;
@@ -307,6 +328,11 @@ async fn large_cluster_410_outage_and_restart_write_nothing() -> anyhow::Result<
     assert_eq!(
         status_kubernetes(env.api.as_ref().unwrap())["connected"],
         true
+    );
+    assert_eq!(
+        source_component(env.api.as_ref().unwrap()),
+        ("ok".to_string(), String::new()),
+        "source/kubernetes after the outage"
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (_, deletes) = state_events(&env.etcd, rev).await?;
@@ -375,6 +401,11 @@ async fn forbidden_ciliumidentities_are_named_and_the_rest_is_exported() -> anyh
     assert!(
         forbidden.contains(r#"{apiGroups: [\"cilium.io\"], resources: [\"ciliumidentities\"], verbs: [\"get\", \"list\", \"watch\"]}"#),
         "{k}"
+    );
+    let (level, reason) = source_component(env.api.as_ref().unwrap());
+    assert!(
+        level == "degraded" && reason.contains("forbidden") && reason.contains("ciliumidentities"),
+        "source/kubernetes with a forbidden resource: {level}: {reason}"
     );
     assert_eq!(
         count_keys(&env.etcd, "cilium/state/nodes/v1/c1/cn1").await?,

@@ -492,6 +492,43 @@ impl Shared {
     }
 }
 
+/// Sets the `source/kubernetes` health component from `health`: ok while every resource
+/// is listed and watched and every object decodes; degraded, with the reason, otherwise.
+fn report(reporter: &clustermesh_health::Reporter, health: &Health) {
+    let mut why = Vec::new();
+    if !health.connected {
+        why.push(format!(
+            "kubernetes API unreachable, keeping the last export: {}",
+            health.last_error.as_deref().unwrap_or("no answer")
+        ));
+    }
+    if !health.waiting_for.is_empty() {
+        why.push(format!(
+            "waiting for the first list of {}",
+            health.waiting_for.join(", ")
+        ));
+    }
+    if !health.forbidden.is_empty() {
+        why.push(format!("forbidden: {}", health.forbidden.join("; ")));
+    }
+    if !health.undecodable.is_empty() {
+        let n: Vec<String> = health
+            .undecodable
+            .iter()
+            .map(|(res, n)| format!("{n} {res}"))
+            .collect();
+        why.push(format!(
+            "objects that cannot be decoded are skipped: {}",
+            n.join(", ")
+        ));
+    }
+    if why.is_empty() {
+        reporter.ok();
+    } else {
+        reporter.degraded(why.join("; "));
+    }
+}
+
 /// A hash of an object's identity and version.
 fn object_hash(obj: &Decoded) -> u64 {
     use std::hash::{Hash, Hasher};
@@ -658,6 +695,7 @@ pub async fn run(
 
     let mut generation = 0u64;
     let mut last_health = Health::default();
+    let reporter = status.reporters().reporter("source/kubernetes");
     let mut last_fingerprint: BTreeMap<Resource, u64> = BTreeMap::new();
     // The last published snapshot: a watch event on one object changes only that object
     // in it, instead of rebuilding it from every store.
@@ -885,6 +923,7 @@ pub async fn run(
             if health.connected && !last_health.connected && generation > 0 {
                 info!("kubernetes API reachable again");
             }
+            report(&reporter, &health);
             let h = health.clone();
             status.update(|r| r.kubernetes = Some(h));
             last_health = health.clone();
