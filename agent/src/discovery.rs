@@ -18,9 +18,9 @@
 //! It must not create, change or delete interfaces, routes or neighbours.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use clustermesh_rtnl::{Link, Neighbour, Route, Socket};
+use clustermesh_rtnl::{Link, Neighbour, Route, Route6, Socket};
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
@@ -76,6 +76,8 @@ pub struct Snapshot {
     fdb: Vec<Neighbour>,
     /// Bridge ports' peer addresses, read on demand.
     port_addrs: HashMap<u32, Vec<Ipv4Addr>>,
+    /// IPv6 routes, read on the first IPv6-only pod ([`Snapshot::find6`]).
+    routes6: Option<Vec<Route6>>,
 }
 
 impl Snapshot {
@@ -97,6 +99,7 @@ impl Snapshot {
             },
             links,
             port_addrs: HashMap::new(),
+            routes6: None,
         })
     }
 
@@ -198,6 +201,57 @@ impl Snapshot {
                 if kind.is_empty() { "device" } else { kind }
             )),
         }
+    }
+
+    /// The interface that reaches an IPv6-only pod: the most specific IPv6 route to `ip`
+    /// must lead to a veth, and the pod's MAC is its peer's (no bridge, no neighbour table:
+    /// a dual-stack pod is found through its IPv4 address instead).
+    pub fn find6(&mut self, sock: &mut Socket, ip: Ipv6Addr) -> Result<Found, String> {
+        if self.routes6.is_none() {
+            let routes = sock
+                .routes_v6()
+                .map_err(|e| format!("reading the IPv6 routes failed: {e}"))?;
+            self.routes6 = Some(routes);
+        }
+        let bits = u128::from(ip);
+        let oif = self
+            .routes6
+            .iter()
+            .flatten()
+            .filter(|r| {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(r.prefix_len.min(128)))
+                    .unwrap_or(0);
+                r.oif.is_some() && u128::from(r.dst) & mask == bits & mask
+            })
+            .max_by_key(|r| r.prefix_len)
+            .and_then(|r| r.oif)
+            .ok_or_else(|| format!("no IPv6 route to {ip}"))?;
+        let dev = self
+            .links
+            .get(&oif)
+            .cloned()
+            .ok_or_else(|| format!("the route to {ip} leaves through unknown link #{oif}"))?;
+        if dev.kind != "veth" {
+            return Err(format!(
+                "the route to {ip} leaves through {}, not a veth (an IPv6-only pod must be behind a routed veth)",
+                dev.name
+            ));
+        }
+        let host_mac = dev
+            .mac6()
+            .ok_or_else(|| format!("{} has no Ethernet address", dev.name))?;
+        let pod_mac = self
+            .peer_mac(sock, &dev)
+            .ok_or_else(|| format!("{}: the pod side's MAC cannot be read", dev.name))?;
+        Ok(Found {
+            interface: dev.name.clone(),
+            ifindex: dev.ifindex,
+            host_mac,
+            pod_mac,
+            how: How::Route,
+            mac_from: MacFrom::VethPeer,
+        })
     }
 
     fn find_on_bridge(

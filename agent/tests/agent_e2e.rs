@@ -365,9 +365,51 @@ impl Lab {
                 "permanent",
             ])?;
         }
+        // a3: an IPv6-only pod on n1 (a routed veth, no IPv4 address).
+        let a3 = lab.add_ns("a3")?;
+        run(&[
+            "ip", "-n", &n1, "link", "add", A3_IF, "type", "veth", "peer", "name", "eth0", "netns",
+            &a3,
+        ])?;
+        run(&["ip", "-n", &n1, "link", "set", A3_IF, "up"])?;
+        let mac = run(&[
+            "ip",
+            "netns",
+            "exec",
+            &n1,
+            "cat",
+            &format!("/sys/class/net/{A3_IF}/address"),
+        ])?;
+        let a3_ip = format!("{A3_IP6}/128");
+        run(&["ip", "-n", &n1, "route", "add", &a3_ip, "dev", A3_IF])?;
+        run(&["ip", "-n", &a3, "link", "set", "eth0", "mtu", "1450", "up"])?;
+        run(&[
+            "ip", "-n", &a3, "addr", "add", &a3_ip, "dev", "eth0", "nodad",
+        ])?;
+        run(&[
+            "ip", "-n", &a3, "route", "add", "fd00::/8", "via", GATEWAY6, "dev", "eth0",
+        ])?;
+        run(&[
+            "ip",
+            "-n",
+            &a3,
+            "neigh",
+            "add",
+            GATEWAY6,
+            "lladdr",
+            mac.trim(),
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ])?;
         Ok(lab)
     }
 }
+
+/// The IPv6-only pod a3 on n1 and its host-side veth.
+const A3_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 1, 1, 0, 0, 0, 0x13);
+const A3_IF: &str = "hv6a3";
 
 impl Drop for Lab {
     fn drop(&mut self) {
@@ -885,6 +927,12 @@ fn ipv6_checks(
 ) -> Result<()> {
     // A remote entry tunnelled to an IPv6 HostIP, and c2 claiming c1's pod a2's /128.
     let via6 = Ipv6Addr::new(0xfd00, 0x10, 2, 1, 0, 0, 0, 0x99);
+    // a3, IPv6-only, on c1's node.
+    rt.block_on(clients[0].put(
+        format!("cilium/state/ip/v1/default/{A3_IP6}"),
+        ip_json(&A3_IP6.to_string(), NODES[0].ip, A1.identity, "a3"),
+        None,
+    ))?;
     rt.block_on(clients[0].put(
         format!("cilium/cache/ip/v1/c2/{via6}"),
         ip_json(&via6.to_string(), NODE6[1], B1.identity, "b9"),
@@ -947,7 +995,7 @@ fn ipv6_checks(
             v6["conflicting-prefixes"] == 1
                 && v6["pods"]
                     .as_array()
-                    .is_some_and(|p| p.len() == 2 && p.iter().all(|p| p["state"] == "programmed"))
+                    .is_some_and(|p| p.len() == 3 && p.iter().all(|p| p["state"] == "programmed"))
         },
         |st| format!("c1's IPv6 status: {}", st["datapath"]["ipv6"]),
     )?;
@@ -968,6 +1016,38 @@ fn ipv6_checks(
             pod.name
         );
     }
+    // The IPv6-only pod: found by its own route, from_pod attached, reachable both ways.
+    let ifindex: u32 = run(&[
+        "ip",
+        "netns",
+        "exec",
+        &lab.ns("n1"),
+        "cat",
+        &format!("/sys/class/net/{A3_IF}/ifindex"),
+    ])?
+    .trim()
+    .parse()?;
+    let a3 = eps.get(&EndpointKey::v6(A3_IP6.octets()), 0)?;
+    ensure!(
+        a3.ifindex == ifindex,
+        "a3's endpoint {a3:?}, {A3_IF} is #{ifindex}"
+    );
+    let a3_pod = Pod {
+        ns: "a3",
+        name: "a3",
+        node: 0,
+        ip: Ipv4Addr::UNSPECIFIED,
+        ip6: A3_IP6,
+        identity: A1.identity,
+    };
+    ensure!(
+        ping6(lab, &A1, &a3_pod, 2),
+        "ping -6 a1 → a3 (IPv6-only pod)"
+    );
+    ensure!(
+        ping6(lab, &a3_pod, &A1, 2),
+        "ping -6 a3 → a1 (from_pod on a3's veth)"
+    );
     // Traffic over IPv6, same node and across clusters (IPv4 underlay).
     ensure!(ping6(lab, &A1, &A2, 2), "ping -6 a1 → a2 (same node)");
     ensure!(ping6(lab, &A1, &B1, 2), "ping -6 a1 → b1 (c1 → c2)");

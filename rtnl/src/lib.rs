@@ -11,7 +11,7 @@
 //! It must not decide anything: it says what the kernel holds and does what it is told.
 
 use std::fs::File;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 
@@ -180,6 +180,43 @@ impl Route {
                 RouteAttribute::Destination(RouteAddress::Inet(d)) => r.dst = *d,
                 RouteAttribute::Oif(i) => r.oif = Some(*i),
                 RouteAttribute::Gateway(RouteAddress::Inet(g)) => r.gateway = Some(*g),
+                RouteAttribute::Table(t) if *t != u32::from(RouteHeader::RT_TABLE_MAIN) => {
+                    return None
+                }
+                _ => {}
+            }
+        }
+        Some(r)
+    }
+}
+
+/// An IPv6 route of the main table (what pod discovery needs: destination and device).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route6 {
+    /// Destination.
+    pub dst: Ipv6Addr,
+    /// Prefix length.
+    pub prefix_len: u8,
+    /// Output interface.
+    pub oif: Option<u32>,
+}
+
+impl Route6 {
+    fn from_message(m: &RouteMessage) -> Option<Self> {
+        if m.header.address_family != AddressFamily::Inet6
+            || m.header.table != RouteHeader::RT_TABLE_MAIN
+        {
+            return None;
+        }
+        let mut r = Route6 {
+            dst: Ipv6Addr::UNSPECIFIED,
+            prefix_len: m.header.destination_prefix_length,
+            oif: None,
+        };
+        for a in &m.attributes {
+            match a {
+                RouteAttribute::Destination(RouteAddress::Inet6(d)) => r.dst = *d,
+                RouteAttribute::Oif(i) => r.oif = Some(*i),
                 RouteAttribute::Table(t) if *t != u32::from(RouteHeader::RT_TABLE_MAIN) => {
                     return None
                 }
@@ -534,6 +571,22 @@ impl Socket {
             .iter()
             .filter_map(|m| match m {
                 RouteNetlinkMessage::NewRoute(r) => Route::from_message(r),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// IPv6 routes of the main table.
+    pub fn routes_v6(&mut self) -> Result<Vec<Route6>> {
+        let mut m = RouteMessage::default();
+        m.header.address_family = AddressFamily::Inet6;
+        let replies = self.request(RouteNetlinkMessage::GetRoute(m), NLM_F_DUMP, || {
+            "dump IPv6 routes".into()
+        })?;
+        Ok(replies
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewRoute(r) => Route6::from_message(r),
                 _ => None,
             })
             .collect())

@@ -100,6 +100,7 @@ impl Reconciler {
                 },
             );
         }
+        wanted_ifs.extend(self.discover_v6_only(&mut snapshot));
         // Veths nobody is behind: never attached to, counted.
         let mut skipped: Vec<String> = snapshot
             .veths()

@@ -13,8 +13,9 @@
 //!
 //! A local IPv6 pod (a `/128` of the local cluster whose `HostIP` is this node) gets a local
 //! endpoints entry on the interface [`crate::discovery`] found for the same pod's IPv4
-//! address (a dual-stack pod); an IPv6-only pod waits (`waiting-for-ipv4-sibling`), since
-//! discovery reads IPv4 routes only.
+//! address (a dual-stack pod); an IPv6-only pod is found by its own IPv6 route, which must
+//! lead to a veth ([`crate::discovery::Snapshot::find6`]), and gets `from_pod` attached
+//! there.
 //!
 //! Why a separate table and not [`super::Desired`] generic over the family: the IPv4 slab is
 //! tuned for 250k entries (see the module docs of [`crate::reconcile`]) and its hash packs
@@ -36,6 +37,7 @@ use serde::Serialize;
 use tracing::warn;
 
 use super::Reconciler;
+use crate::datapath::{Attached, Program};
 
 /// An IPv6 prefix (the ipcache key without cluster ID).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -427,7 +429,7 @@ pub struct Pod6Report {
     pub pod: LocalPod6,
     /// The interface its local endpoint points to, once known.
     pub interface: Option<String>,
-    /// `programmed` or `waiting-for-ipv4-sibling`.
+    /// `programmed` or `waiting-for-interface: <why>`.
     pub state: String,
 }
 
@@ -459,6 +461,8 @@ pub(super) struct State6 {
     /// pod address → (interface, state) after the last endpoint sync.
     pod_state: BTreeMap<Ipv6Addr, (Option<String>, String)>,
     pub(super) applied_eps: HashMap<Ipv6Addr, EndpointInfo>,
+    /// IPv6-only pods: what discovery found (or why not) at the last pod sync.
+    only: BTreeMap<Ipv6Addr, Result<crate::discovery::Found, String>>,
 }
 
 impl State6 {
@@ -468,6 +472,7 @@ impl State6 {
             pods: BTreeMap::new(),
             pod_state: BTreeMap::new(),
             applied_eps: HashMap::new(),
+            only: BTreeMap::new(),
         }
     }
 
@@ -562,8 +567,58 @@ impl Reconciler {
             }
         }
         if pods_changed {
-            self.sync_pods6();
+            // A full pod sync: an IPv6-only pod needs discovery and an attachment.
+            self.pods_dirty = true;
         }
+    }
+
+    /// Finds the interfaces of IPv6-only local pods (no IPv4 address of the same pod) in
+    /// `snapshot` and attaches `from_pod` there; returns those interfaces (the caller keeps
+    /// them attached). Called by [`Self::sync_pods`].
+    pub(super) fn discover_v6_only(
+        &mut self,
+        snapshot: &mut crate::discovery::Snapshot,
+    ) -> Vec<String> {
+        let dual: std::collections::HashSet<(&str, &str)> = self
+            .pods
+            .values()
+            .map(|p| (p.namespace.as_str(), p.name.as_str()))
+            .collect();
+        let only: Vec<Ipv6Addr> = self
+            .v6
+            .pods
+            .values()
+            .filter(|p| !dual.contains(&(p.namespace.as_str(), p.name.as_str())))
+            .map(|p| p.ip)
+            .collect();
+        let mut found = BTreeMap::new();
+        let mut interfaces = Vec::new();
+        for ip in only {
+            let f = match self.rtnl.as_mut() {
+                Some(sock) => snapshot.find6(sock, ip),
+                None => Err("no netlink socket".to_owned()),
+            };
+            let f = f.and_then(|f| match self.dp.attach(Program::FromPod, &f.interface) {
+                Ok(how) => {
+                    match how {
+                        Attached::Created => self.stats.attach_created += 1,
+                        Attached::Replaced => self.stats.attach_replaced += 1,
+                        Attached::Unchanged => {}
+                    }
+                    Ok(f)
+                }
+                Err(error) => {
+                    warn!(interface = %f.interface, %error, "attach from_pod failed; retrying when interfaces change");
+                    Err(format!("attach failed on {}: {error}", f.interface))
+                }
+            });
+            if let Ok(f) = &f {
+                interfaces.push(f.interface.clone());
+            }
+            found.insert(ip, f);
+        }
+        self.v6.only = found;
+        interfaces
     }
 
     /// Brings the IPv6 local endpoints in line with the IPv6 local pods: each takes the
@@ -580,8 +635,19 @@ impl Reconciler {
         let mut want: HashMap<Ipv6Addr, EndpointInfo> = HashMap::new();
         let mut states = BTreeMap::new();
         for (ip, pod) in &self.v6.pods {
-            match found_by_pod.get(&(pod.namespace.as_str(), pod.name.as_str())) {
-                Some(f) => {
+            let found = found_by_pod
+                .get(&(pod.namespace.as_str(), pod.name.as_str()))
+                .copied()
+                .ok_or_else(|| match self.v6.only.get(ip) {
+                    Some(Err(why)) => format!("waiting-for-interface: {why}"),
+                    _ => "waiting-for-interface".to_owned(),
+                })
+                .or_else(|why| match self.v6.only.get(ip) {
+                    Some(Ok(f)) => Ok(f),
+                    _ => Err(why),
+                });
+            match found {
+                Ok(f) => {
                     want.insert(
                         *ip,
                         EndpointInfo {
@@ -594,8 +660,8 @@ impl Reconciler {
                     );
                     states.insert(*ip, (Some(f.interface.clone()), "programmed".to_owned()));
                 }
-                None => {
-                    states.insert(*ip, (None, "waiting-for-ipv4-sibling".to_owned()));
+                Err(why) => {
+                    states.insert(*ip, (None, why));
                 }
             }
         }
