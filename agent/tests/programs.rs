@@ -622,3 +622,39 @@ fn from_underlay_passes_everything_else_on_unchanged() {
         ],
     );
 }
+
+/// Every program stays well inside the verifier's budget (1M instructions processed per
+/// program). A program over it does not load and the agent cannot start; one near it costs
+/// seconds of verifier time at every start. `from_pod_v6` was at 665k (~2.2 s) before IPv6's
+/// transport header was read with a helper (see `read_l4` in ebpf/programs/src/packet.rs).
+#[test]
+fn every_program_verifies_within_a_third_of_the_instruction_limit() {
+    const BUDGET: u32 = 330_000;
+    let mut ebpf = aya::EbpfLoader::new()
+        .load(clustermesh_agent::datapath::OBJECT)
+        .expect("load the object (needs root)");
+    let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_owned()).collect();
+    assert!(names.len() >= 6, "programs in the object: {names:?}");
+    let mut report = Vec::new();
+    for name in names {
+        let prog: &mut aya::programs::SchedClassifier = ebpf
+            .program_mut(&name)
+            .expect("listed above")
+            .try_into()
+            .expect("every program is a classifier");
+        prog.load()
+            .unwrap_or_else(|e| panic!("{name} does not load: {e:?}"));
+        let insns = prog
+            .info()
+            .expect("program info")
+            .verified_instruction_count()
+            .expect("kernel reports verified_insns (≥ 5.16)");
+        eprintln!("{name}: {insns} instructions verified");
+        report.push((name, insns));
+    }
+    let over: Vec<_> = report.iter().filter(|(_, n)| *n > BUDGET).collect();
+    assert!(
+        over.is_empty(),
+        "over the budget of {BUDGET} verified instructions: {over:?} (all: {report:?})"
+    );
+}

@@ -43,12 +43,12 @@ use aya_ebpf::macros::map;
 use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::TcContext;
 use clustermesh_ebpf_abi::{
-    ct_dir, defaults, Ct4Entry, Ct4Key, Ct6Key, Lb4Backend, Lb4Key, Lb4RevNat, Lb4Service,
+    ct_dir, defaults, family, Ct4Entry, Ct4Key, Ct6Key, Lb4Backend, Lb4Key, Lb4RevNat, Lb4Service,
     Lb6Backend, Lb6Key, Lb6RevNat, LbCounter, IPPROTO_TCP, IPPROTO_UDP, LB_LOOPBACK_IPV4,
     LB_LOOPBACK_IPV6,
 };
 
-use crate::packet::{ensure, read, Error, Ip, Ipv4, Ipv6, Transport, ETH_HLEN};
+use crate::packet::{ensure, read_l4, Error, Ip, Ipv4, Ipv6, Transport, ETH_HLEN};
 
 /// Frontends (slot 0) and their backend slots. No prealloc: an update replaces the element
 /// (RCU) instead of rewriting it under a reader.
@@ -426,11 +426,18 @@ fn parse_l4<P: Ip>(ctx: &TcContext, ip: &P, out: &mut L4) -> Result<bool, Error>
     }
     // Ports, and the checksum field the rewrite touches.
     let need = if t.proto == IPPROTO_TCP { 18 } else { 8 };
-    ensure(ctx, t.off + need)?;
+    if P::FAMILY == family::IPV6 {
+        // No pull: IPv6 reads with a helper (see `read_l4`), and the rewrite is helpers too.
+        if t.off + need > ctx.len() as usize {
+            return Err(Error::Truncated);
+        }
+    } else {
+        ensure(ctx, t.off + need)?;
+    }
     out.proto = t.proto;
     out.off = t.off;
-    out.sport = read(ctx, t.off)?;
-    out.dport = read(ctx, t.off + 2)?;
+    out.sport = read_l4::<P, _>(ctx, t.off)?;
+    out.dport = read_l4::<P, _>(ctx, t.off + 2)?;
     Ok(true)
 }
 

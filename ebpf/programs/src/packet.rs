@@ -239,6 +239,29 @@ pub(crate) fn ensure(ctx: &TcContext, len: usize) -> Result<(), Error> {
     }
 }
 
+/// Reads a `T` at `offset` in the transport header, whose offset the parser computed:
+/// IPv4 through a packet pointer (bounds-checked against `data_end`, so the caller makes
+/// the header linear first), IPv6 with `bpf_skb_load_bytes` (linear or not).
+///
+/// Why IPv6 never adds its L4 offset to a packet pointer: the extension-header walk in
+/// [`parse_ipv6`] leaves a different offset range for each chain length, and the verifier
+/// must track a scalar precisely once it is added to a pointer, so every step after the
+/// parse (LB, policy, flow events, delivery) was verified once per chain length: 665k
+/// verified instructions and ~2.2 s of verifier time for `from_pod_v6` alone (kernel 6.18),
+/// a third of the 1M limit away from not loading at all. A helper's offset argument is not
+/// precise, so the states after the walk prune: 190k instructions (`from_overlay_v6` 52k →
+/// 14k, `from_underlay_v6` 80k → 19k). The count is fragile: small changes in what the
+/// IPv6 halves branch on moved it between 190k and past the limit; measure a change with
+/// `verified_insns` (agent/tests/programs.rs prints and bounds them).
+#[inline(always)]
+pub(crate) fn read_l4<P: Ip, T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, Error> {
+    if P::FAMILY == family::IPV6 {
+        ctx.load::<T>(offset).map_err(|_| Error::Truncated)
+    } else {
+        read::<T>(ctx, offset)
+    }
+}
+
 /// Reads a `T` at `offset`, bounds-checked against `data_end`.
 #[inline(always)]
 pub(crate) fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, Error> {
@@ -344,6 +367,10 @@ pub fn parse_ipv6(ctx: &TcContext, out: &mut Ipv6) -> Result<bool, Error> {
         walked += 1;
         out.flags |= v6::EXT;
         if off > IPV6_MAX_L4_OFF {
+            // Decided here and not after the loop: there, for a packet without extension
+            // headers, the verifier would decide `54 > IPV6_MAX_L4_OFF` on a constant and
+            // mark the offset precise (see `read_l4`).
+            out.flags |= v6::UNPARSED;
             break;
         }
     }
@@ -356,7 +383,6 @@ pub fn parse_ipv6(ctx: &TcContext, out: &mut Ipv6) -> Result<bool, Error> {
         || next == NEXTHDR_FRAGMENT
         || next == NEXTHDR_AUTH
         || next == NEXTHDR_DEST
-        || off > IPV6_MAX_L4_OFF
     {
         out.flags |= v6::UNPARSED;
     }

@@ -34,7 +34,7 @@ use clustermesh_ebpf_abi::{
     IPPROTO_ICMPV6,
 };
 
-use crate::packet::{Ip, Ipv4, Ipv6, Transport};
+use crate::packet::{read_l4, Ip, Ipv4, Ipv6, Transport};
 
 #[map]
 static CM_POLICY: HashMap<PolicyKey, PolicyValue> =
@@ -153,12 +153,25 @@ fn parse_l4<P: Ip>(ctx: &TcContext, ip: &P, out: &mut L4) {
         return;
     }
     let l4 = t.off;
-    if P::FAMILY == family::IPV6 && t.proto == IPPROTO_ICMPV6 {
-        if ctx.data() + l4 + 1 > ctx.data_end() && (ctx.len() as usize) > l4 {
-            let _ = ctx.pull_data((l4 + 1) as u32);
+    if P::FAMILY == family::IPV6 {
+        // A helper, not a packet pointer, at IPv6's L4 offset (see `packet::read_l4`).
+        if t.proto == IPPROTO_ICMPV6 {
+            if let Ok(ty) = read_l4::<P, u8>(ctx, l4) {
+                out.nd = ICMPV6_ND_TYPES.contains(&ty);
+            }
+            return;
         }
-        if let Some(ty) = read::<u8>(ctx, l4) {
-            out.nd = ICMPV6_ND_TYPES.contains(&ty);
+        if t.proto != IPPROTO_TCP && t.proto != IPPROTO_UDP && t.proto != IPPROTO_SCTP {
+            return;
+        }
+        if let Ok(ports) = read_l4::<P, [u16; 2]>(ctx, l4) {
+            out.sport = ports[0];
+            out.dport = ports[1];
+        }
+        if t.proto == IPPROTO_TCP {
+            if let Ok(flags) = read_l4::<P, u8>(ctx, l4 + 13) {
+                out.tcp_flags = flags;
+            }
         }
         return;
     }
