@@ -80,6 +80,25 @@ impl AsyncWrite for Recorded {
         r
     }
 
+    /// Forwarded, so that hyper's HTTP/2 writer hands a frame header and its payload over in
+    /// one call (one TLS record, one syscall) instead of one write each: the default
+    /// implementation would take only the first slice.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Err(e)) = &r {
+            record(&self.slot, e);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
