@@ -807,8 +807,7 @@ mod policy {
 mod lb {
     use super::policy::tcp6;
     use super::*;
-    use aya::maps::{HashMap, MapData};
-    use clustermesh_agent::services::LbMaps;
+    use aya::maps::{HashMap, MapData, PerCpuArray};
     use clustermesh_ebpf_abi::{
         map, Ct4Entry, Ct6Key, Lb4Service, Lb6Backend, Lb6Key, Lb6RevNat, LbCounter, IPPROTO_TCP,
     };
@@ -821,7 +820,7 @@ mod lb {
         backends: HashMap<MapData, u32, Lb6Backend>,
         rev_nat: HashMap<MapData, u16, Lb6RevNat>,
         ct: HashMap<MapData, Ct6Key, Ct4Entry>,
-        lb4: LbMaps,
+        counters: PerCpuArray<MapData, u64>,
     }
 
     fn open<K: aya::Pod, V: aya::Pod>(dp: &mut Datapath, name: &str) -> HashMap<MapData, K, V> {
@@ -839,13 +838,15 @@ mod lb {
 
     impl Lb6 {
         fn take(dp: &mut Datapath) -> Self {
-            let lb4 = LbMaps::take(dp).expect("lb maps");
+            // The agent's `LbMaps` owns every LB map (both families) once taken, so this
+            // test opens the IPv6 ones and the shared counters itself.
             Self {
                 services: open(dp, map::LB6_SERVICES),
                 backends: open(dp, map::LB6_BACKENDS),
                 rev_nat: open(dp, map::LB6_REVERSE_NAT),
                 ct: open(dp, map::LB6_CT),
-                lb4,
+                counters: PerCpuArray::try_from(dp.take_map(map::LB_COUNTERS).expect("counters"))
+                    .expect("counters"),
             }
         }
 
@@ -893,7 +894,11 @@ mod lb {
         }
 
         fn counter(&self, c: LbCounter) -> u64 {
-            self.lb4.counter(c).expect("counter")
+            self.counters
+                .get(&(c as u32), 0)
+                .expect("counter")
+                .iter()
+                .sum()
         }
     }
 

@@ -9,7 +9,7 @@ mod remote_common;
 
 use std::time::Duration;
 
-use clustermesh_syncer::remote::{Change, Event};
+use clustermesh_syncer::remote::{Change, Event, Resource};
 use clustermesh_tests::etcd::TestEtcd;
 use remote_common::*;
 
@@ -150,6 +150,17 @@ async fn hostile_entries_are_rejected_and_counted() -> anyhow::Result<()> {
 
     // While watching: a hostile overwrite of a good key is not applied (the last good value
     // stays), a 10 MB value does not break the watch, and later valid changes still arrive.
+    // Readiness can be published before the event collector has taken the initial list's
+    // events off their channel: wait for the Synced that follows them, or they would be
+    // counted below as changes made while watching.
+    eventually(Duration::from_secs(5), "initial lists collected", || {
+        [Resource::Nodes, Resource::Endpoints].iter().all(|r| {
+            fx.events()
+                .iter()
+                .any(|e| matches!(e, Event::Synced { resource, .. } if resource == r))
+        })
+    })
+    .await?;
     fx.clear_events();
     c.put(
         format!("{nodes}/test-node-1"),
