@@ -467,21 +467,30 @@ fn rotation(m: &Mesh) -> Result<String> {
     }
     let back = m.wait_whole(Duration::from_secs(60))?;
     let samples = sampler.finish();
-    // Every client certificate is now the rotated one, and the one presented.
-    let mut rotated = 0;
-    let mut unchanged = Vec::new();
-    let mut wrong = Vec::new();
-    for (file, presented) in client_certs(m) {
-        let on_disk = clustermesh_certs::describe_file(Path::new(&file))?.serial;
-        if old_client.get(&file) == Some(&on_disk) {
-            unchanged.push(file);
-            continue;
+    // Every client certificate is now the rotated one, and the one presented. A client
+    // reports its serial at its next handshake, which may come after the mesh is whole
+    // again (an apiserver's own etcd client reconnects on its next request): wait for it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (rotated, unchanged, wrong) = loop {
+        let mut rotated = 0;
+        let mut unchanged = Vec::new();
+        let mut wrong = Vec::new();
+        for (file, presented) in client_certs(m) {
+            let on_disk = clustermesh_certs::describe_file(Path::new(&file))?.serial;
+            if old_client.get(&file) == Some(&on_disk) {
+                unchanged.push(file);
+                continue;
+            }
+            match presented {
+                Some(p) if p == on_disk => rotated += 1,
+                p => wrong.push(format!("{file}: presented {p:?}, file has {on_disk}")),
+            }
         }
-        match presented {
-            Some(p) if p == on_disk => rotated += 1,
-            p => wrong.push(format!("{file}: presented {p:?}, file has {on_disk}")),
+        if wrong.is_empty() || Instant::now() > deadline {
+            break (rotated, unchanged, wrong);
         }
-    }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     ensure!(
         wrong.is_empty(),
         "old certificates still presented: {wrong:?}"

@@ -123,10 +123,12 @@ async fn reads_cilium_format_and_follows_changes() -> anyhow::Result<()> {
         None,
     )
     .await?;
+    // The caches are updated before the event collector takes the event off its channel:
+    // wait for the event itself, which comes after any (wrong) event for the rewrite.
     eventually(Duration::from_secs(5), "node 3", || {
-        fx.caches
-            .with("cluster3", |c| c.node("test-node-3").is_some())
-            .unwrap_or(false)
+        fx.events().iter().any(|e| {
+            matches!(e, Event::Change { key, .. } if key == "cilium/state/nodes/v1/cluster3/test-node-3")
+        })
     })
     .await?;
     let changes = fx
