@@ -8,28 +8,19 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use clustermesh_agent::datapath::{Config, CounterValues, Datapath, Program};
+use clustermesh_agent::datapath::{Config, Datapath, Program};
 use clustermesh_ebpf_abi::{Counter, EndpointInfo, IpcacheValue, TraceSlot};
 
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
+mod prog_common;
+use prog_common::*;
 
 const POD_A: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 1, 1, 0, 0, 0, 0x10);
 const POD_B: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 1, 1, 0, 0, 0, 0x11);
 const REMOTE_POD: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 2, 1, 0, 0, 0, 0x10);
 /// A pod of a cluster whose nodes have only IPv6 underlay addresses.
 const REMOTE_POD_V6_NODE: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 3, 1, 0, 0, 0, 0x10);
-const LOCAL_NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
-const REMOTE_NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const LOCAL_NODE6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
 const REMOTE_NODE6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 2);
-const VXLAN_IFINDEX: u32 = 77;
-const VXLAN_PORT: u16 = 4789;
-const REMOTE_POD_IDENTITY: u32 = 131_073;
-const POD_A_IDENTITY: u32 = 65_537;
-const POD_B_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xb0, 0x01];
-const HOST_B_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xb0, 0x02];
 
 const NEXTHDR_HOP: u8 = 0;
 const NEXTHDR_DEST: u8 = 60;
@@ -121,18 +112,6 @@ fn ext8(next: u8) -> [u8; 8] {
     [next, 0, 1, 4, 0, 0, 0, 0]
 }
 
-/// Ethernet + IPv4 + ICMP echo (for IPv4 over an IPv6 underlay).
-fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
-    let mut p = Vec::with_capacity(42);
-    p.extend_from_slice(&[0x02, 0, 0, 0, 0xa0, 0x02, 0x02, 0, 0, 0, 0xa0, 0x01]);
-    p.extend_from_slice(&0x0800u16.to_be_bytes());
-    p.extend_from_slice(&[0x45, 0, 0, 28, 0, 1, 0x40, 0, 64, 1, 0, 0]);
-    p.extend_from_slice(&src.octets());
-    p.extend_from_slice(&dst.octets());
-    p.extend_from_slice(&[8, 0, 0, 0, 0, 1, 0, 1]);
-    p
-}
-
 /// Outer Ethernet + IPv4 or IPv6 (`v6`) + UDP + VXLAN (VNI `vni`) around `inner`, from the
 /// remote node to this node's tunnel port.
 fn vxlan(v6: bool, vni: u32, inner: &[u8]) -> Vec<u8> {
@@ -162,25 +141,6 @@ fn vxlan(v6: bool, vni: u32, inner: &[u8]) -> Vec<u8> {
     p.extend_from_slice(&[0x08, 0, 0, 0, vni[1], vni[2], vni[3], 0]);
     p.extend_from_slice(inner);
     p
-}
-
-fn counters(dp: &Datapath, program: Program) -> CounterValues {
-    dp.maps.counters(program).read().expect("read counters")
-}
-
-fn run(dp: &mut Datapath, program: Program, packet: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; packet.len() + 64];
-    let r = dp
-        .test_run(program, packet, Some(&mut out), 1)
-        .unwrap_or_else(|e| panic!("test run of {program:?} on {packet:02x?}: {e:?}"));
-    out.truncate(r.data_out_len);
-    (r.verdict, out)
-}
-
-fn assert_counters(dp: &Datapath, program: Program, want: &[(Counter, u64)]) {
-    let got = counters(dp, program);
-    let want_named: Vec<_> = want.iter().map(|(c, v)| (c.name(), *v)).collect();
-    assert_eq!(got.non_zero(), want_named, "{program:?} counters");
 }
 
 #[test]
