@@ -1,4 +1,4 @@
-//! Conformance: every `*.txtar` scenario (Cilium's, in `../shared/reference/cilium-testdata`
+//! Conformance: every `*.txtar` scenario (Cilium's, in `tests/cilium-testdata`
 //! or `$CILIUM_TESTDATA`, and ours in `tests/scenarios/`) against the real
 //! `clustermesh-apiserver` binary and a fresh etcd over mTLS per scenario, once per source:
 //! a manifest directory and the test Kubernetes API server (real kube-rs client). Both runs

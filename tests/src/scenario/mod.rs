@@ -4,7 +4,7 @@
 //!
 //! A scenario is a script of commands (`hive/start`, `k8s/add`, `kvstore/list`, `* cmp`,
 //! `sed`, `env`, `health`, ...; [`runner::COMMANDS`] lists them) followed by embedded files;
-//! see `shared/reference/cilium-testdata/README.md` for the format. Flags may follow
+//! see `tests/cilium-testdata/README.md` for the format. Flags may follow
 //! positional arguments ([`flags`]), as in Cilium's script engine. [`Scenario::parse`] reads one, [`run`] executes it against a [`Backend`], and
 //! [`apiserver::Apiserver`] is the real backend. This module does not start etcd: the caller
 //! provides an etcd client config (see `tests/tests/scenarios.rs`).
@@ -91,13 +91,12 @@ impl Scenario {
     }
 }
 
-/// Cilium's scenario files: `$CILIUM_TESTDATA`, else `<repo>/../shared/reference/cilium-testdata`.
+/// Cilium's scenario files: `$CILIUM_TESTDATA`, else the copy in `tests/cilium-testdata` (taken
+/// from Cilium's clustermesh-apiserver test suite, Apache-2.0), so a plain clone runs them.
 pub fn reference_dir() -> PathBuf {
     match std::env::var_os("CILIUM_TESTDATA") {
         Some(dir) => PathBuf::from(dir),
-        None => {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference/cilium-testdata")
-        }
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("cilium-testdata"),
     }
 }
 
