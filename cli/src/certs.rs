@@ -233,6 +233,18 @@ pub fn run_to(cmd: CertsCommand, out: &mut dyn Write) -> anyhow::Result<()> {
                     rfc3339(r.not_after)
                 )?;
             }
+            // A lab cluster's pods read the certificates from their Secrets' files: write
+            // them again, as a kubelet updates a mounted Secret.
+            if let Some((pods, cluster)) =
+                crate::lab::install::refresh(&dir).with_context(|| {
+                    format!("updating the lab pods' Secret files from {}", dir.display())
+                })?
+            {
+                writeln!(
+                    out,
+                    "updated the Secret files of {pods} pods of lab cluster {cluster} (as a kubelet updates mounted Secrets)"
+                )?;
+            }
             writeln!(
                 out,
                 "running processes use them at their next handshake; no restart needed"

@@ -75,6 +75,9 @@ enum LabCommand {
     /// A load client against a lab pod (runs inside a pod's namespace).
     #[command(hide = true)]
     Load(lab::load::LoadArgs),
+    /// The lab's kubelet of a control-plane pod (runs inside its namespace).
+    #[command(hide = true)]
+    Kubelet(lab::kubelet::KubeletArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -90,6 +93,7 @@ fn main() -> std::process::ExitCode {
         Command::Lab(LabCommand::Down(a)) => lab::down(a),
         Command::Lab(LabCommand::Echo(a)) => lab::echo::run(a),
         Command::Lab(LabCommand::Load(a)) => lab::load::run(a),
+        Command::Lab(LabCommand::Kubelet(a)) => lab::kubelet::run(a),
         Command::Connectivity(ConnectivityCommand::Test(a)) => connectivity::test(a),
         Command::Observe(a) => observe::run(a),
         Command::Manifests(a) => manifests::run(a),

@@ -16,10 +16,14 @@
 //!   API fields are given by the caller: node name, host and pod IPs), and `$(VAR)` in
 //!   `command`/`args` is expanded with it (`$$` stays a literal `$`; unknown names are kept).
 //!
+//! - an `emptyDir` mount is a directory under `root` + `mountPath`, created if missing
+//!   (0700) and kept across runs, as an emptyDir lives as long as its pod (a `Memory`
+//!   medium is a plain directory here: no tmpfs, no `sizeLimit`).
+//!
 //! The one translation it makes: a container sees its mounts at the root of its own mount
-//! namespace, a process started here does not, so an absolute path under a configMap, secret
-//! or projected mount — in the arguments and inside the written files — becomes the same path
-//! under `root`. hostPath and emptyDir mounts are left to the caller.
+//! namespace, a process started here does not, so an absolute path under a configMap, secret,
+//! projected or emptyDir mount — in the arguments and inside the written files — becomes the
+//! same path under `root`. hostPath mounts are left to the caller.
 //!
 //! It must not start processes, talk to a cluster, or change what the objects say.
 
@@ -413,6 +417,7 @@ pub fn materialise(
         .collect();
     // The mounts this module writes, longest first (the rewrite prefers the deepest).
     let mut planned = Vec::new();
+    let mut empty_dirs = Vec::new();
     for m in c.volume_mounts.iter().flatten() {
         let Some(v) = volumes.get(m.name.as_str()) else {
             return Err(Error::Missing {
@@ -423,9 +428,23 @@ pub fn materialise(
         };
         if let Some(files) = vols.files(v)? {
             planned.push((m.clone(), files));
+        } else if v.empty_dir.is_some() {
+            empty_dirs.push(m.mount_path.clone());
         }
     }
-    let mut mounts: Vec<String> = planned.iter().map(|(m, _)| m.mount_path.clone()).collect();
+    for d in &empty_dirs {
+        let target = under(root, d);
+        if !target.is_dir() {
+            std::fs::create_dir_all(&target).map_err(io(&target))?;
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o700))
+                .map_err(io(&target))?;
+        }
+    }
+    let mut mounts: Vec<String> = planned
+        .iter()
+        .map(|(m, _)| m.mount_path.clone())
+        .chain(empty_dirs.iter().cloned())
+        .collect();
     mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
     let fix = |data: &[u8]| match std::str::from_utf8(data) {
         Ok(t) => rewrite(t, &mounts, root).into_bytes(),
@@ -653,6 +672,82 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("downward API field"), "{err}");
+    }
+
+    #[test]
+    fn the_control_plane_gets_its_secrets_its_empty_dirs_and_its_command_line() {
+        let v = Values {
+            cluster_name: "c1".into(),
+            cluster_id: 1,
+            ..Values::default()
+        };
+        let objs = objects::cluster_install(&v, &pems());
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let etcd = materialise(
+            &objs,
+            "Deployment",
+            objects::APISERVER,
+            "etcd",
+            &fields(),
+            root,
+        )
+        .unwrap();
+        // The emptyDir is a directory under root, and the argument names it there.
+        let data = root.join("var/run/etcd");
+        assert!(data.is_dir());
+        assert_eq!(mode(&data), 0o700);
+        assert_eq!(
+            etcd.flag("data-dir"),
+            Some(data.display().to_string().as_str())
+        );
+        // The server Secret's files, at most 0600 (defaultMode 0400 here).
+        let key = root.join("var/lib/etcd-secrets/tls.key");
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), "KEY server\n");
+        assert_eq!(mode(&key), 0o400);
+        assert_eq!(
+            etcd.flag("listen-client-urls"),
+            Some("https://127.0.0.1:2379,https://198.18.1.11:2379")
+        );
+        let api = materialise(
+            &objs,
+            "Deployment",
+            objects::APISERVER,
+            "apiserver",
+            &fields(),
+            root,
+        )
+        .unwrap();
+        assert_eq!(api.flag("cluster-name"), Some("c1"));
+        let state = root.join("var/run/clustermesh");
+        assert!(state.is_dir());
+        assert_eq!(
+            api.flag("state-dir"),
+            Some(state.display().to_string().as_str())
+        );
+        let cfg = std::fs::read_to_string(root.join("etc/clustermesh/etcd-config.yaml")).unwrap();
+        assert!(
+            cfg.contains(&format!(
+                "{}/etc/clustermesh/etcd-secrets/tls.crt",
+                root.display()
+            )),
+            "{cfg}"
+        );
+        // A second run keeps what the emptyDir holds.
+        std::fs::write(data.join("member"), "kept").unwrap();
+        materialise(
+            &objs,
+            "Deployment",
+            objects::APISERVER,
+            "etcd",
+            &fields(),
+            root,
+        )
+        .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(data.join("member")).unwrap(),
+            "kept"
+        );
     }
 
     #[test]

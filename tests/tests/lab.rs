@@ -1,5 +1,6 @@
 //! Issue 4 acceptance over the real lab: `clustermesh lab up` (2 clusters × 2 nodes × 2 pods
-//! in network namespaces, embedded etcds, apiservers, agents), `connectivity test -o json`,
+//! in network namespaces; each control plane the apiserver Deployment's pod, etcd sidecar
+//! and apiserver, whose probe URLs must answer; agents), `connectivity test -o json`,
 //! an independent `curl` from a pod in c1 to a pod in c2, a capture on the underlay whose
 //! VNI must be the source pod's identity (read from etcd), a remote pod deleted from its
 //! cluster's manifests (unrouted within 1 s) and added back, an agent restarted under a
@@ -360,6 +361,69 @@ fn restart_agent_under_a_stream(
     Ok(())
 }
 
+/// The readiness and liveness probes of the generated apiserver Deployment
+/// (`deploy/kubernetes/base/deployment.yaml`), asked of every lab control plane at its pod
+/// IP as a kubelet would (from the control-plane namespace): each must answer 200. The lab
+/// has no kubelet that probes; this is its check that the probes' paths and ports are right.
+fn probes_answer(state: &Value) -> Result<()> {
+    use k8s_openapi::api::apps::v1::Deployment;
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/base/deployment.yaml");
+    let d: Deployment = serde_yaml::from_str(&std::fs::read_to_string(&path)?)
+        .with_context(|| path.display().to_string())?;
+    let spec = d.spec.and_then(|s| s.template.spec).context("pod spec")?;
+    let mut probes = Vec::new();
+    for c in &spec.containers {
+        for (kind, p) in [
+            ("readiness", &c.readiness_probe),
+            ("liveness", &c.liveness_probe),
+        ] {
+            if let Some(get) = p.as_ref().and_then(|p| p.http_get.as_ref()) {
+                let port = match &get.port {
+                    k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(p) => *p,
+                    other => bail!("{kind} probe of {}: named port {other:?}", c.name),
+                };
+                probes.push((
+                    format!("{} {kind}", c.name),
+                    get.path.clone().unwrap_or_default(),
+                    port,
+                ));
+            }
+        }
+    }
+    ensure!(
+        probes.len() >= 2,
+        "the Deployment has no HTTP probes: {probes:?}"
+    );
+    for c in state["clusters"].as_array().context("clusters")? {
+        let ns = c["ns"].as_str().context("ns")?;
+        let ip = c["ip"].as_str().context("ip")?;
+        for (what, path, port) in &probes {
+            let code = run(Command::new("ip").args([
+                "netns",
+                "exec",
+                ns,
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "2",
+                &format!("http://{ip}:{port}{path}"),
+            ]))?;
+            ensure!(
+                code.trim() == "200",
+                "{}: {what} probe GET {path} on :{port} answered {code}",
+                c["name"]
+            );
+        }
+    }
+    println!("probes: {} per control plane answer 200", probes.len());
+    Ok(())
+}
+
 #[test]
 fn lab_up_connectivity_vni_pod_deletion_and_down() -> Result<()> {
     let datapath = std::env::var("CLUSTERMESH_LAB_DATAPATH").unwrap_or_else(|_| "ebpf".into());
@@ -423,6 +487,9 @@ fn lab_up_connectivity_vni_pod_deletion_and_down() -> Result<()> {
         summary["passed"].as_u64().unwrap_or(0) >= 112 && summary["failed"] == 0,
         "{summary}"
     );
+
+    // The control planes run the apiserver Deployment's pod: what its probes ask answers.
+    probes_answer(&state)?;
 
     // Independently: a pod in c1 asks a pod in c2 who it is.
     let c1 = &state["clusters"][0];

@@ -18,9 +18,18 @@
 //!   directory of the state-dir `connect`, which KVStoreMesh reads too) replace the
 //!   DaemonSet's hostPath-based values, and the lab's datapath flags (VXLAN device,
 //!   observer, DNS, underlay decapsulation) are added;
-//! - the control plane stays the apiserver with its embedded etcd on the state-dir layout
-//!   (`certs/`, `etcd/`), which `connect --state-dir`, `certs rotate` and the fault suite
-//!   work on; it is started with the same name, ID and mesh size the ConfigMap holds.
+//! - the control plane is the `clustermesh-apiserver` Deployment's pod, materialised into
+//!   `<state>/pods/clustermesh-apiserver/` ([`control_plane`]): the etcd sidecar with the
+//!   server Secret's files and its emptyDir data dir (`var/run/etcd`), the apiserver with the
+//!   ConfigMap's name, ID and mesh size, its admin Secret and `--etcd-init`; the lab's
+//!   [`super::kubelet`] runs and restarts them in the control-plane namespace. The lab sets
+//!   the apiserver's source (`--source=manifests`, the lab's manifests: no Kubernetes API
+//!   runs here), and its remote configs and users file to the state dir's `clustermesh/`
+//!   and `cluster-users.yaml` (where `connect --state-dir` writes them; in a cluster the
+//!   `cilium-kvstoremesh` Secret and `clustermesh-remote-users` ConfigMap);
+//! - the state dir's `certs/` are what the Secrets hold (as the overlays' `secretGenerator`
+//!   reads files); [`refresh`] is the kubelet's update of mounted Secrets: after `certs
+//!   rotate` it writes the new Secrets' files into every pod of the cluster.
 //!
 //! It must not start processes (that is [`super::processes`]).
 
@@ -31,7 +40,8 @@ use anyhow::Context as _;
 use clustermesh_k8s::kubelet::{self, Materialised};
 use clustermesh_k8s::objects::{self, CertPems, Object, Values};
 
-use super::state::{Cluster, Node};
+use super::kubelet::ContainerRun;
+use super::state::{Cluster, LabState, Node};
 
 /// The Values of a lab cluster (Cilium's defaults but for its name and ID; MCS-API on, as
 /// the lab's apiservers run it).
@@ -112,6 +122,119 @@ pub fn agent(objs: &[Object], c: &Cluster, node: &Node) -> anyhow::Result<Materi
             .with_context(|| format!("writing {}", cfg.display()))?;
     }
     Ok(m)
+}
+
+/// Where the cluster's control-plane pod is materialised.
+pub fn control_plane_root(c: &Cluster) -> PathBuf {
+    c.state_dir.join("pods").join(objects::APISERVER)
+}
+
+/// The control-plane pod's containers materialised from `objs` (files under
+/// [`control_plane_root`]), as the lab's kubelet runs them: the Deployment's command lines,
+/// expanded, with the lab's settings (see the module docs). `service_v2`: the apiserver's
+/// `--clustermesh-service-v2`, when the lab sets one.
+pub fn control_plane(
+    objs: &[Object],
+    c: &Cluster,
+    service_v2: Option<&str>,
+) -> anyhow::Result<Vec<ContainerRun>> {
+    let ip = c.ip.to_string();
+    let fields = BTreeMap::from([
+        ("spec.nodeName".to_string(), format!("{}-cp", c.name)),
+        ("status.hostIP".to_string(), ip.clone()),
+        ("status.podIP".to_string(), ip),
+    ]);
+    let root = control_plane_root(c);
+    let mut out = Vec::new();
+    for container in ["etcd", "apiserver"] {
+        let m = kubelet::materialise(
+            objs,
+            "Deployment",
+            objects::APISERVER,
+            container,
+            &fields,
+            &root,
+        )
+        .with_context(|| {
+            format!(
+                "materialising the {container} of {}'s control plane",
+                c.name
+            )
+        })?;
+        let (argv, log) = if container == "apiserver" {
+            let state = &c.state_dir;
+            let mut set = vec![
+                ("source", "manifests".to_string()),
+                ("manifests", state.join("manifests").display().to_string()),
+                (
+                    "clustermesh-config",
+                    state.join("clustermesh").display().to_string(),
+                ),
+                (
+                    "cluster-users-config-path",
+                    state.join("cluster-users.yaml").display().to_string(),
+                ),
+            ];
+            if let Some(mode) = service_v2 {
+                set.push(("clustermesh-service-v2", mode.to_string()));
+            }
+            // The image's entrypoint is this machine's binary.
+            let program = crate::enable::apiserver_binary().display().to_string();
+            let argv = std::iter::once(program)
+                .chain(with_flags(m.args, &set))
+                .collect();
+            (argv, state.join("apiserver.log"))
+        } else {
+            let argv = m.command.into_iter().chain(m.args).collect();
+            (argv, c.state_dir.join("etcd.log"))
+        };
+        out.push(ContainerRun {
+            name: container.to_string(),
+            argv,
+            env: m.env,
+            log,
+        });
+    }
+    Ok(out)
+}
+
+/// The kubelet's update of mounted Secrets, for the lab cluster whose certificates are in
+/// `certs_dir` (if it is one): the cluster's objects are rendered again from its `certs/`
+/// and every pod's files (control plane and agents) written again, so the running processes
+/// read the new certificates at their next handshake. `None` when `certs_dir` is no lab
+/// cluster's; else the number of pods updated and the cluster's name.
+pub fn refresh(certs_dir: &Path) -> anyhow::Result<Option<(usize, String)>> {
+    let Ok(certs) = std::fs::canonicalize(certs_dir) else {
+        return Ok(None);
+    };
+    // `<lab>/<cluster>/certs`: the lab is two levels up.
+    let Some(lab) = certs.parent().and_then(Path::parent) else {
+        return Ok(None);
+    };
+    if !super::state::state_file(lab).is_file() {
+        return Ok(None);
+    }
+    let st: LabState = super::state::load(lab)?;
+    let Some(c) = st
+        .clusters
+        .iter()
+        .find(|c| std::fs::canonicalize(&c.certs_dir).is_ok_and(|p| p == certs))
+    else {
+        return Ok(None);
+    };
+    let objs = render(c, &st.dir.join("ca"))?;
+    let mut pods = 0;
+    if control_plane_root(c).is_dir() {
+        control_plane(&objs, c, c.service_v2.as_deref())?;
+        pods += 1;
+    }
+    for node in &c.nodes {
+        if agent_root(c, node).is_dir() {
+            agent(&objs, c, node)?;
+            pods += 1;
+        }
+    }
+    Ok(Some((pods, c.name.clone())))
 }
 
 /// `args` with each `--flag=value` of `set` replacing the same flag (or appended).

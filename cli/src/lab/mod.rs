@@ -21,13 +21,14 @@
 
 pub mod cni;
 pub mod echo;
+pub mod kubelet;
 pub mod load;
 pub mod netns;
 pub mod plan;
 pub mod state;
 
 mod down;
-mod install;
+pub(crate) mod install;
 mod manifests;
 mod network;
 mod processes;

@@ -1,5 +1,5 @@
-//! The lab's processes: echo servers in the pods, control planes (apiserver + etcd) in their
-//! namespaces, the mesh connections between them, and one agent per node; each started, then
+//! The lab's processes: echo servers in the pods, control planes (the apiserver Deployment's
+//! pod, etcd sidecar included, under the lab's kubelet) in their namespaces, the mesh connections between them, and one agent per node; each started, then
 //! waited for until it answers.
 
 use std::net::SocketAddr;
@@ -11,7 +11,7 @@ use anyhow::{bail, Context as _};
 use super::manifests::manifests;
 use super::network::DNS_SERVER;
 use super::state::{Agent, LabState};
-use super::{http_get, install, netns, plan};
+use super::{http_get, install, kubelet, netns, plan};
 use crate::enable::{self, EnableArgs};
 use crate::remotes::{connect_pair, status_json, Access};
 
@@ -117,15 +117,23 @@ pub(super) fn start_control_planes(st: &mut LabState) -> anyhow::Result<()> {
             std::fs::write(prepared.manifests.join(&file), text)
                 .with_context(|| format!("writing {file} into {}", prepared.manifests.display()))?;
         }
-        let mut args = vec!["--config".into(), prepared.config.display().to_string()];
-        if let Some(mode) = &c.service_v2 {
-            args.push(format!("--clustermesh-service-v2={mode}"));
-        }
+        // The control plane is the Deployment's pod: its containers materialised from the
+        // cluster's install objects, run by the lab's kubelet in the control-plane namespace.
+        let objs = install::render(c, &ca_dir)?;
+        let containers = install::control_plane(&objs, c, c.service_v2.as_deref())?;
+        let pod = install::control_plane_root(c);
+        kubelet::write_spec(&pod, &containers)?;
+        let args = vec![
+            "lab".into(),
+            "kubelet".into(),
+            "--pod".into(),
+            pod.display().to_string(),
+        ];
         c.apiserver_pid = Some(netns::spawn(
             &c.ns,
-            &enable::apiserver_binary(),
+            &self_binary()?,
             &args,
-            &c.state_dir.join("apiserver.log"),
+            &c.state_dir.join("kubelet.log"),
         )?);
     }
     Ok(())

@@ -61,7 +61,9 @@ pub struct Cluster {
     pub etcd_endpoint: String,
     /// apiserver health address.
     pub health_addr: SocketAddr,
-    /// apiserver PID (its etcd is its child, same process group).
+    /// PID of the control-plane pod's kubelet (`lab kubelet`), which runs the apiserver
+    /// Deployment's containers (etcd, apiserver) and ends them when it ends. The name is
+    /// kept from when the apiserver ran alone, so older readers of `lab.json` still find it.
     pub apiserver_pid: Option<u32>,
     /// The apiserver's `--clustermesh-service-v2` mode, when `lab up --service-v2` set one
     /// (absent: the apiserver's default).
