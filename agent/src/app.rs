@@ -50,8 +50,9 @@ pub struct Config {
     pub cluster: ClusterInfo,
     /// This node's name.
     pub node_name: String,
-    /// This node's underlay IPv4 (pods with this `HostIP` are local).
-    pub node_ip: Ipv4Addr,
+    /// This node's underlay IPv4 (pods with this `HostIP` are local); `None` on an
+    /// IPv6-only node, which then needs `node_ip6`.
+    pub node_ip: Option<Ipv4Addr>,
     /// This node's underlay IPv6, if any (IPv6 tunnel endpoints; `HostIP` of local pods).
     pub node_ip6: Option<Ipv6Addr>,
     /// Client config of the local etcd (user `local-<c>`).
@@ -99,8 +100,20 @@ impl Config {
         if self.node_name.is_empty() {
             return bad("--node-name must not be empty".into());
         }
-        if self.node_ip.is_unspecified() {
-            return bad("--node-ip must be this node's underlay address".into());
+        match (self.node_ip, self.node_ip6) {
+            (None, None) => {
+                return bad(
+                    "--node-ip (IPv4) or --node-ip6 (IPv6-only node) is required: this \
+                     node's underlay address"
+                        .into(),
+                )
+            }
+            (Some(ip), _) if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() => {
+                return bad(format!(
+                    "--node-ip {ip} must be this node's unicast IPv4 underlay address"
+                ))
+            }
+            _ => {}
         }
         if let Some(ip6) = self.node_ip6 {
             if ip6.is_unspecified() || ip6.is_loopback() || ip6.is_multicast() {
@@ -174,7 +187,8 @@ pub async fn run(config: Config, token: CancellationToken) -> Result<()> {
     let reconciler = Reconciler::new(
         dp,
         local_name.clone(),
-        config.node_ip,
+        // 0.0.0.0: an IPv6-only node, whose local pods are found by --node-ip6.
+        config.node_ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
         config.ipcache_max_entries,
         config.local_endpoints_max_entries,
     )?;
@@ -184,7 +198,8 @@ pub async fn run(config: Config, token: CancellationToken) -> Result<()> {
         [
             Some(config.vxlan_dev.clone()),
             underlay.clone(),
-            ifaces::with_ipv4(config.node_ip),
+            config.node_ip.and_then(ifaces::with_ipv4),
+            config.node_ip6.and_then(|ip| ifaces::with_addr(ip.into())),
         ]
         .into_iter()
         .flatten(),
@@ -237,7 +252,8 @@ pub async fn run(config: Config, token: CancellationToken) -> Result<()> {
         cluster: config.cluster.name.to_string(),
         cluster_id: config.cluster.id,
         node: config.node_name.clone(),
-        node_ip: config.node_ip.to_string(),
+        node_ip: config.node_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+        node_ip6: config.node_ip6.map(|ip| ip.to_string()),
         kernel: report.to_string(),
         attach_mode: format!("{:?}", report.attach_mode),
         receive_path,

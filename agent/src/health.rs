@@ -27,8 +27,11 @@ pub struct Report {
     pub cluster_id: u32,
     /// This node.
     pub node: String,
-    /// This node's underlay IPv4.
+    /// This node's underlay IPv4 (empty on an IPv6-only node).
     pub node_ip: String,
+    /// This node's underlay IPv6, if it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_ip6: Option<String>,
     /// `/readyz`.
     pub ready: bool,
     /// Why (not) ready.

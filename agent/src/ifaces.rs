@@ -12,7 +12,7 @@
 use std::collections::BTreeSet;
 use std::ffi::{CStr, CString};
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// Longest interface name (`IFNAMSIZ` - 1).
 pub const IFNAME_MAX: usize = 15;
@@ -152,6 +152,12 @@ pub fn gro_enabled(name: &str) -> Option<bool> {
 /// Name of the interface that holds the IPv4 address `ip` in the agent's network namespace
 /// (the node's underlay device for its `--node-ip`), `None` if none does.
 pub fn with_ipv4(ip: Ipv4Addr) -> Option<String> {
+    with_addr(IpAddr::V4(ip))
+}
+
+/// Name of the interface that holds the address `ip` (either family) in the agent's network
+/// namespace (the underlay device of an IPv6-only node holds its `--node-ip6`).
+pub fn with_addr(ip: IpAddr) -> Option<String> {
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs writes a list head into `list`; freed once below.
     if unsafe { libc::getifaddrs(&mut list) } != 0 {
@@ -160,16 +166,31 @@ pub fn with_ipv4(ip: Ipv4Addr) -> Option<String> {
     let mut found = None;
     let mut p = list;
     // SAFETY: walks the linked list getifaddrs returned up to its NULL end; an AF_INET
-    // address is a sockaddr_in; names are NUL-terminated; the list is freed once, after.
+    // address is a sockaddr_in, an AF_INET6 one a sockaddr_in6; names are NUL-terminated;
+    // the list is freed once, after.
     unsafe {
         while !p.is_null() {
             let a = (*p).ifa_addr;
-            if !a.is_null() && i32::from((*a).sa_family) == libc::AF_INET {
-                let sin = &*(a as *const libc::sockaddr_in);
-                if Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)) == ip {
-                    found = Some(CStr::from_ptr((*p).ifa_name).to_string_lossy().into_owned());
-                    break;
+            let addr = if a.is_null() {
+                None
+            } else {
+                match i32::from((*a).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*(a as *const libc::sockaddr_in);
+                        Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                            sin.sin_addr.s_addr,
+                        ))))
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(a as *const libc::sockaddr_in6);
+                        Some(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)))
+                    }
+                    _ => None,
                 }
+            };
+            if addr == Some(ip) {
+                found = Some(CStr::from_ptr((*p).ifa_name).to_string_lossy().into_owned());
+                break;
             }
             p = (*p).ifa_next;
         }
@@ -194,6 +215,9 @@ mod tests {
         assert_eq!(with_ipv4(Ipv4Addr::LOCALHOST).as_deref(), Some("lo"));
         // TEST-NET-3, assigned to nothing here.
         assert_eq!(with_ipv4(Ipv4Addr::new(203, 0, 113, 254)), None);
+        assert_eq!(with_addr(Ipv6Addr::LOCALHOST.into()).as_deref(), Some("lo"));
+        // The documentation prefix, assigned to nothing here.
+        assert_eq!(with_addr("2001:db8::fe".parse().expect("ip")), None);
     }
 
     #[test]

@@ -37,11 +37,13 @@ struct Args {
     /// This node's name.
     #[arg(long)]
     node_name: Option<String>,
-    /// This node's underlay IPv4 (pods whose HostIP is this address are local).
+    /// This node's underlay IPv4 (pods whose HostIP is this address are local). Required
+    /// unless --node-ip6 is given (an IPv6-only node).
     #[arg(long)]
     node_ip: Option<Ipv4Addr>,
     /// This node's underlay IPv6, if it has one: IPv6 tunnel endpoints (VXLAN over IPv6)
-    /// and pods whose HostIP is this address are local.
+    /// and pods whose HostIP is this address are local. Alone (without --node-ip) the node
+    /// is IPv6-only: its underlay device, tunnel source and observer address are IPv6.
     #[arg(long)]
     node_ip6: Option<Ipv6Addr>,
     /// Client config of the local etcd (user local-<cluster>).
@@ -63,14 +65,16 @@ struct Args {
     #[arg(long, default_value_t = 4789)]
     vxlan_port: u16,
     /// Where VXLAN for this node's pods is decapsulated by BPF before the VXLAN device:
-    /// `auto` (the interface holding --node-ip, if GRO is on there), an interface name, or
+    /// `auto` (the interface holding --node-ip, else --node-ip6, if GRO is on there), an
+    /// interface name, or
     /// `off` (everything is received through the VXLAN device).
     #[arg(long, default_value = "auto")]
     underlay_dev: String,
     /// Address of /readyz, /healthz, /status and /metrics.
     #[arg(long, default_value = "127.0.0.1:9890")]
     health_addr: SocketAddr,
-    /// The flow observer's gRPC address (`clustermesh observe`); default `<node-ip>:4245`.
+    /// The flow observer's gRPC address (`clustermesh observe`); default `<node-ip>:4245`
+    /// (`[<node-ip6>]:4245` on an IPv6-only node).
     #[arg(long)]
     observer_addr: Option<SocketAddr>,
     /// /readyz turns true at the latest after this long.
@@ -147,7 +151,7 @@ fn config(a: &Args) -> anyhow::Result<Config> {
     let config = Config {
         cluster,
         node_name: need(&a.node_name, "--node-name")?,
-        node_ip: need(&a.node_ip, "--node-ip")?,
+        node_ip: a.node_ip,
         node_ip6: a.node_ip6,
         etcd_config: need(&a.etcd_config, "--etcd-config")?,
         clustermesh_config: need(&a.clustermesh_config, "--clustermesh-config")?,
@@ -166,7 +170,11 @@ fn config(a: &Args) -> anyhow::Result<Config> {
         health_addr: a.health_addr,
         observer_addr: match a.observer_addr {
             Some(addr) => addr,
-            None => SocketAddr::new(need(&a.node_ip, "--node-ip")?.into(), OBSERVER_PORT),
+            None => match (a.node_ip, a.node_ip6) {
+                (Some(ip), _) => SocketAddr::new(ip.into(), OBSERVER_PORT),
+                (None, Some(ip6)) => SocketAddr::new(ip6.into(), OBSERVER_PORT),
+                (None, None) => bail!("--node-ip or --node-ip6 is required"),
+            },
         },
         sync_timeout: a.sync_timeout,
         ipcache_max_entries: a.ipcache_max_entries,

@@ -6,7 +6,7 @@
 //! It must not divide the maps between their owners (the caller hands the LB, policy and
 //! flow maps out) or decide what goes into any map but the tunnel settings.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
 use tracing::info;
@@ -17,7 +17,7 @@ use crate::{ifaces, Error, Result};
 /// The device `from_underlay` is attached to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum UnderlayDev {
-    /// The interface holding the node's underlay address (`--node-ip`).
+    /// The interface holding the node's underlay address (`--node-ip`, else `--node-ip6`).
     Auto,
     /// This interface.
     Named(String),
@@ -42,8 +42,8 @@ pub struct BringUp {
     pub vxlan_port: u16,
     /// Where `from_underlay` goes.
     pub underlay_dev: UnderlayDev,
-    /// This node's underlay address.
-    pub node_ip: Ipv4Addr,
+    /// This node's IPv4 underlay address; `None` on an IPv6-only node.
+    pub node_ip: Option<Ipv4Addr>,
     /// This node's IPv6 underlay address, if any (`from_underlay` decapsulates VXLAN to it;
     /// the source of VXLAN over IPv6).
     pub node_ip6: Option<Ipv6Addr>,
@@ -72,7 +72,13 @@ pub fn bring_up(cfg: &BringUp) -> Result<Up> {
     })?;
     let how = dp.attach(Program::FromOverlay, &cfg.vxlan_dev)?;
     info!(dev = %cfg.vxlan_dev, ?how, "from_overlay attached");
-    let (underlay, receive_path) = receive_path(&cfg.underlay_dev, cfg.node_ip);
+    // An IPv6-only node's underlay device is the one holding its IPv6 address.
+    let Some(node_addr) = cfg.node_ip.map(IpAddr::V4).or(cfg.node_ip6.map(IpAddr::V6)) else {
+        return Err(Error::InvalidConfig(
+            "the node needs an underlay address (--node-ip or --node-ip6)".into(),
+        ));
+    };
+    let (underlay, receive_path) = receive_path(&cfg.underlay_dev, node_addr);
     // Decapsulation needs the port in the tunnel settings; 0 there turns it off (a pinned
     // from_underlay link left by an earlier agent then passes everything on).
     let port = if underlay.is_some() {
@@ -90,7 +96,7 @@ pub fn bring_up(cfg: &BringUp) -> Result<Up> {
     info!(%receive_path, "VXLAN receive path");
     let want = (
         vx.ifindex,
-        cfg.node_ip.octets(),
+        cfg.node_ip.map_or([0; 4], |a| a.octets()),
         port.to_be_bytes(),
         cfg.node_ip6.map_or([0; 16], |a| a.octets()),
     );
@@ -104,7 +110,7 @@ pub fn bring_up(cfg: &BringUp) -> Result<Up> {
     {
         dp.maps
             .tunnel
-            .set_dual(vx.ifindex, Some(cfg.node_ip), cfg.node_ip6, port)?;
+            .set_dual(vx.ifindex, cfg.node_ip, cfg.node_ip6, port)?;
     }
     Ok(Up {
         dp,
@@ -115,11 +121,11 @@ pub fn bring_up(cfg: &BringUp) -> Result<Up> {
 
 /// Where VXLAN for local pods is received: the device `from_underlay` goes on (if any), and
 /// the reason, for the log and `/status`.
-fn receive_path(underlay: &UnderlayDev, node_ip: Ipv4Addr) -> (Option<String>, String) {
+fn receive_path(underlay: &UnderlayDev, node_ip: IpAddr) -> (Option<String>, String) {
     match underlay {
         UnderlayDev::Off => (None, "VXLAN device (--underlay-dev off)".to_owned()),
         UnderlayDev::Named(dev) => (Some(dev.clone()), format!("from_underlay on {dev}")),
-        UnderlayDev::Auto => match ifaces::with_ipv4(node_ip) {
+        UnderlayDev::Auto => match ifaces::with_addr(node_ip) {
             None => (
                 None,
                 format!(

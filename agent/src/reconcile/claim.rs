@@ -62,7 +62,8 @@ pub(super) fn claim_of(
         _ => None,
     };
     let claim = match host {
-        Some(h) if h == node_ip && is_local_cluster => Claim {
+        // 0.0.0.0 is "no IPv4 underlay" (an IPv6-only node): no HostIP names it.
+        Some(h) if h == node_ip && !node_ip.is_unspecified() && is_local_cluster => Claim {
             value: IpcacheValue {
                 key: pair.key,
                 ..IpcacheValue::local(pair.id)
@@ -185,5 +186,20 @@ pub(super) mod tests {
             &pair("fd00::1", "198.18.1.11", 70000, "p1")
         )
         .is_none());
+    }
+
+    #[test]
+    fn an_ipv6_only_node_has_no_ipv4_pod_of_its_own() {
+        // 0.0.0.0 stands for "no IPv4 underlay": an entry naming it is tunnelled (and so
+        // dropped by the datapath, which has no IPv4 source), never a local pod.
+        let (_, c) = claim(
+            "c1",
+            Ipv4Addr::UNSPECIFIED,
+            "c1",
+            &pair("10.1.1.11", "0.0.0.0", 70000, "p1"),
+        )
+        .unwrap();
+        assert!(c.pod.is_none());
+        assert_ne!(c.value.flags, 0);
     }
 }

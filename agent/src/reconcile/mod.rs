@@ -104,6 +104,8 @@ pub struct Reconciler {
 
 impl Reconciler {
     /// Takes over `dp`, adopting what its (possibly pinned, pre-filled) maps hold.
+    /// `node_ip` is the node's IPv4 underlay address, `0.0.0.0` on an IPv6-only node (no
+    /// IPv4 `HostIP` is then this node's; see [`Reconciler::set_node_ip6`]).
     pub fn new(
         dp: Datapath,
         local: Arc<str>,

@@ -115,7 +115,7 @@ pub struct Claim6 {
 /// send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Underlay {
-    /// The IPv4 underlay address (`--node-ip`).
+    /// The IPv4 underlay address (`--node-ip`); `0.0.0.0` on an IPv6-only node.
     pub v4: Ipv4Addr,
     /// The IPv6 underlay address (`--node-ip6`), if the node has one.
     pub v6: Option<Ipv6Addr>,
@@ -135,7 +135,8 @@ pub fn claim6(
         ipcache_flags::REMOTE_CLUSTER
     };
     let is_this_node = match entry.host {
-        Some(IpAddr::V4(h)) => h == node.v4,
+        // 0.0.0.0 is "no IPv4 underlay" (an IPv6-only node).
+        Some(IpAddr::V4(h)) => h == node.v4 && !node.v4.is_unspecified(),
         Some(IpAddr::V6(h)) => Some(h) == node.v6,
         None => false,
     };
