@@ -9,7 +9,20 @@ use std::path::PathBuf;
 /// What went wrong setting a client up.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The kubeconfig file cannot be read or parsed.
+    /// The kubeconfig file cannot be opened or read (kube's own error repeats the OS error
+    /// in its message and as its source, so the chain would say it twice: this carries the
+    /// OS error alone).
+    #[error(
+        "kubeconfig {path} cannot be read: check the path given with --kubeconfig (or $KUBECONFIG)"
+    )]
+    KubeconfigFile {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kubeconfig file cannot be parsed.
     #[error(
         "kubeconfig {path} cannot be read: check the path given with --kubeconfig (or $KUBECONFIG)"
     )]
@@ -161,22 +174,62 @@ impl ClientConfig {
     }
 }
 
+/// Our error for a kubeconfig that kube could not read, naming `path`.
+fn kubeconfig_error(path: String, source: kube::config::KubeconfigError) -> Error {
+    match source {
+        kube::config::KubeconfigError::ReadConfig(source, _) => {
+            Error::KubeconfigFile { path, source }
+        }
+        source => Error::Kubeconfig { path, source },
+    }
+}
+
 fn read_kubeconfig(path: Option<&PathBuf>) -> Result<(kube::config::Kubeconfig, String)> {
     match path {
         Some(p) => kube::config::Kubeconfig::read_from(p)
             .map(|kc| (kc, p.display().to_string()))
-            .map_err(|source| Error::Kubeconfig {
-                path: p.display().to_string(),
-                source,
-            }),
+            .map_err(|source| kubeconfig_error(p.display().to_string(), source)),
         None => {
             let shown = std::env::var("KUBECONFIG").unwrap_or_else(|_| "~/.kube/config".into());
             kube::config::Kubeconfig::read()
                 .map(|kc| (kc, shown.clone()))
-                .map_err(|source| Error::Kubeconfig {
-                    path: shown,
-                    source,
-                })
+                .map_err(|source| kubeconfig_error(shown, source))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The whole chain as a CLI prints it (`{e:#}`): each message once.
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut out = e.to_string();
+        let mut s = e.source();
+        while let Some(c) = s {
+            out.push_str(": ");
+            out.push_str(&c.to_string());
+            s = c.source();
+        }
+        out
+    }
+
+    #[test]
+    fn a_missing_kubeconfig_is_named_once_with_its_os_error_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missing");
+        let err = ClientConfig::kubeconfig(Some(path.clone()), Some("east".into()))
+            .validate()
+            .unwrap_err();
+        let text = chain(&err);
+        assert!(
+            text.starts_with(&format!("kubeconfig {} cannot be read", path.display())),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("No such file or directory").count(),
+            1,
+            "{text}"
+        );
     }
 }

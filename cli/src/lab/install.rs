@@ -105,23 +105,37 @@ pub fn agent(objs: &[Object], c: &Cluster, node: &Node) -> anyhow::Result<Materi
         ("status.podIP".to_string(), ip),
     ]);
     let root = agent_root(c, node);
-    let m = kubelet::materialise(objs, "DaemonSet", objects::AGENT, "agent", &fields, &root)
+    let objs = with_service_alias(objs, c);
+    let m = kubelet::materialise(&objs, "DaemonSet", objects::AGENT, "agent", &fields, &root)
         .with_context(|| format!("materialising the agent of {}/{}", c.name, node.name))?;
-    let cfg = m
-        .flag("etcd-config")
-        .map(PathBuf::from)
+    m.flag("etcd-config")
         .context("the agent DaemonSet has no --etcd-config")?;
-    let host = service_host(&values(c));
-    let text = read(&cfg)?;
-    if text.contains(&host) && !text.contains("cilium-host-aliases") {
-        let text = format!(
-            "{text}# The lab's cluster DNS: the Service name is the control plane's address.\ncilium-host-aliases:\n- hostname: {host}\n  ips:\n  - {}\n",
-            c.ip
-        );
-        clustermesh_syncer::config::write_private(&cfg, text.as_bytes())
-            .with_context(|| format!("writing {}", cfg.display()))?;
-    }
     Ok(m)
+}
+
+/// `objs` with the lab's cluster DNS in the ConfigMap's agent etcd config: a
+/// `cilium-host-aliases` entry resolving the etcd Service's name to the control plane's
+/// address. It is added to the object, not to the written file, so the kubelet writes the
+/// file once and atomically (also when `certs rotate` writes it again under a running agent).
+fn with_service_alias(objs: &[Object], c: &Cluster) -> Vec<Object> {
+    let host = service_host(&values(c));
+    let mut out = objs.to_vec();
+    for o in &mut out {
+        if o.kind != "ConfigMap" || o.name != objects::CLUSTER_CONFIG {
+            continue;
+        }
+        if let Some(serde_json::Value::String(text)) =
+            o.value.pointer_mut("/data/local-etcd-config.yaml")
+        {
+            if text.contains(&host) && !text.contains("cilium-host-aliases") {
+                text.push_str(&format!(
+                    "# The lab's cluster DNS: the Service name is the control plane's address.\ncilium-host-aliases:\n- hostname: {host}\n  ips:\n  - {}\n",
+                    c.ip
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// Where the cluster's control-plane pod is materialised.

@@ -9,7 +9,9 @@ pub fn status(a: DirArgs) -> anyhow::Result<()> {
     let st = state::load(&a.dir)?;
     let mut clusters = Vec::new();
     for c in &st.clusters {
+        // The control-plane pod's kubelet (it keeps the etcd and apiserver containers up).
         let api = c.apiserver_pid.is_some_and(netns::alive);
+        let pod = super::install::control_plane_root(c);
         let report = http_get(&st, c.health_addr, "/status")
             .filter(|(code, _)| *code == 200)
             .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
@@ -18,7 +20,7 @@ pub fn status(a: DirArgs) -> anyhow::Result<()> {
         let mut nodes = Vec::new();
         if a.output != "json" {
             println!(
-                "{} cluster {} (ID {}) in {}: apiserver {}, {}",
+                "{} cluster {} (ID {}) in {}: control-plane pod {}, {}",
                 if ready { "✅" } else { "❌" },
                 c.name,
                 c.id,
@@ -31,6 +33,10 @@ pub fn status(a: DirArgs) -> anyhow::Result<()> {
                 c.etcd_endpoint,
                 c.certs_dir.display(),
                 c.health_addr
+            );
+            println!(
+                "   pod clustermesh-apiserver (etcd, apiserver; Secret files, emptyDirs, logs via kubelet.log) in {}",
+                pod.display()
             );
             if let Some(remotes) = report["remote-clusters"].as_array() {
                 for r in remotes {
@@ -128,6 +134,7 @@ pub fn status(a: DirArgs) -> anyhow::Result<()> {
                 "remote": c.state_dir.join("remote-etcd-config.yaml"),
             },
             "apiserver": {"pid": c.apiserver_pid, "running": api, "ready": ready, "status": report},
+            "control-plane-pod": pod,
             "nodes": nodes,
         }));
     }
