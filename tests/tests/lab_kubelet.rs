@@ -118,12 +118,16 @@ fn a_dead_container_is_restarted_and_the_pod_ends_as_a_whole() -> Result<()> {
         // The pod ends: both containers go with their kubelet, even on SIGKILL.
         kill(k)?;
         for pid in [again, api] {
-            wait_for("a container gone with its kubelet", Duration::from_secs(5), || {
-                (!Path::new(&format!("/proc/{pid}")).exists()
-                    || std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                        .is_ok_and(|s| s.contains(") Z")))
-                .then_some(())
-            })?;
+            wait_for(
+                "a container gone with its kubelet",
+                Duration::from_secs(5),
+                || {
+                    (!Path::new(&format!("/proc/{pid}")).exists()
+                        || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                            .is_ok_and(|s| s.contains(") Z")))
+                    .then_some(())
+                },
+            )?;
         }
         println!(
             "container restarted in {} ms; both containers ended with the kubelet",
