@@ -175,6 +175,18 @@ pub fn control_plane(
                 c.name
             )
         })?;
+        // Where the lab (status, connect, the tests) looks for this control plane must be
+        // where the Deployment puts it: a drift fails `lab up` here, naming both.
+        let (flag, want) = if container == "apiserver" {
+            ("health-addr", format!(":{}", c.health_addr.port()))
+        } else {
+            ("listen-client-urls", c.etcd_endpoint.clone())
+        };
+        let have = m.flag(flag).unwrap_or_default();
+        anyhow::ensure!(
+            have.contains(&want),
+            "the Deployment's {container} has --{flag}={have}, but the lab reaches it at {want} (cli/src/lab/plan.rs): make them agree"
+        );
         let (argv, log) = if container == "apiserver" {
             let state = &c.state_dir;
             let mut set = vec![

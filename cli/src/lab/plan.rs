@@ -24,9 +24,9 @@ pub const ECHO_PORT: u16 = 8080;
 pub const STREAM_PORT: u16 = 8081;
 /// Discards what it reads, then answers with the byte count (throughput).
 pub const SINK_PORT: u16 = 8082;
-/// Embedded etcd client port on the control-plane address.
+/// etcd client port on the control-plane address (the Deployment's etcd sidecar's).
 pub const ETCD_PORT: u16 = 2379;
-/// apiserver `/readyz`, `/status`, `/metrics`.
+/// apiserver `/readyz`, `/status` (the Deployment's health port).
 pub const APISERVER_HEALTH_PORT: u16 = 9880;
 /// Agent `/readyz`, `/status`, `/metrics`.
 pub const AGENT_HEALTH_PORT: u16 = 9890;
