@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Benchmarks, release build. Each prints its figure beside a baseline measured in the same run.
 #   ./scripts/bench.sh            all
-#   ./scripts/bench.sh export     one (export, export-kubernetes, remote, datapath-throughput)
+#   ./scripts/bench.sh export     one (export, export-kubernetes, remote, remote-511, datapath-throughput)
+# remote-511 (510 remotes × 2k endpoints under max-connected-clusters 511, ~1M endpoints,
+# several GB of RAM, minutes) is not in the default list: run it by name.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
@@ -10,6 +12,9 @@ for b in ${1:-export export-kubernetes remote maps datapath-throughput policy lb
   if [ "$b" = export-kubernetes ]; then
     echo "=== bench-export --source kubernetes"
     target/release/bench-export --source kubernetes
+  elif [ "$b" = remote-511 ]; then
+    echo "=== bench-remote --only b --profile 511"
+    target/release/bench-remote --only b --profile 511
   elif [ -x "target/release/bench-$b" ]; then
     echo "=== bench-$b"
     "target/release/bench-$b"

@@ -148,6 +148,9 @@ fn config(a: &Args) -> anyhow::Result<Config> {
         max_connected_clusters: MaxConnectedClusters::from_u32(a.max_connected_clusters)
             .context("--max-connected-clusters")?,
     };
+    // Cilium refuses to start with an ID outside 1..=max: an identity of cluster 300 under
+    // 255 would overflow into the scope bits (24-bit VNI), so it is refused here too.
+    cluster.validate().context("--cluster-id")?;
     let config = Config {
         cluster,
         node_name: need(&a.node_name, "--node-name")?,

@@ -1462,3 +1462,301 @@ fn agents_program_the_mesh_follow_deletes_and_restart_hitlessly() -> Result<()> 
     drop(lab);
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------
+// 511 clusters
+
+/// Cluster `c`'s `n`-th identity under `--max-connected-clusters 511` (Cilium's
+/// `c << 15 | n`: 9 cluster-ID bits, 15 cluster-local bits).
+const fn id511(c: u32, n: u32) -> u32 {
+    c << 15 | n
+}
+
+fn node_json_cidr(cluster: &str, id: u32, ip: Ipv4Addr, cidr: &str) -> String {
+    node_json(cluster, id, "n1", ip).replace(&format!("10.{id}.1.0"), cidr)
+}
+
+/// `--max-connected-clusters 511` end to end in one agent: the local cluster has ID 300
+/// (above 255), the remote c511 has the highest ID. c511's endpoints, with identities of
+/// its 15-bit range, land in the pinned ipcache; an entry whose identity lies in c511's
+/// range under 255 but not under 511 does not; the remote c7, whose cluster config
+/// announces 255, is refused, named in `/status` with a hint, and nothing of it reaches the
+/// map. Cluster IDs 0 and 512 (and 300 under 255) make the agent exit with a clear error.
+#[test]
+fn agent_with_511_clusters_imports_high_cluster_ids_and_refuses_a_255_remote() -> Result<()> {
+    // Refused at start, before anything is loaded.
+    for (id, max, want) in [
+        ("0", "511", "reserved"),
+        ("512", "511", "between 1 and 511"),
+        ("300", "255", "between 1 and 255"),
+        ("300", "256", "255"),
+    ] {
+        let out = Command::new(AGENT)
+            .args(["--cluster-name", "c300", "--cluster-id", id])
+            .args(["--max-connected-clusters", max, "--node-name", "n1"])
+            .args(["--node-ip", "198.18.3.11", "--etcd-config", "/nonexistent"])
+            .args(["--clustermesh-config", "/nonexistent"])
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success() && err.contains(want),
+            "agent --cluster-id {id} --max-connected-clusters {max} should fail naming {want:?}: {err}"
+        );
+    }
+
+    let bpffs = Bpffs::new()?;
+    kernel::check(bpffs.dir.path()).context("kernel check")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let etcd = TestEtcd::start()?;
+    let node_ip = Ipv4Addr::new(198, 18, 3, 11);
+    let remote_ip = Ipv4Addr::new(198, 18, 4, 11);
+    let local_pod = (Ipv4Addr::new(10, 30, 1, 11), id511(300, 1));
+    let remote_pods = [
+        (Ipv4Addr::new(10, 51, 1, 11), id511(511, 1)),
+        (Ipv4Addr::new(10, 51, 1, 12), id511(511, 32_767)),
+    ];
+    // c511's range under 255 would be 511 << 16: past 24 bits; 255 << 16 | 5 is cluster 510
+    // under 511, outside c511's range.
+    let misread = (Ipv4Addr::new(10, 51, 9, 9), 255 << 16 | 5);
+    let c7_pod = (Ipv4Addr::new(10, 7, 1, 11), id511(7, 1));
+    rt.block_on(async {
+        let mut c = etcd.client("root").await?;
+        c.put("cilium/.heartbeat", "2026-01-01T00:00:00Z", None)
+            .await?;
+        // Local cluster c300.
+        c.put(
+            "cilium/state/nodes/v1/c300/n1",
+            node_json_cidr("c300", 300, node_ip, "10.30.1.0"),
+            None,
+        )
+        .await?;
+        let (ip, id) = local_pod;
+        c.put(
+            format!("cilium/state/ip/v1/default/{ip}"),
+            ip_json(&ip.to_string(), node_ip, id, "l1"),
+            None,
+        )
+        .await?;
+        c.put(
+            format!("cilium/state/identities/v1/id/{id}"),
+            labels("c300", "l1"),
+            None,
+        )
+        .await?;
+        // Cached remotes: c511 (511, as we are) and c7 (announces 255).
+        for (name, cid, max, pods) in [
+            ("c511", 511, 511, &remote_pods[..]),
+            ("c7", 7, 255, std::slice::from_ref(&c7_pod)),
+        ] {
+            c.put(
+                format!("cilium/cluster-config/{name}"),
+                format!(
+                    r#"{{"id":{cid},"capabilities":{{"syncedCanaries":true,"cached":true,"maxConnectedClusters":{max},"serviceExportsEnabled":false}}}}"#
+                ),
+                None,
+            )
+            .await?;
+            c.put(
+                format!("cilium/cache/nodes/v1/{name}/n1"),
+                node_json_cidr(name, cid, remote_ip, &format!("10.{}.1.0", cid % 256)),
+                None,
+            )
+            .await?;
+            let mut all = pods.to_vec();
+            if name == "c511" {
+                all.push(misread);
+            }
+            for (ip, id) in all {
+                c.put(
+                    format!("cilium/cache/ip/v1/{name}/{ip}"),
+                    ip_json(&ip.to_string(), remote_ip, id, "r"),
+                    None,
+                )
+                .await?;
+                c.put(
+                    format!("cilium/cache/identities/v1/{name}/id/{id}"),
+                    labels(name, "r"),
+                    None,
+                )
+                .await?;
+            }
+            for s in STORES {
+                c.put(
+                    format!("cilium/synced/{name}/cilium/cache/{s}"),
+                    "2026-01-01T00:00:00Z",
+                    None,
+                )
+                .await?;
+            }
+        }
+        anyhow::Ok(())
+    })?;
+
+    let mut lab = Lab {
+        prefix: format!("cm511{}-", std::process::id()),
+        created: vec![],
+    };
+    let ns = lab.add_ns("n1")?;
+    // The underlay: a veth pair inside the namespace (no dummy module on every kernel).
+    run(&[
+        "ip", "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
+    ])?;
+    run(&["ip", "-n", &ns, "link", "set", "eth1", "up"])?;
+    run(&[
+        "ip",
+        "-n",
+        &ns,
+        "addr",
+        "add",
+        "198.18.3.11/16",
+        "dev",
+        "eth0",
+    ])?;
+    run(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
+    run(&[
+        "ip", "-n", &ns, "link", "add", "cmvx0", "type", "vxlan", "dstport", "4789", "external",
+    ])?;
+    run(&["ip", "-n", &ns, "link", "set", "cmvx0", "up"])?;
+    let relay = Relay::start(&ns, etcd.addr())?;
+    let work = tempfile::tempdir()?;
+    let files = etcd.try_client_files("local-test")?;
+    let cfg = work.path().join("etcd.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "endpoints:\n- https://127.0.0.1:{}\ntrusted-ca-file: {}\ncert-file: {}\nkey-file: {}\n",
+            relay.port,
+            files.ca.display(),
+            files.cert.display(),
+            files.key.display()
+        ),
+    )?;
+    let mesh = work.path().join("mesh");
+    std::fs::create_dir_all(&mesh)?;
+    for name in ["c511", "c7"] {
+        std::fs::write(
+            mesh.join(name),
+            "endpoints:\n- https://unused.invalid:2379\n",
+        )?;
+    }
+    let pin_dir = bpffs.dir.path().join("c300n1");
+    let args: Vec<String> = [
+        "--cluster-name",
+        "c300",
+        "--cluster-id",
+        "300",
+        "--max-connected-clusters",
+        "511",
+        "--node-name",
+        "n1",
+        "--node-ip",
+        "198.18.3.11",
+        "--etcd-config",
+        cfg.to_str().context("utf-8")?,
+        "--clustermesh-config",
+        mesh.to_str().context("utf-8")?,
+        "--bpffs-dir",
+        pin_dir.to_str().context("utf-8")?,
+        "--underlay-dev",
+        "off",
+        "--dns-addr",
+        "off",
+        "--sync-timeout",
+        "5s",
+        "--ipcache-max-entries",
+        "1024",
+        "--local-endpoints-max-entries",
+        "16",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut agent = Agent {
+        ns,
+        args,
+        log: work.path().join("agent.log"),
+        child: None,
+        pin_dir,
+    };
+    agent.spawn()?;
+    agent.wait_ready(Duration::from_secs(30))?;
+
+    let ipc = agent.ipcache()?;
+    for (ip, id) in remote_pods {
+        let v = wait_for(
+            REPORT_WAIT,
+            || Ok(lookup(&ipc, ip)),
+            Option::is_some,
+            |_| {
+                format!(
+                    "c511's pod {ip} missing from the ipcache:\n{}",
+                    agent.log_tail()
+                )
+            },
+        )?
+        .context("remote pod")?;
+        ensure!(v.sec_identity == id, "{ip}: {v:?}, want identity {id}");
+        ensure!(v.tunnel_endpoint[..4] == remote_ip.octets(), "{v:?}");
+        ensure!(
+            v.flags == ipcache_flags::HAS_TUNNEL | ipcache_flags::REMOTE_CLUSTER,
+            "{v:?}"
+        );
+    }
+    let (ip, id) = local_pod;
+    let v = wait_for(
+        REPORT_WAIT,
+        || Ok(lookup(&ipc, ip)),
+        Option::is_some,
+        |_| "the local pod of cluster 300 is missing from the ipcache".into(),
+    )?
+    .context("local pod")?;
+    ensure!(v.sec_identity == id && v.flags == 0, "{v:?}");
+    ensure!(
+        lookup(&ipc, misread.0).is_none(),
+        "identity {} (c511's range only under 255) reached the map",
+        misread.1
+    );
+    ensure!(
+        lookup(&ipc, c7_pod.0).is_none(),
+        "an entry of c7, which announces 255, reached the map"
+    );
+    let st = wait_for(
+        REPORT_WAIT,
+        || agent.status(),
+        |st| {
+            st["remote-clusters"].as_array().is_some_and(|r| {
+                r.iter().any(|c| c["name"] == "c511" && c["ready"] == true)
+                    && r.iter()
+                        .any(|c| c["name"] == "c7" && c["num-failures"].as_u64() > Some(0))
+            })
+        },
+        |st| format!("c511 ready and c7 refused: {}", st["remote-clusters"]),
+    )?;
+    let remotes = st["remote-clusters"]
+        .as_array()
+        .context("remote-clusters")?;
+    let c511 = remotes
+        .iter()
+        .find(|c| c["name"] == "c511")
+        .context("c511")?;
+    ensure!(
+        c511["num-identities"] == 2 && c511["num-endpoints"] == 2,
+        "{c511}"
+    );
+    ensure!(c511["config"]["cluster-id"] == 511, "{c511}");
+    let c7 = remotes.iter().find(|c| c["name"] == "c7").context("c7")?;
+    let said = format!("{} {}", c7["status"], c7["hint"]);
+    ensure!(
+        c7["ready"] == false
+            && c7["failure-class"] == "config"
+            && said.contains("max-connected-clusters is 255, local is 511")
+            && said.contains("--max-connected-clusters 511"),
+        "{c7}"
+    );
+    ensure!(c7["num-endpoints"] == 0, "{c7}");
+    agent.stop()?;
+    drop(relay);
+    Ok(())
+}

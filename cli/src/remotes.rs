@@ -317,7 +317,9 @@ pub fn check_pair(a: &PairSide, b: &PairSide, allow_mismatching_ca: bool) -> any
     }
     if a.max_connected_clusters != b.max_connected_clusters {
         bail!(
-            "max-connected-clusters differs ({} has {}, {} has {}): it must be the same in the whole mesh",
+            "max-connected-clusters differs ({} has {}, {} has {}): it must be the same in the whole mesh \
+             (it decides how identities split into cluster ID and cluster-local bits). It cannot change on a \
+             running cluster: re-enable one of them with the other's --max-connected-clusters before connecting",
             a.name,
             a.max_connected_clusters,
             b.name,

@@ -858,7 +858,9 @@ async fn bad_contexts_unreachable_servers_and_weak_rbac_are_one_clear_line() {
     // connect refuses equal names; nothing is written.
     let c2 = KubeApi::start().await.unwrap();
     let kubeconfig2 = dir.path().join("kubeconfig2");
-    KubeApi::write_kubeconfig_multi(&kubeconfig2, &[(&ok, "ok"), (&c2, "c2")]).unwrap();
+    let big = KubeApi::start().await.unwrap();
+    KubeApi::write_kubeconfig_multi(&kubeconfig2, &[(&ok, "ok"), (&c2, "c2"), (&big, "big")])
+        .unwrap();
     let cli2 = Cli {
         kubeconfig: kubeconfig2,
     };
@@ -881,6 +883,43 @@ async fn bad_contexts_unreachable_servers_and_weak_rbac_are_one_clear_line() {
     let err = cli2.fails(&["connect", "--context", "ok", "--destination-context", "c2"]);
     assert!(err.contains("both clusters are named \"same\""), "{err}");
     assert!(ok.take_writes().is_empty() && c2.take_writes().is_empty());
+
+    // 511 clusters: ID 512 is refused, 300 accepted; a 255 and a 511 cluster are not
+    // connected, not even in a dry run, and the error says what to do.
+    let big_enable = |id: &str| {
+        vec![
+            "enable".to_string(),
+            "--context".into(),
+            "big".into(),
+            "--cluster-name".into(),
+            "big".into(),
+            "--cluster-id".into(),
+            id.into(),
+            "--max-connected-clusters".into(),
+            "511".into(),
+            "--ca-dir".into(),
+            ca.clone(),
+        ]
+    };
+    let err = cli2.fails(&strs(&big_enable("512")));
+    assert!(err.contains("between 1 and 511"), "{err}");
+    assert_one_error_line(&err);
+    cli2.ok(&strs(&big_enable("300")));
+    big.take_writes();
+    for dry in [true, false] {
+        let mut args = vec!["connect", "--context", "ok", "--destination-context", "big"];
+        if dry {
+            args.push("--dry-run");
+        }
+        let err = cli2.fails(&args);
+        assert!(
+            err.contains("max-connected-clusters differs (same has 255, big has 511)")
+                && err.contains("re-enable one of them"),
+            "{err}"
+        );
+        assert_one_error_line(&err);
+    }
+    assert!(ok.take_writes().is_empty() && big.take_writes().is_empty());
 }
 
 /// The agent DaemonSet's init step, `clustermesh cni install`, against the test API server:

@@ -550,4 +550,59 @@ async fn three_clusters_connected_with_the_cli() {
             .unwrap()
             .endpoints
     );
+
+    // 511 clusters: IDs up to 511 with --max-connected-clusters 511 (0, 512, and 300 under
+    // 255 refused), and a 511 cluster is never connected to a 255 one.
+    let enable511 = |name: &str, id: &str, max: &str| {
+        let state = root.join(name);
+        cli(&[
+            "enable",
+            "--cluster-name",
+            name,
+            "--cluster-id",
+            id,
+            "--max-connected-clusters",
+            max,
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--ca-dir",
+            root.join("ca").to_str().unwrap(),
+            "--etcd-listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--etcd-peer-port",
+            &free_port().to_string(),
+            "--health-addr",
+            &format!("127.0.0.1:{}", free_port()),
+        ])
+    };
+    for (id, max, want) in [
+        ("0", "511", "reserved"),
+        ("512", "511", "between 1 and 511"),
+        ("300", "255", "between 1 and 255"),
+        ("300", "300", "255"),
+    ] {
+        let (ok, text) = enable511("bad", id, max);
+        assert!(!ok && text.contains(want), "{id}/{max}: {text}");
+    }
+    let (ok, text) = enable511("c300", "300", "511");
+    assert!(ok, "{text}");
+    let yaml = std::fs::read_to_string(root.join("c300/apiserver.yaml")).unwrap();
+    assert!(yaml.contains("max-connected-clusters: 511"), "{yaml}");
+    let (ok, text) = enable511("c511", "511", "511");
+    assert!(ok, "{text}");
+    let c300 = root.join("c300");
+    let (ok, text) = cli(&[
+        "connect",
+        "--state-dir",
+        c2.dir(),
+        "--destination-state-dir",
+        c300.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && text.contains("max-connected-clusters differs (c2 has 255, c300 has 511)")
+            && text.contains("re-enable one of them"),
+        "{text}"
+    );
+    assert!(!c2.state.join("clustermesh/c300").exists());
+    assert!(!c300.join("clustermesh/c2").exists());
 }

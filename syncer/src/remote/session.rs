@@ -442,7 +442,8 @@ impl Remote {
         }
         if id > max {
             return Err(Error::ConfigRefused(format!(
-                "cluster ID {id} is larger than the local max-connected-clusters {max}"
+                "cluster ID {id} is larger than the local max-connected-clusters {max}: \
+                 a mesh with cluster IDs above 255 needs --max-connected-clusters 511 on every cluster"
             )));
         }
         if id == local.id {
@@ -454,8 +455,12 @@ impl Remote {
         let theirs = remote.capabilities.max_connected_clusters;
         // An old remote omits the field (0 = 255); a 511 mesh needs it stated.
         if theirs != max && (max != 255 || theirs != 0) {
+            let theirs = if theirs == 0 { 255 } else { theirs };
             return Err(Error::ConfigRefused(format!(
-                "remote max-connected-clusters is {theirs}, local is {max}: every cluster of a mesh must use the same value"
+                "remote max-connected-clusters is {theirs}, local is {max}: every cluster of a mesh must use the same value \
+                 (it splits the 24 identity bits into cluster ID and cluster-local identity, so identities of one side \
+                 would be misread by the other); nothing of this remote is imported. Install the remote with \
+                 --max-connected-clusters {max}, or disconnect it; the value cannot change on a running cluster"
             )));
         }
         remote
