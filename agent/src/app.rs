@@ -22,8 +22,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn, Instrument as _};
 
-pub use crate::datapath::UnderlayDev;
 use crate::datapath::{self, Program};
+pub use crate::datapath::{Transmit, UnderlayDev};
 use crate::flows::{FlowMaps, SharedDirectory};
 use crate::health::{self, Metrics, Shared};
 use crate::input::Input;
@@ -69,6 +69,8 @@ pub struct Config {
     pub vxlan_port: u16,
     /// Where `from_underlay` decapsulates VXLAN for local pods.
     pub underlay_dev: UnderlayDev,
+    /// How `from_pod` sends packets into the tunnel.
+    pub transmit: Transmit,
     /// `/readyz`, `/healthz`, `/status`, `/metrics`.
     pub health_addr: SocketAddr,
     /// The flow observer's gRPC address (`clustermesh observe`); Hubble's port 4245.
@@ -167,6 +169,7 @@ pub async fn run(config: Config, token: CancellationToken) -> Result<()> {
         mut dp,
         underlay,
         receive_path,
+        transmit_path,
     } = datapath::bring_up(&datapath::BringUp {
         bpffs_dir: config.bpffs_dir.clone(),
         attach: report.attach_mode,
@@ -175,6 +178,7 @@ pub async fn run(config: Config, token: CancellationToken) -> Result<()> {
         vxlan_dev: config.vxlan_dev.clone(),
         vxlan_port: config.vxlan_port,
         underlay_dev: config.underlay_dev.clone(),
+        transmit: config.transmit,
         node_ip: config.node_ip,
         node_ip6: config.node_ip6,
     })?;
@@ -257,6 +261,7 @@ pub async fn run(config: Config, token: CancellationToken) -> Result<()> {
         kernel: report.to_string(),
         attach_mode: format!("{:?}", report.attach_mode),
         receive_path,
+        transmit_path,
         ..health::Report::default()
     };
 

@@ -43,6 +43,9 @@ pub struct Report {
     /// Where tunnelled packets for this node's pods are received: `from_underlay on <dev>`,
     /// or the VXLAN device and why.
     pub receive_path: String,
+    /// How tunnelled packets leave: `BPF encapsulation to <dev> …`, or the VXLAN device and
+    /// why.
+    pub transmit_path: String,
     /// The local cluster reader.
     pub local: local::Status,
     /// Every remote cluster (Cilium's `RemoteCluster` JSON).

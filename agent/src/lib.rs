@@ -24,7 +24,7 @@ pub mod policy;
 pub mod reconcile;
 pub mod services;
 
-pub use app::{cleanup, run, Config, RemoteMode, UnderlayDev};
+pub use app::{cleanup, run, Config, RemoteMode, Transmit, UnderlayDev};
 
 /// Errors of the agent.
 #[derive(Debug, thiserror::Error)]

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, ValueEnum};
-use clustermesh_agent::{kernel, Config, RemoteMode, UnderlayDev};
+use clustermesh_agent::{kernel, Config, RemoteMode, Transmit, UnderlayDev};
 use clustermesh_types::cluster::{ClusterInfo, ClusterName, MaxConnectedClusters};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -70,6 +70,13 @@ struct Args {
     /// `off` (everything is received through the VXLAN device).
     #[arg(long, default_value = "auto")]
     underlay_dev: String,
+    /// How packets for pods on other nodes leave: `bpf` (the program writes the VXLAN
+    /// headers and hands the datagram to the underlay interface: --underlay-dev, or the one
+    /// holding --node-ip; falls back to the VXLAN device when there is none, and per packet
+    /// for tunnels over IPv6 and packets above the underlay MTU) or `device` (tunnel key and
+    /// redirect into the VXLAN device). /status says which one is used.
+    #[arg(long, value_enum, default_value = "bpf")]
+    transmit: TransmitArg,
     /// Address of /readyz, /healthz, /status and /metrics.
     #[arg(long, default_value = "127.0.0.1:9890")]
     health_addr: SocketAddr,
@@ -115,6 +122,13 @@ struct Args {
     /// Remove every pin under --bpffs-dir (programs detach, maps go) and exit: for lab down.
     #[arg(long)]
     cleanup: bool,
+}
+
+/// `--transmit`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum TransmitArg {
+    Bpf,
+    Device,
 }
 
 /// `--dns-addr`: an address, or `off`.
@@ -169,6 +183,10 @@ fn config(a: &Args) -> anyhow::Result<Config> {
             "auto" => UnderlayDev::Auto,
             "off" => UnderlayDev::Off,
             dev => UnderlayDev::Named(dev.to_owned()),
+        },
+        transmit: match a.transmit {
+            TransmitArg::Bpf => Transmit::Bpf,
+            TransmitArg::Device => Transmit::Device,
         },
         health_addr: a.health_addr,
         observer_addr: match a.observer_addr {

@@ -1,7 +1,9 @@
 //! The agent's datapath bring-up at start: load (or take over the pinned) datapath, attach
 //! `from_overlay` to the VXLAN device, decide where VXLAN for local pods is received
 //! (`from_underlay` on the underlay device when GRO is on there, else the VXLAN device) and
-//! attach it, and write the tunnel settings if they differ.
+//! attach it, decide how tunnelled packets leave (encapsulated by `from_pod` and redirected
+//! to the underlay interface, or through the VXLAN device), and write the tunnel settings
+//! if they differ.
 //!
 //! It must not divide the maps between their owners (the caller hands the LB, policy and
 //! flow maps out) or decide what goes into any map but the tunnel settings.
@@ -10,6 +12,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
 use tracing::info;
+
+use clustermesh_ebpf_abi::tunnel_flags;
 
 use super::{AttachMode, Config, Datapath, Program};
 use crate::{ifaces, Error, Result};
@@ -23,6 +27,16 @@ pub enum UnderlayDev {
     Named(String),
     /// None: every tunnelled packet is received through the VXLAN device.
     Off,
+}
+
+/// How `from_pod` sends packets into the tunnel (the agent's `--transmit`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transmit {
+    /// Encapsulated by the program and redirected to the underlay interface
+    /// (`bpf_redirect_neigh`) when there is one; else through the VXLAN device.
+    Bpf,
+    /// Always through the VXLAN device (tunnel key + redirect).
+    Device,
 }
 
 /// What the bring-up needs (from the agent's validated settings).
@@ -42,6 +56,8 @@ pub struct BringUp {
     pub vxlan_port: u16,
     /// Where `from_underlay` goes.
     pub underlay_dev: UnderlayDev,
+    /// How tunnelled packets leave.
+    pub transmit: Transmit,
     /// This node's IPv4 underlay address; `None` on an IPv6-only node.
     pub node_ip: Option<Ipv4Addr>,
     /// This node's IPv6 underlay address, if any (`from_underlay` decapsulates VXLAN to it;
@@ -57,6 +73,8 @@ pub struct Up {
     pub underlay: Option<String>,
     /// Where VXLAN is received, and why (for the log and `/status`).
     pub receive_path: String,
+    /// How tunnelled packets leave, and why (for the log and `/status`).
+    pub transmit_path: String,
 }
 
 /// Brings the datapath up; see the module docs.
@@ -94,6 +112,8 @@ pub fn bring_up(cfg: &BringUp) -> Result<Up> {
         info!(%dev, port, ?how, "from_underlay attached");
     }
     info!(%receive_path, "VXLAN receive path");
+    let (tx_ifindex, transmit_path) = transmit_path(cfg.transmit, &cfg.underlay_dev, cfg.node_ip);
+    info!(%transmit_path, "VXLAN transmit path");
     let want = (
         vx.ifindex,
         cfg.node_ip.map_or([0; 4], |a| a.octets()),
@@ -112,11 +132,65 @@ pub fn bring_up(cfg: &BringUp) -> Result<Up> {
             .tunnel
             .set_dual(vx.ifindex, cfg.node_ip, cfg.node_ip6, port)?;
     }
+    let have = dp.maps.tunnel.get()?;
+    let have_tx = (have.flags & tunnel_flags::BPF_TX != 0).then_some(have.underlay_ifindex);
+    if have_tx != tx_ifindex {
+        dp.maps.tunnel.set_bpf_tx(tx_ifindex)?;
+    }
     Ok(Up {
         dp,
         underlay,
         receive_path,
+        transmit_path,
     })
+}
+
+/// How tunnelled packets leave: the underlay interface `from_pod` redirects to after
+/// encapsulating (`None`: the VXLAN device), and the reason, for the log and `/status`.
+///
+/// The underlay interface is `--underlay-dev` when named, else the one holding the node's
+/// address: `bpf_redirect_neigh` looks up the route and the neighbour of the remote node
+/// with that interface as the output device.
+fn transmit_path(
+    transmit: Transmit,
+    underlay: &UnderlayDev,
+    node_ip: Option<Ipv4Addr>,
+) -> (Option<u32>, String) {
+    if transmit == Transmit::Device {
+        return (None, "VXLAN device (--transmit device)".to_owned());
+    }
+    let Some(node_ip) = node_ip else {
+        return (
+            None,
+            "VXLAN device: no IPv4 underlay address (BPF transmit is VXLAN over IPv4)".to_owned(),
+        );
+    };
+    let dev = match underlay {
+        UnderlayDev::Named(dev) => Some(dev.clone()),
+        UnderlayDev::Auto | UnderlayDev::Off => ifaces::with_ipv4(node_ip),
+    };
+    let Some(dev) = dev else {
+        return (
+            None,
+            format!(
+                "VXLAN device: no interface holds {node_ip} (name the underlay device with \
+                 --underlay-dev to transmit in BPF)"
+            ),
+        );
+    };
+    match ifaces::lookup(&dev) {
+        Some(i) => (
+            Some(i.ifindex),
+            format!(
+                "BPF encapsulation to {dev} (VXLAN over IPv4; over IPv6 and packets above \
+                 the MTU of {dev}: VXLAN device)"
+            ),
+        ),
+        None => (
+            None,
+            format!("VXLAN device: the underlay device {dev} does not exist"),
+        ),
+    }
 }
 
 /// Where VXLAN for local pods is received: the device `from_underlay` goes on (if any), and

@@ -361,7 +361,29 @@ impl TunnelSettings {
             vxlan_port: vxlan_port.to_be_bytes(),
             pad: 0,
             local_ipv6: local_v6.map_or([0; 16], |a| a.octets()),
+            underlay_ifindex: 0,
+            pad2: 0,
         };
+        self.map
+            .set(0, cfg, 0)
+            .map_err(map_err(map::TUNNEL, "update"))
+    }
+
+    /// Transmit in BPF (`Some(underlay ifindex)`: `from_pod` encapsulates VXLAN over IPv4
+    /// itself and redirects to that interface) or through the VXLAN device (`None`). Keeps
+    /// the other settings; call after [`TunnelSettings::set_dual`].
+    pub fn set_bpf_tx(&mut self, underlay_ifindex: Option<u32>) -> Result<()> {
+        let mut cfg = self.get()?;
+        match underlay_ifindex {
+            Some(ifindex) => {
+                cfg.flags |= tunnel_flags::BPF_TX;
+                cfg.underlay_ifindex = ifindex;
+            }
+            None => {
+                cfg.flags &= !tunnel_flags::BPF_TX;
+                cfg.underlay_ifindex = 0;
+            }
+        }
         self.map
             .set(0, cfg, 0)
             .map_err(map_err(map::TUNNEL, "update"))

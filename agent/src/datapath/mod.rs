@@ -44,7 +44,7 @@ use clustermesh_ebpf_abi::{
     IpcacheValue, PolicyCt6Key, PolicyCtKey, PolicyCtValue, TraceSlot, TunnelConfig, TunnelTrace,
 };
 
-pub use bringup::{bring_up, BringUp, UnderlayDev, Up};
+pub use bringup::{bring_up, BringUp, Transmit, UnderlayDev, Up};
 pub use maps::{
     CounterValues, Counters, Ipcache, IpcacheEntry, LocalEndpoints, TunnelSettings, TunnelTraces,
 };

@@ -9,7 +9,8 @@ pub enum Counter {
     Packets = 0,
     /// Redirected to a pod on this node.
     DeliveredLocal = 1,
-    /// Redirected into the VXLAN device with a tunnel key.
+    /// Sent into the tunnel: redirected into the VXLAN device with a tunnel key, or (also
+    /// counted as `tunnelled_bpf`) encapsulated by the program and redirected to the underlay.
     Tunnelled = 2,
     /// Handed to the kernel stack (`TC_ACT_OK`); the more specific reason is counted too.
     ToStack = 3,
@@ -57,6 +58,13 @@ pub enum Counter {
     /// An IPv6 packet whose program half could not be tail-called (`CM_V6_PROGS` slot
     /// empty: an agent that did not fill it): to the stack.
     Ipv6Unavailable = 18,
+    /// `from_pod`: of the `tunnelled` packets, those the program encapsulated itself
+    /// (`tunnel_flags::BPF_TX`) and redirected to the underlay interface.
+    TunnelledBpf = 19,
+    /// `from_pod`: BPF transmit is on but this packet went through the VXLAN device: too big
+    /// for the underlay MTU once encapsulated (the device then does what it does with such
+    /// packets), or a tunnel over IPv6.
+    BpfTxFallback = 20,
 }
 
 /// Extension headers the programs walk before they give up on finding the transport header
@@ -65,7 +73,7 @@ pub const IPV6_MAX_EXT_HEADERS: usize = 8;
 
 impl Counter {
     /// Number of counters (the counters maps' `max_entries`).
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 21;
 
     /// Every counter in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -88,6 +96,8 @@ impl Counter {
         Counter::Ipv6ExtHeaders,
         Counter::Ipv6ExtUnparsed,
         Counter::Ipv6Unavailable,
+        Counter::TunnelledBpf,
+        Counter::BpfTxFallback,
     ];
 
     /// Stable snake_case name (metrics label).
@@ -112,6 +122,8 @@ impl Counter {
             Counter::Ipv6ExtHeaders => "ipv6_ext_headers",
             Counter::Ipv6ExtUnparsed => "ipv6_ext_unparsed",
             Counter::Ipv6Unavailable => "ipv6_unavailable",
+            Counter::TunnelledBpf => "tunnelled_bpf",
+            Counter::BpfTxFallback => "bpf_tx_fallback",
         }
     }
 }

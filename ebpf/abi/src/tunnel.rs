@@ -26,14 +26,27 @@ pub struct TunnelConfig {
     /// This node's underlay IPv6, network order (all zero: none). The same role as
     /// `local_ipv4` for tunnel endpoints of the IPv6 family.
     pub local_ipv6: [u8; 16],
+    /// With [`tunnel_flags::BPF_TX`]: the underlay interface `from_pod` hands the packets it
+    /// encapsulated itself to (`bpf_redirect_neigh`), host order. Its MTU decides which
+    /// packets are too big for BPF transmit (those go through the VXLAN device).
+    pub underlay_ifindex: u32,
+    /// Zero.
+    pub pad2: u32,
 }
-const _: () = assert!(size_of::<TunnelConfig>() == 32);
+const _: () = assert!(size_of::<TunnelConfig>() == 40);
 const _: () = assert!(offset_of!(TunnelConfig, local_ipv6) == 16);
+const _: () = assert!(offset_of!(TunnelConfig, underlay_ifindex) == 32);
 
 /// Bits of [`TunnelConfig::flags`].
 pub mod tunnel_flags {
     /// The settings are valid (set by the agent together with the ifindex).
     pub const ENABLED: u32 = 1 << 0;
+    /// `from_pod` encapsulates VXLAN over IPv4 itself (`bpf_skb_adjust_room`, outer headers
+    /// written by the program) and hands the datagram to `underlay_ifindex` with
+    /// `bpf_redirect_neigh`, instead of setting a tunnel key and redirecting into the VXLAN
+    /// device. Tunnels over IPv6 and packets too big for the underlay MTU still take the
+    /// device.
+    pub const BPF_TX: u32 = 1 << 1;
 }
 
 /// The largest identity that fits a VXLAN VNI (24 bits).
@@ -64,7 +77,8 @@ pub struct TunnelTrace {
     pub remote_ipv4: [u8; 4],
     /// VNI = source security identity, host order.
     pub vni: u32,
-    /// Egress: the VXLAN ifindex redirected to; ingress: the pod's host-side veth.
+    /// Egress: the ifindex redirected to (the VXLAN device, or the underlay interface when
+    /// the program encapsulated itself); ingress: the pod's host-side veth.
     pub ifindex: u32,
     /// Number of packets this slot has recorded on this CPU.
     pub packets: u32,

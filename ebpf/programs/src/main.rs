@@ -29,6 +29,7 @@
 // 512-byte stack limit is about.
 #![allow(clippy::needless_borrows_for_generic_args)]
 
+mod encap;
 mod lb;
 mod packet;
 mod policy;
@@ -41,8 +42,8 @@ use aya_ebpf::macros::{classifier, map};
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, PerCpuArray, ProgramArray};
 use aya_ebpf::programs::TcContext;
 use clustermesh_ebpf_abi::{
-    defaults, ipcache_flags, program, tunnel_flags, Counter, EndpointInfo, EndpointKey, IpcacheKey,
-    IpcacheValue, TraceSlot, TunnelConfig, TunnelTrace, IPPROTO_UDP, MAX_VNI_IDENTITY,
+    defaults, family, ipcache_flags, program, tunnel_flags, Counter, EndpointInfo, EndpointKey,
+    IpcacheKey, IpcacheValue, TraceSlot, TunnelConfig, TunnelTrace, IPPROTO_UDP, MAX_VNI_IDENTITY,
 };
 
 use crate::lb::Lb;
@@ -322,14 +323,18 @@ fn forward_from_pod<P: Forward>(ctx: &TcContext, ip: &mut P) -> Result<i32, Erro
         return Ok(to_stack(counters, Counter::IpcacheMiss));
     };
     let entry = *entry;
-    tunnel(ctx, P::endpoint_key(ip.saddr()), &entry)
+    tunnel::<P>(ctx, P::endpoint_key(ip.saddr()), &entry)
 }
 
 /// Sends the packet to the node named by the ipcache entry, with the identity of the
 /// source pod (`src`) in the VNI, or hands it to the stack when there is no usable tunnel.
 /// The outer family is the entry's (`IPV6_TUNNEL`), independent of the packet's.
 #[inline(always)]
-fn tunnel(ctx: &TcContext, src: EndpointKey, entry: &IpcacheValue) -> Result<i32, Error> {
+fn tunnel<P: Forward>(
+    ctx: &TcContext,
+    src: EndpointKey,
+    entry: &IpcacheValue,
+) -> Result<i32, Error> {
     let counters = &CM_FROM_POD_CNT;
     let flags = entry.flags;
     if flags & ipcache_flags::HAS_TUNNEL == 0 || flags & ipcache_flags::SKIP_TUNNEL != 0 {
@@ -371,6 +376,30 @@ fn tunnel(ctx: &TcContext, src: EndpointKey, entry: &IpcacheValue) -> Result<i32
     let identity = unsafe { (*src).identity };
     if identity > MAX_VNI_IDENTITY {
         return Ok(to_stack(counters, Counter::IdentityTooLarge));
+    }
+
+    // Transmit in BPF (encap.rs): IPv4 pods over an IPv4 underlay, when the packet fits.
+    // A tunnel over IPv6 would need the outer UDP checksum (zero is not allowed there),
+    // which a program cannot compute over a GSO packet: the device does it. IPv6 pods take
+    // the device too: compiled into `from_pod_v6`, this block made LLVM leave a pointer to
+    // the subprogram's own stack in R0 on an early return, which the verifier refuses
+    // ("cannot return stack pointer to the caller"; ebpf/README.md).
+    if P::FAMILY == family::IPV4 && cfg.flags & tunnel_flags::BPF_TX != 0 {
+        if !over_v6 {
+            let tx = encap::Tx {
+                remote: remote.v4,
+                vni: identity,
+                inner_v6: false,
+            };
+            let sent = encap::encap_v4(ctx.skb.skb, &cfg, &tx)?;
+            if sent == encap::SENT {
+                trace(TraceSlot::Egress, &remote, identity, cfg.underlay_ifindex);
+                count(counters, Counter::Tunnelled);
+                count(counters, Counter::TunnelledBpf);
+                return Ok(TC_ACT_REDIRECT);
+            }
+        }
+        count(counters, Counter::BpfTxFallback);
     }
 
     // SAFETY: bpf_tunnel_key is plain integers and unions of integers; all zero is valid.
