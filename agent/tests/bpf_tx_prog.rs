@@ -79,7 +79,7 @@ fn node(local: Ipv4Addr) -> Datapath {
         .set(VXLAN_IFINDEX, local, VXLAN_PORT)
         .expect("tunnel settings");
     m.tunnel
-        .set_bpf_tx(Some(UNDERLAY_IFINDEX))
+        .set_bpf_tx(Some((UNDERLAY_IFINDEX, VXLAN_PORT)))
         .expect("bpf transmit");
     dp
 }
@@ -281,6 +281,24 @@ fn per_packet_cost_of_both_transmit_paths() -> Result<()> {
         );
         assert_eq!(bpf.verdict, TC_ACT_REDIRECT);
         assert_eq!(device.verdict, TC_ACT_REDIRECT);
+        Ok(())
+    })
+}
+
+/// The agent turns `from_underlay`'s decapsulation off with port 0 in the tunnel settings
+/// (`--underlay-dev off`); BPF transmit still sends to the VXLAN port (a kernel VXLAN
+/// receiver answered datagrams to port 0 with "port unreachable" before it had its own).
+#[test]
+fn transmit_uses_its_own_port_when_decapsulation_is_off() -> Result<()> {
+    in_new_netns(1500, || {
+        let mut dp = node(LOCAL_NODE);
+        dp.maps.tunnel.set(VXLAN_IFINDEX, LOCAL_NODE, 0)?;
+        dp.maps
+            .tunnel
+            .set_bpf_tx(Some((UNDERLAY_IFINDEX, VXLAN_PORT)))?;
+        let (verdict, out) = run(&mut dp, Program::FromPod, &padded(100));
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(be16(&out, 36), VXLAN_PORT, "UDP destination port");
         Ok(())
     })
 }

@@ -133,9 +133,11 @@ pub fn bring_up(cfg: &BringUp) -> Result<Up> {
             .set_dual(vx.ifindex, cfg.node_ip, cfg.node_ip6, port)?;
     }
     let have = dp.maps.tunnel.get()?;
-    let have_tx = (have.flags & tunnel_flags::BPF_TX != 0).then_some(have.underlay_ifindex);
-    if have_tx != tx_ifindex {
-        dp.maps.tunnel.set_bpf_tx(tx_ifindex)?;
+    let want_tx = tx_ifindex.map(|i| (i, cfg.vxlan_port));
+    let have_tx = (have.flags & tunnel_flags::BPF_TX != 0)
+        .then_some((have.underlay_ifindex, u16::from_be_bytes(have.tx_port)));
+    if have_tx != want_tx {
+        dp.maps.tunnel.set_bpf_tx(want_tx)?;
     }
     Ok(Up {
         dp,

@@ -362,6 +362,7 @@ impl TunnelSettings {
             pad: 0,
             local_ipv6: local_v6.map_or([0; 16], |a| a.octets()),
             underlay_ifindex: 0,
+            tx_port: [0; 2],
             pad2: 0,
         };
         self.map
@@ -369,19 +370,22 @@ impl TunnelSettings {
             .map_err(map_err(map::TUNNEL, "update"))
     }
 
-    /// Transmit in BPF (`Some(underlay ifindex)`: `from_pod` encapsulates VXLAN over IPv4
-    /// itself and redirects to that interface) or through the VXLAN device (`None`). Keeps
-    /// the other settings; call after [`TunnelSettings::set_dual`].
-    pub fn set_bpf_tx(&mut self, underlay_ifindex: Option<u32>) -> Result<()> {
+    /// Transmit in BPF (`Some((underlay ifindex, VXLAN port))`: `from_pod` encapsulates
+    /// VXLAN over IPv4 itself, to that UDP port, and redirects to that interface) or through
+    /// the VXLAN device (`None`). Keeps the other settings; call after
+    /// [`TunnelSettings::set_dual`].
+    pub fn set_bpf_tx(&mut self, tx: Option<(u32, u16)>) -> Result<()> {
         let mut cfg = self.get()?;
-        match underlay_ifindex {
-            Some(ifindex) => {
+        match tx {
+            Some((ifindex, port)) => {
                 cfg.flags |= tunnel_flags::BPF_TX;
                 cfg.underlay_ifindex = ifindex;
+                cfg.tx_port = port.to_be_bytes();
             }
             None => {
                 cfg.flags &= !tunnel_flags::BPF_TX;
                 cfg.underlay_ifindex = 0;
+                cfg.tx_port = [0; 2];
             }
         }
         self.map

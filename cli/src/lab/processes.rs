@@ -213,6 +213,7 @@ pub(super) fn start_agents(
     st: &mut LabState,
     bin: &Path,
     underlay_decap: bool,
+    bpf_transmit: bool,
 ) -> anyhow::Result<()> {
     let bpffs = st.dir.join("bpf");
     std::fs::create_dir_all(&bpffs)?;
@@ -264,6 +265,10 @@ pub(super) fn start_agents(
                     (
                         "underlay-dev",
                         if underlay_decap { "auto" } else { "off" }.to_string(),
+                    ),
+                    (
+                        "transmit",
+                        if bpf_transmit { "bpf" } else { "device" }.to_string(),
                     ),
                 ],
             );

@@ -39,6 +39,11 @@ pub struct UpArgs {
     /// (the agent's `--underlay-dev off`; for comparing the two receive paths).
     #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub underlay_decap: bool,
+    /// With `--datapath ebpf`: whether agents encapsulate VXLAN in BPF and send it to the
+    /// underlay themselves (the agent's `--transmit bpf`, its default); `false` sends
+    /// through the VXLAN device (`--transmit device`; for comparing the two transmit paths).
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub bpf_transmit: bool,
     /// The CNI plugin that wires the pods, run per pod as a container runtime does:
     /// `ptp` and `bridge` are Debian's reference plugins (host-local IPAM), `clustermesh`
     /// is `clustermesh-cni`.
@@ -220,7 +225,7 @@ fn bring_up(st: &mut LabState, a: &UpArgs) -> anyhow::Result<()> {
     if st.datapath == Datapath::Ebpf {
         let bin = agent_binary();
         if agent_supports_contract(&bin) {
-            start_agents(st, &bin, a.underlay_decap)?;
+            start_agents(st, &bin, a.underlay_decap, a.bpf_transmit)?;
             st.save()?;
             wait_agents(st, a.timeout)?;
             println!(

@@ -30,12 +30,17 @@ pub struct TunnelConfig {
     /// encapsulated itself to (`bpf_redirect_neigh`), host order. Its MTU decides which
     /// packets are too big for BPF transmit (those go through the VXLAN device).
     pub underlay_ifindex: u32,
+    /// With [`tunnel_flags::BPF_TX`]: the UDP destination port `from_pod` writes, network
+    /// order. Its own field: `vxlan_port` is also the switch of `from_underlay`'s
+    /// decapsulation, which may be off while transmit is in BPF.
+    pub tx_port: [u8; 2],
     /// Zero.
-    pub pad2: u32,
+    pub pad2: u16,
 }
 const _: () = assert!(size_of::<TunnelConfig>() == 40);
 const _: () = assert!(offset_of!(TunnelConfig, local_ipv6) == 16);
 const _: () = assert!(offset_of!(TunnelConfig, underlay_ifindex) == 32);
+const _: () = assert!(offset_of!(TunnelConfig, tx_port) == 36);
 
 /// Bits of [`TunnelConfig::flags`].
 pub mod tunnel_flags {

@@ -139,7 +139,7 @@ pub fn encap_v4(skb: *mut __sk_buff, cfg: &TunnelConfig, tx: &Tx) -> Result<i32,
     let csum = ipv4_checksum(&h);
     h[10..12].copy_from_slice(&csum.to_be_bytes());
     h[20..22].copy_from_slice(&(sport as u16).to_be_bytes());
-    h[22..24].copy_from_slice(&cfg.vxlan_port);
+    h[22..24].copy_from_slice(&cfg.tx_port);
     h[24..26].copy_from_slice(&udp_len.to_be_bytes());
     // UDP checksum 0; VXLAN: I flag, VNI in bytes 4..7.
     h[28] = 0x08;
