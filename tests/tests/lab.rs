@@ -424,6 +424,38 @@ fn probes_answer(state: &Value) -> Result<()> {
     Ok(())
 }
 
+/// The agent of `cluster`'s first node encapsulates in BPF (its default `--transmit bpf`):
+/// `/status` says so and counts the packets it sent that way (the capture above saw them).
+fn bpf_transmit_used(cluster: &Value) -> Result<()> {
+    let node = &cluster["nodes"][0];
+    let ns = node["ns"].as_str().context("ns")?;
+    let health = node["agent"]["health_addr"]
+        .as_str()
+        .context("health_addr")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, "curl", "-s", "-m", "2"])
+            .arg(format!("http://{health}/status"))
+            .output()?;
+        let st: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        let path = st["transmit-path"].as_str().unwrap_or_default();
+        let sent = st["programs"]["from_pod"]["tunnelled_bpf"]
+            .as_u64()
+            .unwrap_or(0);
+        if path.starts_with("BPF encapsulation to eth0") && sent > 0 {
+            println!("{ns}: transmit path {path:?}, {sent} packets encapsulated in BPF");
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{ns}: expected BPF transmit in /status, got transmit-path {path:?}, from_pod {}",
+            st["programs"]["from_pod"]
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 #[test]
 fn lab_up_connectivity_vni_pod_deletion_and_down() -> Result<()> {
     let datapath = std::env::var("CLUSTERMESH_LAB_DATAPATH").unwrap_or_else(|_| "ebpf".into());
@@ -520,6 +552,7 @@ fn lab_up_connectivity_vni_pod_deletion_and_down() -> Result<()> {
             "expected vni {identity} (identity of {src_ip}):\n{text}"
         );
         println!("VNI = identity of {src_ip} = {identity}");
+        bpf_transmit_used(c1)?;
 
         // Delete the remote pod from c2's manifests: unrouted within 1 s.
         let manifest = Path::new(c2["state_dir"].as_str().context("state_dir")?)
