@@ -16,8 +16,17 @@
 //! the policy engine parses them) go as inputs to the policy hook
 //! ([`crate::policy::hook`]); nodes go as inputs to the node table ([`crate::nodes`]).
 //!
+//! **Synced canaries.** Each prefix has the canary its apiserver writes after a full pass
+//! ([`Prefix::canary`]). Once a reader has seen a prefix's canary, a later session lists
+//! that prefix only when the canary is there again: an etcd that comes back without it
+//! (wiped, restored from an old snapshot, a new member with no data) has lost what the
+//! apiserver wrote, and listing it would withdraw the cluster's own endpoints from the maps
+//! until the apiserver's refill. The remote sessions wait for their canaries the same way.
+//! A writer that never writes canaries (tests that fill etcd by hand) is read as before.
+//!
 //! It never writes to etcd.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -27,6 +36,7 @@ use clustermesh_syncer::remote::{Backoff, Resource, Value};
 use clustermesh_syncer::watcher::{self, Change, Conn, Reflector, Step, Store, Watcher};
 use clustermesh_syncer::{ConnectConfig, EtcdConfig};
 use clustermesh_types::cluster::ClusterInfo;
+use clustermesh_types::kvstore;
 use clustermesh_types::model::SmolStr;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
@@ -75,6 +85,18 @@ impl Prefix {
             Prefix::Services => "clustermesh/local/v1/services/".into(),
             Prefix::ServiceExports => format!("cilium/state/serviceexports/v1/{cluster}/"),
             Prefix::Policies => "clustermesh/local/v1/policies/".into(),
+        }
+    }
+
+    /// The synced canary the apiserver writes once its full pass of this prefix is written.
+    pub fn canary(self, cluster: &str) -> String {
+        match self {
+            Prefix::Endpoints => kvstore::synced_key(cluster, kvstore::IP_PREFIX),
+            Prefix::Nodes => kvstore::synced_key(cluster, kvstore::NODES_PREFIX),
+            Prefix::Identities => kvstore::synced_key(cluster, kvstore::IDENTITIES_PREFIX),
+            Prefix::Services => kvstore::LOCAL_SERVICES_SYNCED.into(),
+            Prefix::ServiceExports => kvstore::synced_key(cluster, kvstore::SERVICE_EXPORTS_PREFIX),
+            Prefix::Policies => kvstore::LOCAL_POLICIES_SYNCED.into(),
         }
     }
 
@@ -214,6 +236,8 @@ pub struct Reader {
     /// The policies, as stored (the policy engine parses them).
     policies: Store<Bytes>,
     services: Option<mpsc::Sender<services::LocalInput>>,
+    /// Per prefix ([`Prefix::index`]): its canary was seen by some session.
+    canary_seen: [AtomicBool; 6],
 }
 
 impl Reader {
@@ -240,6 +264,7 @@ impl Reader {
                 stores: Default::default(),
                 policies: Store::default(),
                 services: None,
+                canary_seen: Default::default(),
             },
             rx,
         )
@@ -305,9 +330,23 @@ impl Reader {
         let mut tasks = JoinSet::new();
         for p in Prefix::ALL {
             let me = self.clone();
-            let (conn, token) = (conn.clone(), token.clone());
+            let (c, t) = (conn.clone(), token.clone());
             let span = tracing::info_span!("local_prefix", prefix = ?p);
-            tasks.spawn(async move { me.prefix(conn, p, token).await }.instrument(span));
+            tasks.spawn(async move { me.prefix(c, p, t).await }.instrument(span));
+            if !self.canary_seen[p.index()].load(Ordering::Relaxed) {
+                // Learns that this etcd's writer writes the canary (see the module docs).
+                let me = self.clone();
+                let (conn, token) = (conn.clone(), token.clone());
+                tasks.spawn(async move {
+                    let canary = p.canary(&me.ctx.cluster);
+                    tokio::select! {
+                        r = conn.wait_for_key(&canary, None) => r?,
+                        _ = token.cancelled() => return Ok(()),
+                    }
+                    me.canary_seen[p.index()].store(true, Ordering::Relaxed);
+                    Ok(())
+                });
+            }
         }
         while let Some(done) = tasks.join_next().await {
             match done {
@@ -326,6 +365,20 @@ impl Reader {
         p: Prefix,
         token: CancellationToken,
     ) -> Result<(), Error> {
+        let canary = p.canary(&self.ctx.cluster);
+        if self.canary_seen[p.index()].load(Ordering::Relaxed) && !conn.exists(&canary).await? {
+            warn!(%canary, "the local etcd lost its synced canary (wiped or restored?): keeping the entries until its apiserver has written them again");
+            self.status.send_modify(|s| {
+                s.status = format!(
+                    "waiting for {canary}: the local etcd has lost what its apiserver wrote (wiped or restored?); entries are kept until the apiserver writes them again"
+                );
+            });
+            tokio::select! {
+                r = conn.wait_for_key(&canary, None) => r?,
+                _ = token.cancelled() => return Ok(()),
+            }
+            info!(%canary, "synced canary back; relisting");
+        }
         let watcher = Watcher::new(conn, p.key(&self.ctx.cluster), None);
         match p.resource() {
             Some(resource) => {

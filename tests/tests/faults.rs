@@ -18,9 +18,9 @@
 //!
 //! The wipe case relies on the users file `clustermesh connect` writes
 //! (`<state>/cluster-users.yaml`, the apiserver's `cluster-users-config-path`): an etcd that
-//! lost its data gets the peers' `remote-<c>` users back from its apiserver. It reports, but
-//! does not assert, what c2's own agents do with c2's own entries while their etcd is empty
-//! (the table's row is about remote entries; those are asserted in both clusters).
+//! lost its data gets the peers' `remote-<c>` users back from its apiserver. It also asserts
+//! that c2's own agents keep c2's own entries while their etcd is empty (the agent's local
+//! reader waits for its synced canaries again before it relists).
 //!
 //! Needs root, iproute2, curl, etcdctl, openssl, setpriv (`scripts/install-deps.sh`) and the
 //! workspace binaries (`cargo build --workspace --bins`).
@@ -886,20 +886,24 @@ fn wipe(m: &Mesh, pid: &mut u32) -> Result<String> {
         lost.is_empty(),
         "c2's agents withdrew c1's entries while their etcd was refilled: {lost:?}"
     );
-    // Their own cluster's entries (read from that etcd with no canary to wait for) are
-    // reported, not asserted: the table's row is about remote entries.
-    let local_low = samples
-        .iter()
-        .flat_map(|s| s.iter().filter(|(k, _)| k.starts_with("c2/")))
-        .map(|(_, (ipcache, _))| *ipcache)
-        .min()
-        .unwrap_or(0);
-    let local_before = before
-        .iter()
-        .filter(|(k, _)| k.starts_with("c2/"))
-        .map(|(_, (ipcache, _))| *ipcache)
-        .min()
-        .unwrap_or(0);
+    // Their own cluster's entries too: the agent's local reader, having seen its etcd's
+    // synced canaries, waits for them again before it relists, so the own entries are kept
+    // while the etcd is empty; only the removed pod (one of c2's own) may go.
+    let mut local_low = u64::MAX;
+    let mut local_before = u64::MAX;
+    for s in &samples {
+        for (agent, (ipcache, _)) in s.iter().filter(|(k, _)| k.starts_with("c2/")) {
+            let Some((before_ip, _)) = before.get(agent) else {
+                continue;
+            };
+            local_low = local_low.min(*ipcache);
+            local_before = local_before.min(*before_ip);
+            ensure!(
+                *ipcache + 1 >= *before_ip,
+                "{agent}: its own cluster's entries were withdrawn while its etcd was empty (ipcache {before_ip} → {ipcache})"
+            );
+        }
+    }
     m.wait_whole(Duration::from_secs(60))?;
     let t2 = Instant::now();
     loop {
@@ -918,7 +922,7 @@ fn wipe(m: &Mesh, pid: &mut u32) -> Result<String> {
         std::thread::sleep(Duration::from_millis(200));
     }
     Ok(format!(
-        "c1 converged {:.1}s after the restart to c2's {published} endpoints (0 stale); no remote withdrawal before the relist in {} samples, in c1's agents nor of c1's entries in c2's (c2's agents' ipcache {local_before} → min {local_low} while their own etcd was empty: own-cluster entries)",
+        "c1 converged {:.1}s after the restart to c2's {published} endpoints (0 stale); no remote withdrawal before the relist in {} samples, in c1's agents nor of c1's entries in c2's and c2's agents kept their own cluster's entries while their etcd was empty (ipcache {local_before} → min {local_low})",
         converged.as_secs_f64(),
         samples.len()
     ))

@@ -41,6 +41,10 @@ pub const LOCAL_PREFIX: &str = "clustermesh/local/v1";
 pub const LOCAL_SERVICES_PREFIX: &str = "clustermesh/local/v1/services";
 /// Local policy records: `<prefix>/<kind>/<ns>/<name>`.
 pub const LOCAL_POLICIES_PREFIX: &str = "clustermesh/local/v1/policies";
+/// Synced canary of [`LOCAL_SERVICES_PREFIX`], written after the apiserver's full pass.
+pub const LOCAL_SERVICES_SYNCED: &str = "clustermesh/local/synced/v1/services";
+/// Synced canary of [`LOCAL_POLICIES_PREFIX`], written after the apiserver's full pass.
+pub const LOCAL_POLICIES_SYNCED: &str = "clustermesh/local/synced/v1/policies";
 
 /// Sub-path of identity keys holding the label string.
 const IDENTITY_ID_SEGMENT: &str = "id";

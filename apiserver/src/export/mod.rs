@@ -181,8 +181,8 @@ impl Store {
             Store::Services => kvstore::synced_key(cluster, kvstore::SERVICES_PREFIX),
             Store::ServiceExports => kvstore::synced_key(cluster, kvstore::SERVICE_EXPORTS_PREFIX),
             Store::EndpointSlices => kvstore::synced_key(cluster, kvstore::ENDPOINT_SLICES_PREFIX),
-            Store::LocalServices => "clustermesh/local/synced/v1/services".into(),
-            Store::LocalPolicies => "clustermesh/local/synced/v1/policies".into(),
+            Store::LocalServices => kvstore::LOCAL_SERVICES_SYNCED.into(),
+            Store::LocalPolicies => kvstore::LOCAL_POLICIES_SYNCED.into(),
         }
     }
 

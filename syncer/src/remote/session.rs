@@ -517,7 +517,7 @@ impl Remote {
     ) -> Result<()> {
         if canaries {
             let key = r.synced_key(&self.name, cached);
-            Box::pin(wait_for_key(&self.env, &conn, &key)).await?;
+            Box::pin(conn.wait_for_key(&key, self.env.read_permits.as_ref())).await?;
             debug!(%key, "synced canary present");
         }
         let prefix = r.watch_prefix(&self.name, cached);
@@ -653,31 +653,6 @@ impl Env {
         // the first one drops the connection, the others find a fresh one (or none yet).
         let mut local = self.local.lock().await;
         *local = None;
-    }
-}
-
-/// Waits until `key` exists (a synced canary).
-async fn wait_for_key(env: &Env, conn: &Conn, key: &str) -> Result<()> {
-    let permit = env.read_permit().await;
-    let (value, rev) = conn.get(key).await?;
-    drop(permit);
-    if value.is_some() {
-        return Ok(());
-    }
-    let opts = WatchOptions::new().with_start_revision(rev + 1);
-    let mut watch = conn.watch(key, opts).await?;
-    loop {
-        let resp = conn.message(&mut watch, key).await?;
-        if resp.canceled() {
-            return Err(canceled(key, resp.cancel_reason()));
-        }
-        if resp
-            .events()
-            .iter()
-            .any(|e| e.event_type() == EventType::Put)
-        {
-            return Ok(());
-        }
     }
 }
 

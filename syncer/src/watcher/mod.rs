@@ -191,6 +191,44 @@ impl Conn {
             .map_err(|e| ended(key, e))
     }
 
+    /// Whether `key` exists.
+    pub async fn exists(&self, key: &str) -> Result<bool> {
+        Ok(self.get(key).await?.0.is_some())
+    }
+
+    /// Waits until `key` exists (a synced canary): a get, then, if it is absent, a watch of
+    /// the key from the get's revision + 1, so a put between the two is not missed. With
+    /// `permits` the get holds one permit (many readers of one etcd, KVStoreMesh mode).
+    pub async fn wait_for_key(&self, key: &str, permits: Option<&Arc<Semaphore>>) -> Result<()> {
+        let permit = match permits {
+            Some(p) => p.clone().acquire_owned().await.ok(),
+            None => None,
+        };
+        let (value, rev) = self.get(key).await?;
+        drop(permit);
+        if value.is_some() {
+            return Ok(());
+        }
+        let opts = WatchOptions::new().with_start_revision(rev + 1);
+        let mut watch = self.watch(key, opts).await?;
+        loop {
+            let resp = self.message(&mut watch, key).await?;
+            if resp.canceled() {
+                return Err(Error::WatchEnded {
+                    prefix: key.to_owned(),
+                    reason: format!("canceled: {}", resp.cancel_reason()),
+                });
+            }
+            if resp
+                .events()
+                .iter()
+                .any(|e| e.event_type() == EventType::Put)
+            {
+                return Ok(());
+            }
+        }
+    }
+
     /// The next response of `watch`, its cluster ID checked.
     pub(crate) async fn message(
         &self,
