@@ -9,7 +9,8 @@
 //! Needs root, iproute2, curl, ping, tcpdump, etcdctl (`scripts/install-deps.sh`) and the
 //! workspace binaries (`cargo build --workspace --bins`). `CLUSTERMESH_LAB_DATAPATH=kernel`
 //! runs the same checks on the plain-kernel-VXLAN lab, minus those only the agent can pass
-//! (identity in the VNI, pod deletion).
+//! (identity in the VNI, pod deletion). `lab_dual_stack_every_check_per_family` runs the
+//! connectivity test on a dual-stack lab (issue 16).
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::Path;
@@ -651,5 +652,130 @@ fn lab_up_connectivity_vni_pod_deletion_and_down() -> Result<()> {
         "a mount under the lab dir is left"
     );
     ensure!(!lab.dir.exists(), "lab dir left");
+    Ok(())
+}
+
+/// Issue 16: `lab up --ip-family dual` (2×2×2, eBPF), then `connectivity test -o json`:
+/// every pod check runs once per family — 112 IPv4 and 112 IPv6 (`tcp6`/`icmp6`, same node,
+/// cross node, cross cluster) — and the service checks run over both VIPs (global, DNS A
+/// and AAAA, affinity-local failover), all passing; pods and Nodes carry both families;
+/// `lab down` leaves no namespace and no IPv6 underlay route.
+#[test]
+fn lab_dual_stack_every_check_per_family() -> Result<()> {
+    let mut lab = Lab::new("cm-lab-dual")?;
+    let t = Instant::now();
+    let up = run(&mut lab.cli(&[
+        "lab",
+        "up",
+        "--clusters",
+        "2",
+        "--nodes",
+        "2",
+        "--pods",
+        "2",
+        "--ip-family",
+        "dual",
+    ]))?;
+    println!("{up}\nlab up (dual): {:.1}s", t.elapsed().as_secs_f64());
+    let state = lab.state()?;
+    let id = state["id"].as_str().context("id")?.to_owned();
+    ensure!(state["ip_family"] == "dual", "{}", state["ip_family"]);
+    for c in state["clusters"].as_array().context("clusters")? {
+        for n in c["nodes"].as_array().context("nodes")? {
+            ensure!(
+                n["ip6"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with("2001:db8:")),
+                "node without an IPv6 underlay address: {n}"
+            );
+            ensure!(!n["agent"].is_null(), "no agent on {}", n["ns"]);
+            for p in n["pods"].as_array().context("pods")? {
+                ensure!(
+                    p["ip6"].as_str().is_some_and(|a| a.starts_with("fd00:10:")),
+                    "pod without an IPv6 address: {p}"
+                );
+            }
+        }
+    }
+
+    let t = Instant::now();
+    let out = lab.cli(&["connectivity", "test", "-o", "json"]).output()?;
+    let report: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "connectivity report: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    println!(
+        "connectivity (dual): {} in {:.1}s",
+        report["summary"],
+        t.elapsed().as_secs_f64()
+    );
+    let checks = report["checks"].as_array().context("checks")?;
+    let services = report["services"].as_array().context("services")?;
+    let failures: Vec<String> = checks
+        .iter()
+        .chain(services)
+        .filter(|c| c["ok"] != Value::Bool(true))
+        .map(|c| format!("{}: {}", c["name"], c["error"]))
+        .collect();
+    ensure!(
+        failures.is_empty() && out.status.success(),
+        "{} failed checks:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    for (family, prefix) in [("ipv4", ""), ("ipv6", "fd00:10:")] {
+        for scope in ["same-node", "cross-node", "cross-cluster"] {
+            for kind in ["tcp", "icmp"] {
+                let n = checks
+                    .iter()
+                    .filter(|c| c["family"] == family && c["scope"] == scope && c["kind"] == kind)
+                    .filter(|c| {
+                        c["to"]["ip"]
+                            .as_str()
+                            .is_some_and(|a| a.starts_with(prefix))
+                    })
+                    .count();
+                // 8 pods: 8 same-node, 16 cross-node and 32 cross-cluster ordered pairs.
+                let want = match scope {
+                    "same-node" => 8,
+                    "cross-node" => 16,
+                    _ => 32,
+                };
+                ensure!(
+                    n == want,
+                    "{family} {scope} {kind}: {n} checks, expected {want}"
+                );
+            }
+        }
+    }
+    for name in [
+        "service ipv6 global",
+        "service ipv6 dns",
+        "service ipv6 affinity-local",
+    ] {
+        ensure!(
+            services
+                .iter()
+                .any(|c| c["name"].as_str().is_some_and(|n| n.starts_with(name))),
+            "no {name:?} check in {services:?}"
+        );
+    }
+
+    run(&mut lab.cli(&["lab", "down"]))?;
+    lab.down = true;
+    let prefix = format!("cm-{id}-");
+    let left: Vec<String> = run(Command::new("ip").args(["netns", "list"]))?
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .map(str::to_owned)
+        .collect();
+    ensure!(left.is_empty(), "namespaces left: {left:?}");
+    let routes6 = run(Command::new("ip").args(["-6", "route", "show", "root", "2001:db8::/32"]))?;
+    ensure!(
+        routes6.trim().is_empty(),
+        "IPv6 underlay routes left in the root namespace: {routes6}"
+    );
     Ok(())
 }

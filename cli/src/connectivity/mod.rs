@@ -8,11 +8,15 @@
 //! source pod). Checks run with bounded parallelism; each prints ✅/❌ with its latency,
 //! then a summary; any failure makes the command fail. `-o json` prints one report.
 //! Then the service checks of [`services`] (eBPF lab only).
+//!
+//! A dual-stack lab (`lab up --ip-family dual`) runs every pod check once per family: the
+//! IPv6 ones are named `tcp6`/`icmp6` (`ping -6`) and carry `"family": "ipv6"`; an IPv4
+//! lab runs exactly the checks it always did.
 
 mod services;
 
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -72,6 +76,16 @@ pub enum Kind {
     Icmp,
 }
 
+/// The address family of a check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// Pod IPv4 addresses.
+    Ipv4,
+    /// Pod IPv6 addresses.
+    Ipv6,
+}
+
 /// One end of a check.
 #[derive(Debug, Clone, Serialize)]
 pub struct Endpoint {
@@ -94,6 +108,8 @@ pub struct Check {
     pub name: String,
     /// Protocol.
     pub kind: Kind,
+    /// Address family.
+    pub family: Family,
     /// Relation of the two pods.
     pub scope: Scope,
     /// Source.
@@ -108,12 +124,20 @@ pub struct Check {
     pub error: Option<String>,
 }
 
-fn endpoint(p: &PodRef<'_>) -> Endpoint {
+/// The pod's address of `family` (`None`: the pod has none).
+fn pod_ip(p: &PodRef<'_>, family: Family) -> Option<IpAddr> {
+    match family {
+        Family::Ipv4 => Some(p.pod.ip.into()),
+        Family::Ipv6 => p.pod.ip6.map(IpAddr::from),
+    }
+}
+
+fn endpoint(p: &PodRef<'_>, family: Family) -> Endpoint {
     Endpoint {
         cluster: p.cluster.name.clone(),
         node: p.node.name.clone(),
         pod: p.pod.name.clone(),
-        ip: p.pod.ip.to_string(),
+        ip: pod_ip(p, family).map(|a| a.to_string()).unwrap_or_default(),
         netns: p.pod.ns.clone(),
     }
 }
@@ -128,8 +152,13 @@ fn scope(a: &PodRef<'_>, b: &PodRef<'_>) -> Scope {
     }
 }
 
-fn tcp_check(src: &PodRef<'_>, dst: &PodRef<'_>, timeout: Duration) -> anyhow::Result<f64> {
-    let addr = SocketAddr::from((dst.pod.ip, plan::ECHO_PORT));
+fn tcp_check(
+    src: &PodRef<'_>,
+    dst: &PodRef<'_>,
+    ip: IpAddr,
+    timeout: Duration,
+) -> anyhow::Result<f64> {
+    let addr = SocketAddr::from((ip, plan::ECHO_PORT));
     let (answer, ms) = netns::run_in(&src.pod.ns, || {
         let t = Instant::now();
         let mut s = TcpStream::connect_timeout(&addr, timeout)
@@ -163,19 +192,30 @@ fn tcp_check(src: &PodRef<'_>, dst: &PodRef<'_>, timeout: Duration) -> anyhow::R
     Ok(ms)
 }
 
-fn icmp_check(src: &PodRef<'_>, dst: &PodRef<'_>, timeout: Duration) -> anyhow::Result<f64> {
+fn icmp_check(src: &PodRef<'_>, ip: IpAddr, timeout: Duration) -> anyhow::Result<f64> {
     let wait = timeout.as_secs().max(1).to_string();
+    let family = if ip.is_ipv6() { "-6" } else { "-4" };
     let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &src.pod.ns, "ping", "-n", "-c", "1", "-W"])
+        .args([
+            "netns",
+            "exec",
+            &src.pod.ns,
+            "ping",
+            family,
+            "-n",
+            "-c",
+            "1",
+            "-W",
+        ])
         .arg(&wait)
-        .arg(dst.pod.ip.to_string())
+        .arg(ip.to_string())
         .output()
         .context("running ping (apt-get install iputils-ping)")?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         bail!(
             "no reply from {}: {}",
-            dst.pod.ip,
+            ip,
             text.lines()
                 .find(|l| l.contains("packet loss"))
                 .unwrap_or("ping failed")
@@ -193,35 +233,47 @@ fn icmp_check(src: &PodRef<'_>, dst: &PodRef<'_>, timeout: Duration) -> anyhow::
 pub fn test(a: TestArgs) -> anyhow::Result<()> {
     let st = state::load(&a.dir)?;
     let pods = st.pods();
+    let families: &[Family] = if st.ip_family.has_v6() {
+        &[Family::Ipv4, Family::Ipv6]
+    } else {
+        &[Family::Ipv4]
+    };
     let mut plan_list = Vec::new();
     for src in &pods {
         for dst in &pods {
             if src.pod.ns == dst.pod.ns {
                 continue;
             }
-            for kind in [Kind::Tcp, Kind::Icmp] {
-                let sc = scope(src, dst);
-                let name = format!(
-                    "{} {} → {} ({})",
-                    match kind {
-                        Kind::Tcp => "tcp ",
-                        Kind::Icmp => "icmp",
-                    },
-                    src.label(),
-                    dst.label(),
-                    match sc {
-                        Scope::SameNode => "same-node",
-                        Scope::CrossNode => "cross-node",
-                        Scope::CrossCluster => "cross-cluster",
-                    }
-                );
-                if a.filter
-                    .as_ref()
-                    .is_some_and(|f| !name.contains(f.as_str()))
-                {
+            for &family in families {
+                let Some(ip) = pod_ip(dst, family) else {
                     continue;
+                };
+                for kind in [Kind::Tcp, Kind::Icmp] {
+                    let sc = scope(src, dst);
+                    let name = format!(
+                        "{} {} → {} ({})",
+                        match (kind, family) {
+                            (Kind::Tcp, Family::Ipv4) => "tcp ",
+                            (Kind::Icmp, Family::Ipv4) => "icmp",
+                            (Kind::Tcp, Family::Ipv6) => "tcp6",
+                            (Kind::Icmp, Family::Ipv6) => "icmp6",
+                        },
+                        src.label(),
+                        dst.label(),
+                        match sc {
+                            Scope::SameNode => "same-node",
+                            Scope::CrossNode => "cross-node",
+                            Scope::CrossCluster => "cross-cluster",
+                        }
+                    );
+                    if a.filter
+                        .as_ref()
+                        .is_some_and(|f| !name.contains(f.as_str()))
+                    {
+                        continue;
+                    }
+                    plan_list.push((name, kind, family, ip, sc, *src, *dst));
                 }
-                plan_list.push((name, kind, sc, *src, *dst));
             }
         }
     }
@@ -249,19 +301,20 @@ pub fn test(a: TestArgs) -> anyhow::Result<()> {
                     *n += 1;
                     i
                 };
-                let Some((name, kind, sc, src, dst)) = plan_list.get(i) else {
+                let Some((name, kind, family, ip, sc, src, dst)) = plan_list.get(i) else {
                     return;
                 };
                 let res = match kind {
-                    Kind::Tcp => tcp_check(src, dst, a.timeout),
-                    Kind::Icmp => icmp_check(src, dst, a.timeout),
+                    Kind::Tcp => tcp_check(src, dst, *ip, a.timeout),
+                    Kind::Icmp => icmp_check(src, *ip, a.timeout),
                 };
                 let check = Check {
                     name: name.clone(),
                     kind: *kind,
+                    family: *family,
                     scope: *sc,
-                    from: endpoint(src),
-                    to: endpoint(dst),
+                    from: endpoint(src, *family),
+                    to: endpoint(dst, *family),
                     ok: res.is_ok(),
                     latency_ms: res.as_ref().ok().copied(),
                     error: res.err().map(|e| format!("{e:#}")),
@@ -308,32 +361,36 @@ pub fn test(a: TestArgs) -> anyhow::Result<()> {
     let elapsed = started.elapsed();
     let mut per_scope = serde_json::Map::new();
     for sc in [Scope::SameNode, Scope::CrossNode, Scope::CrossCluster] {
-        for kind in [Kind::Tcp, Kind::Icmp] {
-            let mut l: Vec<f64> = checks
-                .iter()
-                .filter(|c| c.scope == sc && c.kind == kind)
-                .filter_map(|c| c.latency_ms)
-                .collect();
-            if l.is_empty() {
-                continue;
+        for &family in families {
+            for kind in [Kind::Tcp, Kind::Icmp] {
+                let mut l: Vec<f64> = checks
+                    .iter()
+                    .filter(|c| c.scope == sc && c.kind == kind && c.family == family)
+                    .filter_map(|c| c.latency_ms)
+                    .collect();
+                if l.is_empty() {
+                    continue;
+                }
+                l.sort_by(f64::total_cmp);
+                // IPv4 keys as they always were; IPv6 ones say so (`same-node/tcp6`).
+                let key = format!(
+                    "{}/{}{}",
+                    serde_json::to_value(sc)?.as_str().unwrap_or_default(),
+                    serde_json::to_value(kind)?.as_str().unwrap_or_default(),
+                    if family == Family::Ipv6 { "6" } else { "" }
+                );
+                per_scope.insert(
+                    key,
+                    serde_json::json!({"count": l.len(), "p50_ms": l[l.len() / 2], "max_ms": l[l.len() - 1]}),
+                );
             }
-            l.sort_by(f64::total_cmp);
-            let key = format!(
-                "{}/{}",
-                serde_json::to_value(sc)?.as_str().unwrap_or_default(),
-                serde_json::to_value(kind)?.as_str().unwrap_or_default()
-            );
-            per_scope.insert(
-                key,
-                serde_json::json!({"count": l.len(), "p50_ms": l[l.len() / 2], "max_ms": l[l.len() - 1]}),
-            );
         }
     }
     if json {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
-                "lab": st.id, "datapath": st.datapath,
+                "lab": st.id, "datapath": st.datapath, "ip_family": st.ip_family,
                 "summary": {"total": checks.len() + services.len(), "passed": passed, "failed": failed,
                     "duration_ms": elapsed.as_secs_f64() * 1000.0, "latency": per_scope},
                 "checks": checks,

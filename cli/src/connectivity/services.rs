@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -88,8 +88,14 @@ fn distribution(
     (per, errors)
 }
 
-/// A DNS query for `name`/A (RFC 1035 wire format, recursion desired).
-pub fn dns_query(id: u16, name: &str) -> Vec<u8> {
+/// DNS record types the checks ask for.
+pub const TYPE_A: u16 = 1;
+/// See [`TYPE_A`].
+pub const TYPE_AAAA: u16 = 28;
+
+/// A DNS query for `name` of type `qtype` ([`TYPE_A`] or [`TYPE_AAAA`]; RFC 1035 wire
+/// format, recursion desired).
+pub fn dns_query_type(id: u16, name: &str, qtype: u16) -> Vec<u8> {
     let mut q = Vec::with_capacity(64);
     q.extend_from_slice(&id.to_be_bytes());
     q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
@@ -97,12 +103,14 @@ pub fn dns_query(id: u16, name: &str) -> Vec<u8> {
         q.push(label.len() as u8);
         q.extend_from_slice(label.as_bytes());
     }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q.push(0);
+    q.extend_from_slice(&qtype.to_be_bytes());
+    q.extend_from_slice(&[0, 1]);
     q
 }
 
-/// The rcode and the A records of an answer to [`dns_query`] `id`.
-pub fn dns_answer(id: u16, msg: &[u8]) -> anyhow::Result<(u8, Vec<Ipv4Addr>)> {
+/// The rcode and the A and AAAA records of an answer to [`dns_query_type`] `id`.
+pub fn dns_answer(id: u16, msg: &[u8]) -> anyhow::Result<(u8, Vec<IpAddr>)> {
     ensure!(msg.len() >= 12, "short DNS message ({} bytes)", msg.len());
     ensure!(msg[..2] == id.to_be_bytes(), "answer to another query");
     let rcode = msg[3] & 0x0f;
@@ -133,8 +141,13 @@ pub fn dns_answer(id: u16, msg: &[u8]) -> anyhow::Result<(u8, Vec<Ipv4Addr>)> {
             u16::from_be_bytes([h[8], h[9]]) as usize,
         );
         let data = msg.get(i + 10..i + 10 + len).context("truncated rdata")?;
-        if ty == 1 && len == 4 {
-            addrs.push(Ipv4Addr::new(data[0], data[1], data[2], data[3]));
+        if ty == TYPE_A && len == 4 {
+            addrs.push(Ipv4Addr::new(data[0], data[1], data[2], data[3]).into());
+        }
+        if ty == TYPE_AAAA && len == 16 {
+            let mut a = [0u8; 16];
+            a.copy_from_slice(data);
+            addrs.push(Ipv6Addr::from(a).into());
         }
         i += 10 + len;
     }
@@ -152,15 +165,20 @@ fn pod_nameserver(ns: &str) -> anyhow::Result<Ipv4Addr> {
         .with_context(|| format!("no IPv4 nameserver in {}", path.display()))
 }
 
-/// Resolves `name`/A from inside `ns` through its resolver.
-pub fn resolve_in(ns: &str, name: &str, timeout: Duration) -> anyhow::Result<Vec<Ipv4Addr>> {
+/// Resolves `name` (record type `qtype`) from inside `ns` through its resolver.
+pub fn resolve_in(
+    ns: &str,
+    name: &str,
+    qtype: u16,
+    timeout: Duration,
+) -> anyhow::Result<Vec<IpAddr>> {
     let server = SocketAddr::from((pod_nameserver(ns)?, 53));
     let id = (std::process::id() as u16) ^ 0x5a5a;
     let answer = netns::run_in(ns, || {
         let s = UdpSocket::bind("0.0.0.0:0")?;
         s.set_read_timeout(Some(timeout))?;
         s.connect(server)?;
-        s.send(&dns_query(id, name))?;
+        s.send(&dns_query_type(id, name, qtype))?;
         let mut buf = vec![0u8; 1500];
         let n = s
             .recv(&mut buf)
@@ -205,8 +223,13 @@ fn write_manifest(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
-fn global(st: &LabState, src: &PodRef<'_>, cfg: &Config) -> anyhow::Result<serde_json::Value> {
-    let vip = SocketAddr::from((lab::ECHO_VIP, lab::SERVICE_PORT));
+fn global(
+    st: &LabState,
+    src: &PodRef<'_>,
+    cfg: &Config,
+    vip: IpAddr,
+) -> anyhow::Result<serde_json::Value> {
+    let vip = SocketAddr::from((vip, lab::SERVICE_PORT));
     // Every connect must succeed, including those the LB would have bound to the source
     // pod itself (lb.rs picks another backend, or loops a lone self-backend back).
     let (per, errors) = {
@@ -252,15 +275,15 @@ fn global(st: &LabState, src: &PodRef<'_>, cfg: &Config) -> anyhow::Result<serde
     Ok(detail)
 }
 
-fn dns(src: &PodRef<'_>, cfg: &Config) -> anyhow::Result<serde_json::Value> {
+fn dns(src: &PodRef<'_>, cfg: &Config, want: IpAddr) -> anyhow::Result<serde_json::Value> {
     let name = format!("{}.default.svc.clusterset.local", lab::ECHO);
+    let qtype = if want.is_ipv6() { TYPE_AAAA } else { TYPE_A };
     let t = Instant::now();
-    let addrs = resolve_in(&src.pod.ns, &name, cfg.timeout)?;
+    let addrs = resolve_in(&src.pod.ns, &name, qtype, cfg.timeout)?;
     let ms = t.elapsed().as_secs_f64() * 1000.0;
     ensure!(
-        addrs.contains(&lab::ECHO_VIP),
-        "{name} resolved to {addrs:?}, expected {}",
-        lab::ECHO_VIP
+        addrs.contains(&want),
+        "{name} resolved to {addrs:?}, expected {want}"
     );
     Ok(serde_json::json!({"name": name, "addresses": addrs, "latency_ms": ms}))
 }
@@ -269,8 +292,9 @@ fn affinity_local(
     src: &PodRef<'_>,
     st: &LabState,
     cfg: &Config,
+    vip: IpAddr,
 ) -> anyhow::Result<serde_json::Value> {
-    let vip = SocketAddr::from((lab::ECHO_LOCAL_VIP, lab::SERVICE_PORT));
+    let vip = SocketAddr::from((vip, lab::SERVICE_PORT));
     let local = src.cluster.name.as_str();
     let probe = Duration::from_millis(200).min(cfg.timeout);
     let (before, errors) = distribution(&src.pod.ns, vip, 10, cfg.timeout);
@@ -410,7 +434,7 @@ pub fn run(st: &LabState, cfg: &Config, filter: Option<&str>) -> anyhow::Result<
     let mut plan: Vec<(String, F<'_>)> = vec![
         (
             format!("service global {} → {}", src.label(), lab::ECHO),
-            Box::new(|| global(st, src, cfg)),
+            Box::new(|| global(st, src, cfg, lab::ECHO_VIP.into())),
         ),
         (
             format!(
@@ -418,7 +442,7 @@ pub fn run(st: &LabState, cfg: &Config, filter: Option<&str>) -> anyhow::Result<
                 src.label(),
                 lab::ECHO
             ),
-            Box::new(|| dns(src, cfg)),
+            Box::new(|| dns(src, cfg, lab::ECHO_VIP.into())),
         ),
         (
             format!(
@@ -426,9 +450,32 @@ pub fn run(st: &LabState, cfg: &Config, filter: Option<&str>) -> anyhow::Result<
                 src.label(),
                 lab::ECHO_LOCAL
             ),
-            Box::new(|| affinity_local(src, st, cfg)),
+            Box::new(|| affinity_local(src, st, cfg, lab::ECHO_LOCAL_VIP.into())),
         ),
     ];
+    // Dual-stack labs: the same over the IPv6 VIPs and DNS AAAA (names say `ipv6`).
+    if st.ip_family.has_v6() {
+        plan.push((
+            format!("service ipv6 global {} → {}", src.label(), lab::ECHO),
+            Box::new(|| global(st, src, cfg, lab::ECHO_VIP6.into())),
+        ));
+        plan.push((
+            format!(
+                "service ipv6 dns {} → {}.default.svc.clusterset.local AAAA",
+                src.label(),
+                lab::ECHO
+            ),
+            Box::new(|| dns(src, cfg, lab::ECHO_VIP6.into())),
+        ));
+        plan.push((
+            format!(
+                "service ipv6 affinity-local {} → {}",
+                src.label(),
+                lab::ECHO_LOCAL
+            ),
+            Box::new(|| affinity_local(src, st, cfg, lab::ECHO_LOCAL_VIP6.into())),
+        ));
+    }
     // Needs a second pod in another cluster (labs with one pod per cluster have none).
     if cfg.propagation_rounds > 0 && propagation_target(src, st).is_some() {
         plan.push((
@@ -457,7 +504,7 @@ mod tests {
 
     #[test]
     fn dns_round_trip_of_a_crafted_answer() {
-        let q = dns_query(7, "echo.default.svc.clusterset.local");
+        let q = dns_query_type(7, "echo.default.svc.clusterset.local", TYPE_A);
         // Answer = query with QR set, one A record pointing back at the question name.
         let mut a = q.clone();
         a[2] |= 0x80;
@@ -465,7 +512,19 @@ mod tests {
         a.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 5, 0, 4, 172, 20, 0, 10]);
         assert_eq!(
             dns_answer(7, &a).unwrap(),
-            (0, vec![Ipv4Addr::new(172, 20, 0, 10)])
+            (0, vec![Ipv4Addr::new(172, 20, 0, 10).into()])
+        );
+        // AAAA: the question says type 28, the answer carries 16 bytes.
+        let q6 = dns_query_type(9, "echo.default.svc.clusterset.local", TYPE_AAAA);
+        assert_eq!(&q6[q6.len() - 4..], &[0, 28, 0, 1]);
+        let mut a6 = q6.clone();
+        a6[2] |= 0x80;
+        a6[7] = 1;
+        a6.extend_from_slice(&[0xc0, 12, 0, 28, 0, 1, 0, 0, 0, 5, 0, 16]);
+        a6.extend_from_slice(&lab::ECHO_VIP6.octets());
+        assert_eq!(
+            dns_answer(9, &a6).unwrap(),
+            (0, vec![IpAddr::from(lab::ECHO_VIP6)])
         );
         assert!(dns_answer(8, &a).is_err());
         assert!(dns_answer(7, &a[..a.len() - 3]).is_err());

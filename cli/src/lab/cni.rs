@@ -10,7 +10,7 @@
 //! It must not create interfaces itself: that is the plugin's job.
 
 use std::io::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -95,15 +95,30 @@ pub fn config(cni: Cni, st: &LabState, node: &Node) -> anyhow::Result<Value> {
     let start = Ipv4Addr::new(o[0], o[1], o[2], 11).to_string();
     let gateway = Ipv4Addr::new(o[0], o[1], o[2], 1).to_string();
     let state = node_state_dir(st, node);
+    let mut ranges =
+        vec![json!([{"subnet": node.pod_cidr, "rangeStart": start, "gateway": gateway}])];
+    let mut routes = vec![
+        json!({"dst": "10.0.0.0/8"}),
+        json!({"dst": "172.20.0.0/16"}),
+        json!({"dst": format!("{}/32", plan::GATEWAY)}),
+    ];
+    // Dual-stack: one address of each family (host-local takes one per range set); the
+    // IPv6 route's gateway is the IPv6 range's (the plugins pick it by family).
+    if let Some(cidr6) = &node.pod_cidr6 {
+        let net = cidr6.split_once('/').map_or(cidr6.as_str(), |(n, _)| n);
+        let net: Ipv6Addr = net
+            .parse()
+            .with_context(|| format!("IPv6 pod CIDR {cidr6} of {}", node.name))?;
+        let seg = net.segments();
+        let at = |last: u16| Ipv6Addr::new(seg[0], seg[1], seg[2], seg[3], 0, 0, 0, last);
+        ranges.push(json!([{"subnet": cidr6, "rangeStart": at(0x11).to_string(), "gateway": at(1).to_string()}]));
+        routes.push(json!({"dst": plan::POD_ROUTE6}));
+    }
     let ipam = || {
         json!({
             "type": "host-local",
-            "ranges": [[{"subnet": node.pod_cidr, "rangeStart": start, "gateway": gateway}]],
-            "routes": [
-                {"dst": "10.0.0.0/8"},
-                {"dst": "172.20.0.0/16"},
-                {"dst": format!("{}/32", plan::GATEWAY)},
-            ],
+            "ranges": ranges,
+            "routes": routes,
             "dataDir": state.join("ipam"),
         })
     };
@@ -135,6 +150,8 @@ pub fn container_id(st: &LabState, pod: &Pod) -> String {
 pub struct Added {
     /// The pod's address.
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address, if the plugin gave one.
+    pub ip6: Option<Ipv6Addr>,
     /// The pod's `eth0` MAC.
     pub mac: String,
     /// The host-side interface of the pod (a veth; for bridge plugins the bridge port).
@@ -204,7 +221,7 @@ pub fn invoke(
     Ok(reply)
 }
 
-/// Reads a result: the pod's first IPv4 address, the interface in the sandbox, and the
+/// Reads a result: the pod's first IPv4 address (and first IPv6 one, if any), the interface in the sandbox, and the
 /// host-side veth (an interface outside the sandbox that is not the bridge).
 pub fn parse_result(r: &Value) -> anyhow::Result<Added> {
     let ifaces = r["interfaces"]
@@ -218,6 +235,12 @@ pub fn parse_result(r: &Value) -> anyhow::Result<Added> {
         .filter_map(|a| a.split('/').next()?.parse::<Ipv4Addr>().ok())
         .next()
         .with_context(|| format!("result has no IPv4 address: {r}"))?;
+    let ip6 = r["ips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["address"].as_str())
+        .find_map(|a| a.split('/').next()?.parse::<Ipv6Addr>().ok());
     let pod = ifaces
         .iter()
         .find(|i| i["sandbox"].as_str().is_some_and(|s| !s.is_empty()))
@@ -230,6 +253,7 @@ pub fn parse_result(r: &Value) -> anyhow::Result<Added> {
         .with_context(|| format!("result names no host-side interface: {r}"))?;
     Ok(Added {
         ip,
+        ip6,
         mac: pod["mac"].as_str().unwrap_or_default().to_owned(),
         host_if: host["name"].as_str().unwrap_or_default().to_owned(),
     })
@@ -283,6 +307,13 @@ mod tests {
         // bridge: the bridge is listed too and is not the pod's interface.
         let br = json!({"interfaces":[{"name":"cni0","mac":"bb"},{"name":"vethx","mac":"cc"},{"name":"eth0","mac":"dd","sandbox":"/var/run/netns/p"}],"ips":[{"interface":2,"address":"10.1.1.12/24"}]});
         assert_eq!(parse_result(&br).expect("bridge result").host_if, "vethx");
+        assert_eq!(a.ip6, None);
+        // Dual-stack: one address of each family.
+        let dual = json!({"interfaces":[{"name":"vethy"},{"name":"eth0","mac":"ee","sandbox":"/var/run/netns/p"}],"ips":[{"interface":1,"address":"10.1.1.11/24"},{"interface":1,"address":"fd00:10:1:1::11/64"}]});
+        assert_eq!(
+            parse_result(&dual).expect("dual result").ip6,
+            Some("fd00:10:1:1::11".parse().expect("ip"))
+        );
         assert!(parse_result(&json!({"interfaces":[],"ips":[]})).is_err());
     }
 }

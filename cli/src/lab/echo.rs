@@ -10,7 +10,7 @@
 //! Plain threads: a lab pod serves a handful of connections at a time.
 
 use std::io::{Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -29,9 +29,9 @@ pub struct EchoArgs {
     /// Cluster name in the answer.
     #[arg(long)]
     pub cluster: String,
-    /// Address to listen on.
-    #[arg(long, default_value_t = Ipv4Addr::UNSPECIFIED)]
-    pub listen: Ipv4Addr,
+    /// Address to listen on (`::` takes IPv4 and IPv6 connections: dual-stack pods).
+    #[arg(long, default_value_t = IpAddr::V6(Ipv6Addr::UNSPECIFIED))]
+    pub listen: IpAddr,
 }
 
 /// What `:8080` answers (the connectivity test parses it).
@@ -96,8 +96,12 @@ fn answer(mut conn: TcpStream, pod: &str, node: &str, cluster: &str) -> anyhow::
         pod: pod.into(),
         node: node.into(),
         cluster: cluster.into(),
-        ip: conn.local_addr()?.ip().to_string(),
-        client: conn.peer_addr()?.to_string(),
+        // A dual-stack socket sees IPv4 peers as ::ffff:a.b.c.d: shown as IPv4.
+        ip: conn.local_addr()?.ip().to_canonical().to_string(),
+        client: {
+            let peer = conn.peer_addr()?;
+            SocketAddr::new(peer.ip().to_canonical(), peer.port()).to_string()
+        },
     })? + "\n";
     conn.set_read_timeout(Some(Duration::from_millis(300)))?;
     // Read the request head, if any (an HTTP client sends one; `nc` does not).

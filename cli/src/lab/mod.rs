@@ -45,7 +45,7 @@ use state::LabState;
 pub use down::down;
 pub use manifests::{
     in_echo_local, pod_manifest, pod_manifest_without_echo_local, ECHO, ECHO_LOCAL, ECHO_LOCAL_VIP,
-    ECHO_VIP, SERVICE_PORT,
+    ECHO_LOCAL_VIP6, ECHO_VIP, ECHO_VIP6, SERVICE_PORT,
 };
 pub use network::netns_resolv_conf;
 pub use status::status;

@@ -25,6 +25,10 @@ pub(super) fn build_network(st: &mut LabState) -> anyhow::Result<()> {
     let router = st.router_ns.clone();
     add_ns(st, &router)?;
     netns::sysctl(&router, "net/ipv4/ip_forward", "1")?;
+    let v6 = st.ip_family.has_v6();
+    if v6 {
+        netns::sysctl(&router, "net/ipv6/conf/all/forwarding", "1")?;
+    }
     // The single root veth, unless another lab already routes the underlay from here.
     // `root`: routes inside the underlay prefix (`match` would also return the default route).
     let taken = !netns::ip(&["-j", "route", "show", "root", plan::UNDERLAY])?
@@ -89,6 +93,21 @@ pub(super) fn build_network(st: &mut LabState) -> anyhow::Result<()> {
                 &br,
             ],
         )?;
+        if v6 {
+            // nodad: the lab made every address, none can be a duplicate, and DAD would
+            // hold each one back (tentative) for a second.
+            netns::ip_in(
+                &router,
+                &[
+                    "addr",
+                    "add",
+                    &format!("{}/64", plan::router_ip6(c.id)),
+                    "dev",
+                    &br,
+                    "nodad",
+                ],
+            )?;
+        }
         netns::ip_in(&router, &["link", "set", &br, "up"])?;
         let gw = plan::router_ip(c.id).to_string();
         // Control plane.
@@ -99,6 +118,9 @@ pub(super) fn build_network(st: &mut LabState) -> anyhow::Result<()> {
             add_ns(st, &node.ns)?;
             underlay_leg(&router, c.id, j, &node.ns, node.ip, &gw)?;
             netns::sysctl(&node.ns, "net/ipv4/ip_forward", "1")?;
+            if let Some(ip6) = node.ip6 {
+                underlay_leg6(&node.ns, ip6, plan::router_ip6(c.id))?;
+            }
             // The pods' gateway address answers locally (the agent's DNS server binds it).
             netns::ip_in(&node.ns, &["link", "set", "lo", "up"])?;
             netns::ip_in(
@@ -147,6 +169,12 @@ pub(super) fn build_network(st: &mut LabState) -> anyhow::Result<()> {
             for k in 0..node.pods.len() {
                 let pod_ns = node.pods[k].ns.clone();
                 add_ns(st, &pod_ns)?;
+                if v6 {
+                    // The pod's eth0 is created in this namespace's defaults: no DAD (the
+                    // plugin would wait a second per pod for its address to settle).
+                    netns::sysctl(&pod_ns, "net/ipv6/conf/default/accept_dad", "0")?;
+                    netns::sysctl(&pod_ns, "net/ipv6/conf/all/accept_dad", "0")?;
+                }
                 let mut pod = node.pods[k].clone();
                 let res = build_pod(st, node, &mut pod);
                 if let Some(p) = st
@@ -212,11 +240,45 @@ fn underlay_leg(
     Ok(())
 }
 
+/// The IPv6 side of a node's underlay leg (dual-stack labs): its address on `eth0` and a
+/// route for the IPv6 underlay only (never a default route); IPv6 forwarding for its pods;
+/// no DAD on the host ends of the pods' veths (the CNI plugin puts the gateway there).
+fn underlay_leg6(ns: &str, ip: std::net::Ipv6Addr, gw: std::net::Ipv6Addr) -> anyhow::Result<()> {
+    netns::sysctl(ns, "net/ipv6/conf/all/forwarding", "1")?;
+    netns::sysctl(ns, "net/ipv6/conf/default/accept_dad", "0")?;
+    netns::ip_in(
+        ns,
+        &["addr", "add", &format!("{ip}/64"), "dev", "eth0", "nodad"],
+    )?;
+    netns::ip_in(
+        ns,
+        &[
+            "-6",
+            "route",
+            "add",
+            plan::UNDERLAY6,
+            "via",
+            &gw.to_string(),
+            "dev",
+            "eth0",
+        ],
+    )?;
+    Ok(())
+}
+
 /// Wires the pod through the lab's CNI plugin (ADD, as a runtime does) and records what
 /// the plugin chose; writes the pod's resolver file.
 fn build_pod(st: &LabState, node: &Node, pod: &mut Pod) -> anyhow::Result<()> {
     let added = cni::add(st, node, pod)?;
     pod.ip = added.ip;
+    pod.ip6 = added.ip6;
+    if st.ip_family.has_v6() && pod.ip6.is_none() {
+        bail!(
+            "the CNI plugin gave {} no IPv6 address (--ip-family {:?})",
+            pod.ns,
+            st.ip_family
+        );
+    }
     pod.mac = added.mac;
     pod.host_veth = added.host_if;
     // The pod's resolver: `ip netns exec` bind-mounts this over /etc/resolv.conf.

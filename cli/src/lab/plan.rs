@@ -2,7 +2,7 @@
 //! functions. Pods' addresses, MACs and host interfaces are not planned here: the CNI plugin
 //! chooses them (`cni.rs`), and the agent finds them in the kernel.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// Kubernetes namespace of every lab pod.
 pub const POD_NAMESPACE: &str = "default";
@@ -14,6 +14,13 @@ pub const UNDERLAY: &str = "198.18.0.0/15";
 pub const ROUTER_ROOT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 /// The root namespace's single address (on its one veth into the lab).
 pub const ROOT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// The whole IPv6 underlay (dual-stack labs; the documentation prefix, RFC 3849): cluster
+/// `i`'s subnet is `2001:db8:0:<i>::/64`, written with `i`'s decimal digits as in
+/// `198.18.<i>.0/24`.
+pub const UNDERLAY6: &str = "2001:db8::/32";
+/// Every IPv6 pod CIDR (`fd00:10:<i>:<j>::/64`) and VIP (`fd00:20::/108`) is in this ULA
+/// prefix: the pods' one IPv6 route via their gateway.
+pub const POD_ROUTE6: &str = "fd00::/8";
 /// Name of every node's VXLAN device.
 pub const VXLAN_DEV: &str = "cmvx0";
 /// MTU of the VXLAN device and of the pods (1500 minus 50 bytes of VXLAN).
@@ -112,6 +119,27 @@ pub fn node_ip(i: u32, j: u32) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, i as u8, (10 + j) as u8)
 }
 
+/// IPv6 address of the router in cluster `i`'s subnet (`2001:db8:0:<i>::1`).
+pub fn router_ip6(i: u32) -> Ipv6Addr {
+    v6(&format!("2001:db8:0:{i}::1"))
+}
+
+/// IPv6 underlay address of node `j` of cluster `i` (`2001:db8:0:<i>::<10+j>`, the digits
+/// of the IPv4 plan).
+pub fn node_ip6(i: u32, j: u32) -> Ipv6Addr {
+    v6(&format!("2001:db8:0:{i}::{}", 10 + j))
+}
+
+/// IPv6 pod CIDR of node `j` of cluster `i` (`fd00:10:<i>:<j>::/64`; pods from `::11`).
+pub fn pod_cidr6(i: u32, j: u32) -> String {
+    format!("fd00:10:{i}:{j}::/64")
+}
+
+/// The plan writes decimal numbers ≤ 210 into hexadecimal groups: always an address.
+fn v6(s: &str) -> Ipv6Addr {
+    s.parse().unwrap_or(Ipv6Addr::UNSPECIFIED)
+}
+
 /// Pod CIDR of node `j` of cluster `i`.
 pub fn pod_cidr(i: u32, j: u32) -> String {
     format!("10.{i}.{j}.0/24")
@@ -170,5 +198,12 @@ mod tests {
         assert_eq!(pod_ip(1, 2, 3).to_string(), "10.1.2.13");
         assert_eq!(pod_ns("ab12", 1, 2, 3), "cm-ab12-c1-n2-p3");
         assert!(router_port(MAX_CLUSTERS, MAX_NODES).len() <= 15);
+        assert_eq!(node_ip6(2, 1).to_string(), "2001:db8:0:2::11");
+        assert_eq!(router_ip6(MAX_CLUSTERS).to_string(), "2001:db8:0:100::1");
+        assert_eq!(
+            node_ip6(MAX_CLUSTERS, MAX_NODES).to_string(),
+            "2001:db8:0:100::210"
+        );
+        assert_eq!(pod_cidr6(1, 2), "fd00:10:1:2::/64");
     }
 }

@@ -244,34 +244,37 @@ pub(super) fn start_agents(
             let pins = bpffs.join(format!("{}-{}", c.name, node.name));
             let health = plan::agent_health(c.id, j);
             let log = state_dir.join(format!("agent-{}.log", node.name));
-            let args = install::with_flags(
-                m.args,
-                &[
-                    (
-                        "clustermesh-config",
-                        state_dir.join("clustermesh").display().to_string(),
-                    ),
-                    ("bpffs-dir", pins.display().to_string()),
-                    ("health-addr", health.to_string()),
-                    ("vxlan-dev", plan::VXLAN_DEV.to_string()),
-                    (
-                        "observer-addr",
-                        SocketAddr::new(node.ip.into(), crate::observe::OBSERVER_PORT).to_string(),
-                    ),
-                    (
-                        "dns-addr",
-                        SocketAddr::new(DNS_SERVER.into(), 53).to_string(),
-                    ),
-                    (
-                        "underlay-dev",
-                        if underlay_decap { "auto" } else { "off" }.to_string(),
-                    ),
-                    (
-                        "transmit",
-                        if bpf_transmit { "bpf" } else { "device" }.to_string(),
-                    ),
-                ],
-            );
+            let mut flags = vec![
+                (
+                    "clustermesh-config",
+                    state_dir.join("clustermesh").display().to_string(),
+                ),
+                ("bpffs-dir", pins.display().to_string()),
+                ("health-addr", health.to_string()),
+                ("vxlan-dev", plan::VXLAN_DEV.to_string()),
+                (
+                    "observer-addr",
+                    SocketAddr::new(node.ip.into(), crate::observe::OBSERVER_PORT).to_string(),
+                ),
+                (
+                    "dns-addr",
+                    SocketAddr::new(DNS_SERVER.into(), 53).to_string(),
+                ),
+                (
+                    "underlay-dev",
+                    if underlay_decap { "auto" } else { "off" }.to_string(),
+                ),
+                (
+                    "transmit",
+                    if bpf_transmit { "bpf" } else { "device" }.to_string(),
+                ),
+            ];
+            // Dual-stack: the node's IPv6 underlay address (HostIP of nothing yet: tunnels
+            // stay on IPv4, the pods' hostIP).
+            if let Some(ip6) = node.ip6 {
+                flags.push(("node-ip6", ip6.to_string()));
+            }
+            let args = install::with_flags(m.args, &flags);
             let pid = netns::spawn(&node.ns, bin, &args, &log)?;
             node.agent = Some(Agent {
                 pid,

@@ -1,7 +1,7 @@
 //! `lab.json`: everything `lab up` made, written after every step so that `status`,
 //! `connectivity test` and `down` find it, also after a partial `up`.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
@@ -18,6 +18,26 @@ pub enum Datapath {
     Kernel,
 }
 
+/// The address families of pods, services and nodes (`lab up --ip-family`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum IpFamily {
+    /// IPv4 only (pods, VIPs, underlay): the lab as it always was.
+    #[default]
+    Ipv4,
+    /// Dual-stack: pods and VIPs get an IPv6 address beside the IPv4 one (ULA, `fd00::/8`),
+    /// nodes an IPv6 underlay address beside the IPv4 one (`2001:db8::/32`); tunnels stay
+    /// on the IPv4 underlay (the pods' `hostIP`).
+    Dual,
+}
+
+impl IpFamily {
+    /// Whether pods have IPv6 addresses.
+    pub fn has_v6(self) -> bool {
+        self == IpFamily::Dual
+    }
+}
+
 /// The lab.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LabState {
@@ -30,6 +50,9 @@ pub struct LabState {
     /// The CNI plugin that wired the pods (DEL at `down` uses the same).
     #[serde(default)]
     pub cni: super::cni::Cni,
+    /// The address families (`--ip-family`).
+    #[serde(default)]
+    pub ip_family: IpFamily,
     /// The router namespace (every underlay subnet is reachable from it).
     pub router_ns: String,
     /// The root namespace's veth into the router, when `up` created one.
@@ -84,6 +107,12 @@ pub struct Node {
     pub ip: Ipv4Addr,
     /// Pod CIDR.
     pub pod_cidr: String,
+    /// IPv6 underlay address (dual-stack labs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
+    /// IPv6 pod CIDR (dual-stack labs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_cidr6: Option<String>,
     /// The agent, if one was started.
     pub agent: Option<Agent>,
     /// Pods.
@@ -114,6 +143,9 @@ pub struct Pod {
     pub ns: String,
     /// Address (what the CNI plugin returned).
     pub ip: Ipv4Addr,
+    /// IPv6 address (what the CNI plugin returned; dual-stack labs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
     /// `eth0` MAC (the plugin's result).
     pub mac: String,
     /// Host-side interface in the node namespace (the plugin's result; for `bridge` the

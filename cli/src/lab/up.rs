@@ -12,7 +12,7 @@ use super::processes::{
     agent_binary, agent_supports_contract, connect_mesh, start_agents, start_control_planes,
     start_echo_servers, wait_agents, wait_control_planes, wait_echo_servers,
 };
-use super::state::{self, Cluster, Datapath, LabState, Node, Pod};
+use super::state::{self, Cluster, Datapath, IpFamily, LabState, Node, Pod};
 use super::{netns, plan};
 
 /// Flags of `lab up`.
@@ -49,6 +49,12 @@ pub struct UpArgs {
     /// is `clustermesh-cni`.
     #[arg(long, value_enum, default_value_t = Cni::Ptp)]
     pub cni: Cni,
+    /// Address families: `ipv4` (default), or `dual`: pods and service VIPs also get IPv6
+    /// addresses (`fd00:10:<c>:<n>::/64`, VIPs in `fd00:20::/108`), nodes an IPv6 underlay
+    /// address (`2001:db8:0:<c>::<10+n>`), and the connectivity test runs every check per
+    /// family.
+    #[arg(long, value_enum, default_value_t = IpFamily::Ipv4)]
+    pub ip_family: IpFamily,
     /// The `--clustermesh-service-v2` mode of one cluster's apiserver, as `CLUSTER=MODE`
     /// (repeatable), e.g. `c2=only-endpointslice`: c2 exports its global services as
     /// EndpointSlices only, and the other clusters' agents read them from there.
@@ -93,6 +99,18 @@ pub fn up(a: UpArgs) -> anyhow::Result<()> {
             a.clusters
         );
     }
+    if a.ip_family.has_v6() && a.datapath == Datapath::Kernel {
+        bail!(
+            "--ip-family {:?} runs with --datapath ebpf only: the kernel datapath's static routes are IPv4 (not built yet)",
+            a.ip_family
+        );
+    }
+    if a.ip_family.has_v6() && a.cni == Cni::Clustermesh {
+        bail!(
+            "--ip-family {:?} needs --cni ptp or bridge: clustermesh-cni hands out IPv4 addresses only",
+            a.ip_family
+        );
+    }
     if state::state_file(&a.dir).exists() {
         bail!(
             "a lab already runs in {} — `clustermesh lab status --dir {0}` shows it, `clustermesh lab down --dir {0}` removes it",
@@ -117,6 +135,7 @@ pub fn up(a: UpArgs) -> anyhow::Result<()> {
         dir: dir.clone(),
         datapath: a.datapath,
         cni: a.cni,
+        ip_family: a.ip_family,
         router_ns: plan::router_ns(&id),
         root_link: None,
         bpffs: None,
@@ -132,6 +151,8 @@ pub fn up(a: UpArgs) -> anyhow::Result<()> {
                 ns: plan::node_ns(&id, i, j),
                 ip: plan::node_ip(i, j),
                 pod_cidr: plan::pod_cidr(i, j),
+                ip6: a.ip_family.has_v6().then(|| plan::node_ip6(i, j)),
+                pod_cidr6: a.ip_family.has_v6().then(|| plan::pod_cidr6(i, j)),
                 agent: None,
                 pods: (1..=a.pods)
                     .map(|k| {
@@ -143,6 +164,7 @@ pub fn up(a: UpArgs) -> anyhow::Result<()> {
                             namespace: plan::POD_NAMESPACE.into(),
                             ns: plan::pod_ns(&id, i, j, k),
                             ip: plan::pod_ip(i, j, k),
+                            ip6: None,
                             mac: String::new(),
                             echo_pid: None,
                         }
@@ -183,14 +205,15 @@ pub fn up(a: UpArgs) -> anyhow::Result<()> {
 fn bring_up(st: &mut LabState, a: &UpArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     println!(
-        "🌐 Building lab {} in {}: {} clusters × {} nodes × {} pods, datapath {:?}, CNI {}",
+        "🌐 Building lab {} in {}: {} clusters × {} nodes × {} pods, datapath {:?}, CNI {}, IP family {:?}",
         st.id,
         st.dir.display(),
         a.clusters,
         a.nodes,
         a.pods,
         st.datapath,
-        st.cni.plugin_type()
+        st.cni.plugin_type(),
+        st.ip_family
     );
     build_network(st)?;
     st.save()?;
@@ -274,11 +297,21 @@ fn print_summary(st: &LabState) {
                 .unwrap_or_default()
         );
         for node in &c.nodes {
-            println!("    {:<5} {:<24} {}", node.name, node.ns, node.ip);
+            println!(
+                "    {:<5} {:<24} {}{}",
+                node.name,
+                node.ns,
+                node.ip,
+                node.ip6.map(|a| format!(" {a}")).unwrap_or_default()
+            );
             for pod in &node.pods {
                 println!(
-                    "      {:<9} {:<24} {:<10} ({})",
-                    pod.name, pod.ns, pod.ip, pod.host_veth
+                    "      {:<9} {:<24} {:<10} {}({})",
+                    pod.name,
+                    pod.ns,
+                    pod.ip,
+                    pod.ip6.map(|a| format!("{a} ")).unwrap_or_default(),
+                    pod.host_veth
                 );
             }
         }
