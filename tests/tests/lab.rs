@@ -658,8 +658,8 @@ fn lab_up_connectivity_vni_pod_deletion_and_down() -> Result<()> {
 /// Issue 16: `lab up --ip-family dual` (2×2×2, eBPF), then `connectivity test -o json`:
 /// every pod check runs once per family — 112 IPv4 and 112 IPv6 (`tcp6`/`icmp6`, same node,
 /// cross node, cross cluster) — and the service checks run over both VIPs (global, DNS A
-/// and AAAA, affinity-local failover), all passing; pods and Nodes carry both families;
-/// `lab down` leaves no namespace and no IPv6 underlay route.
+/// and AAAA, affinity-local failover), all passing; pods and Nodes carry both families; an
+/// agent restarted with `--node-ip6` alone runs as an IPv6-only node; `lab down` leaves no namespace and no IPv6 underlay route.
 #[test]
 fn lab_dual_stack_every_check_per_family() -> Result<()> {
     let mut lab = Lab::new("cm-lab-dual")?;
@@ -763,6 +763,8 @@ fn lab_dual_stack_every_check_per_family() -> Result<()> {
         );
     }
 
+    ipv6_only_agent(&state)?;
+
     run(&mut lab.cli(&["lab", "down"]))?;
     lab.down = true;
     let prefix = format!("cm-{id}-");
@@ -776,6 +778,95 @@ fn lab_dual_stack_every_check_per_family() -> Result<()> {
     ensure!(
         routes6.trim().is_empty(),
         "IPv6 underlay routes left in the root namespace: {routes6}"
+    );
+    Ok(())
+}
+
+/// The agent of the dual-stack lab's last node restarted as an IPv6-only node (its own
+/// command line without `--node-ip` and `--observer-addr`): it becomes ready, `/status`
+/// shows no IPv4 and its `--node-ip6`, it decapsulates at `eth0` (found by the IPv6
+/// address), and its flow observer listens on `[node-ip6]:4245`. `lab down` stops it (it
+/// finds agents by namespace).
+fn ipv6_only_agent(state: &Value) -> Result<()> {
+    let node = &state["clusters"][1]["nodes"][1];
+    let agent = &node["agent"];
+    let node_ns = node["ns"].as_str().context("node ns")?;
+    let ip6 = node["ip6"].as_str().context("node ip6")?;
+    let pid = agent["pid"].as_u64().context("agent pid")?;
+    let argv: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))?
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .filter(|a| !a.starts_with("--node-ip=") && !a.starts_with("--observer-addr="))
+        .collect();
+    ensure!(
+        argv.iter().any(|a| a == &format!("--node-ip6={ip6}")),
+        "the lab's agent has no --node-ip6={ip6}: {argv:?}"
+    );
+    let t = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    while Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+    {
+        ensure!(
+            t.elapsed() < Duration::from_secs(15),
+            "agent {pid} did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(agent["log"].as_str().context("agent log")?)?;
+    Command::new("ip")
+        .args(["netns", "exec", node_ns])
+        .args(&argv)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let health = agent["health_addr"].as_str().context("agent health")?;
+    let router = state["router_ns"].as_str().context("router")?;
+    let status = loop {
+        let out = Command::new("ip")
+            .args(["netns", "exec", router, "curl", "-sf", "--max-time", "1"])
+            .arg(format!("http://{health}/status"))
+            .output()?;
+        if out.status.success() {
+            let v: Value = serde_json::from_slice(&out.stdout)?;
+            if v["ready"] == true {
+                break v;
+            }
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(30),
+            "the IPv6-only agent of {node_ns} is not ready"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    ensure!(
+        status["node-ip"] == "" && status["node-ip6"] == ip6,
+        "node-ip {} node-ip6 {}",
+        status["node-ip"],
+        status["node-ip6"]
+    );
+    ensure!(
+        status["receive-path"] == "from_underlay on eth0",
+        "receive-path {}",
+        status["receive-path"]
+    );
+    let listening = run(Command::new("ip").args(["netns", "exec", node_ns, "ss", "-ltnH"]))?;
+    ensure!(
+        listening.contains(&format!("[{ip6}]:4245")),
+        "no observer on [{ip6}]:4245:\n{listening}"
+    );
+    println!(
+        "IPv6-only agent of {node_ns} ready after {:?}: {}",
+        t.elapsed(),
+        status["transmit-path"]
     );
     Ok(())
 }
