@@ -153,6 +153,8 @@ pub struct Metrics {
     /// The remote reader's (`cilium_clustermesh_remote_cluster_*`).
     pub remote: remote::Metrics,
     map_pressure: Family<MapLabels, Gauge<f64, AtomicU64>>,
+    map_capacity_warning: Family<MapLabels, Gauge>,
+    ipcache_waiting: Gauge,
     packets: Family<PacketLabels, Counter>,
     pods: Family<StateLabels, Gauge>,
     ready: Gauge,
@@ -174,6 +176,16 @@ impl Metrics {
             "bpf_map_pressure",
             "Fill level of a BPF map (entries / max entries)",
             self.map_pressure.clone(),
+        );
+        r.register(
+            "clustermesh_agent_map_capacity_warning",
+            "1 while a BPF map is at 90% of its max entries or more, or refuses entries for lack of room",
+            self.map_capacity_warning.clone(),
+        );
+        r.register(
+            "clustermesh_agent_ipcache_waiting_for_room",
+            "ipcache entries wanted but refused by the full map (retried on every flush)",
+            self.ipcache_waiting.clone(),
         );
         r.register(
             "clustermesh_datapath_packets",
@@ -219,7 +231,14 @@ impl Metrics {
                     map_name: name.to_owned(),
                 })
                 .set(fill.pressure);
+            self.map_capacity_warning
+                .get_or_create(&MapLabels {
+                    map_name: name.to_owned(),
+                })
+                .set(i64::from(fill.warning.is_some()));
         }
+        self.ipcache_waiting
+            .set(i64::try_from(d.ipcache_waiting_for_room).unwrap_or(i64::MAX));
         self.ready.set(i64::from(report.ready));
         let mut states: BTreeMap<&str, i64> = BTreeMap::new();
         for p in &d.pods {
@@ -256,6 +275,7 @@ impl Metrics {
             ("endpoint_delete", s.endpoint_deletes),
             ("swept", s.swept),
             ("error", s.errors),
+            ("ipcache_refused_capacity", s.ipcache_refused_capacity),
         ] {
             let before = last.insert(("ops".into(), op.into()), v).unwrap_or(0);
             if v > before {

@@ -71,27 +71,49 @@ impl Ipcache {
     /// syscall (falling back to one syscall per element on kernels without batch support
     /// for LPM tries).
     pub fn update_batch(&mut self, keys: &[IpcacheLpmKey], values: &[IpcacheValue]) -> Result<()> {
+        match self.update_some(keys, values) {
+            (_, None) => Ok(()),
+            (_, Some(e)) => Err(e),
+        }
+    }
+
+    /// [`Self::update_batch`] that says how far it got: the kernel applies elements in
+    /// order and stops at the first it refuses, so `(n, Some(error))` means `keys[..n]` are
+    /// in the map, `keys[n]` was refused with `error` and the rest were not tried.
+    pub fn update_some(
+        &mut self,
+        keys: &[IpcacheLpmKey],
+        values: &[IpcacheValue],
+    ) -> (usize, Option<Error>) {
         assert_eq!(keys.len(), values.len(), "one value per key");
+        let mut done = 0;
         for (k, v) in keys.chunks(BATCH).zip(values.chunks(BATCH)) {
             if self.batch {
                 let fd = self.map.map().fd().as_fd();
                 match batch::update(fd, k, v) {
-                    Ok(()) => continue,
+                    Ok(()) => {
+                        done += k.len();
+                        continue;
+                    }
                     Err(e) if e.unsupported() => {
                         tracing::info!(error = %e.error, "kernel refuses batched LPM updates: one syscall per element");
                         self.batch = false;
                     }
-                    Err(e) => return Err(batch_err(map::IPCACHE, "update batch", e)),
+                    Err(e) => {
+                        let n = e.done;
+                        return (done + n, Some(batch_err(map::IPCACHE, "update batch", e)));
+                    }
                 }
             }
             for (key, value) in k.iter().zip(v) {
                 let key = Key::new(key.prefixlen, key.key);
-                self.map
-                    .insert(&key, value, 0)
-                    .map_err(map_err(map::IPCACHE, "update"))?;
+                if let Err(e) = self.map.insert(&key, value, 0) {
+                    return (done, Some(map_err(map::IPCACHE, "update")(e)));
+                }
+                done += 1;
             }
         }
-        Ok(())
+        (done, None)
     }
 
     /// Deletes every key (batched like [`Self::update_batch`]); keys that are not in the

@@ -158,6 +158,25 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// `true` when a map refused an element for lack of room (`E2BIG`, `ENOSPC`: the map is
+    /// at `max_entries`; `ENOMEM`: the kernel could not allocate the element). Such a write
+    /// can succeed later, once entries were deleted or memory freed: callers keep it and
+    /// retry instead of dropping it.
+    pub fn is_capacity(&self) -> bool {
+        match self {
+            Error::Map {
+                source: MapError::SyscallError(e),
+                ..
+            } => matches!(
+                e.io_error.raw_os_error(),
+                Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)
+            ),
+            _ => false,
+        }
+    }
+}
+
 /// Result of this module.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

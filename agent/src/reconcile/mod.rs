@@ -71,10 +71,63 @@ use crate::ifaces::Mac;
 use crate::input::Input;
 use pods::PodState;
 
+/// Prefixes planned and written per step of a flush: one `BPF_MAP_UPDATE_BATCH` (the
+/// datapath's batch size), with key and value arrays reused from step to step.
+const FLUSH_CHUNK: usize = 16 * 1024;
+
+/// Writes `keys[i] → values[i]` into the ipcache; returns the indices not written (to retry)
+/// and how many of them the map refused for lack of room (counted in `stats`).
+///
+/// The kernel stops a batch at the first element it refuses. In a full map that is the
+/// first new element; the replacements after it still fit (a replacement needs no room,
+/// kernel ≥ 6.13), so they are written in a second call instead of waiting behind it: a
+/// full map delays new entries, never changes to existing ones.
+fn upsert(
+    ipcache: &mut datapath::Ipcache,
+    keys: &[IpcacheLpmKey],
+    values: &[clustermesh_ebpf_abi::IpcacheValue],
+    new: &[bool],
+    stats: &mut Stats,
+) -> (Vec<usize>, usize) {
+    let (done, error) = ipcache.update_some(keys, values);
+    stats.ipcache_upserts += done as u64;
+    let Some(error) = error else {
+        return (Vec::new(), 0);
+    };
+    if !error.is_capacity() {
+        warn!(%error, entries = keys.len() - done, "ipcache update failed; retrying on the next flush");
+        stats.errors += 1;
+        return ((done..keys.len()).collect(), 0);
+    }
+    let (mut not_written, replace): (Vec<usize>, Vec<usize>) =
+        (done..keys.len()).partition(|&i| new.get(i).copied().unwrap_or(true));
+    let refused = not_written.len();
+    let rk: Vec<IpcacheLpmKey> = replace.iter().map(|&i| keys[i]).collect();
+    let rv: Vec<_> = replace.iter().map(|&i| values[i]).collect();
+    let (done2, error2) = ipcache.update_some(&rk, &rv);
+    stats.ipcache_upserts += done2 as u64;
+    let mut refused_total = refused;
+    if let Some(error) = error2 {
+        if error.is_capacity() {
+            refused_total += replace.len() - done2;
+        } else {
+            warn!(%error, entries = replace.len() - done2, "ipcache update failed; retrying on the next flush");
+            stats.errors += 1;
+        }
+        not_written.extend_from_slice(&replace[done2..]);
+    }
+    stats.ipcache_refused_capacity += refused_total as u64;
+    (not_written, refused_total)
+}
+
 /// Owns the datapath and keeps its maps equal to [`Desired`]; see the module docs.
 pub struct Reconciler {
     dp: Datapath,
     desired: Desired,
+    /// The flush's buffers, kept between flushes.
+    plan: Plan,
+    /// IPv4 entries the last flush could not write for lack of room in the ipcache.
+    capacity_waiting: usize,
     max_ipcache: u32,
     max_endpoints: u32,
     /// Elements in the ipcache this agent never writes (cluster ID ≠ 0): swept.
@@ -124,6 +177,7 @@ impl Reconciler {
         let mut foreign = Vec::new();
         let adopted = dp.maps.ipcache.entries()?;
         desired.reserve(adopted.len());
+        desired.reserve_capacity(max_ipcache as usize);
         for (k, v) in adopted {
             match Prefix::from_lpm_key(&k) {
                 Some(p) => desired.set_applied(p, Some(v)),
@@ -154,6 +208,8 @@ impl Reconciler {
         Ok(Self {
             dp,
             desired,
+            plan: Plan::default(),
+            capacity_waiting: 0,
             max_ipcache,
             max_endpoints,
             foreign,
@@ -225,63 +281,82 @@ impl Reconciler {
     }
 
     /// Writes the difference between desired and applied state to the ipcache; then
-    /// updates local pods if any changed. Failed elements stay dirty for the next flush.
+    /// updates local pods if any changed. Failed elements stay dirty for the next flush
+    /// (the loop flushes at least once a second): an element the map refuses for lack of
+    /// room is counted (`stats.ipcache-refused-capacity`), named in `/status`
+    /// (`ipcache-waiting-for-room`) and written as soon as there is room.
     pub fn flush(&mut self) {
         if self.desired.dirty_len() > 0 {
             let started = Instant::now();
-            let mut plan = Plan::default();
-            self.desired.plan(&mut plan);
-            for (addr, pod) in plan.pods.drain(..) {
-                if self.pods.get(&addr) != pod.as_ref() {
-                    match pod {
-                        Some(pod) => self.pods.insert(addr, pod),
-                        None => self.pods.remove(&addr),
-                    };
-                    self.pods_dirty = true;
-                }
-            }
-            let ipcache = &mut self.dp.maps.ipcache;
-            match ipcache.update_batch(&plan.upsert_keys, &plan.upsert_values) {
-                Ok(()) => self.stats.ipcache_upserts += plan.upsert_keys.len() as u64,
-                Err(error) => {
-                    warn!(%error, entries = plan.upsert_keys.len(), "ipcache update failed; retrying on the next flush");
-                    self.stats.errors += 1;
-                    // Unknown what the kernel holds now: rewrite them all next time.
-                    let failed: Vec<Prefix> = plan
-                        .upsert_keys
-                        .iter()
-                        .filter_map(Prefix::from_lpm_key)
-                        .collect();
-                    for p in &failed {
-                        self.desired.set_applied(*p, None);
+            let mut plan = std::mem::take(&mut self.plan);
+            let mut failed: Vec<Prefix> = Vec::new();
+            let mut waiting = 0;
+            let mut wrote = false;
+            loop {
+                plan.clear();
+                let more = self.desired.plan_upto(&mut plan, FLUSH_CHUNK);
+                wrote |= !plan.is_empty();
+                for (addr, pod) in plan.pods.drain(..) {
+                    if self.pods.get(&addr) != pod.as_ref() {
+                        match pod {
+                            Some(pod) => self.pods.insert(addr, pod),
+                            None => self.pods.remove(&addr),
+                        };
+                        self.pods_dirty = true;
                     }
-                    self.desired.redirty(failed);
                 }
-            }
-            match ipcache.delete_batch(&plan.delete_keys) {
-                Ok(_) => self.stats.ipcache_deletes += plan.delete_keys.len() as u64,
-                Err(error) => {
-                    warn!(%error, entries = plan.delete_keys.len(), "ipcache delete failed; retrying on the next flush");
-                    self.stats.errors += 1;
-                    let mut failed = Vec::with_capacity(plan.delete_keys.len());
-                    for (k, old) in plan.delete_keys.iter().zip(&plan.deleted) {
-                        if let Some(p) = Prefix::from_lpm_key(k) {
-                            self.desired.set_applied(p, Some(*old));
-                            failed.push(p);
+                let ipcache = &mut self.dp.maps.ipcache;
+                // Deletes first: they make the room that new entries of the same flush
+                // may need in a full map.
+                match ipcache.delete_batch(&plan.delete_keys) {
+                    Ok(_) => self.stats.ipcache_deletes += plan.delete_keys.len() as u64,
+                    Err(error) => {
+                        warn!(%error, entries = plan.delete_keys.len(), "ipcache delete failed; retrying on the next flush");
+                        self.stats.errors += 1;
+                        for (k, old) in plan.delete_keys.iter().zip(&plan.deleted) {
+                            if let Some(p) = Prefix::from_lpm_key(k) {
+                                self.desired.set_applied(p, Some(*old));
+                                failed.push(p);
+                            }
                         }
                     }
-                    self.desired.redirty(failed);
+                }
+                let (not_written, refused) = upsert(
+                    ipcache,
+                    &plan.upsert_keys,
+                    &plan.upsert_values,
+                    &plan.upsert_new,
+                    &mut self.stats,
+                );
+                waiting += refused;
+                // Not written: forget them and write them again next time.
+                for &i in &not_written {
+                    if let Some(p) = Prefix::from_lpm_key(&plan.upsert_keys[i]) {
+                        self.desired.set_applied(p, None);
+                        failed.push(p);
+                    }
+                }
+                if !more {
+                    break;
                 }
             }
-            if !plan.is_empty() {
+            self.plan = plan;
+            // After the loop: a failure marked dirty inside it would be retried at once.
+            self.desired.redirty(failed);
+            if waiting > 0 && self.capacity_waiting == 0 {
+                warn!(
+                    waiting,
+                    max_entries = self.max_ipcache,
+                    "ipcache full: entries wait for room and are retried on every flush; raise --ipcache-max-entries"
+                );
+            } else if waiting == 0 && self.capacity_waiting > 0 {
+                info!("ipcache has room again: every waiting entry is written");
+            }
+            self.capacity_waiting = waiting;
+            if wrote {
                 self.stats.flushes += 1;
                 self.stats.last_flush_micros = started.elapsed().as_micros() as u64;
-                debug!(
-                    upserts = plan.upsert_keys.len(),
-                    deletes = plan.delete_keys.len(),
-                    micros = self.stats.last_flush_micros,
-                    "ipcache flushed"
-                );
+                debug!(micros = self.stats.last_flush_micros, "ipcache flushed");
             }
         }
         self.flush6();
@@ -361,13 +436,27 @@ impl Reconciler {
     /// State for `/status`.
     pub fn report(&self) -> Report {
         Report {
-            ipcache: MapFill::new(
-                self.desired.applied_len() + self.v6.desired.applied_len() + self.foreign.len(),
-                self.max_ipcache,
-            ),
+            ipcache: {
+                let mut fill = MapFill::new(
+                    self.desired.applied_len() + self.v6.desired.applied_len() + self.foreign.len(),
+                    self.max_ipcache,
+                    "--ipcache-max-entries",
+                );
+                let waiting = self.capacity_waiting + self.v6.capacity_waiting;
+                if waiting > 0 {
+                    fill.warning = Some(format!(
+                        "full: {waiting} entries wait for room (retried on every flush, \
+                         {} refusals so far); raise --ipcache-max-entries",
+                        self.stats.ipcache_refused_capacity
+                    ));
+                }
+                fill
+            },
+            ipcache_waiting_for_room: self.capacity_waiting + self.v6.capacity_waiting,
             local_endpoints: MapFill::new(
                 self.applied_eps.len() + self.v6.applied_eps.len(),
                 self.max_endpoints,
+                "--local-endpoints-max-entries",
             ),
             batched_updates: self.dp.maps.ipcache.batched(),
             pods: self

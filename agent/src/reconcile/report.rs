@@ -30,6 +30,9 @@ pub struct Stats {
     pub flushes: u64,
     /// Failed map operations (retried on the next flush).
     pub errors: u64,
+    /// ipcache elements the map refused for lack of room (`E2BIG`/`ENOSPC`/`ENOMEM`),
+    /// counted at every attempt: they stay wanted and are retried on every flush.
+    pub ipcache_refused_capacity: u64,
     /// Duration of the last flush that wrote something, microseconds.
     pub last_flush_micros: u64,
     /// Entries that cannot be programmed.
@@ -74,6 +77,11 @@ pub struct Skipped {
     pub interfaces: Vec<String>,
 }
 
+/// Fill level from which a map's `/status` entry carries a warning (and the
+/// `cilium_clustermesh_agent_map_capacity_warning` gauge is 1): early enough to act before
+/// the first update is refused.
+pub const PRESSURE_WARNING: f64 = 0.9;
+
 /// Fill level of a map.
 #[derive(Debug, Clone, Default, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -84,18 +92,32 @@ pub struct MapFill {
     pub max_entries: u32,
     /// `entries / max_entries` (Cilium's map pressure).
     pub pressure: f64,
+    /// Set from [`PRESSURE_WARNING`] on, or while entries wait for room: what is wrong and
+    /// what to do.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 impl MapFill {
-    pub(super) fn new(entries: usize, max_entries: u32) -> Self {
+    /// The fill of a map with `entries` of `max_entries`; `flag` names the agent flag that
+    /// sets its size.
+    pub(super) fn new(entries: usize, max_entries: u32, flag: &str) -> Self {
+        let pressure = if max_entries == 0 {
+            0.0
+        } else {
+            entries as f64 / f64::from(max_entries)
+        };
         Self {
             entries,
             max_entries,
-            pressure: if max_entries == 0 {
-                0.0
-            } else {
-                entries as f64 / f64::from(max_entries)
-            },
+            pressure,
+            warning: (pressure >= PRESSURE_WARNING).then(|| {
+                format!(
+                    "{entries} of {max_entries} entries ({:.0}%): updates will be refused when \
+                     it is full; raise {flag}",
+                    pressure * 100.0
+                )
+            }),
         }
     }
 }
@@ -106,6 +128,9 @@ impl MapFill {
 pub struct Report {
     /// The ipcache.
     pub ipcache: MapFill,
+    /// ipcache entries (IPv4 and IPv6) wanted but not in the map because it is full; they
+    /// are retried on every flush and written as soon as there is room.
+    pub ipcache_waiting_for_room: usize,
     /// The local endpoints map.
     pub local_endpoints: MapFill,
     /// Batched syscalls in use for the ipcache.

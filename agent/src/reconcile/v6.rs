@@ -188,6 +188,8 @@ pub struct Plan6 {
     pub upsert_keys: Vec<IpcacheLpmKey>,
     /// Their values.
     pub upsert_values: Vec<IpcacheValue>,
+    /// `true` where the key is not in the map yet (an insert, not a replacement).
+    pub upsert_new: Vec<bool>,
     /// Keys to delete.
     pub delete_keys: Vec<IpcacheLpmKey>,
     /// What each deleted key held.
@@ -327,6 +329,7 @@ impl Desired6 {
                     }
                     out.upsert_keys.push(p.lpm_key());
                     out.upsert_values.push(v);
+                    out.upsert_new.push(old.is_none());
                 }
                 (None, Some(old)) => {
                     slot.applied = None;
@@ -464,6 +467,8 @@ pub(super) struct State6 {
     pub(super) applied_eps: HashMap<Ipv6Addr, EndpointInfo>,
     /// IPv6-only pods: what discovery found (or why not) at the last pod sync.
     only: BTreeMap<Ipv6Addr, Result<crate::discovery::Found, String>>,
+    /// IPv6 entries the last flush could not write for lack of room in the ipcache.
+    pub(super) capacity_waiting: usize,
 }
 
 impl State6 {
@@ -474,6 +479,7 @@ impl State6 {
             pod_state: BTreeMap::new(),
             applied_eps: HashMap::new(),
             only: BTreeMap::new(),
+            capacity_waiting: 0,
         }
     }
 
@@ -536,22 +542,7 @@ impl Reconciler {
             }
         }
         let ipcache = &mut self.dp.maps.ipcache;
-        match ipcache.update_batch(&plan.upsert_keys, &plan.upsert_values) {
-            Ok(()) => self.stats.ipcache_upserts += plan.upsert_keys.len() as u64,
-            Err(error) => {
-                warn!(%error, entries = plan.upsert_keys.len(), "IPv6 ipcache update failed; retrying on the next flush");
-                self.stats.errors += 1;
-                let failed: Vec<Prefix6> = plan
-                    .upsert_keys
-                    .iter()
-                    .filter_map(Prefix6::from_lpm_key)
-                    .collect();
-                for p in &failed {
-                    self.v6.desired.set_applied(*p, None);
-                }
-                self.v6.desired.redirty(failed);
-            }
-        }
+        // Deletes first, as for IPv4: they make room in a full map.
         match ipcache.delete_batch(&plan.delete_keys) {
             Ok(_) => self.stats.ipcache_deletes += plan.delete_keys.len() as u64,
             Err(error) => {
@@ -567,6 +558,29 @@ impl Reconciler {
                 self.v6.desired.redirty(failed);
             }
         }
+        let (not_written, waiting) = super::upsert(
+            ipcache,
+            &plan.upsert_keys,
+            &plan.upsert_values,
+            &plan.upsert_new,
+            &mut self.stats,
+        );
+        let failed: Vec<Prefix6> = not_written
+            .iter()
+            .filter_map(|&i| Prefix6::from_lpm_key(&plan.upsert_keys[i]))
+            .collect();
+        for p in &failed {
+            self.v6.desired.set_applied(*p, None);
+        }
+        self.v6.desired.redirty(failed);
+        if waiting > 0 && self.v6.capacity_waiting == 0 {
+            warn!(
+                waiting,
+                max_entries = self.max_ipcache,
+                "ipcache full: IPv6 entries wait for room and are retried on every flush; raise --ipcache-max-entries"
+            );
+        }
+        self.v6.capacity_waiting = waiting;
         if pods_changed {
             // A full pod sync: an IPv6-only pod needs discovery and an attachment.
             self.pods_dirty = true;

@@ -120,8 +120,11 @@ pub mod program {
 
 /// Default map sizes; the agent may override them at load time.
 pub mod defaults {
-    /// Cilium's default for `cilium_ipcache_v2`.
-    pub const IPCACHE_MAX_ENTRIES: u32 = 512_000;
+    /// 1M remote endpoints (511 clusters × 2k pods) plus the local cluster's pods, nodes and
+    /// CIDR entries, with room to spare: 1.25 × 2^20. Cilium's default is 512k; the trie is
+    /// not preallocated, so capacity that is not used costs no memory, and the 90% warning
+    /// (1.18M) still comes after a full 1M-endpoint mesh. See ebpf/README.md.
+    pub const IPCACHE_MAX_ENTRIES: u32 = 1_310_720;
     /// Pods on one node (Cilium's endpoint map default).
     pub const LOCAL_ENDPOINTS_MAX_ENTRIES: u32 = 65_535;
     /// Service entries (frontends + backend slots): 30k services with 4 backends each
