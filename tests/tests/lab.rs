@@ -659,6 +659,7 @@ fn lab_up_connectivity_vni_pod_deletion_and_down() -> Result<()> {
 /// every pod check runs once per family — 112 IPv4 and 112 IPv6 (`tcp6`/`icmp6`, same node,
 /// cross node, cross cluster) — and the service checks run over both VIPs (global, DNS A
 /// and AAAA, affinity-local failover), all passing; pods and Nodes carry both families; an
+/// IPv6 `hostIP` gives VXLAN over IPv6 on the wire with the identity in the VNI (tcpdump); an
 /// agent restarted with `--node-ip6` alone runs as an IPv6-only node; `lab down` leaves no namespace and no IPv6 underlay route.
 #[test]
 fn lab_dual_stack_every_check_per_family() -> Result<()> {
@@ -763,6 +764,7 @@ fn lab_dual_stack_every_check_per_family() -> Result<()> {
         );
     }
 
+    vxlan_over_ipv6(&lab, &state)?;
     ipv6_only_agent(&state)?;
 
     run(&mut lab.cli(&["lab", "down"]))?;
@@ -868,5 +870,79 @@ fn ipv6_only_agent(state: &Value) -> Result<()> {
         t.elapsed(),
         status["transmit-path"]
     );
+    Ok(())
+}
+
+/// VXLAN over an IPv6 underlay: c2/n1's pod echo-1-1 gets its node's IPv6 address as
+/// `hostIP` (its IPv6 ipcache entry then names an IPv6 tunnel endpoint); TCP over IPv6 from
+/// c1/n1/echo-1-1 to it leaves c1/n1's `eth0` as VXLAN in an IPv6 outer header from
+/// c1/n1's `--node-ip6` to c2/n1's, with the source pod's identity (read from etcd) in the
+/// VNI. The manifest is restored afterwards.
+fn vxlan_over_ipv6(lab: &Lab, state: &Value) -> Result<()> {
+    let c1 = &state["clusters"][0];
+    let c2 = &state["clusters"][1];
+    let src = &c1["nodes"][0]["pods"][0];
+    let src_ns = src["ns"].as_str().context("ns")?;
+    let src_node = &c1["nodes"][0];
+    let src_node_ip6 = src_node["ip6"].as_str().context("ip6")?;
+    let dst_node = &c2["nodes"][0];
+    let dst_node_ip6 = dst_node["ip6"].as_str().context("ip6")?;
+    let dst = &dst_node["pods"][0];
+    let dst_ip6 = dst["ip6"].as_str().context("pod ip6")?.to_owned();
+    let manifest = Path::new(c2["state_dir"].as_str().context("state_dir")?)
+        .join("manifests")
+        .join(format!(
+            "pod-{}.yaml",
+            dst["name"].as_str().context("name")?
+        ));
+    let saved = std::fs::read_to_string(&manifest)?;
+    let host4 = format!("hostIP: {}", dst_node["ip"].as_str().context("ip")?);
+    ensure!(
+        saved.contains(&host4),
+        "{} has no {host4}",
+        manifest.display()
+    );
+    std::fs::write(
+        &manifest,
+        saved.replace(&host4, &format!("hostIP: {dst_node_ip6}")),
+    )?;
+    let url_ip = format!("[{dst_ip6}]");
+    let t = Instant::now();
+    let captured = loop {
+        // Until the new hostIP reaches c1/n1's agent, the packet goes over IPv4 and is not
+        // captured (the filter names the IPv6 source).
+        match capture_one_vxlan(
+            &lab.dir,
+            src_node["ns"].as_str().context("ns")?,
+            src_node_ip6,
+            || {
+                let _ = curl_echo(src_ns, &url_ip, "1");
+            },
+        ) {
+            Ok(text) => break Ok(text),
+            Err(e) if t.elapsed() > Duration::from_secs(15) => break Err(e),
+            Err(_) => {}
+        }
+    };
+    std::fs::write(&manifest, &saved)?;
+    let text = captured?;
+    println!("IPv6 underlay capture:\n{text}");
+    ensure!(
+        text.contains("IP6") && text.contains("VXLAN"),
+        "not VXLAN over IPv6: {text}"
+    );
+    ensure!(
+        text.contains(&format!("{src_node_ip6}."))
+            && text.contains(&format!("{dst_node_ip6}.4789")),
+        "outer header is not {src_node_ip6} → {dst_node_ip6}:4789: {text}"
+    );
+    let identity = identity_of(state, c1, src["ip"].as_str().context("ip")?)?;
+    ensure!(
+        text.contains(&format!("vni {identity}")),
+        "expected vni {identity} (identity of {src_ns}):\n{text}"
+    );
+    let answer = curl_echo(src_ns, &url_ip, "2").context("curl over IPv6 after the capture")?;
+    ensure!(answer["cluster"] == "c2", "{answer}");
+    println!("VXLAN over IPv6, VNI = identity {identity}");
     Ok(())
 }
