@@ -37,6 +37,52 @@ use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+/// Why the embedded etcd cannot run (one that exits is restarted, not an error).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The data dir or the log file cannot be prepared.
+    #[error("cannot {what} {}: {source}; check the --state-dir permissions and free space", path.display())]
+    Files {
+        /// What was being done.
+        what: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The etcd binary cannot be started.
+    #[error("cannot start {}: {source}; install it with `apt-get install etcd-server` (the README's commands do this) or point CLUSTERMESH_ETCD_BIN at it", binary.display())]
+    Spawn {
+        /// The binary.
+        binary: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The thread that starts and waits for etcd could not be created or ended early.
+    #[error("the thread starting etcd {0}")]
+    Thread(String),
+    /// etcd started but never answered (or its users and roles could not be created).
+    #[error("embedded etcd did not become healthy in 30s: {source}; see {}", log.display())]
+    NotHealthy {
+        /// etcd's log.
+        log: PathBuf,
+        /// Cause.
+        #[source]
+        source: clustermesh_syncer::Error,
+    },
+    /// etcd answered but its users, roles or auth could not be set up.
+    #[error("cannot create etcd's users and roles: {0}")]
+    Auth(#[source] clustermesh_syncer::Error),
+    /// Stopped while waiting for etcd.
+    #[error("cancelled while waiting for the embedded etcd")]
+    Cancelled,
+}
+
+/// Result with this module's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
 /// How to run the embedded etcd.
 #[derive(Debug, Clone)]
 pub struct Embedded {
@@ -138,18 +184,24 @@ impl Embedded {
 
     /// Starts etcd from a dedicated thread that waits for it (see the module docs): the
     /// child's PID, and a receiver for its exit status.
-    fn spawn(&self) -> anyhow::Result<(u32, oneshot::Receiver<std::io::Result<ExitStatus>>)> {
-        std::fs::create_dir_all(&self.data_dir)?;
+    fn spawn(&self) -> Result<(u32, oneshot::Receiver<std::io::Result<ExitStatus>>)> {
+        let files = |what, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Files { what, path, source }
+        };
+        std::fs::create_dir_all(&self.data_dir)
+            .map_err(files("create the data dir", &self.data_dir))?;
         set_mode(&self.data_dir, 0o700);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log_file)
-            .map_err(|e| {
-                anyhow::anyhow!("cannot open etcd log {}: {e}", self.log_file.display())
-            })?;
+            .map_err(files("open the etcd log", &self.log_file))?;
         let mut cmd = self.command();
-        cmd.stdout(log.try_clone()?).stderr(log);
+        let log2 = log
+            .try_clone()
+            .map_err(files("open the etcd log", &self.log_file))?;
+        cmd.stdout(log2).stderr(log);
         let binary = self.binary.clone();
         let (started_tx, started_rx) = std::sync::mpsc::channel();
         let (exit_tx, exit_rx) = oneshot::channel();
@@ -163,16 +215,12 @@ impl Embedded {
                 Err(e) => {
                     let _ = started_tx.send(Err(e));
                 }
-            })?;
+            })
+            .map_err(|e| Error::Thread(format!("cannot be created: {e}")))?;
         let pid = started_rx
             .recv()
-            .map_err(|_| anyhow::anyhow!("the thread starting etcd ended"))?
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot start {}: {e}; install it with `apt-get install etcd-server` (the README's commands do this)",
-                    binary.display()
-                )
-            })?;
+            .map_err(|_| Error::Thread("ended before etcd started".into()))?
+            .map_err(|source| Error::Spawn { binary, source })?;
         Ok((pid, exit_rx))
     }
 
@@ -259,7 +307,7 @@ fn set_mode(p: &Path, mode: u32) {
     let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode));
 }
 
-async fn wait_healthy_and_init(e: &Embedded, cancel: &CancellationToken) -> anyhow::Result<()> {
+async fn wait_healthy_and_init(e: &Embedded, cancel: &CancellationToken) -> Result<()> {
     let cfg = e.client_config("root");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -273,19 +321,21 @@ async fn wait_healthy_and_init(e: &Embedded, cancel: &CancellationToken) -> anyh
         .await;
         match res {
             Ok(mut client) => {
-                clustermesh_syncer::auth::init_cluster_auth(&mut client, &e.cluster).await?;
+                clustermesh_syncer::auth::init_cluster_auth(&mut client, &e.cluster)
+                    .await
+                    .map_err(Error::Auth)?;
                 return Ok(());
             }
-            Err(err) if tokio::time::Instant::now() > deadline => {
-                anyhow::bail!(
-                    "embedded etcd did not become healthy in 30s: {err}; see {}",
-                    e.log_file.display()
-                )
+            Err(source) if tokio::time::Instant::now() > deadline => {
+                return Err(Error::NotHealthy {
+                    log: e.log_file.clone(),
+                    source,
+                })
             }
             Err(_) => {}
         }
         tokio::select! {
-            _ = cancel.cancelled() => anyhow::bail!("cancelled"),
+            _ = cancel.cancelled() => return Err(Error::Cancelled),
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
     }
@@ -303,7 +353,7 @@ pub async fn supervise(
     e: Embedded,
     up: watch::Sender<bool>,
     cancel: CancellationToken,
-) -> anyhow::Result<()> {
+) -> crate::Result<()> {
     if e.pdeathsig_wrapper.is_none() {
         warn!("setpriv (util-linux) not found: the embedded etcd will outlive this apiserver if it is killed; the next apiserver stops it");
     }

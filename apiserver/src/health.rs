@@ -132,7 +132,6 @@ pub async fn serve(
     status: Arc<Status>,
     registry: Arc<Registry>,
     cancel: CancellationToken,
-) -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<()>>> {
-    let server = clustermesh_health::serve(addr, status, registry, cancel).await?;
-    Ok(async move { server.await.map_err(anyhow::Error::from) })
+) -> std::io::Result<impl std::future::Future<Output = std::io::Result<()>>> {
+    clustermesh_health::serve(addr, status, registry, cancel).await
 }

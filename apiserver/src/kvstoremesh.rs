@@ -48,6 +48,8 @@ use clustermesh_syncer::{writer, EtcdConfig, Metrics as KvMetrics, Writer};
 use clustermesh_types::cluster::ClusterInfo;
 use clustermesh_types::kvstore::cluster_config_key;
 use clustermesh_types::model::{format_rfc3339, Capabilities, ClusterConfig};
+
+use crate::Error;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -93,7 +95,7 @@ pub async fn run(
     kv: Arc<KvMetrics>,
     status: Arc<Status>,
     cancel: CancellationToken,
-) -> anyhow::Result<()> {
+) -> crate::Result<()> {
     let mut config = remote::Config::new(opts.local.clone(), opts.config_dir.clone(), Mode::Direct);
     config.per_remote_ready_timeout = opts.per_cluster_ready_timeout;
     config.cache_ttl = opts.cache_ttl;
@@ -103,18 +105,27 @@ pub async fn run(
     // cache choose by the export mode mirrored in the cluster config.
     config.service_backends = remote::ServiceBackends::AsExported;
     config.event_capacity = 64 * 1024;
-    let (manager, events) = remote::Manager::new(config, metrics)?;
+    let (manager, events) =
+        remote::Manager::new(config, metrics).map_err(|source| Error::Remote {
+            what: "starting the kvstoremesh reader of remote clusters",
+            source,
+        })?;
     let snapshots = manager.status();
     status.update(|r| r.kvstoremesh = true);
     status.set_remotes_pending(true);
     info!(dir = %opts.config_dir.display(), "kvstoremesh started");
 
-    let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
+    let mut tasks: JoinSet<crate::Result<()>> = JoinSet::new();
     let token = cancel.child_token();
     tasks.spawn({
         let token = token.child_token();
-        async move { manager.run(token).await.map_err(anyhow::Error::from) }
-            .instrument(info_span!("remote_clusters"))
+        async move {
+            manager.run(token).await.map_err(|source| Error::Remote {
+                what: "reading the remote clusters",
+                source,
+            })
+        }
+        .instrument(info_span!("remote_clusters"))
     });
     tasks.spawn(
         publish(opts.clone(), snapshots.clone(), status, token.child_token())
@@ -128,7 +139,10 @@ pub async fn run(
     while let Some(joined) = tasks.join_next().await {
         let r = match joined {
             Ok(r) => r,
-            Err(e) => Err(anyhow::anyhow!("kvstoremesh task panicked: {e}")),
+            Err(source) => Err(Error::Task {
+                task: "kvstoremesh",
+                source,
+            }),
         };
         if let Err(e) = r {
             if !token.is_cancelled() && result.is_ok() {
@@ -146,7 +160,7 @@ async fn publish(
     mut snapshots: watch::Receiver<Snapshot>,
     status: Arc<Status>,
     cancel: CancellationToken,
-) -> anyhow::Result<()> {
+) -> crate::Result<()> {
     let started = Instant::now();
     let mut first_seen: HashMap<String, Instant> = HashMap::new();
     let mut ever_connected: HashSet<String> = HashSet::new();
@@ -289,7 +303,7 @@ impl Mirror {
 
     /// Writes every dirty, listed prefix in one pipeline, then the cluster configs and the
     /// canaries that became due.
-    async fn flush(&mut self, w: &mut Writer, snap: &Snapshot) -> anyhow::Result<()> {
+    async fn flush(&mut self, w: &mut Writer, snap: &Snapshot) -> clustermesh_syncer::Result<()> {
         let mut prefixes: Vec<(String, &BTreeMap<String, Vec<u8>>)> = Vec::new();
         for (name, m) in &self.remotes {
             for r in Resource::ALL {
@@ -353,7 +367,7 @@ impl Mirror {
     }
 
     /// Deletes the cluster configs of removed remotes, and their caches once due.
-    async fn drain(&mut self, w: &mut Writer) -> anyhow::Result<()> {
+    async fn drain(&mut self, w: &mut Writer) -> clustermesh_syncer::Result<()> {
         let now = Instant::now();
         let empty = BTreeMap::new();
         let mut done = Vec::new();
@@ -387,7 +401,7 @@ async fn mirror_loop(
     snapshots: watch::Receiver<Snapshot>,
     kv: Arc<KvMetrics>,
     cancel: CancellationToken,
-) -> anyhow::Result<()> {
+) -> crate::Result<()> {
     let mut mirror = Mirror {
         local: opts.local.name.to_string(),
         max_connected_clusters: opts.local.max_connected_clusters.as_u32(),
@@ -438,7 +452,7 @@ async fn session_loop(
     session: &CancellationToken,
     first: &mut bool,
     backoff: &mut Backoff,
-) -> anyhow::Result<bool> {
+) -> clustermesh_syncer::Result<bool> {
     let client = clustermesh_syncer::connect(&opts.local_etcd, &opts.connect).await?;
     let wcfg = writer::Config {
         lease_ttl: opts.lease_ttl,
@@ -559,10 +573,10 @@ async fn session_loop(
                 mirror.drain(&mut w).await?;
             }
             Some(j) = tasks.join_next() => {
-                if let Err(e) = j {
-                    anyhow::bail!("kvstoremesh lease keep-alive task failed: {e}");
-                }
-                anyhow::bail!("kvstoremesh lease keep-alive ended");
+                return Err(clustermesh_syncer::Error::Internal(match j {
+                    Err(e) => format!("kvstoremesh lease keep-alive task failed: {e}"),
+                    Ok(()) => "kvstoremesh lease keep-alive ended".into(),
+                }));
             }
         }
     }

@@ -10,6 +10,7 @@
 
 pub mod components;
 pub mod config;
+mod error;
 pub mod etcd;
 pub mod export;
 pub mod health;
@@ -36,6 +37,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
 
 use config::{Config, EtcdMode};
+use error::EtcdContext;
+pub use error::{Error, Result};
 use export::{Exporter, Store};
 use health::Status;
 use source::manifests::{self, Published};
@@ -105,7 +108,7 @@ impl Metrics {
 }
 
 /// Runs the apiserver until `cancel`.
-pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
     let started = Instant::now();
     let metrics = Metrics::default();
     let remote_metrics = clustermesh_syncer::remote::Metrics::default();
@@ -135,20 +138,35 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     let registry = Arc::new(registry);
     status.update(|r| r.cluster = cfg.cluster.name.to_string());
     status.set_certificate_files(certificate_files);
-    let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
+    let mut tasks: JoinSet<Result<()>> = JoinSet::new();
 
-    let server = health::serve(
-        cfg.health_addr,
-        status.clone(),
-        registry.clone(),
-        cancel.child_token(),
-    )
-    .await?;
-    tasks.spawn(server.instrument(info_span!("health")));
-    if let Some(addr) = cfg.metrics_addr.filter(|a| *a != cfg.health_addr) {
-        let server =
-            health::serve(addr, status.clone(), registry.clone(), cancel.child_token()).await?;
-        tasks.spawn(server.instrument(info_span!("metrics")));
+    let listeners = [
+        (
+            Some(cfg.health_addr),
+            "/readyz and /healthz",
+            "--health-addr",
+        ),
+        (
+            cfg.metrics_addr.filter(|a| *a != cfg.health_addr),
+            "/metrics",
+            "--metrics-addr",
+        ),
+    ];
+    for (addr, what, flag) in listeners {
+        let Some(addr) = addr else { continue };
+        let listen_error = move |source| Error::Listen {
+            what,
+            addr,
+            flag,
+            source,
+        };
+        let server = health::serve(addr, status.clone(), registry.clone(), cancel.child_token())
+            .await
+            .map_err(listen_error)?;
+        tasks.spawn(
+            async move { server.await.map_err(listen_error) }
+                .instrument(info_span!("health", what)),
+        );
     }
 
     // etcd. `etcd_up` turns true once the embedded etcd serves with its users and roles in
@@ -157,7 +175,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
         watch::channel(matches!(cfg.etcd, EtcdMode::External(_)) && !cfg.etcd_init);
     let etcd_cfg = match &cfg.etcd {
         EtcdMode::External(path) => {
-            let c = EtcdConfig::load(path)?;
+            let c = EtcdConfig::load(path).etcd("reading the --etcd-config file")?;
             if cfg.etcd_init {
                 tasks.spawn(
                     users::etcd_init(
@@ -172,19 +190,18 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
             c
         }
         EtcdMode::Embedded { listen, peer_port } => {
-            let state = cfg
-                .state_dir
-                .clone()
-                .ok_or_else(|| anyhow::anyhow!("embedded etcd needs --state-dir"))?;
+            let state = cfg.state_dir.clone().ok_or(Error::NoStateDir)?;
             let certs = state.join("certs");
             if !certs.join("server.crt").exists() {
-                anyhow::bail!(
-                    "no certificates in {}: run `clustermesh enable --cluster-name {} --cluster-id {} --state-dir {}` first",
-                    certs.display(),
-                    cfg.cluster.name,
-                    cfg.cluster.id,
-                    state.display()
-                );
+                return Err(Error::NoCertificates {
+                    command: format!(
+                        "clustermesh enable --cluster-name {} --cluster-id {} --state-dir {}",
+                        cfg.cluster.name,
+                        cfg.cluster.id,
+                        state.display()
+                    ),
+                    certs,
+                });
             }
             let e = etcd::Embedded {
                 binary: std::env::var_os("CLUSTERMESH_ETCD_BIN")
@@ -329,7 +346,10 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
             }
             Err(e) => {
                 cancel.cancel();
-                result = Err(anyhow::anyhow!("task panicked: {e}"));
+                result = Err(Error::Task {
+                    task: "apiserver",
+                    source: e,
+                });
             }
         }
     }
@@ -352,7 +372,7 @@ async fn export_loop(
     mut exporter: Exporter,
     mut src: watch::Receiver<Published>,
     cancel: CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     let mut seeded = false;
     let mut bootstrapped = false;
@@ -432,13 +452,14 @@ async fn session_loop(
     seeded: &mut bool,
     bootstrapped: &mut bool,
     backoff: &mut Backoff,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let cluster = ctx.cfg.cluster.name.to_string();
     let wcfg = writer::Config {
         lease_ttl: ctx.cfg.lease_ttl,
         ..Default::default()
     };
-    let (mut w, keepalive) = Writer::new(client, wcfg, ctx.metrics.kv.clone(), session.clone())?;
+    let (mut w, keepalive) = Writer::new(client, wcfg, ctx.metrics.kv.clone(), session.clone())
+        .etcd("creating the etcd writer")?;
     let mut tasks = JoinSet::new();
     tasks.spawn(keepalive.instrument(info_span!("leases")));
 
@@ -447,12 +468,15 @@ async fn session_loop(
     let mut keys: Vec<String> = Store::ALL.iter().map(|s| s.synced_key(&cluster)).collect();
     keys.push(kvstore::cluster_config_key(&cluster));
     keys.push(kvstore::HEARTBEAT_KEY.to_string());
-    w.adopt_all(&prefixes, &keys).await?;
+    w.adopt_all(&prefixes, &keys)
+        .await
+        .etcd("reading what an earlier apiserver left in etcd")?;
     if !*seeded {
         // Identities already in etcd keep their numbers.
         let (kvs, _) =
             clustermesh_syncer::list::list_prefix(w.client(), &Store::Identities.prefix(&cluster))
-                .await?;
+                .await
+                .etcd("reading the identities already in etcd")?;
         for kv in kvs {
             if let Ok(id) = kvstore::parse_identity_key(&kv.key) {
                 if let Ok(labels) = String::from_utf8(kv.value) {
@@ -471,12 +495,14 @@ async fn session_loop(
         &kvstore::cluster_config_key(&cluster),
         exporter.cluster_config(),
     )
-    .await?;
+    .await
+    .etcd("writing the cluster config")?;
     w.force_put_key(
         kvstore::HEARTBEAT_KEY,
         format_rfc3339(std::time::SystemTime::now()).into_bytes(),
     )
-    .await?;
+    .await
+    .etcd("writing the heartbeat")?;
     // Connecting and adopting above overlapped with the source's first scan (parsing
     // manifests takes tens of milliseconds for 10k pods); the export needs it from here on.
     let etcd_setup = ctx.started.elapsed();
@@ -521,7 +547,10 @@ async fn session_loop(
             Ok(inc) => {
                 let t = Instant::now();
                 let keys = inc.changes.len();
-                let st = w.apply_changes(inc.changes.into_vec()).await?;
+                let st = w
+                    .apply_changes(inc.changes.into_vec())
+                    .await
+                    .etcd("writing an incremental export")?;
                 problems.retain(|p| !inc.recomputed.contains(&p.object));
                 for p in &inc.problems {
                     warn!(object = %p.object, problem = %p.message, "not exported");
@@ -599,23 +628,23 @@ async fn session_loop(
                     break;
                 }
                 _ = heartbeat.tick() => {
-                    w.force_put_key(kvstore::HEARTBEAT_KEY, format_rfc3339(std::time::SystemTime::now()).into_bytes()).await?;
+                    w.force_put_key(kvstore::HEARTBEAT_KEY, format_rfc3339(std::time::SystemTime::now()).into_bytes()).await.etcd("writing the heartbeat")?;
                 }
                 _ = enforce.tick() => {
-                    if w.enforce_key(&kvstore::cluster_config_key(&cluster), exporter.cluster_config()).await? {
+                    if w.enforce_key(&kvstore::cluster_config_key(&cluster), exporter.cluster_config()).await.etcd("re-enforcing the cluster config")? {
                         warn!("cluster config was missing or changed in etcd; re-written");
                     }
                 }
                 _ = probe.tick() => {
                     match tokio::time::timeout(ETCD_PROBE_INTERVAL, probe_client.probe()).await {
                         Ok(Ok(_)) => {}
-                        Ok(Err(e)) => anyhow::bail!("etcd health probe failed: {e}"),
-                        Err(_) => anyhow::bail!("etcd health probe timed out after {ETCD_PROBE_INTERVAL:?}"),
+                        Ok(Err(e)) => return Err(Error::Probe(e)),
+                        Err(_) => return Err(Error::ProbeTimeout(ETCD_PROBE_INTERVAL)),
                     }
                 }
                 Some(j) = tasks.join_next() => {
-                    if let Err(e) = j {
-                        anyhow::bail!("lease keep-alive task failed: {e}");
+                    if let Err(source) = j {
+                        return Err(Error::Task { task: "lease keep-alive", source });
                     }
                 }
             }
@@ -635,7 +664,7 @@ async fn full_pass(
     bootstrapped: &mut bool,
     etcd_setup: Duration,
     source_ready: Duration,
-) -> anyhow::Result<Vec<export::Problem>> {
+) -> Result<Vec<export::Problem>> {
     let cluster = ctx.cfg.cluster.name.to_string();
     let t = Instant::now();
     // Endpoint stores first; while they are written, compute the service stores.
@@ -661,14 +690,17 @@ async fn full_pass(
             .collect();
         // The endpoint stores' transactions run in a task of their own while the
         // service stores are computed here.
-        let pending = w.begin_sync(&batch_a).await?;
+        let pending = w
+            .begin_sync(&batch_a)
+            .await
+            .etcd("writing nodes, identities and ipcache entries")?;
         let ts = Instant::now();
         let (services, more) = exporter.compute_services(&snapshot);
         services_compute = ts.elapsed();
         let res = w.finish(pending).await;
         desired.extend(services);
         problems.extend(more);
-        res?
+        res.etcd("writing nodes, identities and ipcache entries")?
     };
     let rest: Vec<Store> = Store::ALL
         .iter()
@@ -679,7 +711,10 @@ async fn full_pass(
         .into_iter()
         .map(|(i, s)| (prefixes[i].as_str(), desired.get(&s).unwrap_or(&empty)))
         .collect();
-    let stats_b = w.sync_prefixes(&batch_b).await?;
+    let stats_b = w
+        .sync_prefixes(&batch_b)
+        .await
+        .etcd("writing services, service exports and endpoint slices")?;
     let batch: Vec<(&str, &BTreeMap<String, Vec<u8>>)> = Store::ALL
         .iter()
         .zip(&prefixes)
@@ -718,7 +753,9 @@ async fn full_pass(
         .map(|s| (s.synced_key(&cluster), now.clone().into_bytes()))
         .collect();
     if !missing.is_empty() {
-        w.put_keys(missing).await?;
+        w.put_keys(missing)
+            .await
+            .etcd("writing the synced canaries")?;
         for store in Store::ALL {
             synced.insert(store, true);
         }

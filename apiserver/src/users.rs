@@ -54,15 +54,15 @@ fn desired(text: &str, local: &str) -> Result<(BTreeSet<String>, Vec<String>), S
     Ok((out, refused))
 }
 
-async fn connect(cfg: &EtcdConfig) -> anyhow::Result<Client> {
-    Ok(clustermesh_syncer::connect(
+async fn connect(cfg: &EtcdConfig) -> clustermesh_syncer::Result<Client> {
+    clustermesh_syncer::connect(
         cfg,
         &clustermesh_syncer::ConnectConfig {
             connect_timeout: Duration::from_secs(2),
             ..Default::default()
         },
     )
-    .await?)
+    .await
 }
 
 /// Cilium's `etcd-init` on an external etcd: if it has no users yet, creates them with their
@@ -73,7 +73,7 @@ pub async fn etcd_init(
     cluster: String,
     up: watch::Sender<bool>,
     cancel: CancellationToken,
-) -> anyhow::Result<()> {
+) -> crate::Result<()> {
     let mut delay = Duration::from_millis(200);
     loop {
         let res = async {
@@ -82,7 +82,7 @@ pub async fn etcd_init(
                 auth::init_cluster_auth(&mut c, &cluster).await?;
                 info!(cluster, "etcd-init: users, roles and auth created");
             }
-            anyhow::Ok(())
+            Ok::<(), clustermesh_syncer::Error>(())
         }
         .await;
         match res {
@@ -91,7 +91,7 @@ pub async fn etcd_init(
                 return Ok(());
             }
             Err(e) => {
-                warn!(error = %format!("{e:#}"), retry_in = ?delay, "etcd-init: etcd not ready")
+                warn!(error = %e, retry_in = ?delay, "etcd-init: etcd not ready")
             }
         }
         tokio::select! {
@@ -102,7 +102,7 @@ pub async fn etcd_init(
     }
 }
 
-async fn reconcile(cfg: &EtcdConfig, want: &BTreeSet<String>) -> anyhow::Result<()> {
+async fn reconcile(cfg: &EtcdConfig, want: &BTreeSet<String>) -> clustermesh_syncer::Result<()> {
     let mut c = connect(cfg).await?;
     let have: BTreeSet<String> = auth::list_users(&mut c)
         .await?
@@ -128,7 +128,7 @@ pub async fn run(
     local: String,
     mut etcd_up: watch::Receiver<bool>,
     cancel: CancellationToken,
-) -> anyhow::Result<()> {
+) -> crate::Result<()> {
     let mut applied: Option<BTreeSet<String>> = None;
     let mut last_text: Option<String> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -172,7 +172,7 @@ pub async fn run(
         match reconcile(&cfg, &want).await {
             Ok(()) => applied = Some(want),
             Err(e) => {
-                warn!(error = %format!("{e:#}"), "cannot update the cluster users in etcd; retrying")
+                warn!(error = %e, "cannot update the cluster users in etcd; retrying")
             }
         }
     }

@@ -1,7 +1,6 @@
 //! Node entries (`cilium/state/nodes/v1`) from Node and CiliumNode objects.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 
 use clustermesh_types::model::{Cidr, Node as NodeValue, NodeAddress};
 
@@ -35,10 +34,11 @@ impl Exporter {
                         .addresses
                         .iter()
                         .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
-                        .filter(|a| a.address.parse::<IpAddr>().is_ok())
-                        .map(|a| NodeAddress {
-                            type_: a.type_.clone(),
-                            ip: a.address.clone(),
+                        .filter_map(|a| {
+                            Some(NodeAddress {
+                                type_: a.type_.clone(),
+                                ip: a.address?.to_string(),
+                            })
                         })
                         .collect(),
                     ipv4_alloc_cidr: v4.first().copied(),

@@ -96,15 +96,26 @@ pub struct NodeStatus {
     pub node_info: Option<NodeInfo>,
 }
 
-/// A node address.
+/// A node address, parsed here once: the export uses the typed address and never parses
+/// the text again.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct NodeAddress {
     /// InternalIP, ExternalIP, Hostname, …
     #[serde(rename = "type")]
     pub type_: String,
-    /// The address.
-    pub address: String,
+    /// The address when it is an IP address; `None` for a hostname (type `Hostname`) or
+    /// text that is not an address (such entries are not exported).
+    #[serde(deserialize_with = "ip_or_none")]
+    pub address: Option<std::net::IpAddr>,
+}
+
+/// An IP address, or `None` for any other text (a node's `Hostname` entry).
+fn ip_or_none<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<std::net::IpAddr>, D::Error> {
+    let text: Option<std::borrow::Cow<'de, str>> = Deserialize::deserialize(d)?;
+    Ok(text.and_then(|t| t.parse().ok()))
 }
 
 /// Node info.

@@ -588,7 +588,7 @@ pub async fn run(
     status: Arc<Status>,
     metrics: Metrics,
     cancel: CancellationToken,
-) -> anyhow::Result<()> {
+) -> crate::Result<()> {
     let shared = Arc::new(Shared {
         watched: Mutex::new(BTreeMap::new()),
         changed: Notify::new(),
@@ -728,8 +728,8 @@ pub async fn run(
                 }
             }
             Some(joined) = tasks.join_next() => {
-                if let Err(e) = joined {
-                    anyhow::bail!("kubernetes watch task failed: {e}");
+                if let Err(source) = joined {
+                    return Err(crate::Error::Task { task: "kubernetes watch", source });
                 }
                 continue;
             }
