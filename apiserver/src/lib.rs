@@ -683,38 +683,47 @@ async fn full_pass(
             .map(|(i, s)| (i, *s))
             .collect()
     };
-    let stats_a = {
+    let rest: Vec<Store> = Store::ALL
+        .iter()
+        .copied()
+        .filter(|s| !first.contains(s))
+        .collect();
+    let (stats_a, stats_b, services) = {
         let batch_a: Vec<(&str, &BTreeMap<String, Vec<u8>>)> = part(&first)
             .into_iter()
             .map(|(i, s)| (prefixes[i].as_str(), desired.get(&s).unwrap_or(&empty)))
             .collect();
         // The endpoint stores' transactions run in a task of their own while the
         // service stores are computed here.
-        let pending = w
+        let pending_a = w
             .begin_sync(&batch_a)
             .await
             .etcd("writing nodes, identities and ipcache entries")?;
         let ts = Instant::now();
         let (services, more) = exporter.compute_services(&snapshot);
         services_compute = ts.elapsed();
-        let res = w.finish(pending).await;
-        desired.extend(services);
         problems.extend(more);
-        res.etcd("writing nodes, identities and ipcache entries")?
+        // Streamed: the service stores' transactions start as soon as they are computed,
+        // beside the endpoint stores' still in flight, instead of after them (the prefixes
+        // are disjoint; the writer accounts leases when a sync begins and records keys when
+        // it finishes). The canaries still wait for both.
+        let batch_b: Vec<(&str, &BTreeMap<String, Vec<u8>>)> = part(&rest)
+            .into_iter()
+            .map(|(i, s)| (prefixes[i].as_str(), services.get(&s).unwrap_or(&empty)))
+            .collect();
+        let pending_b = w
+            .begin_sync(&batch_b)
+            .await
+            .etcd("writing services, service exports and endpoint slices")?;
+        let res_a = w.finish(pending_a).await;
+        let res_b = w.finish(pending_b).await;
+        (
+            res_a.etcd("writing nodes, identities and ipcache entries")?,
+            res_b.etcd("writing services, service exports and endpoint slices")?,
+            services,
+        )
     };
-    let rest: Vec<Store> = Store::ALL
-        .iter()
-        .copied()
-        .filter(|s| !first.contains(s))
-        .collect();
-    let batch_b: Vec<(&str, &BTreeMap<String, Vec<u8>>)> = part(&rest)
-        .into_iter()
-        .map(|(i, s)| (prefixes[i].as_str(), desired.get(&s).unwrap_or(&empty)))
-        .collect();
-    let stats_b = w
-        .sync_prefixes(&batch_b)
-        .await
-        .etcd("writing services, service exports and endpoint slices")?;
+    desired.extend(services);
     let batch: Vec<(&str, &BTreeMap<String, Vec<u8>>)> = Store::ALL
         .iter()
         .zip(&prefixes)

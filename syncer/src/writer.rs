@@ -348,7 +348,10 @@ impl Writer {
     /// The first half of [`Writer::sync_prefixes`]: diffs, assigns leases and starts the
     /// transactions in a task of their own, then returns at once. The caller may compute
     /// the next batch while etcd works, then must call [`Writer::finish`] before any other
-    /// write. (Computing inside a `join!` next to the sync is not the same: the sync's future
+    /// write, except another `begin_sync` of disjoint prefixes: leases are accounted here
+    /// and keys recorded by `finish`, so two pending syncs of different prefixes may overlap
+    /// (the apiserver's streamed first export starts the service stores beside the endpoint
+    /// stores). (Computing inside a `join!` next to the sync is not the same: the sync's future
     /// is then not polled while the computation runs, so no new transaction starts.)
     pub async fn begin_sync(
         &mut self,

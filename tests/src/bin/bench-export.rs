@@ -141,8 +141,11 @@ fn in_process(
     ))
 }
 
-/// Starts the apiserver with `args` against `etcd` and waits for `want` synced canaries
-/// (with a watch, not by polling); returns the time from process start.
+/// Starts the apiserver with `args` against `etcd` and waits for `want` synced canaries;
+/// returns the time from process start. The canaries are awaited with watches on their two
+/// prefixes, not by polling and not with a watch on every key: a poll every few
+/// milliseconds, or decoding every exported key's event, is work that competes with the
+/// export being measured.
 async fn time_to_canaries(
     etcd: &TestEtcd,
     args: &[&str],
@@ -150,14 +153,26 @@ async fn time_to_canaries(
     log: &std::path::Path,
 ) -> anyhow::Result<(Duration, TestApiserver)> {
     let mut client = etcd.client("root").await?;
-    let mut watch = client
-        .watch("", Some(WatchOptions::new().with_all_keys()))
+    let mut state_canaries = client
+        .watch("cilium/synced/c1/", Some(WatchOptions::new().with_prefix()))
+        .await?;
+    let mut local_canaries = client
+        .watch(
+            "clustermesh/local/synced/",
+            Some(WatchOptions::new().with_prefix()),
+        )
         .await?;
     let t = Instant::now();
     let api = TestApiserver::start(args, log)?;
     let mut canaries = std::collections::BTreeSet::new();
     while canaries.len() < want {
-        let resp = match tokio::time::timeout(Duration::from_secs(120), watch.message()).await {
+        let next = async {
+            tokio::select! {
+                r = state_canaries.message() => r,
+                r = local_canaries.message() => r,
+            }
+        };
+        let resp = match tokio::time::timeout(Duration::from_secs(120), next).await {
             Ok(r) => r?,
             Err(_) => anyhow::bail!("no synced canaries after 120 s:\n{}", api.log_tail(20)),
         };
@@ -165,11 +180,8 @@ async fn time_to_canaries(
             anyhow::bail!("watch ended before every synced canary was written");
         };
         for ev in resp.events() {
-            let Some(kv) = ev.kv() else { continue };
-            let key = kv.key_str().unwrap_or_default();
-            if key.starts_with("cilium/synced/c1/") || key.starts_with("clustermesh/local/synced/")
-            {
-                canaries.insert(key.to_string());
+            if let Some(kv) = ev.kv() {
+                canaries.insert(kv.key_str().unwrap_or_default().to_string());
             }
         }
     }
@@ -574,20 +586,9 @@ async fn main() -> anyhow::Result<()> {
     std::fs::read(clustermesh_tests::process::find_binary(
         "clustermesh-apiserver",
     )?)?;
-    // The canaries are awaited with a watch, not by polling: a poll every few milliseconds
-    // is etcd work that competes with the export being measured.
-    let mut client = etcd.client("root").await?;
-    let mut state_canaries = client
-        .watch("cilium/synced/c1/", Some(WatchOptions::new().with_prefix()))
-        .await?;
-    let mut local_canaries = client
-        .watch(
-            "clustermesh/local/synced/",
-            Some(WatchOptions::new().with_prefix()),
-        )
-        .await?;
-    let t = Instant::now();
-    let mut api = TestApiserver::start(
+    let log_path = dir.path().join("api.log");
+    let (took, mut api) = time_to_canaries(
+        &etcd,
         &[
             "--cluster-name",
             "c1",
@@ -600,33 +601,11 @@ async fn main() -> anyhow::Result<()> {
             "--log-level",
             "info",
         ],
-        &dir.path().join("api.log"),
-    )?;
-    let mut canaries = std::collections::BTreeSet::new();
-    while canaries.len() < clustermesh_apiserver::export::Store::ALL.len() {
-        let next = async {
-            tokio::select! {
-                r = state_canaries.message() => r,
-                r = local_canaries.message() => r,
-            }
-        };
-        let resp = match tokio::time::timeout(Duration::from_secs(120), next).await {
-            Ok(r) => r?,
-            Err(_) => anyhow::bail!("no synced canaries after 120 s:\n{}", api.log_tail(20)),
-        };
-        let Some(resp) = resp else {
-            anyhow::bail!("watch ended before every synced canary was written");
-        };
-        for ev in resp.events() {
-            let Some(kv) = ev.kv() else { continue };
-            let key = kv.key_str().unwrap_or_default();
-            if key.starts_with("cilium/synced/c1/") || key.starts_with("clustermesh/local/synced/")
-            {
-                canaries.insert(key.to_string());
-            }
-        }
-    }
-    let took = t.elapsed();
+        clustermesh_apiserver::export::Store::ALL.len(),
+        &log_path,
+    )
+    .await?;
+    let mut client = etcd.client("root").await?;
     let keys = client
         .get(
             "",
@@ -644,7 +623,7 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or("?")
         .to_string();
     api.stop()?;
-    let log = std::fs::read_to_string(dir.path().join("api.log"))?;
+    let log = std::fs::read_to_string(&log_path)?;
     let field = |name: &str| -> Option<f64> {
         let line = log.lines().find(|l| l.contains("initial sync complete"))?;
         let rest = &line[line.find(&format!(" {name}="))? + name.len() + 2..];
