@@ -457,8 +457,16 @@ fn bpf_transmit_used(cluster: &Value) -> Result<()> {
     }
 }
 
+/// The tests of this file each build a lab, and two labs cannot be up at once: each adds
+/// the route to the lab's underlay (`198.18.0.0/15`) in the host's namespace. The test
+/// harness runs tests in parallel threads, so they take turns.
+static ONE_LAB_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn lab_up_connectivity_vni_pod_deletion_and_down() -> Result<()> {
+    let _turn = ONE_LAB_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let datapath = std::env::var("CLUSTERMESH_LAB_DATAPATH").unwrap_or_else(|_| "ebpf".into());
     let ebpf = datapath == "ebpf";
     let cni = lab_cni("ptp");
@@ -663,6 +671,9 @@ fn lab_up_connectivity_vni_pod_deletion_and_down() -> Result<()> {
 /// agent restarted with `--node-ip6` alone runs as an IPv6-only node; `lab down` leaves no namespace and no IPv6 underlay route.
 #[test]
 fn lab_dual_stack_every_check_per_family() -> Result<()> {
+    let _turn = ONE_LAB_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut lab = Lab::new("cm-lab-dual")?;
     let t = Instant::now();
     let up = run(&mut lab.cli(&[
