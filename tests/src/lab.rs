@@ -89,9 +89,9 @@ pub fn curl_echo(ns: &str, ip: &str, timeout: &str) -> Option<Value> {
     serde_json::from_slice(&out.stdout).ok()
 }
 
-/// `clustermesh connectivity test -o json` on `lab`: every check passes (at least the 112
-/// pod-to-pod checks of a 2×2×2 lab).
-pub fn connectivity_passes(lab: &Lab) -> Result<()> {
+/// `clustermesh connectivity test -o json` on `lab`, parsed; fails unless the command
+/// succeeded and every check in each of `sections` (`checks`, `services`) passed.
+pub fn connectivity_report(lab: &Lab, sections: &[&str]) -> Result<Value> {
     let out = lab.cli(&["connectivity", "test", "-o", "json"]).output()?;
     let report: Value = serde_json::from_slice(&out.stdout).with_context(|| {
         format!(
@@ -99,19 +99,31 @@ pub fn connectivity_passes(lab: &Lab) -> Result<()> {
             String::from_utf8_lossy(&out.stderr)
         )
     })?;
-    let failures: Vec<String> = report["checks"]
-        .as_array()
-        .context("checks")?
-        .iter()
-        .filter(|c| c["ok"] != Value::Bool(true))
-        .map(|c| format!("{}: {}", c["name"], c["error"]))
-        .collect();
+    let mut failures = Vec::new();
+    for section in sections {
+        let checks = report[*section]
+            .as_array()
+            .with_context(|| section.to_string())?;
+        failures.extend(
+            checks
+                .iter()
+                .filter(|c| c["ok"] != Value::Bool(true))
+                .map(|c| format!("{}: {}", c["name"], c["error"])),
+        );
+    }
     ensure!(
         failures.is_empty() && out.status.success(),
         "{} failed checks:\n{}",
         failures.len(),
         failures.join("\n")
     );
+    Ok(report)
+}
+
+/// `clustermesh connectivity test -o json` on `lab`: every check passes (at least the 112
+/// pod-to-pod checks of a 2×2×2 lab).
+pub fn connectivity_passes(lab: &Lab) -> Result<()> {
+    let report = connectivity_report(lab, &["checks"])?;
     let summary = &report["summary"];
     ensure!(summary["passed"].as_u64().unwrap_or(0) >= 112, "{summary}");
     println!("connectivity: {summary}");
