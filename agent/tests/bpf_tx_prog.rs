@@ -10,7 +10,7 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{ensure, Result};
-use clustermesh_agent::datapath::{Config, Datapath, Program};
+use clustermesh_agent::datapath::{Datapath, Program};
 use clustermesh_ebpf_abi::{Counter, EndpointInfo, IpcacheValue, TraceSlot};
 
 mod prog_common;
@@ -49,24 +49,10 @@ fn in_new_netns<T: Send>(mtu: u32, f: impl FnOnce() -> Result<T> + Send) -> Resu
 
 /// A node with pod A local, a remote pod behind REMOTE_NODE, BPF transmit on.
 fn node(local: Ipv4Addr) -> Datapath {
-    let mut dp = Datapath::load(&Config {
-        ipcache_max_entries: 64,
-        local_endpoints_max_entries: 16,
-        ..Config::default()
-    })
-    .expect("load datapath (needs root)");
+    let mut dp = load(64, 16);
     let m = &mut dp.maps;
     m.local_endpoints
-        .upsert_v4(
-            POD_A,
-            EndpointInfo {
-                ifindex: 41,
-                identity: POD_A_IDENTITY,
-                flags: 0,
-                pod_mac: [0x02, 0, 0, 0, 0xa0, 0x01],
-                host_mac: [0x02, 0, 0, 0, 0xa0, 0x02],
-            },
-        )
+        .upsert_v4(POD_A, pod_a())
         .expect("upsert A");
     m.ipcache
         .upsert_v4(

@@ -8,7 +8,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use clustermesh_agent::datapath::{Config, Datapath, Program};
+use clustermesh_agent::datapath::{Datapath, Program};
 use clustermesh_ebpf_abi::{Counter, EndpointInfo, IpcacheValue, TraceSlot};
 
 mod prog_common;
@@ -29,24 +29,10 @@ const IPPROTO_ICMPV6: u8 = 58;
 /// A dual-stack node: pods A and B local, a remote pod behind REMOTE_NODE (IPv4
 /// underlay) and one behind REMOTE_NODE6 (IPv6 underlay).
 fn node() -> Datapath {
-    let mut dp = Datapath::load(&Config {
-        ipcache_max_entries: 1024,
-        local_endpoints_max_entries: 64,
-        ..Config::default()
-    })
-    .expect("load datapath (needs root)");
+    let mut dp = load(1024, 64);
     let m = &mut dp.maps;
     m.local_endpoints
-        .upsert_v6(
-            POD_A,
-            EndpointInfo {
-                ifindex: 41,
-                identity: POD_A_IDENTITY,
-                flags: 0,
-                pod_mac: [0x02, 0, 0, 0, 0xa0, 0x01],
-                host_mac: [0x02, 0, 0, 0, 0xa0, 0x02],
-            },
-        )
+        .upsert_v6(POD_A, pod_a())
         .expect("upsert A");
     m.local_endpoints
         .upsert_v6(
@@ -186,16 +172,7 @@ fn from_pod_tunnels_over_an_ipv6_underlay_with_tuninfo_ipv6() {
     let mut dp = node();
     dp.maps
         .local_endpoints
-        .upsert_v4(
-            Ipv4Addr::new(10, 1, 1, 10),
-            EndpointInfo {
-                ifindex: 41,
-                identity: POD_A_IDENTITY,
-                flags: 0,
-                pod_mac: [0x02, 0, 0, 0, 0xa0, 0x01],
-                host_mac: [0x02, 0, 0, 0, 0xa0, 0x02],
-            },
-        )
+        .upsert_v4(Ipv4Addr::new(10, 1, 1, 10), pod_a())
         .expect("A's IPv4");
     dp.maps
         .ipcache

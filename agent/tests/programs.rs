@@ -6,7 +6,7 @@
 
 use std::net::Ipv4Addr;
 
-use clustermesh_agent::datapath::{Config, Datapath, Program};
+use clustermesh_agent::datapath::{Datapath, Program};
 use clustermesh_ebpf_abi::{Counter, EndpointInfo, IpcacheValue, TraceSlot};
 
 mod prog_common;
@@ -19,12 +19,7 @@ const POD_B: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 11);
 const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 2, 1, 10);
 
 fn datapath() -> Datapath {
-    let config = Config {
-        ipcache_max_entries: 1024,
-        local_endpoints_max_entries: 64,
-        ..Config::default()
-    };
-    Datapath::load(&config).expect("load datapath (needs root)")
+    load(1024, 64)
 }
 
 /// A node with pod A and pod B local, a remote pod behind REMOTE_NODE, tunnel configured.
@@ -32,16 +27,7 @@ fn node() -> Datapath {
     let mut dp = datapath();
     let m = &mut dp.maps;
     m.local_endpoints
-        .upsert_v4(
-            POD_A,
-            EndpointInfo {
-                ifindex: 41,
-                identity: POD_A_IDENTITY,
-                flags: 0,
-                pod_mac: [0x02, 0, 0, 0, 0xa0, 0x01],
-                host_mac: [0x02, 0, 0, 0, 0xa0, 0x02],
-            },
-        )
+        .upsert_v4(POD_A, pod_a())
         .expect("upsert A");
     m.local_endpoints
         .upsert_v4(

@@ -1,13 +1,13 @@
-//! What the BPF_PROG_TEST_RUN suites of the programs (`programs`, `ipv6_prog`) share: the
-//! verdicts, the test node's addresses and MACs, an IPv4 ICMP frame from pod A, and one run
-//! of a program with its counters.
+//! What the BPF_PROG_TEST_RUN suites of the programs (`programs`, `ipv6_prog`, `bpf_tx_prog`)
+//! share: the verdicts, the test node's addresses and MACs, loading the datapath, pod A's
+//! endpoint, an IPv4 ICMP frame from pod A, and one run of a program with its counters.
 // Each suite is its own crate and uses part of this module.
 #![allow(dead_code)]
 
 use std::net::Ipv4Addr;
 
-use clustermesh_agent::datapath::{CounterValues, Datapath, Program};
-use clustermesh_ebpf_abi::Counter;
+use clustermesh_agent::datapath::{Config, CounterValues, Datapath, Program};
+use clustermesh_ebpf_abi::{Counter, EndpointInfo};
 
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
@@ -57,4 +57,25 @@ pub fn assert_counters(dp: &Datapath, program: Program, want: &[(Counter, u64)])
     let got = counters(dp, program);
     let want_named: Vec<_> = want.iter().map(|(c, v)| (c.name(), *v)).collect();
     assert_eq!(got.non_zero(), want_named, "{program:?} counters");
+}
+
+/// The datapath loaded with small maps (`ipcache` and `local` entries).
+pub fn load(ipcache: u32, local: u32) -> Datapath {
+    Datapath::load(&Config {
+        ipcache_max_entries: ipcache,
+        local_endpoints_max_entries: local,
+        ..Config::default()
+    })
+    .expect("load datapath (needs root)")
+}
+
+/// Pod A's local endpoint (interface 41).
+pub fn pod_a() -> EndpointInfo {
+    EndpointInfo {
+        ifindex: 41,
+        identity: POD_A_IDENTITY,
+        flags: 0,
+        pod_mac: [0x02, 0, 0, 0, 0xa0, 0x01],
+        host_mac: [0x02, 0, 0, 0, 0xa0, 0x02],
+    }
 }
