@@ -920,3 +920,82 @@ fn vxlan_over_ipv6(lab: &Lab, state: &Value) -> Result<()> {
     println!("VXLAN over IPv6, VNI = identity {identity}");
     Ok(())
 }
+
+/// Issue 16, the benchmarks' baseline: `lab up --datapath kernel --ip-family dual` (2×2×1,
+/// no agents): every pod check of the connectivity test passes per family (24 IPv4 and 24
+/// IPv6: cross node and cross cluster; TCP and ICMP), and a pod's IPv6 traffic to
+/// another cluster leaves its node's `eth0` as plain kernel VXLAN over the IPv6 underlay
+/// (outer `2001:db8:` source → destination node, VNI 1: the kernel device's, no
+/// identity). A few seconds.
+#[test]
+fn lab_kernel_datapath_dual_stack() -> Result<()> {
+    let _turn = ONE_LAB_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut lab = Lab::new("cm-lab-kdual")?;
+    let t = Instant::now();
+    run(&mut lab.cli(&[
+        "lab",
+        "up",
+        "--clusters",
+        "2",
+        "--nodes",
+        "2",
+        "--pods",
+        "1",
+        "--datapath",
+        "kernel",
+        "--ip-family",
+        "dual",
+    ]))?;
+    println!("lab up (kernel, dual): {:.1}s", t.elapsed().as_secs_f64());
+    let state = lab.state()?;
+    let report = connectivity_report(&lab, &["checks"])?;
+    let checks = report["checks"].as_array().context("checks")?;
+    for family in ["ipv4", "ipv6"] {
+        for scope in ["cross-node", "cross-cluster"] {
+            for kind in ["tcp", "icmp"] {
+                let n = checks
+                    .iter()
+                    .filter(|c| c["family"] == family && c["scope"] == scope && c["kind"] == kind)
+                    .count();
+                // 4 pods, one per node: 4 cross-node and 8 cross-cluster ordered pairs.
+                let want = if scope == "cross-node" { 4 } else { 8 };
+                ensure!(
+                    n == want,
+                    "{family} {scope} {kind}: {n} checks, expected {want}"
+                );
+            }
+        }
+    }
+    let src_node = &state["clusters"][0]["nodes"][0];
+    let src_ns = src_node["pods"][0]["ns"].as_str().context("ns")?;
+    let src_ip6 = src_node["ip6"].as_str().context("ip6")?;
+    let dst_node = &state["clusters"][1]["nodes"][0];
+    let dst_ip6 = dst_node["ip6"].as_str().context("ip6")?;
+    let url_ip = format!(
+        "[{}]",
+        dst_node["pods"][0]["ip6"].as_str().context("pod ip6")?
+    );
+    let text = capture_one_vxlan(
+        &lab.dir,
+        src_node["ns"].as_str().context("ns")?,
+        src_ip6,
+        || {
+            let _ = curl_echo(src_ns, &url_ip, "2");
+        },
+    )?;
+    println!("kernel VXLAN over the IPv6 underlay:\n{text}");
+    ensure!(
+        text.contains("IP6") && text.contains("VXLAN") && text.contains("vni 1"),
+        "not kernel VXLAN over IPv6: {text}"
+    );
+    ensure!(
+        text.contains(&format!("{src_ip6}.")) && text.contains(&format!("{dst_ip6}.4789")),
+        "outer header is not {src_ip6} → {dst_ip6}:4789: {text}"
+    );
+    run(&mut lab.cli(&["lab", "down"]))?;
+    lab.down = true;
+    println!("kernel dual lab test: {:.1}s", t.elapsed().as_secs_f64());
+    Ok(())
+}

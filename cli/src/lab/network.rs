@@ -2,7 +2,7 @@
 //! node namespaces with their underlay legs and VXLAN devices, pods' veths, and the static
 //! forwarding of the kernel datapath.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
@@ -166,6 +166,9 @@ pub(super) fn build_network(st: &mut LabState) -> anyhow::Result<()> {
                 &node.ns,
                 &["link", "set", plan::VXLAN_DEV, "mtu", &mtu, "up"],
             )?;
+            if let (Datapath::Kernel, Some(ip6)) = (st.datapath, node.ip6) {
+                kernel_vxlan6(&node.ns, ip6)?;
+            }
             for k in 0..node.pods.len() {
                 let pod_ns = node.pods[k].ns.clone();
                 add_ns(st, &pod_ns)?;
@@ -296,55 +299,119 @@ fn build_pod(st: &LabState, node: &Node, pod: &mut Pod) -> anyhow::Result<()> {
 
 /// Kernel datapath: every node reaches every other node's pod CIDR over `cmvx0` (VNI 1)
 /// through a route, a permanent neighbour (the peer's VXLAN MAC) and an FDB entry (the
-/// peer's underlay IP). No learning, no flooding, no eBPF.
+/// peer's underlay IP); with IPv6, every other node's IPv6 pod CIDR the same way over
+/// `cmvx6` and the IPv6 underlay. No learning, no flooding, no eBPF.
 fn kernel_forwarding(st: &LabState) -> anyhow::Result<()> {
     let all: Vec<&Node> = st.clusters.iter().flat_map(|c| &c.nodes).collect();
     for node in &all {
         for peer in all.iter().filter(|p| p.ns != node.ns) {
             let peer_ip = peer.ip.to_string();
-            let peer_mac = plan::kernel_vxlan_mac(peer.ip);
-            netns::ip_in(
+            kernel_peer(
                 &node.ns,
-                &[
-                    "neigh",
-                    "add",
-                    &peer_ip,
-                    "lladdr",
-                    &peer_mac,
-                    "dev",
-                    plan::VXLAN_DEV,
-                    "nud",
-                    "permanent",
-                ],
+                plan::VXLAN_DEV,
+                &peer_ip,
+                &peer_ip,
+                &plan::kernel_vxlan_mac(peer.ip),
+                &peer.pod_cidr,
             )?;
-            let out = std::process::Command::new("bridge")
-                .args(["-n", &node.ns, "fdb", "append", &peer_mac])
-                .args(["dev", plan::VXLAN_DEV, "dst", &peer_ip])
-                .output()
-                .context("running `bridge` (iproute2)")?;
-            if !out.status.success() {
-                bail!(
-                    "`bridge fdb append {peer_mac} dst {peer_ip}` in {} failed: {}",
-                    node.ns,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
+            if let (Some(_), Some(ip6), Some(cidr6)) = (node.ip6, peer.ip6, &peer.pod_cidr6) {
+                kernel_peer(
+                    &node.ns,
+                    plan::VXLAN_DEV6,
+                    &plan::kernel_vxlan_ll6(ip6).to_string(),
+                    &ip6.to_string(),
+                    &plan::kernel_vxlan_mac6(ip6),
+                    cidr6,
+                )?;
             }
-            netns::ip_in(
-                &node.ns,
-                &[
-                    "route",
-                    "add",
-                    &peer.pod_cidr,
-                    "via",
-                    &peer_ip,
-                    "dev",
-                    plan::VXLAN_DEV,
-                    "onlink",
-                ],
-            )?;
         }
     }
     Ok(())
+}
+
+/// Kernel datapath, IPv6: a second VXLAN device, [`plan::VXLAN_DEV6`], with the node's IPv6
+/// underlay address as `local` (a VXLAN device tunnels over one family, the one of its
+/// `local`), so the pods' IPv6 traffic crosses nodes as plain kernel VXLAN over IPv6: the
+/// baseline the eBPF datapath's IPv6 tunnels are measured against. VNI 1 as on
+/// [`plan::VXLAN_DEV`]: the two devices bind UDP 4789 in different families.
+fn kernel_vxlan6(ns: &str, ip6: Ipv6Addr) -> anyhow::Result<()> {
+    netns::ip_in(
+        ns,
+        &[
+            "link",
+            "add",
+            plan::VXLAN_DEV6,
+            "address",
+            &plan::kernel_vxlan_mac6(ip6),
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "dstport",
+            "4789",
+            "local",
+            &ip6.to_string(),
+            "nolearning",
+        ],
+    )?;
+    netns::ip_in(
+        ns,
+        &[
+            "link",
+            "set",
+            plan::VXLAN_DEV6,
+            "mtu",
+            &plan::OVERLAY_MTU6.to_string(),
+            "up",
+        ],
+    )
+    .map(drop)
+}
+
+/// One static path of the kernel datapath from a node to a peer over `dev`: a permanent
+/// neighbour (`next_hop` → the peer's VXLAN MAC), an FDB entry (that MAC → the peer's
+/// underlay address `peer_ip`) and a route for the peer's pod CIDR via `next_hop`. IPv4
+/// uses the peer's underlay address as the next hop (`onlink`), IPv6 the peer device's
+/// link-local address ([`plan::kernel_vxlan_ll6`]). `ip` picks the family from the
+/// addresses.
+fn kernel_peer(
+    ns: &str,
+    dev: &str,
+    next_hop: &str,
+    peer_ip: &str,
+    peer_mac: &str,
+    peer_cidr: &str,
+) -> anyhow::Result<()> {
+    netns::ip_in(
+        ns,
+        &[
+            "neigh",
+            "add",
+            next_hop,
+            "lladdr",
+            peer_mac,
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ],
+    )?;
+    let out = std::process::Command::new("bridge")
+        .args(["-n", ns, "fdb", "append", peer_mac])
+        .args(["dev", dev, "dst", peer_ip])
+        .output()
+        .context("running `bridge` (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "`bridge fdb append {peer_mac} dev {dev} dst {peer_ip}` in {ns} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let mut route = vec!["route", "add", peer_cidr, "via", next_hop, "dev", dev];
+    if next_hop == peer_ip {
+        route.push("onlink");
+    }
+    netns::ip_in(ns, &route).map(drop)
 }
 
 /// The resolver file `ip netns exec <ns>` bind-mounts over `/etc/resolv.conf`.

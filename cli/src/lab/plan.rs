@@ -25,6 +25,13 @@ pub const POD_ROUTE6: &str = "fd00::/8";
 pub const VXLAN_DEV: &str = "cmvx0";
 /// MTU of the VXLAN device and of the pods (1500 minus 50 bytes of VXLAN).
 pub const OVERLAY_MTU: u32 = 1450;
+/// The kernel datapath's VXLAN device over the IPv6 underlay (IPv6 pods' traffic; the
+/// IPv4 one stays on [`VXLAN_DEV`]): a device's tunnel family is fixed by its `local`.
+pub const VXLAN_DEV6: &str = "cmvx6";
+/// MTU of [`VXLAN_DEV6`]: 1500 minus 70 bytes of VXLAN over IPv6. The pods' interface
+/// keeps [`OVERLAY_MTU`]; a larger IPv6 packet gets a Packet Too Big from the node and the
+/// pod's path MTU settles at this.
+pub const OVERLAY_MTU6: u32 = 1430;
 /// The echo answer: `{"pod":..,"node":..,"cluster":..}`.
 pub const ECHO_PORT: u16 = 8080;
 /// Echoes every byte back (request/response latency).
@@ -172,6 +179,29 @@ pub fn kernel_vxlan_mac(node_ip: Ipv4Addr) -> String {
     format!("0a:59:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
 }
 
+/// MAC of a node's IPv6 VXLAN device ([`VXLAN_DEV6`]) in the kernel datapath: `0a:66:`
+/// followed by the cluster and node groups of its IPv6 underlay address
+/// (`2001:db8:0:<i>::<10+j>`), unique within the lab's plan.
+pub fn kernel_vxlan_mac6(node_ip6: Ipv6Addr) -> String {
+    let o = node_ip6.octets();
+    format!(
+        "0a:66:{:02x}:{:02x}:{:02x}:{:02x}",
+        o[6], o[7], o[14], o[15]
+    )
+}
+
+/// The link-local address a node's [`VXLAN_DEV6`] forms from [`kernel_vxlan_mac6`]
+/// (EUI-64): its peers' next hop for its IPv6 pod CIDR. A global next hop cannot be used:
+/// the peer's underlay address is on-link on `eth0`, and the kernel refuses an `onlink`
+/// IPv6 gateway that its routes put on another device.
+pub fn kernel_vxlan_ll6(node_ip6: Ipv6Addr) -> Ipv6Addr {
+    let o = node_ip6.octets();
+    let m = [0x0a ^ 0x02, 0x66, o[6], o[7], o[14], o[15]];
+    Ipv6Addr::from([
+        0xfe, 0x80, 0, 0, 0, 0, 0, 0, m[0], m[1], m[2], 0xff, 0xfe, m[3], m[4], m[5],
+    ])
+}
+
 /// A short random lab ID (4 hex chars) so interface and namespace names stay short.
 pub fn new_lab_id() -> String {
     let mut b = [0u8; 2];
@@ -205,5 +235,10 @@ mod tests {
             "2001:db8:0:100::210"
         );
         assert_eq!(pod_cidr6(1, 2), "fd00:10:1:2::/64");
+        assert_eq!(kernel_vxlan_mac6(node_ip6(2, 1)), "0a:66:00:02:00:11");
+        assert_eq!(
+            kernel_vxlan_ll6(node_ip6(2, 1)).to_string(),
+            "fe80::866:ff:fe02:11"
+        );
     }
 }

@@ -31,7 +31,8 @@ pub struct UpArgs {
     #[arg(long, default_value = super::DEFAULT_DIR)]
     pub dir: PathBuf,
     /// `ebpf`: agents program our datapath; `kernel`: plain kernel VXLAN with static
-    /// forwarding entries, no agents (the benchmark baseline).
+    /// forwarding entries, no agents (the benchmark baseline); with IPv6 pods, their
+    /// traffic crosses nodes over a second VXLAN device on the IPv6 underlay (`cmvx6`).
     #[arg(long, value_enum, default_value_t = Datapath::Ebpf)]
     pub datapath: Datapath,
     /// With `--datapath ebpf`: whether agents decapsulate VXLAN for their pods at the
@@ -97,12 +98,6 @@ pub fn up(a: UpArgs) -> anyhow::Result<()> {
         bail!(
             "--service-v2 names cluster {c:?}, which this lab does not have (c1..=c{})",
             a.clusters
-        );
-    }
-    if a.ip_family.has_v6() && a.datapath == Datapath::Kernel {
-        bail!(
-            "--ip-family {:?} runs with --datapath ebpf only: the kernel datapath's static routes are IPv4 (not built yet)",
-            a.ip_family
         );
     }
     if a.ip_family.has_v6() && a.cni == Cni::Clustermesh {
