@@ -4,7 +4,7 @@
 //! runs it in both datapaths and compares.
 
 use std::io::{Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
@@ -23,9 +23,9 @@ pub enum Mode {
 /// Flags of `lab load`.
 #[derive(Debug, clap::Args)]
 pub struct LoadArgs {
-    /// The target pod's IP.
+    /// The target pod's IP (IPv4 or IPv6).
     #[arg(long)]
-    pub target: Ipv4Addr,
+    pub target: IpAddr,
     /// What to measure.
     #[arg(long, value_enum)]
     pub mode: Mode,
@@ -47,13 +47,13 @@ pub fn run(a: LoadArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn connect(target: Ipv4Addr, port: u16) -> anyhow::Result<TcpStream> {
+fn connect(target: IpAddr, port: u16) -> anyhow::Result<TcpStream> {
     let addr = SocketAddr::from((target, port));
     TcpStream::connect_timeout(&addr, Duration::from_secs(3))
         .with_context(|| format!("connecting to {addr} (is the lab up and routed?)"))
 }
 
-fn stream(target: Ipv4Addr, duration: Duration, streams: u32) -> anyhow::Result<serde_json::Value> {
+fn stream(target: IpAddr, duration: Duration, streams: u32) -> anyhow::Result<serde_json::Value> {
     let start = Instant::now();
     let handles: Vec<_> = (0..streams.max(1))
         .map(|_| {
@@ -92,7 +92,7 @@ fn stream(target: Ipv4Addr, duration: Duration, streams: u32) -> anyhow::Result<
     }))
 }
 
-fn rr(target: Ipv4Addr, duration: Duration) -> anyhow::Result<serde_json::Value> {
+fn rr(target: IpAddr, duration: Duration) -> anyhow::Result<serde_json::Value> {
     let mut c = connect(target, plan::STREAM_PORT)?;
     c.set_nodelay(true)?;
     c.set_read_timeout(Some(Duration::from_secs(3)))?;

@@ -14,14 +14,23 @@
 //! show what BPF transmit and `from_underlay` each add. Needs root; the labs are removed at
 //! the end, also on failure.
 //!
+//! `--ip-family ipv6` (issue 16; `dual` until the lab has IPv6-only labs): the labs are
+//! built with that family and the c1 pod streams to the c2 pod's **IPv6** address; the
+//! baseline is plain kernel VXLAN over the IPv6 underlay (`cmvx6`), the target ours ≥ 0.9×
+//! its throughput (RR p50 printed beside). Only the eBPF and kernel labs run (BPF transmit
+//! is IPv4-only, so the transmit-path lab would repeat the eBPF one). Before measuring, a
+//! capture on the c1 node's underlay shows which family each lab's tunnel really uses, and
+//! the c1 agent's `/status` its transmit path; the baseline must be VXLAN over IPv6.
+//!
 //! ```sh
 //! cargo build --release --workspace --bins
-//! target/release/bench-datapath-throughput [--duration 5s] [--rounds 3] [--streams 1]
+//! target/release/bench-datapath-throughput [--duration 5s] [--rounds 3] [--streams 1] [--ip-family ipv4|dual|ipv6]
 //! ```
 
+use std::io::{BufRead as _, BufReader, Read as _};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use clustermesh_tests::process::find_binary;
@@ -34,10 +43,22 @@ struct Lab {
     name: &'static str,
     src_ns: String,
     dst_ip: String,
+    /// The c1 node's namespace (where the tunnel leaves).
+    src_node_ns: String,
+    router_ns: String,
+    /// The c1 node's agent `/status` address, if it runs one.
+    agent_health: Option<String>,
 }
 
 impl Lab {
-    fn up(bin: &Path, root: &Path, name: &'static str, flags: &[&str]) -> anyhow::Result<Self> {
+    /// `v6`: measure to the c2 pod's IPv6 address.
+    fn up(
+        bin: &Path,
+        root: &Path,
+        name: &'static str,
+        flags: &[&str],
+        v6: bool,
+    ) -> anyhow::Result<Self> {
         let dir = root.join(name);
         let out = Command::new(bin)
             .args([
@@ -60,6 +81,9 @@ impl Lab {
             name,
             src_ns: String::new(),
             dst_ip: String::new(),
+            src_node_ns: String::new(),
+            router_ns: String::new(),
+            agent_health: None,
         };
         if !out.status.success() {
             bail!(
@@ -72,7 +96,18 @@ impl Lab {
         let state: Value = serde_json::from_slice(&std::fs::read(lab.dir.join("lab.json"))?)?;
         let pod = |c: usize| &state["clusters"][c]["nodes"][0]["pods"][0];
         lab.src_ns = pod(0)["ns"].as_str().context("lab.json: pod ns")?.into();
-        lab.dst_ip = pod(1)["ip"].as_str().context("lab.json: pod ip")?.into();
+        let ip_key = if v6 { "ip6" } else { "ip" };
+        lab.dst_ip = pod(1)[ip_key]
+            .as_str()
+            .with_context(|| format!("lab.json: the c2 pod has no {ip_key}"))?
+            .into();
+        let node = &state["clusters"][0]["nodes"][0];
+        lab.src_node_ns = node["ns"].as_str().context("lab.json: node ns")?.into();
+        lab.router_ns = state["router_ns"]
+            .as_str()
+            .context("lab.json: router")?
+            .into();
+        lab.agent_health = node["agent"]["health_addr"].as_str().map(str::to_owned);
         if flags.contains(&"ebpf") && state["clusters"][0]["nodes"][0]["agent"].is_null() {
             bail!("lab up {name} started no agents (the agent binary lacks the lab flags): nothing to measure");
         }
@@ -95,6 +130,78 @@ impl Lab {
             );
         }
         Ok(serde_json::from_slice(&out.stdout)?)
+    }
+}
+
+impl Lab {
+    /// The family of the tunnel the c1 pod → c2 pod traffic really rides: the first VXLAN
+    /// datagram leaving the c1 node's `eth0` during a short RR run, as tcpdump prints it.
+    fn underlay_capture(&self) -> anyhow::Result<(&'static str, String)> {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.src_node_ns])
+            .args([
+                "tcpdump", "-c", "1", "-nn", "-i", "eth0", "udp", "port", "4789",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("tcpdump (apt-get install tcpdump)")?;
+        let mut stderr = BufReader::new(child.stderr.take().context("tcpdump stderr")?);
+        let mut seen = String::new();
+        while !seen.contains("listening on") {
+            if stderr.read_line(&mut seen)? == 0 {
+                bail!("tcpdump in {} exited: {seen}", self.src_node_ns);
+            }
+        }
+        let load = self.load("rr", Duration::from_millis(300), 1);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "{}: no VXLAN datagram on the c1 node's underlay during a c1 → c2 RR run ({:?})",
+                    self.name,
+                    load.err()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut out = String::new();
+        child
+            .stdout
+            .take()
+            .context("tcpdump stdout")?
+            .read_to_string(&mut out)?;
+        let line = out.lines().next().unwrap_or_default().trim().to_owned();
+        let family = if line.contains(" IP6 ") {
+            "IPv6"
+        } else if line.contains(" IP ") {
+            "IPv4"
+        } else {
+            bail!("{}: not an IP datagram: {line:?}", self.name)
+        };
+        Ok((family, line))
+    }
+
+    /// The c1 agent's `/status` `transmit-path`, read through the router namespace.
+    fn transmit_path(&self) -> Option<String> {
+        let addr = self.agent_health.as_ref()?;
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.router_ns,
+                "curl",
+                "-s",
+                "--max-time",
+                "3",
+            ])
+            .arg(format!("http://{addr}/status"))
+            .output()
+            .ok()?;
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["transmit-path"].as_str().map(str::to_owned)
     }
 }
 
@@ -126,6 +233,7 @@ fn main() -> anyhow::Result<()> {
     let mut duration = Duration::from_secs(5);
     let mut rounds = 3u32;
     let mut streams = 1u32;
+    let mut family = String::from("ipv4");
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().with_context(|| format!("{a} needs a value"));
@@ -135,25 +243,42 @@ fn main() -> anyhow::Result<()> {
             }
             "--rounds" => rounds = val()?.parse()?,
             "--streams" => streams = val()?.parse()?,
-            other => bail!("unknown flag {other} (--duration 5s, --rounds 3, --streams 1)"),
+            "--ip-family" => family = val()?,
+            other => bail!(
+                "unknown flag {other} (--duration 5s, --rounds 3, --streams 1, --ip-family ipv4|dual|ipv6)"
+            ),
         }
+    }
+    if !["ipv4", "dual", "ipv6"].contains(&family.as_str()) {
+        bail!("--ip-family {family:?}: ipv4, dual or ipv6");
+    }
+    if family != "ipv4" {
+        return run_v6(&family, duration, rounds, streams);
     }
     let bin = find_binary("clustermesh")?;
     let root = tempfile::Builder::new().prefix("cm-bench-dp").tempdir()?;
     println!("bench-datapath-throughput: 2 clusters × 1 node × 1 pod, c1 pod → c2 pod across the router; {rounds} rounds × {duration:?} per measurement, {streams} stream(s)");
-    let ebpf = Lab::up(&bin, root.path(), "ebpf", &["--datapath", "ebpf"])?;
-    let kernel = Lab::up(&bin, root.path(), "kernel", &["--datapath", "kernel"])?;
+    let ebpf = Lab::up(&bin, root.path(), "ebpf", &["--datapath", "ebpf"], false)?;
+    let kernel = Lab::up(
+        &bin,
+        root.path(),
+        "kernel",
+        &["--datapath", "kernel"],
+        false,
+    )?;
     let device_tx = Lab::up(
         &bin,
         root.path(),
         "ebpf-dtx",
         &["--datapath", "ebpf", "--bpf-transmit", "false"],
+        false,
     )?;
     let device_rx = Lab::up(
         &bin,
         root.path(),
         "ebpf-drx",
         &["--datapath", "ebpf", "--underlay-decap", "false"],
+        false,
     )?;
     let mut results: [Samples; 4] = Default::default();
     for round in 1..=rounds {
@@ -225,6 +350,107 @@ fn main() -> anyhow::Result<()> {
     row("RR latency p50", &e.p50_us, &d.p50_us, "µs");
     drop(device_rx);
     drop(device_tx);
+    drop(kernel);
+    drop(ebpf);
+    Ok(())
+}
+
+/// Issue 16: the c1 pod → c2 pod stream and RR over IPv6 pod addresses, ours beside plain
+/// kernel VXLAN over the IPv6 underlay, same run; verdict throughput ≥ 0.9×.
+fn run_v6(family: &str, duration: Duration, rounds: u32, streams: u32) -> anyhow::Result<()> {
+    let bin = find_binary("clustermesh")?;
+    let root = tempfile::Builder::new().prefix("cm-bench-dp6").tempdir()?;
+    println!("bench-datapath-throughput --ip-family {family}: 2 clusters × 1 node × 1 pod, c1 pod → c2 pod's IPv6 address across the router; {rounds} rounds × {duration:?} per measurement, {streams} stream(s)");
+    let fam = ["--ip-family", family];
+    let ebpf = Lab::up(
+        &bin,
+        root.path(),
+        "ebpf",
+        &[&["--datapath", "ebpf"][..], &fam].concat(),
+        true,
+    )?;
+    let kernel = Lab::up(
+        &bin,
+        root.path(),
+        "kernel",
+        &[&["--datapath", "kernel"][..], &fam].concat(),
+        true,
+    )?;
+    println!(
+        "  c1 pod → {} (eBPF lab), {} (kernel lab)",
+        ebpf.dst_ip, kernel.dst_ip
+    );
+    let mut tunnels = Vec::new();
+    for lab in [&ebpf, &kernel] {
+        let (fam, line) = lab.underlay_capture()?;
+        println!(
+            "  underlay of {:<6}: VXLAN over {fam}  (tcpdump on c1/n1 eth0: {line})",
+            lab.name
+        );
+        tunnels.push(fam);
+    }
+    if tunnels[1] != "IPv6" {
+        bail!(
+            "the kernel lab's IPv6 pod traffic rides {} VXLAN, not the IPv6 underlay: no baseline",
+            tunnels[1]
+        );
+    }
+    if let Some(path) = ebpf.transmit_path() {
+        println!("  eBPF lab c1/n1 /status transmit-path: {path}");
+    }
+    let mut results: [Samples; 2] = Default::default();
+    for round in 1..=rounds {
+        for (lab, samples) in [&ebpf, &kernel].into_iter().zip(results.iter_mut()) {
+            let s = lab.load("stream", duration, streams)?;
+            let r = lab.load("rr", duration, 1)?;
+            let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+            let (gbps, p50, p99, rps) = (
+                f(&s, "gbit_per_s"),
+                f(&r, "p50_us"),
+                f(&r, "p99_us"),
+                f(&r, "per_s"),
+            );
+            println!(
+                "  round {round} {:<8}: {gbps:6.2} Gbit/s, rr p50 {p50:6.1} µs, p99 {p99:6.1} µs, {rps:8.0} req/s",
+                lab.name
+            );
+            samples.gbps.push(gbps);
+            samples.p50_us.push(p50);
+            samples.p99_us.push(p99);
+            samples.rps.push(rps);
+        }
+    }
+    let [e, k] = &results;
+    println!();
+    println!(
+        "{:<28} {:>14} {:>16} {:>12}",
+        format!("median, IPv6 pods"),
+        format!("eBPF ({})", tunnels[0]),
+        "kernel (IPv6)",
+        "eBPF/kernel"
+    );
+    let row = |name: &str, a: &[f64], b: &[f64], unit: &str| {
+        let (a, b) = (median(a), median(b));
+        println!(
+            "{name:<28} {a:>10.2} {unit:<3} {b:>12.2} {unit:<3} {:>7.2}×",
+            a / b
+        );
+        a / b
+    };
+    let ratio = row("TCP throughput", &e.gbps, &k.gbps, "Gb");
+    let p50 = row("RR latency p50", &e.p50_us, &k.p50_us, "µs");
+    row("RR latency p99", &e.p99_us, &k.p99_us, "µs");
+    row("RR rate", &e.rps, &k.rps, "/s");
+    let verdict = if ratio >= 0.9 { "✅ PASS" } else { "❌ FAIL" };
+    println!(
+        "{verdict} IPv6 throughput ratio {ratio:.2}× plain kernel VXLAN over IPv6 (target ≥ 0.90×; RR p50 {p50:.2}×)"
+    );
+    if tunnels[0] != "IPv6" {
+        println!(
+            "ℹ️  our tunnel rides the {} underlay in this lab (--ip-family {family}: the pods' hostIP is the node's IPv4 address); the issue's comparison is IPv6 over an IPv6 underlay on both sides (--ip-family ipv6)",
+            tunnels[0]
+        );
+    }
     drop(kernel);
     drop(ebpf);
     Ok(())
