@@ -12,6 +12,7 @@ use clustermesh_apiserver::config::{
 };
 use clustermesh_apiserver::export::ServiceV2Mode;
 use clustermesh_types::cluster::{ClusterInfo, ClusterName, MaxConnectedClusters};
+use clustermesh_types::cluster_cidrs::ClusterCidrs;
 
 /// Command-line flags. Every flag may also come from `--config FILE` (same names, YAML,
 /// kebab-case); flags win. Cilium's flags also come from the environment, as Cilium binds
@@ -129,6 +130,12 @@ pub struct Args {
     /// HTTP/2 keepalive timeout of every etcd connection (default 2s).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub etcd_keepalive_timeout: Option<Duration>,
+    /// The cluster's pod CIDRs, IPv4 and IPv6 (repeat the flag or give a comma list, as
+    /// kube-controller-manager's --cluster-cidr): an endpoint IP or a node pod CIDR outside
+    /// them is not exported (named in /status `export-problems`, counted in
+    /// `export_outside_cluster_cidrs`). Unset or empty: no rule.
+    #[arg(long, env = "CLUSTER_CIDR", value_delimiter = ',')]
+    pub cluster_cidr: Vec<String>,
 }
 
 impl Args {
@@ -266,7 +273,13 @@ impl Args {
             ),
             ..Default::default()
         };
+        let cluster_cidrs = if args.cluster_cidr.iter().any(|c| !c.trim().is_empty()) {
+            ClusterCidrs::parse(&args.cluster_cidr).map_err(|e| invalid("--cluster-cidr", e))?
+        } else {
+            file.cluster_cidr.unwrap_or_default()
+        };
         let cfg = Config {
+            cluster_cidrs,
             etcd_init,
             cluster_users,
             service_v2,
@@ -459,6 +472,44 @@ mod tests {
         assert_eq!(c.kvstoremesh.as_ref().unwrap().cache_ttl, None);
         let e = with(&["--etcd-keepalive-timeout=0s"]).unwrap_err();
         assert!(e.to_string().contains("--etcd-keepalive"), "{e}");
+    }
+
+    #[test]
+    fn cluster_cidrs_from_flags_and_file() {
+        let c = parse(&["--cluster-id=3", "--cluster-name=c"]).unwrap();
+        assert!(c.cluster_cidrs.is_empty(), "no setting, no rule");
+        let c = parse(&[
+            "--cluster-id=3",
+            "--cluster-name=c",
+            "--cluster-cidr=10.3.0.0/16,fd00:3::/64",
+            "--cluster-cidr=10.4.0.0/16",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.cluster_cidrs.to_strings(),
+            ["10.3.0.0/16", "fd00:3::/64", "10.4.0.0/16"]
+        );
+        let e = parse(&[
+            "--cluster-id=3",
+            "--cluster-name=c",
+            "--cluster-cidr=10.3.0.1/16",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("--cluster-cidr") && e.contains("10.3.0.1/16"),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("apiserver.yaml");
+        std::fs::write(&file, "cluster-cidr: [10.5.0.0/16, \"fd00:5::/64\"]\n").unwrap();
+        let c = parse(&[
+            "--cluster-id=3",
+            "--cluster-name=c",
+            &format!("--config={}", file.display()),
+        ])
+        .unwrap();
+        assert_eq!(c.cluster_cidrs.to_strings(), ["10.5.0.0/16", "fd00:5::/64"]);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clustermesh_types::cluster::ClusterInfo;
+use clustermesh_types::cluster_cidrs::ClusterCidrs;
 use serde::{Deserialize, Serialize};
 
 use crate::export::ServiceV2Mode;
@@ -132,6 +133,8 @@ pub struct File {
     pub etcd_keepalive_interval: Option<String>,
     /// The flag of the same name (humantime).
     pub etcd_keepalive_timeout: Option<String>,
+    /// The flag of the same name: a list, or one comma-separated string.
+    pub cluster_cidr: Option<ClusterCidrs>,
 }
 
 /// KVStoreMesh settings (see [`crate::kvstoremesh`]).
@@ -208,6 +211,9 @@ pub struct Config {
     pub cluster_users: Option<PathBuf>,
     /// Connect timeout and keepalives of every etcd connection.
     pub connect: clustermesh_syncer::ConnectConfig,
+    /// The cluster's pod CIDRs (`--cluster-cidr`): nothing outside them is exported; empty:
+    /// no rule.
+    pub cluster_cidrs: ClusterCidrs,
 }
 
 /// A duration setting: the flag if given, else the file's humantime text, else `default`.

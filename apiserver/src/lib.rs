@@ -62,6 +62,7 @@ pub struct Metrics {
     pub kv: Arc<KvMetrics>,
     bootstrap_seconds: Family<ClusterLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     export_problems: Counter,
+    outside_cluster_cidrs: Gauge,
     manifest_errors: Gauge,
     exported_keys: Family<StoreLabel, Gauge>,
     syncs: Counter,
@@ -87,6 +88,11 @@ impl Metrics {
             "export_problems",
             "Objects that could not be exported",
             self.export_problems.clone(),
+        );
+        root.register(
+            "export_outside_cluster_cidrs",
+            "Endpoint IPs and node pod CIDRs currently left out of the export because they are outside --cluster-cidr",
+            self.outside_cluster_cidrs.clone(),
         );
         root.register(
             "manifest_errors",
@@ -307,6 +313,13 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
         cfg.cluster.identity_range(),
         cfg.state_dir.as_ref().map(|d| d.join("identities.json")),
     )?;
+    if cfg.cluster_cidrs.is_empty() {
+        info!(
+            "no --cluster-cidr: endpoint IPs and node pod CIDRs are exported whatever their range"
+        );
+    } else {
+        info!(cluster_cidrs = %cfg.cluster_cidrs, "exporting only addresses inside the cluster CIDRs");
+    }
     let exporter = Exporter::new(
         export::Options {
             cluster: cfg.cluster.clone(),
@@ -314,6 +327,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<()> {
             default_global_namespace: cfg.default_global_namespace,
             service_v2: cfg.service_v2,
             enable_cilium_endpoint_slice: cfg.enable_cilium_endpoint_slice,
+            cluster_cidrs: cfg.cluster_cidrs.clone(),
         },
         allocator,
     );
@@ -581,6 +595,9 @@ async fn session_loop(
                     published.errors.iter().map(|e| e.to_string()).collect();
                 ctx.components
                     .exported(&source_errors, exporter.service_export_crd(&snapshot));
+                ctx.metrics
+                    .outside_cluster_cidrs
+                    .set(outside_cluster_cidrs(&problems));
                 ctx.status.update(|r| {
                     r.stores = counts;
                     r.manifest_errors = source_errors;
@@ -780,6 +797,9 @@ async fn full_pass(
     let source_errors: Vec<String> = published.errors.iter().map(|e| e.to_string()).collect();
     ctx.components
         .exported(&source_errors, exporter.service_export_crd(&snapshot));
+    ctx.metrics
+        .outside_cluster_cidrs
+        .set(outside_cluster_cidrs(&problems));
     ctx.status.update(|r| {
         r.stores = counts;
         r.manifest_errors = published.errors.iter().map(|e| e.to_string()).collect();
@@ -813,4 +833,13 @@ async fn full_pass(
     ctx.status.set_ready(true);
     info!(took = ?t.elapsed(), compute = ?computed, generation = published.generation, objects = published.snapshot.len(), "export pass");
     Ok(problems)
+}
+
+/// How many of `problems` are refusals of the cluster-CIDR rule (`export::cidrs`).
+fn outside_cluster_cidrs(problems: &[export::Problem]) -> i64 {
+    let n = problems
+        .iter()
+        .filter(|p| p.kind == export::ProblemKind::OutsideClusterCidrs)
+        .count();
+    i64::try_from(n).unwrap_or(i64::MAX)
 }

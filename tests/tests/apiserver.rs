@@ -788,3 +788,124 @@ fn certificates_expiring_within_30_days_are_named_in_status_and_metrics() {
     );
     api.stop().unwrap();
 }
+
+async fn present(client: &mut etcd_client::Client, key: &str) -> bool {
+    !client.get(key, None).await.unwrap().kvs().is_empty()
+}
+
+/// Issue 16's CIDR rule on the export side: with `--cluster-cidr` (IPv4 and IPv6), a pod
+/// address or a node pod CIDR outside them is not written, is named in `/status` and
+/// counted, and everything else is exported; an edit that moves the pod inside exports it
+/// (the incremental path applies the same rule).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn addresses_outside_the_cluster_cidrs_are_not_exported() {
+    let etcd = TestEtcd::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("etcd.yaml");
+    etcd.write_client_config("admin-c1", &cfg).unwrap();
+    let m = dir.path().join("manifests");
+    std::fs::create_dir_all(&m).unwrap();
+    let pod = |name: &str, ips: [&str; 2]| {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n    app: extra\nspec:\n  nodeName: node0\n  containers:\n  - name: c\nstatus:\n  phase: Running\n  hostIP: 198.18.1.0\n  podIPs:\n  - ip: {}\n  - ip: \"{}\"\n",
+            ips[0], ips[1]
+        )
+    };
+    let node = "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: stray-node\nspec:\n  podCIDRs: [10.9.0.0/24, \"fd00:1::/112\"]\nstatus:\n  addresses:\n  - type: InternalIP\n    address: 198.18.1.9\n";
+    let manifests = |stray: [&str; 2]| {
+        format!(
+            "{}{}{}{node}",
+            small_cluster(),
+            pod("dual", ["10.1.0.100", "fd00:1::100"]),
+            pod("stray", stray)
+        )
+    };
+    std::fs::write(m.join("cluster.yaml"), manifests(["10.9.0.5", "fd00:9::5"])).unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let mut api = TestApiserver::start(
+        &[
+            "--cluster-name=c1",
+            "--cluster-id=1",
+            &format!("--etcd-config={}", cfg.display()),
+            &format!("--manifests={}", m.display()),
+            &format!("--state-dir={}", state.display()),
+            "--cluster-cidr=10.1.0.0/16",
+            "--cluster-cidr=fd00:1::/64",
+        ],
+        &dir.path().join("api.log"),
+    )
+    .unwrap();
+    api.wait_ready(Duration::from_secs(30)).unwrap();
+    let mut client = etcd.client("root").await.unwrap();
+    let ip = "cilium/state/ip/v1/default/";
+    for inside in ["10.1.0.1", "10.1.0.100", "fd00:1::100"] {
+        assert!(
+            present(&mut client, &format!("{ip}{inside}")).await,
+            "{inside} exported"
+        );
+    }
+    for outside in ["10.9.0.5", "fd00:9::5"] {
+        assert!(
+            !present(&mut client, &format!("{ip}{outside}")).await,
+            "{outside} left out"
+        );
+    }
+    let node = client
+        .get("cilium/state/nodes/v1/c1/stray-node", None)
+        .await
+        .unwrap();
+    let node: serde_json::Value = serde_json::from_slice(node.kvs()[0].value()).unwrap();
+    assert_eq!(node["IPv4AllocCIDR"], serde_json::Value::Null, "{node}");
+    assert_eq!(node["IPv6AllocCIDR"]["IP"], "fd00:1::", "{node}");
+    let st = api.status().unwrap();
+    let problems: Vec<String> = st["export-problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect();
+    let named = |object: &str, what: &str| {
+        problems
+            .iter()
+            .any(|p| p.starts_with(object) && p.contains(what) && p.contains("--cluster-cidr"))
+    };
+    assert!(
+        named("Pod/default/stray", "10.9.0.5")
+            && named("Pod/default/stray", "fd00:9::5")
+            && named("Node/stray-node", "10.9.0.0/24"),
+        "{problems:?}"
+    );
+    assert!(api
+        .metrics()
+        .unwrap()
+        .contains("cilium_clustermesh_apiserver_export_outside_cluster_cidrs 3"));
+
+    // The pod moves inside: the incremental pass exports it and forgets its refusals.
+    std::fs::write(m.join("cluster.yaml"), manifests(["10.1.0.5", "fd00:1::5"])).unwrap();
+    let t = Instant::now();
+    while !(present(&mut client, &format!("{ip}10.1.0.5")).await
+        && present(&mut client, &format!("{ip}fd00:1::5")).await)
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{}",
+            api.status().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let t = Instant::now();
+    while !api
+        .metrics()
+        .unwrap()
+        .contains("cilium_clustermesh_apiserver_export_outside_cluster_cidrs 1")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{}",
+            api.status().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    api.stop().unwrap();
+}

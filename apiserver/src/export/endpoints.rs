@@ -14,7 +14,7 @@ use crate::source::objects;
 use crate::source::Snapshot;
 
 use super::identities::LabelCacheKey;
-use super::{Desired, Exporter, Problem, Store};
+use super::{cidrs, Desired, Exporter, Problem, ProblemKind, Store};
 
 impl Exporter {
     /// The stores that depend on endpoints: nodes, identities and ipcache entries.
@@ -27,6 +27,7 @@ impl Exporter {
             .map(|s| (*s, BTreeMap::new()))
             .collect();
         let cluster = self.opts.cluster.name.as_str().to_string();
+        let cidrs = &self.opts.cluster_cidrs.clone();
 
         // Nodes.
         let nodes = self.nodes(snap, &mut problems);
@@ -47,6 +48,7 @@ impl Exporter {
         for (name, ci) in &snap.cilium_identities {
             let Ok(id) = name.parse::<u32>() else {
                 problems.push(Problem {
+                    kind: ProblemKind::Invalid,
                     object: format!("CiliumIdentity/{name}"),
                     message: "name is not a numeric identity".into(),
                 });
@@ -54,6 +56,7 @@ impl Exporter {
             };
             if !range.contains(id) {
                 problems.push(Problem {
+                    kind: ProblemKind::Invalid,
                     object: format!("CiliumIdentity/{name}"),
                     message: format!(
                         "identity {id} is outside cluster {}'s range {}..={}; remote clusters would reject it",
@@ -121,6 +124,7 @@ impl Exporter {
                 Ok(id) => *id,
                 Err(e) => {
                     problems.push(Problem {
+                        kind: ProblemKind::Invalid,
                         object: format!("Pod/{ns}/{name}"),
                         message: e.clone(),
                     });
@@ -139,7 +143,8 @@ impl Exporter {
                 })
                 .unwrap_or_default();
             let host_ip = std::borrow::Cow::Borrowed(host_ip);
-            for ip in pod_ips(pod) {
+            let object = || format!("Pod/{ns}/{name}");
+            for ip in pod_ips(pod).filter(|ip| cidrs::inside(cidrs, object, ip, &mut problems)) {
                 endpoints.push(Ep {
                     kind: "Pod",
                     ns,
@@ -161,7 +166,11 @@ impl Exporter {
             objects::CoreEndpoint::from_endpoints(&snap.cilium_endpoints)
         };
         for cep in &ceps {
-            endpoints.extend(cep_claims(cep, &mut problems));
+            let claims = cep_claims(cep, &mut problems);
+            endpoints.extend(claims.into_iter().filter(|e| {
+                let object = || format!("CiliumEndpoint/{}/{}", e.ns, e.name);
+                cidrs::inside(cidrs, object, e.ip, &mut problems)
+            }));
         }
 
         // Shared IPs: the current owner keeps an IP while it still claims it; otherwise the
@@ -289,6 +298,7 @@ pub(super) fn cep_claims<'a>(
         for ip in [&pair.ipv4, &pair.ipv6].into_iter().flatten() {
             if ip.parse::<IpAddr>().is_err() {
                 problems.push(Problem {
+                    kind: ProblemKind::Invalid,
                     object: format!("CiliumEndpoint/{ns}/{name}"),
                     message: format!("address {ip:?} is not an IP"),
                 });

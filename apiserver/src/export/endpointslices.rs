@@ -28,7 +28,7 @@ use crate::source::Snapshot;
 
 use super::endpoints::{pod_ips, pod_is_endpoint};
 use super::services::{pod_ready, LabelIndex};
-use super::{Exporter, Problem};
+use super::{Exporter, Problem, ProblemKind};
 
 /// `endpointslice.kubernetes.io/managed-by` of the slices made up for selector services.
 pub const MANAGED_BY: &str = "clustermesh-apiserver.clustermesh.io";
@@ -141,6 +141,7 @@ impl Exporter {
                                 let ok = a.parse::<IpAddr>().is_ok_and(|ip| ip.is_ipv4() == v4);
                                 if !ok {
                                     problems.push(Problem {
+                                        kind: ProblemKind::Invalid,
                                         object: format!("EndpointSlice/{ns}/{name}"),
                                         message: format!(
                                             "address {a:?} is not {}: left out of the export",

@@ -48,7 +48,7 @@ use crate::source::{objects, Snapshot};
 use super::endpoints::{cep_claims, node_internal_ip, pod_ips, pod_is_endpoint, Ep, EpSrc};
 use super::identities::LabelCacheKey;
 use super::services::{label_index, LabelIndex};
-use super::{Exporter, Problem};
+use super::{cidrs, Exporter, Problem, ProblemKind};
 
 /// Namespace and name.
 type Nn = (String, String);
@@ -396,7 +396,8 @@ impl Exporter {
                     ns: ns.clone(),
                     name: name.clone(),
                 };
-                idx.add_claims(owner, pod_ips(p).map(String::from).collect());
+                let inside = |ip: &&str| cidrs::allowed(&self.opts.cluster_cidrs, ip);
+                idx.add_claims(owner, pod_ips(p).filter(inside).map(String::from).collect());
             }
         }
         let ceps = if self.opts.enable_cilium_endpoint_slice {
@@ -407,6 +408,7 @@ impl Exporter {
         for cep in &ceps {
             let ips = cep_claims(cep, &mut Vec::new())
                 .iter()
+                .filter(|e| cidrs::allowed(&self.opts.cluster_cidrs, e.ip))
                 .map(|e| e.ip.to_string())
                 .collect();
             let owner = Owner {
@@ -511,6 +513,7 @@ impl Exporter {
         out: &mut Incremental,
     ) {
         let cluster = self.opts.cluster.name.as_str().to_string();
+        let cidrs = &self.opts.cluster_cidrs.clone();
         let mut pods: BTreeSet<Nn> = delta.pods.clone();
 
         // Nodes: their key, and the pods on them (which take the node's IP as host IP).
@@ -623,37 +626,47 @@ impl Exporter {
                 .insert(format!("{}/{}/{}", owner.kind, owner.ns, owner.name));
             affected.extend(idx.remove_claims(&owner));
             let key = (owner.ns.clone(), owner.name.clone());
-            let ips: Vec<String> =
-                if owner.kind == "Pod" {
-                    match (snap.pods.get(&key), idx.pod_sets.get(&key)) {
-                        (Some(p), Some(set)) => match self.allocator.id_of(set) {
-                            Some(_) if !failed.contains_key(set) => {
-                                pod_ips(p).map(String::from).collect()
-                            }
-                            _ => {
-                                out.problems.push(Problem {
-                                    object: format!("Pod/{}/{}", owner.ns, owner.name),
-                                    message: failed
-                                        .get(set)
-                                        .cloned()
-                                        .unwrap_or_else(|| "no identity could be allocated".into()),
-                                });
-                                Vec::new()
-                            }
-                        },
-                        _ => Vec::new(),
-                    }
-                } else {
-                    match snap.cilium_endpoints.get(&key).and_then(|c| {
-                        objects::CoreEndpoint::from_endpoint(&owner.ns, &owner.name, c)
-                    }) {
-                        Some(core) => cep_claims(&core, &mut out.problems)
+            let ips: Vec<String> = if owner.kind == "Pod" {
+                match (snap.pods.get(&key), idx.pod_sets.get(&key)) {
+                    (Some(p), Some(set)) => match self.allocator.id_of(set) {
+                        Some(_) if !failed.contains_key(set) => {
+                            let object = || format!("Pod/{}/{}", owner.ns, owner.name);
+                            pod_ips(p)
+                                .filter(|ip| cidrs::inside(cidrs, object, ip, &mut out.problems))
+                                .map(String::from)
+                                .collect()
+                        }
+                        _ => {
+                            out.problems.push(Problem {
+                                kind: ProblemKind::Invalid,
+                                object: format!("Pod/{}/{}", owner.ns, owner.name),
+                                message: failed
+                                    .get(set)
+                                    .cloned()
+                                    .unwrap_or_else(|| "no identity could be allocated".into()),
+                            });
+                            Vec::new()
+                        }
+                    },
+                    _ => Vec::new(),
+                }
+            } else {
+                match snap
+                    .cilium_endpoints
+                    .get(&key)
+                    .and_then(|c| objects::CoreEndpoint::from_endpoint(&owner.ns, &owner.name, c))
+                {
+                    Some(core) => {
+                        let object = || format!("CiliumEndpoint/{}/{}", owner.ns, owner.name);
+                        cep_claims(&core, &mut out.problems)
                             .iter()
+                            .filter(|e| cidrs::inside(cidrs, object, e.ip, &mut out.problems))
                             .map(|e| e.ip.to_string())
-                            .collect(),
-                        None => Vec::new(),
+                            .collect()
                     }
-                };
+                    None => Vec::new(),
+                }
+            };
             let seen = owner.seen_key();
             if ips.is_empty() {
                 self.first_seen.remove(&seen);
@@ -908,6 +921,7 @@ mod tests {
     use crate::identity::Allocator;
     use crate::source::Object;
     use clustermesh_types::cluster::{ClusterInfo, ClusterName, MaxConnectedClusters};
+    use clustermesh_types::cluster_cidrs::ClusterCidrs;
     use serde_json::json;
 
     /// A small deterministic generator (xorshift), so a failure replays.
@@ -927,7 +941,7 @@ mod tests {
         }
     }
 
-    fn exporter(service_v2: ServiceV2Mode) -> Exporter {
+    fn exporter(service_v2: ServiceV2Mode, cidrs: &[&str]) -> Exporter {
         let cluster = ClusterInfo {
             name: ClusterName::new("c1").unwrap(),
             id: 1,
@@ -940,6 +954,7 @@ mod tests {
                 default_global_namespace: true,
                 service_v2,
                 enable_cilium_endpoint_slice: false,
+                cluster_cidrs: ClusterCidrs::parse(cidrs).unwrap(),
             },
             Allocator::new(cluster.identity_range(), None).unwrap(),
         )
@@ -1104,9 +1119,9 @@ mod tests {
         }
     }
 
-    fn equivalence(seed: u64, service_v2: ServiceV2Mode) {
+    fn equivalence(seed: u64, service_v2: ServiceV2Mode, cidrs: &[&str]) {
         let mut rng = Rng(seed);
-        let mut ex = exporter(service_v2);
+        let mut ex = exporter(service_v2, cidrs);
         let mut snap = Snapshot::default();
         for ns in NS {
             insert(
@@ -1126,7 +1141,7 @@ mod tests {
         let mut mirror = full(&mut ex, &snap);
         // A twin that sees the same snapshots but only ever runs full passes: the contents
         // must be the same, not only consistent with the state the incremental path kept.
-        let mut twin = exporter(service_v2);
+        let mut twin = exporter(service_v2, cidrs);
         full(&mut twin, &snap);
         let (mut incremental, mut fallbacks, mut keys) = (0, 0, 0);
         for round in 0..200 {
@@ -1187,21 +1202,47 @@ mod tests {
     #[test]
     fn incremental_equals_full() {
         for seed in [1, 99991] {
-            equivalence(seed, ServiceV2Mode::PreferLegacy);
+            equivalence(seed, ServiceV2Mode::PreferLegacy, &[]);
+        }
+    }
+
+    /// With `--cluster-cidr` the passes leave out the same addresses and node pod CIDRs:
+    /// the pool's IPs 10.0.0.32..=40 are outside, and most nodes' `10.<n>.0.0/24`.
+    #[test]
+    fn incremental_equals_full_with_cluster_cidrs() {
+        let cidrs = ["10.0.0.0/27", "10.100.0.0/14"];
+        for seed in [7, 4242] {
+            equivalence(seed, ServiceV2Mode::PreferLegacy, &cidrs);
+        }
+        let mut rng = Rng(7);
+        let mut snap = Snapshot::default();
+        for _ in 0..150 {
+            random_event(&mut rng, &mut snap);
+        }
+        let (desired, problems) = exporter(ServiceV2Mode::PreferLegacy, &cidrs).compute(&snap);
+        let outside = problems
+            .iter()
+            .filter(|p| p.kind == ProblemKind::OutsideClusterCidrs)
+            .count();
+        assert!(outside > 0, "the random snapshot has addresses outside");
+        let allowed = ClusterCidrs::parse(cidrs).unwrap();
+        for key in desired[&Store::Ip].keys() {
+            let ip = key.rsplit('/').next().unwrap();
+            assert!(allowed.contains_ip(&ip.parse().unwrap()), "{key} exported");
         }
     }
 
     #[test]
     fn incremental_equals_full_with_endpointslices_only() {
         for seed in [11, 2026] {
-            equivalence(seed, ServiceV2Mode::OnlyEndpointSlice);
+            equivalence(seed, ServiceV2Mode::OnlyEndpointSlice, &[]);
         }
     }
 
     #[test]
     fn unchanged_snapshot_changes_nothing() {
         let mut rng = Rng(5);
-        let mut ex = exporter(ServiceV2Mode::PreferLegacy);
+        let mut ex = exporter(ServiceV2Mode::PreferLegacy, &[]);
         let mut snap = Snapshot::default();
         for _ in 0..100 {
             random_event(&mut rng, &mut snap);

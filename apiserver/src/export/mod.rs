@@ -16,17 +16,21 @@
 //! - with the namespace filter (annotation `clustermesh.cilium.io/global`, default from
 //!   `--clustermesh-default-global-namespace`), only endpoints, identities, global services,
 //!   their EndpointSlices and ServiceExports of global namespaces are exported;
-//! - MCS-API ServiceExports (when enabled) for services that exist and are not ExternalName.
+//! - MCS-API ServiceExports (when enabled) for services that exist and are not ExternalName;
+//! - with `--cluster-cidr`, no endpoint IP and no node pod CIDR outside those CIDRs
+//!   ([`cidrs`]).
 
 use std::collections::{BTreeMap, HashMap};
 
 use clustermesh_types::cluster::ClusterInfo;
+use clustermesh_types::cluster_cidrs::ClusterCidrs;
 use clustermesh_types::kvstore;
 use clustermesh_types::model::{Capabilities, ClusterConfig, EndpointSlicesExportMode};
 
 use crate::identity::Allocator;
 use crate::source::Snapshot;
 
+mod cidrs;
 mod endpoints;
 mod endpointslices;
 mod identities;
@@ -56,6 +60,9 @@ pub struct Options {
     /// Endpoints come from CiliumEndpointSlices instead of CiliumEndpoints
     /// (`--enable-cilium-endpoint-slice`).
     pub enable_cilium_endpoint_slice: bool,
+    /// The cluster's pod CIDRs (`--cluster-cidr`): endpoint IPs and node pod CIDRs outside
+    /// them are not exported ([`cidrs`]); empty: no rule.
+    pub cluster_cidrs: ClusterCidrs,
 }
 
 /// `--clustermesh-service-v2`: which stores carry global services' backends (Cilium's
@@ -207,10 +214,22 @@ pub type Desired = BTreeMap<Store, BTreeMap<String, Vec<u8>>>;
 /// A non-fatal problem found while exporting (logged and counted; the rest is exported).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
+    /// What kind of problem (the CIDR rule's refusals are counted on their own).
+    pub kind: ProblemKind,
     /// The object concerned.
     pub object: String,
     /// What is wrong.
     pub message: String,
+}
+
+/// The kinds of [`Problem`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProblemKind {
+    /// The object (or part of it) is invalid or cannot be allocated an identity.
+    Invalid,
+    /// An address or pod CIDR outside `--cluster-cidr` ([`cidrs`]): left out, so no remote
+    /// ever reads a prefix the cluster does not own.
+    OutsideClusterCidrs,
 }
 
 /// The exporter: computes [`Desired`] from snapshots, keeping the state that must persist.

@@ -2,16 +2,18 @@
 
 use std::collections::BTreeMap;
 
+use clustermesh_types::cluster_cidrs::ClusterCidrs;
 use clustermesh_types::model::{Cidr, Node as NodeValue, NodeAddress};
 
 use crate::source::Snapshot;
 
-use super::{Exporter, Problem};
+use super::{cidrs, Exporter, Problem, ProblemKind};
 
 impl Exporter {
     pub(super) fn nodes(&self, snap: &Snapshot, problems: &mut Vec<Problem>) -> Vec<NodeValue> {
         let cluster = self.opts.cluster.name.as_str();
         let id = self.opts.cluster.id;
+        let cidrs = &self.opts.cluster_cidrs;
         let mut out: BTreeMap<String, NodeValue> = BTreeMap::new();
         for (name, n) in &snap.nodes {
             let (v4, v6) = split_cidrs(
@@ -22,6 +24,7 @@ impl Exporter {
                     .unwrap_or_default()
                     .iter(),
                 &format!("Node/{name}"),
+                cidrs,
                 problems,
             );
             out.insert(
@@ -74,6 +77,7 @@ impl Exporter {
                     .unwrap_or_default()
                     .iter(),
                 &format!("CiliumNode/{name}"),
+                cidrs,
                 problems,
             );
             let health = spec.health.clone().unwrap_or_default();
@@ -117,22 +121,29 @@ impl Exporter {
     }
 }
 
+/// A node's pod CIDRs by family, without those that do not parse or lie outside the
+/// cluster's CIDRs (`allowed`; each a problem).
 pub(super) fn split_cidrs<'a>(
-    cidrs: impl Iterator<Item = &'a String>,
+    pod_cidrs: impl Iterator<Item = &'a String>,
     object: &str,
+    allowed: &ClusterCidrs,
     problems: &mut Vec<Problem>,
 ) -> (Vec<Cidr>, Vec<Cidr>) {
     let mut v4 = Vec::new();
     let mut v6 = Vec::new();
-    for c in cidrs {
+    for c in pod_cidrs {
         match c.parse::<Cidr>() {
             Ok(cidr) if cidr.addr.is_ipv4() => v4.push(cidr),
             Ok(cidr) => v6.push(cidr),
             Err(e) => problems.push(Problem {
+                kind: ProblemKind::Invalid,
                 object: object.into(),
                 message: format!("pod CIDR {c:?}: {e}"),
             }),
         }
     }
-    (v4, v6)
+    (
+        cidrs::node_cidrs(allowed, object, v4, problems),
+        cidrs::node_cidrs(allowed, object, v6, problems),
+    )
 }

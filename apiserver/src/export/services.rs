@@ -15,7 +15,7 @@ use crate::source::objects::{self, IntOrString};
 use crate::source::Snapshot;
 
 use super::endpoints::{pod_ips, pod_is_endpoint};
-use super::{Desired, Exporter, Problem, Store};
+use super::{Desired, Exporter, Problem, ProblemKind, Store};
 
 /// The service as the cluster's own agents need it (`clustermesh/local/v1/services/…`):
 /// Cilium's ClusterService plus what load balancing needs beyond it.
@@ -132,6 +132,7 @@ impl Exporter {
                     Some("none") | None => "none",
                     Some(other) => {
                         problems.push(Problem {
+                            kind: ProblemKind::Invalid,
                             object: format!("Service/{ns}/{name}"),
                             message: format!("unknown affinity {other:?}, treated as none"),
                         });

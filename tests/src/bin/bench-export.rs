@@ -124,6 +124,7 @@ fn in_process(
             default_global_namespace: true,
             service_v2: Default::default(),
             enable_cilium_endpoint_slice: false,
+            cluster_cidrs: Default::default(),
         },
         Allocator::new(cluster.identity_range(), None)?,
     );
