@@ -248,6 +248,8 @@ impl Reader {
             cluster: config.cluster.name.as_str().to_owned(),
             cluster_id: config.cluster.id,
             range: config.cluster.identity_range(),
+            // Our own apiserver already left out what is outside our CIDRs.
+            cidrs: Default::default(),
         };
         let (status, rx) = watch::channel(Status {
             name: ctx.cluster.clone(),

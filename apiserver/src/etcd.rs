@@ -179,6 +179,7 @@ impl Embedded {
             cert_file: Some(self.certs_dir.join(format!("{stem}.crt"))),
             key_file: Some(self.certs_dir.join(format!("{stem}.key"))),
             host_aliases: Vec::new(),
+            cluster_cidrs: Default::default(),
         }
     }
 

@@ -216,6 +216,7 @@ pub fn prepare(a: &EnableArgs) -> anyhow::Result<Prepared> {
         cert_file: Some(certs.join(format!("{stem}.crt"))),
         key_file: Some(certs.join(format!("{stem}.key"))),
         host_aliases: Vec::new(),
+        cluster_cidrs: Default::default(),
     };
     client(&format!("admin-{name}")).save(&state.join("etcd-config.yaml"))?;
     client(&format!("local-{name}")).save(&state.join("local-etcd-config.yaml"))?;

@@ -209,6 +209,7 @@ impl Access {
             cert_file: Some(certs.join("root.crt")),
             key_file: Some(certs.join("root.key")),
             host_aliases: Vec::new(),
+            cluster_cidrs: Default::default(),
         }
     }
 }
@@ -361,6 +362,7 @@ fn remote_config(reader: &Access, peer: &Access, mismatched: bool) -> EtcdConfig
         cert_file: Some(certs.join(format!("remote-{}.crt", reader.name))),
         key_file: Some(certs.join(format!("remote-{}.key", reader.name))),
         host_aliases: Vec::new(),
+        cluster_cidrs: Default::default(),
     }
 }
 

@@ -241,6 +241,7 @@ mod tests {
             cert_file: None,
             key_file: None,
             host_aliases: serde_yaml::from_str(aliases).unwrap_or_default(),
+            cluster_cidrs: Default::default(),
         }
     }
 

@@ -1,10 +1,14 @@
 //! etcd client configuration files in the format of etcd's `clientv3/yaml`, as Cilium reads
 //! them for remote clusters (`endpoints`, `trusted-ca-file`, `cert-file`, `key-file`) plus
-//! the optional `cilium-host-aliases` list.
+//! the optional `cilium-host-aliases` list and, ours, the optional `cluster-cidr` list: the
+//! remote cluster's pod CIDRs (written by `clustermesh connect` from the remote's own
+//! settings), outside which none of its ipcache entries or node pod CIDRs is accepted
+//! (`remote::validate`). Cilium ignores the key.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use clustermesh_types::cluster_cidrs::ClusterCidrs;
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
@@ -40,6 +44,14 @@ pub struct EtcdConfig {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub host_aliases: Vec<HostAlias>,
+    /// The remote cluster's pod CIDRs (IPv4 and IPv6): the only prefixes its entries may
+    /// claim. Empty (absent): no such rule.
+    #[serde(
+        default,
+        rename = "cluster-cidr",
+        skip_serializing_if = "ClusterCidrs::is_empty"
+    )]
+    pub cluster_cidrs: ClusterCidrs,
 }
 
 impl EtcdConfig {
@@ -132,6 +144,28 @@ impl EtcdConfig {
     }
 }
 
+/// The `cluster-cidr` of a remote cluster config file, read on its own: the agents' files
+/// (KVStoreMesh mode) only name the local etcd, so the rest of the file is not checked
+/// here. A file without the key has no rule; a CIDR that does not parse is an error naming
+/// the file (a remote must not be read without the rule its file asks for).
+pub fn remote_cluster_cidrs(path: &Path) -> Result<ClusterCidrs> {
+    #[derive(Deserialize)]
+    struct OnlyCidrs {
+        #[serde(default, rename = "cluster-cidr")]
+        cluster_cidrs: ClusterCidrs,
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        what: "read remote cluster config",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let only: OnlyCidrs = serde_yaml::from_str(&text).map_err(|source| Error::ConfigParse {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(only.cluster_cidrs)
+}
+
 /// Splits `https://host:port` into (scheme, host:port).
 pub(crate) fn split_endpoint(e: &str) -> std::result::Result<(&str, &str), String> {
     let (scheme, rest) = e
@@ -201,6 +235,28 @@ mod tests {
         assert!(e.to_string().contains("required"), "{e}");
         let e = EtcdConfig::from_yaml("endpoints: [", Path::new("x")).unwrap_err();
         assert!(e.to_string().contains("x"), "{e}");
+    }
+
+    #[test]
+    fn cluster_cidrs_round_trip_and_bad_ones_are_named() {
+        let text = "endpoints: [https://127.0.0.1:2379]\ntrusted-ca-file: a\ncert-file: b\nkey-file: c\ncluster-cidr: [10.2.0.0/16, \"fd00:2::/64\"]\n";
+        let cfg = EtcdConfig::from_yaml(text, Path::new("c2")).unwrap();
+        assert_eq!(
+            cfg.cluster_cidrs.to_strings(),
+            ["10.2.0.0/16", "fd00:2::/64"]
+        );
+        let again = serde_yaml::to_string(&cfg).unwrap();
+        assert_eq!(EtcdConfig::from_yaml(&again, Path::new("c2")).unwrap(), cfg);
+        let none = EtcdConfig::from_yaml(&text.replace("cluster-cidr", "x-other"), Path::new("c2"))
+            .unwrap();
+        assert!(none.cluster_cidrs.is_empty());
+        assert!(!serde_yaml::to_string(&none)
+            .unwrap()
+            .contains("cluster-cidr"));
+        let e = EtcdConfig::from_yaml(&text.replace("10.2.0.0/16", "10.2.0.0/99"), Path::new("c2"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("c2") && e.contains("10.2.0.0/99"), "{e}");
     }
 
     #[test]

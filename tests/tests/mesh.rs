@@ -128,6 +128,7 @@ impl Cluster {
             cert_file: Some(certs.join(format!("{stem}.crt"))),
             key_file: Some(certs.join(format!("{stem}.key"))),
             host_aliases: Vec::new(),
+            cluster_cidrs: Default::default(),
         };
         clustermesh_tests::etcd::raw_client(&cfg).await.unwrap()
     }

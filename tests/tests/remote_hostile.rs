@@ -1,6 +1,8 @@
 //! Hostile and broken entries from a remote are rejected one by one, counted per reason, and
 //! never applied; valid entries around them are served and the reader keeps following.
 //! IPv6 keys get the same checks, plus a non-canonical address (a second key for a prefix).
+//! With the remote's cluster CIDRs in its config file (`cluster-cidr`, written by
+//! `connect`), an ipcache entry or node pod CIDR outside them is refused too (issue 16).
 //!
 //! Own test binary: it raises etcd's request limit (via `ETCD_MAX_REQUEST_BYTES`, read by the
 //! etcd the harness starts) so that a real 10 MB value can be stored.
@@ -211,6 +213,68 @@ async fn hostile_entries_are_rejected_and_counted() -> anyhow::Result<()> {
     assert!(
         matches!(&changes[0], Event::Change { change: Change::Upsert { .. }, key, .. } if key.ends_with("test-node-2"))
     );
+    let s = fx.status.borrow().get("cluster3").cloned().unwrap();
+    assert!(s.ready && s.num_failures == 0, "{s:?}");
+    fx.stop().await;
+    Ok(())
+}
+
+/// Issue 16's CIDR rule on the import side: the config file names cluster3's CIDRs (IPv4
+/// and IPv6); entries inside are served, entries outside (IPv4, IPv6, the host entry of a
+/// node address) are refused, counted as `outside-cluster-cidrs` and never applied, and a
+/// node update whose pod CIDR leaves the range keeps the last good node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_outside_the_remote_cluster_cidrs_are_refused() -> anyhow::Result<()> {
+    let etcd = TestEtcd::start()?;
+    let mut c = etcd.client("root").await?;
+    seed_cluster3(&mut c).await?;
+    let ip = "cilium/state/ip/v1/default";
+    for addr in ["10.244.2.75", "fd00:10:244:2::75", "10.9.0.1", "fd00:99::1"] {
+        c.put(format!("{ip}/{addr}"), ip_entry(addr, 199476), None)
+            .await?;
+    }
+    let mut fx = Fixture::start(|_| {})?;
+    write_atomic(&fx.path("cluster3"), |p| {
+        etcd.write_client_config("remote", p)?;
+        let mut text = std::fs::read_to_string(p)?;
+        text.push_str("cluster-cidr: [10.244.0.0/16, \"fd00:10:244::/48\"]\n");
+        Ok(std::fs::write(p, text)?)
+    })?;
+    let s = fx.wait_ready("cluster3").await?;
+    assert_eq!((s.num_nodes, s.num_endpoints), (1, 3), "{s:?}");
+    fx.caches
+        .with("cluster3", |cache| {
+            for inside in ["10.244.2.74", "10.244.2.75", "fd00:10:244:2::75"] {
+                assert!(cache.endpoint(inside).is_some(), "{inside} served");
+            }
+            // 172.18.0.2 is the node's host entry: a node address, not a pod's.
+            for outside in ["10.9.0.1", "fd00:99::1", "172.18.0.2"] {
+                assert!(cache.endpoint(outside).is_none(), "{outside} applied");
+            }
+            assert!(cache.node("test-node-1").is_some());
+        })
+        .unwrap();
+    let m = &fx.metrics;
+    assert_eq!(m.rejected_count("cluster3", "outside-cluster-cidrs"), 3);
+
+    // A node update that widens its IPv6 pod CIDR past the cluster's: refused, the last
+    // good node stays.
+    let widened = NODE1.replace("//////////8AAAAAAAAAAA==", "//////8AAAAAAAAAAAAAAA==");
+    c.put("cilium/state/nodes/v1/cluster3/test-node-1", widened, None)
+        .await?;
+    eventually(Duration::from_secs(5), "node update refused", || {
+        m.rejected_count("cluster3", "outside-cluster-cidrs") == 4
+    })
+    .await?;
+    fx.caches
+        .with("cluster3", |cache| {
+            let n = cache.node("test-node-1").expect("last good node kept");
+            assert_eq!(
+                n.ipv6_alloc_cidr.map(|c| c.to_string()).as_deref(),
+                Some("fd00:10:244::/64")
+            );
+        })
+        .unwrap();
     let s = fx.status.borrow().get("cluster3").cloned().unwrap();
     assert!(s.ready && s.num_failures == 0, "{s:?}");
     fx.stop().await;

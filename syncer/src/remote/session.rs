@@ -372,7 +372,10 @@ impl Remote {
         let canaries = remote.capabilities.synced_canaries;
         // `accept_config` refused unknown modes.
         let mode = remote.capabilities.export_mode().unwrap_or_default();
+        // Read with every session: a changed file (new digest) reconnects the remote.
+        let cidrs = crate::config::remote_cluster_cidrs(&self.file)?;
         let ctx = Arc::new(Context {
+            cidrs,
             cluster: self.name.to_string(),
             cluster_id: remote.id,
             range: clustermesh_types::cluster::IdentityRange::for_cluster(

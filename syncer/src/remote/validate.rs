@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use clustermesh_types::cluster::IdentityRange;
+use clustermesh_types::cluster_cidrs::ClusterCidrs;
 use clustermesh_types::identity::{
     reserved, Identity, LabelArray, CLUSTER_LABEL, MIN_USER_IDENTITY, SOURCE_K8S,
 };
@@ -28,6 +29,9 @@ pub struct Context {
     pub cluster_id: u32,
     /// The identities the remote may allocate.
     pub range: IdentityRange,
+    /// The remote's pod CIDRs (its config file's `cluster-cidr`, written by `connect`): an
+    /// ipcache entry or node pod CIDR outside them is refused. Empty: no such rule.
+    pub cidrs: ClusterCidrs,
 }
 
 /// Why an entry was rejected; the label value of `kvstore_remote_rejected_total{reason}`.
@@ -49,6 +53,8 @@ pub enum Reason {
     IdentityOutOfRange,
     /// Identity labels without `k8s:io.cilium.k8s.policy.cluster=<remote>`.
     MissingClusterLabel,
+    /// An ipcache prefix or node pod CIDR outside the remote's `cluster-cidr`.
+    OutsideClusterCidrs,
 }
 
 impl Reason {
@@ -63,6 +69,7 @@ impl Reason {
             Reason::ClusterIdMismatch => "cluster-id-mismatch",
             Reason::IdentityOutOfRange => "identity-out-of-range",
             Reason::MissingClusterLabel => "missing-cluster-label",
+            Reason::OutsideClusterCidrs => "outside-cluster-cidrs",
         }
     }
 }
@@ -156,6 +163,21 @@ fn node(ctx: &Context, rel: &str, raw: &[u8]) -> Result<Node, Rejection> {
             format!("key {rel:?} holds node {:?}", n.name),
         );
     }
+    let pod_cidrs = (n.ipv4_alloc_cidr.iter())
+        .chain(&n.ipv4_secondary_alloc_cidrs)
+        .chain(&n.ipv6_alloc_cidr)
+        .chain(&n.ipv6_secondary_alloc_cidrs);
+    for c in pod_cidrs {
+        if !ctx.cidrs.contains_prefix(c) {
+            return reject(
+                Reason::OutsideClusterCidrs,
+                format!(
+                    "node {:?} has pod CIDR {c}, outside {}'s cluster CIDRs {}",
+                    n.name, ctx.cluster, ctx.cidrs
+                ),
+            );
+        }
+    }
     Ok(n)
 }
 
@@ -240,6 +262,17 @@ fn endpoint(ctx: &Context, rel: &str, raw: &[u8]) -> Result<IpcacheEntry, Reject
     if let std::net::IpAddr::V6(addr) = entry.prefix.addr {
         ipv6_form(addr, &entry.pair.ip)?;
     }
+    if !ctx.cidrs.contains_prefix(&entry.prefix) {
+        // A remote may only route what it owns: an entry for another range (a public
+        // address, a peer's pods) would pull that traffic into the remote's tunnel.
+        return reject(
+            Reason::OutsideClusterCidrs,
+            format!(
+                "prefix {} is outside {}'s cluster CIDRs {}",
+                entry.prefix, ctx.cluster, ctx.cidrs
+            ),
+        );
+    }
     Ok(entry)
 }
 
@@ -320,6 +353,7 @@ mod tests {
             cluster: "cluster3".into(),
             cluster_id: 3,
             range: IdentityRange::for_cluster(3, MaxConnectedClusters::Max255),
+            cidrs: ClusterCidrs::default(),
         }
     }
 
@@ -619,5 +653,45 @@ mod tests {
             reason(validate(&c, Resource::Services, "ns-alpha/echo-service", s)),
             Reason::ClusterIdMismatch
         );
+    }
+
+    #[test]
+    fn prefixes_outside_the_cluster_cidrs_are_refused_both_families() {
+        let c = Context {
+            cidrs: ClusterCidrs::parse(["10.244.0.0/16", "fd00:3::/64"]).unwrap(),
+            ..ctx()
+        };
+        let entry = |ip: &str| {
+            format!(r#"{{"IP":"{ip}","HostIP":"172.18.0.2","ID":199475,"Key":0,"Metadata":""}}"#)
+        };
+        for inside in ["10.244.2.74", "fd00:3::4a"] {
+            let v = entry(inside);
+            assert!(validate(&c, Resource::Endpoints, inside, v.as_bytes()).is_ok());
+        }
+        for outside in ["10.9.2.74", "8.8.8.8", "fd00:9::4a", "2001:4860::8888"] {
+            let v = entry(outside);
+            let r = validate(&c, Resource::Endpoints, outside, v.as_bytes()).unwrap_err();
+            assert_eq!(r.reason, Reason::OutsideClusterCidrs);
+            assert!(
+                r.detail.contains(outside) && r.detail.contains("10.244.0.0/16,fd00:3::/64"),
+                "{}",
+                r.detail
+            );
+        }
+        // A node whose pod CIDR lies outside (or spans more than) the cluster's.
+        assert!(validate(&c, Resource::Nodes, "test-node-1", NODE.as_bytes()).is_ok());
+        let wide = NODE.replace(r#""Mask":"////AA==""#, r#""Mask":"/wAAAA==""#);
+        assert_eq!(
+            reason(validate(
+                &c,
+                Resource::Nodes,
+                "test-node-1",
+                wide.as_bytes()
+            )),
+            Reason::OutsideClusterCidrs
+        );
+        // No CIDRs: no rule.
+        let v = entry("8.8.8.8");
+        assert!(validate(&ctx(), Resource::Endpoints, "8.8.8.8", v.as_bytes()).is_ok());
     }
 }

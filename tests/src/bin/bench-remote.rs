@@ -249,6 +249,7 @@ fn bench_decode() -> anyhow::Result<()> {
         cluster: "cluster3".into(),
         cluster_id: 3,
         range: IdentityRange::for_cluster(3, MaxConnectedClusters::Max255),
+        cidrs: Default::default(),
     };
     let svc = ClusterService::decode(raw)?;
     anyhow::ensure!(svc.backends.len() == 1000, "bad fixture");
