@@ -80,7 +80,7 @@ fn servers(args: &ObserveArgs) -> anyhow::Result<(Vec<String>, Option<String>)> 
         .clusters
         .iter()
         .flat_map(|c| &c.nodes)
-        .map(|n| format!("{}:{OBSERVER_PORT}", n.ip))
+        .map(|n| std::net::SocketAddr::new(n.ip, OBSERVER_PORT).to_string())
         .collect();
     if out.is_empty() {
         bail!("the lab at {} has no nodes", args.dir.display());

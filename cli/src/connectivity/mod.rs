@@ -11,7 +11,8 @@
 //!
 //! A dual-stack lab (`lab up --ip-family dual`) runs every pod check once per family: the
 //! IPv6 ones are named `tcp6`/`icmp6` (`ping -6`) and carry `"family": "ipv6"`; an IPv4
-//! lab runs exactly the checks it always did.
+//! lab runs exactly the checks it always did; an IPv6-only lab (`--ip-family ipv6`) runs
+//! the IPv6 ones alone.
 
 mod services;
 
@@ -127,7 +128,7 @@ pub struct Check {
 /// The pod's address of `family` (`None`: the pod has none).
 fn pod_ip(p: &PodRef<'_>, family: Family) -> Option<IpAddr> {
     match family {
-        Family::Ipv4 => Some(p.pod.ip.into()),
+        Family::Ipv4 => p.pod.ip4().map(IpAddr::from),
         Family::Ipv6 => p.pod.ip6.map(IpAddr::from),
     }
 }
@@ -233,10 +234,10 @@ fn icmp_check(src: &PodRef<'_>, ip: IpAddr, timeout: Duration) -> anyhow::Result
 pub fn test(a: TestArgs) -> anyhow::Result<()> {
     let st = state::load(&a.dir)?;
     let pods = st.pods();
-    let families: &[Family] = if st.ip_family.has_v6() {
-        &[Family::Ipv4, Family::Ipv6]
-    } else {
-        &[Family::Ipv4]
+    let families: &[Family] = match st.ip_family {
+        state::IpFamily::Ipv4 => &[Family::Ipv4],
+        state::IpFamily::Dual => &[Family::Ipv4, Family::Ipv6],
+        state::IpFamily::Ipv6 => &[Family::Ipv6],
     };
     let mut plan_list = Vec::new();
     for src in &pods {

@@ -155,14 +155,14 @@ pub fn dns_answer(id: u16, msg: &[u8]) -> anyhow::Result<(u8, Vec<IpAddr>)> {
 }
 
 /// The first `nameserver` of the pod's resolver file.
-fn pod_nameserver(ns: &str) -> anyhow::Result<Ipv4Addr> {
+fn pod_nameserver(ns: &str) -> anyhow::Result<IpAddr> {
     let path = lab::netns_resolv_conf(ns);
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     text.lines()
         .filter_map(|l| l.trim().strip_prefix("nameserver"))
         .find_map(|a| a.trim().parse().ok())
-        .with_context(|| format!("no IPv4 nameserver in {}", path.display()))
+        .with_context(|| format!("no nameserver in {}", path.display()))
 }
 
 /// Resolves `name` (record type `qtype`) from inside `ns` through its resolver.
@@ -175,7 +175,12 @@ pub fn resolve_in(
     let server = SocketAddr::from((pod_nameserver(ns)?, 53));
     let id = (std::process::id() as u16) ^ 0x5a5a;
     let answer = netns::run_in(ns, || {
-        let s = UdpSocket::bind("0.0.0.0:0")?;
+        let any: IpAddr = if server.is_ipv6() {
+            Ipv6Addr::UNSPECIFIED.into()
+        } else {
+            Ipv4Addr::UNSPECIFIED.into()
+        };
+        let s = UdpSocket::bind((any, 0))?;
         s.set_read_timeout(Some(timeout))?;
         s.connect(server)?;
         s.send(&dns_query_type(id, name, qtype))?;
@@ -431,7 +436,8 @@ pub fn run(st: &LabState, cfg: &Config, filter: Option<&str>) -> anyhow::Result<
     let pods = st.pods();
     let src = pods.first().context("the lab has no pods")?;
     type F<'a> = Box<dyn Fn() -> anyhow::Result<serde_json::Value> + 'a>;
-    let mut plan: Vec<(String, F<'_>)> = vec![
+    let mut plan: Vec<(String, F<'_>)> = Vec::new();
+    let v4: Vec<(String, F<'_>)> = vec![
         (
             format!("service global {} → {}", src.label(), lab::ECHO),
             Box::new(|| global(st, src, cfg, lab::ECHO_VIP.into())),
@@ -453,7 +459,12 @@ pub fn run(st: &LabState, cfg: &Config, filter: Option<&str>) -> anyhow::Result<
             Box::new(|| affinity_local(src, st, cfg, lab::ECHO_LOCAL_VIP.into())),
         ),
     ];
-    // Dual-stack labs: the same over the IPv6 VIPs and DNS AAAA (names say `ipv6`).
+    // IPv6-only labs have no IPv4 VIP (their DNS answers AAAA only).
+    if st.ip_family.has_v4() {
+        plan.extend(v4);
+    }
+    // Dual-stack and IPv6-only labs: the same over the IPv6 VIPs and DNS AAAA (names say
+    // `ipv6`).
     if st.ip_family.has_v6() {
         plan.push((
             format!("service ipv6 global {} → {}", src.label(), lab::ECHO),

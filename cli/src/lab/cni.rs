@@ -90,20 +90,26 @@ pub fn config(cni: Cni, st: &LabState, node: &Node) -> anyhow::Result<Value> {
         .pod_cidr
         .split_once('/')
         .with_context(|| format!("pod CIDR {} of {}", node.pod_cidr, node.name))?;
-    let net: Ipv4Addr = net.parse().context("pod CIDR address")?;
-    let o = net.octets();
-    let start = Ipv4Addr::new(o[0], o[1], o[2], 11).to_string();
-    let gateway = Ipv4Addr::new(o[0], o[1], o[2], 1).to_string();
     let state = node_state_dir(st, node);
-    let mut ranges =
-        vec![json!([{"subnet": node.pod_cidr, "rangeStart": start, "gateway": gateway}])];
-    let mut routes = vec![
-        json!({"dst": "10.0.0.0/8"}),
-        json!({"dst": "172.20.0.0/16"}),
-        json!({"dst": format!("{}/32", plan::GATEWAY)}),
-    ];
+    let mut ranges = Vec::new();
+    let mut routes = Vec::new();
+    // IPv4 (absent in an IPv6-only lab, whose `pod_cidr` is the IPv6 one).
+    let mut start = String::new();
+    if st.ip_family.has_v4() {
+        let net: Ipv4Addr = net.parse().context("pod CIDR address")?;
+        let o = net.octets();
+        start = Ipv4Addr::new(o[0], o[1], o[2], 11).to_string();
+        let gateway = Ipv4Addr::new(o[0], o[1], o[2], 1).to_string();
+        ranges.push(json!([{"subnet": node.pod_cidr, "rangeStart": start, "gateway": gateway}]));
+        routes.extend([
+            json!({"dst": "10.0.0.0/8"}),
+            json!({"dst": "172.20.0.0/16"}),
+            json!({"dst": format!("{}/32", plan::GATEWAY)}),
+        ]);
+    }
     // Dual-stack: one address of each family (host-local takes one per range set); the
-    // IPv6 route's gateway is the IPv6 range's (the plugins pick it by family).
+    // IPv6 route's gateway is the IPv6 range's (the plugins pick it by family). IPv6-only:
+    // this range alone, and the one IPv6 route (pods, VIPs and the DNS address are in it).
     if let Some(cidr6) = &node.pod_cidr6 {
         let net = cidr6.split_once('/').map_or(cidr6.as_str(), |(n, _)| n);
         let net: Ipv6Addr = net
@@ -148,8 +154,8 @@ pub fn container_id(st: &LabState, pod: &Pod) -> String {
 /// What a plugin run gave back.
 #[derive(Debug)]
 pub struct Added {
-    /// The pod's address.
-    pub ip: Ipv4Addr,
+    /// The pod's IPv4 address, if the plugin gave one.
+    pub ip: Option<Ipv4Addr>,
     /// The pod's IPv6 address, if the plugin gave one.
     pub ip6: Option<Ipv6Addr>,
     /// The pod's `eth0` MAC.
@@ -221,8 +227,9 @@ pub fn invoke(
     Ok(reply)
 }
 
-/// Reads a result: the pod's first IPv4 address (and first IPv6 one, if any), the interface in the sandbox, and the
-/// host-side veth (an interface outside the sandbox that is not the bridge).
+/// Reads a result: the pod's first IPv4 address and first IPv6 one (at least one of them),
+/// the interface in the sandbox, and the host-side veth (an interface outside the sandbox
+/// that is not the bridge).
 pub fn parse_result(r: &Value) -> anyhow::Result<Added> {
     let ifaces = r["interfaces"]
         .as_array()
@@ -232,15 +239,16 @@ pub fn parse_result(r: &Value) -> anyhow::Result<Added> {
         .into_iter()
         .flatten()
         .filter_map(|i| i["address"].as_str())
-        .filter_map(|a| a.split('/').next()?.parse::<Ipv4Addr>().ok())
-        .next()
-        .with_context(|| format!("result has no IPv4 address: {r}"))?;
+        .find_map(|a| a.split('/').next()?.parse::<Ipv4Addr>().ok());
     let ip6 = r["ips"]
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(|i| i["address"].as_str())
         .find_map(|a| a.split('/').next()?.parse::<Ipv6Addr>().ok());
+    if ip.is_none() && ip6.is_none() {
+        bail!("result has no IP address: {r}");
+    }
     let pod = ifaces
         .iter()
         .find(|i| i["sandbox"].as_str().is_some_and(|s| !s.is_empty()))
@@ -299,7 +307,7 @@ mod tests {
         assert_eq!(
             (a.ip, a.host_if.as_str(), a.mac.as_str()),
             (
-                Ipv4Addr::new(10, 1, 1, 11),
+                Some(Ipv4Addr::new(10, 1, 1, 11)),
                 "veth1a2b3c4d",
                 "0e:00:00:00:00:01"
             )
@@ -314,6 +322,13 @@ mod tests {
             parse_result(&dual).expect("dual result").ip6,
             Some("fd00:10:1:1::11".parse().expect("ip"))
         );
+        // IPv6-only: no IPv4 address, and that is no error.
+        let v6 = json!({"interfaces":[{"name":"vethz"},{"name":"eth0","mac":"ff","sandbox":"/var/run/netns/p"}],"ips":[{"interface":1,"address":"fd00:10:1:1::11/64"}]});
+        let a6 = parse_result(&v6).expect("IPv6-only result");
+        assert_eq!((a6.ip, a6.ip6.is_some()), (None, true));
         assert!(parse_result(&json!({"interfaces":[],"ips":[]})).is_err());
+        assert!(
+            parse_result(&json!({"interfaces":[{"name":"eth0","sandbox":"/p"}],"ips":[]})).is_err()
+        );
     }
 }

@@ -161,7 +161,7 @@ pub fn control_plane(
     let root = control_plane_root(c);
     let mut out = Vec::new();
     for container in ["etcd", "apiserver"] {
-        let m = kubelet::materialise(
+        let mut m = kubelet::materialise(
             objs,
             "Deployment",
             objects::APISERVER,
@@ -175,6 +175,14 @@ pub fn control_plane(
                 c.name
             )
         })?;
+        // An IPv6 pod IP in a URL needs brackets, which `https://$(POD_IP):2379` cannot
+        // give (Kubernetes expands the variable as is): the lab writes them in.
+        if let std::net::IpAddr::V6(v6) = c.ip {
+            let (bare, bracketed) = (format!("//{v6}:"), format!("//[{v6}]:"));
+            for a in m.command.iter_mut().chain(m.args.iter_mut()) {
+                *a = a.replace(&bare, &bracketed);
+            }
+        }
         // Where the lab (status, connect, the tests) looks for this control plane must be
         // where the Deployment puts it: a drift fails `lab up` here, naming both.
         let (flag, want) = if container == "apiserver" {
@@ -203,6 +211,21 @@ pub fn control_plane(
             ];
             if let Some(mode) = service_v2 {
                 set.push(("clustermesh-service-v2", mode.to_string()));
+            }
+            // The Deployment's `0.0.0.0:<port>` takes IPv4 only: an IPv6-only control
+            // plane's health and metrics listen on `[::]`.
+            if c.ip.is_ipv6() {
+                let any = std::net::Ipv6Addr::UNSPECIFIED;
+                set.push((
+                    "health-addr",
+                    std::net::SocketAddr::from((any, c.health_addr.port())).to_string(),
+                ));
+                let metrics = m.flag("metrics-addr").and_then(|a| {
+                    a.parse::<std::net::SocketAddr>()
+                        .ok()
+                        .map(|a| std::net::SocketAddr::from((any, a.port())).to_string())
+                });
+                set.extend(metrics.map(|a| ("metrics-addr", a)));
             }
             // The image's entrypoint is this machine's binary.
             let program = crate::enable::apiserver_binary().display().to_string();

@@ -1,7 +1,7 @@
 //! Kubernetes-shaped manifests of a lab cluster (Nodes, Pods, the `echo` services) and the
 //! names and addresses of the lab's services.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::plan;
 use super::state::{Cluster, Node, Pod};
@@ -13,14 +13,17 @@ pub fn manifests(cluster: &Cluster) -> Vec<(String, String)> {
     let mut files = Vec::new();
     let mut nodes = String::from("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: default\n");
     for node in &cluster.nodes {
-        // Dual-stack: a second pod CIDR and InternalIP, as a dual-stack Node has.
+        // Dual-stack: a second pod CIDR and InternalIP, as a dual-stack Node has (an
+        // IPv6-only Node has the IPv6 ones alone, as its first).
         let cidr6 = node
             .pod_cidr6
             .as_ref()
+            .filter(|c| **c != node.pod_cidr)
             .map(|c| format!("  - {c}\n"))
             .unwrap_or_default();
         let ip6 = node
             .ip6
+            .filter(|a| node.ip != IpAddr::from(*a))
             .map(|a| format!("  - type: InternalIP\n    address: {a}\n"))
             .unwrap_or_default();
         nodes.push_str(&format!(
@@ -38,9 +41,13 @@ pub fn manifests(cluster: &Cluster) -> Vec<(String, String)> {
     }
     files.push(("nodes.yaml".into(), nodes));
     let dual = cluster.nodes.iter().any(|n| n.pod_cidr6.is_some());
-    // Dual-stack services: both VIPs, as a `RequireDualStack` Service has them.
+    let v6_only = cluster.ip.is_ipv6();
+    // Dual-stack services: both VIPs, as a `RequireDualStack` Service has them; IPv6-only
+    // ones the IPv6 VIP alone (`ipFamilies: [IPv6]`).
     let vips = |v4: Ipv4Addr, v6: Ipv6Addr| {
-        if dual {
+        if v6_only {
+            format!("  clusterIP: {v6}\n  clusterIPs:\n  - {v6}\n  ipFamilyPolicy: SingleStack\n  ipFamilies:\n  - IPv6\n")
+        } else if dual {
             format!("  clusterIP: {v4}\n  clusterIPs:\n  - {v4}\n  - {v6}\n  ipFamilyPolicy: RequireDualStack\n  ipFamilies:\n  - IPv4\n  - IPv6\n")
         } else {
             format!("  clusterIP: {v4}\n")
@@ -105,6 +112,7 @@ pub fn pod_manifest(cluster: &Cluster, node: &Node, pod: &Pod) -> String {
         ip = pod.ip,
         ip6 = pod
             .ip6
+            .filter(|a| pod.ip != IpAddr::from(*a))
             .map(|a| format!("  - ip: {a}\n"))
             .unwrap_or_default(),
     )

@@ -2,7 +2,7 @@
 //! node namespaces with their underlay legs and VXLAN devices, pods' veths, and the static
 //! forwarding of the kernel datapath.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
@@ -29,15 +29,20 @@ pub(super) fn build_network(st: &mut LabState) -> anyhow::Result<()> {
     if v6 {
         netns::sysctl(&router, "net/ipv6/conf/all/forwarding", "1")?;
     }
-    // The single root veth, unless another lab already routes the underlay from here.
+    // The single root veth, unless another lab already routes the underlay from here (or
+    // the lab has no IPv4 underlay: an IPv6-only lab is reached from the router namespace
+    // only, so it adds no route at all to the root namespace).
     // `root`: routes inside the underlay prefix (`match` would also return the default route).
-    let taken = !netns::ip(&["-j", "route", "show", "root", plan::UNDERLAY])?
-        .trim()
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .trim()
-        .is_empty();
-    if taken {
+    let taken = !st.ip_family.has_v4()
+        || !netns::ip(&["-j", "route", "show", "root", plan::UNDERLAY])?
+            .trim()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .trim()
+            .is_empty();
+    if !st.ip_family.has_v4() {
+        println!("ℹ️  IPv6-only lab: no root veth; the CLI enters the router namespace");
+    } else if taken {
         println!(
             "ℹ️  The root namespace already routes {} (another lab?): no root veth; the CLI enters the router namespace instead",
             plan::UNDERLAY
@@ -83,16 +88,18 @@ pub(super) fn build_network(st: &mut LabState) -> anyhow::Result<()> {
     for c in &clusters {
         let br = plan::router_bridge(c.id);
         netns::ip_in(&router, &["link", "add", &br, "type", "bridge"])?;
-        netns::ip_in(
-            &router,
-            &[
-                "addr",
-                "add",
-                &format!("{}/24", plan::router_ip(c.id)),
-                "dev",
-                &br,
-            ],
-        )?;
+        if st.ip_family.has_v4() {
+            netns::ip_in(
+                &router,
+                &[
+                    "addr",
+                    "add",
+                    &format!("{}/24", plan::router_ip(c.id)),
+                    "dev",
+                    &br,
+                ],
+            )?;
+        }
         if v6 {
             // nodad: the lab made every address, none can be a duplicate, and DAD would
             // hold each one back (tentative) for a second.
@@ -110,23 +117,36 @@ pub(super) fn build_network(st: &mut LabState) -> anyhow::Result<()> {
         }
         netns::ip_in(&router, &["link", "set", &br, "up"])?;
         let gw = plan::router_ip(c.id).to_string();
-        // Control plane.
+        // Control plane (IPv6 only in an IPv6-only lab).
         add_ns(st, &c.ns)?;
         underlay_leg(&router, c.id, 0, &c.ns, c.ip, &gw)?;
+        if let IpAddr::V6(ip6) = c.ip {
+            underlay_leg6(&c.ns, ip6, plan::router_ip6(c.id))?;
+        }
         // Nodes.
         for (j, node) in (1u32..).zip(&c.nodes) {
             add_ns(st, &node.ns)?;
             underlay_leg(&router, c.id, j, &node.ns, node.ip, &gw)?;
             netns::sysctl(&node.ns, "net/ipv4/ip_forward", "1")?;
             if let Some(ip6) = node.ip6 {
+                // IPv6 forwarding for its pods; no DAD on the host ends of the pods' veths
+                // (the CNI plugin puts the gateway there).
+                netns::sysctl(&node.ns, "net/ipv6/conf/all/forwarding", "1")?;
+                netns::sysctl(&node.ns, "net/ipv6/conf/default/accept_dad", "0")?;
                 underlay_leg6(&node.ns, ip6, plan::router_ip6(c.id))?;
             }
-            // The pods' gateway address answers locally (the agent's DNS server binds it).
+            // The pods' resolver address answers locally (the agent's DNS server binds it):
+            // the gateway address, or in an IPv6-only lab an address in the pods' route.
             netns::ip_in(&node.ns, &["link", "set", "lo", "up"])?;
-            netns::ip_in(
-                &node.ns,
-                &["addr", "add", &format!("{DNS_SERVER}/32"), "dev", "lo"],
-            )?;
+            let dns = match dns_server(st) {
+                IpAddr::V4(a) => format!("{a}/32"),
+                IpAddr::V6(a) => format!("{a}/128"),
+            };
+            let mut add_dns = vec!["addr", "add", dns.as_str(), "dev", "lo"];
+            if !st.ip_family.has_v4() {
+                add_dns.push("nodad");
+            }
+            netns::ip_in(&node.ns, &add_dns)?;
             let mtu = plan::OVERLAY_MTU.to_string();
             match st.datapath {
                 Datapath::Ebpf => netns::ip_in(
@@ -199,14 +219,14 @@ pub(super) fn build_network(st: &mut LabState) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A veth from the router's bridge of cluster `i` to `eth0` in `ns`, with `ip`/24 and a
-/// route for the underlay only.
+/// A veth from the router's bridge of cluster `i` to `eth0` in `ns`; with an IPv4 `ip`,
+/// `ip`/24 and a route for the underlay only (an IPv6 one: [`underlay_leg6`] adds it).
 fn underlay_leg(
     router: &str,
     i: u32,
     j: u32,
     ns: &str,
-    ip: std::net::Ipv4Addr,
+    ip: IpAddr,
     gw: &str,
 ) -> anyhow::Result<()> {
     let port = plan::router_port(i, j);
@@ -234,21 +254,21 @@ fn underlay_leg(
     // without TSO).
     netns::ethtool_in(router, &["-K", &port, "tso", "off"])?;
     netns::ethtool_in(ns, &["-K", "eth0", "gro", "on"])?;
-    netns::ip_in(ns, &["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
     netns::ip_in(ns, &["link", "set", "eth0", "up"])?;
-    netns::ip_in(
-        ns,
-        &["route", "add", plan::UNDERLAY, "via", gw, "dev", "eth0"],
-    )?;
+    if let IpAddr::V4(ip) = ip {
+        netns::ip_in(ns, &["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        netns::ip_in(
+            ns,
+            &["route", "add", plan::UNDERLAY, "via", gw, "dev", "eth0"],
+        )?;
+    }
     Ok(())
 }
 
-/// The IPv6 side of a node's underlay leg (dual-stack labs): its address on `eth0` and a
-/// route for the IPv6 underlay only (never a default route); IPv6 forwarding for its pods;
-/// no DAD on the host ends of the pods' veths (the CNI plugin puts the gateway there).
+/// The IPv6 side of an underlay leg (a node's in dual-stack and IPv6-only labs, the
+/// control plane's in IPv6-only ones): its address on `eth0` and a route for the IPv6
+/// underlay only (never a default route).
 fn underlay_leg6(ns: &str, ip: std::net::Ipv6Addr, gw: std::net::Ipv6Addr) -> anyhow::Result<()> {
-    netns::sysctl(ns, "net/ipv6/conf/all/forwarding", "1")?;
-    netns::sysctl(ns, "net/ipv6/conf/default/accept_dad", "0")?;
     netns::ip_in(
         ns,
         &["addr", "add", &format!("{ip}/64"), "dev", "eth0", "nodad"],
@@ -273,13 +293,29 @@ fn underlay_leg6(ns: &str, ip: std::net::Ipv6Addr, gw: std::net::Ipv6Addr) -> an
 /// the plugin chose; writes the pod's resolver file.
 fn build_pod(st: &LabState, node: &Node, pod: &mut Pod) -> anyhow::Result<()> {
     let added = cni::add(st, node, pod)?;
-    pod.ip = added.ip;
     pod.ip6 = added.ip6;
-    if st.ip_family.has_v6() && pod.ip6.is_none() {
+    let ip = if st.ip_family.has_v4() {
+        added.ip.map(IpAddr::from)
+    } else {
+        added.ip6.map(IpAddr::from)
+    };
+    let missing = match (added.ip, added.ip6) {
+        (None, _) if st.ip_family.has_v4() => Some("IPv4"),
+        (_, None) if st.ip_family.has_v6() => Some("IPv6"),
+        _ => None,
+    };
+    if let Some(family) = missing {
         bail!(
-            "the CNI plugin gave {} no IPv6 address (--ip-family {:?})",
+            "the CNI plugin gave {} no {family} address (--ip-family {:?})",
             pod.ns,
             st.ip_family
+        );
+    }
+    pod.ip = ip.context("the CNI result has no address")?;
+    if added.ip.is_some() && !st.ip_family.has_v4() {
+        bail!(
+            "the CNI plugin gave {} an IPv4 address in an IPv6-only lab",
+            pod.ns
         );
     }
     pod.mac = added.mac;
@@ -291,10 +327,23 @@ fn build_pod(st: &LabState, node: &Node, pod: &mut Pod) -> anyhow::Result<()> {
     }
     std::fs::write(
         &resolv,
-        format!("# clustermesh lab: the agent's DNS on the node\nnameserver {DNS_SERVER}\noptions timeout:1 attempts:2\n"),
+        format!(
+            "# clustermesh lab: the agent's DNS on the node\nnameserver {}\noptions timeout:1 attempts:2\n",
+            dns_server(st)
+        ),
     )
     .with_context(|| format!("writing {}", resolv.display()))?;
     Ok(())
+}
+
+/// The pods' resolver (the agent's `--dns-addr`): [`DNS_SERVER`], or in an IPv6-only lab
+/// [`plan::DNS_SERVER6`].
+pub(super) fn dns_server(st: &LabState) -> IpAddr {
+    if st.ip_family.has_v4() {
+        DNS_SERVER.into()
+    } else {
+        plan::DNS_SERVER6.into()
+    }
 }
 
 /// Kernel datapath: every node reaches every other node's pod CIDR over `cmvx0` (VNI 1)

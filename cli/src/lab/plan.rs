@@ -2,7 +2,9 @@
 //! functions. Pods' addresses, MACs and host interfaces are not planned here: the CNI plugin
 //! chooses them (`cni.rs`), and the agent finds them in the kernel.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use super::state::IpFamily;
 
 /// Kubernetes namespace of every lab pod.
 pub const POD_NAMESPACE: &str = "default";
@@ -21,6 +23,10 @@ pub const UNDERLAY6: &str = "2001:db8::/32";
 /// Every IPv6 pod CIDR (`fd00:10:<i>:<j>::/64`) and VIP (`fd00:20::/108`) is in this ULA
 /// prefix: the pods' one IPv6 route via their gateway.
 pub const POD_ROUTE6: &str = "fd00::/8";
+/// The agent's DNS server in an IPv6-only lab (`--dns-addr`), held on each node's `lo`:
+/// inside [`POD_ROUTE6`], so the pods' one route reaches it (their IPv4 resolver,
+/// [`GATEWAY`], is out of reach without IPv4).
+pub const DNS_SERVER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x53, 0, 0, 0, 0, 0, 0x53);
 /// Name of every node's VXLAN device.
 pub const VXLAN_DEV: &str = "cmvx0";
 /// MTU of the VXLAN device and of the pods (1500 minus 50 bytes of VXLAN).
@@ -131,6 +137,38 @@ pub fn router_ip6(i: u32) -> Ipv6Addr {
     v6(&format!("2001:db8:0:{i}::1"))
 }
 
+/// IPv6 address of the control plane of cluster `i` (`2001:db8:0:<i>::2`; IPv6-only labs).
+pub fn cp_ip6(i: u32) -> Ipv6Addr {
+    v6(&format!("2001:db8:0:{i}::2"))
+}
+
+/// The control plane's address in a lab of `family` (IPv6 only in an IPv6-only lab).
+pub fn cp_addr(i: u32, family: IpFamily) -> IpAddr {
+    if family.has_v4() {
+        cp_ip(i).into()
+    } else {
+        cp_ip6(i).into()
+    }
+}
+
+/// Node `j`'s underlay address in a lab of `family` (see [`cp_addr`]).
+pub fn node_addr(i: u32, j: u32, family: IpFamily) -> IpAddr {
+    if family.has_v4() {
+        node_ip(i, j).into()
+    } else {
+        node_ip6(i, j).into()
+    }
+}
+
+/// Node `j`'s pod CIDR in a lab of `family` (see [`cp_addr`]).
+pub fn node_pod_cidr(i: u32, j: u32, family: IpFamily) -> String {
+    if family.has_v4() {
+        pod_cidr(i, j)
+    } else {
+        pod_cidr6(i, j)
+    }
+}
+
 /// IPv6 underlay address of node `j` of cluster `i` (`2001:db8:0:<i>::<10+j>`, the digits
 /// of the IPv4 plan).
 pub fn node_ip6(i: u32, j: u32) -> Ipv6Addr {
@@ -157,25 +195,33 @@ pub fn pod_ip(i: u32, j: u32, k: u32) -> Ipv4Addr {
     Ipv4Addr::new(10, i as u8, j as u8, (10 + k) as u8)
 }
 
-/// etcd client endpoint of cluster `i`.
-pub fn etcd_listen(i: u32) -> SocketAddr {
-    SocketAddr::from((cp_ip(i), ETCD_PORT))
+/// etcd client endpoint of the control plane at `cp` (`https://` + this; an IPv6 one is
+/// written `[addr]:port`).
+pub fn etcd_listen(cp: IpAddr) -> SocketAddr {
+    SocketAddr::new(cp, ETCD_PORT)
 }
 
-/// apiserver health address of cluster `i`.
-pub fn apiserver_health(i: u32) -> SocketAddr {
-    SocketAddr::from((cp_ip(i), APISERVER_HEALTH_PORT))
+/// apiserver health address of the control plane at `cp`.
+pub fn apiserver_health(cp: IpAddr) -> SocketAddr {
+    SocketAddr::new(cp, APISERVER_HEALTH_PORT)
 }
 
-/// Agent health address of node `j` of cluster `i`.
-pub fn agent_health(i: u32, j: u32) -> SocketAddr {
-    SocketAddr::from((node_ip(i, j), AGENT_HEALTH_PORT))
+/// Agent health address of the node at `node` (its underlay address).
+pub fn agent_health(node: IpAddr) -> SocketAddr {
+    SocketAddr::new(node, AGENT_HEALTH_PORT)
 }
 
-/// MAC of a node's VXLAN device in the kernel (no-eBPF) datapath: `0a:59:` + underlay IP,
-/// so that every node knows its peers' overlay MACs without learning.
-pub fn kernel_vxlan_mac(node_ip: Ipv4Addr) -> String {
-    let o = node_ip.octets();
+/// MAC of a node's VXLAN device in the kernel (no-eBPF) datapath: `0a:59:` + underlay IP
+/// (its last four bytes for an IPv6 one), so that every node knows its peers' overlay MACs
+/// without learning.
+pub fn kernel_vxlan_mac(node_ip: impl Into<IpAddr>) -> String {
+    let o = match node_ip.into() {
+        IpAddr::V4(a) => a.octets(),
+        IpAddr::V6(a) => {
+            let b = a.octets();
+            [b[12], b[13], b[14], b[15]]
+        }
+    };
     format!("0a:59:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
 }
 
@@ -240,5 +286,13 @@ mod tests {
             kernel_vxlan_ll6(node_ip6(2, 1)).to_string(),
             "fe80::866:ff:fe02:11"
         );
+        assert_eq!(cp_addr(3, IpFamily::Ipv6).to_string(), "2001:db8:0:3::2");
+        assert_eq!(cp_addr(3, IpFamily::Dual).to_string(), "198.18.3.2");
+        assert_eq!(
+            etcd_listen(cp_addr(1, IpFamily::Ipv6)).to_string(),
+            "[2001:db8:0:1::2]:2379"
+        );
+        assert_eq!(node_pod_cidr(1, 2, IpFamily::Ipv6), "fd00:10:1:2::/64");
+        assert!(POD_ROUTE6.starts_with("fd00::") && DNS_SERVER6.segments()[0] == 0xfd00);
     }
 }

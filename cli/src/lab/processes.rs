@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 
 use super::manifests::manifests;
-use super::network::DNS_SERVER;
+use super::network::dns_server;
 use super::state::{Agent, LabState};
 use super::{http_get, install, kubelet, netns, plan};
 use crate::enable::{self, EnableArgs};
@@ -102,7 +102,7 @@ pub(super) fn start_control_planes(st: &mut LabState) -> anyhow::Result<()> {
             max_connected_clusters: 255,
             state_dir: c.state_dir.clone(),
             ca_dir: ca_dir.clone(),
-            etcd_listen: plan::etcd_listen(c.id),
+            etcd_listen: plan::etcd_listen(c.ip),
             etcd_peer_port: 2380,
             health_addr: c.health_addr,
             manifests: None,
@@ -234,6 +234,7 @@ pub(super) fn start_agents(
     st.bpffs = Some(bpffs.clone());
     st.save()?;
     let ca_dir = st.dir.join("ca");
+    let dns = dns_server(st);
     for c in &mut st.clusters {
         // The cluster's install objects: each agent runs from the DaemonSet's container.
         let objs = install::render(c, &ca_dir)?;
@@ -242,7 +243,7 @@ pub(super) fn start_agents(
             let m = install::agent(&objs, c, &c.nodes[j as usize - 1])?;
             let node = &mut c.nodes[j as usize - 1];
             let pins = bpffs.join(format!("{}-{}", c.name, node.name));
-            let health = plan::agent_health(c.id, j);
+            let health = plan::agent_health(node.ip);
             let log = state_dir.join(format!("agent-{}.log", node.name));
             let mut flags = vec![
                 (
@@ -256,10 +257,7 @@ pub(super) fn start_agents(
                     "observer-addr",
                     SocketAddr::new(node.ip.into(), crate::observe::OBSERVER_PORT).to_string(),
                 ),
-                (
-                    "dns-addr",
-                    SocketAddr::new(DNS_SERVER.into(), 53).to_string(),
-                ),
+                ("dns-addr", SocketAddr::new(dns, 53).to_string()),
                 (
                     "underlay-dev",
                     if underlay_decap { "auto" } else { "off" }.to_string(),
@@ -270,11 +268,16 @@ pub(super) fn start_agents(
                 ),
             ];
             // Dual-stack: the node's IPv6 underlay address (HostIP of nothing yet: tunnels
-            // stay on IPv4, the pods' hostIP).
+            // stay on IPv4, the pods' hostIP). IPv6-only: it alone (the DaemonSet's
+            // `--node-ip=$(NODE_IP)` is dropped: `status.hostIP` is IPv6 there, and the
+            // agent then tunnels over the IPv6 underlay).
             if let Some(ip6) = node.ip6 {
                 flags.push(("node-ip6", ip6.to_string()));
             }
-            let args = install::with_flags(m.args, &flags);
+            let mut args = install::with_flags(m.args, &flags);
+            if node.ip.is_ipv6() {
+                args.retain(|a| !a.starts_with("--node-ip="));
+            }
             let pid = netns::spawn(&node.ns, bin, &args, &log)?;
             node.agent = Some(Agent {
                 pid,

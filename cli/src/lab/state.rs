@@ -1,7 +1,7 @@
 //! `lab.json`: everything `lab up` made, written after every step so that `status`,
 //! `connectivity test` and `down` find it, also after a partial `up`.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
@@ -29,12 +29,20 @@ pub enum IpFamily {
     /// nodes an IPv6 underlay address beside the IPv4 one (`2001:db8::/32`); tunnels stay
     /// on the IPv4 underlay (the pods' `hostIP`).
     Dual,
+    /// IPv6 only: pods, VIPs, nodes' underlay and the control plane have IPv6 addresses and
+    /// no IPv4 ones; tunnels run over the IPv6 underlay (the pods' `hostIP` is IPv6).
+    Ipv6,
 }
 
 impl IpFamily {
     /// Whether pods have IPv6 addresses.
     pub fn has_v6(self) -> bool {
-        self == IpFamily::Dual
+        self != IpFamily::Ipv4
+    }
+
+    /// Whether pods (and nodes, and the control plane) have IPv4 addresses.
+    pub fn has_v4(self) -> bool {
+        self != IpFamily::Ipv6
     }
 }
 
@@ -74,8 +82,8 @@ pub struct Cluster {
     pub id: u32,
     /// Control-plane namespace (etcd + apiserver).
     pub ns: String,
-    /// Control-plane address.
-    pub ip: Ipv4Addr,
+    /// Control-plane address (IPv4; IPv6 in an IPv6-only lab).
+    pub ip: IpAddr,
     /// State dir (`clustermesh enable`).
     pub state_dir: PathBuf,
     /// Certificates.
@@ -103,14 +111,14 @@ pub struct Node {
     pub name: String,
     /// Namespace.
     pub ns: String,
-    /// Underlay address.
-    pub ip: Ipv4Addr,
-    /// Pod CIDR.
+    /// Underlay address: IPv4, or IPv6 in an IPv6-only lab (then the same as `ip6`).
+    pub ip: IpAddr,
+    /// Pod CIDR, of the same family as `ip`.
     pub pod_cidr: String,
-    /// IPv6 underlay address (dual-stack labs).
+    /// IPv6 underlay address (dual-stack and IPv6-only labs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip6: Option<Ipv6Addr>,
-    /// IPv6 pod CIDR (dual-stack labs).
+    /// IPv6 pod CIDR (dual-stack and IPv6-only labs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_cidr6: Option<String>,
     /// The agent, if one was started.
@@ -141,9 +149,10 @@ pub struct Pod {
     pub namespace: String,
     /// Network namespace.
     pub ns: String,
-    /// Address (what the CNI plugin returned).
-    pub ip: Ipv4Addr,
-    /// IPv6 address (what the CNI plugin returned; dual-stack labs).
+    /// Address (what the CNI plugin returned): IPv4, or IPv6 in an IPv6-only lab (then
+    /// the same as `ip6`).
+    pub ip: IpAddr,
+    /// IPv6 address (what the CNI plugin returned; dual-stack and IPv6-only labs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip6: Option<Ipv6Addr>,
     /// `eth0` MAC (the plugin's result).
@@ -153,6 +162,16 @@ pub struct Pod {
     pub host_veth: String,
     /// Echo server PID.
     pub echo_pid: Option<u32>,
+}
+
+impl Pod {
+    /// The pod's IPv4 address (`None` in an IPv6-only lab).
+    pub fn ip4(&self) -> Option<Ipv4Addr> {
+        match self.ip {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        }
+    }
 }
 
 /// A pod with where it runs.

@@ -157,16 +157,15 @@ pub fn status(a: DirArgs) -> anyhow::Result<()> {
                 .unwrap_or_default()
         );
         println!(
-            "inspect: ip netns exec {} curl -s {}:{}",
+            "inspect: ip netns exec {} curl -s http://{}/",
             st.pods()
                 .first()
                 .map(|p| p.pod.ns.clone())
                 .unwrap_or_default(),
             st.pods()
                 .last()
-                .map(|p| p.pod.ip.to_string())
+                .map(|p| std::net::SocketAddr::new(p.pod.ip, plan::ECHO_PORT).to_string())
                 .unwrap_or_default(),
-            plan::ECHO_PORT
         );
     }
     Ok(())

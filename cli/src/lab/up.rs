@@ -50,10 +50,11 @@ pub struct UpArgs {
     /// is `clustermesh-cni`.
     #[arg(long, value_enum, default_value_t = Cni::Ptp)]
     pub cni: Cni,
-    /// Address families: `ipv4` (default), or `dual`: pods and service VIPs also get IPv6
+    /// Address families: `ipv4` (default); `dual`: pods and service VIPs also get IPv6
     /// addresses (`fd00:10:<c>:<n>::/64`, VIPs in `fd00:20::/108`), nodes an IPv6 underlay
     /// address (`2001:db8:0:<c>::<10+n>`), and the connectivity test runs every check per
-    /// family.
+    /// family; `ipv6`: IPv6 only (pods, VIPs, nodes, control plane at `2001:db8:0:<c>::2`,
+    /// tunnels over the IPv6 underlay, DNS on `fd00:53::53`), every check over IPv6.
     #[arg(long, value_enum, default_value_t = IpFamily::Ipv4)]
     pub ip_family: IpFamily,
     /// The `--clustermesh-service-v2` mode of one cluster's apiserver, as `CLUSTER=MODE`
@@ -100,6 +101,11 @@ pub fn up(a: UpArgs) -> anyhow::Result<()> {
             a.clusters
         );
     }
+    if a.ip_family == IpFamily::Ipv6 && a.datapath == Datapath::Kernel {
+        bail!(
+            "--ip-family ipv6 runs with --datapath ebpf only: the kernel datapath's static routes need an IPv4 underlay (not built yet; --ip-family dual has it)"
+        );
+    }
     if a.ip_family.has_v6() && a.cni == Cni::Clustermesh {
         bail!(
             "--ip-family {:?} needs --cni ptp or bridge: clustermesh-cni hands out IPv4 addresses only",
@@ -144,8 +150,8 @@ pub fn up(a: UpArgs) -> anyhow::Result<()> {
             .map(|j| Node {
                 name: plan::node_name(j),
                 ns: plan::node_ns(&id, i, j),
-                ip: plan::node_ip(i, j),
-                pod_cidr: plan::pod_cidr(i, j),
+                ip: plan::node_addr(i, j, a.ip_family),
+                pod_cidr: plan::node_pod_cidr(i, j, a.ip_family),
                 ip6: a.ip_family.has_v6().then(|| plan::node_ip6(i, j)),
                 pod_cidr6: a.ip_family.has_v6().then(|| plan::pod_cidr6(i, j)),
                 agent: None,
@@ -158,7 +164,7 @@ pub fn up(a: UpArgs) -> anyhow::Result<()> {
                             name: pod,
                             namespace: plan::POD_NAMESPACE.into(),
                             ns: plan::pod_ns(&id, i, j, k),
-                            ip: plan::pod_ip(i, j, k),
+                            ip: plan::pod_ip(i, j, k).into(),
                             ip6: None,
                             mac: String::new(),
                             echo_pid: None,
@@ -167,14 +173,15 @@ pub fn up(a: UpArgs) -> anyhow::Result<()> {
                     .collect(),
             })
             .collect();
+        let cp = plan::cp_addr(i, a.ip_family);
         st.clusters.push(Cluster {
             id: i,
             ns: plan::cp_ns(&id, i),
-            ip: plan::cp_ip(i),
+            ip: cp,
             certs_dir: state_dir.join("certs"),
             state_dir,
-            etcd_endpoint: format!("https://{}", plan::etcd_listen(i)),
-            health_addr: plan::apiserver_health(i),
+            etcd_endpoint: format!("https://{}", plan::etcd_listen(cp)),
+            health_addr: plan::apiserver_health(cp),
             apiserver_pid: None,
             // The last one given for a cluster wins, as with any repeated flag.
             service_v2: (a.service_v2.iter().rev())
@@ -297,7 +304,10 @@ fn print_summary(st: &LabState) {
                 node.name,
                 node.ns,
                 node.ip,
-                node.ip6.map(|a| format!(" {a}")).unwrap_or_default()
+                node.ip6
+                    .filter(|a| node.ip != std::net::IpAddr::from(*a))
+                    .map(|a| format!(" {a}"))
+                    .unwrap_or_default()
             );
             for pod in &node.pods {
                 println!(
@@ -305,7 +315,10 @@ fn print_summary(st: &LabState) {
                     pod.name,
                     pod.ns,
                     pod.ip,
-                    pod.ip6.map(|a| format!("{a} ")).unwrap_or_default(),
+                    pod.ip6
+                        .filter(|a| pod.ip != std::net::IpAddr::from(*a))
+                        .map(|a| format!("{a} "))
+                        .unwrap_or_default(),
                     pod.host_veth
                 );
             }
@@ -325,10 +338,9 @@ fn print_inspect(st: &LabState) {
     let d = st.dir.display();
     println!("\nInspect it:");
     println!(
-        "  ip netns exec {} curl -s {}:{}    # {} asks {} who it is",
+        "  ip netns exec {} curl -s http://{}/    # {} asks {} who it is",
         src.pod.ns,
-        dst.pod.ip,
-        plan::ECHO_PORT,
+        std::net::SocketAddr::new(dst.pod.ip, plan::ECHO_PORT),
         src.label(),
         dst.label()
     );
