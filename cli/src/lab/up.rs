@@ -112,6 +112,11 @@ pub fn up(a: UpArgs) -> anyhow::Result<()> {
             a.ip_family
         );
     }
+    if a.ip_family == IpFamily::Ipv6 && a.cni == Cni::Bridge {
+        bail!(
+            "--ip-family ipv6 needs --cni ptp: the agent finds an IPv6-only pod behind a routed veth, not behind a bridge (its local endpoint would wait; `/status` datapath.ipv6.pods says why)"
+        );
+    }
     if state::state_file(&a.dir).exists() {
         bail!(
             "a lab already runs in {} — `clustermesh lab status --dir {0}` shows it, `clustermesh lab down --dir {0}` removes it",
