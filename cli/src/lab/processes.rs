@@ -107,7 +107,7 @@ pub(super) fn start_control_planes(st: &mut LabState) -> anyhow::Result<()> {
             health_addr: c.health_addr,
             manifests: None,
             extra_dns: Vec::new(),
-            extra_ips: vec![c.ip.into()],
+            extra_ips: vec![c.ip],
             enable_mcs_api: true,
             force: false,
             start: false,
@@ -255,7 +255,7 @@ pub(super) fn start_agents(
                 ("vxlan-dev", plan::VXLAN_DEV.to_string()),
                 (
                     "observer-addr",
-                    SocketAddr::new(node.ip.into(), crate::observe::OBSERVER_PORT).to_string(),
+                    SocketAddr::new(node.ip, crate::observe::OBSERVER_PORT).to_string(),
                 ),
                 ("dns-addr", SocketAddr::new(dns, 53).to_string()),
                 (

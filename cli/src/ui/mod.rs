@@ -131,7 +131,7 @@ async fn serve(
         Some(lab) => {
             for c in &lab.clusters {
                 for n in c.nodes.iter().filter(|n| n.agent.is_some()) {
-                    let address = SocketAddr::new(n.ip.into(), OBSERVER_PORT).to_string();
+                    let address = SocketAddr::new(n.ip, OBSERVER_PORT).to_string();
                     targets.push(observers::Target {
                         feed: hub.add_feed(&c.name, &n.name, &address),
                         label: format!("{}/{}", c.name, n.name),
