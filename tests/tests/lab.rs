@@ -766,7 +766,8 @@ fn lab_dual_stack_every_check_per_family() -> Result<()> {
 /// tcp6 and icmp6 for every same-node, cross-node and cross-cluster pair and no IPv4 check,
 /// and the service checks over the IPv6 VIPs only (global, DNS AAAA, affinity-local
 /// failover); cross-cluster TCP leaves the node as VXLAN over IPv6 with the source's
-/// identity in the VNI (tcpdump); the kernel datapath and the bridge plugin are refused
+/// identity in the VNI (tcpdump), and `observe` shows that flow with both pods' names;
+/// the kernel datapath and the bridge plugin are refused
 /// with their reason; the lab makes no root veth, and `lab down` leaves no namespace and
 /// no IPv6 underlay route.
 #[test]
@@ -944,6 +945,27 @@ fn lab_ipv6_only_every_check() -> Result<()> {
         dst_ip6,
     )?;
     println!("IPv6-only lab: VXLAN over IPv6, VNI = identity {identity}");
+    // `observe` reaches every agent's observer on its IPv6 address and names both pods of
+    // that IPv6 flow.
+    let src_ip6 = c1["nodes"][0]["pods"][0]["ip6"]
+        .as_str()
+        .context("src ip6")?;
+    let flows = run(&mut lab.cli(&["observe", "--last", "500", "-o", "json"]))?;
+    let seen = flows
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|f| {
+            f["source"]["IP"] == src_ip6
+                && f["destination"]["IP"] == dst_ip6
+                && f["verdict"] == "FORWARDED"
+        })
+        .with_context(|| format!("no flow {src_ip6} → {dst_ip6} in observe:\n{flows}"))?;
+    ensure!(
+        seen["source"]["pod_name"] == "echo-1-1"
+            && seen["destination"]["pod_name"] == "echo-1-1"
+            && seen["destination"]["cluster_name"] == "c2",
+        "flow without pod names: {seen}"
+    );
 
     run(&mut lab.cli(&["lab", "down"]))?;
     lab.down = true;
