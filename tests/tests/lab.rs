@@ -765,11 +765,11 @@ fn lab_dual_stack_every_check_per_family() -> Result<()> {
 /// `--node-ip6` and no `--node-ip`); `connectivity test -o json` passes every check, runs
 /// tcp6 and icmp6 for every same-node, cross-node and cross-cluster pair and no IPv4 check,
 /// and the service checks over the IPv6 VIPs only (global, DNS AAAA, affinity-local
-/// failover); cross-cluster TCP leaves the node as VXLAN over IPv6 with the source's
-/// identity in the VNI (tcpdump), and `observe` shows that flow with both pods' names;
-/// the kernel datapath and the bridge plugin are refused
-/// with their reason; the lab makes no root veth, and `lab down` leaves no namespace and
-/// no IPv6 underlay route.
+/// failover); `dig` in a pod gets AAAA `fd00:20::10` and NODATA for A; cross-cluster TCP
+/// leaves the node as VXLAN over IPv6 with the source's identity in the VNI (tcpdump), and
+/// `observe` shows that flow with both pods' names; the kernel datapath and the bridge
+/// plugin are refused with their reason; the lab makes no root veth, and `lab down` leaves
+/// no namespace and no IPv6 underlay route.
 #[test]
 fn lab_ipv6_only_every_check() -> Result<()> {
     let _turn = ONE_LAB_AT_A_TIME
@@ -929,6 +929,31 @@ fn lab_ipv6_only_every_check() -> Result<()> {
         aaaa["detail"]["addresses"] == serde_json::json!(["fd00:20::10"]),
         "AAAA answer: {}",
         aaaa["detail"]
+    );
+
+    // The pod's own resolver (`dig` reads the resolv.conf `ip netns exec` mounts): the
+    // agent's DNS on fd00:53::53 answers AAAA with the IPv6 VIP, and A with no record
+    // (NODATA: the name exists, the service has no IPv4 address).
+    let pod_ns = state["clusters"][0]["nodes"][0]["pods"][0]["ns"]
+        .as_str()
+        .context("pod ns")?;
+    let name = "echo.default.svc.clusterset.local";
+    let dig = |qtype: &str, short: bool| {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", pod_ns, "dig", "+time=1", "+tries=2"]);
+        if short {
+            c.arg("+short");
+        }
+        run(c.args([qtype, name]))
+    };
+    let aaaa = dig("AAAA", true)?;
+    ensure!(aaaa.trim() == "fd00:20::10", "dig AAAA {name}: {aaaa:?}");
+    let a = dig("A", false)?;
+    ensure!(
+        a.contains("status: NOERROR")
+            && a.contains("ANSWER: 0,")
+            && a.contains("SERVER: fd00:53::53"),
+        "dig A {name} in an IPv6-only lab:\n{a}"
     );
 
     // Cross-cluster, c1/n1/echo-1-1 → c2/n1/echo-1-1: VXLAN over the IPv6 underlay.
