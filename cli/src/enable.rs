@@ -112,6 +112,7 @@ pub fn run_cmd(c: EnableCmd) -> anyhow::Result<()> {
         extra_dns: c.extra_dns,
         extra_ips: c.extra_ips,
         enable_mcs_api: c.install.enable_mcs_api,
+        cluster_cidrs: c.install.cluster_cidr,
         force: c.force,
         start: c.start,
     })
@@ -144,6 +145,9 @@ pub struct EnableArgs {
     pub extra_ips: Vec<IpAddr>,
     /// Export MCS-API ServiceExports.
     pub enable_mcs_api: bool,
+    /// The cluster's pod CIDRs (`cluster-cidr` of `apiserver.yaml`; `connect` hands them to
+    /// the peers); empty: no rule.
+    pub cluster_cidrs: Vec<String>,
     /// Re-issue certificates even if they exist.
     pub force: bool,
     /// Run the apiserver in the foreground once prepared.
@@ -234,6 +238,14 @@ pub fn prepare(a: &EnableArgs) -> anyhow::Result<Prepared> {
         mcs = a.enable_mcs_api,
         users = state.join("cluster-users.yaml").display(),
     );
+    let cidrs = clustermesh_types::cluster_cidrs::ClusterCidrs::parse(&a.cluster_cidrs)
+        .context("--cluster-cidr")?;
+    let text = if cidrs.is_empty() {
+        text
+    } else {
+        let quoted: Vec<String> = cidrs.iter().map(|c| format!("\"{c}\"")).collect();
+        format!("{text}cluster-cidr: [{}]\n", quoted.join(", "))
+    };
     clustermesh_syncer::config::write_private(&config, text.as_bytes())?;
     Ok(Prepared {
         state_dir: state.clone(),

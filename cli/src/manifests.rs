@@ -47,6 +47,12 @@ pub struct InstallArgs {
     /// Export MCS-API ServiceExports (and grant reading them).
     #[arg(long)]
     pub enable_mcs_api: bool,
+    /// The cluster's pod CIDRs, IPv4 and IPv6 (repeat, or a comma list): the apiserver
+    /// exports nothing outside them and `connect` has peers refuse anything outside them
+    /// (ConfigMap key `cluster-cidr`). Default: none (no rule); `enable --context` keeps
+    /// what the cluster has.
+    #[arg(long, value_delimiter = ',')]
+    pub cluster_cidr: Vec<String>,
 }
 
 impl InstallArgs {
@@ -71,7 +77,15 @@ impl InstallArgs {
             enable_mcs_api: self.enable_mcs_api,
             // A CA bundle exists only once `connect --allow-mismatching-ca` wrote one.
             ca_bundle: None,
+            cluster_cidrs: self.cluster_cidr.clone(),
         }
+    }
+
+    /// `--cluster-cidr`, checked (each CIDR parses, no host bits), as strings.
+    pub fn cluster_cidrs(&self) -> anyhow::Result<Vec<String>> {
+        let c = clustermesh_types::cluster_cidrs::ClusterCidrs::parse(&self.cluster_cidr)
+            .map_err(|e| anyhow::anyhow!("--cluster-cidr: {e}"))?;
+        Ok(c.to_strings())
     }
 }
 
@@ -101,6 +115,7 @@ pub struct ManifestsArgs {
 /// `clustermesh manifests`.
 pub fn run(a: ManifestsArgs) -> anyhow::Result<()> {
     let Some(out) = a.out else {
+        a.install.cluster_cidrs()?;
         let v = a.install.values(
             &a.namespace,
             &a.cluster_name,

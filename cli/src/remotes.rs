@@ -14,6 +14,9 @@
 //!   again in an etcd that lost its data (a wiped or replaced member);
 //! * and the same for B reading A.
 //!
+//! B's cluster CIDRs (`cluster-cidr` of its `apiserver.yaml`) go into `<A>/clustermesh/<B>`,
+//! so A refuses B's entries outside them; a cluster without them is read without that rule.
+//!
 //! With `--allow-mismatching-ca` each side's `certs/ca.crt`, which its etcd trusts for
 //! client certificates, also gets the peer's CA appended; etcd reads it at start, so the
 //! apiservers must be restarted once (Cilium restarts the clustermesh-apiserver pods for the
@@ -119,6 +122,7 @@ struct ApiserverFile {
     clustermesh_config: Option<PathBuf>,
     enable_kvstoremesh: Option<bool>,
     cluster_users_config_path: Option<PathBuf>,
+    cluster_cidr: Option<clustermesh_types::cluster_cidrs::ClusterCidrs>,
 }
 
 /// What one cluster tells its peers (Cilium's `accessInformation`) plus local paths.
@@ -144,6 +148,8 @@ pub struct Access {
     pub kvstoremesh: bool,
     /// The apiserver's users file (`cluster-users-config-path`), when it has one.
     pub users_file: Option<PathBuf>,
+    /// The cluster's pod CIDRs (`cluster-cidr`): peers refuse its entries outside them.
+    pub cluster_cidrs: clustermesh_types::cluster_cidrs::ClusterCidrs,
 }
 
 impl Access {
@@ -196,6 +202,7 @@ impl Access {
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9880))),
             kvstoremesh: file.enable_kvstoremesh.unwrap_or(true),
             users_file: file.cluster_users_config_path,
+            cluster_cidrs: file.cluster_cidr.unwrap_or_default(),
             state_dir,
         })
     }
@@ -362,7 +369,8 @@ fn remote_config(reader: &Access, peer: &Access, mismatched: bool) -> EtcdConfig
         cert_file: Some(certs.join(format!("remote-{}.crt", reader.name))),
         key_file: Some(certs.join(format!("remote-{}.key", reader.name))),
         host_aliases: Vec::new(),
-        cluster_cidrs: Default::default(),
+        // The peer's own settings: the reader refuses what the peer does not own.
+        cluster_cidrs: peer.cluster_cidrs.clone(),
     }
 }
 

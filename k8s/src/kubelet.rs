@@ -617,6 +617,7 @@ mod tests {
             name: "c2".into(),
             ips: vec!["198.18.2.2".into()],
             port: 2379,
+            cluster_cidrs: Vec::new(),
         }];
         objs.extend(objects::remote_secrets(&v, &peers, &BTreeMap::new()));
         let dir = tempfile::tempdir().unwrap();

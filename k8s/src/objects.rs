@@ -171,6 +171,10 @@ pub struct Values {
     /// The CAs (PEM) etcd trusts for client certificates when they are more than the
     /// cluster's own ([`CA_BUNDLE`]); `None`: the server certificate Secret's `ca.crt`.
     pub ca_bundle: Option<String>,
+    /// The cluster's pod CIDRs, IPv4 and IPv6 (the ConfigMap's `cluster-cidr`, the
+    /// apiserver's `--cluster-cidr`): nothing outside them is exported, and `connect` tells
+    /// peers to refuse anything outside them. Empty: no rule.
+    pub cluster_cidrs: Vec<String>,
 }
 
 impl Default for Values {
@@ -186,6 +190,7 @@ impl Default for Values {
             etcd_storage: StorageMedium::Memory,
             enable_mcs_api: false,
             ca_bundle: None,
+            cluster_cidrs: Vec::new(),
         }
     }
 }
@@ -305,6 +310,20 @@ fn env_config(name: &str, key: &str) -> EnvVar {
         }),
         ..Default::default()
     }
+}
+
+/// [`env_config`] for a key that clusters enabled before it existed do not have (the
+/// variable is then unset, which the apiserver reads as the setting's default).
+fn env_config_optional(name: &str, key: &str) -> EnvVar {
+    let mut e = env_config(name, key);
+    if let Some(r) = e
+        .value_from
+        .as_mut()
+        .and_then(|f| f.config_map_key_ref.as_mut())
+    {
+        r.optional = Some(true);
+    }
+    e
 }
 
 fn env_field(name: &str, path: &str) -> EnvVar {
@@ -458,8 +477,8 @@ pub fn etcd_client_config(endpoint: &str, cert_dir: &str) -> String {
     )
 }
 
-/// The cluster's name, ID and max-connected-clusters (Cilium's keys), and the etcd client
-/// configs of the apiserver (`admin-<c>`, on the pod's loopback) and of the agents
+/// The cluster's name, ID and max-connected-clusters (Cilium's keys), its pod CIDRs
+/// (`cluster-cidr`), and the etcd client configs of the apiserver (`admin-<c>`, on the pod's loopback) and of the agents
 /// (`local-<c>`, through the Service).
 pub fn cluster_config(v: &Values) -> ConfigMap {
     let svc = format!("https://{APISERVER}.{}.svc:{ETCD_PORT}", v.namespace);
@@ -472,6 +491,8 @@ pub fn cluster_config(v: &Values) -> ConfigMap {
                 "max-connected-clusters".into(),
                 v.max_connected_clusters.to_string(),
             ),
+            // Comma-separated; empty: no rule. `connect --context` reads it for the peers.
+            ("cluster-cidr".into(), v.cluster_cidrs.join(",")),
             (
                 "etcd-config.yaml".into(),
                 etcd_client_config(
@@ -708,6 +729,8 @@ fn deployment(v: &Values) -> Deployment {
             env_config("CLUSTER_NAME", "cluster-name"),
             env_config("CLUSTER_ID", "cluster-id"),
             env_config("MAX_CONNECTED_CLUSTERS", "max-connected-clusters"),
+            // `--cluster-cidr` (read from the environment by the apiserver).
+            env_config_optional("CLUSTER_CIDR", "cluster-cidr"),
         ]),
         ports: Some(vec![
             port("health", HEALTH_PORT),
@@ -1122,6 +1145,18 @@ pub struct PeerAddress {
     pub ips: Vec<String>,
     /// Port (nodePort or 2379).
     pub port: i32,
+    /// The peer's pod CIDRs (its `cluster-cidr`): written into both config files for it, so
+    /// KVStoreMesh and the agents refuse its entries outside them. Empty: no rule.
+    pub cluster_cidrs: Vec<String>,
+}
+
+/// The `cluster-cidr` line of a remote config file (nothing when there are none).
+fn cidr_line(cidrs: &[String]) -> String {
+    if cidrs.is_empty() {
+        return String::new();
+    }
+    let quoted: Vec<String> = cidrs.iter().map(|c| format!("\"{c}\"")).collect();
+    format!("cluster-cidr: [{}]\n", quoted.join(", "))
 }
 
 /// KVStoreMesh's config file for `peer`: `https://<peer>.mesh.cilium.io:<port>` with a host
@@ -1137,16 +1172,19 @@ pub fn kvstoremesh_remote_config(peer: &PeerAddress, ca_file: &str) -> String {
     for ip in &peer.ips {
         s.push_str(&format!("  - {ip}\n"));
     }
+    s.push_str(&cidr_line(&peer.cluster_cidrs));
     s
 }
 
 /// The agents' config file for `peer`: they read it from the KVStoreMesh cache in the
-/// local etcd (Cilium's layout with KVStoreMesh on), with the `local-<c>` certificate.
-pub fn agent_remote_config(v: &Values) -> String {
+/// local etcd (Cilium's layout with KVStoreMesh on), with the `local-<c>` certificate, and
+/// refuse the peer's entries outside `peer_cidrs`.
+pub fn agent_remote_config(v: &Values, peer_cidrs: &[String]) -> String {
     let dir = format!("{POD_CONFIG_DIR}/clustermesh");
     format!(
-        "endpoints:\n- https://{APISERVER}.{}.svc:{ETCD_PORT}\ntrusted-ca-file: {dir}/local-etcd-client-ca.crt\ncert-file: {dir}/local-etcd-client.crt\nkey-file: {dir}/local-etcd-client.key\n",
-        v.namespace
+        "endpoints:\n- https://{APISERVER}.{}.svc:{ETCD_PORT}\ntrusted-ca-file: {dir}/local-etcd-client-ca.crt\ncert-file: {dir}/local-etcd-client.crt\nkey-file: {dir}/local-etcd-client.key\n{}",
+        v.namespace,
+        cidr_line(peer_cidrs)
     )
 }
 
@@ -1195,7 +1233,7 @@ pub fn remote_secrets(
             p,
             ca_bundles.get(&p.name).map(String::as_str),
         ));
-        agents.insert(p.name.clone(), agent_remote_config(v));
+        agents.insert(p.name.clone(), agent_remote_config(v, &p.cluster_cidrs));
     }
     vec![
         Object::new(&remote_config_secret(v, KVSTOREMESH_SECRET, &kvs)),

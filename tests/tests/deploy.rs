@@ -111,6 +111,7 @@ fn every_object() -> Vec<Object> {
             name: "c7".into(),
             ips: vec!["192.0.2.7".into()],
             port: 32379,
+            cluster_cidrs: vec!["10.7.0.0/16".into(), "fd00:7::/48".into()],
         }];
         out.extend(objects::remote_secrets(&v, &peers, &BTreeMap::new()));
         let bundles = BTreeMap::from([("c7".to_string(), "PEM".to_string())]);

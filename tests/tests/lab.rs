@@ -740,6 +740,7 @@ fn lab_dual_stack_every_check_per_family() -> Result<()> {
     }
 
     vxlan_over_ipv6(&lab, &state)?;
+    cluster_cidrs_handed_to_peers(&state)?;
     ipv6_only_agent(&state)?;
 
     run(&mut lab.cli(&["lab", "down"]))?;
@@ -1013,6 +1014,32 @@ fn lab_ipv6_only_every_check() -> Result<()> {
         routes6.trim().is_empty(),
         "IPv6 underlay routes in the root namespace: {routes6}"
     );
+    Ok(())
+}
+
+/// Issue 16's CIDR rule in the lab: each cluster's config file for its peer (written by
+/// `connect` from the peer's `apiserver.yaml`) names every pod CIDR of the peer, IPv4 and
+/// IPv6, so KVStoreMesh and the agents refuse the peer's entries outside them; the
+/// cross-cluster checks above passed with that rule on.
+fn cluster_cidrs_handed_to_peers(state: &Value) -> Result<()> {
+    let clusters = state["clusters"].as_array().context("clusters")?;
+    for reader in clusters {
+        for peer in clusters.iter().filter(|c| c["name"] != reader["name"]) {
+            let dir = reader["state_dir"].as_str().context("state_dir")?;
+            let name = peer["name"].as_str().context("name")?;
+            let file = std::fs::read_to_string(Path::new(dir).join("clustermesh").join(name))?;
+            let line = file
+                .lines()
+                .find(|l| l.starts_with("cluster-cidr:"))
+                .with_context(|| format!("no cluster-cidr in {dir}/clustermesh/{name}:\n{file}"))?;
+            for n in peer["nodes"].as_array().context("nodes")? {
+                for key in ["pod_cidr", "pod_cidr6"] {
+                    let cidr = n[key].as_str().context("pod cidr")?;
+                    ensure!(line.contains(cidr), "{cidr} missing from {line}");
+                }
+            }
+        }
+    }
     Ok(())
 }
 

@@ -134,8 +134,12 @@ async fn read_side(t: Target, ns: &str) -> anyhow::Result<Side> {
 
 /// Where peers reach this cluster's etcd (Cilium's rules): the override, a LoadBalancer's
 /// ingress IPs, or a node's ExternalIP (else InternalIP) with the nodePort.
+/// With the cluster's CIDRs (its ConfigMap's `cluster-cidr`), which the peer's config files
+/// carry.
 async fn address(s: &Side, endpoint: Option<SocketAddr>) -> anyhow::Result<PeerAddress> {
-    access_address(&s.t, &s.ns, &s.id.name, endpoint, true).await
+    let mut a = access_address(&s.t, &s.ns, &s.id.name, endpoint, true).await?;
+    a.cluster_cidrs = s.id.cluster_cidrs.clone();
+    Ok(a)
 }
 
 /// Where peers reach the etcd of cluster `name` (Cilium's rules): `endpoint` if given, a
@@ -154,6 +158,7 @@ pub async fn access_address(
             name,
             ips: vec![e.ip().to_string()],
             port: i32::from(e.port()),
+            cluster_cidrs: Vec::new(),
         });
     }
     let ctx = &t.context;
@@ -187,6 +192,7 @@ pub async fn access_address(
                 name,
                 ips,
                 port: port.map(|p| p.port).unwrap_or(objects::ETCD_PORT),
+                cluster_cidrs: Vec::new(),
             })
         }
         Some("NodePort") => {
@@ -224,6 +230,7 @@ pub async fn access_address(
                 name,
                 ips: vec![ip],
                 port: node_port,
+                cluster_cidrs: Vec::new(),
             })
         }
         other => bail!(
@@ -244,6 +251,7 @@ fn values(s: &Side) -> Values {
         cluster_id: s.id.id,
         max_connected_clusters: s.id.max_connected_clusters,
         ca_bundle: s.ca_bundle.clone(),
+        cluster_cidrs: s.id.cluster_cidrs.clone(),
         ..Values::default()
     };
     let pod = s
@@ -410,7 +418,7 @@ pub async fn connect(r: Request) -> anyhow::Result<()> {
         let mut agents = reader.agents.clone();
         agents.insert(
             peer.name.clone(),
-            objects::agent_remote_config(&values(reader)),
+            objects::agent_remote_config(&values(reader), &peer.cluster_cidrs),
         );
         let mut users = reader.users.clone();
         users.insert(peer.name.clone());

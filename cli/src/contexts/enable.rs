@@ -192,6 +192,14 @@ pub async fn run(r: Request) -> anyhow::Result<()> {
     let t = super::target(&r.kube.kubeconfig, r.kube.context.as_deref()).await?;
     let ns = r.kube.namespace.clone();
     let existing = read_identity(&t, &ns).await?;
+    let mut cluster_cidrs = r.install.cluster_cidrs()?;
+    if cluster_cidrs.is_empty() {
+        // Kept unless the flag is given (a re-run must not drop the rule).
+        cluster_cidrs = existing
+            .as_ref()
+            .map(|e| e.cluster_cidrs.clone())
+            .unwrap_or_default();
+    }
     let info = identity(&t, &r, existing)?;
     let name = info.name.to_string();
     let ca = ca(&t, &r).await?;
@@ -218,6 +226,7 @@ pub async fn run(r: Request) -> anyhow::Result<()> {
         install.values(&ns, &name, info.id, info.max_connected_clusters.as_u32());
     // The CA bundle `connect --allow-mismatching-ca` wrote stays, and with it the Deployment
     // that mounts it.
+    values.cluster_cidrs = cluster_cidrs;
     values.ca_bundle = apply::get::<ConfigMap>(&t, Some(&ns), objects::CA_BUNDLE)
         .await?
         .and_then(|c| c.data?.get("ca.crt").cloned());

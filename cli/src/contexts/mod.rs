@@ -71,6 +71,10 @@ pub struct Identity {
     pub id: u32,
     /// 255 or 511.
     pub max_connected_clusters: u32,
+    /// The cluster's pod CIDRs: `cluster-cidr` of `clustermesh-config`, else Cilium's
+    /// `cluster-pool-ipv4-cidr`/`cluster-pool-ipv6-cidr` of `cilium-config`; empty: unknown
+    /// (peers then apply no CIDR rule to it).
+    pub cluster_cidrs: Vec<String>,
     /// `ConfigMap ns/name`.
     pub source: String,
 }
@@ -105,10 +109,48 @@ pub async fn read_identity(t: &Target, ns: &str) -> anyhow::Result<Option<Identi
             name: cluster,
             id: num("cluster-id", 0)?,
             max_connected_clusters: num("max-connected-clusters", 255)?,
+            cluster_cidrs: read_cluster_cidrs(t, ns).await?,
             source,
         }));
     }
     Ok(None)
+}
+
+/// The cluster's pod CIDRs (see [`Identity::cluster_cidrs`]), checked: a CIDR that does not
+/// parse is an error naming the ConfigMap and key, not a silently missing rule.
+async fn read_cluster_cidrs(t: &Target, ns: &str) -> anyhow::Result<Vec<String>> {
+    use clustermesh_types::cluster_cidrs::ClusterCidrs;
+    let keys: [(&str, &[&str]); 2] = [
+        (objects::CLUSTER_CONFIG, &["cluster-cidr"]),
+        // Cilium's cluster-pool IPAM lists (space-separated).
+        (
+            objects::CILIUM_CONFIG,
+            &["cluster-pool-ipv4-cidr", "cluster-pool-ipv6-cidr"],
+        ),
+    ];
+    for (name, keys) in keys {
+        let Some(cm) = apply::get::<ConfigMap>(t, Some(ns), name).await? else {
+            continue;
+        };
+        let mut items = Vec::new();
+        for k in keys {
+            if let Some(v) = data_key(&cm, k) {
+                let list = v.replace(' ', ",");
+                ClusterCidrs::parse([list.as_str()]).with_context(|| {
+                    format!(
+                        "context {}: ConfigMap {ns}/{name} has {k} {v:?}, not a list of CIDRs",
+                        t.context
+                    )
+                })?;
+                items.push(list);
+            }
+        }
+        let cidrs = ClusterCidrs::parse(&items)?;
+        if !cidrs.is_empty() {
+            return Ok(cidrs.to_strings());
+        }
+    }
+    Ok(Vec::new())
 }
 
 /// The string data of a Secret (keys whose values are not UTF-8 are skipped).

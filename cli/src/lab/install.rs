@@ -27,6 +27,7 @@
 //!   runs here), and its remote configs and users file to the state dir's `clustermesh/`
 //!   and `cluster-users.yaml` (where `connect --state-dir` writes them; in a cluster the
 //!   `cilium-kvstoremesh` Secret and `clustermesh-remote-users` ConfigMap);
+//! - the cluster's CIDRs (`cluster-cidr`) are its nodes' pod CIDRs ([`cluster_cidrs`]);
 //! - the state dir's `certs/` are what the Secrets hold (as the overlays' `secretGenerator`
 //!   reads files); [`refresh`] is the kubelet's update of mounted Secrets: after `certs
 //!   rotate` it writes the new Secrets' files into every pod of the cluster.
@@ -51,8 +52,18 @@ pub fn values(c: &Cluster) -> Values {
         cluster_id: c.id,
         max_connected_clusters: 255,
         enable_mcs_api: true,
+        cluster_cidrs: cluster_cidrs(c),
         ..Values::default()
     }
+}
+
+/// A lab cluster's CIDRs (`--cluster-cidr` of its apiserver, `cluster-cidr` of its
+/// `apiserver.yaml` for `connect`): every node's pod CIDR of each family the lab runs,
+/// so a pod outside its node's range is neither exported nor accepted by peers.
+pub fn cluster_cidrs(c: &Cluster) -> Vec<String> {
+    let v4 = c.nodes.iter().map(|n| n.pod_cidr.clone());
+    let v6 = c.nodes.iter().filter_map(|n| n.pod_cidr6.clone());
+    v4.chain(v6).filter(|s| !s.is_empty()).collect()
 }
 
 fn read(path: &Path) -> anyhow::Result<String> {

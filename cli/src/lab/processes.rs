@@ -109,6 +109,7 @@ pub(super) fn start_control_planes(st: &mut LabState) -> anyhow::Result<()> {
             extra_dns: Vec::new(),
             extra_ips: vec![c.ip],
             enable_mcs_api: true,
+            cluster_cidrs: install::cluster_cidrs(c),
             force: false,
             start: false,
         };
