@@ -1028,9 +1028,10 @@ fn cluster_cidrs_handed_to_peers(state: &Value) -> Result<()> {
             let dir = reader["state_dir"].as_str().context("state_dir")?;
             let name = peer["name"].as_str().context("name")?;
             let file = std::fs::read_to_string(Path::new(dir).join("clustermesh").join(name))?;
+            // The key and its list (block style: one `- cidr` line each).
             let line = file
-                .lines()
-                .find(|l| l.starts_with("cluster-cidr:"))
+                .split_once("cluster-cidr:")
+                .map(|(_, list)| list)
                 .with_context(|| format!("no cluster-cidr in {dir}/clustermesh/{name}:\n{file}"))?;
             for n in peer["nodes"].as_array().context("nodes")? {
                 for key in ["pod_cidr", "pod_cidr6"] {
