@@ -108,8 +108,13 @@ pub fn up(a: UpArgs) -> anyhow::Result<()> {
     }
     if a.ip_family.has_v6() && a.cni == Cni::Clustermesh {
         bail!(
-            "--ip-family {:?} needs --cni ptp or bridge: clustermesh-cni hands out IPv4 addresses only",
-            a.ip_family
+            "--ip-family {} needs --cni {}: clustermesh-cni hands out IPv4 addresses only",
+            if a.ip_family.has_v4() { "dual" } else { "ipv6" },
+            if a.ip_family.has_v4() {
+                "ptp or bridge"
+            } else {
+                "ptp"
+            }
         );
     }
     if a.ip_family == IpFamily::Ipv6 && a.cni == Cni::Bridge {
