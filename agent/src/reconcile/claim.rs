@@ -26,13 +26,13 @@ pub struct LocalPod {
     pub identity: u32,
 }
 
-/// What one cluster's entry asks for.
+/// What one cluster's entry asks for (`P`: the family's pod, [`LocalPod`] for IPv4).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Claim {
+pub struct Claim<P = LocalPod> {
     /// The map value.
     pub value: IpcacheValue,
     /// Set when the entry is a pod on this node.
-    pub pod: Option<Arc<LocalPod>>,
+    pub pod: Option<Arc<P>>,
 }
 
 /// The prefix and claim for `entry` published by `cluster`; `None` for entries this

@@ -1,37 +1,123 @@
-//! [`Desired`], the pure part of the reconciler: every cluster's claims per prefix, the
-//! winner of each (the local cluster, then the lowest cluster name), and what the map holds
+//! [`Table`], the pure part of the reconciler, once per address family ([`Desired`] for
+//! IPv4, [`super::Desired6`] for IPv6): every cluster's claims per prefix, the winner of
+//! each (the local cluster, then the lowest cluster name), and what the map holds
 //! (`applied`), side by side in one slab; [`Plan`], the writes one flush needs.
+//!
+//! What differs between the families (the key and its hasher, the pod, how an entry becomes
+//! a claim) is the [`Family`] trait; the claim rules, the slab and the diff are written
+//! once, so IPv6 gets the IPv4 table's speed (interned clusters, a fast hasher, no
+//! allocation per prefix, chunked plans) and the same rules by construction.
 //!
 //! It must not write maps: the [`Reconciler`](super::Reconciler) writes and then records
 //! what it wrote.
 
+use std::collections::{BTreeSet, HashMap};
+use std::fmt::{Debug, Display};
+use std::hash::{BuildHasher, Hash};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use clustermesh_ebpf_abi::{ipcache_flags, IpcacheLpmKey, IpcacheValue};
 use clustermesh_types::model::{Cidr, IpcacheEntry};
+use serde::Serialize;
 
 use super::claim::{claim_of, Claim, LocalPod};
-use super::prefix::{FxMap, Prefix, PrefixMap};
+use super::prefix::{FxMap, Prefix, PrefixHasher};
 
-/// A cluster name, interned by [`Desired`] (index into its `clusters`).
+/// What one address family brings to a [`Table`]: its key, its pod, its claim rule.
+pub trait Family: Debug + Sized {
+    /// The map key without cluster ID.
+    type Prefix: Copy + Eq + Ord + Hash + Debug + Display;
+    /// A pod's address (a host prefix's address).
+    type Addr: Copy + Ord + Debug;
+    /// A pod on this node.
+    type Pod: Clone + Debug + PartialEq + Eq;
+    /// This node's underlay address(es): which `HostIP` is this node.
+    type Node: Copy + Debug;
+    /// The prefix index's hasher (see [`super::prefix`]).
+    type Hasher: BuildHasher + Default + Debug;
+    /// The family's name in logs.
+    const NAME: &'static str;
+    /// The prefix and claim of `entry` (`None`: not this family's, or not programmable).
+    fn claim(
+        is_local_cluster: bool,
+        node: Self::Node,
+        entry: &IpcacheEntry,
+    ) -> Option<(Self::Prefix, Claim<Self::Pod>)>;
+    /// The prefix `cidr` names, if it is this family's.
+    fn from_cidr(cidr: &Cidr) -> Option<Self::Prefix>;
+    /// The map key.
+    fn lpm_key(prefix: Self::Prefix) -> IpcacheLpmKey;
+    /// The prefix of a map key this agent writes, if it is this family's.
+    fn from_lpm_key(key: &IpcacheLpmKey) -> Option<Self::Prefix>;
+    /// The prefix's address.
+    fn addr(prefix: Self::Prefix) -> Self::Addr;
+}
+
+/// IPv4 ([`Prefix`], [`LocalPod`], the node's IPv4 underlay address).
+#[derive(Debug)]
+pub struct V4;
+
+impl Family for V4 {
+    type Prefix = Prefix;
+    type Addr = Ipv4Addr;
+    type Pod = LocalPod;
+    type Node = Ipv4Addr;
+    type Hasher = std::hash::BuildHasherDefault<PrefixHasher>;
+    const NAME: &'static str = "IPv4";
+    fn claim(
+        is_local_cluster: bool,
+        node: Ipv4Addr,
+        entry: &IpcacheEntry,
+    ) -> Option<(Prefix, Claim)> {
+        claim_of(is_local_cluster, node, entry)
+    }
+    fn from_cidr(cidr: &Cidr) -> Option<Prefix> {
+        Prefix::from_cidr(cidr)
+    }
+    fn lpm_key(prefix: Prefix) -> IpcacheLpmKey {
+        prefix.lpm_key()
+    }
+    fn from_lpm_key(key: &IpcacheLpmKey) -> Option<Prefix> {
+        Prefix::from_lpm_key(key)
+    }
+    fn addr(prefix: Prefix) -> Ipv4Addr {
+        prefix.addr
+    }
+}
+
+/// The IPv4 table.
+pub type Desired = Table<V4>;
+
+/// A cluster name, interned by [`Table`] (index into its `clusters`).
 type ClusterId = u32;
 
 /// The claims on one prefix: almost always exactly one cluster's.
 #[derive(Debug)]
-enum Claims {
-    One(ClusterId, Claim),
+enum Claims<P> {
+    One(ClusterId, Claim<P>),
     /// Two or more, sorted by cluster name.
-    Many(Vec<(ClusterId, Claim)>),
+    Many(Vec<(ClusterId, Claim<P>)>),
 }
 
-impl Claims {
-    /// Sets `cluster`'s claim; `false` if it was already exactly that.
-    fn insert(&mut self, cluster: ClusterId, c: Claim, names: &[Arc<str>]) -> bool {
+/// What [`Claims::insert`] changed.
+#[derive(PartialEq)]
+enum Inserted {
+    /// The cluster's claim was already exactly that.
+    Unchanged,
+    /// The cluster's claim changed.
+    Changed,
+    /// A claim of another cluster joined: the prefix is claimed by several now.
+    Joined,
+}
+
+impl<P: Clone + PartialEq> Claims<P> {
+    /// Sets `cluster`'s claim.
+    fn insert(&mut self, cluster: ClusterId, c: Claim<P>, names: &[Arc<str>]) -> Inserted {
         match self {
             Claims::One(k, v) if *k == cluster => {
                 if *v == c {
-                    return false;
+                    return Inserted::Unchanged;
                 }
                 *v = c;
             }
@@ -39,20 +125,24 @@ impl Claims {
                 let mut m = vec![(*k, v.clone())];
                 Self::insert_sorted(&mut m, cluster, c, names);
                 *self = Claims::Many(m);
+                return Inserted::Joined;
             }
             Claims::Many(m) => match m.iter_mut().find(|(k, _)| *k == cluster) {
-                Some((_, v)) if *v == c => return false,
+                Some((_, v)) if *v == c => return Inserted::Unchanged,
                 Some((_, v)) => *v = c,
-                None => Self::insert_sorted(m, cluster, c, names),
+                None => {
+                    Self::insert_sorted(m, cluster, c, names);
+                    return Inserted::Joined;
+                }
             },
         }
-        true
+        Inserted::Changed
     }
 
     fn insert_sorted(
-        m: &mut Vec<(ClusterId, Claim)>,
+        m: &mut Vec<(ClusterId, Claim<P>)>,
         cluster: ClusterId,
-        c: Claim,
+        c: Claim<P>,
         names: &[Arc<str>],
     ) {
         let name = &names[cluster as usize];
@@ -60,24 +150,28 @@ impl Claims {
         m.insert(at, (cluster, c));
     }
 
-    /// Removes `cluster`'s claim; `true` if none is left.
-    fn remove(&mut self, cluster: ClusterId) -> bool {
+    /// Removes `cluster`'s claim; the claims left, `None` if `cluster` had none.
+    fn remove(&mut self, cluster: ClusterId) -> Option<usize> {
         match self {
-            Claims::One(k, _) => *k == cluster,
+            Claims::One(k, _) => (*k == cluster).then_some(0),
             Claims::Many(m) => {
+                let before = m.len();
                 m.retain(|(k, _)| *k != cluster);
-                if m.len() == 1 {
+                let left = m.len();
+                if left == before {
+                    return None;
+                }
+                if left == 1 {
                     if let Some((k, v)) = m.pop() {
                         *self = Claims::One(k, v);
                     }
-                    return false;
                 }
-                m.is_empty()
+                Some(left)
             }
         }
     }
 
-    fn winner(&self, local: ClusterId) -> Option<&Claim> {
+    fn winner(&self, local: ClusterId) -> Option<&Claim<P>> {
         match self {
             Claims::One(_, v) => Some(v),
             Claims::Many(m) => m
@@ -87,22 +181,30 @@ impl Claims {
                 .map(|(_, v)| v),
         }
     }
+
+    fn clusters(&self) -> impl Iterator<Item = ClusterId> + '_ {
+        let (one, many) = match self {
+            Claims::One(k, _) => (Some(*k), &[][..]),
+            Claims::Many(m) => (None, &m[..]),
+        };
+        one.into_iter().chain(many.iter().map(|(k, _)| *k))
+    }
 }
 
 /// One prefix: what the clusters claim and what the map holds.
 #[derive(Debug)]
-struct Slot {
-    prefix: Prefix,
-    claims: Option<Claims>,
+struct Slot<F: Family> {
+    prefix: F::Prefix,
+    claims: Option<Claims<F::Pod>>,
     applied: Option<IpcacheValue>,
-    /// Listed in [`Desired::dirty`] (at most once).
+    /// Listed in [`Table::dirty`] (at most once).
     dirty: bool,
     /// The last plan passed this prefix's local pod on (so a change must be passed on too).
     pod: bool,
 }
 
-impl Slot {
-    fn new(prefix: Prefix) -> Self {
+impl<F: Family> Slot<F> {
+    fn new(prefix: F::Prefix) -> Self {
         Self {
             prefix,
             claims: None,
@@ -118,10 +220,10 @@ impl Slot {
     }
 }
 
-/// The map writes one flush needs, built by [`Desired::plan`]: keys and values side by side,
+/// The map writes one flush needs, built by [`Table::plan`]: keys and values side by side,
 /// ready for `BPF_MAP_UPDATE_BATCH` / `BPF_MAP_DELETE_BATCH` without another copy.
-#[derive(Debug, Default)]
-pub struct Plan {
+#[derive(Debug)]
+pub struct Plan<F: Family = V4> {
     /// Keys to insert or replace.
     pub upsert_keys: Vec<IpcacheLpmKey>,
     /// Their values (`upsert_values[i]` for `upsert_keys[i]`).
@@ -133,11 +235,24 @@ pub struct Plan {
     pub delete_keys: Vec<IpcacheLpmKey>,
     /// What each deleted key held (`deleted[i]` for `delete_keys[i]`), to restore on failure.
     pub deleted: Vec<IpcacheValue>,
-    /// /32 prefixes whose local pod may have changed: address and the winner's pod now.
-    pub pods: Vec<(Ipv4Addr, Option<Arc<LocalPod>>)>,
+    /// Host prefixes whose local pod may have changed: address and the winner's pod now.
+    pub pods: Vec<(F::Addr, Option<Arc<F::Pod>>)>,
 }
 
-impl Plan {
+impl<F: Family> Default for Plan<F> {
+    fn default() -> Self {
+        Self {
+            upsert_keys: Vec::new(),
+            upsert_values: Vec::new(),
+            upsert_new: Vec::new(),
+            delete_keys: Vec::new(),
+            deleted: Vec::new(),
+            pods: Vec::new(),
+        }
+    }
+}
+
+impl<F: Family> Plan<F> {
     /// Empties every list, keeping the memory.
     pub fn clear(&mut self) {
         self.upsert_keys.clear();
@@ -154,43 +269,62 @@ impl Plan {
     }
 }
 
-/// Desired and applied state per prefix (see the module docs for why it is shaped so).
-/// Pure (no maps): the [`Reconciler`] writes and then records what it wrote.
+/// A prefix claimed by more than one cluster (`/status` → `ipv6.conflicts`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Conflict {
+    /// The prefix.
+    pub prefix: String,
+    /// The clusters claiming it, by name.
+    pub clusters: Vec<String>,
+    /// The cluster whose entry is programmed.
+    pub programmed: String,
+}
+
+/// Desired and applied state per prefix of one family (see the module docs of
+/// [`crate::reconcile`] for why it is shaped so). Pure (no maps): the [`Reconciler`]
+/// writes and then records what it wrote.
+///
+/// [`Reconciler`]: super::Reconciler
 #[derive(Debug)]
-pub struct Desired {
+pub struct Table<F: Family> {
     local: ClusterId,
-    node_ip: Ipv4Addr,
+    node: F::Node,
     /// Interned cluster names (`local` first); never shrinks (a handful of clusters).
     clusters: Vec<Arc<str>>,
     cluster_ids: FxMap<Arc<str>, ClusterId>,
     /// The last cluster looked up: inputs come in runs of one cluster sharing one `Arc`.
     last_cluster: Option<(Arc<str>, ClusterId)>,
     /// Prefix → index in `slots`.
-    index: PrefixMap<u32>,
-    slots: Vec<Slot>,
+    index: HashMap<F::Prefix, u32, F::Hasher>,
+    slots: Vec<Slot<F>>,
     /// Indices of vacant slots.
     free: Vec<u32>,
     /// Slots changed since the last plan, in the order they first changed; those before
-    /// `planned` were taken by a partial plan ([`Desired::plan_upto`]).
+    /// `planned` were taken by a partial plan ([`Table::plan_upto`]).
     dirty: Vec<u32>,
     planned: usize,
     claimed: usize,
     applied: usize,
     unsupported: u64,
+    /// Prefixes with more than one claim.
+    conflicted: BTreeSet<F::Prefix>,
+    /// Claims that joined another cluster's on a prefix, counted when they arrived.
+    conflicts_total: u64,
 }
 
-impl Desired {
-    /// Empty state for the agent of `local` on `node_ip`.
-    pub fn new(local: Arc<str>, node_ip: Ipv4Addr) -> Self {
+impl<F: Family> Table<F> {
+    /// Empty state for the agent of `local` on `node`.
+    pub fn new(local: Arc<str>, node: F::Node) -> Self {
         let mut cluster_ids = FxMap::default();
         cluster_ids.insert(local.clone(), 0);
         Self {
             local: 0,
-            node_ip,
+            node,
             clusters: vec![local],
             cluster_ids,
             last_cluster: None,
-            index: PrefixMap::default(),
+            index: HashMap::default(),
             slots: Vec::new(),
             free: Vec::new(),
             dirty: Vec::new(),
@@ -198,6 +332,8 @@ impl Desired {
             claimed: 0,
             applied: 0,
             unsupported: 0,
+            conflicted: BTreeSet::new(),
+            conflicts_total: 0,
         }
     }
 
@@ -206,12 +342,22 @@ impl Desired {
         &self.clusters[self.local as usize]
     }
 
+    /// This node's underlay address(es).
+    pub fn node(&self) -> F::Node {
+        self.node
+    }
+
+    /// Sets this node's underlay address(es); call before the first input (claims made
+    /// earlier keep the node they were made with).
+    pub fn set_node(&mut self, node: F::Node) {
+        self.node = node;
+    }
+
     /// Makes room for `additional` more prefixes (before adopting a map or a large list).
     pub fn reserve(&mut self, additional: usize) {
         self.index.reserve(additional);
         self.slots.reserve(additional);
     }
-
     /// Sizes the slab and the index for a map of `max_entries` up front, so that a big
     /// first list never pays for growing them (the index's rehashes and the slab's copies
     /// were ~20 ms of a 250k-entry fill, ~8% of it, measured with `bench-maps`). The slab
@@ -246,7 +392,7 @@ impl Desired {
     }
 
     /// The slot of `prefix`, created if missing.
-    fn slot_of(&mut self, prefix: Prefix) -> u32 {
+    fn slot_of(&mut self, prefix: F::Prefix) -> u32 {
         match self.index.entry(prefix) {
             std::collections::hash_map::Entry::Occupied(e) => *e.get(),
             std::collections::hash_map::Entry::Vacant(e) => {
@@ -286,16 +432,19 @@ impl Desired {
     /// it touches become dirty.
     pub fn apply(&mut self, cluster: &Arc<str>, prefix: &Cidr, entry: Option<&IpcacheEntry>) {
         let id = self.cluster_id(cluster);
-        match entry.and_then(|e| claim_of(id == self.local, self.node_ip, e)) {
+        match entry.and_then(|e| F::claim(id == self.local, self.node, e)) {
             Some((prefix, c)) => {
                 let i = self.slot_of(prefix);
                 let slot = &mut self.slots[i as usize];
                 match &mut slot.claims {
-                    Some(claims) => {
-                        if !claims.insert(id, c, &self.clusters) {
-                            return; // unchanged (a relist of the same data)
+                    Some(claims) => match claims.insert(id, c, &self.clusters) {
+                        Inserted::Unchanged => return, // a relist of the same data
+                        Inserted::Changed => {}
+                        Inserted::Joined => {
+                            self.conflicts_total += 1;
+                            self.conflicted.insert(prefix);
                         }
-                    }
+                    },
                     none @ None => {
                         *none = Some(Claims::One(id, c));
                         self.claimed += 1;
@@ -305,7 +454,7 @@ impl Desired {
             }
             // Deleted, or now unprogrammable: drop whatever this cluster claimed there.
             None => {
-                let Some(prefix) = Prefix::from_cidr(prefix) else {
+                let Some(prefix) = F::from_cidr(prefix) else {
                     if entry.is_some() {
                         self.unsupported += 1;
                     }
@@ -318,9 +467,16 @@ impl Desired {
                 let Some(claims) = &mut slot.claims else {
                     return;
                 };
-                if claims.remove(id) {
+                let many = matches!(claims, Claims::Many(_));
+                let Some(left) = claims.remove(id) else {
+                    return; // this cluster claimed nothing here
+                };
+                if left == 0 {
                     slot.claims = None;
                     self.claimed -= 1;
+                }
+                if many && left <= 1 {
+                    self.conflicted.remove(&prefix);
                 }
                 self.mark_dirty(i);
             }
@@ -328,13 +484,13 @@ impl Desired {
     }
 
     /// The winning claim for `prefix`: the local cluster's, else the lowest cluster name's.
-    pub fn winner(&self, prefix: &Prefix) -> Option<&Claim> {
+    pub fn winner(&self, prefix: &F::Prefix) -> Option<&Claim<F::Pod>> {
         let i = *self.index.get(prefix)?;
         self.slots[i as usize].claims.as_ref()?.winner(self.local)
     }
 
     /// `true` if some cluster claims `prefix`.
-    pub fn contains(&self, prefix: &Prefix) -> bool {
+    pub fn contains(&self, prefix: &F::Prefix) -> bool {
         self.index
             .get(prefix)
             .is_some_and(|i| self.slots[*i as usize].claims.is_some())
@@ -343,7 +499,7 @@ impl Desired {
     /// Decides the map writes for every prefix changed since the last plan (each once, in
     /// the order they first changed) into `out`, and records them as applied right away: a
     /// failed write is undone with [`Self::set_applied`] and [`Self::redirty`].
-    pub fn plan(&mut self, out: &mut Plan) {
+    pub fn plan(&mut self, out: &mut Plan<F>) {
         while self.plan_upto(out, usize::MAX) {}
     }
 
@@ -351,7 +507,7 @@ impl Desired {
     /// are left. The reconciler writes a big change in chunks of one syscall each, so the
     /// key and value arrays stay small and hot in the cache instead of being a fresh 12 MB
     /// for 250k entries.
-    pub fn plan_upto(&mut self, out: &mut Plan, max: usize) -> bool {
+    pub fn plan_upto(&mut self, out: &mut Plan<F>, max: usize) -> bool {
         let end = self.dirty.len().min(self.planned.saturating_add(max));
         let n = end - self.planned;
         out.upsert_keys.reserve(n);
@@ -364,9 +520,9 @@ impl Desired {
             let winner = slot.claims.as_ref().and_then(|c| c.winner(self.local));
             if let Some(pod) = winner.and_then(|c| c.pod.as_ref()) {
                 slot.pod = true;
-                out.pods.push((slot.prefix.addr, Some(pod.clone())));
+                out.pods.push((F::addr(slot.prefix), Some(pod.clone())));
             } else if std::mem::take(&mut slot.pod) {
-                out.pods.push((slot.prefix.addr, None));
+                out.pods.push((F::addr(slot.prefix), None));
             }
             match (winner.map(|c| c.value), slot.applied) {
                 (Some(v), Some(a)) if v == a => {}
@@ -375,14 +531,14 @@ impl Desired {
                     if old.is_none() {
                         self.applied += 1;
                     }
-                    out.upsert_keys.push(slot.prefix.lpm_key());
+                    out.upsert_keys.push(F::lpm_key(slot.prefix));
                     out.upsert_values.push(v);
                     out.upsert_new.push(old.is_none());
                 }
                 (None, Some(old)) => {
                     slot.applied = None;
                     self.applied -= 1;
-                    out.delete_keys.push(slot.prefix.lpm_key());
+                    out.delete_keys.push(F::lpm_key(slot.prefix));
                     out.deleted.push(old);
                     self.release_if_vacant(i);
                 }
@@ -400,7 +556,7 @@ impl Desired {
     }
 
     /// Records what the map holds for `prefix` (after a write, or found at start).
-    pub fn set_applied(&mut self, prefix: Prefix, value: Option<IpcacheValue>) {
+    pub fn set_applied(&mut self, prefix: F::Prefix, value: Option<IpcacheValue>) {
         let i = match value {
             Some(_) => self.slot_of(prefix),
             None => match self.index.get(&prefix) {
@@ -420,7 +576,7 @@ impl Desired {
 
     /// Prefixes in the map that no cluster claims; with `remote: false` only those without
     /// the `REMOTE_CLUSTER` flag.
-    pub fn stale(&self, remote: bool) -> Vec<Prefix> {
+    pub fn stale(&self, remote: bool) -> Vec<F::Prefix> {
         self.slots
             .iter()
             .filter(|s| {
@@ -433,7 +589,7 @@ impl Desired {
     }
 
     /// Marks prefixes dirty again (after a failed flush).
-    pub fn redirty(&mut self, prefixes: impl IntoIterator<Item = Prefix>) {
+    pub fn redirty(&mut self, prefixes: impl IntoIterator<Item = F::Prefix>) {
         for p in prefixes {
             if let Some(&i) = self.index.get(&p) {
                 self.mark_dirty(i);
@@ -464,6 +620,45 @@ impl Desired {
     /// Entries that could not be programmed so far.
     pub fn unsupported(&self) -> u64 {
         self.unsupported
+    }
+
+    /// Claims that joined another cluster's on a prefix since start.
+    pub fn conflicts_total(&self) -> u64 {
+        self.conflicts_total
+    }
+
+    /// The prefixes claimed by several clusters now (the first 32) and how many there are.
+    pub fn conflicts(&self) -> (usize, Vec<Conflict>) {
+        let list = self
+            .conflicted
+            .iter()
+            .take(32)
+            .filter_map(|p| {
+                let claims = self.slots[*self.index.get(p)? as usize].claims.as_ref()?;
+                let name = |k: ClusterId| self.clusters[k as usize].to_string();
+                let programmed = match claims {
+                    Claims::One(k, _) => *k,
+                    Claims::Many(m) => {
+                        m.iter()
+                            .find(|(k, _)| *k == self.local)
+                            .or_else(|| m.first())?
+                            .0
+                    }
+                };
+                Some(Conflict {
+                    prefix: p.to_string(),
+                    clusters: claims.clusters().map(name).collect(),
+                    programmed: name(programmed),
+                })
+            })
+            .collect();
+        (self.conflicted.len(), list)
+    }
+
+    /// Prefixes with a slot (claimed, applied or waiting for a plan).
+    #[cfg(test)]
+    pub(super) fn slots_in_use(&self) -> usize {
+        self.index.len()
     }
 }
 

@@ -38,10 +38,14 @@
 //! Start-up reads the pinned map with `BPF_MAP_LOOKUP_BATCH` instead of two syscalls per
 //! element.
 //!
-//! By concept: [`prefix`] (the key and its hashers), [`claim`] (one entry's claim),
-//! [`desired`] (claims per prefix, winners, plans), [`pods`] (local pods: discovery,
-//! endpoints, `from_pod`), [`report`] (`/status`), [`v6`] (IPv6 prefixes and endpoints), and the [`Reconciler`] here, which owns
-//! the datapath and writes.
+//! The IPv6 table is the same code over IPv6 types ([`Table`] over a [`Family`]: [`V4`],
+//! [`V6`]), so both families share the claim rules and the speed; `write_changes` flushes
+//! either in the same chunks.
+//!
+//! By concept: [`prefix`] (the keys and their hashers), [`claim`] (one entry's claim),
+//! [`desired`] (the table: claims per prefix, winners, plans), [`pods`] (local pods:
+//! discovery, endpoints, `from_pod`), [`report`] (`/status`), [`v6`] (the IPv6 family and
+//! endpoints), and the [`Reconciler`] here, which owns the datapath and writes.
 //!
 //! It must not read etcd or change interfaces beyond attaching programs.
 
@@ -61,10 +65,12 @@ use clustermesh_ebpf_abi::{family, EndpointInfo, IpcacheLpmKey};
 use tracing::{debug, info, warn};
 
 pub use claim::{claim, Claim, LocalPod};
-pub use desired::{Desired, Plan};
+pub use desired::{Conflict, Desired, Family, Plan, Table, V4};
 pub use prefix::{FxHasher, Prefix};
 pub use report::{MapFill, PodReport, Report, Skipped, Stats};
-pub use v6::{claim6, Claim6, Conflict6, Desired6, LocalPod6, Plan6, Prefix6, Report6, Underlay};
+pub use v6::{
+    claim6, Claim6, Conflict6, Desired6, LocalPod6, Plan6, Prefix6, Report6, Underlay, V6,
+};
 
 use crate::datapath::{self, Datapath};
 use crate::ifaces::Mac;
@@ -118,6 +124,101 @@ fn upsert(
     }
     stats.ipcache_refused_capacity += refused_total as u64;
     (not_written, refused_total)
+}
+
+/// What [`write_changes`] did.
+struct Written {
+    /// Entries the map refused for lack of room (they wait, dirty).
+    waiting: usize,
+    /// Some map write was attempted.
+    wrote: bool,
+    /// A local pod appeared, changed or went.
+    pods_changed: bool,
+}
+
+/// Writes `desired`'s changes to the ipcache in chunks of one batch syscall each (the
+/// same for both families): the plan's pods into `pods`, deletes before upserts, and what
+/// failed dirty again for the next flush.
+fn write_changes<F: Family>(
+    desired: &mut Table<F>,
+    plan: &mut Plan<F>,
+    pods: &mut BTreeMap<F::Addr, Arc<F::Pod>>,
+    ipcache: &mut datapath::Ipcache,
+    stats: &mut Stats,
+) -> Written {
+    let mut failed: Vec<F::Prefix> = Vec::new();
+    let mut done = Written {
+        waiting: 0,
+        wrote: false,
+        pods_changed: false,
+    };
+    loop {
+        plan.clear();
+        let more = desired.plan_upto(plan, FLUSH_CHUNK);
+        done.wrote |= !plan.is_empty();
+        for (addr, pod) in plan.pods.drain(..) {
+            if pods.get(&addr) != pod.as_ref() {
+                match pod {
+                    Some(pod) => pods.insert(addr, pod),
+                    None => pods.remove(&addr),
+                };
+                done.pods_changed = true;
+            }
+        }
+        // Deletes first: they make the room that new entries of the same flush may need in
+        // a full map.
+        match ipcache.delete_batch(&plan.delete_keys) {
+            Ok(_) => stats.ipcache_deletes += plan.delete_keys.len() as u64,
+            Err(error) => {
+                warn!(family = F::NAME, %error, entries = plan.delete_keys.len(), "ipcache delete failed; retrying on the next flush");
+                stats.errors += 1;
+                for (k, old) in plan.delete_keys.iter().zip(&plan.deleted) {
+                    if let Some(p) = F::from_lpm_key(k) {
+                        desired.set_applied(p, Some(*old));
+                        failed.push(p);
+                    }
+                }
+            }
+        }
+        let (not_written, refused) = upsert(
+            ipcache,
+            &plan.upsert_keys,
+            &plan.upsert_values,
+            &plan.upsert_new,
+            stats,
+        );
+        done.waiting += refused;
+        // Not written: forget them and write them again next time.
+        for &i in &not_written {
+            if let Some(p) = F::from_lpm_key(&plan.upsert_keys[i]) {
+                desired.set_applied(p, None);
+                failed.push(p);
+            }
+        }
+        if !more {
+            break;
+        }
+    }
+    // After the loop: a failure marked dirty inside it would be retried at once.
+    desired.redirty(failed);
+    done
+}
+
+/// Logs when a family's entries start or stop waiting for room in a full ipcache.
+fn capacity_log<F: Family>(before: usize, now: usize, max_entries: u32) {
+    if now > 0 && before == 0 {
+        warn!(
+            family = F::NAME,
+            waiting = now,
+            max_entries,
+            "ipcache full: entries wait for room and are retried on every flush; raise --ipcache-max-entries"
+        );
+    } else if now == 0 && before > 0 {
+        info!(
+            family = F::NAME,
+            "ipcache has room again: every waiting entry is written"
+        );
+    }
 }
 
 /// Owns the datapath and keeps its maps equal to [`Desired`]; see the module docs.
@@ -288,72 +389,17 @@ impl Reconciler {
     pub fn flush(&mut self) {
         if self.desired.dirty_len() > 0 {
             let started = Instant::now();
-            let mut plan = std::mem::take(&mut self.plan);
-            let mut failed: Vec<Prefix> = Vec::new();
-            let mut waiting = 0;
-            let mut wrote = false;
-            loop {
-                plan.clear();
-                let more = self.desired.plan_upto(&mut plan, FLUSH_CHUNK);
-                wrote |= !plan.is_empty();
-                for (addr, pod) in plan.pods.drain(..) {
-                    if self.pods.get(&addr) != pod.as_ref() {
-                        match pod {
-                            Some(pod) => self.pods.insert(addr, pod),
-                            None => self.pods.remove(&addr),
-                        };
-                        self.pods_dirty = true;
-                    }
-                }
-                let ipcache = &mut self.dp.maps.ipcache;
-                // Deletes first: they make the room that new entries of the same flush
-                // may need in a full map.
-                match ipcache.delete_batch(&plan.delete_keys) {
-                    Ok(_) => self.stats.ipcache_deletes += plan.delete_keys.len() as u64,
-                    Err(error) => {
-                        warn!(%error, entries = plan.delete_keys.len(), "ipcache delete failed; retrying on the next flush");
-                        self.stats.errors += 1;
-                        for (k, old) in plan.delete_keys.iter().zip(&plan.deleted) {
-                            if let Some(p) = Prefix::from_lpm_key(k) {
-                                self.desired.set_applied(p, Some(*old));
-                                failed.push(p);
-                            }
-                        }
-                    }
-                }
-                let (not_written, refused) = upsert(
-                    ipcache,
-                    &plan.upsert_keys,
-                    &plan.upsert_values,
-                    &plan.upsert_new,
-                    &mut self.stats,
-                );
-                waiting += refused;
-                // Not written: forget them and write them again next time.
-                for &i in &not_written {
-                    if let Some(p) = Prefix::from_lpm_key(&plan.upsert_keys[i]) {
-                        self.desired.set_applied(p, None);
-                        failed.push(p);
-                    }
-                }
-                if !more {
-                    break;
-                }
-            }
-            self.plan = plan;
-            // After the loop: a failure marked dirty inside it would be retried at once.
-            self.desired.redirty(failed);
-            if waiting > 0 && self.capacity_waiting == 0 {
-                warn!(
-                    waiting,
-                    max_entries = self.max_ipcache,
-                    "ipcache full: entries wait for room and are retried on every flush; raise --ipcache-max-entries"
-                );
-            } else if waiting == 0 && self.capacity_waiting > 0 {
-                info!("ipcache has room again: every waiting entry is written");
-            }
-            self.capacity_waiting = waiting;
-            if wrote {
+            let done = write_changes(
+                &mut self.desired,
+                &mut self.plan,
+                &mut self.pods,
+                &mut self.dp.maps.ipcache,
+                &mut self.stats,
+            );
+            self.pods_dirty |= done.pods_changed;
+            capacity_log::<V4>(self.capacity_waiting, done.waiting, self.max_ipcache);
+            self.capacity_waiting = done.waiting;
+            if done.wrote {
                 self.stats.flushes += 1;
                 self.stats.last_flush_micros = started.elapsed().as_micros() as u64;
                 debug!(micros = self.stats.last_flush_micros, "ipcache flushed");
