@@ -236,8 +236,11 @@ pub struct Plan<F: Family = V4> {
     /// What each deleted key held (`deleted[i]` for `delete_keys[i]`), to restore on failure.
     pub deleted: Vec<IpcacheValue>,
     /// Host prefixes whose local pod may have changed: address and the winner's pod now.
-    pub pods: Vec<(F::Addr, Option<Arc<F::Pod>>)>,
+    pub pods: Vec<PodChange<F>>,
 }
+
+/// A host prefix's address and the winner's pod there now (`None`: no local pod any more).
+pub type PodChange<F> = (<F as Family>::Addr, Option<Arc<<F as Family>::Pod>>);
 
 impl<F: Family> Default for Plan<F> {
     fn default() -> Self {
