@@ -62,7 +62,8 @@ pub fn values(c: &Cluster) -> Values {
 /// so a pod outside its node's range is neither exported nor accepted by peers.
 pub fn cluster_cidrs(c: &Cluster) -> Vec<String> {
     let v4 = c.nodes.iter().map(|n| n.pod_cidr.clone());
-    let v6 = c.nodes.iter().filter_map(|n| n.pod_cidr6.clone());
+    // An IPv6-only lab's `pod_cidr` is its `pod_cidr6`: each once.
+    let v6 = (c.nodes.iter()).filter_map(|n| n.pod_cidr6.clone().filter(|c6| *c6 != n.pod_cidr));
     v4.chain(v6).filter(|s| !s.is_empty()).collect()
 }
 
