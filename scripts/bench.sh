@@ -17,8 +17,8 @@ for b in ${1:-export export-kubernetes remote maps maps-1m datapath-throughput d
     target/release/bench-maps --profile 1m
   elif [ "$b" = datapath-throughput-v6 ]; then
     # IPv6 pods: ours beside plain kernel VXLAN over the IPv6 underlay (issue 16, ≥ 0.9×).
-    echo "=== bench-datapath-throughput --ip-family dual"
-    target/release/bench-datapath-throughput --ip-family dual
+    echo "=== bench-datapath-throughput --ip-family ipv6"
+    target/release/bench-datapath-throughput --ip-family ipv6
   elif [ "$b" = remote-511 ]; then
     echo "=== bench-remote --only b --profile 511"
     target/release/bench-remote --only b --profile 511

@@ -162,6 +162,8 @@ pub(super) fn build_network(st: &mut LabState) -> anyhow::Result<()> {
                         "external",
                     ],
                 )?,
+                // An IPv6-only node has only `cmvx6` (below): its `ip` is the IPv6 one.
+                Datapath::Kernel if !node.ip.is_ipv4() => String::new(),
                 Datapath::Kernel => netns::ip_in(
                     &node.ns,
                     &[
@@ -182,10 +184,12 @@ pub(super) fn build_network(st: &mut LabState) -> anyhow::Result<()> {
                     ],
                 )?,
             };
-            netns::ip_in(
-                &node.ns,
-                &["link", "set", plan::VXLAN_DEV, "mtu", &mtu, "up"],
-            )?;
+            if st.datapath == Datapath::Ebpf || node.ip.is_ipv4() {
+                netns::ip_in(
+                    &node.ns,
+                    &["link", "set", plan::VXLAN_DEV, "mtu", &mtu, "up"],
+                )?;
+            }
             if let (Datapath::Kernel, Some(ip6)) = (st.datapath, node.ip6) {
                 kernel_vxlan6(&node.ns, ip6)?;
             }
@@ -349,20 +353,24 @@ pub(super) fn dns_server(st: &LabState) -> IpAddr {
 /// Kernel datapath: every node reaches every other node's pod CIDR over `cmvx0` (VNI 1)
 /// through a route, a permanent neighbour (the peer's VXLAN MAC) and an FDB entry (the
 /// peer's underlay IP); with IPv6, every other node's IPv6 pod CIDR the same way over
-/// `cmvx6` and the IPv6 underlay. No learning, no flooding, no eBPF.
+/// `cmvx6` and the IPv6 underlay (an IPv6-only lab has only that). No learning, no
+/// flooding, no eBPF.
 fn kernel_forwarding(st: &LabState) -> anyhow::Result<()> {
     let all: Vec<&Node> = st.clusters.iter().flat_map(|c| &c.nodes).collect();
     for node in &all {
         for peer in all.iter().filter(|p| p.ns != node.ns) {
-            let peer_ip = peer.ip.to_string();
-            kernel_peer(
-                &node.ns,
-                plan::VXLAN_DEV,
-                &peer_ip,
-                &peer_ip,
-                &plan::kernel_vxlan_mac(peer.ip),
-                &peer.pod_cidr,
-            )?;
+            // IPv4 (not in an IPv6-only lab, whose `ip`s are the IPv6 ones).
+            if node.ip.is_ipv4() && peer.ip.is_ipv4() {
+                let peer_ip = peer.ip.to_string();
+                kernel_peer(
+                    &node.ns,
+                    plan::VXLAN_DEV,
+                    &peer_ip,
+                    &peer_ip,
+                    &plan::kernel_vxlan_mac(peer.ip),
+                    &peer.pod_cidr,
+                )?;
+            }
             if let (Some(_), Some(ip6), Some(cidr6)) = (node.ip6, peer.ip6, &peer.pod_cidr6) {
                 kernel_peer(
                     &node.ns,

@@ -101,11 +101,6 @@ pub fn up(a: UpArgs) -> anyhow::Result<()> {
             a.clusters
         );
     }
-    if a.ip_family == IpFamily::Ipv6 && a.datapath == Datapath::Kernel {
-        bail!(
-            "--ip-family ipv6 runs with --datapath ebpf only: the kernel datapath's static routes need an IPv4 underlay (not built yet; --ip-family dual has it)"
-        );
-    }
     if a.ip_family.has_v6() && a.cni == Cni::Clustermesh {
         bail!(
             "--ip-family {} needs --cni {}: clustermesh-cni hands out IPv4 addresses only",

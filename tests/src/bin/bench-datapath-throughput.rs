@@ -14,8 +14,9 @@
 //! show what BPF transmit and `from_underlay` each add. Needs root; the labs are removed at
 //! the end, also on failure.
 //!
-//! `--ip-family ipv6` (issue 16; `dual` until the lab has IPv6-only labs): the labs are
-//! built with that family and the c1 pod streams to the c2 pod's **IPv6** address; the
+//! `--ip-family ipv6` (issue 16; IPv6-only labs, both tunnels over the IPv6 underlay) or
+//! `dual` (IPv6 pods, ours tunnelled over IPv4: the pods' `hostIP`): the labs are built
+//! with that family and the c1 pod streams to the c2 pod's **IPv6** address; the
 //! baseline is plain kernel VXLAN over the IPv6 underlay (`cmvx6`), the target ours ≥ 0.9×
 //! its throughput (RR p50 printed beside). Only the eBPF and kernel labs run (BPF transmit
 //! is IPv4-only, so the transmit-path lab would repeat the eBPF one). Before measuring, a
