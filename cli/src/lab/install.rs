@@ -44,13 +44,13 @@ use clustermesh_k8s::objects::{self, CertPems, Object, Values};
 use super::kubelet::ContainerRun;
 use super::state::{Cluster, LabState, Node};
 
-/// The Values of a lab cluster (Cilium's defaults but for its name and ID; MCS-API on, as
-/// the lab's apiservers run it).
+/// The Values of a lab cluster (Cilium's defaults but for its name, ID and mesh size;
+/// MCS-API on, as the lab's apiservers run it).
 pub fn values(c: &Cluster) -> Values {
     Values {
         cluster_name: c.name.clone(),
         cluster_id: c.id,
-        max_connected_clusters: 255,
+        max_connected_clusters: c.max_connected_clusters,
         enable_mcs_api: true,
         cluster_cidrs: cluster_cidrs(c),
         ..Values::default()
@@ -322,5 +322,27 @@ mod tests {
             with_flags(args, &[("b", "3".into()), ("c", "4".into())]),
             vec!["--a=1", "--b=3", "--c=4"]
         );
+    }
+
+    /// `lab up --max-connected-clusters 511` reaches the cluster's ConfigMap, whose
+    /// `max-connected-clusters` the apiserver Deployment and the agent DaemonSet read
+    /// (`MAX_CONNECTED_CLUSTERS`); a lab recorded before the flag existed reads as 255.
+    #[test]
+    fn the_mesh_size_of_a_lab_cluster_reaches_its_cluster_config() {
+        let recorded = serde_json::json!({
+            "name": "c1", "id": 1, "ns": "cm-x-c1", "ip": "198.18.1.2",
+            "state_dir": "/tmp/lab/c1", "certs_dir": "/tmp/lab/c1/certs",
+            "etcd_endpoint": "https://198.18.1.2:2379", "health_addr": "198.18.1.2:9880",
+            "apiserver_pid": null, "nodes": []
+        });
+        let old: Cluster = serde_json::from_value(recorded.clone()).expect("older lab.json");
+        assert_eq!(old.max_connected_clusters, 255);
+        let mut with = recorded;
+        with["max_connected_clusters"] = 511.into();
+        let c: Cluster = serde_json::from_value(with).expect("lab.json");
+        let cm = objects::cluster_config(&values(&c));
+        let data = cm.data.expect("ConfigMap data");
+        assert_eq!(data["max-connected-clusters"], "511");
+        assert_eq!(data["cluster-id"], "1");
     }
 }

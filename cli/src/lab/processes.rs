@@ -99,7 +99,7 @@ pub(super) fn start_control_planes(st: &mut LabState) -> anyhow::Result<()> {
         let ea = EnableArgs {
             cluster_name: c.name.clone(),
             cluster_id: c.id,
-            max_connected_clusters: 255,
+            max_connected_clusters: c.max_connected_clusters,
             state_dir: c.state_dir.clone(),
             ca_dir: ca_dir.clone(),
             etcd_listen: plan::etcd_listen(c.ip),

@@ -100,8 +100,17 @@ pub struct Cluster {
     /// (absent: the apiserver's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_v2: Option<String>,
+    /// Mesh size (`lab up --max-connected-clusters`): 255 or 511, given to the cluster's
+    /// `clustermesh enable` (apiserver, KVStoreMesh, `connect`) and its agents' DaemonSet.
+    /// Labs recorded before the flag existed ran 255.
+    #[serde(default = "default_max_connected_clusters")]
+    pub max_connected_clusters: u32,
     /// Nodes.
     pub nodes: Vec<Node>,
+}
+
+fn default_max_connected_clusters() -> u32 {
+    255
 }
 
 /// One node: a namespace with an underlay `eth0`, `cmvx0` and the agent.

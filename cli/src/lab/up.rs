@@ -62,6 +62,11 @@ pub struct UpArgs {
     /// EndpointSlices only, and the other clusters' agents read them from there.
     #[arg(long = "service-v2", value_name = "CLUSTER=MODE", value_parser = parse_service_v2)]
     pub service_v2: Vec<(String, String)>,
+    /// Mesh size of every cluster: 255 (Cilium's default; cluster IDs 1..=255, 16-bit
+    /// identity ranges) or 511 (IDs 1..=511, 15-bit ranges). Passed to every component of
+    /// the lab: apiservers and their KVStoreMesh, agents, and `connect`.
+    #[arg(long, default_value_t = 255, value_parser = parse_max_connected_clusters)]
+    pub max_connected_clusters: u32,
     /// How long to wait for control planes, mesh and agents.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
@@ -76,6 +81,16 @@ fn parse_service_v2(s: &str) -> Result<(String, String), String> {
             "{s:?} is not CLUSTER=MODE (e.g. c2=only-endpointslice)"
         )),
     }
+}
+
+/// `--max-connected-clusters`: 255 or 511, refused otherwise with the reason.
+fn parse_max_connected_clusters(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number: use 255 or 511"))?;
+    clustermesh_types::cluster::MaxConnectedClusters::from_u32(n)
+        .map(|m| m.as_u32())
+        .map_err(|e| e.to_string())
 }
 
 /// `lab up`.
@@ -192,6 +207,7 @@ pub fn up(a: UpArgs) -> anyhow::Result<()> {
             service_v2: (a.service_v2.iter().rev())
                 .find(|(c, _)| *c == name)
                 .map(|(_, m)| m.clone()),
+            max_connected_clusters: a.max_connected_clusters,
             nodes,
             name,
         });
@@ -361,4 +377,19 @@ fn print_inspect(st: &LabState) {
     );
     println!("  {me} lab status --dir {d}");
     println!("Tear it down: {me} lab down --dir {d}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_connected_clusters_is_255_or_511() {
+        assert_eq!(parse_max_connected_clusters("255"), Ok(255));
+        assert_eq!(parse_max_connected_clusters("511"), Ok(511));
+        for bad in ["256", "0", "x"] {
+            let e = parse_max_connected_clusters(bad).expect_err(bad);
+            assert!(e.contains("255") && e.contains("511"), "{bad}: {e}");
+        }
+    }
 }
