@@ -11,7 +11,7 @@
 //! It must not write maps: the [`Reconciler`](super::Reconciler) writes and then records
 //! what it wrote.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::fmt::{Debug, Display};
 use std::hash::{BuildHasher, Hash};
 use std::net::Ipv4Addr;
@@ -298,8 +298,10 @@ pub struct Table<F: Family> {
     cluster_ids: FxMap<Arc<str>, ClusterId>,
     /// The last cluster looked up: inputs come in runs of one cluster sharing one `Arc`.
     last_cluster: Option<(Arc<str>, ClusterId)>,
-    /// Prefix → index in `slots`.
-    index: HashMap<F::Prefix, u32, F::Hasher>,
+    /// Prefix → index in `slots`: the table holds only the index (4 bytes a bucket), the
+    /// prefix is read from the slot (see [`Table::reserve_capacity`] for why).
+    index: hashbrown::HashTable<u32>,
+    hasher: F::Hasher,
     slots: Vec<Slot<F>>,
     /// Indices of vacant slots.
     free: Vec<u32>,
@@ -327,7 +329,8 @@ impl<F: Family> Table<F> {
             clusters: vec![local],
             cluster_ids,
             last_cluster: None,
-            index: HashMap::default(),
+            index: hashbrown::HashTable::new(),
+            hasher: F::Hasher::default(),
             slots: Vec::new(),
             free: Vec::new(),
             dirty: Vec::new(),
@@ -358,21 +361,40 @@ impl<F: Family> Table<F> {
 
     /// Makes room for `additional` more prefixes (before adopting a map or a large list).
     pub fn reserve(&mut self, additional: usize) {
-        self.index.reserve(additional);
+        let (slots, hasher) = (&self.slots, &self.hasher);
+        self.index
+            .reserve(additional, |&i| hasher.hash_one(slots[i as usize].prefix));
         self.slots.reserve(additional);
     }
+
+    /// The slot of `prefix`, if it has one.
+    fn find(&self, prefix: &F::Prefix) -> Option<u32> {
+        let slots = &self.slots;
+        self.index
+            .find(self.hasher.hash_one(prefix), |&i| {
+                slots[i as usize].prefix == *prefix
+            })
+            .copied()
+    }
     /// Sizes the slab and the index for a map of `max_entries` up front, so that a big
-    /// first list never pays for growing them (the index's rehashes and the slab's copies
-    /// were ~20 ms of a 250k-entry fill, ~8% of it, measured with `bench-maps`). The slab
-    /// is filled in order, so its reservation is address space until prefixes arrive; the
-    /// index's control bytes (one per bucket, ~2 MiB for the default 1.3M entries) are
-    /// written at once and its buckets (12 bytes) are touched as prefixes arrive, spread by
-    /// the hash: at 250k entries the index occupies what it would at the capacity.
+    /// first list never pays for growing them: growing the index rehashes every prefix
+    /// several times and growing the slab copies it, ~40% more user time for a 250k fill
+    /// than a table sized right (measured on the table alone, 250k entries: ~23 ms sized
+    /// for the count, ~43 ms grown). The count of the first lists is not known here, the
+    /// map's size is. The slab is filled in order, so its reservation is address space until
+    /// prefixes arrive. The index holds only slab indices (4 bytes a bucket, the prefix is
+    /// in the slot): sized for 1.3M entries its buckets are 8 MiB instead of the 24 MiB a
+    /// `HashMap<Prefix, u32>` took, which a 250k fill touched almost page by page (the
+    /// hash spreads blocks): a fresh fill took 41 ms instead of 50 ms, and IPv6 keys
+    /// (20 bytes) cost no more index memory than IPv4 ones.
     pub fn reserve_capacity(&mut self, max_entries: usize) {
         self.slots
             .reserve(max_entries.saturating_sub(self.slots.len()));
+        let (slots, hasher) = (&self.slots, &self.hasher);
         self.index
-            .reserve(max_entries.saturating_sub(self.index.len()));
+            .reserve(max_entries.saturating_sub(self.index.len()), |&i| {
+                hasher.hash_one(slots[i as usize].prefix)
+            });
     }
 
     fn cluster_id(&mut self, cluster: &Arc<str>) -> ClusterId {
@@ -396,9 +418,14 @@ impl<F: Family> Table<F> {
 
     /// The slot of `prefix`, created if missing.
     fn slot_of(&mut self, prefix: F::Prefix) -> u32 {
-        match self.index.entry(prefix) {
-            std::collections::hash_map::Entry::Occupied(e) => *e.get(),
-            std::collections::hash_map::Entry::Vacant(e) => {
+        let (slots, hasher) = (&self.slots, &self.hasher);
+        match self.index.entry(
+            hasher.hash_one(prefix),
+            |&i| slots[i as usize].prefix == prefix,
+            |&i| hasher.hash_one(slots[i as usize].prefix),
+        ) {
+            hashbrown::hash_table::Entry::Occupied(e) => *e.get(),
+            hashbrown::hash_table::Entry::Vacant(e) => {
                 let i = match self.free.pop() {
                     Some(i) => {
                         self.slots[i as usize] = Slot::new(prefix);
@@ -409,7 +436,8 @@ impl<F: Family> Table<F> {
                         (self.slots.len() - 1) as u32
                     }
                 };
-                *e.insert(i)
+                e.insert(i);
+                i
             }
         }
     }
@@ -418,7 +446,12 @@ impl<F: Family> Table<F> {
     fn release_if_vacant(&mut self, i: u32) {
         let slot = &self.slots[i as usize];
         if slot.vacant() {
-            self.index.remove(&slot.prefix);
+            if let Ok(e) = self
+                .index
+                .find_entry(self.hasher.hash_one(slot.prefix), |&j| j == i)
+            {
+                e.remove();
+            }
             self.free.push(i);
         }
     }
@@ -463,7 +496,7 @@ impl<F: Family> Table<F> {
                     }
                     return;
                 };
-                let Some(&i) = self.index.get(&prefix) else {
+                let Some(i) = self.find(&prefix) else {
                     return;
                 };
                 let slot = &mut self.slots[i as usize];
@@ -488,15 +521,14 @@ impl<F: Family> Table<F> {
 
     /// The winning claim for `prefix`: the local cluster's, else the lowest cluster name's.
     pub fn winner(&self, prefix: &F::Prefix) -> Option<&Claim<F::Pod>> {
-        let i = *self.index.get(prefix)?;
+        let i = self.find(prefix)?;
         self.slots[i as usize].claims.as_ref()?.winner(self.local)
     }
 
     /// `true` if some cluster claims `prefix`.
     pub fn contains(&self, prefix: &F::Prefix) -> bool {
-        self.index
-            .get(prefix)
-            .is_some_and(|i| self.slots[*i as usize].claims.is_some())
+        self.find(prefix)
+            .is_some_and(|i| self.slots[i as usize].claims.is_some())
     }
 
     /// Decides the map writes for every prefix changed since the last plan (each once, in
@@ -562,8 +594,8 @@ impl<F: Family> Table<F> {
     pub fn set_applied(&mut self, prefix: F::Prefix, value: Option<IpcacheValue>) {
         let i = match value {
             Some(_) => self.slot_of(prefix),
-            None => match self.index.get(&prefix) {
-                Some(i) => *i,
+            None => match self.find(&prefix) {
+                Some(i) => i,
                 None => return,
             },
         };
@@ -594,7 +626,7 @@ impl<F: Family> Table<F> {
     /// Marks prefixes dirty again (after a failed flush).
     pub fn redirty(&mut self, prefixes: impl IntoIterator<Item = F::Prefix>) {
         for p in prefixes {
-            if let Some(&i) = self.index.get(&p) {
+            if let Some(i) = self.find(&p) {
                 self.mark_dirty(i);
             }
         }
@@ -637,7 +669,7 @@ impl<F: Family> Table<F> {
             .iter()
             .take(32)
             .filter_map(|p| {
-                let claims = self.slots[*self.index.get(p)? as usize].claims.as_ref()?;
+                let claims = self.slots[self.find(p)? as usize].claims.as_ref()?;
                 let name = |k: ClusterId| self.clusters[k as usize].to_string();
                 let programmed = match claims {
                     Claims::One(k, _) => *k,

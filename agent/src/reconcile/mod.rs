@@ -24,7 +24,8 @@
 //!
 //! **Why it is fast** (250k entries must reconcile at ≥ 500k/s including the kernel's
 //! share, see `bench-maps`): desired and applied state live together in one slab of
-//! slots (`Vec`, in order of arrival) behind a small `prefix → index` table, so an
+//! slots (`Vec`, in order of arrival) behind a small `prefix → index` table (indices
+//! only, 4 bytes a bucket; the prefix is read from the slot), so an
 //! entry costs one hash lookup when it arrives and none when it is flushed: the dirty list
 //! holds slab indices (each once, by a flag in the slot, so no sort or dedup) and the plan
 //! walks the slab in the order it was filled, writing keys and values straight into the
@@ -278,7 +279,9 @@ impl Reconciler {
         let mut foreign = Vec::new();
         let adopted = dp.maps.ipcache.entries()?;
         desired.reserve(adopted.len());
+        // Both families: either may fill the map (the slabs' reservations are address space).
         desired.reserve_capacity(max_ipcache as usize);
+        v6.desired.reserve_capacity(max_ipcache as usize);
         for (k, v) in adopted {
             match Prefix::from_lpm_key(&k) {
                 Some(p) => desired.set_applied(p, Some(v)),
