@@ -131,16 +131,16 @@ pub fn config(cni: Cni, st: &LabState, node: &Node) -> anyhow::Result<Value> {
     Ok(match cni {
         Cni::Ptp => json!({
             "cniVersion": "1.0.0", "name": NETWORK, "type": "ptp",
-            "mtu": plan::OVERLAY_MTU, "ipam": ipam(),
+            "mtu": plan::pod_mtu(st.ip_family), "ipam": ipam(),
         }),
         Cni::Bridge => json!({
             "cniVersion": "1.0.0", "name": NETWORK, "type": "bridge",
-            "bridge": BRIDGE, "isGateway": true, "mtu": plan::OVERLAY_MTU, "ipam": ipam(),
+            "bridge": BRIDGE, "isGateway": true, "mtu": plan::pod_mtu(st.ip_family), "ipam": ipam(),
         }),
         Cni::Clustermesh => json!({
             "cniVersion": "1.1.0", "name": NETWORK, "type": "clustermesh-cni",
             "podCIDR": node.pod_cidr, "rangeStart": start,
-            "stateDir": state, "mtu": plan::OVERLAY_MTU,
+            "stateDir": state, "mtu": plan::pod_mtu(st.ip_family),
             "routes": ["10.0.0.0/8", "172.20.0.0/16"],
         }),
     })

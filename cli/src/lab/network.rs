@@ -147,7 +147,7 @@ pub(super) fn build_network(st: &mut LabState) -> anyhow::Result<()> {
                 add_dns.push("nodad");
             }
             netns::ip_in(&node.ns, &add_dns)?;
-            let mtu = plan::OVERLAY_MTU.to_string();
+            let mtu = plan::pod_mtu(st.ip_family).to_string();
             match st.datapath {
                 Datapath::Ebpf => netns::ip_in(
                     &node.ns,

@@ -137,6 +137,21 @@ pub fn router_ip6(i: u32) -> Ipv6Addr {
     v6(&format!("2001:db8:0:{i}::1"))
 }
 
+/// MTU of the pods' interfaces and of the eBPF datapath's VXLAN device in a lab of
+/// `family`: [`OVERLAY_MTU`], or [`OVERLAY_MTU6`] when tunnels ride the IPv6 underlay (an
+/// IPv6-only lab). Why not rely on path MTU discovery: a packet the agent redirects to
+/// the VXLAN device (`bpf_redirect`) that is too big once encapsulated is dropped there
+/// (the device counts a TX error) and no Packet Too Big reaches the pod, so bulk TCP
+/// stalls while small packets pass (seen as a stream stuck at cwnd 1 in
+/// bench-datapath-throughput --ip-family ipv6).
+pub fn pod_mtu(family: IpFamily) -> u32 {
+    if family.has_v4() {
+        OVERLAY_MTU
+    } else {
+        OVERLAY_MTU6
+    }
+}
+
 /// IPv6 address of the control plane of cluster `i` (`2001:db8:0:<i>::2`; IPv6-only labs).
 pub fn cp_ip6(i: u32) -> Ipv6Addr {
     v6(&format!("2001:db8:0:{i}::2"))
