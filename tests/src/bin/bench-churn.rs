@@ -81,6 +81,8 @@ const NODE_IP: &str = "198.18.250.11";
 /// Writes in flight at most: past this the remote etcds are saturated and the churn is
 /// issued only as fast as they acknowledge (the printed rate is the one achieved).
 const MAX_IN_FLIGHT: usize = 1024;
+/// Connections of the churn writer per remote etcd (writes spread over them).
+const WRITER_CONNS: usize = 4;
 /// Pause of the map reader between rounds over the outstanding keys.
 const READER_PAUSE: Duration = Duration::from_millis(1);
 
@@ -176,8 +178,8 @@ fn ip_key(cluster: u32, ip: Ipv4Addr) -> String {
 
 struct Remotes {
     etcds: Vec<TestEtcd>,
-    /// Root clients, one per etcd (the churn writer and the baseline watchers).
-    clients: Vec<Client>,
+    /// The churn writer's root clients: [`WRITER_CONNS`] connections per etcd.
+    clients: Vec<Vec<Client>>,
 }
 
 impl Remotes {
@@ -772,7 +774,8 @@ async fn churn(
             let (kind, ip, value, expect) = next_op(pop, &lock(state), r, o);
             *mix.entry(kind).or_default() += 1;
             let c = r as u32 + 2;
-            let mut client = remotes.clients[remotes.etcd_of(c, o)].clone();
+            let conns = &remotes.clients[remotes.etcd_of(c, o)];
+            let mut client = conns[sent % conns.len()].clone();
             let key = ip_key(c, ip);
             // The clock starts just before the put is issued; the key is pending from then
             // on, so no later update picks it while this one is outstanding.
@@ -846,7 +849,18 @@ async fn bench(o: Opts, token: CancellationToken) -> Result<bool> {
         }
     }))
     .await?;
-    let remotes = Remotes { etcds, clients };
+    let mut writers = Vec::new();
+    for (etcd, first) in etcds.iter().zip(clients) {
+        let mut conns = vec![first];
+        for _ in 1..WRITER_CONNS {
+            conns.push(root_client(etcd).await?);
+        }
+        writers.push(conns);
+    }
+    let remotes = Remotes {
+        etcds,
+        clients: writers,
+    };
     // The per-cluster users really are confined to their own cluster: remote-c2 reads c2's
     // endpoints and is refused c3's (same etcd).
     if o.remotes >= 2 && remotes.etcd_of(3, &o) == 0 {
