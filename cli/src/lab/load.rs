@@ -47,6 +47,9 @@ pub fn run(a: LoadArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long a stream's write may block before the stream counts as stalled.
+const STALL: Duration = Duration::from_secs(15);
+
 fn connect(target: IpAddr, port: u16) -> anyhow::Result<TcpStream> {
     let addr = SocketAddr::from((target, port));
     TcpStream::connect_timeout(&addr, Duration::from_secs(3))
@@ -59,11 +62,16 @@ fn stream(target: IpAddr, duration: Duration, streams: u32) -> anyhow::Result<se
         .map(|_| {
             std::thread::spawn(move || -> anyhow::Result<u64> {
                 let mut c = connect(target, plan::SINK_PORT)?;
+                // A path that drops big packets (an MTU black hole) stalls a stream at
+                // cwnd 1 forever: fail with a reason instead of hanging the benchmark.
+                c.set_write_timeout(Some(STALL))?;
                 let buf = vec![0x5au8; 128 * 1024];
                 let end = Instant::now() + duration;
                 let mut sent = 0u64;
                 while Instant::now() < end {
-                    c.write_all(&buf)?;
+                    c.write_all(&buf).with_context(|| {
+                        format!("the stream to {target} stalled ({STALL:?} without progress after {sent} bytes: a path MTU black hole?)")
+                    })?;
                     sent += buf.len() as u64;
                 }
                 c.shutdown(std::net::Shutdown::Write)?;
