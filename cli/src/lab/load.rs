@@ -47,8 +47,11 @@ pub fn run(a: LoadArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How long a stream's write may block before the stream counts as stalled.
-const STALL: Duration = Duration::from_secs(15);
+/// How long a stream's write may block before the stream counts as stalled. Longer than any
+/// outage a stream must survive: the fault suite cuts a cluster off for 30 s with a stream
+/// running, and TCP resumes up to ~21 s after the link returns (retransmit backoff), so 60 s.
+/// A path MTU black hole still fails the stream instead of hanging a benchmark forever.
+const STALL: Duration = Duration::from_secs(60);
 
 fn connect(target: IpAddr, port: u16) -> anyhow::Result<TcpStream> {
     let addr = SocketAddr::from((target, port));
