@@ -59,6 +59,19 @@ impl Lab {
         c
     }
 
+    /// `lab up <flags>`: prints its output and how long it took; returns the output and the
+    /// lab's `lab.json`.
+    pub fn up(&mut self, flags: &[&str]) -> Result<(String, Value)> {
+        let t = std::time::Instant::now();
+        let up = run(self.cli(&["lab", "up"]).args(flags))?;
+        println!(
+            "{up}\nlab up {}: {:.1}s",
+            flags.join(" "),
+            t.elapsed().as_secs_f64()
+        );
+        Ok((up, self.state()?))
+    }
+
     /// The lab's `lab.json`.
     pub fn state(&self) -> Result<Value> {
         Ok(serde_json::from_slice(&std::fs::read(

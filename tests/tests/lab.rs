@@ -474,10 +474,7 @@ fn lab_up_connectivity_vni_pod_deletion_and_down() -> Result<()> {
     let mut lab = Lab::new("cm-lab-test")?;
 
     // lab up 2×2×2.
-    let t = Instant::now();
-    let up = run(&mut lab.cli(&[
-        "lab",
-        "up",
+    let (up, state) = lab.up(&[
         "--clusters",
         "2",
         "--nodes",
@@ -488,11 +485,7 @@ fn lab_up_connectivity_vni_pod_deletion_and_down() -> Result<()> {
         &datapath,
         "--cni",
         &cni,
-    ]))?;
-    let up_secs = t.elapsed().as_secs_f64();
-    println!("{up}");
-    println!("lab up ({datapath}, CNI {cni}): {up_secs:.1}s");
-    let state = lab.state()?;
+    ])?;
     let id = state["id"].as_str().context("id")?.to_owned();
     if ebpf {
         ensure!(
@@ -657,10 +650,7 @@ fn lab_dual_stack_every_check_per_family() -> Result<()> {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut lab = Lab::new("cm-lab-dual")?;
-    let t = Instant::now();
-    let up = run(&mut lab.cli(&[
-        "lab",
-        "up",
+    let (_, state) = lab.up(&[
         "--clusters",
         "2",
         "--nodes",
@@ -669,9 +659,7 @@ fn lab_dual_stack_every_check_per_family() -> Result<()> {
         "2",
         "--ip-family",
         "dual",
-    ]))?;
-    println!("{up}\nlab up (dual): {:.1}s", t.elapsed().as_secs_f64());
-    let state = lab.state()?;
+    ])?;
     let id = state["id"].as_str().context("id")?.to_owned();
     ensure!(state["ip_family"] == "dual", "{}", state["ip_family"]);
     for c in state["clusters"].as_array().context("clusters")? {
@@ -787,10 +775,7 @@ fn lab_ipv6_only_every_check() -> Result<()> {
         "lab up --ip-family ipv6 --cni bridge: {} {err}",
         out.status
     );
-    let t = Instant::now();
-    let up = run(&mut lab.cli(&[
-        "lab",
-        "up",
+    let (_, state) = lab.up(&[
         "--clusters",
         "2",
         "--nodes",
@@ -799,9 +784,7 @@ fn lab_ipv6_only_every_check() -> Result<()> {
         "2",
         "--ip-family",
         "ipv6",
-    ]))?;
-    println!("{up}\nlab up (ipv6): {:.1}s", t.elapsed().as_secs_f64());
-    let state = lab.state()?;
+    ])?;
     let id = state["id"].as_str().context("id")?.to_owned();
     ensure!(state["ip_family"] == "ipv6", "{}", state["ip_family"]);
     ensure!(
@@ -1242,9 +1225,7 @@ fn lab_kernel_datapath_ipv6() -> Result<()> {
 fn kernel_lab(ip_family: &str) -> Result<()> {
     let mut lab = Lab::new("cm-lab-kernel6")?;
     let t = Instant::now();
-    run(&mut lab.cli(&[
-        "lab",
-        "up",
+    let (_, state) = lab.up(&[
         "--clusters",
         "2",
         "--nodes",
@@ -1255,12 +1236,7 @@ fn kernel_lab(ip_family: &str) -> Result<()> {
         "kernel",
         "--ip-family",
         ip_family,
-    ]))?;
-    println!(
-        "lab up (kernel, {ip_family}): {:.1}s",
-        t.elapsed().as_secs_f64()
-    );
-    let state = lab.state()?;
+    ])?;
     let report = connectivity_report(&lab, &["checks"])?;
     let checks = report["checks"].as_array().context("checks")?;
     for family in ["ipv4", "ipv6"] {
