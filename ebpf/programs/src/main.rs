@@ -97,6 +97,11 @@ const TUNNEL_TTL: u8 = 64;
 /// What `bpf_skb_get_tunnel_key` returns when the metadata is of the other family.
 const EPROTO: i64 = 71;
 
+/// `tunnel`'s source identity when the source is not a local endpoint. No identity is
+/// u32::MAX (Cilium's are 24 bits plus a scope byte, 0x01 for local ones). A plain value,
+/// not an `Option`: see `policy::Seen`.
+const NO_SOURCE: u32 = u32::MAX;
+
 /// A remote node (a tunnel's other end): IPv4 or IPv6, the other all zero.
 #[derive(Default)]
 struct Remote {
@@ -109,14 +114,17 @@ struct Remote {
 /// BPF-to-BPF subprograms with their own frames, because all of them inlined need more
 /// than BPF's 512-byte stack (40-byte keys).
 trait Forward: Lb + PolicyIp {
-    fn denied_from_pod(ctx: &TcContext, ip: &Self) -> bool;
+    /// `seen` is filled where the family's policy step is inlined (IPv4), left zeroed
+    /// where it is a subprogram (IPv6: a pointer into the caller's frame would cost the
+    /// subprogram's stack budget for three lookups).
+    fn denied_from_pod(ctx: &TcContext, ip: &Self, seen: &mut policy::Seen<'static>) -> bool;
     fn denied_from_overlay(ctx: &TcContext, ip: &Self, identity: u32, ep: &EndpointInfo) -> bool;
 }
 
 impl Forward for Ipv4 {
     #[inline(always)]
-    fn denied_from_pod(ctx: &TcContext, ip: &Self) -> bool {
-        policy::denied_from_pod(ctx, ip)
+    fn denied_from_pod(ctx: &TcContext, ip: &Self, seen: &mut policy::Seen<'static>) -> bool {
+        policy::denied_from_pod(ctx, ip, Some(seen))
     }
     #[inline(always)]
     fn denied_from_overlay(ctx: &TcContext, ip: &Self, identity: u32, ep: &EndpointInfo) -> bool {
@@ -126,7 +134,7 @@ impl Forward for Ipv4 {
 
 impl Forward for Ipv6 {
     #[inline(always)]
-    fn denied_from_pod(ctx: &TcContext, ip: &Self) -> bool {
+    fn denied_from_pod(ctx: &TcContext, ip: &Self, _seen: &mut policy::Seen<'static>) -> bool {
         v6_calls::denied_from_pod(ctx.skb.skb, ip)
     }
     #[inline(always)]
@@ -147,7 +155,7 @@ mod v6_calls {
 
     #[inline(never)]
     pub fn denied_from_pod(skb: *mut __sk_buff, ip: &Ipv6) -> bool {
-        policy::denied_from_pod(&TcContext::new(skb), ip)
+        policy::denied_from_pod(&TcContext::new(skb), ip, None)
     }
 
     #[inline(never)]
@@ -303,36 +311,53 @@ fn forward_from_pod<P: Forward>(ctx: &TcContext, ip: &mut P) -> Result<i32, Erro
 
     // Policy and flow events (policy.rs): egress of the source pod, ingress of a local
     // destination.
-    if P::denied_from_pod(ctx, ip) {
+    let mut seen = policy::Seen::default();
+    if P::denied_from_pod(ctx, ip, &mut seen) {
         return Ok(TC_ACT_SHOT);
     }
-
-    // A pod on this node: deliver directly (hash lookup, cheaper than the trie).
-    if let Some(ep) = CM_LOCAL_EPS.get_ptr(P::endpoint_key(ip.daddr())) {
-        // SAFETY: pointer from a successful lookup; the map is NO_PREALLOC, so an element
-        // stays valid (RCU) for the duration of the program even if it is replaced.
-        let ep = unsafe { *ep };
-        // A reply from a service backend on this node: source back to the VIP.
-        lb::reverse(ctx, ip)?;
-        let verdict = deliver_local(ctx, &ep)?;
-        count(counters, Counter::DeliveredLocal);
-        return Ok(verdict);
+    // With `REMOTE`, the policy step found the destination not local and looked up what
+    // the tunnel needs (policy::Seen): no second lookup of the same keys. Otherwise the
+    // lookups happen here, into the same struct: one `tunnel` call site, because each
+    // inlined copy of it takes its own stack slots (two made from_pod + encap_v4 608
+    // bytes of stack, over BPF's 512).
+    if seen.flags & policy::seen::REMOTE == 0 {
+        // A pod on this node: deliver directly (hash lookup, cheaper than the trie).
+        if let Some(ep) = CM_LOCAL_EPS.get_ptr(P::endpoint_key(ip.daddr())) {
+            // SAFETY: pointer from a successful lookup; the map is NO_PREALLOC, so an element
+            // stays valid (RCU) for the duration of the program even if it is replaced.
+            let ep = unsafe { *ep };
+            // A reply from a service backend on this node: source back to the VIP.
+            lb::reverse(ctx, ip)?;
+            let verdict = deliver_local(ctx, &ep)?;
+            count(counters, Counter::DeliveredLocal);
+            return Ok(verdict);
+        }
+        seen.entry = CM_IPCACHE.get(&P::ipcache_key(ip.daddr()));
+        if let Some(src) = CM_LOCAL_EPS.get_ptr(P::endpoint_key(ip.saddr())) {
+            // SAFETY: see above.
+            seen.src_identity = unsafe { (*src).identity };
+            seen.flags |= policy::seen::SRC;
+        }
     }
-
-    let Some(entry) = CM_IPCACHE.get(&P::ipcache_key(ip.daddr())) else {
+    let Some(entry) = seen.entry else {
         return Ok(to_stack(counters, Counter::IpcacheMiss));
     };
-    let entry = *entry;
-    tunnel::<P>(ctx, P::endpoint_key(ip.saddr()), &entry)
+    let src_identity = if seen.flags & policy::seen::SRC != 0 {
+        seen.src_identity
+    } else {
+        NO_SOURCE
+    };
+    tunnel::<P>(ctx, src_identity, entry)
 }
 
 /// Sends the packet to the node named by the ipcache entry, with the identity of the
-/// source pod (`src`) in the VNI, or hands it to the stack when there is no usable tunnel.
+/// source pod (`src_identity`, [`NO_SOURCE`]: not a local endpoint) in the VNI, or
+/// hands it to the stack when there is no usable tunnel.
 /// The outer family is the entry's (`IPV6_TUNNEL`), independent of the packet's.
 #[inline(always)]
 fn tunnel<P: Forward>(
     ctx: &TcContext,
-    src: EndpointKey,
+    src_identity: u32,
     entry: &IpcacheValue,
 ) -> Result<i32, Error> {
     let counters = &CM_FROM_POD_CNT;
@@ -369,11 +394,10 @@ fn tunnel<P: Forward>(
         // A pod of this node that is not (yet) a local endpoint.
         return Ok(to_stack(counters, Counter::NoTunnel));
     }
-    let Some(src) = CM_LOCAL_EPS.get_ptr(src) else {
+    if src_identity == NO_SOURCE {
         return Ok(to_stack(counters, Counter::SourceUnknown));
-    };
-    // SAFETY: see `forward_from_pod`.
-    let identity = unsafe { (*src).identity };
+    }
+    let identity = src_identity;
     if identity > MAX_VNI_IDENTITY {
         return Ok(to_stack(counters, Counter::IdentityTooLarge));
     }

@@ -29,9 +29,9 @@ use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::TcContext;
 use clustermesh_ebpf_abi::{
     direction, drop_reason, family, flow_flags, observation, policy_ct, policy_flags, policy_map,
-    verdict, EndpointInfo, FlowConfig, FlowEvent, PolicyCounter, PolicyCt6Key, PolicyCtKey,
-    PolicyCtValue, PolicyKey, PolicyMatch, PolicyValue, ICMPV6_ND_TYPES, IDENTITY_WORLD,
-    IPPROTO_ICMPV6,
+    verdict, EndpointInfo, FlowConfig, FlowEvent, IpcacheValue, PolicyCounter, PolicyCt6Key,
+    PolicyCtKey, PolicyCtValue, PolicyKey, PolicyMatch, PolicyValue, ICMPV6_ND_TYPES,
+    IDENTITY_WORLD, IPPROTO_ICMPV6,
 };
 
 use crate::packet::{read_l4, Ip, Ipv4, Ipv6, Transport};
@@ -438,10 +438,43 @@ fn local_endpoint<P: Ip>(addr: P::Addr) -> Option<EndpointInfo> {
     Some(unsafe { *ep })
 }
 
+/// What [`denied_from_pod`] looked up for a destination that is not on this node, for
+/// `from_pod`'s tunnel step, which needs the same entries for the same (already translated)
+/// addresses: that the destination is not a local endpoint, its ipcache entry, and the
+/// source endpoint's identity. Handing them on saves three map lookups per tunnelled packet
+/// (two hash lookups and the LPM trie; docs/datapath-throughput.md).
+///
+/// The entry stays in the map (a pointer, not a copy: from_pod's frame plus encap_v4's
+/// must stay within BPF's 512 bytes of stack; the trie replaces elements through RCU, so
+/// the pointer is valid for the program's run). Empty = nothing known: the caller looks up
+/// itself (a local destination; the IPv6 half, whose policy step is a subprogram).
+#[derive(Default)]
+pub struct Seen<'a> {
+    /// [`seen`] bits.
+    pub flags: u8,
+    /// The source endpoint's identity, with [`seen::SRC`].
+    pub src_identity: u32,
+    /// The destination's ipcache entry (a nullable pointer).
+    pub entry: Option<&'a IpcacheValue>,
+}
+
+/// Bits of [`Seen::flags`].
+pub mod seen {
+    /// The destination is not a local endpoint, and the bits below say what was found.
+    pub const REMOTE: u8 = 1;
+    /// The source is a local endpoint ([`super::Seen::src_identity`]).
+    pub const SRC: u8 = 2;
+}
+
 /// `from_pod`: egress policy of the source pod and, for a destination on this node, its
-/// ingress policy. Emits the flow event. `true` = drop the packet.
+/// ingress policy. Emits the flow event. `true` = drop the packet. With `seen`, records the
+/// endpoint and ipcache lookups it made for the caller (see [`Seen`]).
 #[inline(always)]
-pub fn denied_from_pod<P: PolicyIp>(ctx: &TcContext, ip: &P) -> bool {
+pub fn denied_from_pod<P: PolicyIp>(
+    ctx: &TcContext,
+    ip: &P,
+    seen: Option<&mut Seen<'static>>,
+) -> bool {
     let mut l4 = L4::default();
     parse_l4(ctx, ip, &mut l4);
     let src = local_endpoint::<P>(ip.saddr());
@@ -452,7 +485,21 @@ pub fn denied_from_pod<P: PolicyIp>(ctx: &TcContext, ip: &P) -> bool {
     };
     let dst_identity = match &dst {
         Some(ep) => ep.identity,
-        None => identity_of::<P>(ip.daddr()),
+        None => {
+            let entry = crate::CM_IPCACHE.get(&P::ipcache_key(ip.daddr()));
+            if let Some(seen) = seen {
+                seen.flags = seen::REMOTE;
+                seen.entry = entry;
+                if src.is_some() {
+                    seen.flags |= seen::SRC;
+                    seen.src_identity = src_identity;
+                }
+            }
+            match entry {
+                Some(v) => v.sec_identity,
+                None => IDENTITY_WORLD,
+            }
+        }
     };
     let mut flow = Flow {
         src_identity,
