@@ -315,10 +315,9 @@ fn endpoint(e: Option<&api::Endpoint>) -> String {
 
 /// One flow in `hubble observe`'s compact form.
 pub fn compact(f: &api::Flow) -> String {
-    let point = match (f.traffic_direction.as_str(), verdict(f)) {
-        (_, "DROPPED") => format!("{} {}", f.traffic_direction, human_reason(f)),
-        ("ingress", _) => "to-endpoint".to_owned(),
-        _ => "to-overlay".to_owned(),
+    let point = match verdict(f) {
+        "DROPPED" => format!("{} {}", f.traffic_direction, human_reason(f)),
+        _ => point(f).to_owned(),
     };
     let mut line = format!(
         "{} [{}]: {} -> {} {} {}",
@@ -338,6 +337,21 @@ pub fn compact(f: &api::Flow) -> String {
         line.push_str(&format!(" ({})", f.protocol));
     }
     line
+}
+
+/// Where a forwarded flow was seen, in Cilium's trace-point words, from the program that saw
+/// it (`observation_point`), never from its direction alone: `from_pod` sees a pod's packet
+/// before anything decides where it goes (another pod on the node, the overlay, or the
+/// node's own stack, as IPv6 neighbour discovery does), so it says `from-endpoint`, not
+/// `to-overlay`; `from_overlay` hands what it passes to the local pod (`to-endpoint`). A
+/// flow without an observation point says only its direction.
+fn point(f: &api::Flow) -> &str {
+    match (f.observation_point.as_str(), f.traffic_direction.as_str()) {
+        ("from-pod", _) => "from-endpoint",
+        ("from-overlay", _) => "to-endpoint",
+        (_, "") => "?",
+        (_, direction) => direction,
+    }
 }
 
 fn human_reason(f: &api::Flow) -> &str {
@@ -392,5 +406,43 @@ mod tests {
         let j = json(&f);
         assert_eq!(j["verdict"], "DROPPED");
         assert_eq!(j["source"]["cluster_name"], "c1");
+    }
+
+    /// A forwarded flow is labelled by where the agent saw it: a pod's IPv6 neighbour
+    /// solicitation (multicast, handed to the node's stack, never on the wire) is seen by
+    /// `from_pod` and must not say `to-overlay`; a packet `from_overlay` passed to its pod
+    /// says `to-endpoint`; compact and JSON agree.
+    #[test]
+    fn compact_point_follows_the_observation_point_not_the_direction() {
+        let ep = |ip: &str| api::Endpoint {
+            ip: ip.into(),
+            ..Default::default()
+        };
+        let flow = |src: &str, dst: &str, direction: &str, point: &str| api::Flow {
+            source: Some(ep(src)),
+            destination: Some(ep(dst)),
+            protocol: "58".into(),
+            verdict: api::Verdict::Forwarded as i32,
+            traffic_direction: direction.into(),
+            observation_point: point.into(),
+            node_name: "c1/n1".into(),
+            ..Default::default()
+        };
+        let nd = flow("fd00:10:1:1::11", "ff02::1:ff00:1", "egress", "from-pod");
+        let line = compact(&nd);
+        assert!(
+            line.contains("-> ff02::1:ff00:1 (ID:0) from-endpoint FORWARDED (58)"),
+            "{line}"
+        );
+        assert!(!line.contains("to-overlay"), "{line}");
+        assert_eq!(json(&nd)["observation_point"], "from-pod");
+        let delivered = flow("10.2.1.11", "10.1.1.11", "ingress", "from-overlay");
+        let line = compact(&delivered);
+        assert!(line.contains(" to-endpoint FORWARDED (58)"), "{line}");
+        assert_eq!(json(&delivered)["observation_point"], "from-overlay");
+        // An agent that sends no observation point: only the direction, no claimed place.
+        let bare = flow("10.1.1.11", "10.2.1.11", "egress", "");
+        let line = compact(&bare);
+        assert!(line.contains(" egress FORWARDED (58)"), "{line}");
     }
 }
