@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 
 use super::state;
-use super::{cni, netns, plan, DirArgs};
+use super::{cni, netns, plan, route_lock, DirArgs};
 
 /// Every PID number in a JSON document under a key named like a PID (old state formats).
 fn pids_in(v: &serde_json::Value, out: &mut Vec<u32>) {
@@ -127,8 +127,11 @@ pub fn down(a: DirArgs) -> anyhow::Result<()> {
         }
     }
     if let Some(id) = &id {
+        // Under the route lock: a `lab up` checking the route meanwhile sees it either
+        // still there or gone, never half removed.
         let link = plan::root_link(id);
         if netns::ip(&["link", "show", "dev", &link]).is_ok() {
+            let _route = route_lock::take(id)?;
             netns::ip(&["link", "del", &link])?;
         }
     }

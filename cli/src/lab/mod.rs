@@ -32,6 +32,7 @@ pub(crate) mod install;
 mod manifests;
 mod network;
 mod processes;
+mod route_lock;
 mod status;
 mod up;
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context as _};
 
 use super::state::{Datapath, LabState, Node, Pod};
-use super::{cni, netns, plan};
+use super::{cni, netns, plan, route_lock};
 
 /// Where pods send DNS queries: the agent's DNS server on the node (`--dns-addr`), on the
 /// pods' gateway address, which the node holds on `lo`.
@@ -31,20 +31,23 @@ pub(super) fn build_network(st: &mut LabState) -> anyhow::Result<()> {
     }
     // The single root veth, unless another lab already routes the underlay from here (or
     // the lab has no IPv4 underlay: an IPv6-only lab is reached from the router namespace
-    // only, so it adds no route at all to the root namespace).
-    // `root`: routes inside the underlay prefix (`match` would also return the default route).
-    let taken = !st.ip_family.has_v4()
-        || !netns::ip(&["-j", "route", "show", "root", plan::UNDERLAY])?
-            .trim()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .trim()
-            .is_empty();
+    // only, so it adds no route at all to the root namespace). Check and add are one step
+    // under the route lock: two `lab up` at once would both see the route free.
+    let route_lock = if st.ip_family.has_v4() {
+        Some(route_lock::take(&st.id)?)
+    } else {
+        None
+    };
+    let owner = if route_lock.is_some() {
+        route_lock::underlay_route()?
+    } else {
+        None
+    };
     if !st.ip_family.has_v4() {
         println!("ℹ️  IPv6-only lab: no root veth; the CLI enters the router namespace");
-    } else if taken {
+    } else if let Some(owner) = owner {
         println!(
-            "ℹ️  The root namespace already routes {} (another lab?): no root veth; the CLI enters the router namespace instead",
+            "ℹ️  The root namespace already routes {} through {owner}: no root veth; the CLI enters the router namespace instead",
             plan::UNDERLAY
         );
     } else {
@@ -82,8 +85,18 @@ pub(super) fn build_network(st: &mut LabState) -> anyhow::Result<()> {
             "dev",
             &link,
             "onlink",
-        ])?;
+        ])
+        .map_err(|e| match route_lock::underlay_route() {
+            // Added meanwhile by something that does not take the lock (an older `lab up`).
+            Ok(Some(owner)) => anyhow::anyhow!(
+                "lab {}: the root namespace's route to {} was added by {owner} while this lab checked it: `clustermesh lab down` that lab or retry ({e:#})",
+                st.id,
+                plan::UNDERLAY
+            ),
+            _ => e,
+        })?;
     }
+    drop(route_lock);
     let clusters = st.clusters.clone();
     for c in &clusters {
         let br = plan::router_bridge(c.id);
