@@ -1,8 +1,12 @@
 //! A `clustermesh lab` in a temporary directory for the lab acceptance suites
-//! (`tests/tests/lab*.rs`): runs the CLI against it and always tears it down.
+//! (`tests/tests/lab*.rs`, `ui.rs`, `faults.rs`): runs the CLI against it, takes the
+//! machine's one lab turn ([`LabTurn`]) for the lab's lifetime and always tears it down.
 
-use std::path::PathBuf;
+use std::fs::File;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _, Result};
 use serde_json::Value;
@@ -28,8 +32,86 @@ pub fn lab_cni(default: &str) -> String {
     std::env::var("CLUSTERMESH_LAB_CNI").unwrap_or_else(|_| default.to_owned())
 }
 
+/// The file whose exclusive `flock` is the machine's one lab turn ([`LabTurn`]).
+pub const LAB_LOCK: &str = "/run/clustermesh/lab-tests.lock";
+
+/// How long [`LabTurn::take`] waits for the lab of another test or bench to go down (the
+/// fault suite's lab lives ~5 min; several suites may queue).
+const LAB_TURN_WAIT: Duration = Duration::from_secs(30 * 60);
+
+/// One lab at a time on this machine, across the threads of one test binary, the test
+/// binaries and `bench-ui`: an exclusive `flock` on [`LAB_LOCK`], held until dropped (the
+/// kernel releases it when the process dies, so a killed test leaves no stale turn).
+///
+/// Two labs can be up at once (the second finds the underlay route taken and works from
+/// its router namespace), but the suites assert on what the host has (the root veth, what
+/// `lab down` leaves) and on latencies (reachable within 1–2 s) that a second lab on the
+/// 2 cores would stretch. A `Mutex` in one test file covered only that file: cargo runs test
+/// binaries one after another, but two engineers or `cargo test -p clustermesh-tests`
+/// beside a bench do not. `flock` locks belong to the open file, so two threads of one
+/// process that each open the file exclude each other as two processes do.
+pub struct LabTurn {
+    _file: File,
+}
+
+impl LabTurn {
+    /// Waits for the turn (printing who holds it, once), then records `who` and this
+    /// process in the file for whoever waits next. Fails after 30 min, naming the holder.
+    pub fn take(who: &str) -> Result<Self> {
+        let path = Path::new(LAB_LOCK);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating {} (lab tests run as root)", dir.display()))?;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .with_context(|| format!("opening the lab lock {LAB_LOCK}"))?;
+        let t = Instant::now();
+        let mut waited = false;
+        loop {
+            match file.try_lock() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    let holder = std::fs::read_to_string(path).unwrap_or_default();
+                    ensure!(
+                        t.elapsed() < LAB_TURN_WAIT,
+                        "{who}: the lab lock {LAB_LOCK} is still held after {LAB_TURN_WAIT:?} by {holder:?}: is that lab stuck? (`clustermesh lab status --dir <its dir>`)"
+                    );
+                    if !waited {
+                        println!("{who}: waiting for the lab lock {LAB_LOCK} (held by {holder})");
+                        waited = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(e).with_context(|| format!("locking {LAB_LOCK}"));
+                }
+            }
+        }
+        if waited {
+            println!(
+                "{who}: lab lock taken after {:.1}s",
+                t.elapsed().as_secs_f64()
+            );
+        }
+        file.set_len(0)?;
+        write!(
+            file,
+            "{who} (pid {}, {})",
+            std::process::id(),
+            std::env::args().next().unwrap_or_default()
+        )?;
+        Ok(Self { _file: file })
+    }
+}
+
 /// A lab in a temporary directory, removed on drop (also when an assertion fails) unless the
-/// test already ran `lab down` itself (`down = true`).
+/// test already ran `lab down` itself (`down = true`). It holds the machine's lab turn from
+/// [`Lab::new`] until after that `lab down`.
 pub struct Lab {
     /// The `clustermesh` binary.
     pub bin: PathBuf,
@@ -38,17 +120,22 @@ pub struct Lab {
     _tmp: tempfile::TempDir,
     /// Set once the test has taken the lab down itself.
     pub down: bool,
+    /// Declared last: fields drop after `Drop::drop` ran `lab down`, the turn last of all.
+    _turn: LabTurn,
 }
 
 impl Lab {
-    /// A lab directory under a new temporary directory named `prefix…` (not yet up).
+    /// A lab directory under a new temporary directory named `prefix…` (not yet up), once
+    /// this test has the machine's lab turn ([`LabTurn`]).
     pub fn new(prefix: &str) -> Result<Self> {
+        let turn = LabTurn::take(prefix)?;
         let tmp = tempfile::Builder::new().prefix(prefix).tempdir()?;
         Ok(Self {
             bin: find_binary("clustermesh")?,
             dir: tmp.path().join("lab"),
             _tmp: tmp,
             down: false,
+            _turn: turn,
         })
     }
 

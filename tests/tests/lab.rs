@@ -12,6 +12,10 @@
 //! (identity in the VNI, pod deletion). `lab_dual_stack_every_check_per_family` runs the
 //! connectivity test on a dual-stack lab, `lab_ipv6_only_every_check` on an IPv6-only one
 //! (issue 16).
+//!
+//! The tests run in parallel threads but take turns: each `Lab::new` waits for the
+//! machine's one lab turn (`clustermesh_tests::lab::LabTurn`, a `flock` every lab suite and
+//! `bench-ui` share).
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::Path;
@@ -458,16 +462,8 @@ fn bpf_transmit_used(cluster: &Value) -> Result<()> {
     }
 }
 
-/// The tests of this file each build a lab, and two labs cannot be up at once: each adds
-/// the route to the lab's underlay (`198.18.0.0/15`) in the host's namespace. The test
-/// harness runs tests in parallel threads, so they take turns.
-static ONE_LAB_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 #[test]
 fn lab_up_connectivity_vni_pod_deletion_and_down() -> Result<()> {
-    let _turn = ONE_LAB_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let datapath = std::env::var("CLUSTERMESH_LAB_DATAPATH").unwrap_or_else(|_| "ebpf".into());
     let ebpf = datapath == "ebpf";
     let cni = lab_cni("ptp");
@@ -646,9 +642,6 @@ fn lab_up_connectivity_vni_pod_deletion_and_down() -> Result<()> {
 /// agent restarted with `--node-ip6` alone runs as an IPv6-only node; `lab down` leaves no namespace and no IPv6 underlay route.
 #[test]
 fn lab_dual_stack_every_check_per_family() -> Result<()> {
-    let _turn = ONE_LAB_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut lab = Lab::new("cm-lab-dual")?;
     let (_, state) = lab.up(&[
         "--clusters",
@@ -761,9 +754,6 @@ fn lab_dual_stack_every_check_per_family() -> Result<()> {
 /// underlay route.
 #[test]
 fn lab_ipv6_only_every_check() -> Result<()> {
-    let _turn = ONE_LAB_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut lab = Lab::new("cm-lab-ipv6")?;
     // (--datapath kernel is no longer refused: `lab_kernel_datapath_ipv6`.)
     let out = lab
@@ -1213,9 +1203,6 @@ fn vxlan6_on_the_wire(
 /// destination node, VNI 1: the kernel device's, no identity). ~5 s per lab.
 #[test]
 fn lab_kernel_datapath_ipv6() -> Result<()> {
-    let _turn = ONE_LAB_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
     for ip_family in ["dual", "ipv6"] {
         kernel_lab(ip_family)?;
     }
