@@ -1,11 +1,14 @@
 //! A `clustermesh lab` in a temporary directory for the lab acceptance suites
-//! (`tests/tests/lab*.rs`, `ui.rs`, `faults.rs`): runs the CLI against it, takes the
-//! machine's one lab turn ([`LabTurn`]) for the lab's lifetime and always tears it down.
+//! (`tests/tests/lab*.rs`, `ui.rs`, `faults.rs`) and `bench-ui`: runs the CLI against it,
+//! takes the machine's one lab turn ([`LabTurn`]) for the lab's lifetime and always tears
+//! it down. Also the helpers those suites share (a pod's `curl`, the agents' HTTP from the
+//! router namespace, stopping and starting a lab process again). It must not assert
+//! anything a suite checks: the suites keep their assertions.
 
 use std::fs::File;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _, Result};
@@ -159,6 +162,15 @@ impl Lab {
         Ok((up, self.state()?))
     }
 
+    /// `lab up` of the suites' mesh, 2 clusters × 2 nodes × `pods` pods, plus `flags`
+    /// (as [`Lab::up`]).
+    pub fn up_mesh(&mut self, pods: u32, flags: &[&str]) -> Result<(String, Value)> {
+        let pods = pods.to_string();
+        let mut all = vec!["--clusters", "2", "--nodes", "2", "--pods", &pods];
+        all.extend_from_slice(flags);
+        self.up(&all)
+    }
+
     /// The lab's `lab.json`.
     pub fn state(&self) -> Result<Value> {
         Ok(serde_json::from_slice(&std::fs::read(
@@ -178,15 +190,124 @@ impl Drop for Lab {
 /// `curl http://<ip>:8080/` (a lab echo server) from inside `ns`; `None` when the
 /// connection fails.
 pub fn curl_echo(ns: &str, ip: &str, timeout: &str) -> Option<Value> {
+    curl_json(ns, &format!("http://{ip}:8080/"), timeout)
+}
+
+/// `curl <url>` from inside `ns` (a pod's namespace: its resolver too), parsed as JSON;
+/// `None` when the connection fails or the answer is not JSON.
+pub fn curl_json(ns: &str, url: &str, timeout: &str) -> Option<Value> {
     let out = Command::new("ip")
-        .args(["netns", "exec", ns, "curl", "-s", "--max-time", timeout])
-        .arg(format!("http://{ip}:8080/"))
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "curl",
+            "-s",
+            "--max-time",
+            timeout,
+            url,
+        ])
         .output()
         .ok()?;
     if !out.status.success() {
         return None;
     }
     serde_json::from_slice(&out.stdout).ok()
+}
+
+/// `GET http://<addr><path>` from the router namespace (the lab's health addresses live in
+/// the underlay; the root namespace may not route it when another lab runs): the status
+/// code and body, `None` when nothing answered within 2 s.
+pub fn router_get(router: &str, addr: &str, path: &str) -> Option<(u16, String)> {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            router,
+            "curl",
+            "-s",
+            "--max-time",
+            "2",
+            "-w",
+            "\n%{http_code}",
+        ])
+        .arg(format!("http://{addr}{path}"))
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n')?;
+    Some((code.trim().parse().ok()?, body.to_owned()))
+}
+
+/// An agent's or apiserver's `/status` at `addr` through [`router_get`]; `None` unless it
+/// answered 200 with JSON.
+pub fn router_status(router: &str, addr: &str) -> Option<Value> {
+    let (code, body) = router_get(router, addr, "/status")?;
+    if code != 200 {
+        return None;
+    }
+    serde_json::from_str(&body).ok()
+}
+
+/// The command line of process `pid`.
+pub fn argv_of(pid: u32) -> Result<Vec<String>> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .with_context(|| format!("process {pid} is gone"))?;
+    Ok(cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect())
+}
+
+/// Whether `pid` runs (exists and is neither a zombie nor dead).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().next())
+            .is_some_and(|st| st != "Z" && st != "X")
+    })
+}
+
+/// Sends `sig` to `pid`.
+pub fn signal(pid: u32, sig: nix::sys::signal::Signal) -> Result<()> {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig)
+        .with_context(|| format!("signal {sig} to {pid}"))
+}
+
+/// Waits until `pid` no longer runs ([`alive`]); how long that took, or an error after
+/// `timeout`.
+pub fn wait_gone(pid: u32, timeout: Duration) -> Result<Duration> {
+    let t = Instant::now();
+    while alive(pid) {
+        ensure!(
+            t.elapsed() < timeout,
+            "process {pid} still runs after {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(t.elapsed())
+}
+
+/// Starts `argv` again inside `ns`, output appended to `log` (as `lab up` started it), in
+/// its own process group; its PID (`lab down` finds it by its namespace).
+pub fn respawn(ns: &str, argv: &[String], log: &Path) -> Result<u32> {
+    use std::os::unix::process::CommandExt as _;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(argv)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()?;
+    Ok(child.id())
 }
 
 /// `clustermesh connectivity test -o json` on `lab`, parsed; fails unless the command

@@ -32,10 +32,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use std::os::unix::process::CommandExt as _;
-
 use anyhow::{bail, ensure, Context as _, Result};
-use clustermesh_tests::lab::{run, Lab};
+use clustermesh_tests::lab::{
+    alive, argv_of, respawn, router_get, router_status, run, signal, wait_gone, Lab,
+};
 use serde_json::Value;
 
 /// One row of the table.
@@ -98,11 +98,11 @@ impl Mesh {
     }
 
     fn get(&self, addr: &str, path: &str) -> Option<(u16, String)> {
-        get(&self.router, addr, path)
+        router_get(&self.router, addr, path)
     }
 
     fn status_of(&self, addr: &str) -> Option<Value> {
-        status_of(&self.router, addr)
+        router_status(&self.router, addr)
     }
 
     /// `clustermesh <args>` (without the lab's `--dir`).
@@ -277,42 +277,10 @@ impl Mesh {
 /// Per agent: (ipcache entries, endpoints cached per remote cluster).
 type Entries = BTreeMap<String, (u64, BTreeMap<String, u64>)>;
 
-/// `GET http://<addr><path>` from the router namespace (the lab's health addresses live in
-/// the underlay; the root namespace may not route it when another lab runs).
-fn get(router: &str, addr: &str, path: &str) -> Option<(u16, String)> {
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            router,
-            "curl",
-            "-s",
-            "--max-time",
-            "2",
-            "-w",
-            "\n%{http_code}",
-        ])
-        .arg(format!("http://{addr}{path}"))
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n')?;
-    Some((code.trim().parse().ok()?, body.to_owned()))
-}
-
-fn status_of(router: &str, addr: &str) -> Option<Value> {
-    let (code, body) = get(router, addr, "/status")?;
-    if code != 200 {
-        return None;
-    }
-    serde_json::from_str(&body).ok()
-}
-
 fn entries(router: &str, agents: &[AgentRef]) -> Entries {
     let mut out = BTreeMap::new();
     for a in agents {
-        let Some(s) = status_of(router, &a.health) else {
+        let Some(s) = router_status(router, &a.health) else {
             continue;
         };
         let ipcache = s["datapath"]["ipcache"]["entries"].as_u64().unwrap_or(0);
@@ -339,59 +307,6 @@ fn bare(serial: &str) -> String {
         .to_lowercase()
         .trim_start_matches('0')
         .to_owned()
-}
-
-fn argv_of(pid: u32) -> Result<Vec<String>> {
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
-        .with_context(|| format!("process {pid} is gone"))?;
-    Ok(cmdline
-        .split(|b| *b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect())
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit_once(')')
-            .and_then(|(_, r)| r.split_whitespace().next())
-            .is_some_and(|st| st != "Z" && st != "X")
-    })
-}
-
-fn signal(pid: u32, sig: nix::sys::signal::Signal) -> Result<()> {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig)
-        .with_context(|| format!("signal {sig} to {pid}"))
-}
-
-fn wait_gone(pid: u32, timeout: Duration) -> Result<Duration> {
-    let t = Instant::now();
-    while alive(pid) {
-        ensure!(
-            t.elapsed() < timeout,
-            "process {pid} still runs after {timeout:?}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok(t.elapsed())
-}
-
-/// Starts `argv` again inside `ns`, output appended to `log` (as `lab up` started it).
-fn respawn(ns: &str, argv: &[String], log: &Path) -> Result<u32> {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)?;
-    let child = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .args(argv)
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .process_group(0)
-        .spawn()?;
-    Ok(child.id())
 }
 
 /// Samples every agent's entries every ~150 ms until finished.
@@ -1138,19 +1053,9 @@ fn partition(m: &Mesh) -> Result<String> {
 
 #[test]
 fn fault_table() -> Result<()> {
-    let lab = Lab::new("cm-faults")?;
+    let mut lab = Lab::new("cm-faults")?;
     let t = Instant::now();
-    run(&mut lab.cli(&[
-        "lab",
-        "up",
-        "--clusters",
-        "2",
-        "--nodes",
-        "2",
-        "--pods",
-        "1",
-    ]))?;
-    let state = lab.state()?;
+    let (_, state) = lab.up_mesh(1, &[])?;
     let router = state["router_ns"].as_str().context("router")?.to_owned();
     let m = Mesh { lab, state, router };
     let up = m.wait_whole(Duration::from_secs(60))?;

@@ -23,7 +23,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
-use clustermesh_tests::lab::{connectivity_report, curl_echo, lab_cni, run, Lab};
+use clustermesh_tests::lab::{
+    argv_of, connectivity_report, curl_echo, lab_cni, respawn, router_get, router_status, run,
+    signal, wait_gone, Lab,
+};
 use serde_json::Value;
 
 /// The identity etcd assigns to `ip`, read through the router namespace as a remote would.
@@ -272,6 +275,14 @@ fn hand_added_pod(lab: &Lab, state: &Value) -> Result<()> {
     Ok(())
 }
 
+/// SIGTERM to agent `pid`; it must be gone within 15 s.
+fn stop_agent(pid: u32) -> Result<()> {
+    signal(pid, nix::sys::signal::Signal::SIGTERM)?;
+    wait_gone(pid, Duration::from_secs(15))
+        .with_context(|| format!("agent {pid} did not stop on SIGTERM"))?;
+    Ok(())
+}
+
 /// Restarts the agent of c1/n1 while a TCP stream from a pod on that node crosses into c2:
 /// the stream must complete with every byte counted by the receiving pod.
 fn restart_agent_under_a_stream(
@@ -282,13 +293,8 @@ fn restart_agent_under_a_stream(
 ) -> Result<()> {
     let node = &state["clusters"][0]["nodes"][0];
     let agent = &node["agent"];
-    let pid = agent["pid"].as_u64().context("agent pid")?;
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))?;
-    let argv: Vec<String> = cmdline
-        .split(|b| *b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
+    let pid = agent["pid"].as_u64().context("agent pid")? as u32;
+    let argv = argv_of(pid)?;
     let stream = Command::new("ip")
         .args(["netns", "exec", src_ns])
         .arg(&lab.bin)
@@ -307,43 +313,18 @@ fn restart_agent_under_a_stream(
         .spawn()?;
     std::thread::sleep(Duration::from_millis(1000));
     let t = Instant::now();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )?;
-    while Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
-    {
-        ensure!(
-            t.elapsed() < Duration::from_secs(15),
-            "agent {pid} did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let log = std::fs::OpenOptions::new()
-        .append(true)
-        .open(agent["log"].as_str().context("agent log")?)?;
+    stop_agent(pid)?;
     let node_ns = node["ns"].as_str().context("node ns")?;
-    let child = Command::new("ip")
-        .args(["netns", "exec", node_ns])
-        .args(&argv)
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()?;
     // `lab down` finds it by its namespace; record it anyway for the checks below.
-    let new_pid = child.id();
+    let new_pid = respawn(
+        node_ns,
+        &argv,
+        Path::new(agent["log"].as_str().context("agent log")?),
+    )?;
     let health = agent["health_addr"].as_str().context("agent health")?;
     let router = state["router_ns"].as_str().context("router")?;
     loop {
-        let ok = Command::new("ip")
-            .args(["netns", "exec", router, "curl", "-sf", "--max-time", "1"])
-            .arg(format!("http://{health}/readyz"))
-            .output()?
-            .status
-            .success();
-        if ok {
+        if router_get(router, health, "/readyz").is_some_and(|(code, _)| code == 200) {
             break;
         }
         ensure!(
@@ -470,18 +451,7 @@ fn lab_up_connectivity_vni_pod_deletion_and_down() -> Result<()> {
     let mut lab = Lab::new("cm-lab-test")?;
 
     // lab up 2×2×2.
-    let (up, state) = lab.up(&[
-        "--clusters",
-        "2",
-        "--nodes",
-        "2",
-        "--pods",
-        "2",
-        "--datapath",
-        &datapath,
-        "--cni",
-        &cni,
-    ])?;
+    let (up, state) = lab.up_mesh(2, &["--datapath", &datapath, "--cni", &cni])?;
     let id = state["id"].as_str().context("id")?.to_owned();
     if ebpf {
         ensure!(
@@ -643,16 +613,7 @@ fn lab_up_connectivity_vni_pod_deletion_and_down() -> Result<()> {
 #[test]
 fn lab_dual_stack_every_check_per_family() -> Result<()> {
     let mut lab = Lab::new("cm-lab-dual")?;
-    let (_, state) = lab.up(&[
-        "--clusters",
-        "2",
-        "--nodes",
-        "2",
-        "--pods",
-        "2",
-        "--ip-family",
-        "dual",
-    ])?;
+    let (_, state) = lab.up_mesh(2, &["--ip-family", "dual"])?;
     let id = state["id"].as_str().context("id")?.to_owned();
     ensure!(state["ip_family"] == "dual", "{}", state["ip_family"]);
     for c in state["clusters"].as_array().context("clusters")? {
@@ -765,16 +726,7 @@ fn lab_ipv6_only_every_check() -> Result<()> {
         "lab up --ip-family ipv6 --cni bridge: {} {err}",
         out.status
     );
-    let (_, state) = lab.up(&[
-        "--clusters",
-        "2",
-        "--nodes",
-        "2",
-        "--pods",
-        "2",
-        "--ip-family",
-        "ipv6",
-    ])?;
+    let (_, state) = lab.up_mesh(2, &["--ip-family", "ipv6"])?;
     let id = state["id"].as_str().context("id")?.to_owned();
     ensure!(state["ip_family"] == "ipv6", "{}", state["ip_family"]);
     ensure!(
@@ -1022,11 +974,9 @@ fn ipv6_only_agent(state: &Value) -> Result<()> {
     let agent = &node["agent"];
     let node_ns = node["ns"].as_str().context("node ns")?;
     let ip6 = node["ip6"].as_str().context("node ip6")?;
-    let pid = agent["pid"].as_u64().context("agent pid")?;
-    let argv: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))?
-        .split(|b| *b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
+    let pid = agent["pid"].as_u64().context("agent pid")? as u32;
+    let argv: Vec<String> = argv_of(pid)?
+        .into_iter()
         .filter(|a| !a.starts_with("--node-ip=") && !a.starts_with("--observer-addr="))
         .collect();
     ensure!(
@@ -1034,39 +984,16 @@ fn ipv6_only_agent(state: &Value) -> Result<()> {
         "the lab's agent has no --node-ip6={ip6}: {argv:?}"
     );
     let t = Instant::now();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGTERM,
+    stop_agent(pid)?;
+    respawn(
+        node_ns,
+        &argv,
+        Path::new(agent["log"].as_str().context("agent log")?),
     )?;
-    while Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
-    {
-        ensure!(
-            t.elapsed() < Duration::from_secs(15),
-            "agent {pid} did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let log = std::fs::OpenOptions::new()
-        .append(true)
-        .open(agent["log"].as_str().context("agent log")?)?;
-    Command::new("ip")
-        .args(["netns", "exec", node_ns])
-        .args(&argv)
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()?;
     let health = agent["health_addr"].as_str().context("agent health")?;
     let router = state["router_ns"].as_str().context("router")?;
     let status = loop {
-        let out = Command::new("ip")
-            .args(["netns", "exec", router, "curl", "-sf", "--max-time", "1"])
-            .arg(format!("http://{health}/status"))
-            .output()?;
-        if out.status.success() {
-            let v: Value = serde_json::from_slice(&out.stdout)?;
+        if let Some(v) = router_status(router, health) {
             if v["ready"] == true {
                 break v;
             }
@@ -1212,18 +1139,7 @@ fn lab_kernel_datapath_ipv6() -> Result<()> {
 fn kernel_lab(ip_family: &str) -> Result<()> {
     let mut lab = Lab::new("cm-lab-kernel6")?;
     let t = Instant::now();
-    let (_, state) = lab.up(&[
-        "--clusters",
-        "2",
-        "--nodes",
-        "2",
-        "--pods",
-        "1",
-        "--datapath",
-        "kernel",
-        "--ip-family",
-        ip_family,
-    ])?;
+    let (_, state) = lab.up_mesh(1, &["--datapath", "kernel", "--ip-family", ip_family])?;
     let report = connectivity_report(&lab, &["checks"])?;
     let checks = report["checks"].as_array().context("checks")?;
     for family in ["ipv4", "ipv6"] {

@@ -232,24 +232,8 @@ fn policy_admits_only_the_frontend_of_c1(lab: &Lab, state: &Value) -> Result<()>
 #[test]
 fn lab_policy_admits_only_the_frontend_of_c1() -> Result<()> {
     let mut lab = Lab::new("cm-lab-policy")?;
-    let t = Instant::now();
-    run(&mut lab.cli(&[
-        "lab",
-        "up",
-        "--clusters",
-        "2",
-        "--nodes",
-        "2",
-        "--pods",
-        "2",
-        "--datapath",
-        "ebpf",
-        "--cni",
-        &lab_cni("bridge"),
-    ]))?;
+    let (_, state) = lab.up_mesh(2, &["--datapath", "ebpf", "--cni", &lab_cni("bridge")])?;
     connectivity_passes(&lab)?;
-    println!("lab up: {:.1}s", t.elapsed().as_secs_f64());
-    let state = lab.state()?;
     policy_admits_only_the_frontend_of_c1(&lab, &state)?;
     run(&mut lab.cli(&["lab", "down"]))?;
     lab.down = true;

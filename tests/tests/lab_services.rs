@@ -19,40 +19,27 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _, Result};
-use clustermesh_tests::lab::{connectivity_passes, lab_cni, run, Lab};
+use clustermesh_tests::lab::{connectivity_passes, curl_json, lab_cni, run, Lab};
 use serde_json::Value;
 
 /// `curl` of `url` from inside `ns`: the echo answer, if any.
 fn curl(ns: &str, url: &str) -> Option<Value> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, "curl", "-s", "--max-time", "1", url])
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| serde_json::from_slice(&out.stdout).ok())
-        .flatten()
+    curl_json(ns, url, "1")
 }
 
 #[test]
 fn lab_global_services_dns_affinity_failover_and_propagation() -> Result<()> {
     let mut lab = Lab::new("cm-lab-svc")?;
-    run(&mut lab.cli(&[
-        "lab",
-        "up",
-        "--clusters",
-        "2",
-        "--nodes",
-        "2",
-        "--pods",
-        "2",
-        "--cni",
-        &lab_cni("clustermesh"),
-        "--service-v2",
-        "c2=only-endpointslice",
-    ]))?;
+    let (_, state) = lab.up_mesh(
+        2,
+        &[
+            "--cni",
+            &lab_cni("clustermesh"),
+            "--service-v2",
+            "c2=only-endpointslice",
+        ],
+    )?;
     connectivity_passes(&lab)?;
-    let state: Value = serde_json::from_slice(&std::fs::read(lab.dir.join("lab.json"))?)?;
     let id = state["id"].as_str().context("id")?.to_owned();
     let c1 = &state["clusters"][0];
     ensure!(

@@ -370,19 +370,7 @@ fn check_page(state: &Value, ui: &Ui, b: &Browser) -> Result<()> {
 #[test]
 fn ui_shows_the_mesh_live_in_a_real_browser() -> Result<()> {
     let mut lab = Lab::new("cm-lab-ui")?;
-    let t = Instant::now();
-    run(&mut lab.cli(&[
-        "lab",
-        "up",
-        "--clusters",
-        "2",
-        "--nodes",
-        "2",
-        "--pods",
-        "2",
-    ]))?;
-    println!("lab up: {:.1}s", t.elapsed().as_secs_f64());
-    let state = lab.state()?;
+    let (_, state) = lab.up_mesh(2, &[])?;
     let (c1, c2) = (&state["clusters"][0], &state["clusters"][1]);
 
     // A label nobody should trust, on c1's echo-2-2.

@@ -28,7 +28,7 @@
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -36,7 +36,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
 use clustermesh_observer_api as api;
-use clustermesh_tests::process::{find_binary, free_port, http_get};
+use clustermesh_tests::lab::Lab;
+use clustermesh_tests::process::{free_port, http_get};
 use serde_json::Value;
 
 struct Args {
@@ -67,23 +68,6 @@ fn args() -> Result<Args> {
         }
     }
     Ok(a)
-}
-
-/// The lab, taken down on drop.
-struct Lab {
-    bin: PathBuf,
-    dir: PathBuf,
-    state: Value,
-    _tmp: tempfile::TempDir,
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = Command::new(&self.bin)
-            .args(["lab", "down", "--dir"])
-            .arg(&self.dir)
-            .output();
-    }
 }
 
 /// A child process killed on drop.
@@ -254,37 +238,12 @@ fn main() -> Result<()> {
         "bench-ui builds a lab in network namespaces: run it as root"
     );
     let tick = clock_tick();
-    let bin = find_binary("clustermesh")?;
-    let tmp = tempfile::Builder::new().prefix("cm-bench-ui").tempdir()?;
-    let dir = tmp.path().join("lab");
-    let out = Command::new(&bin)
-        .args([
-            "lab",
-            "up",
-            "--clusters",
-            "2",
-            "--nodes",
-            "2",
-            "--pods",
-            "1",
-            "--dir",
-        ])
-        .arg(&dir)
-        .output()?;
-    let mut lab = Lab {
-        bin: bin.clone(),
-        dir: dir.clone(),
-        state: Value::Null,
-        _tmp: tmp,
-    };
-    ensure!(
-        out.status.success(),
-        "lab up failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    lab.state = serde_json::from_slice(&std::fs::read(dir.join("lab.json"))?)?;
-    let st = &lab.state;
+    // The shared lab helper: it waits for the machine's lab turn (no lab test runs beside
+    // the measurement) and takes the lab down on drop, also on failure.
+    let mut lab = Lab::new("cm-bench-ui")?;
+    let (_, state) = lab.up_mesh(1, &[])?;
+    let (bin, dir) = (lab.bin.clone(), lab.dir.clone());
+    let st = &state;
     let router = st["router_ns"].as_str().context("router_ns")?.to_owned();
     let mut agents = Vec::new();
     let mut observers = Vec::new();
