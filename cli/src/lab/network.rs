@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
 
-use super::state::{Datapath, LabState, Node, Pod};
+use super::state::{Cluster, Datapath, LabState, Node, Pod};
 use super::{cni, netns, plan, route_lock};
 
 /// Where pods send DNS queries: the agent's DNS server on the node (`--dns-addr`), on the
@@ -24,11 +24,11 @@ fn add_ns(st: &mut LabState, ns: &str) -> anyhow::Result<()> {
 pub(super) fn build_network(st: &mut LabState) -> anyhow::Result<()> {
     let router = st.router_ns.clone();
     add_ns(st, &router)?;
-    netns::sysctl(&router, "net/ipv4/ip_forward", "1")?;
-    let v6 = st.ip_family.has_v6();
-    if v6 {
-        netns::sysctl(&router, "net/ipv6/conf/all/forwarding", "1")?;
+    let families: Vec<Family> = Family::of(st).collect();
+    for f in &families {
+        netns::sysctl(&router, f.forwarding(), "1")?;
     }
+    let v6 = st.ip_family.has_v6();
     // The single root veth, unless another lab already routes the underlay from here (or
     // the lab has no IPv4 underlay: an IPv6-only lab is reached from the router namespace
     // only, so it adds no route at all to the root namespace). Check and add are one step
@@ -101,52 +101,29 @@ pub(super) fn build_network(st: &mut LabState) -> anyhow::Result<()> {
     for c in &clusters {
         let br = plan::router_bridge(c.id);
         netns::ip_in(&router, &["link", "add", &br, "type", "bridge"])?;
-        if st.ip_family.has_v4() {
-            netns::ip_in(
-                &router,
-                &[
-                    "addr",
-                    "add",
-                    &format!("{}/24", plan::router_ip(c.id)),
-                    "dev",
-                    &br,
-                ],
-            )?;
-        }
-        if v6 {
-            // nodad: the lab made every address, none can be a duplicate, and DAD would
-            // hold each one back (tentative) for a second.
-            netns::ip_in(
-                &router,
-                &[
-                    "addr",
-                    "add",
-                    &format!("{}/64", plan::router_ip6(c.id)),
-                    "dev",
-                    &br,
-                    "nodad",
-                ],
-            )?;
+        for f in &families {
+            f.add_addr(&router, f.gateway(c.id), &br)?;
         }
         netns::ip_in(&router, &["link", "set", &br, "up"])?;
-        let gw = plan::router_ip(c.id).to_string();
         // Control plane (IPv6 only in an IPv6-only lab).
         add_ns(st, &c.ns)?;
-        underlay_leg(&router, c.id, 0, &c.ns, c.ip, &gw)?;
-        if let IpAddr::V6(ip6) = c.ip {
-            underlay_leg6(&c.ns, ip6, plan::router_ip6(c.id))?;
+        underlay_link(&router, c.id, 0, &c.ns)?;
+        for f in &families {
+            if let Some(ip) = f.cp_addr(c) {
+                f.leg(&c.ns, ip, c.id)?;
+            }
         }
-        // Nodes.
+        // Nodes: a leg per family, and forwarding for their pods in it.
         for (j, node) in (1u32..).zip(&c.nodes) {
             add_ns(st, &node.ns)?;
-            underlay_leg(&router, c.id, j, &node.ns, node.ip, &gw)?;
-            netns::sysctl(&node.ns, "net/ipv4/ip_forward", "1")?;
-            if let Some(ip6) = node.ip6 {
-                // IPv6 forwarding for its pods; no DAD on the host ends of the pods' veths
-                // (the CNI plugin puts the gateway there).
-                netns::sysctl(&node.ns, "net/ipv6/conf/all/forwarding", "1")?;
-                netns::sysctl(&node.ns, "net/ipv6/conf/default/accept_dad", "0")?;
-                underlay_leg6(&node.ns, ip6, plan::router_ip6(c.id))?;
+            underlay_link(&router, c.id, j, &node.ns)?;
+            for f in &families {
+                if let Some(ip) = f.node_addr(node) {
+                    for (key, value) in f.node_sysctls() {
+                        netns::sysctl(&node.ns, key, value)?;
+                    }
+                    f.leg(&node.ns, ip, c.id)?;
+                }
             }
             // The pods' resolver address answers locally (the agent's DNS server binds it):
             // the gateway address, or in an IPv6-only lab an address in the pods' route.
@@ -236,16 +213,9 @@ pub(super) fn build_network(st: &mut LabState) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A veth from the router's bridge of cluster `i` to `eth0` in `ns`; with an IPv4 `ip`,
-/// `ip`/24 and a route for the underlay only (an IPv6 one: [`underlay_leg6`] adds it).
-fn underlay_leg(
-    router: &str,
-    i: u32,
-    j: u32,
-    ns: &str,
-    ip: IpAddr,
-    gw: &str,
-) -> anyhow::Result<()> {
+/// A veth from the router's bridge of cluster `i` to `eth0` in `ns`, up; its addresses
+/// and routes come per family ([`Family::leg`]).
+fn underlay_link(router: &str, i: u32, j: u32, ns: &str) -> anyhow::Result<()> {
     let port = plan::router_port(i, j);
     netns::ip_in(
         router,
@@ -272,38 +242,115 @@ fn underlay_leg(
     netns::ethtool_in(router, &["-K", &port, "tso", "off"])?;
     netns::ethtool_in(ns, &["-K", "eth0", "gro", "on"])?;
     netns::ip_in(ns, &["link", "set", "eth0", "up"])?;
-    if let IpAddr::V4(ip) = ip {
-        netns::ip_in(ns, &["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
-        netns::ip_in(
-            ns,
-            &["route", "add", plan::UNDERLAY, "via", gw, "dev", "eth0"],
-        )?;
-    }
     Ok(())
 }
 
-/// The IPv6 side of an underlay leg (a node's in dual-stack and IPv6-only labs, the
-/// control plane's in IPv6-only ones): its address on `eth0` and a route for the IPv6
-/// underlay only (never a default route).
-fn underlay_leg6(ns: &str, ip: std::net::Ipv6Addr, gw: std::net::Ipv6Addr) -> anyhow::Result<()> {
-    netns::ip_in(
-        ns,
-        &["addr", "add", &format!("{ip}/64"), "dev", "eth0", "nodad"],
-    )?;
-    netns::ip_in(
-        ns,
-        &[
-            "-6",
-            "route",
-            "add",
-            plan::UNDERLAY6,
-            "via",
-            &gw.to_string(),
-            "dev",
-            "eth0",
-        ],
-    )?;
-    Ok(())
+/// One address family of the underlay: the router's address on each cluster's bridge
+/// (the gateway of that cluster's legs), the legs' addresses and their one route (the
+/// family's underlay prefix only, never a default route), and what a node needs to
+/// forward its pods' traffic in it. `build_network` iterates the lab's families
+/// ([`Family::of`]) instead of asking at each step which ones the lab has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// The lab's underlay families, IPv4 first (`--ip-family ipv4|dual|ipv6`).
+    fn of(st: &LabState) -> impl Iterator<Item = Family> {
+        [
+            (Family::V4, st.ip_family.has_v4()),
+            (Family::V6, st.ip_family.has_v6()),
+        ]
+        .into_iter()
+        .filter_map(|(f, on)| on.then_some(f))
+    }
+
+    /// The sysctl that lets a namespace forward this family.
+    fn forwarding(self) -> &'static str {
+        match self {
+            Family::V4 => "net/ipv4/ip_forward",
+            Family::V6 => "net/ipv6/conf/all/forwarding",
+        }
+    }
+
+    /// A node's sysctls in this family: forwarding for its pods; for IPv6 also no DAD on
+    /// the host ends of the pods' veths (the CNI plugin puts the gateway there).
+    fn node_sysctls(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Family::V4 => &[("net/ipv4/ip_forward", "1")],
+            Family::V6 => &[
+                ("net/ipv6/conf/all/forwarding", "1"),
+                ("net/ipv6/conf/default/accept_dad", "0"),
+            ],
+        }
+    }
+
+    /// The router's address on cluster `i`'s bridge: the gateway of its legs.
+    fn gateway(self, i: u32) -> IpAddr {
+        match self {
+            Family::V4 => plan::router_ip(i).into(),
+            Family::V6 => plan::router_ip6(i).into(),
+        }
+    }
+
+    /// The control plane's underlay address in this family (an IPv6-only lab's control
+    /// plane has only an IPv6 one, a dual-stack lab's only an IPv4 one).
+    fn cp_addr(self, c: &Cluster) -> Option<IpAddr> {
+        (self.is(c.ip)).then_some(c.ip)
+    }
+
+    /// A node's underlay address in this family (`ip6`, or `ip` of the family).
+    fn node_addr(self, n: &Node) -> Option<IpAddr> {
+        match self {
+            Family::V4 => self.is(n.ip).then_some(n.ip),
+            Family::V6 => n.ip6.map(IpAddr::V6),
+        }
+    }
+
+    fn is(self, ip: IpAddr) -> bool {
+        match self {
+            Family::V4 => ip.is_ipv4(),
+            Family::V6 => ip.is_ipv6(),
+        }
+    }
+
+    /// `ip addr add <ip>/<prefix> dev <dev>` in `ns`; IPv6 with `nodad`: the lab made
+    /// every address, none can be a duplicate, and DAD would hold each one back
+    /// (tentative) for a second.
+    fn add_addr(self, ns: &str, ip: IpAddr, dev: &str) -> anyhow::Result<()> {
+        let addr = match self {
+            Family::V4 => format!("{ip}/24"),
+            Family::V6 => format!("{ip}/64"),
+        };
+        let mut args = vec!["addr", "add", addr.as_str(), "dev", dev];
+        if self == Family::V6 {
+            args.push("nodad");
+        }
+        netns::ip_in(ns, &args).map(drop)
+    }
+
+    /// `ns`'s underlay leg in this family: `ip` on `eth0` and a route for the family's
+    /// underlay prefix via the router's bridge of cluster `i`.
+    fn leg(self, ns: &str, ip: IpAddr, i: u32) -> anyhow::Result<()> {
+        self.add_addr(ns, ip, "eth0")?;
+        let gw = self.gateway(i).to_string();
+        let route = ["route", "add", self.underlay(), "via", &gw, "dev", "eth0"];
+        match self {
+            Family::V4 => netns::ip_in(ns, &route),
+            Family::V6 => netns::ip_in(ns, &[&["-6"][..], &route[..]].concat()),
+        }
+        .map(drop)
+    }
+
+    /// The family's underlay prefix.
+    fn underlay(self) -> &'static str {
+        match self {
+            Family::V4 => plan::UNDERLAY,
+            Family::V6 => plan::UNDERLAY6,
+        }
+    }
 }
 
 /// Wires the pod through the lab's CNI plugin (ADD, as a runtime does) and records what
