@@ -421,7 +421,7 @@ mod tests {
         let flow = |src: &str, dst: &str, direction: &str, point: &str| api::Flow {
             source: Some(ep(src)),
             destination: Some(ep(dst)),
-            protocol: "58".into(),
+            protocol: "ICMPv6".into(),
             verdict: api::Verdict::Forwarded as i32,
             traffic_direction: direction.into(),
             observation_point: point.into(),
@@ -431,18 +431,18 @@ mod tests {
         let nd = flow("fd00:10:1:1::11", "ff02::1:ff00:1", "egress", "from-pod");
         let line = compact(&nd);
         assert!(
-            line.contains("-> ff02::1:ff00:1 (ID:0) from-endpoint FORWARDED (58)"),
+            line.contains("-> ff02::1:ff00:1 (ID:0) from-endpoint FORWARDED (ICMPv6)"),
             "{line}"
         );
         assert!(!line.contains("to-overlay"), "{line}");
         assert_eq!(json(&nd)["observation_point"], "from-pod");
         let delivered = flow("10.2.1.11", "10.1.1.11", "ingress", "from-overlay");
         let line = compact(&delivered);
-        assert!(line.contains(" to-endpoint FORWARDED (58)"), "{line}");
+        assert!(line.contains(" to-endpoint FORWARDED (ICMPv6)"), "{line}");
         assert_eq!(json(&delivered)["observation_point"], "from-overlay");
         // An agent that sends no observation point: only the direction, no claimed place.
         let bare = flow("10.1.1.11", "10.2.1.11", "egress", "");
         let line = compact(&bare);
-        assert!(line.contains(" egress FORWARDED (58)"), "{line}");
+        assert!(line.contains(" egress FORWARDED (ICMPv6)"), "{line}");
     }
 }

@@ -125,6 +125,7 @@ pub fn decode(bytes: &[u8]) -> Option<FlowEvent> {
 fn protocol(p: u8) -> String {
     match p {
         1 => "ICMPv4".into(),
+        58 => "ICMPv6".into(),
         6 => "TCP".into(),
         17 => "UDP".into(),
         132 => "SCTP".into(),
@@ -388,6 +389,14 @@ pub fn log_reader_exit(r: std::io::Result<FlowMaps>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Hubble's names: an IPv6 ping or neighbour solicitation says `ICMPv6`, not `58`
+    /// (`observe` prints it, the UI groups ICMP by name).
+    #[test]
+    fn protocols_have_hubbles_names() {
+        let names: Vec<String> = [1, 6, 17, 58, 132, 47].into_iter().map(protocol).collect();
+        assert_eq!(names, ["ICMPv4", "TCP", "UDP", "ICMPv6", "SCTP", "47"]);
+    }
 
     #[test]
     fn pods_of_either_family_are_named() {
