@@ -316,64 +316,6 @@ fn parse_json_object(path: &Path, raw: &str, out: &mut Vec<Object>) -> Result<()
 }
 
 fn parse_yaml(path: &Path, text: &str) -> Result<Vec<Object>, FileError> {
-    match parse_yaml_direct(text) {
-        Some(objects) => Ok(objects),
-        None => parse_yaml_tree(path, text),
-    }
-}
-
-/// The YAML fast path: documents split at column-0 `---` lines (YAML forbids such a line
-/// inside any scalar, so a document ends there), each decoded straight into its type when
-/// a top-level `kind: <Name>` line names it, without building a `serde_yaml::Value` first
-/// and converting it again (measured with `bench-export --in-process`: the tree path spent
-/// most of the export's read time). `None` when any document is not that plain (a
-/// directive, `...`, content on the `---` line, a `List`, a flow-style or quoted `kind`) or
-/// fails to decode: the caller then parses the whole file the general way, which decides
-/// and names every error exactly as before.
-fn parse_yaml_direct(text: &str) -> Option<Vec<Object>> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    let mut docs = Vec::new();
-    let mut offset = 0;
-    for line in text.split_inclusive('\n') {
-        let bare = line.trim_end_matches(['\n', '\r']);
-        if bare.starts_with('%') || bare.starts_with("...") {
-            return None;
-        }
-        if bare.starts_with("---") {
-            if bare.trim_end() != "---" {
-                return None;
-            }
-            docs.push(&text[start..offset]);
-            start = offset + line.len();
-        }
-        offset += line.len();
-    }
-    docs.push(&text[start..]);
-    for doc in docs {
-        let content = |l: &&str| {
-            let t = l.trim();
-            !t.is_empty() && !t.starts_with('#')
-        };
-        if !doc.lines().any(|l| content(&l)) {
-            continue;
-        }
-        // Exactly one top-level `kind:` line (two would be a duplicate key, or one inside
-        // a multi-line scalar: the tree path decides).
-        let mut kinds = doc.lines().filter_map(|l| l.strip_prefix("kind:"));
-        let kind = kinds.next()?.split('#').next()?.trim();
-        if kinds.next().is_some() {
-            return None;
-        }
-        if kind == "List" || kind.is_empty() || !kind.bytes().all(|b| b.is_ascii_alphanumeric()) {
-            return None;
-        }
-        out.push(Object::from_yaml_str(kind, doc).ok()?);
-    }
-    Some(out)
-}
-
-fn parse_yaml_tree(path: &Path, text: &str) -> Result<Vec<Object>, FileError> {
     use serde::Deserialize;
     let mut out = Vec::new();
     for doc in serde_yaml::Deserializer::from_str(text) {
@@ -496,27 +438,6 @@ mod tests {
         let text = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: a\n---\nkind: List\nitems:\n- kind: Namespace\n  metadata: {name: b}\n";
         let objs = parse_file(Path::new("x.yaml"), text).unwrap();
         assert_eq!(objs.len(), 2);
-    }
-
-    /// The fast path gives exactly what the tree path gives, and steps aside for what it
-    /// does not handle.
-    #[test]
-    fn direct_yaml_equals_the_tree_path() {
-        let fixture = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: a\n  annotations:\n    clustermesh.cilium.io/global: \"true\"\n---\n# a comment\napiVersion: v1\nkind: Pod # trailing\nmetadata:\n  name: p\n  namespace: a\n  labels: {app: x}\nspec:\n  nodeName: n1\n  containers:\n  - name: c\n    ports:\n    - {name: http, containerPort: 8080}\nstatus:\n  phase: Running\n  podIPs:\n  - ip: 10.1.0.5\n  - ip: \"fd00:1::5\"\n---\n---\nkind: Node\nmetadata:\n  name: n1\nspec:\n  podCIDRs: [10.1.0.0/24]\n---\napiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: pol\n  namespace: a\nspec:\n  endpointSelector: {}\n";
-        let direct = parse_yaml_direct(fixture).expect("plain documents");
-        let tree = parse_yaml_tree(Path::new("x.yaml"), fixture).unwrap();
-        assert_eq!(direct.len(), 4);
-        assert_eq!(direct, tree);
-        for other in [
-            "kind: List\nitems: []\n",
-            "%YAML 1.2\n---\nkind: Namespace\nmetadata: {name: a}\n",
-            "--- {kind: Namespace, metadata: {name: a}}\n",
-            "kind: Namespace\nmetadata:\n  name: [\n",
-            "kind: Namespace\nmetadata: {}\n",
-            "kind: Namespace\nmetadata: {name: a}\nkind: Pod\n",
-        ] {
-            assert!(parse_yaml_direct(other).is_none(), "{other}");
-        }
     }
 
     #[test]

@@ -743,37 +743,6 @@ impl Object {
         })
     }
 
-    /// Decodes one YAML document whose `kind` was already read, straight into its type
-    /// (no `serde_yaml::Value` in between); other kinds through [`Object::from_yaml`].
-    pub fn from_yaml_str(kind: &str, doc: &str) -> Result<Object, String> {
-        fn de<T: serde::de::DeserializeOwned>(doc: &str) -> Result<Arc<T>, String> {
-            serde_yaml::from_str(doc)
-                .map(Arc::new)
-                .map_err(|e| e.to_string())
-        }
-        let obj = match kind {
-            "Namespace" => Object::Namespace(de(doc)?),
-            "Node" => Object::Node(de(doc)?),
-            "Pod" => Object::Pod(de(doc)?),
-            "Service" => Object::Service(de(doc)?),
-            "EndpointSlice" => Object::EndpointSlice(de(doc)?),
-            "ServiceExport" => Object::ServiceExport(de(doc)?),
-            "CiliumNode" => Object::CiliumNode(de(doc)?),
-            "CiliumEndpoint" => Object::CiliumEndpoint(de(doc)?),
-            "CiliumIdentity" => Object::CiliumIdentity(de(doc)?),
-            "CiliumEndpointSlice" => Object::CiliumEndpointSlice(de(doc)?),
-            "CustomResourceDefinition" => Object::CustomResourceDefinition(de(doc)?),
-            _ => {
-                let v: serde_yaml::Value = serde_yaml::from_str(doc).map_err(|e| e.to_string())?;
-                return Object::from_yaml(v);
-            }
-        };
-        if obj.key().name.is_empty() {
-            return Err(format!("{} has no metadata.name", obj.key().kind));
-        }
-        Ok(obj)
-    }
-
     /// Decodes one JSON document whose `kind` was already read, straight into its type.
     pub fn from_json_str(kind: Option<&str>, raw: &str) -> Result<Object, String> {
         fn de<T: serde::de::DeserializeOwned>(raw: &str) -> Result<Arc<T>, String> {
