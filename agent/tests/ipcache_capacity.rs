@@ -23,7 +23,7 @@ fn ip(i: u32) -> Ipv4Addr {
 /// Remote pod `i` of c2 with identity `id`, as validation hands it on.
 fn upsert(i: u32, id: u32) -> Input {
     let entry = IpcacheEntry::new(IpIdentityPair {
-        ip: ip(i).to_string(),
+        ip: ip(i).to_string().into(),
         host_ip: "198.18.2.11".into(),
         id,
         ..IpIdentityPair::default()

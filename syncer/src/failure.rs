@@ -336,7 +336,11 @@ pub fn classify_remote(err: &crate::remote::Error, cfg: Option<&EtcdConfig>) -> 
                 d.as_secs()
             ),
         },
-        R::ConfigNotFound { .. } | R::ConfigRefused(_) | R::InvalidConfig(_) | R::Watch { .. } => {
+        R::ConfigNotFound { .. }
+        | R::ConfigRefused(_)
+        | R::ConfigChanged { .. }
+        | R::InvalidConfig(_)
+        | R::Watch { .. } => {
             config(err.to_string())
         }
         R::Resolve { host, .. } => config(format!(

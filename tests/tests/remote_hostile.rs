@@ -280,3 +280,90 @@ async fn entries_outside_the_remote_cluster_cidrs_are_refused() -> anyhow::Resul
     fx.stop().await;
     Ok(())
 }
+
+/// A connected remote whose cluster config switches to another max-connected-clusters is
+/// refused as at connect time (status with a hint, the failures metric), and keeps serving
+/// the state read before the switch; switching back reconnects it. (issue 18: a 511 mesh
+/// and a 255 mesh must never read each other's identities.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_size_switch_while_connected_is_refused_and_keeps_the_last_good_state(
+) -> anyhow::Result<()> {
+    let etcd = TestEtcd::start()?;
+    let mut c = etcd.client("root").await?;
+    seed_cluster3(&mut c).await?;
+    let mut fx = Fixture::start(|_| {})?;
+    fx.connect("cluster3", &etcd)?;
+    let s = fx.wait_ready("cluster3").await?;
+    assert_eq!(
+        (s.num_nodes, s.num_endpoints, s.num_failures),
+        (1, 2, 0),
+        "{s:?}"
+    );
+
+    c.put(
+        "cilium/cluster-config/cluster3",
+        CONFIG3.replace("255", "511"),
+        None,
+    )
+    .await?;
+    let refused = "max-connected-clusters is 511, local is 255";
+    let s = fx
+        .wait_status("cluster3", Duration::from_secs(10), |s| {
+            s.num_failures > 0 && !s.ready && s.status.contains(refused)
+        })
+        .await?;
+    let hint = s.hint.clone().unwrap_or_default();
+    assert!(
+        hint.contains("--max-connected-clusters 255"),
+        "the hint says what to do: {hint:?}"
+    );
+    // The failures metric counts it.
+    let metrics = fx.metrics.render("cilium");
+    let failures = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("cilium_clustermesh_remote_cluster_failures{")
+                && l.contains("target_cluster=\"cluster3\"")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
+    assert!(failures.is_some_and(|n| n >= 1), "{metrics}");
+    // Nothing of the last good state is dropped, nor any delete emitted, across the
+    // refused reconnects.
+    fx.clear_events();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let s = fx.status.borrow().get("cluster3").cloned().unwrap();
+    assert!(!s.ready && s.num_failures >= 2, "it keeps refusing: {s:?}");
+    assert!(
+        s.status.contains(refused) || s.status.starts_with("connected"),
+        "{s:?}"
+    );
+    fx.caches
+        .with("cluster3", |cache| {
+            assert!(cache.endpoint("10.244.2.74").is_some(), "endpoint kept");
+            assert!(cache.node("test-node-1").is_some(), "node kept");
+            assert!(cache.identity(196915).is_some(), "identity kept");
+        })
+        .unwrap();
+    let deletes = fx
+        .events()
+        .into_iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::Change {
+                    change: Change::Delete { .. },
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(deletes, 0, "no delete while refused");
+
+    // Fixed on the remote: it is read again.
+    c.put("cilium/cluster-config/cluster3", CONFIG3, None)
+        .await?;
+    let s = fx.wait_ready("cluster3").await?;
+    assert_eq!((s.num_nodes, s.num_endpoints), (1, 2), "{s:?}");
+    fx.stop().await;
+    Ok(())
+}

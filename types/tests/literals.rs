@@ -260,7 +260,7 @@ fn ipcache_variants_are_semantically_equal() {
     assert_eq!(with_uid.k8s_pod_uid, "u");
     assert_eq!(
         IpIdentityPair {
-            k8s_pod_uid: String::new(),
+            k8s_pod_uid: Default::default(),
             ..with_uid
         },
         null_mask

@@ -132,8 +132,8 @@ impl Hook {
             .filter(|p| !p.k8s_pod_name.is_empty())
             .map(|p| PodRef {
                 cluster: cluster.clone(),
-                namespace: p.k8s_namespace.clone(),
-                name: p.k8s_pod_name.clone(),
+                namespace: p.k8s_namespace.to_string(),
+                name: p.k8s_pod_name.to_string(),
             });
         self.directory
             .write()

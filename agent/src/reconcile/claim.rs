@@ -71,8 +71,8 @@ pub(super) fn claim_of(
             pod: (bits == 32 && !pair.k8s_pod_name.is_empty()).then(|| {
                 Arc::new(LocalPod {
                     ip: addr,
-                    namespace: pair.k8s_namespace.clone(),
-                    name: pair.k8s_pod_name.clone(),
+                    namespace: pair.k8s_namespace.to_string(),
+                    name: pair.k8s_pod_name.to_string(),
                     identity: pair.id,
                 })
             }),

@@ -94,8 +94,8 @@ pub fn claim6(
             pod: (prefix.bits == 128 && !pair.k8s_pod_name.is_empty()).then(|| {
                 Arc::new(LocalPod6 {
                     ip: prefix.addr,
-                    namespace: pair.k8s_namespace.clone(),
-                    name: pair.k8s_pod_name.clone(),
+                    namespace: pair.k8s_namespace.to_string(),
+                    name: pair.k8s_pod_name.to_string(),
                     identity: pair.id,
                 })
             }),

@@ -310,15 +310,15 @@ pub(super) fn cep_claims<'a>(
                 name,
                 ip,
                 src: EpSrc::Pair(Box::new(IpIdentityPair {
-                    ip: ip.clone(),
+                    ip: ip.as_str().into(),
                     mask: None,
-                    host_ip: net.node.clone(),
+                    host_ip: net.node.as_str().into(),
                     id: cep.identity,
                     key: cep.encryption_key,
-                    metadata: String::new(),
-                    k8s_namespace: ns.to_string(),
-                    k8s_pod_name: name.to_string(),
-                    k8s_pod_uid: pod_uid.clone(),
+                    metadata: Default::default(),
+                    k8s_namespace: ns.into(),
+                    k8s_pod_name: name.into(),
+                    k8s_pod_uid: pod_uid.as_str().into(),
                     k8s_service_account: cep.service_account.unwrap_or_default().into(),
                     named_ports: named_ports.clone(),
                 })),
@@ -353,20 +353,21 @@ impl Ep<'_> {
         match &self.src {
             EpSrc::Pair(p) => (**p).clone(),
             EpSrc::Pod { pod, id, host_ip } => IpIdentityPair {
-                ip: self.ip.to_string(),
+                ip: self.ip.into(),
                 mask: None,
-                host_ip: host_ip.to_string(),
+                host_ip: host_ip.as_ref().into(),
                 id: *id,
                 key: 0,
-                metadata: String::new(),
-                k8s_namespace: self.ns.to_string(),
-                k8s_pod_name: self.name.to_string(),
-                k8s_pod_uid: pod.metadata.uid.clone().unwrap_or_default(),
+                metadata: Default::default(),
+                k8s_namespace: self.ns.into(),
+                k8s_pod_name: self.name.into(),
+                k8s_pod_uid: pod.metadata.uid.as_deref().unwrap_or_default().into(),
                 k8s_service_account: pod
                     .spec
                     .service_account_name
-                    .clone()
-                    .unwrap_or_else(|| "default".into()),
+                    .as_deref()
+                    .unwrap_or("default")
+                    .into(),
                 named_ports: pod
                     .spec
                     .containers

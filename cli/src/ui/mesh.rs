@@ -239,7 +239,12 @@ async fn read_cluster(
         let Ok(p) = serde_json::from_slice::<IpIdentityPair>(&kv.value) else {
             continue;
         };
-        ipcache.push((p.ip, p.id, p.k8s_namespace, p.k8s_pod_name));
+        ipcache.push((
+            p.ip.into(),
+            p.id,
+            p.k8s_namespace.into(),
+            p.k8s_pod_name.into(),
+        ));
     }
     let mut services = Vec::new();
     let prefix = format!("{}/{cluster}/", kvstore::SERVICES_PREFIX);

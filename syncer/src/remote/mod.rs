@@ -345,6 +345,15 @@ pub enum Error {
     /// The remote's cluster config is unusable.
     #[error("remote cluster configuration refused: {0}")]
     ConfigRefused(String),
+    /// The remote's cluster config changed while connected (the session ends; the next one
+    /// applies it).
+    #[error(
+        "remote cluster configuration {key} changed while connected: reconnecting to apply it"
+    )]
+    ConfigChanged {
+        /// The key watched.
+        key: String,
+    },
     /// Reading the remote's etcd failed (the connection, the etcd behind it, a watch).
     #[error(transparent)]
     Read(#[from] crate::watcher::Error),

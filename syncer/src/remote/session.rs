@@ -362,7 +362,7 @@ impl Remote {
         // The cluster config is mandatory.
         let key = cluster_config_key(&self.name);
         let permit = self.env.read_permit().await;
-        let (value, _) = Box::pin(conn.get(&key)).await?;
+        let (value, config_rev) = Box::pin(conn.get(&key)).await?;
         drop(permit);
         let raw = value.ok_or(Error::ConfigNotFound { key: key.clone() })?;
         let remote =
@@ -419,6 +419,9 @@ impl Remote {
             );
         }
         let me = self.clone();
+        let watched = conn.clone();
+        tasks.spawn(async move { me.watch_config(watched, key, remote, config_rev).await });
+        let me = self.clone();
         tasks.spawn(async move { me.heartbeat(conn, hb_rev).await });
 
         while let Some(done) = tasks.join_next().await {
@@ -455,17 +458,7 @@ impl Remote {
                 local.name.as_str()
             )));
         }
-        let theirs = remote.capabilities.max_connected_clusters;
-        // An old remote omits the field (0 = 255); a 511 mesh needs it stated.
-        if theirs != max && (max != 255 || theirs != 0) {
-            let theirs = if theirs == 0 { 255 } else { theirs };
-            return Err(Error::ConfigRefused(format!(
-                "remote max-connected-clusters is {theirs}, local is {max}: every cluster of a mesh must use the same value \
-                 (it splits the 24 identity bits into cluster ID and cluster-local identity, so identities of one side \
-                 would be misread by the other); nothing of this remote is imported. Install the remote with \
-                 --max-connected-clusters {max}, or disconnect it; the value cannot change on a running cluster"
-            )));
-        }
+        check_mesh_size(max, remote)?;
         remote
             .capabilities
             .export_mode()
@@ -481,6 +474,46 @@ impl Remote {
         self.env.reserve_id(id, &self.name)?;
         *self.reserved.lock().unwrap_or_else(PoisonError::into_inner) = Some(id);
         Ok(())
+    }
+
+    /// Follows the remote's cluster config for as long as the session lives: read once at
+    /// connect, a remote reinstalled under another mesh size while connected would keep being
+    /// read with identity ranges that no longer hold. A different max-connected-clusters is
+    /// refused with the connect-time error (status, hint, failure metric); any other change
+    /// ends the session so the next one applies it (a new cluster ID drains first there).
+    /// Either way only the session fails: the cache is untouched, so the last good state
+    /// stays served, and every reconnect refuses again until the remote is fixed. A deleted
+    /// config is left to the next connect (KVStoreMesh deletes a drained remote's config
+    /// before its cache, and agents keep serving it until its file is removed).
+    async fn watch_config(
+        &self,
+        conn: Arc<Conn>,
+        key: String,
+        accepted: ClusterConfig,
+        revision: i64,
+    ) -> Result<()> {
+        let opts = WatchOptions::new().with_start_revision(revision + 1);
+        let mut watch = conn.watch(&key, opts).await?;
+        let max = self.env.config.local.max_connected_clusters.as_u32();
+        loop {
+            let resp = conn.message(&mut watch, &key).await?;
+            if resp.canceled() {
+                return Err(canceled(&key, resp.cancel_reason()));
+            }
+            for ev in resp.events() {
+                let Some(kv) = ev.kv().filter(|_| ev.event_type() == EventType::Put) else {
+                    continue;
+                };
+                let remote = ClusterConfig::decode(kv.value())
+                    .map_err(|e| Error::ConfigRefused(format!("{key}: {e}")))?;
+                if remote == accepted {
+                    continue;
+                }
+                check_mesh_size(max, &remote)?;
+                info!(cluster = %self.name, "remote cluster config changed: reconnecting to apply it");
+                return Err(Error::ConfigChanged { key });
+            }
+        }
     }
 
     async fn mark_synced(&self, r: Resource, token: &CancellationToken) {
@@ -611,6 +644,22 @@ impl Remote {
             }
         }
     }
+}
+
+/// Refuses a remote whose max-connected-clusters differs from the local `max`.
+fn check_mesh_size(max: u32, remote: &ClusterConfig) -> Result<()> {
+    let theirs = remote.capabilities.max_connected_clusters;
+    // An old remote omits the field (0 = 255); a 511 mesh needs it stated.
+    if theirs != max && (max != 255 || theirs != 0) {
+        let theirs = if theirs == 0 { 255 } else { theirs };
+        return Err(Error::ConfigRefused(format!(
+            "remote max-connected-clusters is {theirs}, local is {max}: every cluster of a mesh must use the same value \
+             (it splits the 24 identity bits into cluster ID and cluster-local identity, so identities of one side \
+             would be misread by the other); nothing of this remote is imported. Install the remote with \
+             --max-connected-clusters {max}, or disconnect it; the value cannot change on a running cluster"
+        )));
+    }
+    Ok(())
 }
 
 /// Whether resource `r` is read from a remote announcing `mode` (service v2). Both stores

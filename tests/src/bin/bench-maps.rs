@@ -56,11 +56,11 @@ fn pair6(i: u32) -> IpcacheEntry {
     let ip =
         Ipv6Addr::from(u128::from(Ipv6Addr::new(0xfd00, 0x16, 0, 0, 0, 0, 0, 0)) + u128::from(i));
     let pair = IpIdentityPair {
-        ip: ip.to_string(),
-        host_ip: format!("198.18.2.{}", 10 + i % 200),
+        ip: ip.to_string().into(),
+        host_ip: format!("198.18.2.{}", 10 + i % 200).into(),
         id: (2 << 16) + 1 + i % 60_000,
         k8s_namespace: "default".into(),
-        k8s_pod_name: format!("pod6-{i}"),
+        k8s_pod_name: format!("pod6-{i}").into(),
         ..IpIdentityPair::default()
     };
     IpcacheEntry::new(pair).expect("a valid entry")
@@ -70,11 +70,11 @@ fn pair6(i: u32) -> IpcacheEntry {
 fn pair(i: u32, id_shift: u32) -> IpcacheEntry {
     let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 16, 0, 0)) + i);
     let pair = IpIdentityPair {
-        ip: ip.to_string(),
-        host_ip: format!("198.18.2.{}", 10 + i % 200),
+        ip: ip.to_string().into(),
+        host_ip: format!("198.18.2.{}", 10 + i % 200).into(),
         id: (2 << 16) + 1 + (i + id_shift) % 60_000,
         k8s_namespace: "default".into(),
-        k8s_pod_name: format!("pod-{i}"),
+        k8s_pod_name: format!("pod-{i}").into(),
         ..IpIdentityPair::default()
     };
     IpcacheEntry::new(pair).expect("a valid entry")

@@ -114,14 +114,16 @@ pub(crate) mod de {
     }
 
     /// A Go `net.IP` field: `""`/`null` (nil IP) or a parsable address, kept verbatim.
-    pub(crate) fn ip_or_empty<'de, D>(d: D) -> Result<String, D::Error>
+    pub(crate) fn ip_or_empty<'de, D, S>(d: D) -> Result<S, D::Error>
     where
         D: Deserializer<'de>,
+        S: Deserialize<'de> + Default + AsRef<str>,
     {
-        let s: String = null_default(d)?;
-        if !s.is_empty() && s.parse::<IpAddr>().is_err() {
+        let s: S = null_default(d)?;
+        let text = s.as_ref();
+        if !text.is_empty() && text.parse::<IpAddr>().is_err() {
             return Err(serde::de::Error::custom(format_args!(
-                "invalid ip address {s:?}"
+                "invalid ip address {text:?}"
             )));
         }
         Ok(s)
