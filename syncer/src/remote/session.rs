@@ -485,6 +485,10 @@ impl Remote {
     /// stays served, and every reconnect refuses again until the remote is fixed. A deleted
     /// config is left to the next connect (KVStoreMesh deletes a drained remote's config
     /// before its cache, and agents keep serving it until its file is removed).
+    ///
+    /// The watch is created once every resource is synced: watches are created one at a time
+    /// on the shared stream, and 510 remotes' config watches queued before their resources'
+    /// would delay readiness. Starting at the get's revision + 1 it misses nothing meanwhile.
     async fn watch_config(
         &self,
         conn: Arc<Conn>,
@@ -492,6 +496,9 @@ impl Remote {
         accepted: ClusterConfig,
         revision: i64,
     ) -> Result<()> {
+        while !self.shared.get().synced.all() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let opts = WatchOptions::new().with_start_revision(revision + 1);
         let mut watch = conn.watch(&key, opts).await?;
         let max = self.env.config.local.max_connected_clusters.as_u32();
