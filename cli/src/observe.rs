@@ -178,7 +178,12 @@ async fn observe(
                 break;
             }
             f = rx.recv() => match f {
-                Some(f) if args.follow => print(&f, args.output),
+                Some(f) if args.follow => {
+                    if !print(&f, args.output)? {
+                        tasks.abort_all();
+                        return Ok(());
+                    }
+                }
                 Some(f) => all.push(f),
                 None => break,
             },
@@ -190,7 +195,9 @@ async fn observe(
     }
     all.sort_by_key(|f| f.time_unix_nanos);
     for f in &all {
-        print(f, args.output);
+        if !print(f, args.output)? {
+            break;
+        }
     }
     while tasks.join_next().await.is_some() {}
     if failed == servers.len() {
@@ -199,10 +206,19 @@ async fn observe(
     Ok(())
 }
 
-fn print(f: &api::Flow, output: Output) {
-    match output {
-        Output::Json => println!("{}", json(f)),
-        Output::Compact => println!("{}", compact(f)),
+/// Writes one flow to stdout; `false` once the reader has gone (`observe | head`): the
+/// command then stops quietly, as Unix tools do, where `println!` would panic on the
+/// broken pipe.
+fn print(f: &api::Flow, output: Output) -> anyhow::Result<bool> {
+    use std::io::Write as _;
+    let line = match output {
+        Output::Json => json(f).to_string(),
+        Output::Compact => compact(f),
+    };
+    match writeln!(std::io::stdout().lock(), "{line}") {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e).context("writing a flow to stdout"),
     }
 }
 
