@@ -652,11 +652,12 @@ fn a_killed_apiserver_takes_its_etcd_along_and_restarts_cleanly() {
     let log = log_since(&api, from);
     println!("restarted apiserver ready after {ready:?}");
     assert_eq!(clustermesh_apiserver::etcd::serving(&data).len(), 1);
+    // The loop showed as etcd exiting again and again; how long readiness took is the
+    // benchmarks' business (this test once failed a 5 s bound on a loaded machine).
     assert!(
         !log.contains("embedded etcd exited"),
         "restart loop:\n{log}"
     );
-    assert!(ready < Duration::from_secs(5), "ready after {ready:?}");
     api.stop().unwrap();
 }
 
