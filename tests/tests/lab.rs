@@ -1193,3 +1193,66 @@ fn kernel_lab(ip_family: &str) -> Result<()> {
     println!("kernel {ip_family} lab: {:.1}s", t.elapsed().as_secs_f64());
     Ok(())
 }
+
+/// `lab up --max-connected-clusters 511` (issue 18): both clusters run the 511 profile, so
+/// every identity sits in its cluster's 15-bit range (`cluster_id << 15`, where a 255 mesh
+/// uses `<< 16`), the VXLAN VNI carries it (encapsulated in BPF), and pods reach each other
+/// across clusters.
+#[test]
+fn lab_max_connected_clusters_511() -> Result<()> {
+    let mut lab = Lab::new("cm-lab-511")?;
+    let (up, state) = lab.up(&[
+        "--clusters",
+        "2",
+        "--nodes",
+        "1",
+        "--pods",
+        "1",
+        "--max-connected-clusters",
+        "511",
+    ])?;
+    let report = connectivity_report(&lab, &["checks"])?;
+    let passed = report["summary"]["passed"].as_u64().unwrap_or(0);
+    // 2 pods: each direction across the clusters, TCP and ICMP, per family.
+    ensure!(passed >= 4, "{}\n{up}", report["summary"]);
+    let clusters = state["clusters"].as_array().context("clusters")?;
+    for (i, cluster) in clusters.iter().enumerate() {
+        let cluster_id = i as u64 + 1;
+        let pod = &cluster["nodes"][0]["pods"][0];
+        let ip = pod["ip"].as_str().context("ip")?;
+        let identity = identity_of(&state, cluster, ip)?;
+        ensure!(
+            identity >> 15 == cluster_id && identity < (cluster_id + 1) << 15,
+            "c{cluster_id}'s pod {ip} has identity {identity}: not in the 511 range of cluster \
+             {cluster_id} ({}..{})",
+            cluster_id << 15,
+            (cluster_id + 1) << 15
+        );
+        println!(
+            "c{cluster_id}: pod {ip} identity {identity} = {cluster_id} << 15 + {}",
+            identity - (cluster_id << 15)
+        );
+    }
+    // A pod of c1 reaches c2's pod, tunnelled with its 511-range identity as VNI.
+    let (c1, c2) = (&clusters[0], &clusters[1]);
+    let src = &c1["nodes"][0]["pods"][0];
+    let (src_ns, src_ip) = (
+        src["ns"].as_str().context("ns")?,
+        src["ip"].as_str().context("ip")?,
+    );
+    let dst_ip = c2["nodes"][0]["pods"][0]["ip"]
+        .as_str()
+        .context("ip")?
+        .to_owned();
+    let node_ns = c1["nodes"][0]["ns"].as_str().context("ns")?;
+    let node_ip = c1["nodes"][0]["ip"].as_str().context("ip")?;
+    let text = capture_one_vxlan(&lab.dir, node_ns, node_ip, || {
+        let _ = curl_echo(src_ns, &dst_ip, "2");
+    })?;
+    let identity = identity_of(&state, c1, src_ip)?;
+    ensure!(
+        text.contains(&format!("vni {identity}")),
+        "expected vni {identity} (identity of {src_ip} under 511):\n{text}"
+    );
+    bpf_transmit_used(c1)
+}
