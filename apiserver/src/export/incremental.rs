@@ -348,6 +348,47 @@ fn selects(svc: &objects::Service, pod: &objects::Pod) -> bool {
         .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
 }
 
+/// The services of `snap` that select the old or the new version of one of `pods`. Found
+/// through each selector's first label, one lookup per pod label: checking every service of
+/// the namespace against every changed pod costs pods × services (up to 2000 × 1000 in one
+/// pass at [`MAX_INCREMENTAL`]).
+fn services_selecting(old: &Snapshot, snap: &Snapshot, pods: &BTreeSet<Nn>) -> BTreeSet<Nn> {
+    let mut out = BTreeSet::new();
+    if pods.is_empty() || snap.services.is_empty() {
+        return out;
+    }
+    type ByFirstLabel<'a> =
+        HashMap<(&'a str, &'a str, &'a str), Vec<(&'a Nn, &'a objects::Service)>>;
+    let mut by_first: ByFirstLabel = HashMap::new();
+    for (k, svc) in &snap.services {
+        if let Some((lk, lv)) = svc.spec.selector.as_ref().and_then(|s| s.iter().next()) {
+            by_first
+                .entry((k.0.as_str(), lk.as_str(), lv.as_str()))
+                .or_default()
+                .push((k, svc.as_ref()));
+        }
+    }
+    for key in pods {
+        for p in [old.pods.get(key), snap.pods.get(key)]
+            .into_iter()
+            .flatten()
+        {
+            for (lk, lv) in p.metadata.labels.iter().flatten() {
+                let Some(candidates) = by_first.get(&(key.0.as_str(), lk.as_str(), lv.as_str()))
+                else {
+                    continue;
+                };
+                for (k, svc) in candidates {
+                    if selects(svc, p) {
+                        out.insert((*k).clone());
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 fn in_namespace<'a, V>(
     map: &'a BTreeMap<Nn, V>,
     ns: &'a str,
@@ -524,8 +565,11 @@ impl Exporter {
                 .node_value(snap, name, &mut out.problems)
                 .map(|n| n.encode());
             out.changes.set(kvstore::node_key(&cluster, name), value);
+        }
+        if !delta.nodes.is_empty() {
+            // One pass over the pods, not one per changed node.
             for (key, p) in &snap.pods {
-                if p.spec.node_name == *name {
+                if delta.nodes.contains(&p.spec.node_name) {
                     pods.insert(key.clone());
                 }
             }
@@ -586,11 +630,13 @@ impl Exporter {
             }
         }
         let mut failed: HashMap<String, String> = HashMap::new();
+        // The sets pods use: fixed while the new ones are allocated below (built once, not
+        // once per new set).
+        let in_use: HashSet<&str> = idx.set_refs.keys().map(String::as_str).collect();
         for set in &order {
             let Some(ns) = gained.get(set).filter(|_| idx.set_refs.contains_key(set)) else {
                 continue;
             };
-            let in_use: HashSet<&str> = idx.set_refs.keys().map(String::as_str).collect();
             match self.allocator.allocate(set, &idx.taken, &in_use) {
                 Ok(id) => {
                     let key = kvstore::identity_key(id);
@@ -793,18 +839,7 @@ impl Exporter {
                 }
             }
         }
-        for key in &delta.pods {
-            for p in [old.pods.get(key), snap.pods.get(key)]
-                .into_iter()
-                .flatten()
-            {
-                for (k, svc) in in_namespace(&snap.services, &key.0) {
-                    if selects(svc, p) {
-                        svcs.insert(k.clone());
-                    }
-                }
-            }
-        }
+        svcs.extend(services_selecting(old, snap, &delta.pods));
 
         // A service whose real slices start or stop being exported (it became global or
         // not, appeared, went) unblocks or blocks generated slices of the same names.
