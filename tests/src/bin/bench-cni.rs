@@ -265,6 +265,9 @@ fn main() -> anyhow::Result<()> {
         "clustermesh-cni is not built beside {}",
         bin.display()
     );
+    // The machine's one lab turn, as every lab suite takes it: a lab test beside this
+    // bench would share its 2 cores and the host's underlay route.
+    let _turn = clustermesh_tests::lab::LabTurn::take("bench-cni")?;
     let root = tempfile::Builder::new().prefix("cm-bench-cni").tempdir()?;
     let dir = root.path().join("lab");
     run(Command::new(&bin)

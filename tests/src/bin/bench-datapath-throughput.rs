@@ -358,6 +358,9 @@ fn main() -> anyhow::Result<()> {
     let bin = find_binary("clustermesh")?;
     let root = tempfile::Builder::new().prefix("cm-bench-dp").tempdir()?;
     println!("bench-datapath-throughput: 2 clusters × 1 node × 1 pod, c1 pod → c2 pod across the router; {rounds} rounds × {duration:?} per measurement, {streams} stream(s)");
+    // The machine's one lab turn, held while the four labs below are up: a lab test beside
+    // this bench would share its 2 cores and the host's underlay route.
+    let _turn = clustermesh_tests::lab::LabTurn::take("bench-datapath-throughput")?;
     let ebpf = Lab::up(&bin, root.path(), "ebpf", &["--datapath", "ebpf"], false)?;
     let kernel = Lab::up(
         &bin,
