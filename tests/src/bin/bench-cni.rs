@@ -44,7 +44,8 @@ fn args() -> anyhow::Result<Args> {
             _ => bail!("unknown flag {k} (--pods N, --idle DURATION)"),
         }
     }
-    ensure!((1..=250).contains(&a.pods), "--pods must be 1..=250");
+    // Each plugin's range in the node's /24 holds 100 addresses (see `conf`).
+    ensure!((1..=100).contains(&a.pods), "--pods must be 1..=100");
     Ok(a)
 }
 
@@ -131,21 +132,33 @@ fn cni_dir(bin: &Path) -> PathBuf {
     bin.parent().map(Path::to_owned).unwrap_or_default()
 }
 
-fn conf(p: Plugin, lab: &Lab) -> Value {
-    match p {
+/// Each plugin's network: addresses from the node's pod CIDR (the apiserver exports no
+/// endpoint outside its cluster's CIDRs, so the agent would never see the pod), in two
+/// disjoint ranges above the lab's own pods (`.11` up): `ptp` from `.20` to `.119`,
+/// clustermesh-cni from `.120`.
+fn conf(p: Plugin, lab: &Lab) -> anyhow::Result<Value> {
+    let cidr = lab.s(&["clusters", "0", "nodes", "0", "pod_cidr"])?;
+    let (net, len) = cidr.split_once('/').context("node pod CIDR")?;
+    ensure!(
+        len == "24",
+        "bench-cni expects a /24 node pod CIDR, the lab has {cidr}"
+    );
+    let o = net.parse::<std::net::Ipv4Addr>()?.octets();
+    let at = |last: u8| std::net::Ipv4Addr::new(o[0], o[1], o[2], last).to_string();
+    Ok(match p {
         Plugin::Ptp => json!({
             "cniVersion": "1.0.0", "name": "bench-ptp", "type": "ptp", "mtu": 1450,
             "ipam": {"type": "host-local",
-                     "ranges": [[{"subnet": "10.1.200.0/24", "gateway": "10.1.200.1"}]],
+                     "ranges": [[{"subnet": cidr, "rangeStart": at(20), "rangeEnd": at(119), "gateway": at(1)}]],
                      "routes": [{"dst": "10.0.0.0/8"}],
                      "dataDir": lab.dir.join("bench-ptp")},
         }),
         Plugin::Clustermesh => json!({
             "cniVersion": "1.1.0", "name": "bench-cm", "type": "clustermesh-cni",
-            "podCIDR": "10.1.201.0/24", "stateDir": lab.dir.join("bench-cm"), "mtu": 1450,
+            "podCIDR": cidr, "rangeStart": at(120), "stateDir": lab.dir.join("bench-cm"), "mtu": 1450,
             "routes": ["10.0.0.0/8"],
         }),
-    }
+    })
 }
 
 fn invoke(lab: &Lab, p: Plugin, command: &str, pod_ns: &str) -> anyhow::Result<Value> {
@@ -175,7 +188,7 @@ fn invoke(lab: &Lab, p: Plugin, command: &str, pod_ns: &str) -> anyhow::Result<V
         .stdin
         .take()
         .context("stdin")?
-        .write_all(conf(p, lab).to_string().as_bytes())?;
+        .write_all(conf(p, lab)?.to_string().as_bytes())?;
     let out = child.wait_with_output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     ensure!(out.status.success(), "{p:?} {command}: {text}");
