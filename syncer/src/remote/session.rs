@@ -496,7 +496,9 @@ impl Remote {
         accepted: ClusterConfig,
         revision: i64,
     ) -> Result<()> {
-        self.shared.wait_all_synced().await;
+        while !self.shared.get().synced.all() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let opts = WatchOptions::new().with_start_revision(revision + 1);
         let mut watch = conn.watch(&key, opts).await?;
         let max = self.env.config.local.max_connected_clusters.as_u32();
@@ -522,7 +524,12 @@ impl Remote {
     }
 
     async fn mark_synced(&self, r: Resource, token: &CancellationToken) {
-        if self.shared.set_synced(r) {
+        let mut all = false;
+        self.shared.update(|s| {
+            s.synced.set(r, true);
+            all = s.synced.all();
+        });
+        if all {
             self.healthy.store(true, Ordering::SeqCst);
             info!(cluster = %self.name, "remote cluster synced");
         }

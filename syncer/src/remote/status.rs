@@ -141,8 +141,6 @@ pub(crate) struct Shared {
     inner: Mutex<Status>,
     pub(crate) added: Instant,
     changed: Arc<Notify>,
-    /// Woken when every resource has become synced ([`Shared::wait_all_synced`]).
-    all_synced: Notify,
 }
 
 impl Shared {
@@ -159,42 +157,6 @@ impl Shared {
             }),
             added: Instant::now(),
             changed,
-            all_synced: Notify::new(),
-        }
-    }
-
-    /// Marks resource `r` synced; true if every resource now is (then wakes
-    /// [`Shared::wait_all_synced`]).
-    pub(crate) fn set_synced(&self, r: Resource) -> bool {
-        let mut all = false;
-        self.update(|s| {
-            s.synced.set(r, true);
-            all = s.synced.all();
-        });
-        if all {
-            self.all_synced.notify_waiters();
-        }
-        all
-    }
-
-    /// Returns once every resource is synced: woken by [`Shared::set_synced`], not polled
-    /// (511 remotes polling their status every 100 ms cost a status clone each, 5k/s).
-    pub(crate) async fn wait_all_synced(&self) {
-        loop {
-            // Registered before the check, so a wake between the two is not lost.
-            let notified = self.all_synced.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self
-                .inner
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .synced
-                .all()
-            {
-                return;
-            }
-            notified.await;
         }
     }
 
