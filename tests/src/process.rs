@@ -1,5 +1,5 @@
 //! Our binaries as child processes in tests: locating them, free loopback ports, a tiny
-//! HTTP GET for their health endpoints, and a `TestApiserver` wrapper.
+//! HTTP GET for their health endpoints, a process's CPU time, and a `TestApiserver` wrapper.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -28,6 +28,26 @@ pub fn find_binary(name: &str) -> anyhow::Result<PathBuf> {
     candidates.iter().find(|p| p.is_file()).cloned().with_context(|| {
         format!("{name} not found (looked at {candidates:?}); run `cargo build --workspace --bins` first")
     })
+}
+
+/// CPU time (user + system) of process `pid` and all its threads, from `/proc/<pid>/stat`;
+/// `None` once the process is gone.
+pub fn proc_cpu(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14,
+    // stime 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks_to_duration(ticks))
+}
+
+/// `ticks` clock ticks (`_SC_CLK_TCK`, the unit of `/proc`'s CPU times) as a duration.
+pub fn ticks_to_duration(ticks: u64) -> Duration {
+    // SAFETY: sysconf has no preconditions.
+    #[allow(unsafe_code)]
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_secs_f64(ticks as f64 / hz as f64)
 }
 
 /// A free loopback TCP port (bind to 0, then release).

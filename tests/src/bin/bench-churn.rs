@@ -74,7 +74,7 @@ use clustermesh_ebpf_abi::{IpcacheKey, IpcacheValue};
 use clustermesh_syncer::remote::Resource;
 use clustermesh_tests::etcd::TestEtcd;
 use clustermesh_tests::fixtures::{self, Shape};
-use clustermesh_tests::process::{find_binary, TestApiserver};
+use clustermesh_tests::process::{find_binary, proc_cpu, ticks_to_duration, TestApiserver};
 use etcd_client::{Client, EventType, Permission, Txn, TxnOp, WatchOptions};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -504,24 +504,6 @@ fn lookup(map: &Ipcache, ip: Ipv4Addr) -> Result<Option<IpcacheValue>> {
 
 // ---------------------------------------------------------------------------------------
 // Where the CPU goes during a phase (the diagnosis of a rate not reached)
-
-/// CPU time (user + system) of process `pid` and all its threads, from `/proc/<pid>/stat`.
-fn proc_cpu(pid: u32) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces): state is field 3, utime 14,
-    // stime 15.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    Some(ticks_to_duration(ticks))
-}
-
-fn ticks_to_duration(ticks: u64) -> Duration {
-    // SAFETY: sysconf has no preconditions.
-    #[allow(unsafe_code)]
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Duration::from_secs_f64(ticks as f64 / hz as f64)
-}
 
 /// The machine's (busy, total) CPU time over all cores, from `/proc/stat`.
 fn machine_cpu() -> Option<(Duration, Duration)> {

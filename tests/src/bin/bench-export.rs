@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use clustermesh_tests::etcd::TestEtcd;
 use clustermesh_tests::fixtures::{self, Shape};
-use clustermesh_tests::process::TestApiserver;
+use clustermesh_tests::process::{proc_cpu, TestApiserver};
 use etcd_client::{GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
 
 const PODS: u32 = 10_000;
@@ -99,19 +99,6 @@ async fn plain_loop_rate(
     let rate = n as f64 / t.elapsed().as_secs_f64();
     client.lease_revoke(lease).await?;
     Ok(rate)
-}
-
-/// CPU time (user + system) of process `pid` and all its threads, from `/proc/<pid>/stat`.
-fn proc_cpu(pid: u32) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces): utime is field 14, stime 15.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    #[allow(unsafe_code)]
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Some(Duration::from_secs_f64(ticks as f64 / hz as f64))
 }
 
 fn peak_rss_kib(pid: u32) -> Option<u64> {
