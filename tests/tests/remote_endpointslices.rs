@@ -74,8 +74,7 @@ async fn hostile_endpoint_slices_are_rejected_and_counted() -> anyhow::Result<()
     }
 
     let mut fx = Fixture::start(|_| {})?;
-    fx.connect("cluster3", &etcd)?;
-    let s = fx.wait_ready("cluster3").await?;
+    let s = fx.connect_ready("cluster3", &etcd).await?;
     assert_eq!(
         (
             s.num_endpoint_slices,
@@ -168,8 +167,7 @@ async fn the_export_mode_picks_the_stores_read() -> anyhow::Result<()> {
         let etcd = TestEtcd::start()?;
         let _c = seed(&etcd, mode).await?;
         let mut fx = Fixture::start(|c| c.service_backends = policy)?;
-        fx.connect("cluster3", &etcd)?;
-        let s = fx.wait_ready("cluster3").await?;
+        let s = fx.connect_ready("cluster3", &etcd).await?;
         assert_eq!(
             (s.num_shared_services, s.num_endpoint_slices),
             (want_services, want_slices),

@@ -12,15 +12,12 @@ mod remote_common;
 use std::time::Duration;
 
 use clustermesh_syncer::remote::{Change, Event, Resource};
-use clustermesh_tests::etcd::TestEtcd;
 use remote_common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_entries_are_rejected_and_counted() -> anyhow::Result<()> {
     std::env::set_var("ETCD_MAX_REQUEST_BYTES", (32 * 1024 * 1024).to_string());
-    let etcd = TestEtcd::start()?;
-    let mut c = etcd.client("root").await?;
-    seed_cluster3(&mut c).await?;
+    let (etcd, mut c) = seeded_cluster3().await?;
     let nodes = "cilium/state/nodes/v1/cluster3";
     c.put(
         format!("{nodes}/evil-name"),
@@ -100,8 +97,7 @@ async fn hostile_entries_are_rejected_and_counted() -> anyhow::Result<()> {
     .await?;
 
     let mut fx = Fixture::start(|_| {})?;
-    fx.connect("cluster3", &etcd)?;
-    let s = fx.wait_ready("cluster3").await?;
+    let s = fx.connect_ready("cluster3", &etcd).await?;
     assert_eq!(
         (
             s.num_nodes,
@@ -225,9 +221,7 @@ async fn hostile_entries_are_rejected_and_counted() -> anyhow::Result<()> {
 /// node update whose pod CIDR leaves the range keeps the last good node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_outside_the_remote_cluster_cidrs_are_refused() -> anyhow::Result<()> {
-    let etcd = TestEtcd::start()?;
-    let mut c = etcd.client("root").await?;
-    seed_cluster3(&mut c).await?;
+    let (etcd, mut c) = seeded_cluster3().await?;
     let ip = "cilium/state/ip/v1/default";
     for addr in ["10.244.2.75", "fd00:10:244:2::75", "10.9.0.1", "fd00:99::1"] {
         c.put(format!("{ip}/{addr}"), ip_entry(addr, 199476), None)
@@ -288,12 +282,9 @@ async fn entries_outside_the_remote_cluster_cidrs_are_refused() -> anyhow::Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mesh_size_switch_while_connected_is_refused_and_keeps_the_last_good_state(
 ) -> anyhow::Result<()> {
-    let etcd = TestEtcd::start()?;
-    let mut c = etcd.client("root").await?;
-    seed_cluster3(&mut c).await?;
+    let (etcd, mut c) = seeded_cluster3().await?;
     let mut fx = Fixture::start(|_| {})?;
-    fx.connect("cluster3", &etcd)?;
-    let s = fx.wait_ready("cluster3").await?;
+    let s = fx.connect_ready("cluster3", &etcd).await?;
     assert_eq!(
         (s.num_nodes, s.num_endpoints, s.num_failures),
         (1, 2, 0),

@@ -10,12 +10,9 @@ use remote_common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_cilium_format_and_follows_changes() -> anyhow::Result<()> {
-    let etcd = TestEtcd::start()?;
-    let mut c = etcd.client("root").await?;
-    seed_cluster3(&mut c).await?;
+    let (etcd, mut c) = seeded_cluster3().await?;
     let mut fx = Fixture::start(|_| {})?;
-    fx.connect("cluster3", &etcd)?;
-    let s = fx.wait_ready("cluster3").await?;
+    let s = fx.connect_ready("cluster3", &etcd).await?;
     assert_eq!(
         (
             s.num_nodes,
@@ -242,8 +239,7 @@ async fn conflicting_cluster_ids_are_refused() -> anyhow::Result<()> {
     )
     .await?;
     let mut fx = Fixture::start(|_| {})?;
-    fx.connect("cluster3", &a)?;
-    fx.wait_ready("cluster3").await?;
+    fx.connect_ready("cluster3", &a).await?;
     fx.connect("cluster4", &b)?;
     fx.connect("cluster5", &l)?;
     fx.connect("cluster6", &l)?;
@@ -306,12 +302,9 @@ async fn conflicting_cluster_ids_are_refused() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_the_file_drains_and_readding_resyncs() -> anyhow::Result<()> {
-    let etcd = TestEtcd::start()?;
-    let mut c = etcd.client("root").await?;
-    seed_cluster3(&mut c).await?;
+    let (etcd, _) = seeded_cluster3().await?;
     let mut fx = Fixture::start(|_| {})?;
-    fx.connect("cluster3", &etcd)?;
-    fx.wait_ready("cluster3").await?;
+    fx.connect_ready("cluster3", &etcd).await?;
     fx.clear_events();
     std::fs::remove_file(fx.path("cluster3"))?;
     eventually(Duration::from_secs(5), "drained", || {
@@ -353,8 +346,7 @@ async fn removing_the_file_drains_and_readding_resyncs() -> anyhow::Result<()> {
     })
     .await?;
     // The released ID can be used again, and re-adding reads everything again.
-    fx.connect("cluster3", &etcd)?;
-    let s = fx.wait_ready("cluster3").await?;
+    let s = fx.connect_ready("cluster3", &etcd).await?;
     assert_eq!(s.num_endpoints, 2);
     fx.stop().await;
     Ok(())
@@ -390,9 +382,7 @@ async fn certificate_from_another_ca_shows_tls_error() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_aliases_resolve_mesh_names() -> anyhow::Result<()> {
-    let etcd = TestEtcd::start()?;
-    let mut c = etcd.client("root").await?;
-    seed_cluster3(&mut c).await?;
+    let (etcd, _) = seeded_cluster3().await?;
     let mut fx = Fixture::start(|_| {})?;
     let tmp = fx.dir.path().join(".c3.yaml");
     etcd.write_client_config("remote", &tmp)?;
@@ -485,15 +475,12 @@ async fn kvstoremesh_mode_reads_the_local_cache() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_heartbeat_reconnects_and_ttl_revokes() -> anyhow::Result<()> {
-    let mut etcd = TestEtcd::start()?;
-    let mut c = etcd.client("root").await?;
-    seed_cluster3(&mut c).await?;
+    let (mut etcd, mut c) = seeded_cluster3().await?;
     let mut fx = Fixture::start(|cfg| {
         cfg.heartbeat_timeout = Duration::from_millis(1500);
         cfg.cache_ttl = Some(Duration::from_secs(2));
     })?;
-    fx.connect("cluster3", &etcd)?;
-    fx.wait_ready("cluster3").await?;
+    fx.connect_ready("cluster3", &etcd).await?;
     // Nobody rewrites the heartbeat: the session fails, reconnects, keeps its state.
     let s = fx
         .wait_status("cluster3", Duration::from_secs(10), |s| {

@@ -40,9 +40,7 @@ fn cache_view(fx: &Fixture) -> BTreeMap<(Resource, String), [u8; 16]> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fresh_etcd_with_changed_data_converges_without_stale_entries() -> anyhow::Result<()> {
-    let mut etcd = TestEtcd::start()?;
-    let mut c = etcd.client("root").await?;
-    seed_cluster3(&mut c).await?;
+    let (mut etcd, mut c) = seeded_cluster3().await?;
     let nodes = "cilium/state/nodes/v1/cluster3";
     for n in ["n-keep", "n-change", "n-remove"] {
         c.put(format!("{nodes}/{n}"), node("cluster3", 3, n), None)
@@ -52,8 +50,7 @@ async fn fresh_etcd_with_changed_data_converges_without_stale_entries() -> anyho
         cfg.backoff_min = Duration::from_millis(100);
         cfg.backoff_max = CAP;
     })?;
-    fx.connect("cluster3", &etcd)?;
-    let s = fx.wait_ready("cluster3").await?;
+    let s = fx.connect_ready("cluster3", &etcd).await?;
     assert_eq!(s.num_nodes, 4);
     let old_id = etcd_cluster_id(&etcd).await?;
 

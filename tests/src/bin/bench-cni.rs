@@ -22,7 +22,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
-use clustermesh_tests::process::find_binary;
+use clustermesh_tests::process::{find_binary, proc_cpu};
 use serde_json::{json, Value};
 
 struct Args {
@@ -110,15 +110,10 @@ impl Lab {
         let pid = self.state["clusters"][0]["nodes"][0]["agent"]["pid"]
             .as_u64()
             .context("agent pid")?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        let rest = stat.rsplit_once(')').context("stat")?.1;
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        // Fields 14 and 15 (utime, stime), counted from the state at index 0 here = field 3.
-        let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
-        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?
-            .unwrap_or(100)
-            .max(1) as u64;
-        Ok(Duration::from_nanos(ticks * 1_000_000_000 / hz))
+        u32::try_from(pid)
+            .ok()
+            .and_then(proc_cpu)
+            .with_context(|| format!("agent process {pid} is gone"))
     }
 }
 

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context as _, Result};
 use clustermesh_observer_api as api;
 use clustermesh_tests::lab::Lab;
-use clustermesh_tests::process::{free_port, http_get};
+use clustermesh_tests::process::{free_port, http_get, proc_cpu};
 use serde_json::Value;
 
 struct Args {
@@ -81,15 +81,10 @@ impl Drop for Proc {
 }
 
 /// utime + stime of `pid`, in seconds.
-fn cpu_s(pid: u32, tick: f64) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("process {pid} is gone"))?;
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // After the command: state is field 3, utime 14, stime 15 (1-based, man 5 proc).
-    let ut: f64 = f.get(11).context("utime")?.parse()?;
-    let st: f64 = f.get(12).context("stime")?.parse()?;
-    Ok((ut + st) / tick)
+fn cpu_s(pid: u32) -> Result<f64> {
+    proc_cpu(pid)
+        .map(|d| d.as_secs_f64())
+        .with_context(|| format!("process {pid} is gone"))
 }
 
 fn rss_bytes(pid: u32) -> u64 {
@@ -97,15 +92,6 @@ fn rss_bytes(pid: u32) -> u64 {
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
         .map_or(0, |p| p * 4096)
-}
-
-fn clock_tick() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
 }
 
 /// Every agent's `seen_flows`, asked over gRPC from a thread inside the router namespace
@@ -237,7 +223,6 @@ fn main() -> Result<()> {
         nix::unistd::geteuid().is_root(),
         "bench-ui builds a lab in network namespaces: run it as root"
     );
-    let tick = clock_tick();
     // The shared lab helper: it waits for the machine's lab turn (no lab test runs beside
     // the measurement) and takes the lab down on drop, also on failure.
     let mut lab = Lab::new("cm-bench-ui")?;
@@ -337,11 +322,8 @@ fn main() -> Result<()> {
     let seen0 = agents_seen(&router, &observers)?;
     let recv0 = stats(ui_addr)?["received"].as_u64().unwrap_or(0);
     let fast0 = fast.flows.load(Ordering::Relaxed);
-    let ui_cpu0 = cpu_s(ui_pid, tick)?;
-    let ag_cpu0: f64 = agents
-        .iter()
-        .map(|p| cpu_s(*p, tick))
-        .sum::<Result<f64>>()?;
+    let ui_cpu0 = cpu_s(ui_pid)?;
+    let ag_cpu0: f64 = agents.iter().map(|p| cpu_s(*p)).sum::<Result<f64>>()?;
     let t0 = Instant::now();
     let mut rss = Vec::new();
     while t0.elapsed() < a.duration {
@@ -349,12 +331,8 @@ fn main() -> Result<()> {
         std::thread::sleep(Duration::from_millis(500));
     }
     let secs = t0.elapsed().as_secs_f64();
-    let ui_cpu = cpu_s(ui_pid, tick)? - ui_cpu0;
-    let ag_cpu = agents
-        .iter()
-        .map(|p| cpu_s(*p, tick))
-        .sum::<Result<f64>>()?
-        - ag_cpu0;
+    let ui_cpu = cpu_s(ui_pid)? - ui_cpu0;
+    let ag_cpu = agents.iter().map(|p| cpu_s(*p)).sum::<Result<f64>>()? - ag_cpu0;
     let seen1 = agents_seen(&router, &observers)?;
     let s = stats(ui_addr)?;
     let recv1 = s["received"].as_u64().unwrap_or(0);

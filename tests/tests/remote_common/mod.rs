@@ -74,6 +74,15 @@ pub async fn seed_cluster3(c: &mut Client) -> anyhow::Result<()> {
     write_canaries(c, "cluster3", "state").await
 }
 
+/// A new etcd holding what cluster3's apiserver writes ([`seed_cluster3`]), and its root
+/// client.
+pub async fn seeded_cluster3() -> anyhow::Result<(TestEtcd, Client)> {
+    let etcd = TestEtcd::start()?;
+    let mut c = etcd.client("root").await?;
+    seed_cluster3(&mut c).await?;
+    Ok((etcd, c))
+}
+
 pub async fn write_canaries(c: &mut Client, cluster: &str, root: &str) -> anyhow::Result<()> {
     for s in STORES {
         c.put(
@@ -156,6 +165,12 @@ impl Fixture {
     /// Writes the config file for remote `name` pointing at `etcd`.
     pub fn connect(&self, name: &str, etcd: &TestEtcd) -> anyhow::Result<()> {
         write_atomic(&self.path(name), |p| etcd.write_client_config("remote", p))
+    }
+
+    /// Connects remote `name` to `etcd` and waits until it is ready.
+    pub async fn connect_ready(&mut self, name: &str, etcd: &TestEtcd) -> anyhow::Result<Status> {
+        self.connect(name, etcd)?;
+        self.wait_ready(name).await
     }
 
     pub async fn wait_status(
