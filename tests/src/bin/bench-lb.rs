@@ -203,7 +203,8 @@ fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T
 }
 
 /// Connect p50 µs, p99 µs, connections/s.
-type Figures = (f64, f64, f64);
+/// Connect p50 and p99 (µs), connects/s, connects lost (timed out).
+type Figures = (f64, f64, f64, u64);
 
 /// Services, (eBPF, iptables) figures, (install, restore) times.
 type Point = (usize, [Figures; 2], [Duration; 2]);
@@ -409,13 +410,30 @@ fn iptables_restore(ns: &str, rules: &str) -> Result<Duration> {
 }
 
 /// Connect latency (µs, p50/p99) and connections per second to random VIPs among `n`.
-fn measure(topo: &Topo, n: usize, connects: usize, rate_secs: f64) -> Result<Figures> {
+/// Measures `path` (`ebpf` or `iptables`, for messages) with `n` services installed.
+///
+/// A connect that times out (its SYN and the retransmit a second later both unanswered) is
+/// counted as lost, not fatal: on this shared machine one in tens of thousands has been
+/// seen (session 8, once in five runs, path not recorded then). More than one in a
+/// thousand fails the benchmark: that is a datapath fault, not noise.
+fn measure(topo: &Topo, path: &str, n: usize, connects: usize, rate_secs: f64) -> Result<Figures> {
     in_netns(&topo.ns("cli"), || {
         let mut seed = 0x2545_f491_4f6c_dd1du64 ^ n as u64;
-        let connect = |seed: &mut u64| -> Result<()> {
+        let (mut attempts, mut lost) = (0u64, 0u64);
+        // Ok(false): timed out.
+        let mut connect = |seed: &mut u64| -> Result<bool> {
             let addr = SocketAddr::from((vip(rng(seed) % n), 80));
-            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-                .with_context(|| format!("connect {addr}"))?;
+            attempts += 1;
+            let s = match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                Ok(s) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    lost += 1;
+                    return Ok(false);
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("{path}, {n} services: connect {addr}"))
+                }
+            };
             // RST on close: no TIME_WAIT pile-up over thousands of connections.
             let linger = libc::linger {
                 l_onoff: 1,
@@ -431,25 +449,31 @@ fn measure(topo: &Topo, n: usize, connects: usize, rate_secs: f64) -> Result<Fig
                     std::mem::size_of::<libc::linger>() as u32,
                 )
             };
-            Ok(())
+            Ok(true)
         };
         for _ in 0..50 {
             connect(&mut seed)?;
         }
         let mut lat = Vec::with_capacity(connects);
-        for _ in 0..connects {
+        while lat.len() < connects {
             let t = Instant::now();
-            connect(&mut seed)?;
-            lat.push(t.elapsed().as_secs_f64() * 1e6);
+            if connect(&mut seed)? {
+                lat.push(t.elapsed().as_secs_f64() * 1e6);
+            }
         }
         let t = Instant::now();
         let mut done = 0u64;
         while t.elapsed().as_secs_f64() < rate_secs {
-            connect(&mut seed)?;
-            done += 1;
+            if connect(&mut seed)? {
+                done += 1;
+            }
         }
         let rate = done as f64 / t.elapsed().as_secs_f64();
-        Ok((pct(&mut lat, 0.5), pct(&mut lat, 0.99), rate))
+        ensure!(
+            lost * 1000 <= attempts,
+            "{path}, {n} services: {lost} of {attempts} connects timed out (more than 1 in 1000)"
+        );
+        Ok((pct(&mut lat, 0.5), pct(&mut lat, 0.99), rate, lost))
     })
 }
 
@@ -502,7 +526,10 @@ fn netns_bench(args: &Args) -> Result<()> {
     for &n in &args.services {
         let took = install(&mut merger, &mut lb, installed, n)?;
         installed = n;
-        ebpf.push((measure(&topo, n, args.connects, args.rate_secs)?, took));
+        ebpf.push((
+            measure(&topo, "ebpf", n, args.connects, args.rate_secs)?,
+            took,
+        ));
     }
     let mut dp = dp.into_inner().map_err(|_| anyhow::anyhow!("poisoned"))?;
     in_netns(&node, || Ok(dp.detach_all()?))?;
@@ -510,7 +537,7 @@ fn netns_bench(args: &Args) -> Result<()> {
 
     for (k, &n) in args.services.iter().enumerate() {
         let took = iptables_restore(&node, &kube_proxy_rules(n))?;
-        let ipt = measure(&topo, n, args.connects, args.rate_secs)?;
+        let ipt = measure(&topo, "iptables", n, args.connects, args.rate_secs)?;
         results.push((n, [ebpf[k].0, ipt], [ebpf[k].1, took]));
     }
 
@@ -527,12 +554,15 @@ fn netns_bench(args: &Args) -> Result<()> {
         "ipt c/s",
         "restore"
     );
-    for (n, [(e50, e99, er), (i50, i99, ir)], [et, it]) in &results {
+    for (n, [(e50, e99, er, el), (i50, i99, ir, il)], [et, it]) in &results {
         println!(
             "{n:>9} | {e50:>8.1}µs {e99:>8.1}µs {er:>10.0} {:>8.0}ms | {i50:>8.1}µs {i99:>8.1}µs {ir:>10.0} {:>8.0}ms",
             et.as_secs_f64() * 1e3,
             it.as_secs_f64() * 1e3
         );
+        if el + il > 0 {
+            println!("{:>9}   connects timed out: ebpf {el}, iptables {il}", "");
+        }
     }
     Ok(())
 }
