@@ -38,14 +38,17 @@ pub enum Error {
     /// Loading, pinning, attaching or a map operation failed.
     #[error("datapath")]
     Datapath(#[from] datapath::Error),
-    /// The VXLAN device is missing.
+    /// The VXLAN device is missing and could not be created.
     #[error(
-        "VXLAN device {dev} not found in this network namespace: the CNI/lab creates it \
-         (ip link add {dev} type vxlan dstport 4789 external; ip link set {dev} up)"
+        "VXLAN device {dev} not found in this network namespace and not created ({why}): \
+         create it (ip link add {dev} type vxlan dstport 4789 external; ip link set {dev} up) \
+         or give the agent CAP_NET_ADMIN"
     )]
     NoVxlanDevice {
         /// The device name.
         dev: String,
+        /// Why creating it failed.
+        why: String,
     },
     /// The underlay device named with `--underlay-dev` is missing.
     #[error(

@@ -3,10 +3,15 @@
 //! API, copies `clustermesh-cni` into the host's CNI plugin directory and has `clustermesh-cni
 //! write-config` write the network configuration the container runtime reads.
 //!
-//! It must not do more: it reads one Node and writes two files (each replaced whole, so a
-//! runtime never reads half of one). The plugin's own checks of the configuration are
+//! The pods' MTU is the underlay's less VXLAN's overhead (`clustermesh_types::tunnel`, the
+//! rule the agent sizes its VXLAN device by): the MTU of the host interface holding the
+//! Node's InternalIP, or `--mtu`.
+//!
+//! It must not do more: it reads one Node and one interface's MTU and writes two files
+//! (each replaced whole, so a runtime never reads half of one). The plugin's own checks of the configuration are
 //! `write-config`'s, not repeated here.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -15,6 +20,7 @@ use clustermesh_k8s::apply;
 use clustermesh_k8s::client::ClientConfig;
 use clustermesh_k8s::k8s_openapi::api::core::v1::Node;
 use clustermesh_k8s::objects::{CNI_BIN_DIR, CNI_CONF_DIR, CNI_CONF_FILE, CNI_STATE_DIR};
+use clustermesh_types::tunnel::{vxlan_mtu, DEFAULT_UNDERLAY_MTU};
 
 /// `clustermesh cni …`.
 #[derive(Debug, clap::Subcommand)]
@@ -51,6 +57,10 @@ pub struct InstallArgs {
     /// The clustermesh-cni binary to install (default: next to this one, else on PATH).
     #[arg(long)]
     pub cni_binary: Option<PathBuf>,
+    /// The pods' MTU (default: the MTU of the interface holding the Node's InternalIP, less
+    /// VXLAN's 50 bytes over IPv4 or 70 over IPv6; 1500 assumed when no interface holds it).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(68..=65535))]
+    pub mtu: Option<u32>,
 }
 
 /// Runs `clustermesh cni …`.
@@ -71,8 +81,9 @@ fn cni_binary(a: &InstallArgs) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("clustermesh-cni"))
 }
 
-/// The node's IPv4 pod CIDR (`spec.podCIDR`, else the first IPv4 of `spec.podCIDRs`).
-async fn pod_cidr(a: &InstallArgs) -> anyhow::Result<String> {
+/// The node's IPv4 pod CIDR (`spec.podCIDR`, else the first IPv4 of `spec.podCIDRs`) and
+/// its InternalIP (IPv4 first), if it has one.
+async fn pod_cidr(a: &InstallArgs) -> anyhow::Result<(String, Option<IpAddr>)> {
     let config = if a.in_cluster {
         ClientConfig::InCluster
     } else {
@@ -85,6 +96,20 @@ async fn pod_cidr(a: &InstallArgs) -> anyhow::Result<String> {
             t.context, a.node
         )
     })?;
+    let internal: Vec<IpAddr> = node
+        .status
+        .as_ref()
+        .and_then(|st| st.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .collect();
+    let node_ip = internal
+        .iter()
+        .find(|ip| ip.is_ipv4())
+        .or(internal.first())
+        .copied();
     let spec = node.spec.unwrap_or_default();
     let cidrs = spec
         .pod_cidr
@@ -92,7 +117,7 @@ async fn pod_cidr(a: &InstallArgs) -> anyhow::Result<String> {
         .chain(spec.pod_cidrs.unwrap_or_default());
     for c in cidrs {
         if !c.contains(':') {
-            return Ok(c);
+            return Ok((c, node_ip));
         }
     }
     bail!(
@@ -100,6 +125,43 @@ async fn pod_cidr(a: &InstallArgs) -> anyhow::Result<String> {
         t.context,
         a.node
     )
+}
+
+/// The pods' MTU on this node and where it came from: the MTU of the interface holding
+/// `node_ip` (this pod runs in the host's network namespace) less VXLAN's overhead for
+/// that family — what the agent gives the VXLAN device it creates.
+fn pod_mtu(node_ip: Option<IpAddr>) -> (u32, String) {
+    let Some(ip) = node_ip else {
+        return (
+            vxlan_mtu(DEFAULT_UNDERLAY_MTU, true),
+            format!("the node has no InternalIP: {DEFAULT_UNDERLAY_MTU} assumed, less VXLAN"),
+        );
+    };
+    let dev = nix::ifaddrs::getifaddrs().ok().and_then(|mut addrs| {
+        addrs.find_map(|a| {
+            let held: Option<IpAddr> = a.address.and_then(|s| {
+                s.as_sockaddr_in()
+                    .map(|v4| IpAddr::V4(v4.ip()))
+                    .or_else(|| s.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+            });
+            (held == Some(ip)).then_some(a.interface_name)
+        })
+    });
+    let underlay = dev.as_ref().and_then(|d| {
+        std::fs::read_to_string(format!("/sys/class/net/{d}/mtu"))
+            .ok()
+            .and_then(|m| m.trim().parse::<u32>().ok())
+    });
+    match (dev, underlay) {
+        (Some(d), Some(m)) => (
+            vxlan_mtu(m, ip.is_ipv4()),
+            format!("{d} holds {ip}, MTU {m}, less VXLAN"),
+        ),
+        _ => (
+            vxlan_mtu(DEFAULT_UNDERLAY_MTU, ip.is_ipv4()),
+            format!("no interface holds {ip}: {DEFAULT_UNDERLAY_MTU} assumed, less VXLAN"),
+        ),
+    }
 }
 
 /// Copies `src` into `dir` under its file name, executable, replacing any old one whole.
@@ -128,7 +190,11 @@ fn install_binary(src: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
 }
 
 fn install(a: InstallArgs) -> anyhow::Result<()> {
-    let cidr = crate::contexts::runtime()?.block_on(pod_cidr(&a))?;
+    let (cidr, node_ip) = crate::contexts::runtime()?.block_on(pod_cidr(&a))?;
+    let (mtu, mtu_from) = match a.mtu {
+        Some(m) => (m, "--mtu".to_owned()),
+        None => pod_mtu(node_ip),
+    };
     if let Some(parent) = Path::new(&a.out).parent() {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating {}", parent.display()))?;
@@ -143,6 +209,8 @@ fn install(a: InstallArgs) -> anyhow::Result<()> {
             &cidr,
             "--state-dir",
             &a.state_dir,
+            "--mtu",
+            &mtu.to_string(),
             "--out",
             &a.out,
         ])
@@ -152,7 +220,7 @@ fn install(a: InstallArgs) -> anyhow::Result<()> {
         bail!("{}", String::from_utf8_lossy(&out.stderr).trim_end());
     }
     println!(
-        "✅ node {}: pod CIDR {cidr}; installed {} and wrote {}",
+        "✅ node {}: pod CIDR {cidr}, MTU {mtu} ({mtu_from}); installed {} and wrote {}",
         a.node,
         installed.display(),
         a.out

@@ -21,7 +21,7 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    InfoData, InfoKind, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
@@ -642,6 +642,28 @@ impl Socket {
             RouteNetlinkMessage::NewLink(m),
             NLM_F_CREATE | NLM_F_EXCL,
             || format!("add veth {name} ↔ {peer}"),
+        )
+    }
+
+    /// Creates a VXLAN device `name` in external (metadata) mode — what `ip link add NAME
+    /// type vxlan dstport PORT external` creates: no VNI, no remote, no learning; a program
+    /// sets the tunnel key per packet — with `mtu`. It is left down.
+    pub fn add_vxlan_external(&mut self, name: &str, port: u16, mtu: u32) -> Result<()> {
+        let mut m = LinkMessage::default();
+        m.attributes.push(LinkAttribute::IfName(name.to_owned()));
+        m.attributes.push(LinkAttribute::Mtu(mtu));
+        m.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Vxlan),
+            LinkInfo::Data(InfoData::Vxlan(vec![
+                InfoVxlan::CollectMetadata(true),
+                InfoVxlan::Learning(false),
+                InfoVxlan::Port(port),
+            ])),
+        ]));
+        self.ack(
+            RouteNetlinkMessage::NewLink(m),
+            NLM_F_CREATE | NLM_F_EXCL,
+            || format!("add vxlan {name} (external, dstport {port}, mtu {mtu})"),
         )
     }
 

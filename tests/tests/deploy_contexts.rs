@@ -970,6 +970,27 @@ async fn cni_install_writes_the_plugin_and_the_nodes_network_config() {
     assert_eq!(c["type"], "clustermesh-cni", "{c}");
     assert_eq!(c["podCIDR"], "10.244.3.0/24", "{c}");
     assert_eq!(c["stateDir"], state.display().to_string(), "{c}");
+    // The pods' MTU: n1's InternalIP is held by `lo` here, so lo's MTU less VXLAN over IPv4.
+    let lo: u64 = std::fs::read_to_string("/sys/class/net/lo/mtu")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(c["mtu"], lo - 50, "{c}\n{out}");
+    assert!(out.contains("lo holds 127.0.0.1"), "{out}");
+    // A node address no interface holds: 1500 assumed, less 50; `--mtu` wins over both.
+    let mut n3 = node("n3", "192.0.2.1");
+    n3["spec"] = json!({"podCIDR": "10.244.4.0/24"});
+    api.apply(n3).unwrap();
+    let out = cli.ok(&strs(&install("n3")));
+    let c: Value = serde_json::from_str(&std::fs::read_to_string(conf("n3")).unwrap()).unwrap();
+    assert_eq!(c["mtu"], 1450, "{c}\n{out}");
+    assert!(out.contains("no interface holds 192.0.2.1"), "{out}");
+    let mut args = install("n3");
+    args.extend(["--mtu".to_string(), "1400".to_string()]);
+    cli.ok(&strs(&args));
+    let c: Value = serde_json::from_str(&std::fs::read_to_string(conf("n3")).unwrap()).unwrap();
+    assert_eq!(c["mtu"], 1400, "{c}");
     let plugin = bin.join("clustermesh-cni");
     let mode = std::fs::metadata(&plugin).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o755, "{}", plugin.display());

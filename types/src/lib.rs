@@ -17,6 +17,7 @@ pub mod cluster_cidrs;
 pub mod identity;
 pub mod kvstore;
 pub mod model;
+pub mod tunnel;
 
 mod error;
 

@@ -1,5 +1,5 @@
 //! The agent's datapath bring-up at start: load (or take over the pinned) datapath, attach
-//! `from_overlay` to the VXLAN device, decide where VXLAN for local pods is received
+//! `from_overlay` to the VXLAN device (created when missing, [`vxlan_dev`]), decide where VXLAN for local pods is received
 //! (`from_underlay` on the underlay device when GRO is on there, else the VXLAN device) and
 //! attach it, decide how tunnelled packets leave (encapsulated by `from_pod` and redirected
 //! to the underlay interface, or through the VXLAN device), and write the tunnel settings
@@ -15,7 +15,7 @@ use tracing::info;
 
 use clustermesh_ebpf_abi::tunnel_flags;
 
-use super::{AttachMode, Config, Datapath, Program};
+use super::{vxlan_dev, AttachMode, Config, Datapath, Program};
 use crate::{ifaces, Error, Result};
 
 /// The device `from_underlay` is attached to.
@@ -85,17 +85,20 @@ pub fn bring_up(cfg: &BringUp) -> Result<Up> {
         local_endpoints_max_entries: cfg.local_endpoints_max_entries,
         attach: cfg.attach,
     })?;
-    let vx = ifaces::lookup(&cfg.vxlan_dev).ok_or_else(|| Error::NoVxlanDevice {
-        dev: cfg.vxlan_dev.clone(),
-    })?;
-    let how = dp.attach(Program::FromOverlay, &cfg.vxlan_dev)?;
-    info!(dev = %cfg.vxlan_dev, ?how, "from_overlay attached");
     // An IPv6-only node's underlay device is the one holding its IPv6 address.
     let Some(node_addr) = cfg.node_ip.map(IpAddr::V4).or(cfg.node_ip6.map(IpAddr::V6)) else {
         return Err(Error::InvalidConfig(
             "the node needs an underlay address (--node-ip or --node-ip6)".into(),
         ));
     };
+    let vx = vxlan_dev::ensure(&cfg.vxlan_dev, cfg.vxlan_port, node_addr).map_err(|why| {
+        Error::NoVxlanDevice {
+            dev: cfg.vxlan_dev.clone(),
+            why,
+        }
+    })?;
+    let how = dp.attach(Program::FromOverlay, &cfg.vxlan_dev)?;
+    info!(dev = %cfg.vxlan_dev, ?how, "from_overlay attached");
     let (underlay, receive_path) = receive_path(&cfg.underlay_dev, node_addr);
     // Decapsulation needs the port in the tunnel settings; 0 there turns it off (a pinned
     // from_underlay link left by an earlier agent then passes everything on).

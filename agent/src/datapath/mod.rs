@@ -21,11 +21,13 @@
 //! the tunnel settings) is [`bring_up`].
 //!
 //! What it must not do: decide what goes into the maps beyond the tunnel settings (that is
-//! the reconciler's job) or touch interfaces other than attaching programs to them.
+//! the reconciler's job) or touch interfaces other than attaching programs to them — with
+//! one exception, [`vxlan_dev`], which creates the VXLAN device when the node has none.
 
 pub mod batch;
 mod bringup;
 mod maps;
+pub mod vxlan_dev;
 
 use std::collections::BTreeMap;
 use std::os::unix::ffi::OsStrExt as _;

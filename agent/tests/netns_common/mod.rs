@@ -1,6 +1,7 @@
 //! Helpers shared by the test suites that build network namespaces (`agent_e2e`,
-//! `datapath_netns`).
+//! `datapath_netns`, `vxlan_device`).
 #![allow(unsafe_code)] // setns has no safe std wrapper; SAFETY note below.
+#![allow(dead_code)] // each suite uses the helpers it needs.
 
 use std::process::Command;
 
