@@ -84,6 +84,36 @@ fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
 }
 
+/// The agent's reconciler on `dp`, for this node (it adopts what the maps hold).
+fn reconciler(dp: Datapath) -> anyhow::Result<Reconciler> {
+    Ok(Reconciler::new(
+        dp,
+        Arc::from(LOCAL),
+        NODE_IP,
+        defaults::IPCACHE_MAX_ENTRIES,
+        1024,
+    )?)
+}
+
+/// A reconciler on `dp` (this node at [`NODE_IP`], and `node_ip6`) fed every one of `first`
+/// and flushed; with the time that took (wall, CPU).
+fn reconcile_from_empty(
+    dp: Datapath,
+    first: Vec<Input>,
+    node_ip6: Option<Ipv6Addr>,
+) -> anyhow::Result<(Reconciler, (Duration, Duration))> {
+    let mut rec = reconciler(dp)?;
+    if node_ip6.is_some() {
+        rec.set_node_ip6(node_ip6);
+    }
+    let t = Timer::start();
+    for i in first {
+        rec.handle(i);
+    }
+    rec.flush();
+    Ok((rec, t.stop()))
+}
+
 fn load(pin_dir: Option<std::path::PathBuf>) -> anyhow::Result<Datapath> {
     Ok(Datapath::load(&Config {
         pin_dir,
@@ -222,21 +252,8 @@ fn run(n: u32, one_m: bool, bpffs: &std::path::Path) -> anyhow::Result<()> {
 
     // The agent's path: inputs → desired state → diff → batched writes, into pinned maps.
     let pin_dir = bpffs.join("bench");
-    let dp = load(Some(pin_dir.clone()))?;
-    let mut rec = Reconciler::new(
-        dp,
-        Arc::from(LOCAL),
-        NODE_IP,
-        defaults::IPCACHE_MAX_ENTRIES,
-        1024,
-    )?;
-    let first = inputs(&pairs);
-    let t = Timer::start();
-    for i in first {
-        rec.handle(i);
-    }
-    rec.flush();
-    let reconcile = t.stop();
+    let (mut rec, reconcile) =
+        reconcile_from_empty(load(Some(pin_dir.clone()))?, inputs(&pairs), None)?;
     let report = rec.report();
     ensure!(report.ipcache.entries == n as usize, "reconcile incomplete");
     ensure!(report.stats.errors == 0, "map errors: {:?}", report.stats);
@@ -316,13 +333,7 @@ fn run(n: u32, one_m: bool, bpffs: &std::path::Path) -> anyhow::Result<()> {
     drop(rec);
     let t = Timer::start();
     let dp = load(Some(pin_dir.clone()))?;
-    let mut rec = Reconciler::new(
-        dp,
-        Arc::from(LOCAL),
-        NODE_IP,
-        defaults::IPCACHE_MAX_ENTRIES,
-        1024,
-    )?;
+    let mut rec = reconciler(dp)?;
     let adopt = t.stop();
     line("restart: load + adopt the pinned map", n as usize, adopt);
 
@@ -563,22 +574,7 @@ fn run(n: u32, one_m: bool, bpffs: &std::path::Path) -> anyhow::Result<()> {
         Ok(t.stop())
     };
     let agent_once = || -> anyhow::Result<(Duration, Duration)> {
-        let dp = load(None)?;
-        let mut rec = Reconciler::new(
-            dp,
-            Arc::from(LOCAL),
-            NODE_IP,
-            defaults::IPCACHE_MAX_ENTRIES,
-            1024,
-        )?;
-        rec.set_node_ip6(Some(NODE_IP6));
-        let first6 = inputs(&pairs6);
-        let t = Timer::start();
-        for i in first6 {
-            rec.handle(i);
-        }
-        rec.flush();
-        let took = t.stop();
+        let (rec, took) = reconcile_from_empty(load(None)?, inputs(&pairs6), Some(NODE_IP6))?;
         let report = rec.report();
         ensure!(
             report.ipv6.ipcache_entries == n6 as usize,
