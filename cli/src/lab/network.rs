@@ -139,19 +139,9 @@ pub(super) fn build_network(st: &mut LabState) -> anyhow::Result<()> {
             netns::ip_in(&node.ns, &add_dns)?;
             let mtu = plan::pod_mtu(st.ip_family).to_string();
             match st.datapath {
-                Datapath::Ebpf => netns::ip_in(
-                    &node.ns,
-                    &[
-                        "link",
-                        "add",
-                        plan::VXLAN_DEV,
-                        "type",
-                        "vxlan",
-                        "dstport",
-                        "4789",
-                        "external",
-                    ],
-                )?,
+                // The agent creates its VXLAN device (external mode, eth0's MTU less VXLAN:
+                // plan::pod_mtu), as on a Kubernetes node where nothing else does.
+                Datapath::Ebpf => String::new(),
                 // An IPv6-only node has only `cmvx6` (below): its `ip` is the IPv6 one.
                 Datapath::Kernel if !node.ip.is_ipv4() => String::new(),
                 Datapath::Kernel => netns::ip_in(
@@ -174,7 +164,7 @@ pub(super) fn build_network(st: &mut LabState) -> anyhow::Result<()> {
                     ],
                 )?,
             };
-            if st.datapath == Datapath::Ebpf || node.ip.is_ipv4() {
+            if st.datapath == Datapath::Kernel && node.ip.is_ipv4() {
                 netns::ip_in(
                     &node.ns,
                     &["link", "set", plan::VXLAN_DEV, "mtu", &mtu, "up"],
