@@ -14,13 +14,18 @@ pub const DEFAULT_UNDERLAY_MTU: u32 = 1500;
 
 /// The MTU of the VXLAN device and of the pods on an underlay of `underlay_mtu`, tunnelled
 /// over IPv4 (`ipv4_underlay`) or IPv6; never below IPv4's minimum, 68.
-pub fn vxlan_mtu(underlay_mtu: u32, ipv4_underlay: bool) -> u32 {
+pub const fn vxlan_mtu(underlay_mtu: u32, ipv4_underlay: bool) -> u32 {
     let overhead = if ipv4_underlay {
         VXLAN_OVERHEAD_V4
     } else {
         VXLAN_OVERHEAD_V6
     };
-    underlay_mtu.saturating_sub(overhead).max(68)
+    let mtu = underlay_mtu.saturating_sub(overhead);
+    if mtu < 68 {
+        68
+    } else {
+        mtu
+    }
 }
 
 #[cfg(test)]

@@ -38,11 +38,9 @@ pub fn ensure(name: &str, port: u16, node_addr: IpAddr) -> Result<Interface, Str
     let mtu = vxlan_mtu(underlay_mtu, node_addr.is_ipv4());
     sock.add_vxlan_external(name, port, mtu)
         .map_err(|e| e.to_string())?;
-    let link = sock
-        .link_by_name(name)
-        .map_err(|e| e.to_string())?
+    let created = ifaces::lookup(name)
         .ok_or_else(|| format!("{name} vanished right after it was created"))?;
-    sock.set_up(link.ifindex).map_err(|e| e.to_string())?;
+    sock.set_up(created.ifindex).map_err(|e| e.to_string())?;
     info!(
         dev = name,
         port,
@@ -50,5 +48,5 @@ pub fn ensure(name: &str, port: u16, node_addr: IpAddr) -> Result<Interface, Str
         underlay = underlay.as_deref().unwrap_or("none (1500 assumed)"),
         "created the VXLAN device (external mode)"
     );
-    ifaces::lookup(name).ok_or_else(|| format!("{name} vanished right after it was created"))
+    Ok(created)
 }

@@ -4,6 +4,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use clustermesh_types::tunnel::{vxlan_mtu, DEFAULT_UNDERLAY_MTU};
+
 use super::state::IpFamily;
 
 /// Kubernetes namespace of every lab pod.
@@ -29,15 +31,16 @@ pub const POD_ROUTE6: &str = "fd00::/8";
 pub const DNS_SERVER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x53, 0, 0, 0, 0, 0, 0x53);
 /// Name of every node's VXLAN device.
 pub const VXLAN_DEV: &str = "cmvx0";
-/// MTU of the VXLAN device and of the pods (1500 minus 50 bytes of VXLAN).
-pub const OVERLAY_MTU: u32 = 1450;
+/// MTU of the VXLAN device and of the pods (1500 minus 50 bytes of VXLAN; the rule of
+/// `clustermesh_types::tunnel`, by which the agent sizes the device it creates).
+pub const OVERLAY_MTU: u32 = vxlan_mtu(DEFAULT_UNDERLAY_MTU, true);
 /// The kernel datapath's VXLAN device over the IPv6 underlay (IPv6 pods' traffic; the
 /// IPv4 one stays on [`VXLAN_DEV`]): a device's tunnel family is fixed by its `local`.
 pub const VXLAN_DEV6: &str = "cmvx6";
 /// MTU of [`VXLAN_DEV6`]: 1500 minus 70 bytes of VXLAN over IPv6. The pods' interface
 /// keeps [`OVERLAY_MTU`]; a larger IPv6 packet gets a Packet Too Big from the node and the
 /// pod's path MTU settles at this.
-pub const OVERLAY_MTU6: u32 = 1430;
+pub const OVERLAY_MTU6: u32 = vxlan_mtu(DEFAULT_UNDERLAY_MTU, false);
 /// The echo answer: `{"pod":..,"node":..,"cluster":..}`.
 pub const ECHO_PORT: u16 = 8080;
 /// Echoes every byte back (request/response latency).
